@@ -1,0 +1,1 @@
+"""Tandem cloud hub: see docs/ and the open issues; grows with the hub/agent work."""

@@ -1,0 +1,1 @@
+"""Tandem edge agent: see docs/ and the open issues; grows with the hub/agent work."""

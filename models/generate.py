@@ -1,0 +1,165 @@
+"""Generation: prefill, decode loop, sampling, stop conditions, streaming, batches.
+
+A batch is left-padded: row b's prompt occupies cache slots [pad_b, P) and every row decodes at
+the same slot, so one forward serves all rows. Rows finish independently; a finished row keeps
+riding along (its tokens are discarded) until the whole batch is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from models.chat import render_chat
+from models.errors import ContextLengthExceeded, InvalidRequest
+from models.sampling import SamplingParams, sample
+from models.tokenizer import GGUFTokenizer
+from models.transformer import Step, Transformer
+
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one row, with the text it made printable (may be "")."""
+
+    row: int
+    token_id: int
+    text: str
+    finish_reason: str | None = None
+    """None while generating; "eos", "stop" or "length" on the row's last event."""
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+
+
+class _Detokenizer:
+    """Turns a growing list of ids into text deltas, holding back partial UTF-8 and stop prefixes."""
+
+    def __init__(self, tokenizer: GGUFTokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.emitted = 0  # characters already handed out
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._take(text, min(hits))
+        end = len(text.rstrip("\ufffd"))  # an incomplete UTF-8 sequence decodes to U+FFFD for now
+        for s in self.stop:  # hold back a tail that could still grow into a stop string
+            for k in range(min(len(s) - 1, end - self.emitted), 0, -1):
+                if text[end - k : end] == s[:k]:
+                    end -= k
+                    break
+        return self._take(text, end)
+
+    def flush(self) -> str:
+        return "" if self.stopped else self._take(self.tokenizer.decode(self.ids), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        delta = text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta
+
+
+class Generator:
+    """Generates text with one model and its tokenizer."""
+
+    def __init__(self, model: Transformer, tokenizer: GGUFTokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Ids for a text prompt, a list of ids, or chat messages (rendered with the chat template)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequest("prompt must not be empty")
+            return self.tokenizer.encode(prompt)
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty")
+        if all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)  # type: ignore[arg-type]
+            if not all(0 <= t < self.model.cfg.vocab_size for t in ids):
+                raise InvalidRequest(f"token ids must be in [0, {self.model.cfg.vocab_size})")
+            return ids
+        info = self.tokenizer.info
+        bos = self.tokenizer.decode([info.bos_id], skip_special_tokens=False) if info.bos_id is not None else ""
+        text = render_chat(info.chat_template, prompt, bos_token=bos)  # type: ignore[arg-type]
+        # The template writes BOS itself where the model wants one.
+        return self.tokenizer.encode(text, add_bos=False)
+
+    def stream(self, prompts: Sequence[Prompt], params: SamplingParams) -> Iterator[TokenEvent]:
+        """Yield TokenEvents as tokens are produced, for every row of the batch."""
+        if not prompts:
+            raise InvalidRequest("no prompts given")
+        encoded = [self.encode_prompt(p) for p in prompts]
+        ctx = self.model.cfg.context_length
+        for i, ids in enumerate(encoded):
+            if len(ids) >= ctx:
+                raise ContextLengthExceeded(
+                    f"prompt {i} has {len(ids)} tokens; the context holds {ctx} including at least one new token"
+                )
+        yield from self._run(encoded, params)
+
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
+        """Complete every prompt; returns one Completion per prompt, in order."""
+        out = [Completion() for _ in prompts]
+        for ev in self.stream(prompts, params):
+            c = out[ev.row]
+            c.text += ev.text
+            c.token_ids.append(ev.token_id)
+            c.finish_reason = ev.finish_reason or c.finish_reason
+        return out
+
+    @torch.inference_mode()
+    def _run(self, encoded: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent]:
+        batch, longest = len(encoded), max(len(ids) for ids in encoded)
+        budget = min(params.max_tokens, self.model.cfg.context_length - longest)
+        self.model.setup_cache(batch, longest + budget)
+        pad = torch.tensor([longest - len(ids) for ids in encoded], dtype=torch.long)
+        tokens = torch.tensor([[0] * (longest - len(ids)) + ids for ids in encoded], dtype=torch.long)
+        generators = None
+        if not params.greedy and params.seed is not None:
+            generators = [torch.Generator().manual_seed(params.seed) for _ in range(batch)]
+        detok = [_Detokenizer(self.tokenizer, params.stop) for _ in range(batch)]
+        done = [False] * batch
+        eos = set() if params.ignore_eos else set(self.tokenizer.info.eos_ids)
+
+        h = self.model.forward_layers(self.model.embed(tokens), Step.at(0, longest, batch, pad))
+        logits = self.model.head(h[:, -1])  # (B, V): only the last position is needed
+        for t in range(budget):
+            next_ids = sample(logits, params, generators)
+            for row, tok in enumerate(next_ids.tolist()):
+                if done[row]:
+                    continue
+                ev = self._event(row, tok, detok[row], eos, last=t == budget - 1)
+                done[row] = ev.finish_reason is not None
+                yield ev
+            if all(done):
+                return
+            h = self.model.embed(next_ids[:, None])
+            h = self.model.forward_layers(h, Step.at(longest + t, 1, batch, pad))
+            logits = self.model.head(h[:, -1])
+
+    @staticmethod
+    def _event(row: int, tok: int, detok: _Detokenizer, eos: set[int], last: bool) -> TokenEvent:
+        if tok in eos:
+            return TokenEvent(row, tok, detok.flush(), "eos")
+        text = detok.push(tok)
+        if detok.stopped:
+            return TokenEvent(row, tok, text, "stop")
+        if last:
+            return TokenEvent(row, tok, text + detok.flush(), "length")
+        return TokenEvent(row, tok, text)

@@ -1,0 +1,83 @@
+"""Sampling parameters and the choice of the next token from logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from models.errors import InvalidRequest
+
+MAX_TOKENS_LIMIT = 1 << 20  # far beyond any context we run; rejects absurd requests early
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. Validated on construction (InvalidRequest)."""
+
+    max_tokens: int = 64
+    """Most new tokens to generate."""
+    temperature: float = 0.0
+    """0 means greedy; otherwise logits are divided by it before sampling."""
+    top_k: int = 0
+    """Keep only the k most likely tokens; 0 keeps all."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches p; 1 keeps all."""
+    seed: int | None = None
+    """Seed of the sampler's generator; the same seed gives the same tokens."""
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    """Strings that end generation; the text returned stops before them."""
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence tokens (for benchmarks)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, (list, str)):
+            object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        checks = [
+            (isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
+             f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens!r}"),
+            (_finite(self.temperature) and 0.0 <= self.temperature <= 100.0,
+             f"temperature must be in [0, 100], got {self.temperature!r}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be a non-negative integer, got {self.top_k!r}"),
+            (_finite(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidRequest(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """(B, V) logits with tokens outside top-k / top-p set to -inf."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass before it already reaches top_p; the first token always stays.
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sample(logits: Tensor, params: SamplingParams, generators: list[torch.Generator] | None) -> Tensor:
+    """(B, V) logits -> (B,) next token ids. Each row draws from its own generator."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    return torch.cat([torch.multinomial(p[None], 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])

@@ -1,0 +1,252 @@
+"""One compact decoder-only transformer for the llama and gemma3 families.
+
+Shapes in comments: B batch, T new tokens, S cached key positions, D model width, H query heads,
+K key/value heads, hd head width.
+
+The forward pass is split into three public pieces so that split inference and layer skipping can
+run any half-open layer range `[start, end)` on hidden states:
+
+    h = model.embed(tokens)                                  # (B, T, D)
+    h = model.forward_layers(h, step, start=0, end=k)        # layers [0, k)
+    h = model.forward_layers(h, step, start=k, end=None)     # layers [k, N)
+    logits = model.head(h)                                   # (B, T, V)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+from models.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where the new tokens of one forward call sit.
+
+    cache_pos: (T,) cache slots written by this call; slots are shared by the batch.
+    pad: (B,) count of left-padding slots per row; those slots are never attended and RoPE
+         positions of a row count from its first real token.
+    """
+
+    cache_pos: Tensor
+    pad: Tensor
+
+    @staticmethod
+    def at(start: int, length: int, batch: int = 1, pad: Tensor | None = None) -> Step:
+        """Slots [start, start+length) for a batch with the given left padding (default none)."""
+        cache_pos = torch.arange(start, start + length, dtype=torch.long)
+        pad = torch.zeros(batch, dtype=torch.long) if pad is None else pad
+        return Step(cache_pos, pad)
+
+    @property
+    def positions(self) -> Tensor:
+        """(B, T) RoPE positions: cache slot minus the row's padding."""
+        return self.cache_pos[None, :] - self.pad[:, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 whatever the activation dtype, as both reference implementations do.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, base: float, length: int) -> tuple[Tensor, Tensor]:
+    """cos and sin, each (length, head_dim), in the rotate-half (NeoX) layout."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (L, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (B, H, T, hd); cos, sin: (B, 1, T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache, step: Step) -> Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim)
+        k = self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = cache.update(step.cache_pos, k, v)  # (B, K, S, hd), S = last slot + 1
+        if cfg.attn_logit_softcap:
+            out = _softcapped_attention(q, keys, values, mask, cfg)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=cfg.query_scale, enable_gqa=cfg.n_kv_heads != cfg.n_heads
+            )  # (B, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+
+
+def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cfg: ModelConfig) -> Tensor:
+    """Explicit attention for models that soft-cap scores (SDPA cannot)."""
+    rep = cfg.n_heads // cfg.n_kv_heads
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * cfg.query_scale  # (B, H, T, S)
+    scores = torch.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gelu = cfg.act == "gelu_tanh"
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.w_gate(x)
+        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.w_down(gate * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.sliding = cfg.is_sliding(layer)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.sandwich = cfg.sandwich_norm
+        if cfg.sandwich_norm:
+            self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.post_ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache, step: Step) -> Tensor:
+        a = self.attention(self.attn_norm(x), cos, sin, mask, cache, step)
+        if self.sandwich:
+            a = self.post_attn_norm(a)
+        x = x + a
+        f = self.feed_forward(self.ffn_norm(x))
+        if self.sandwich:
+            f = self.post_ffn_norm(f)
+        return x + f
+
+
+class Transformer(nn.Module):
+    """The whole model. Build it (on `meta` when loading), then `setup_cache` before a forward."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if not cfg.tied_embeddings:
+            self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.caches: list[KVCache | None] = [None] * cfg.n_layers
+        self._rope: dict[float, tuple[Tensor, Tensor]] = {}
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def setup_cache(self, batch: int, max_len: int, start: int = 0, end: int | None = None) -> None:
+        """Preallocate KV caches of `max_len` slots for layers [start, end); frees the others."""
+        end = self.cfg.n_layers if end is None else end
+        dtype = self.tok_embeddings.weight.dtype
+        device = self.tok_embeddings.weight.device
+        self.caches = [
+            KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, device)
+            if start <= i < end
+            else None
+            for i in range(self.cfg.n_layers)
+        ]
+        self._rope = {}
+        for base in {self.cfg.rope_base, self.cfg.rope_local_base}:
+            cos, sin = rope_tables(self.cfg.head_dim, base, max_len)
+            self._rope[base] = (cos.to(device, dtype), sin.to(device, dtype))
+
+    @property
+    def max_len(self) -> int:
+        """Slots in the current cache (0 before `setup_cache`)."""
+        cache = next((c for c in self.caches if c is not None), None)
+        return 0 if cache is None else cache.max_len
+
+    # -- forward pieces -------------------------------------------------------------------------
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, D) hidden states."""
+        h = self.tok_embeddings(tokens)
+        if self.cfg.embed_scale != 1.0:
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
+        return h
+
+    def forward_layers(self, h: Tensor, step: Step, start: int = 0, end: int | None = None) -> Tensor:
+        """Run layers [start, end) on (B, T, D) hidden states, writing their KV caches."""
+        end = self.cfg.n_layers if end is None else end
+        if not 0 <= start <= end <= self.cfg.n_layers:
+            raise ValueError(f"layer range [{start}, {end}) outside [0, {self.cfg.n_layers})")
+        if start == end:
+            return h
+        last = int(step.cache_pos[-1]) + 1
+        if last > self.max_len:
+            raise ValueError(f"cache slot {last - 1} beyond the cache of {self.max_len} slots; call setup_cache")
+        masks = {sliding: self._mask(step, last, sliding) for sliding in {blk.sliding for blk in self.layers}}
+        positions = step.positions.clamp(min=0)  # (B, T); padding slots get position 0, never attended
+        ropes = {base: (cos[positions][:, None], sin[positions][:, None]) for base, (cos, sin) in self._rope.items()}
+        for i in range(start, end):
+            block = self.layers[i]
+            cache = self.caches[i]
+            if cache is None:
+                raise ValueError(f"layer {i} has no KV cache; setup_cache covered other layers")
+            base = self.cfg.rope_local_base if block.sliding else self.cfg.rope_base
+            cos, sin = ropes[base]
+            h = block(h, cos, sin, masks[block.sliding], cache, step)
+        return h
+
+    def head(self, h: Tensor) -> Tensor:
+        """(B, T, D) hidden states after the last layer -> (B, T, V) logits."""
+        h = self.norm(h)
+        weight = self.tok_embeddings.weight if self.cfg.tied_embeddings else self.output.weight
+        logits = F.linear(h, weight)
+        if self.cfg.final_logit_softcap:
+            cap = self.cfg.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(self, tokens: Tensor, step: Step) -> Tensor:
+        """(B, T) token ids -> (B, T, V) logits through every layer."""
+        return self.head(self.forward_layers(self.embed(tokens), step))
+
+    def _mask(self, step: Step, kv_len: int, sliding: bool) -> Tensor:
+        """(B, 1, T, S) boolean: True where query t may attend key slot s."""
+        q = step.cache_pos[None, :, None]  # (1, T, 1)
+        s = torch.arange(kv_len)[None, None, :]  # (1, 1, S)
+        allowed = (s <= q) & (s >= step.pad[:, None, None])  # causal, and never a padding slot
+        if sliding:
+            allowed = allowed & (q - s < self.cfg.sliding_window)
+        return allowed[:, None].to(self.tok_embeddings.weight.device)
