@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random GGUF models, and the real zoo models when they are pulled."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.errors import ModelNotPulled
+from models.runtime import LoadedModel, load
+from tests.tiny import TinySpec, write_tiny_gguf
+
+torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma3"])
+def tiny_path(request: pytest.FixtureRequest, tiny_dir: Path) -> Path:
+    # Gemma gets 7 layers so that both sliding and global layers (pattern 6) are exercised, and
+    # head_dim 256 because transformers scales queries by query_pre_attn_scalar=256, which a GGUF
+    # cannot state (Gemma 3 270M has head_dim 256, so the real model agrees either way).
+    if request.param == "llama":
+        spec = TinySpec(arch="llama", n_layers=2)
+    else:
+        spec = TinySpec(arch="gemma3", n_layers=7, n_heads=2, n_kv_heads=1, head_dim=256)
+    return write_tiny_gguf(tiny_dir / f"tiny-{request.param}.gguf", spec)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_path: Path) -> LoadedModel:
+    return load(tiny_path, use_cache=False)
+
+
+@cache
+def _real(name: str) -> LoadedModel:
+    return load(name)
+
+
+def real_model(name: str) -> LoadedModel:
+    """A pulled zoo model; skipped when absent, failed instead under TANDEM_REQUIRE_MODELS=1 (make test)."""
+    try:
+        return _real(name)
+    except ModelNotPulled as exc:
+        if os.environ.get("TANDEM_REQUIRE_MODELS") == "1":
+            raise
+        pytest.skip(f"{exc} (make test pulls it)")
+        raise  # unreachable: skip raises
