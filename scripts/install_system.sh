@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# System packages Tandem needs on Debian/Ubuntu: real English text for calibration and evaluation
+# (python3.11-doc). Installs only what is missing; uses sudo when not root.
+set -euo pipefail
+need=()
+[ -d /usr/share/doc/python3.11/html/_sources ] || need+=(python3.11-doc)
+for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
+[ ${#need[@]} -eq 0 ] && exit 0
+if ! command -v apt-get >/dev/null; then
+  echo "install_system: missing ${need[*]} and no apt-get here; install them by hand" >&2
+  exit 1
+fi
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "install_system: installing ${need[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
