@@ -78,8 +78,12 @@ def run_llamacpp(model: str, ids: list[int], gen: int, threads: int) -> dict:
 
     t0 = time.perf_counter()
     llm = Llama(
-        str(zoo.resolve(model)), n_ctx=len(ids) + gen + 8, n_batch=len(ids), n_threads=threads,
-        n_threads_batch=threads, verbose=False,
+        str(zoo.resolve(model)),
+        n_ctx=len(ids) + gen + 8,
+        n_batch=len(ids),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
     )
     load_s = time.perf_counter() - t0
 
@@ -109,8 +113,20 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def measure(runtime: str, args: argparse.Namespace, ids_file: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", runtime, "--ids-file", str(ids_file), "--model", args.model,
-           "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        runtime,
+        "--ids-file",
+        str(ids_file),
+        "--model",
+        args.model,
+        "--gen-tokens",
+        str(args.gen_tokens),
+        "--threads",
+        str(args.threads),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -119,8 +135,13 @@ def measure(runtime: str, args: argparse.Namespace, ids_file: Path) -> dict:
 
 
 def summarise(results: dict[str, dict], args: argparse.Namespace) -> dict:
-    summary: dict = {"model": args.model, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
-                     "threads": args.threads, "runtimes": results}
+    summary: dict = {
+        "model": args.model,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "threads": args.threads,
+        "runtimes": results,
+    }
     if "ours" in results and "llamacpp" in results:
         ours, ref = results["ours"], results["llamacpp"]
         summary["decode_ratio_vs_llamacpp"] = ours["decode_tok_s"] / ref["decode_tok_s"]
@@ -132,7 +153,9 @@ def summarise(results: dict[str, dict], args: argparse.Namespace) -> dict:
 def table(summary: dict) -> str:
     rows = ["| runtime | load s | prefill 512 s | decode tok/s | peak RSS MB |", "|---|---|---|---|---|"]
     for name, r in summary["runtimes"].items():
-        rows.append(f"| {name} | {r['load_s']:.2f} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+        rows.append(
+            f"| {name} | {r['load_s']:.2f} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
     if "decode_ratio_vs_llamacpp" in summary:
         rows.append("")
         rows.append(
@@ -151,7 +174,8 @@ def write_docs(summary: dict, command: str) -> None:
         f"Command: `{command}`  \nMachine: {platform.machine()}, {os.cpu_count()} cores, "
         f"{summary['threads']} threads; {time.strftime('%Y-%m-%d')}. Prompt: {summary['prompt_tokens']} tokens of "
         f"evaluation text; then {summary['gen_tokens']} greedy tokens. Ours: torch fp32 eager, weights dequantized "
-        f"from the GGUF (load from the prepared cache). llama.cpp: llama-cpp-python 0.3.36, native build, same GGUF.\n\n"
+        f"from the GGUF (load from the prepared cache). "
+        f"llama.cpp: llama-cpp-python 0.3.36, native build, same GGUF.\n\n"
         f"{table(summary)}\n\n```json\n{json.dumps(summary)}\n```\n{end}"
     )
     if start in text:

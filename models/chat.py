@@ -14,7 +14,7 @@ ROLES = ("system", "user", "assistant")
 
 
 @lru_cache(maxsize=8)
-def _compile(template: str):  # noqa: ANN202 - jinja2 Template
+def _compile(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(message: str) -> None:

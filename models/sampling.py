@@ -35,11 +35,18 @@ class SamplingParams:
         if isinstance(self.stop, (list, str)):
             object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         checks = [
-            (isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
-             f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens!r}"),
-            (_finite(self.temperature) and 0.0 <= self.temperature <= 100.0,
-             f"temperature must be in [0, 100], got {self.temperature!r}"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be a non-negative integer, got {self.top_k!r}"),
+            (
+                isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
+                f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens!r}",
+            ),
+            (
+                _finite(self.temperature) and 0.0 <= self.temperature <= 100.0,
+                f"temperature must be in [0, 100], got {self.temperature!r}",
+            ),
+            (
+                isinstance(self.top_k, int) and self.top_k >= 0,
+                f"top_k must be a non-negative integer, got {self.top_k!r}",
+            ),
             (_finite(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
@@ -80,4 +87,6 @@ def sample(logits: Tensor, params: SamplingParams, generators: list[torch.Genera
     probs = torch.softmax(logits, dim=-1)
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(-1)
-    return torch.cat([torch.multinomial(p[None], 1, generator=g).squeeze(-1) for p, g in zip(probs, generators)])
+    return torch.cat(
+        [torch.multinomial(p[None], 1, generator=g).squeeze(-1) for p, g in zip(probs, generators, strict=True)]
+    )

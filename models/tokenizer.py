@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from models.errors import GGUFError, UnsupportedArchitecture
@@ -136,12 +136,16 @@ def _add_special_tokens(tok: Tokenizer, meta: Mapping[str, Any]) -> None:
     alphabet = set(_byte_alphabet().values()) if byte_level else None
     control = [
         AddedToken(t, normalized=False, special=True)
-        for t, kind in zip(tokens, types)
+        for t, kind in zip(tokens, types, strict=True)
         if kind == CONTROL and (alphabet is None or set(t) <= alphabet)
     ]
     tok.add_special_tokens(control)
     vocab = tok.get_vocab()
-    user = [AddedToken(t, normalized=False, special=False) for t, kind in zip(tokens, types) if kind == USER_DEFINED]
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, kind in zip(tokens, types, strict=True)
+        if kind == USER_DEFINED
+    ]
     tok.add_tokens([t for t in user if t.content in vocab])
 
 
@@ -174,6 +178,12 @@ def tokenizer_from_metadata(meta: Mapping[str, Any]) -> GGUFTokenizer:
         raise UnsupportedArchitecture(
             f"tokenizer model {kind!r} is not supported; supported: {', '.join(sorted(TOKENIZER_BUILDERS))}"
         )
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        if key in meta and len(meta[key]) != len(meta["tokenizer.ggml.tokens"]):
+            raise GGUFError(
+                f"GGUF vocabulary is inconsistent: {key} has {len(meta[key])} entries for "
+                f"{len(meta['tokenizer.ggml.tokens'])} tokens"
+            )
     tok = TOKENIZER_BUILDERS[kind](meta)
     _add_special_tokens(tok, meta)
     bos = meta.get("tokenizer.ggml.bos_token_id")

@@ -180,9 +180,7 @@ class Transformer(nn.Module):
         dtype = self.tok_embeddings.weight.dtype
         device = self.tok_embeddings.weight.device
         self.caches = [
-            KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, device)
-            if start <= i < end
-            else None
+            KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, device) if start <= i < end else None
             for i in range(self.cfg.n_layers)
         ]
         self._rope = {}

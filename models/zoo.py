@@ -111,7 +111,9 @@ def resolve(name_or_path: str | Path, root: Path | None = None) -> Path:
         return candidate
     path = model_path(str(name_or_path), root)
     if not path.is_file():
-        raise ModelNotPulled(f"model {name_or_path!r} is not in the cache {path.parent}; run: tandem models pull {name_or_path}")
+        raise ModelNotPulled(
+            f"model {name_or_path!r} is not in the cache {path.parent}; run: tandem models pull {name_or_path}"
+        )
     return path
 
 
@@ -178,7 +180,9 @@ def pull(
                         shutil.copyfileobj(member, out, 1 << 20)
         digest = sha256_file(partial, progress)
         if digest != src.sha256:
-            raise ChecksumMismatch(f"{name}: downloaded file has SHA-256 {digest}, expected {src.sha256}; nothing cached")
+            raise ChecksumMismatch(
+                f"{name}: downloaded file has SHA-256 {digest}, expected {src.sha256}; nothing cached"
+            )
         os.replace(partial, target)
     return target
 

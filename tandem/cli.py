@@ -14,7 +14,7 @@ from pathlib import Path
 from models.errors import TandemModelError
 
 
-def _progress_bar(desc: str):  # noqa: ANN202 - returns a (done, total) callback
+def _progress_bar(desc: str):
     from tqdm import tqdm
 
     bar = None

@@ -27,7 +27,7 @@ def test_truncated_gguf(tiny_path: Path, tmp_path: Path) -> None:
     for cut in (10, len(data) // 3, len(data) - 100):
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
-        with pytest.raises(GGUFError, match="truncated|corrupt"):
+        with pytest.raises(GGUFError, match=r"truncated|corrupt"):
             load(bad, use_cache=False)
 
 
@@ -61,7 +61,7 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
 
 
 def test_unknown_model_name() -> None:
-    with pytest.raises(UnknownModel, match="unknown model 'gpt-17'.*smollm2-135m-instruct"):
+    with pytest.raises(UnknownModel, match=r"unknown model 'gpt-17'.*smollm2-135m-instruct"):
         load("gpt-17")
     with pytest.raises(UnknownModel, match="no such model file"):
         load("/nonexistent/model.gguf")

@@ -47,7 +47,7 @@ def test_incremental_decode_equals_full_recompute(tiny: LoadedModel) -> None:
     steps = [m(tokens[:, :5], Step.at(0, 5))[:, -1]]
     for t in range(5, 15):
         steps.append(m(tokens[:, t : t + 1], Step.at(t, 1))[:, -1])
-    for t, got in zip(range(4, 15), steps):
+    for t, got in zip(range(4, 15), steps, strict=True):
         m2_len = t + 1
         m.setup_cache(1, m2_len)
         want = m(tokens[:, :m2_len], Step.at(0, m2_len))[:, -1]

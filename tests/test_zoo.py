@@ -18,7 +18,10 @@ def _wheel(folder: Path, package: str, member: str, payload: bytes) -> None:
     with zipfile.ZipFile(folder / f"{dist}-1.0.0-py3-none-any.whl", "w") as zf:
         zf.writestr(member, payload)
         zf.writestr(f"{dist}-1.0.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0.0\n")
-        zf.writestr(f"{dist}-1.0.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(
+            f"{dist}-1.0.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         zf.writestr(f"{dist}-1.0.0.dist-info/RECORD", "")
 
 
@@ -52,7 +55,9 @@ def test_pull_joins_chunks_verifies_and_caches(chunked: tuple[Path, bytes], tmp_
     assert path.stat().st_mtime_ns == mtime
 
 
-def test_checksum_mismatch_leaves_nothing(chunked: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checksum_mismatch_leaves_nothing(
+    chunked: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     wheels, _ = chunked
     bad = zoo.ZOO["tiny-test"].__class__(**{**zoo.ZOO["tiny-test"].__dict__, "sha256": "0" * 64})
     monkeypatch.setitem(zoo.ZOO, "tiny-test", bad)

@@ -120,8 +120,11 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
 
     def add(name: str, data: np.ndarray, quantize: bool = False) -> None:
         if quantize and spec.quantize:
-            w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(
+                name,
+                gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
+            )
         else:
             w.add_tensor(name, data)
 
