@@ -7,6 +7,7 @@ prints. Errors of the Tandem family print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +53,150 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_dir(value: str | None, leaf: str) -> Path:
+    if value:
+        return Path(value)
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tandem" / leaf
+
+
+def cmd_hub_up(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from cloud_hub.server import Hub, HubConfig
+
+    config = HubConfig(
+        data_dir=_data_dir(args.data_dir, "hub"),
+        listen=args.listen,
+        cloud_model=args.cloud_model,
+        cloud_profile=args.cloud_profile,
+        mqtt=args.mqtt,
+    )
+
+    async def serve() -> None:
+        hub = Hub(config)
+        await hub.start()
+        if args.api_key_file:
+            key = hub.service.create_api_key("hub-up")
+            path = Path(args.api_key_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(key)
+        print(f"hub ready on {hub.address} (data in {config.data_dir})", flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await hub.stop(grace=2.0)
+        print("hub stopped", flush=True)
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_hub_token(args: argparse.Namespace) -> int:
+    from cloud_hub.service import create_token
+    from cloud_hub.store import SQLiteStore
+
+    store = SQLiteStore(_data_dir(args.data_dir, "hub") / "registry.db")
+    print(create_token(store, args.ttl))
+    store.close()
+    return 0
+
+
+def cmd_hub_apikey(args: argparse.Namespace) -> int:
+    from cloud_hub.service import create_api_key
+    from cloud_hub.store import SQLiteStore
+
+    store = SQLiteStore(_data_dir(args.data_dir, "hub") / "registry.db")
+    print(create_api_key(store, args.name))
+    store.close()
+    return 0
+
+
+def cmd_agent_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from edge_agent.agent import EnrollmentRejected
+    from edge_agent.runner import build_agent, run_until_signalled
+
+    state = Path(args.state_dir) if args.state_dir else _data_dir(None, f"agent-{args.name}")
+    agent = build_agent(args.hub, args.profile, args.model, state, args.token, args.name, args.emulate)
+    print(f"agent {args.name}: {args.model} as {args.profile}{' (emulated)' if args.emulate else ''}", flush=True)
+    try:
+        asyncio.run(run_until_signalled(agent))
+    except EnrollmentRejected as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _client(args: argparse.Namespace):
+    from tandem import Client
+
+    key = args.api_key or os.environ.get("TANDEM_API_KEY")
+    return Client(args.hub, api_key=key, timeout=args.timeout)
+
+
+def cmd_devices_list(args: argparse.Namespace) -> int:
+    import time
+
+    from tandem.errors import TandemError
+
+    try:
+        with _client(args) as client:
+            devices = client.devices()
+    except TandemError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'ID':<17} {'NAME':<14} {'PROFILE':<18} {'STATUS':<8} {'MODEL':<24} {'LOAD':>5} {'LAST SEEN':>10}")
+    for d in devices:
+        ago = f"{time.time() - d.last_seen_unix:.0f}s ago" if d.last_seen_unix else "never"
+        model = ",".join(m.name for m in d.models) + (" (emulated)" if d.emulated else "")
+        print(f"{d.device_id:<17} {d.name[:14]:<14} {d.profile:<18} {d.status:<8} {model:<24} {d.load:>5.2f} {ago:>10}")
+    return 0
+
+
+def cmd_generate_remote(args: argparse.Namespace) -> int:
+    from tandem import Budget
+    from tandem.errors import TandemError
+
+    budget = Budget(args.ttft_ms or 0.0, args.tpot_ms or 0.0, args.energy_j or 0.0, args.best_effort)
+    prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
+    try:
+        with _client(args) as client:
+            stream = client.generate(
+                prompt,
+                stream=True,
+                model=args.model or "",
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                stop=tuple(args.stop or ()),
+                budget=budget,
+            )
+            for chunk in stream:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except TandemError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    r = stream.result
+    p = r.placement
+    where = f"{p.kind} {p.device_id or ''} {p.profile} {p.model}" if p else "?"
+    print(
+        f"\n[{r.finish_reason}; {where}; TTFT {r.ttft_ms:.0f} ms, TPOT {r.tpot_ms:.1f} ms, {r.energy_j:.2f} J]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.hub:
+        return cmd_generate_remote(args)
     from models.runtime import load
     from models.sampling import SamplingParams
 
@@ -66,7 +210,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if not args.prompt:
         raise SystemExit("error: a prompt is required")
-    loaded = load(args.model)
+    loaded = load(args.model or "smollm2-135m-instruct")
     gen = loaded.generator()
     chat = loaded.tokenizer.info.chat_template is not None and not args.raw
     prompt = [{"role": "user", "content": args.prompt}] if chat else args.prompt
@@ -94,9 +238,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(func=cmd_models_pull)
 
-    p = sub.add_parser("generate", help="generate text locally, streaming")
+    hub = sub.add_parser("hub", help="run and administer a hub").add_subparsers(dest="hub_command", required=True)
+    p = hub.add_parser("up", help="start the hub (and a managed Mosquitto) until interrupted")
+    p.add_argument("--data-dir", help="registry and broker files (default: XDG data dir)")
+    p.add_argument("--listen", default="127.0.0.1:50051")
+    p.add_argument("--cloud-model", help="zoo model the hub serves itself (default: none)")
+    p.add_argument("--cloud-profile", default="cpu-2core", help="device profile of the hub's hardware")
+    p.add_argument("--mqtt", default="managed", help="managed | none | host:port of an external broker")
+    p.add_argument("--api-key-file", help="write a fresh API key here (0600) at start-up")
+    p.set_defaults(func=cmd_hub_up)
+    token = hub.add_parser("token", help="enrollment tokens").add_subparsers(dest="token_command", required=True)
+    p = token.add_parser("create", help="print a one-time enrollment token")
+    p.add_argument("--data-dir")
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds until the token expires")
+    p.set_defaults(func=cmd_hub_token)
+    apikey = hub.add_parser("apikey", help="SDK API keys").add_subparsers(dest="apikey_command", required=True)
+    p = apikey.add_parser("create", help="print a new API key")
+    p.add_argument("--data-dir")
+    p.add_argument("--name", default="default")
+    p.set_defaults(func=cmd_hub_apikey)
+
+    agent = sub.add_parser("agent", help="the edge agent").add_subparsers(dest="agent_command", required=True)
+    p = agent.add_parser("run", help="enroll (first time), connect to the hub and serve")
+    p.add_argument("--hub", required=True, help="host:port of the hub")
+    p.add_argument("--token", help="enrollment token (first run only)")
+    p.add_argument("--profile", required=True, help="device profile name")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--name", default="edge-device")
+    p.add_argument("--state-dir", help="where the credential is kept (default: XDG data dir)")
+    p.add_argument("--emulate", action="store_true", help="pace to the profile's predicted speed")
+    p.set_defaults(func=cmd_agent_run)
+
+    devices = sub.add_parser("devices", help="the fleet").add_subparsers(dest="devices_command", required=True)
+    p = devices.add_parser("list", help="devices registered with a hub")
+    p.add_argument("--hub", default=os.environ.get("TANDEM_HUB", "127.0.0.1:50051"))
+    p.add_argument("--api-key", help="default: $TANDEM_API_KEY")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_devices_list)
+
+    p = sub.add_parser("generate", help="generate text, locally or through a hub (--hub), streaming")
     p.add_argument("prompt", nargs="?")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="zoo name or path to a .gguf")
+    p.add_argument("--model", help="zoo name or path to a .gguf (default: smollm2-135m-instruct; via a hub: any)")
+    p.add_argument("--hub", help="host:port of a hub: run there, wherever it routes the request")
+    p.add_argument("--api-key", help="with --hub (default: $TANDEM_API_KEY)")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--ttft-ms", type=float, help="budget: time to first token")
+    p.add_argument("--tpot-ms", type=float, help="budget: time per output token")
+    p.add_argument("--energy-j", type=float, help="budget: edge energy")
+    p.add_argument("--best-effort", action="store_true", help="serve even when no placement meets the budget")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)

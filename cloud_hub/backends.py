@@ -1,0 +1,77 @@
+"""Serving backends: how the hub runs a model itself (the cloud side of a placement).
+
+`ServingBackend` is the plug-in point; `BACKENDS` maps a name to "module:Class", imported when
+used. `local` runs our own runtime in the hub process; an OpenAI-compatible upstream (vLLM,
+llama.cpp server, TGI) is the production-hub issue's addition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+from models.generate import Prompt, TokenEvent
+from models.sampling import SamplingParams
+from models.streaming import iterate_in_thread
+from tandem.v1 import tandem_pb2 as pb
+
+BACKENDS: dict[str, str] = {"local": "cloud_hub.backends:LocalModelBackend"}
+
+
+class ServingBackend(ABC):
+    model: str
+    """Zoo name of the model served."""
+
+    @abstractmethod
+    def model_info(self) -> pb.ModelInfo: ...
+
+    @abstractmethod
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt; raises models.errors.InvalidRequest."""
+
+    @abstractmethod
+    def stream(self, ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]: ...
+
+
+class LocalModelBackend(ServingBackend):
+    """Our runtime in the hub process, one request at a time."""
+
+    def __init__(self, model: str) -> None:
+        from models.runtime import load
+
+        self.model = model
+        self.loaded = load(model)
+        self._lock = threading.Lock()
+
+    def model_info(self) -> pb.ModelInfo:
+        cfg = self.loaded.config
+        params = sum(p.numel() for p in self.loaded.model.parameters())
+        return pb.ModelInfo(
+            name=self.model,
+            arch=cfg.arch,
+            n_layers=cfg.n_layers,
+            quant="fp32",
+            weight_bytes=params * 4,
+            config_json=json.dumps(dataclasses.asdict(cfg)),
+        )
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        return self.loaded.generator().encode_prompt(prompt)
+
+    def stream(self, ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        def run():
+            with self._lock:
+                yield from self.loaded.generator().stream([ids], params)
+
+        return iterate_in_thread(run, threading.Event())
+
+
+def make_backend(kind: str, model: str) -> ServingBackend:
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown backend {kind!r}; known: {', '.join(sorted(BACKENDS))}")
+    module, _, cls = BACKENDS[kind].partition(":")
+    return getattr(importlib.import_module(module), cls)(model)

@@ -1,0 +1,141 @@
+"""Live state of the fleet: agents with an open work channel, their telemetry and status.
+
+An `AgentSession` is one open WorkChannel stream. The hub puts `Work` into its outbox; the agent's
+replies (tokens, done, error) are routed to the queue of the work they belong to. When the stream
+ends, every unfinished work gets an `Unavailable` error, so a caller never waits on a dead device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from cloud_hub.errors import HubError, InvalidRequest, Unavailable
+from cloud_hub.store import DeviceRecord
+from tandem.v1 import tandem_pb2 as pb
+
+_CLOSED = object()  # sentinel in a work queue: the session ended
+
+
+@dataclass
+class Telemetry:
+    """Latest telemetry of one device (from MQTT)."""
+
+    load: float = 0.0
+    memory_mb: float = 0.0
+    power_w: float = 0.0
+    temperature_c: float | None = None
+    queue_depth: int = 0
+    at: float = 0.0
+
+
+@dataclass
+class AgentSession:
+    record: DeviceRecord
+    models: tuple[pb.ModelInfo, ...]
+    max_concurrency: int = 1
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+    works: dict[str, asyncio.Queue] = field(default_factory=dict)
+    closed: bool = False
+
+    @property
+    def device_id(self) -> str:
+        return self.record.device_id
+
+    @property
+    def active(self) -> int:
+        return len(self.works)
+
+    async def run(self, work: pb.Work) -> AsyncIterator[pb.TokenChunk | pb.WorkDone]:
+        """Send `work` down and yield the agent's TokenChunks, then its WorkDone.
+
+        Raises Unavailable if the session ends first, or the HubError the agent reported.
+        """
+        if self.closed:
+            raise Unavailable(f"device {self.device_id} disconnected")
+        queue: asyncio.Queue = asyncio.Queue()
+        self.works[work.work_id] = queue
+        finished = False
+        try:
+            await self.outbox.put(pb.HubMessage(work=work))
+            while True:
+                item = await queue.get()
+                if item is _CLOSED:
+                    raise Unavailable(f"device {self.device_id} disconnected during the request")
+                if isinstance(item, pb.WorkError):
+                    finished = True
+                    raise _agent_error(item)
+                finished = isinstance(item, pb.WorkDone)
+                yield item
+                if finished:
+                    return
+        finally:
+            self.works.pop(work.work_id, None)
+            if not finished and not self.closed:  # the caller went away: stop work nobody waits for
+                self.outbox.put_nowait(pb.HubMessage(cancel=pb.Cancel(work_id=work.work_id)))
+
+    def deliver(self, msg: pb.AgentMessage) -> None:
+        """Route one agent message to its work. Raises InvalidRequest for a malformed message."""
+        kind = msg.WhichOneof("kind")
+        if kind not in ("tokens", "done", "error"):
+            raise InvalidRequest(f"unexpected work-channel message {kind!r}")
+        item = getattr(msg, kind)
+        queue = self.works.get(item.work_id)
+        if queue is not None:  # replies to cancelled work are dropped
+            queue.put_nowait(item)
+
+    def close(self) -> None:
+        self.closed = True
+        for queue in self.works.values():
+            queue.put_nowait(_CLOSED)
+
+
+def _agent_error(err: pb.WorkError) -> HubError:
+    from cloud_hub import errors
+
+    by_code = {
+        cls.code.name: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, HubError)
+    }
+    cls = by_code.get(err.code, Unavailable)
+    if cls is errors.BudgetUnsatisfiable:
+        return errors.BudgetUnsatisfiable(err.message, "unknown")
+    return cls(f"device error: {err.message}")
+
+
+@dataclass
+class Fleet:
+    """Sessions by device id, with telemetry and MQTT status."""
+
+    sessions: dict[str, AgentSession] = field(default_factory=dict)
+    telemetry: dict[str, Telemetry] = field(default_factory=dict)
+    mqtt_status: dict[str, str] = field(default_factory=dict)
+
+    def attach(self, session: AgentSession) -> None:
+        old = self.sessions.get(session.device_id)
+        if old is not None:  # a reconnect replaces a stale stream
+            old.close()
+        self.sessions[session.device_id] = session
+
+    def detach(self, session: AgentSession) -> None:
+        session.close()
+        if self.sessions.get(session.device_id) is session:
+            del self.sessions[session.device_id]
+
+    def online(self) -> list[AgentSession]:
+        """Connected sessions not marked offline over MQTT (a last will can beat the TCP reset)."""
+        return [s for s in self.sessions.values() if not s.closed and self.mqtt_status.get(s.device_id) != "offline"]
+
+    def status_of(self, device_id: str) -> str:
+        session = self.sessions.get(device_id)
+        if session is None or session.closed or self.mqtt_status.get(device_id) == "offline":
+            return "offline"
+        return "online"
+
+    def update_telemetry(self, device_id: str, data: dict) -> None:
+        t = self.telemetry.setdefault(device_id, Telemetry())
+        for key in ("load", "memory_mb", "power_w", "temperature_c", "queue_depth"):
+            if key in data and (data[key] is None or isinstance(data[key], (int, float))):
+                setattr(t, key, data[key])
+        t.at = time.time()

@@ -1,0 +1,106 @@
+"""Routing: choose where a request runs within its budget.
+
+`Router` is the plug-in point (one method); `BudgetRouter` is the first policy. For every
+candidate placement (an online edge device x a model it serves, or the cloud backend) it predicts
+TTFT, time per token and edge energy with the partitioner's cost model, scaled by the device's
+queue (a busy device is slower by the requests ahead of it). Among placements that meet the budget
+it prefers the edge (the cloud costs the operator money), and there the least edge energy, then
+the lowest latency; the cloud serves when no edge placement fits. When nothing fits, the error
+names the constraint that rules out the placement closest to fitting.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from cloud_hub.errors import BudgetUnsatisfiable
+from device_profiles import DeviceProfile
+from partitioner.cost import Estimate, ModelCost, predict
+
+
+@dataclass(frozen=True)
+class Budget:
+    ttft_ms: float = 0.0
+    """Longest acceptable time to first token; 0 = no limit."""
+    tpot_ms: float = 0.0
+    """Longest acceptable mean time per output token; 0 = no limit."""
+    energy_j: float = 0.0
+    """Most edge energy the request may spend; 0 = no limit."""
+    best_effort: bool = False
+    """Serve on the closest placement when none meets the budget."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    kind: str
+    """"edge" or "cloud"."""
+    device_id: str
+    """Empty for the cloud."""
+    profile: DeviceProfile
+    """The device class, for the cost model."""
+    model: str
+    """Zoo name of the model it would run."""
+    cost: ModelCost
+    """Per-token cost of that model."""
+    queued: int = 0
+    """Requests already running or waiting there."""
+    emulated: bool = False
+    """The device is paced to its profile."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    candidate: Candidate
+    estimate: Estimate
+    within_budget: bool
+
+
+class Router(ABC):
+    @abstractmethod
+    def choose(self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget) -> Choice:
+        """The placement for one request. Raises BudgetUnsatisfiable when none meets the budget."""
+
+
+def _violations(est: Estimate, budget: Budget) -> dict[str, float]:
+    """Constraint name -> how far over budget, as a ratio (>1 means violated)."""
+    pairs = {
+        "ttft_ms": (est.ttft_ms, budget.ttft_ms),
+        "tpot_ms": (est.tpot_ms, budget.tpot_ms),
+        "energy_j": (est.edge_energy_j, budget.energy_j),
+    }
+    return {name: value / limit for name, (value, limit) in pairs.items() if limit > 0}
+
+
+def queued_estimate(est: Estimate, queued: int) -> Estimate:
+    """A device running one request at a time makes the next wait for those ahead of it."""
+    if queued <= 0:
+        return est
+    wait = est.total_ms * queued
+    return type(est)(**{**est.__dict__, "ttft_ms": est.ttft_ms + wait, "total_ms": est.total_ms + wait})
+
+
+class BudgetRouter(Router):
+    def choose(self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget) -> Choice:
+        if not candidates:
+            raise BudgetUnsatisfiable("no device is online and the hub has no cloud model", binding="availability")
+        scored = []
+        for c in candidates:
+            est = queued_estimate(predict(c.profile, c.cost, prompt_tokens, max_tokens), c.queued)
+            scored.append((c, est, _violations(est, budget)))
+        fitting = [(c, est) for c, est, v in scored if all(r <= 1.0 for r in v.values())]
+        if fitting:
+            c, est = min(fitting, key=lambda ce: (ce[0].kind != "edge", ce[1].edge_energy_j, ce[1].total_ms))
+            return Choice(c, est, True)
+        c, est, v = min(scored, key=lambda s: max(s[2].values()))
+        binding = max(v, key=v.get)
+        if budget.best_effort:
+            return Choice(c, est, False)
+        value = {"ttft_ms": est.ttft_ms, "tpot_ms": est.tpot_ms, "energy_j": est.edge_energy_j}[binding]
+        limit = {"ttft_ms": budget.ttft_ms, "tpot_ms": budget.tpot_ms, "energy_j": budget.energy_j}[binding]
+        where = c.device_id or "the cloud"
+        raise BudgetUnsatisfiable(
+            f"no placement meets the budget: binding constraint {binding} — the closest placement ({c.model} on "
+            f"{where}, {c.profile.name}) predicts {binding} = {value:.1f} against a budget of {limit:.1f}",
+            binding=binding,
+        )

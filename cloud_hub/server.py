@@ -1,0 +1,151 @@
+"""Assemble and run the hub: registry store, MQTT broker and ingest, router, backends, gRPC.
+
+    hub = Hub(HubConfig(data_dir=Path("hub-data"), cloud_model="gemma3-270m"))
+    await hub.start()        # binds, starts a managed Mosquitto unless an external one is given
+    ...
+    await hub.stop(grace=2)  # drains streams, stops the broker
+
+`tandem hub up` is a thin wrapper over this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from cloud_hub.backends import make_backend
+from cloud_hub.broker import BrokerConfig, ManagedBroker
+from cloud_hub.fleet import Fleet
+from cloud_hub.router import BudgetRouter
+from cloud_hub.service import HubService, Limits, MqttAccess
+from cloud_hub.servicers import InferenceServicer, RegistryServicer, WorkChannelServicer
+from cloud_hub.store import SQLiteStore
+from cloud_hub.telemetry import TelemetryIngest
+from device_profiles import load_profile
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tandem.hub")
+SERVICES = ("tandem.v1.Inference", "tandem.v1.Registry", "tandem.v1.WorkChannel")
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    data_dir: Path
+    """Registry database, broker files, logs."""
+    listen: str = "127.0.0.1:50051"
+    """gRPC address; port 0 picks a free one (see Hub.port)."""
+    cloud_model: str | None = None
+    """Zoo model the hub serves itself; None = edge only."""
+    cloud_backend: str = "local"
+    """Serving backend for the cloud model (cloud_hub.backends.BACKENDS)."""
+    cloud_profile: str = "cpu-2core"
+    """Device profile describing the hub's own hardware, for the cost model."""
+    mqtt: str = "managed"
+    """"managed" (start Mosquitto), "none" (no telemetry), or host:port of an external broker."""
+    mqtt_username: str = ""
+    """External broker only: the hub's user (needs tandem/v1/# access)."""
+    mqtt_password: str = field(default="", repr=False)
+    """External broker only: its password."""
+    limits: Limits = field(default_factory=Limits)
+    """Request size limits and token lifetime."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """gRPC message size limit, both directions; larger messages get RESOURCE_EXHAUSTED."""
+
+
+class Hub:
+    def __init__(self, config: HubConfig) -> None:
+        self.config = config
+        self.store = SQLiteStore(config.data_dir / "registry.db")
+        self.fleet = Fleet()
+        self.broker: ManagedBroker | None = None
+        self.ingest: TelemetryIngest | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self.service: HubService | None = None
+        self._mqtt_login: tuple[str, str] = ("", "")
+
+    async def start(self) -> None:
+        cfg = self.config
+        mqtt = await asyncio.to_thread(self._start_broker)
+        if mqtt is not None:
+            await asyncio.to_thread(self._start_ingest, asyncio.get_running_loop())
+        cloud = await asyncio.to_thread(make_backend, cfg.cloud_backend, cfg.cloud_model) if cfg.cloud_model else None
+        profile = load_profile(cfg.cloud_profile) if cloud else None
+        self.service = HubService(self.store, self.fleet, BudgetRouter(), cloud, profile, mqtt, cfg.limits)
+        options = [
+            ("grpc.max_receive_message_length", cfg.max_message_bytes),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ]
+        self.server = grpc.aio.server(options=options)
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service), self.server)
+        pb_grpc.add_RegistryServicer_to_server(RegistryServicer(self.service), self.server)
+        pb_grpc.add_WorkChannelServicer_to_server(WorkChannelServicer(self.service), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(cfg.listen)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {cfg.listen}")
+        await self.server.start()
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("hub listening on port %d", self.port)
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def _start_broker(self) -> MqttAccess | None:
+        """Start the managed broker (or take the external one's address); None without MQTT."""
+        cfg = self.config
+        if cfg.mqtt == "none":
+            return None
+        if cfg.mqtt == "managed":
+            self.broker = ManagedBroker(BrokerConfig(data_dir=cfg.data_dir / "mqtt"))
+            self.broker.start()
+            self._mqtt_login = (self.broker.hub_username, self.broker.hub_password)
+            return MqttAccess(self.broker.host, self.broker.port, self.broker.add_user)
+        host, _, port = cfg.mqtt.rpartition(":")
+        self._mqtt_login = (cfg.mqtt_username, cfg.mqtt_password)
+        return MqttAccess(host, int(port), None)
+
+    def _start_ingest(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Subscribe to all devices' telemetry; paho's thread hands messages to the event loop."""
+        access = self._mqtt_access()
+        fleet, store = self.fleet, self.store
+
+        def on_status(device_id: str, status: str) -> None:
+            fleet.mqtt_status[device_id] = status
+            store.set_status(device_id, fleet.status_of(device_id), time.time())
+
+        self.ingest = TelemetryIngest(
+            access[0],
+            access[1],
+            *self._mqtt_login,
+            on_telemetry=lambda d, data: loop.call_soon_threadsafe(fleet.update_telemetry, d, data),
+            on_status=lambda d, st: loop.call_soon_threadsafe(on_status, d, st),
+        )
+        self.ingest.start()
+
+    def _mqtt_access(self) -> tuple[str, int]:
+        if self.broker is not None:
+            return self.broker.host, self.broker.port
+        host, _, port = self.config.mqtt.rpartition(":")
+        return host, int(port)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        for name in ("", *SERVICES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.ingest is not None:
+            await asyncio.to_thread(self.ingest.stop)
+        if self.broker is not None:
+            await asyncio.to_thread(self.broker.stop)
+        self.store.close()

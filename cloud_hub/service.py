@@ -1,0 +1,356 @@
+"""The hub's plain logic: enrollment, authentication, routing and running requests.
+
+The gRPC servicers translate protobuf to the calls here and back; nothing here knows about gRPC
+contexts. Errors are `cloud_hub.errors.HubError`s, mapped to status codes at the servicer edge.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from cloud_hub import auth
+from cloud_hub.backends import ServingBackend
+from cloud_hub.errors import BudgetUnsatisfiable, InvalidRequest, NotFound, Unauthenticated
+from cloud_hub.fleet import Fleet
+from cloud_hub.router import Budget, Candidate, Router
+from cloud_hub.store import DeviceRecord, SecretStore, SQLiteStore
+from device_profiles import DeviceProfile, ProfileError, load_profile
+from models.config import ModelConfig
+from models.errors import InvalidRequest as ModelInvalidRequest
+from models.generate import Prompt
+from models.sampling import SamplingParams
+from partitioner.cost import ModelCost
+from tandem.v1 import tandem_pb2 as pb
+
+log = logging.getLogger("tandem.hub")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_bytes: int = 64 * 1024
+    """Largest prompt (text, or all chat contents together) the hub accepts."""
+    max_tokens: int = 4096
+    """Largest max_tokens a request may ask for."""
+    token_ttl_s: float = 3600.0
+    """Default lifetime of an enrollment token."""
+
+
+@dataclass(frozen=True)
+class MqttAccess:
+    """How agents reach the broker; the hub adds each enrolled device as a broker user."""
+
+    host: str
+    port: int
+    add_user: object = field(repr=False, default=None)
+    """Callable (username, password) -> None registering a device with the broker, or None."""
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    prompt: Prompt
+    params: SamplingParams
+    budget: Budget
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Final:
+    finish_reason: str
+    placements: tuple[pb.Placement, ...]
+    metrics: pb.Metrics
+
+
+@dataclass(frozen=True)
+class Started:
+    placement: pb.Placement
+
+
+def create_token(store: SecretStore, ttl_s: float) -> str:
+    """A one-time enrollment token valid for ttl_s seconds; only its hash is stored."""
+    if not ttl_s > 0:
+        raise InvalidRequest(f"token lifetime must be positive, got {ttl_s}")
+    token = auth.new_secret("token")
+    store.add_token(auth.lookup_key(token), time.time() + ttl_s)
+    return token
+
+
+def create_api_key(store: SecretStore, name: str) -> str:
+    """A new SDK API key; only its hash is stored, so this is the one time it is shown."""
+    key = auth.new_secret("api_key")
+    store.add_api_key(auth.lookup_key(key), name)
+    return key
+
+
+class HubService:
+    def __init__(
+        self,
+        store: SQLiteStore,
+        fleet: Fleet,
+        router: Router,
+        cloud: ServingBackend | None,
+        cloud_profile: DeviceProfile | None,
+        mqtt: MqttAccess | None,
+        limits: Limits = Limits(),
+    ) -> None:
+        self.store, self.fleet, self.router = store, fleet, router
+        self.cloud, self.cloud_profile = cloud, cloud_profile
+        self.mqtt, self.limits = mqtt, limits
+
+    # -- secrets ---------------------------------------------------------------------------------
+
+    def create_token(self, ttl_s: float | None = None) -> str:
+        return create_token(self.store, ttl_s or self.limits.token_ttl_s)
+
+    def create_api_key(self, name: str) -> str:
+        return create_api_key(self.store, name)
+
+    def check_api_key(self, key: str | None) -> None:
+        if not key:
+            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'")
+        if not self.store.has_api_key(auth.lookup_key(key)):
+            raise Unauthenticated("invalid API key")
+
+    # -- devices ---------------------------------------------------------------------------------
+
+    def enroll(
+        self, token: str, name: str, profile: str, models: list[pb.ModelInfo], emulated: bool
+    ) -> pb.EnrollResponse:
+        try:
+            load_profile(profile)
+        except ProfileError as exc:
+            raise InvalidRequest(f"unknown or invalid device profile {profile!r}: {exc}") from exc
+        if not name or len(name) > 128:
+            raise InvalidRequest("device name must be 1-128 characters")
+        for m in models:
+            _model_config(m)  # a model the cost model cannot read is refused now, not at routing time
+        status = self.store.consume_token(auth.lookup_key(token or ""), time.time())
+        if status != "ok":
+            raise Unauthenticated(f"enrollment token {status}")
+        device_id = "dev-" + secrets.token_hex(6)
+        credential = auth.new_secret("credential")
+        models_json = tuple(_model_dict(m) for m in models)
+        record = DeviceRecord(device_id, name, profile, auth.hash_secret(credential), models_json, emulated)
+        self.store.add_device(record)
+        mqtt = pb.MqttInfo(topic_prefix=f"tandem/v1/devices/{device_id}")
+        if self.mqtt is not None:
+            password = secrets.token_urlsafe(24)
+            if self.mqtt.add_user is not None:
+                self.mqtt.add_user(device_id, password)
+            mqtt = pb.MqttInfo(
+                host=self.mqtt.host,
+                port=self.mqtt.port,
+                username=device_id,
+                password=password,
+                topic_prefix=mqtt.topic_prefix,
+            )
+        log.info("enrolled %s (%s, profile %s)", device_id, name, profile)
+        return pb.EnrollResponse(device_id=device_id, credential=credential, mqtt=mqtt)
+
+    def authenticate_device(self, device_id: str | None, credential: str | None) -> DeviceRecord:
+        record = self.store.get_device(device_id or "")
+        if record is None or not credential or not auth.check_secret(credential, record.credential_hash):
+            raise Unauthenticated("unknown device or wrong device credential")
+        return record
+
+    def deregister(self, record: DeviceRecord) -> None:
+        session = self.fleet.sessions.get(record.device_id)
+        if session is not None:
+            self.fleet.detach(session)
+        self.store.remove_device(record.device_id)
+
+    def devices(self) -> list[pb.Device]:
+        out = []
+        for r in self.store.list_devices():
+            t = self.fleet.telemetry.get(r.device_id)
+            session = self.fleet.sessions.get(r.device_id)
+            out.append(
+                pb.Device(
+                    device_id=r.device_id,
+                    name=r.name,
+                    profile=r.profile,
+                    status=self.fleet.status_of(r.device_id),
+                    models=[pb.ModelInfo(**{k: v for k, v in m.items() if k != "config_json"}) for m in r.models],
+                    last_seen_unix=max(r.last_seen, t.at if t else 0.0),
+                    load=t.load if t else 0.0,
+                    queue_depth=t.queue_depth if t else 0,
+                    emulated=r.emulated,
+                    connected=session is not None,
+                )
+            )
+        return out
+
+    def models(self) -> list[pb.ModelInfo]:
+        seen: dict[str, pb.ModelInfo] = {}
+        if self.cloud is not None:
+            seen[self.cloud.model] = self.cloud.model_info()
+        for s in self.fleet.online():
+            for m in s.models:
+                seen.setdefault(m.name, m)
+        return list(seen.values())
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def validate(self, spec: GenerateSpec) -> None:
+        size = _prompt_bytes(spec.prompt)
+        if size == 0:
+            raise InvalidRequest("prompt must not be empty")
+        if size > self.limits.max_prompt_bytes:
+            raise InvalidRequest(f"prompt of {size} bytes exceeds the hub's limit of {self.limits.max_prompt_bytes}")
+        if spec.params.max_tokens > self.limits.max_tokens:
+            raise InvalidRequest(
+                f"max_tokens {spec.params.max_tokens} exceeds the hub's limit of {self.limits.max_tokens}"
+            )
+        b = spec.budget
+        if min(b.ttft_ms, b.tpot_ms, b.energy_j) < 0 or any(x != x for x in (b.ttft_ms, b.tpot_ms, b.energy_j)):
+            raise InvalidRequest("budget values must be non-negative numbers (0 means no limit)")
+
+    def candidates(self, model: str) -> list[Candidate]:
+        out = []
+        for s in self.fleet.online():
+            profile = load_profile(s.record.profile)
+            for m in s.models:
+                if not model or m.name == model:
+                    cost = ModelCost.from_config(_model_config(m), bits_per_weight=32.0)
+                    out.append(Candidate("edge", s.device_id, profile, m.name, cost, s.active, s.record.emulated))
+        if self.cloud is not None and self.cloud_profile is not None and (not model or model == self.cloud.model):
+            cost = ModelCost.from_config(_model_config(self.cloud.model_info()), bits_per_weight=32.0)
+            out.append(Candidate("cloud", "", self.cloud_profile, self.cloud.model, cost))
+        return out
+
+    async def generate(self, spec: GenerateSpec) -> AsyncIterator[Started | Chunk | Final]:
+        """Route and run one request, yielding Started, then Chunks, then Final."""
+        arrived = time.perf_counter()
+        self.validate(spec)
+        candidates = self.candidates(spec.model)
+        if not candidates and spec.model:
+            served = sorted({m.name for m in self.models()})
+            raise NotFound(
+                f"model {spec.model!r} is not served by any online device or the cloud; "
+                f"served now: {', '.join(served) or 'none'}"
+            )
+        choice = self.router.choose(candidates, _prompt_tokens(spec.prompt), spec.params.max_tokens, spec.budget)
+        c, est = choice.candidate, choice.estimate
+        placement = pb.Placement(
+            kind=c.kind,
+            device_id=c.device_id,
+            profile=c.profile.name,
+            model=c.model,
+            emulated=c.emulated,
+            predicted_ttft_ms=est.ttft_ms,
+            predicted_tpot_ms=est.tpot_ms,
+            predicted_energy_j=est.edge_energy_j,
+        )
+        yield Started(placement)
+        first = last = None
+        count, finish, energy, prompt_tokens = 0, "", 0.0, 0
+        async for item in self._run(c, spec):
+            if isinstance(item, Chunk):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                count += len(item.token_ids)
+                yield item
+            else:
+                finish, energy, prompt_tokens = item
+        ttft = ((first or time.perf_counter()) - arrived) * 1000
+        tpot = ((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0
+        metrics = pb.Metrics(
+            prompt_tokens=prompt_tokens, completion_tokens=count, ttft_ms=ttft, tpot_ms=tpot, energy_j=energy
+        )
+        yield Final(finish, (placement,), metrics)
+
+    async def _run(self, c: Candidate, spec: GenerateSpec) -> AsyncIterator[Chunk | tuple[str, float, int]]:
+        """Chunks, then one (finish_reason, edge energy J, prompt tokens) tuple."""
+        if c.kind == "cloud":
+            assert self.cloud is not None
+            try:
+                ids = self.cloud.encode(spec.prompt)
+            except ModelInvalidRequest as exc:
+                raise InvalidRequest(str(exc)) from exc
+            finish = "length"
+            async for ev in self.cloud.stream(ids, spec.params):
+                yield Chunk(ev.text, (ev.token_id,))
+                finish = ev.finish_reason or finish
+            yield (finish, 0.0, len(ids))
+            return
+        session = self.fleet.sessions.get(c.device_id)
+        if session is None:
+            raise BudgetUnsatisfiable(f"device {c.device_id} went offline", binding="availability")
+        async for item in session.run(_work(spec, c.model)):
+            if isinstance(item, pb.TokenChunk):
+                yield Chunk(item.text, tuple(item.token_ids))
+            else:
+                yield (item.finish_reason, item.metrics.energy_j, item.metrics.prompt_tokens)
+
+
+def _work(spec: GenerateSpec, model: str) -> pb.Work:
+    p = spec.params
+    sampling = pb.Sampling(
+        max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop=list(p.stop), seed=p.seed
+    )
+    return pb.Work(work_id=uuid.uuid4().hex, model=model, input=prompt_to_input(spec.prompt), sampling=sampling)
+
+
+def prompt_to_input(prompt: Prompt) -> pb.Input:
+    if isinstance(prompt, str):
+        return pb.Input(prompt=prompt)
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return pb.Input(tokens=pb.TokenIds(ids=list(prompt)))  # type: ignore[arg-type]
+    msgs = [pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt]  # type: ignore[index]
+    return pb.Input(chat=pb.ChatMessages(messages=msgs))
+
+
+def input_to_prompt(inp: pb.Input) -> Prompt:
+    kind = inp.WhichOneof("kind")
+    if kind == "prompt":
+        return inp.prompt
+    if kind == "chat":
+        return [{"role": m.role, "content": m.content} for m in inp.chat.messages]
+    if kind == "tokens":
+        return list(inp.tokens.ids)
+    return ""
+
+
+def _prompt_bytes(prompt: Prompt) -> int:
+    if isinstance(prompt, str):
+        return len(prompt.encode())
+    if prompt and all(isinstance(t, int) for t in prompt):
+        return 4 * len(prompt)
+    return sum(len(str(m.get("content", "")).encode()) for m in prompt)  # type: ignore[union-attr]
+
+
+def _prompt_tokens(prompt: Prompt) -> int:
+    """Token count for routing: exact for ids, about 4 bytes a token for text."""
+    if prompt and not isinstance(prompt, str) and all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    return max(1, _prompt_bytes(prompt) // 4 + (16 if not isinstance(prompt, str) else 0))
+
+
+def _model_dict(m: pb.ModelInfo) -> dict:
+    return {
+        "name": m.name,
+        "arch": m.arch,
+        "n_layers": m.n_layers,
+        "quant": m.quant,
+        "weight_bytes": m.weight_bytes,
+        "config_json": m.config_json,
+    }
+
+
+def _model_config(m: pb.ModelInfo) -> ModelConfig:
+    try:
+        return ModelConfig(**json.loads(m.config_json))
+    except Exception as exc:  # malformed JSON, unknown fields, invalid sizes
+        raise InvalidRequest(f"model {m.name!r}: config_json is not a valid model config ({exc})") from exc

@@ -1,0 +1,186 @@
+"""gRPC servicers: translate protobuf to HubService calls and back; map HubErrors to status codes.
+
+Authentication travels in metadata: SDK calls carry `authorization: Bearer <api key>`; the agent's
+calls carry `x-tandem-device-id` and `x-tandem-credential`. Secrets are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from cloud_hub.errors import HubError, InvalidRequest
+from cloud_hub.fleet import AgentSession
+from cloud_hub.router import Budget
+from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started, input_to_prompt
+from models.errors import InvalidRequest as ModelInvalidRequest
+from models.sampling import SamplingParams
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+log = logging.getLogger("tandem.hub")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, ModelInvalidRequest):
+        exc = InvalidRequest(str(exc))
+    assert isinstance(exc, HubError)
+    await context.abort(exc.code, str(exc), trailing_metadata=exc.metadata())
+
+
+def translate_errors(method: Callable) -> Callable:
+    """Turn HubError (and the models' InvalidRequest) raised by a handler into its status code."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (HubError, ModelInvalidRequest) as exc:
+                await _abort(context, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except (HubError, ModelInvalidRequest) as exc:
+            await _abort(context, exc)
+
+    return unary
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def api_key(context: grpc.aio.ServicerContext) -> str | None:
+    value = _metadata(context).get("authorization", "")
+    return value[7:] if value.startswith("Bearer ") else None
+
+
+def spec_from_request(req: pb.GenerateRequest) -> GenerateSpec:
+    """Raises models.errors.InvalidRequest for bad sampling values."""
+    s = req.sampling
+    params = SamplingParams(
+        max_tokens=s.max_tokens or 64,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p if 0 < s.top_p <= 1 else (1.0 if s.top_p == 0 else s.top_p),
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+    )
+    b = req.budget
+    budget = Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort)
+    return GenerateSpec(input_to_prompt(req.input), params, budget, req.model)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, service: HubService) -> None:
+        self.service = service
+
+    @translate_errors
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        self.service.check_api_key(api_key(context))
+        spec = spec_from_request(request)
+        async for ev in self.service.generate(spec):
+            if isinstance(ev, Started):
+                yield pb.GenerateResponse(placements=[ev.placement], request_id=request.request_id)
+            elif isinstance(ev, Chunk):
+                yield pb.GenerateResponse(text=ev.text, token_ids=list(ev.token_ids))
+            elif isinstance(ev, Final):
+                yield pb.GenerateResponse(
+                    finish_reason=ev.finish_reason,
+                    placements=list(ev.placements),
+                    metrics=ev.metrics,
+                    request_id=request.request_id,
+                )
+
+    @translate_errors
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        self.service.check_api_key(api_key(context))
+        return pb.ListModelsResponse(models=self.service.models())
+
+
+class RegistryServicer(pb_grpc.RegistryServicer):
+    def __init__(self, service: HubService) -> None:
+        self.service = service
+
+    @translate_errors
+    async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
+        return self.service.enroll(request.token, request.name, request.profile, list(request.models), request.emulated)
+
+    @translate_errors
+    async def Deregister(
+        self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeregisterResponse:
+        md = _metadata(context)
+        record = self.service.authenticate_device(md.get("x-tandem-device-id"), md.get("x-tandem-credential"))
+        self.service.deregister(record)
+        return pb.DeregisterResponse()
+
+    @translate_errors
+    async def ListDevices(
+        self, request: pb.ListDevicesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListDevicesResponse:
+        self.service.check_api_key(api_key(context))
+        return pb.ListDevicesResponse(devices=self.service.devices())
+
+
+class WorkChannelServicer(pb_grpc.WorkChannelServicer):
+    """Holds each agent's stream open: work goes down from the session outbox, replies come up."""
+
+    def __init__(self, service: HubService, hello_timeout_s: float = 10.0) -> None:
+        self.service = service
+        self.hello_timeout_s = hello_timeout_s
+
+    @translate_errors
+    async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext):
+        md = _metadata(context)
+        record = self.service.authenticate_device(md.get("x-tandem-device-id"), md.get("x-tandem-credential"))
+        stream = request_iterator.__aiter__()
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), self.hello_timeout_s)
+        except (StopAsyncIteration, TimeoutError) as exc:
+            raise InvalidRequest("the work channel must open with a Hello message") from exc
+        if first.WhichOneof("kind") != "hello":
+            raise InvalidRequest(f"the work channel must open with a Hello message, got {first.WhichOneof('kind')!r}")
+        session = AgentSession(record, tuple(first.hello.models), max(1, first.hello.max_concurrency))
+        fleet, store = self.service.fleet, self.service.store
+        fleet.attach(session)
+        store.set_status(record.device_id, "online", time.time())
+        log.info("work channel open: %s", record.device_id)
+        reader = asyncio.create_task(self._read(stream, session))
+        try:
+            while True:
+                get = asyncio.ensure_future(session.outbox.get())
+                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    yield get.result()
+                else:
+                    get.cancel()
+                if reader in done:
+                    reader.result()  # re-raises InvalidRequest for a malformed message
+                    return
+        finally:
+            reader.cancel()
+            fleet.detach(session)
+            store.set_status(record.device_id, "offline", time.time())
+            log.info("work channel closed: %s", record.device_id)
+
+    @staticmethod
+    async def _read(stream: AsyncIterator[pb.AgentMessage], session: AgentSession) -> None:
+        async for msg in stream:
+            if msg.WhichOneof("kind") == "pong":
+                continue
+            session.deliver(msg)

@@ -1,0 +1,85 @@
+"""The agent's engine: our runtime behind a lock, optionally paced to a device profile.
+
+One model instance holds one KV cache, so requests run one at a time (the lock); others wait in
+the agent's queue, which telemetry reports as queue depth. The engines issue replaces this with
+the `InferenceEngine` interface and its torch / onnxruntime / tensorrt implementations.
+
+Pacing emulates a device class this machine is not: tokens are held back so that TTFT and time
+per token are at least the profile's predicted values. Pacing can only slow down; a profile
+faster than this machine runs at this machine's speed, and the agent says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from device_profiles import DeviceProfile
+from models.config import ModelConfig
+from models.generate import Prompt, TokenEvent
+from models.runtime import LoadedModel
+from models.sampling import SamplingParams
+from partitioner.cost import ModelCost, decode_ms, prefill_ms
+from tandem.v1 import tandem_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Minimum timings to emulate: first token after ttft_ms, then one every tpot_ms."""
+
+    ttft_ms: float
+    tpot_ms: float
+
+
+Pacer = Callable[[int, int], Pace]  # (prompt tokens, max new tokens) -> the timings to emulate
+
+
+def profile_pacer(profile: DeviceProfile, cfg: ModelConfig, bits_per_weight: float = 32.0) -> Pacer:
+    """Pace to the cost model's prediction for `profile` (link time excluded: that is real)."""
+    cost = ModelCost.from_config(cfg, bits_per_weight=bits_per_weight)
+
+    def pace(prompt_tokens: int, max_tokens: int) -> Pace:
+        return Pace(prefill_ms(profile, cost, prompt_tokens), decode_ms(profile, cost, prompt_tokens + max_tokens / 2))
+
+    return pace
+
+
+class LocalEngine:
+    def __init__(self, name: str, loaded: LoadedModel, pacer: Pacer | None = None) -> None:
+        self.name = name
+        self.loaded = loaded
+        self.pacer = pacer
+        self._lock = threading.Lock()
+
+    def model_info(self) -> pb.ModelInfo:
+        cfg = self.loaded.config
+        params = sum(p.numel() for p in self.loaded.model.parameters())
+        return pb.ModelInfo(
+            name=self.name,
+            arch=cfg.arch,
+            n_layers=cfg.n_layers,
+            quant="fp32",
+            weight_bytes=params * 4,
+            config_json=json.dumps(dataclasses.asdict(cfg)),
+        )
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt (text, chat messages or ids); raises models.errors.InvalidRequest."""
+        return self.loaded.generator().encode_prompt(prompt)
+
+    def stream(self, ids: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[TokenEvent]:
+        """Generate from token ids, one request at a time, paced if configured."""
+        with self._lock:
+            start = time.perf_counter()
+            pace = self.pacer(len(ids), params.max_tokens) if self.pacer else None
+            for i, event in enumerate(self.loaded.generator().stream([ids], params)):
+                if cancel.is_set():
+                    return
+                if pace is not None:
+                    due = start + (pace.ttft_ms + i * pace.tpot_ms) / 1000
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                yield event

@@ -1,0 +1,49 @@
+"""Build and run an agent from command-line settings (`tandem agent run`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from device_profiles import load_profile
+from edge_agent.agent import Agent, AgentConfig
+from edge_agent.engine import LocalEngine, profile_pacer
+from models.runtime import load
+
+log = logging.getLogger("tandem.agent")
+
+
+def build_agent(
+    hub: str,
+    profile: str,
+    model: str,
+    state_dir: Path,
+    token: str | None = None,
+    name: str = "edge-device",
+    emulate: bool = False,
+) -> Agent:
+    """An agent serving `model` as a `profile` device; with emulate, paced to the profile's speed."""
+    prof = load_profile(profile)
+    loaded = load(model)
+    pacer = profile_pacer(prof, loaded.config) if emulate else None
+    engine = LocalEngine(model, loaded, pacer)
+    config = AgentConfig(
+        hub=hub,
+        profile=profile,
+        state_dir=state_dir,
+        name=name,
+        token=token,
+        emulated=emulate,
+        power_active_w=prof.power_active_w,
+    )
+    return Agent(config, engine)
+
+
+async def run_until_signalled(agent: Agent) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await agent.run(stop)

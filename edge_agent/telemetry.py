@@ -1,0 +1,107 @@
+"""Telemetry from the agent over MQTT: status (retained, with a last will) and periodic samples.
+
+The last will marks the device offline when its connection dies without a clean disconnect (a
+killed process, a lost network): the broker publishes it, retained, so the hub sees the device
+go offline within the keepalive window at worst and at once when the socket closes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+log = logging.getLogger("tandem.agent.telemetry")
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str
+    port: int
+    username: str
+    password: str
+    topic_prefix: str
+    """tandem/v1/devices/{device_id}"""
+
+
+def rss_mb() -> float:
+    """Resident memory of this process, from /proc (0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def temperature_c() -> float | None:
+    """The first thermal zone's temperature, where the board exposes one."""
+    try:
+        return int(Path("/sys/class/thermal/thermal_zone0/temp").read_text()) / 1000
+    except (OSError, ValueError):
+        return None
+
+
+class TelemetryPublisher:
+    def __init__(
+        self, settings: MqttSettings, sample: Callable[[], dict], interval_s: float = 1.0, keepalive_s: int = 5
+    ) -> None:
+        self.settings, self.sample, self.interval_s = settings, sample, interval_s
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"{settings.username}-{uuid.uuid4().hex[:6]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self._client.username_pw_set(settings.username, settings.password)
+        self._client.will_set(self.topic("status"), "offline", qos=1, retain=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = lambda *a: self.connected.clear()
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self._keepalive = keepalive_s
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="telemetry")
+
+    def topic(self, channel: str) -> str:
+        return f"{self.settings.topic_prefix}/{channel}"
+
+    def start(self) -> None:
+        self._client.connect_async(self.settings.host, self.settings.port, keepalive=self._keepalive)
+        self._client.loop_start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Clean shutdown: publish offline ourselves (a clean disconnect does not fire the will)."""
+        self._stop.set()
+        if self.connected.is_set():
+            self._client.publish(self.topic("status"), "offline", qos=1, retain=True).wait_for_publish(2)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("MQTT connect refused: %s", reason)
+            return
+        client.publish(self.topic("status"), "online", qos=1, retain=True)
+        self.connected.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if self.connected.is_set():
+                data = {
+                    **self.sample(),
+                    "memory_mb": rss_mb(),
+                    "temperature_c": temperature_c(),
+                    "ts": time.time(),
+                    "pid": os.getpid(),
+                }
+                self._client.publish(self.topic("telemetry"), json.dumps(data), qos=0)

@@ -1,0 +1,206 @@
+"""The SDK: call inference on a Tandem hub without caring where it runs.
+
+    from tandem import Client, Budget
+    client = Client("127.0.0.1:50051", api_key="tdk_…")
+    result = client.generate("Why is the sky blue?", max_tokens=64, budget=Budget(ttft_ms=500))
+    print(result.text, result.placement, result.ttft_ms)
+    for chunk in client.generate("Tell me a story", stream=True):
+        print(chunk.text, end="")
+
+`AsyncClient` has the same methods as coroutines / async iterators. Every call has a deadline
+(`timeout`, seconds). Failures raise the typed errors of `tandem.errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+
+from tandem.errors import InvalidRequest, from_rpc_error
+from tandem.types import Budget, Chunk, GenerateResult, Placement
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+def build_request(
+    prompt: Prompt,
+    *,
+    model: str = "",
+    max_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    budget: Budget | None = None,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """The wire request; raises InvalidRequest for what can be caught before sending."""
+    if isinstance(prompt, str):
+        inp = pb.Input(prompt=prompt)
+    elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
+        msgs = [pb.ChatMessage(role=str(m.get("role", "")), content=str(m.get("content", ""))) for m in prompt]
+        inp = pb.Input(chat=pb.ChatMessages(messages=msgs))
+    else:
+        raise InvalidRequest("prompt must be a string or a list of {'role', 'content'} messages", "INVALID_ARGUMENT")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}", "INVALID_ARGUMENT")
+    b = budget or Budget()
+    sampling = pb.Sampling(
+        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=list(stop), seed=seed
+    )
+    return pb.GenerateRequest(
+        model=model,
+        input=inp,
+        sampling=sampling,
+        request_id=request_id,
+        budget=pb.Budget(ttft_ms=b.ttft_ms, tpot_ms=b.tpot_ms, energy_j=b.energy_j, best_effort=b.best_effort),
+    )
+
+
+def _placement(p: pb.Placement) -> Placement:
+    return Placement(
+        p.kind,
+        p.device_id,
+        p.profile,
+        p.model,
+        p.emulated,
+        p.predicted_ttft_ms,
+        p.predicted_tpot_ms,
+        p.predicted_energy_j,
+    )
+
+
+def _fold(result: GenerateResult, msg: pb.GenerateResponse) -> Chunk | None:
+    """Add one response message to the result; returns the chunk it carried, if any."""
+    if msg.placements:
+        result.placements = [_placement(p) for p in msg.placements]
+    if msg.finish_reason:
+        result.finish_reason = msg.finish_reason
+        m = msg.metrics
+        result.ttft_ms, result.tpot_ms, result.energy_j = m.ttft_ms, m.tpot_ms, m.energy_j
+        result.prompt_tokens, result.completion_tokens = m.prompt_tokens, m.completion_tokens
+    if msg.text or msg.token_ids:
+        result.text += msg.text
+        result.token_ids += list(msg.token_ids)
+        return Chunk(msg.text, tuple(msg.token_ids))
+    return None
+
+
+class _Base:
+    def __init__(self, hub: str, api_key: str | None = None, timeout: float = 120.0) -> None:
+        self.hub, self.timeout = hub, timeout
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
+class Client(_Base):
+    """Blocking client. Use as a context manager or call close()."""
+
+    def __init__(self, hub: str, api_key: str | None = None, timeout: float = 120.0) -> None:
+        super().__init__(hub, api_key, timeout)
+        self._channel = grpc.insecure_channel(hub)
+        self._inference = pb_grpc.InferenceStub(self._channel)
+        self._registry = pb_grpc.RegistryStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def generate(self, prompt: Prompt, *, stream: bool = False, timeout: float | None = None, **options: Any):
+        """Generate; returns a GenerateResult, or with stream=True an iterator of Chunks whose
+        `result` attribute (on the iterator) fills in as it is consumed."""
+        request = build_request(prompt, **options)
+        if stream:
+            return _SyncStream(
+                self._inference.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            )
+        result = GenerateResult()
+        for _ in _SyncStream(
+            self._inference.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata), result
+        ):
+            pass
+        return result
+
+    def devices(self, timeout: float | None = None) -> list[pb.Device]:
+        try:
+            resp = self._registry.ListDevices(pb.ListDevicesRequest(), timeout=timeout or 10, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return list(resp.devices)
+
+
+class _SyncStream:
+    """Iterator of Chunks over a response stream; `result` accumulates the whole answer."""
+
+    def __init__(self, call: Iterator[pb.GenerateResponse], result: GenerateResult | None = None) -> None:
+        self._call, self.result = call, result or GenerateResult()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            for msg in self._call:
+                chunk = _fold(self.result, msg)
+                if chunk is not None:
+                    yield chunk
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()  # type: ignore[attr-defined]
+
+
+class AsyncClient(_Base):
+    """asyncio client (grpc.aio). Use `async with` or await close()."""
+
+    def __init__(self, hub: str, api_key: str | None = None, timeout: float = 120.0) -> None:
+        super().__init__(hub, api_key, timeout)
+        self._channel = grpc.aio.insecure_channel(hub)
+        self._inference = pb_grpc.InferenceStub(self._channel)
+        self._registry = pb_grpc.RegistryStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def generate(self, prompt: Prompt, *, timeout: float | None = None, **options: Any) -> GenerateResult:
+        result = GenerateResult()
+        async for _ in self.stream(prompt, timeout=timeout, result=result, **options):
+            pass
+        return result
+
+    async def stream(
+        self, prompt: Prompt, *, timeout: float | None = None, result: GenerateResult | None = None, **options: Any
+    ) -> AsyncIterator[Chunk]:
+        """Chunks as they arrive; pass `result` to collect placement and metrics too."""
+        request = build_request(prompt, **options)
+        result = result if result is not None else GenerateResult()
+        call = self._inference.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
+        try:
+            async for msg in call:
+                chunk = _fold(result, msg)
+                if chunk is not None:
+                    yield chunk
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def devices(self, timeout: float | None = None) -> list[pb.Device]:
+        try:
+            resp = await self._registry.ListDevices(
+                pb.ListDevicesRequest(), timeout=timeout or 10, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return list(resp.devices)

@@ -1,0 +1,62 @@
+"""Plain types of the SDK."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Limits one request must meet; 0 means no limit."""
+
+    ttft_ms: float = 0.0
+    """Longest acceptable time to first token."""
+    tpot_ms: float = 0.0
+    """Longest acceptable mean time per output token."""
+    energy_j: float = 0.0
+    """Most edge energy the request may spend."""
+    best_effort: bool = False
+    """Serve on the closest placement when none meets the budget (instead of BudgetUnsatisfiable)."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where (part of) a request ran, and what the hub predicted for it."""
+
+    kind: str
+    device_id: str
+    profile: str
+    model: str
+    emulated: bool = False
+    predicted_ttft_ms: float = 0.0
+    predicted_tpot_ms: float = 0.0
+    predicted_energy_j: float = 0.0
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a streamed answer."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class GenerateResult:
+    text: str = ""
+    finish_reason: str = ""
+    placements: list[Placement] = field(default_factory=list)
+    ttft_ms: float = 0.0
+    """Measured at the hub: request arrival to first token."""
+    tpot_ms: float = 0.0
+    """Measured mean time between tokens after the first."""
+    energy_j: float = 0.0
+    """Edge energy estimate."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def placement(self) -> Placement | None:
+        """The last placement used (the only one unless the request failed over)."""
+        return self.placements[-1] if self.placements else None
