@@ -56,6 +56,7 @@ class LocalModelBackend(ServingBackend):
             n_layers=cfg.n_layers,
             quant="fp32",
             weight_bytes=params * 4,
+            chat=self.loaded.tokenizer.info.chat_template is not None,
             config_json=json.dumps(dataclasses.asdict(cfg)),
         )
 

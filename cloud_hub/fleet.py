@@ -87,6 +87,9 @@ class AgentSession:
             queue.put_nowait(item)
 
     def close(self) -> None:
+        """End the session: pending works fail with Unavailable, the stream's writer stops."""
+        if not self.closed:
+            self.outbox.put_nowait(None)  # wakes the servicer's writer loop, which then ends the stream
         self.closed = True
         for queue in self.works.values():
             queue.put_nowait(_CLOSED)

@@ -142,6 +142,8 @@ class Hub:
     async def stop(self, grace: float = 2.0) -> None:
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for session in list(self.fleet.sessions.values()):
+            self.fleet.detach(session)  # ends each work channel; agents reconnect to the next hub
         if self.server is not None:
             await self.server.stop(grace)
         if self.ingest is not None:

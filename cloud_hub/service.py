@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from cloud_hub import auth
 from cloud_hub.backends import ServingBackend
-from cloud_hub.errors import BudgetUnsatisfiable, InvalidRequest, NotFound, Unauthenticated
+from cloud_hub.errors import BudgetUnsatisfiable, InvalidRequest, NotFound, Unauthenticated, Unavailable
 from cloud_hub.fleet import Fleet
 from cloud_hub.router import Budget, Candidate, Router
 from cloud_hub.store import DeviceRecord, SecretStore, SQLiteStore
@@ -216,16 +216,23 @@ class HubService:
         if min(b.ttft_ms, b.tpot_ms, b.energy_j) < 0 or any(x != x for x in (b.ttft_ms, b.tpot_ms, b.energy_j)):
             raise InvalidRequest("budget values must be non-negative numbers (0 means no limit)")
 
-    def candidates(self, model: str) -> list[Candidate]:
+    def candidates(self, model: str, chat: bool = False) -> list[Candidate]:
+        """Placements that serve `model` (any model when empty); chat prompts need a chat model."""
         out = []
         for s in self.fleet.online():
             profile = load_profile(s.record.profile)
             for m in s.models:
-                if not model or m.name == model:
+                if (not model or m.name == model) and (m.chat or not chat):
                     cost = ModelCost.from_config(_model_config(m), bits_per_weight=32.0)
                     out.append(Candidate("edge", s.device_id, profile, m.name, cost, s.active, s.record.emulated))
-        if self.cloud is not None and self.cloud_profile is not None and (not model or model == self.cloud.model):
-            cost = ModelCost.from_config(_model_config(self.cloud.model_info()), bits_per_weight=32.0)
+        info = self.cloud.model_info() if self.cloud is not None else None
+        if (
+            info is not None
+            and self.cloud_profile is not None
+            and (not model or model == info.name)
+            and (info.chat or not chat)
+        ):
+            cost = ModelCost.from_config(_model_config(info), bits_per_weight=32.0)
             out.append(Candidate("cloud", "", self.cloud_profile, self.cloud.model, cost))
         return out
 
@@ -233,13 +240,19 @@ class HubService:
         """Route and run one request, yielding Started, then Chunks, then Final."""
         arrived = time.perf_counter()
         self.validate(spec)
-        candidates = self.candidates(spec.model)
+        chat = _is_chat(spec.prompt)
+        candidates = self.candidates(spec.model, chat)
+        served = {m.name: m for m in self.models()}
+        if spec.model and spec.model in served and chat and not served[spec.model].chat:
+            raise InvalidRequest(f"model {spec.model!r} is a base model without a chat template: send a plain prompt")
         if not candidates and spec.model:
-            served = sorted({m.name for m in self.models()})
             raise NotFound(
                 f"model {spec.model!r} is not served by any online device or the cloud; "
-                f"served now: {', '.join(served) or 'none'}"
+                f"served now: {', '.join(sorted(served)) or 'none'}"
             )
+        if not candidates:
+            kind = "chat" if chat else "completion"
+            raise Unavailable(f"no online device or cloud model can serve this {kind} request now")
         choice = self.router.choose(candidates, _prompt_tokens(spec.prompt), spec.params.max_tokens, spec.budget)
         c, est = choice.candidate, choice.estimate
         placement = pb.Placement(
@@ -321,6 +334,10 @@ def input_to_prompt(inp: pb.Input) -> Prompt:
     if kind == "tokens":
         return list(inp.tokens.ids)
     return ""
+
+
+def _is_chat(prompt: Prompt) -> bool:
+    return not isinstance(prompt, str) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
 
 def _prompt_bytes(prompt: Prompt) -> int:

@@ -166,7 +166,10 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
                 get = asyncio.ensure_future(session.outbox.get())
                 done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
-                    yield get.result()
+                    msg = get.result()
+                    if msg is None:  # the session was closed (replaced by a reconnect, or the hub stops)
+                        return
+                    yield msg
                 else:
                     get.cancel()
                 if reader in done:
@@ -175,7 +178,8 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
         finally:
             reader.cancel()
             fleet.detach(session)
-            store.set_status(record.device_id, "offline", time.time())
+            if fleet.sessions.get(record.device_id) is None:  # not replaced by a newer stream
+                store.set_status(record.device_id, "offline", time.time())
             log.info("work channel closed: %s", record.device_id)
 
     @staticmethod

@@ -64,6 +64,7 @@ class LocalEngine:
             n_layers=cfg.n_layers,
             quant="fp32",
             weight_bytes=params * 4,
+            chat=self.loaded.tokenizer.info.chat_template is not None,
             config_json=json.dumps(dataclasses.asdict(cfg)),
         )
 

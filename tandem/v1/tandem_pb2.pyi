@@ -65,7 +65,7 @@ class Input(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "arch", "n_layers", "quant", "weight_bytes", "layers", "config_json")
+    __slots__ = ("name", "arch", "n_layers", "quant", "weight_bytes", "layers", "config_json", "chat")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class ModelInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     arch: str
     n_layers: int
@@ -80,7 +81,8 @@ class ModelInfo(_message.Message):
     weight_bytes: int
     layers: _containers.RepeatedScalarFieldContainer[int]
     config_json: str
-    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ...) -> None: ...
+    chat: bool
+    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., chat: _Optional[bool] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("kind", "device_id", "profile", "model", "layer_start", "layer_end", "emulated", "predicted_ttft_ms", "predicted_tpot_ms", "predicted_energy_j")

@@ -1,0 +1,77 @@
+"""The budget router, as pure functions over profiles and the cost model."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloud_hub.errors import BudgetUnsatisfiable
+from cloud_hub.router import Budget, BudgetRouter, Candidate
+from device_profiles import load_profile
+from models.config import ModelConfig
+from partitioner.cost import ModelCost, predict
+
+SMOLLM2 = ModelConfig(
+    arch="llama",
+    n_layers=30,
+    dim=576,
+    ffn_dim=1536,
+    n_heads=9,
+    n_kv_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    context_length=8192,
+    norm_eps=1e-5,
+    rope_base=1e5,
+    rope_local_base=1e5,
+)
+COST = ModelCost.from_config(SMOLLM2, bits_per_weight=32.0)
+
+
+def cand(kind: str, profile: str, device: str = "", queued: int = 0) -> Candidate:
+    return Candidate(kind, device, load_profile(profile), "smollm2", COST, queued)
+
+
+PI, CPU, CLOUD = cand("edge", "raspberry-pi-5", "pi"), cand("edge", "cpu-2core", "cpu"), cand("cloud", "cloud-h100")
+
+
+def test_prefers_the_edge_with_least_energy_when_all_fit() -> None:
+    choice = BudgetRouter().choose([CLOUD, PI, CPU], 50, 32, Budget())
+    assert choice.candidate.kind == "edge" and choice.within_budget
+    energies = {c.device_id: predict(c.profile, COST, 50, 32).edge_energy_j for c in (PI, CPU)}
+    assert choice.candidate.device_id == min(energies, key=energies.get)
+
+
+def test_cloud_serves_when_no_edge_meets_the_latency_budget() -> None:
+    edge_best = min(predict(c.profile, COST, 400, 32).ttft_ms for c in (PI, CPU))
+    cloud = predict(CLOUD.profile, COST, 400, 32).ttft_ms
+    assert cloud < edge_best, "the H100 profile must predict a faster first token than the edge devices"
+    choice = BudgetRouter().choose([PI, CPU, CLOUD], 400, 32, Budget(ttft_ms=(cloud + edge_best) / 2))
+    assert choice.candidate is CLOUD
+
+
+@pytest.mark.parametrize("binding", ["ttft_ms", "tpot_ms", "energy_j"])
+def test_unsatisfiable_budget_names_the_binding_constraint(binding: str) -> None:
+    budget = Budget(**{binding: 1e-6})
+    with pytest.raises(BudgetUnsatisfiable, match=f"binding constraint {binding}") as info:
+        BudgetRouter().choose([PI, CPU], 50, 32, budget)
+    assert info.value.binding == binding
+
+
+def test_best_effort_serves_the_closest_placement() -> None:
+    choice = BudgetRouter().choose([PI, CPU], 50, 32, Budget(tpot_ms=1e-3, best_effort=True))
+    assert not choice.within_budget
+    tpots = {c.device_id: predict(c.profile, COST, 50, 32).tpot_ms for c in (PI, CPU)}
+    assert choice.candidate.device_id == min(tpots, key=tpots.get)
+
+
+def test_a_busy_device_loses_to_an_idle_one() -> None:
+    idle = BudgetRouter().choose([PI, CPU], 50, 32, Budget()).candidate
+    busy = cand("edge", idle.profile.name, idle.device_id, queued=3)
+    other = PI if idle is CPU else CPU
+    budget = Budget(ttft_ms=predict(idle.profile, COST, 50, 32).total_ms * 2)
+    assert BudgetRouter().choose([busy, other], 50, 32, budget).candidate is other
+
+
+def test_no_candidates_is_unsatisfiable() -> None:
+    with pytest.raises(BudgetUnsatisfiable, match="no device is online"):
+        BudgetRouter().choose([], 10, 10, Budget())
