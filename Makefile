@@ -14,7 +14,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: run test test-slow bench lint setup models llamacpp clean
 
 run: setup models
-	$(BIN)/python -m scripts.demo
+	$(BIN)/python -m scripts.main_job
 
 test: setup models
 	$(BIN)/ruff check .
@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml scripts/install_system.sh
 	touch $@
 
 models: setup
-	$(BIN)/tandem models pull $(MODELS)
+	$(BIN)/tandem models pull --prepare $(MODELS)
 
 # llama.cpp compiles from source (about 5 minutes on 2 cores, more when busy): build the wheel once, cache it.
 llamacpp: setup

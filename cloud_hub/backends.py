@@ -46,6 +46,9 @@ class LocalModelBackend(ServingBackend):
         self.model = model
         self.loaded = load(model)
         self._lock = threading.Lock()
+        with self._lock:  # warm-up: the first request should not pay for lazy initialisation
+            for _ in self.loaded.generator().stream([[1, 2, 3, 4]], SamplingParams(max_tokens=2, ignore_eos=True)):
+                pass
 
     def model_info(self) -> pb.ModelInfo:
         cfg = self.loaded.config

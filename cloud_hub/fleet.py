@@ -39,14 +39,13 @@ class AgentSession:
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
     works: dict[str, asyncio.Queue] = field(default_factory=dict)
     closed: bool = False
+    inflight: int = 0
+    """Requests routed here and not finished: counted from the routing decision on, so that
+    concurrent requests see each other before their work reaches the device."""
 
     @property
     def device_id(self) -> str:
         return self.record.device_id
-
-    @property
-    def active(self) -> int:
-        return len(self.works)
 
     async def run(self, work: pb.Work) -> AsyncIterator[pb.TokenChunk | pb.WorkDone]:
         """Send `work` down and yield the agent's TokenChunks, then its WorkDone.

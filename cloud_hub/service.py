@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from cloud_hub import auth
 from cloud_hub.backends import ServingBackend
 from cloud_hub.errors import BudgetUnsatisfiable, InvalidRequest, NotFound, Unauthenticated, Unavailable
-from cloud_hub.fleet import Fleet
+from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.router import Budget, Candidate, Router
 from cloud_hub.store import DeviceRecord, SecretStore, SQLiteStore
 from device_profiles import DeviceProfile, ProfileError, load_profile
@@ -107,6 +107,7 @@ class HubService:
         self.store, self.fleet, self.router = store, fleet, router
         self.cloud, self.cloud_profile = cloud, cloud_profile
         self.mqtt, self.limits = mqtt, limits
+        self._cloud_inflight = 0
 
     # -- secrets ---------------------------------------------------------------------------------
 
@@ -224,7 +225,7 @@ class HubService:
             for m in s.models:
                 if (not model or m.name == model) and (m.chat or not chat):
                     cost = ModelCost.from_config(_model_config(m), bits_per_weight=32.0)
-                    out.append(Candidate("edge", s.device_id, profile, m.name, cost, s.active, s.record.emulated))
+                    out.append(Candidate("edge", s.device_id, profile, m.name, cost, s.inflight, s.record.emulated))
         info = self.cloud.model_info() if self.cloud is not None else None
         if (
             info is not None
@@ -233,7 +234,7 @@ class HubService:
             and (info.chat or not chat)
         ):
             cost = ModelCost.from_config(_model_config(info), bits_per_weight=32.0)
-            out.append(Candidate("cloud", "", self.cloud_profile, self.cloud.model, cost))
+            out.append(Candidate("cloud", "", self.cloud_profile, self.cloud.model, cost, self._cloud_inflight))
         return out
 
     async def generate(self, spec: GenerateSpec) -> AsyncIterator[Started | Chunk | Final]:
@@ -265,24 +266,35 @@ class HubService:
             predicted_tpot_ms=est.tpot_ms,
             predicted_energy_j=est.edge_energy_j,
         )
-        yield Started(placement)
-        first = last = None
-        count, finish, energy, prompt_tokens = 0, "", 0.0, 0
-        async for item in self._run(c, spec):
-            if isinstance(item, Chunk):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                count += len(item.token_ids)
-                yield item
-            else:
-                finish, energy, prompt_tokens = item
-        ttft = ((first or time.perf_counter()) - arrived) * 1000
-        tpot = ((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0
-        metrics = pb.Metrics(
-            prompt_tokens=prompt_tokens, completion_tokens=count, ttft_ms=ttft, tpot_ms=tpot, energy_j=energy
-        )
-        yield Final(finish, (placement,), metrics)
+        session = self.fleet.sessions.get(c.device_id) if c.kind == "edge" else None
+        self._count(c, session, +1)  # no await since choose(): the next request's routing sees this one
+        try:
+            yield Started(placement)
+            first = last = None
+            count, finish, energy, prompt_tokens = 0, "", 0.0, 0
+            async for item in self._run(c, spec):
+                if isinstance(item, Chunk):
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    count += len(item.token_ids)
+                    yield item
+                else:
+                    finish, energy, prompt_tokens = item
+            ttft = ((first or time.perf_counter()) - arrived) * 1000
+            tpot = ((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0
+            metrics = pb.Metrics(
+                prompt_tokens=prompt_tokens, completion_tokens=count, ttft_ms=ttft, tpot_ms=tpot, energy_j=energy
+            )
+            yield Final(finish, (placement,), metrics)
+        finally:
+            self._count(c, session, -1)
+
+    def _count(self, c: Candidate, session: AgentSession | None, delta: int) -> None:
+        if c.kind == "cloud":
+            self._cloud_inflight += delta
+        elif session is not None:
+            session.inflight += delta
 
     async def _run(self, c: Candidate, spec: GenerateSpec) -> AsyncIterator[Chunk | tuple[str, float, int]]:
         """Chunks, then one (finish_reason, edge energy J, prompt tokens) tuple."""

@@ -68,6 +68,11 @@ class LocalEngine:
             config_json=json.dumps(dataclasses.asdict(cfg)),
         )
 
+    def warmup(self) -> None:
+        """One short generation, so the first real request does not pay for lazy initialisation."""
+        for _ in self.stream([1, 2, 3, 4], SamplingParams(max_tokens=2, ignore_eos=True), threading.Event()):
+            pass
+
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt (text, chat messages or ids); raises models.errors.InvalidRequest."""
         return self.loaded.generator().encode_prompt(prompt)

@@ -29,6 +29,7 @@ def build_agent(
     loaded = load(model)
     pacer = profile_pacer(prof, loaded.config) if emulate else None
     engine = LocalEngine(model, loaded, pacer)
+    engine.warmup()
     config = AgentConfig(
         hub=hub,
         profile=profile,

@@ -1,7 +1,7 @@
 """Generate the Python protocol code (tandem/v1/*_pb2*.py) from proto/tandem/v1/*.proto.
 
-    python -m scripts.gen_proto            # write tandem/v1/
-    python -m scripts.gen_proto --check    # exit 1 if the generated files are stale
+python -m scripts.gen_proto            # write tandem/v1/
+python -m scripts.gen_proto --check    # exit 1 if the generated files are stale
 """
 
 from __future__ import annotations

@@ -50,6 +50,11 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
         print(f"pulling {name} …", file=sys.stderr)
         path = zoo.pull(name, root, progress=_progress_bar(f"verify {name}"), force=args.force)
         print(f"{name}: {path} (sha256 verified)")
+        if args.prepare:
+            from models.runtime import load
+
+            load(name)  # dequantizes once into the prepared cache, so later loads take about a second
+            print(f"{name}: prepared")
     return 0
 
 
@@ -150,11 +155,11 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
     except TandemError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{'ID':<17} {'NAME':<14} {'PROFILE':<18} {'STATUS':<8} {'MODEL':<24} {'LOAD':>5} {'LAST SEEN':>10}")
+    print(f"{'ID':<17} {'NAME':<14} {'PROFILE':<18} {'STATUS':<8} {'MODEL':<34} {'LOAD':>5} {'LAST SEEN':>10}")
     for d in devices:
         ago = f"{time.time() - d.last_seen_unix:.0f}s ago" if d.last_seen_unix else "never"
         model = ",".join(m.name for m in d.models) + (" (emulated)" if d.emulated else "")
-        print(f"{d.device_id:<17} {d.name[:14]:<14} {d.profile:<18} {d.status:<8} {model:<24} {d.load:>5.2f} {ago:>10}")
+        print(f"{d.device_id:<17} {d.name[:14]:<14} {d.profile:<18} {d.status:<8} {model:<34} {d.load:>5.2f} {ago:>10}")
     return 0
 
 
@@ -236,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+")
     p.add_argument("--cache-dir")
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
+    p.add_argument("--prepare", action="store_true", help="also dequantize into the prepared-weights cache")
     p.set_defaults(func=cmd_models_pull)
 
     hub = sub.add_parser("hub", help="run and administer a hub").add_subparsers(dest="hub_command", required=True)

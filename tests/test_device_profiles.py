@@ -9,7 +9,15 @@ import yaml
 
 from device_profiles import DeviceProfile, Efficiency, ProfileError, all_profiles, list_profiles, load_profile
 
-SHIPPED = ["cloud-h100", "cpu-2core", "jetson-agx-orin", "jetson-orin-nano", "raspberry-pi-5", "rtx-4090-desktop"]
+SHIPPED = [
+    "cloud-cpu-2core",
+    "cloud-h100",
+    "cpu-2core",
+    "jetson-agx-orin",
+    "jetson-orin-nano",
+    "raspberry-pi-5",
+    "rtx-4090-desktop",
+]
 
 
 def _good() -> dict:
@@ -41,7 +49,7 @@ def test_shipped_profiles_load() -> None:
         assert isinstance(profile, DeviceProfile)
         assert profile.name == name  # file name and `name` agree
     assert profiles["cloud-h100"].kind == "cloud"
-    assert all(p.kind == "edge" for n, p in profiles.items() if n != "cloud-h100")
+    assert all(p.kind == ("cloud" if n.startswith("cloud-") else "edge") for n, p in profiles.items())
 
 
 def test_shipped_yaml_ships_inside_the_package() -> None:
