@@ -314,3 +314,18 @@ def test_generated_protocol_code_is_up_to_date() -> None:
     out = subprocess.run([sys.executable, "-m", "scripts.gen_proto", "--check"], cwd=ROOT, capture_output=True,
                          text=True, check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr
+
+
+async def test_deregister_removes_the_device_and_its_channel(tmp_path: Path, tiny_model: Path) -> None:
+    async with running_hub(tmp_path / "hub", cloud_model=None, mqtt="none") as hub:
+        ra = await start_agent(hub, tiny_model, tmp_path / "agent", "edge-1")
+        device = ra.device_id
+        async with grpc.aio.insecure_channel(hub.address) as channel:
+            await pb_grpc.RegistryStub(channel).Deregister(pb.DeregisterRequest(), metadata=ra.agent.creds.metadata())
+        assert hub.store.get_device(device) is None
+        await wait_for(lambda: hub.fleet.status_of(device) == "offline", timeout=5)
+        # The agent's saved credential no longer works: it stops instead of retrying forever.
+        from edge_agent.agent import EnrollmentRejected
+
+        with pytest.raises(EnrollmentRejected, match="rejected this device's credential"):
+            await asyncio.wait_for(ra.task, 15)
