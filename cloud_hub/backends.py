@@ -14,7 +14,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
-from models.generate import Prompt, TokenEvent
+from models.generate import Continuation, Prompt, TokenEvent
 from models.sampling import SamplingParams
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
@@ -34,7 +34,10 @@ class ServingBackend(ABC):
         """Token ids of a prompt; raises models.errors.InvalidRequest."""
 
     @abstractmethod
-    def stream(self, ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]: ...
+    def stream(
+        self, ids: list[int], params: SamplingParams, continuation: Continuation | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        """Token events for prompt ids, going on from `continuation` (failover) when given."""
 
 
 class LocalModelBackend(ServingBackend):
@@ -66,10 +69,12 @@ class LocalModelBackend(ServingBackend):
     def encode(self, prompt: Prompt) -> list[int]:
         return self.loaded.generator().encode_prompt(prompt)
 
-    def stream(self, ids: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    def stream(
+        self, ids: list[int], params: SamplingParams, continuation: Continuation | None = None
+    ) -> AsyncIterator[TokenEvent]:
         def run():
             with self._lock:
-                yield from self.loaded.generator().stream([ids], params)
+                yield from self.loaded.generator().stream([ids], params, [continuation] if continuation else None)
 
         return iterate_in_thread(run, threading.Event())
 

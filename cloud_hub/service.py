@@ -6,6 +6,7 @@ contexts. Errors are `cloud_hub.errors.HubError`s, mapped to status codes at the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -16,14 +17,14 @@ from dataclasses import dataclass, field
 
 from cloud_hub import auth
 from cloud_hub.backends import ServingBackend
-from cloud_hub.errors import BudgetUnsatisfiable, InvalidRequest, NotFound, Unauthenticated, Unavailable
+from cloud_hub.errors import InvalidRequest, NotFound, Unauthenticated, Unavailable
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.router import Budget, Candidate, Router
 from cloud_hub.store import DeviceRecord, SecretStore, SQLiteStore
 from device_profiles import DeviceProfile, ProfileError, load_profile
 from models.config import ModelConfig
 from models.errors import InvalidRequest as ModelInvalidRequest
-from models.generate import Prompt
+from models.generate import Continuation, Prompt
 from models.sampling import SamplingParams
 from partitioner.cost import ModelCost
 from tandem.v1 import tandem_pb2 as pb
@@ -74,7 +75,8 @@ class Final:
 
 @dataclass(frozen=True)
 class Started:
-    placement: pb.Placement
+    placements: tuple[pb.Placement, ...]
+    """Every placement so far; the last is the one starting now."""
 
 
 def create_token(store: SecretStore, ttl_s: float) -> str:
@@ -237,24 +239,25 @@ class HubService:
             out.append(Candidate("cloud", "", self.cloud_profile, self.cloud.model, cost, self._cloud_inflight))
         return out
 
-    async def generate(self, spec: GenerateSpec) -> AsyncIterator[Started | Chunk | Final]:
-        """Route and run one request, yielding Started, then Chunks, then Final."""
-        arrived = time.perf_counter()
-        self.validate(spec)
+    def _route(self, spec: GenerateSpec, excluded: set[str], progress: _Progress) -> tuple[Candidate, pb.Placement]:
+        """The next placement. The first honours the budget; a failover takes the best that is left,
+        since the caller is already being answered and finishing beats failing."""
         chat = _is_chat(spec.prompt)
-        candidates = self.candidates(spec.model, chat)
+        candidates = [c for c in self.candidates(spec.model, chat) if (c.device_id or "cloud") not in excluded]
         served = {m.name: m for m in self.models()}
         if spec.model and spec.model in served and chat and not served[spec.model].chat:
             raise InvalidRequest(f"model {spec.model!r} is a base model without a chat template: send a plain prompt")
-        if not candidates and spec.model:
+        if not candidates and spec.model and not progress.placements:
             raise NotFound(
                 f"model {spec.model!r} is not served by any online device or the cloud; "
                 f"served now: {', '.join(sorted(served)) or 'none'}"
             )
         if not candidates:
-            kind = "chat" if chat else "completion"
-            raise Unavailable(f"no online device or cloud model can serve this {kind} request now")
-        choice = self.router.choose(candidates, _prompt_tokens(spec.prompt), spec.params.max_tokens, spec.budget)
+            what = "go on with" if progress.placements else f"serve this {'chat' if chat else 'completion'} request"
+            raise Unavailable(f"no online device or cloud model can {what} now")
+        remaining = spec.params.max_tokens - len(progress.ids)
+        budget = spec.budget if not progress.placements else Budget(best_effort=True)
+        choice = self.router.choose(candidates, _prompt_tokens(spec.prompt) + len(progress.ids), remaining, budget)
         c, est = choice.candidate, choice.estimate
         placement = pb.Placement(
             kind=c.kind,
@@ -266,29 +269,41 @@ class HubService:
             predicted_tpot_ms=est.tpot_ms,
             predicted_energy_j=est.edge_energy_j,
         )
-        session = self.fleet.sessions.get(c.device_id) if c.kind == "edge" else None
-        self._count(c, session, +1)  # no await since choose(): the next request's routing sees this one
-        try:
-            yield Started(placement)
-            first = last = None
-            count, finish, energy, prompt_tokens = 0, "", 0.0, 0
-            async for item in self._run(c, spec):
-                if isinstance(item, Chunk):
-                    now = time.perf_counter()
-                    first = first or now
-                    last = now
-                    count += len(item.token_ids)
+        return c, placement
+
+    async def generate(self, spec: GenerateSpec) -> AsyncIterator[Started | Chunk | Final]:
+        """Route and run one request, yielding Started, Chunks and Final.
+
+        If the device serving it disconnects mid-stream, the request goes on from the tokens already
+        sent, on the next placement the router picks (re-prefilling prompt plus those tokens there):
+        the caller sees one answer, and a Started listing every placement so far, then the rest.
+        """
+        arrived = time.perf_counter()
+        self.validate(spec)
+        progress, excluded = _Progress(), set[str]()
+        while True:
+            c, placement = self._route(spec, excluded, progress)
+            progress.placements.append(placement)
+            session = self.fleet.sessions.get(c.device_id) if c.kind == "edge" else None
+            self._count(c, session, +1)  # no await since choose(): the next request's routing sees this one
+            try:
+                yield Started(tuple(progress.placements))
+                async for item in self._run(c, spec, progress):
                     yield item
-                else:
-                    finish, energy, prompt_tokens = item
-            ttft = ((first or time.perf_counter()) - arrived) * 1000
-            tpot = ((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0
-            metrics = pb.Metrics(
-                prompt_tokens=prompt_tokens, completion_tokens=count, ttft_ms=ttft, tpot_ms=tpot, energy_j=energy
-            )
-            yield Final(finish, (placement,), metrics)
-        finally:
-            self._count(c, session, -1)
+                break
+            except Unavailable as exc:
+                if progress.finish or len(progress.ids) >= spec.params.max_tokens:
+                    break  # it failed after its last token: nothing is missing
+                excluded.add(c.device_id or "cloud")
+                log.warning(
+                    "placement %s failed mid-request (%s); failing over after %d tokens",
+                    c.device_id or "cloud",
+                    exc,
+                    len(progress.ids),
+                )
+            finally:
+                self._count(c, session, -1)
+        yield Final(progress.finish or "length", tuple(progress.placements), progress.metrics(arrived))
 
     def _count(self, c: Candidate, session: AgentSession | None, delta: int) -> None:
         if c.kind == "cloud":
@@ -296,36 +311,81 @@ class HubService:
         elif session is not None:
             session.inflight += delta
 
-    async def _run(self, c: Candidate, spec: GenerateSpec) -> AsyncIterator[Chunk | tuple[str, float, int]]:
-        """Chunks, then one (finish_reason, edge energy J, prompt tokens) tuple."""
+    async def _run(self, c: Candidate, spec: GenerateSpec, progress: _Progress) -> AsyncIterator[Chunk]:
+        """Chunks from one placement, going on from `progress`, which it updates."""
+        remaining = spec.params.max_tokens - len(progress.ids)
+        params = dataclasses.replace(spec.params, max_tokens=max(1, remaining))
         if c.kind == "cloud":
             assert self.cloud is not None
             try:
                 ids = self.cloud.encode(spec.prompt)
             except ModelInvalidRequest as exc:
                 raise InvalidRequest(str(exc)) from exc
-            finish = "length"
-            async for ev in self.cloud.stream(ids, spec.params):
-                yield Chunk(ev.text, (ev.token_id,))
-                finish = ev.finish_reason or finish
-            yield (finish, 0.0, len(ids))
+            cont = Continuation(tuple(progress.ids), progress.chars) if progress.ids else None
+            progress.prompt_tokens = len(ids)
+            async for ev in self.cloud.stream(ids, params, cont):
+                yield progress.add(ev.text, (ev.token_id,), ev.finish_reason)
             return
         session = self.fleet.sessions.get(c.device_id)
         if session is None:
-            raise BudgetUnsatisfiable(f"device {c.device_id} went offline", binding="availability")
-        async for item in session.run(_work(spec, c.model)):
+            raise Unavailable(f"device {c.device_id} went offline")
+        work = _work(spec, c.model, params, progress)
+        async for item in session.run(work):
             if isinstance(item, pb.TokenChunk):
-                yield Chunk(item.text, tuple(item.token_ids))
+                yield progress.add(item.text, tuple(item.token_ids), None)
             else:
-                yield (item.finish_reason, item.metrics.energy_j, item.metrics.prompt_tokens)
+                progress.finish = item.finish_reason
+                progress.energy_j += item.metrics.energy_j
+                progress.prompt_tokens = item.metrics.prompt_tokens
 
 
-def _work(spec: GenerateSpec, model: str) -> pb.Work:
-    p = spec.params
+@dataclass
+class _Progress:
+    """What one request has produced so far, across placements."""
+
+    ids: list[int] = field(default_factory=list)
+    chars: int = 0
+    finish: str = ""
+    energy_j: float = 0.0
+    prompt_tokens: int = 0
+    placements: list[pb.Placement] = field(default_factory=list)
+    first: float = 0.0
+    last: float = 0.0
+
+    def add(self, text: str, ids: tuple[int, ...], finish: str | None) -> Chunk:
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.last = now
+        self.ids += ids
+        self.chars += len(text)
+        self.finish = finish or self.finish
+        return Chunk(text, ids)
+
+    def metrics(self, arrived: float) -> pb.Metrics:
+        count = len(self.ids)
+        ttft = ((self.first or time.perf_counter()) - arrived) * 1000
+        tpot = (self.last - self.first) * 1000 / (count - 1) if count > 1 else 0.0
+        return pb.Metrics(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=count,
+            ttft_ms=ttft,
+            tpot_ms=tpot,
+            energy_j=self.energy_j,
+        )
+
+
+def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: _Progress) -> pb.Work:
     sampling = pb.Sampling(
         max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop=list(p.stop), seed=p.seed
     )
-    return pb.Work(work_id=uuid.uuid4().hex, model=model, input=prompt_to_input(spec.prompt), sampling=sampling)
+    return pb.Work(
+        work_id=uuid.uuid4().hex,
+        model=model,
+        input=prompt_to_input(spec.prompt),
+        sampling=sampling,
+        continue_ids=progress.ids,
+        continue_chars=progress.chars,
+    )
 
 
 def prompt_to_input(prompt: Prompt) -> pb.Input:

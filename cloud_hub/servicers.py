@@ -93,7 +93,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         spec = spec_from_request(request)
         async for ev in self.service.generate(spec):
             if isinstance(ev, Started):
-                yield pb.GenerateResponse(placements=[ev.placement], request_id=request.request_id)
+                yield pb.GenerateResponse(placements=list(ev.placements), request_id=request.request_id)
             elif isinstance(ev, Chunk):
                 yield pb.GenerateResponse(text=ev.text, token_ids=list(ev.token_ids))
             elif isinstance(ev, Final):

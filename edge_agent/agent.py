@@ -24,6 +24,7 @@ import grpc
 from edge_agent.engine import LocalEngine
 from edge_agent.telemetry import MqttSettings, TelemetryPublisher
 from models.errors import InvalidRequest
+from models.generate import Continuation
 from models.sampling import SamplingParams
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
@@ -223,10 +224,11 @@ class Agent:
         self.pending += 1
         try:
             params, ids = self._prepare(work)
+            cont = Continuation(tuple(work.continue_ids), work.continue_chars) if work.continue_ids else None
             start = time.perf_counter()
             first = last = None
             count, finish = 0, "length"
-            async for ev in iterate_in_thread(lambda: self.engine.stream(ids, params, cancel), cancel):
+            async for ev in iterate_in_thread(lambda: self.engine.stream(ids, params, cancel, cont), cancel):
                 now = time.perf_counter()
                 first = first or now
                 last = now
@@ -276,4 +278,4 @@ class Agent:
             prompt = list(work.input.tokens.ids)
         else:
             raise InvalidRequest("work has no input")
-        return params, self.engine.encode(prompt) + list(work.continue_ids)
+        return params, self.engine.encode(prompt)

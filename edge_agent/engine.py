@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from device_profiles import DeviceProfile
 from models.config import ModelConfig
-from models.generate import Prompt, TokenEvent
+from models.generate import Continuation, Prompt, TokenEvent
 from models.runtime import LoadedModel
 from models.sampling import SamplingParams
 from partitioner.cost import ModelCost, decode_ms, prefill_ms
@@ -44,6 +44,16 @@ def profile_pacer(profile: DeviceProfile, cfg: ModelConfig, bits_per_weight: flo
 
     def pace(prompt_tokens: int, max_tokens: int) -> Pace:
         return Pace(prefill_ms(profile, cost, prompt_tokens), decode_ms(profile, cost, prompt_tokens + max_tokens / 2))
+
+    return pace
+
+
+def floor_pacer(inner: Pacer | None, tpot_ms: float) -> Pacer:
+    """At least tpot_ms per token, and at least what `inner` asks for."""
+
+    def pace(prompt_tokens: int, max_tokens: int) -> Pace:
+        base = inner(prompt_tokens, max_tokens) if inner else Pace(0.0, 0.0)
+        return Pace(base.ttft_ms, max(base.tpot_ms, tpot_ms))
 
     return pace
 
@@ -77,12 +87,15 @@ class LocalEngine:
         """Token ids of a prompt (text, chat messages or ids); raises models.errors.InvalidRequest."""
         return self.loaded.generator().encode_prompt(prompt)
 
-    def stream(self, ids: list[int], params: SamplingParams, cancel: threading.Event) -> Iterator[TokenEvent]:
-        """Generate from token ids, one request at a time, paced if configured."""
+    def stream(
+        self, ids: list[int], params: SamplingParams, cancel: threading.Event, continuation: Continuation | None = None
+    ) -> Iterator[TokenEvent]:
+        """Generate from prompt token ids (going on from `continuation`), one request at a time, paced."""
         with self._lock:
             start = time.perf_counter()
             pace = self.pacer(len(ids), params.max_tokens) if self.pacer else None
-            for i, event in enumerate(self.loaded.generator().stream([ids], params)):
+            conts = [continuation] if continuation is not None else None
+            for i, event in enumerate(self.loaded.generator().stream([ids], params, conts)):
                 if cancel.is_set():
                     return
                 if pace is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from device_profiles import load_profile
 from edge_agent.agent import Agent, AgentConfig
-from edge_agent.engine import LocalEngine, profile_pacer
+from edge_agent.engine import LocalEngine, floor_pacer, profile_pacer
 from models.runtime import load
 
 log = logging.getLogger("tandem.agent")
@@ -23,11 +23,14 @@ def build_agent(
     token: str | None = None,
     name: str = "edge-device",
     emulate: bool = False,
+    pace_tpot_ms: float = 0.0,
 ) -> Agent:
     """An agent serving `model` as a `profile` device; with emulate, paced to the profile's speed."""
     prof = load_profile(profile)
     loaded = load(model)
     pacer = profile_pacer(prof, loaded.config) if emulate else None
+    if pace_tpot_ms > 0:  # a fixed floor per token, on top of any profile pacing (demos and failover tests)
+        pacer = floor_pacer(pacer, pace_tpot_ms)
     engine = LocalEngine(model, loaded, pacer)
     engine.warmup()
     config = AgentConfig(

@@ -32,6 +32,18 @@ class TokenEvent:
     """None while generating; "eos", "stop" or "length" on the row's last event."""
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """Tokens already generated for this prompt elsewhere (a failed-over request).
+
+    They are appended to the prompt, and the text they decode to is treated as already delivered:
+    the first `chars` characters of it, exactly what the caller has received.
+    """
+
+    ids: tuple[int, ...]
+    chars: int
+
+
 @dataclass
 class Completion:
     text: str = ""
@@ -43,10 +55,10 @@ class Completion:
 class _Detokenizer:
     """Turns a growing list of ids into text deltas, holding back partial UTF-8 and stop prefixes."""
 
-    def __init__(self, tokenizer: GGUFTokenizer, stop: tuple[str, ...]) -> None:
+    def __init__(self, tokenizer: GGUFTokenizer, stop: tuple[str, ...], primed: Continuation | None = None) -> None:
         self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.emitted = 0  # characters already handed out
+        self.ids: list[int] = list(primed.ids) if primed else []
+        self.emitted = primed.chars if primed else 0  # characters already handed out
         self.stopped = False
 
     def push(self, token_id: int) -> str:
@@ -100,18 +112,27 @@ class Generator:
         # The template writes BOS itself where the model wants one.
         return self.tokenizer.encode(text, add_bos=False)
 
-    def stream(self, prompts: Sequence[Prompt], params: SamplingParams) -> Iterator[TokenEvent]:
-        """Yield TokenEvents as tokens are produced, for every row of the batch."""
+    def stream(
+        self, prompts: Sequence[Prompt], params: SamplingParams, continuations: Sequence[Continuation] | None = None
+    ) -> Iterator[TokenEvent]:
+        """Yield TokenEvents as tokens are produced, for every row of the batch.
+
+        With `continuations`, row i goes on from continuations[i] (see Continuation): the result is
+        the same as if one generation had produced those tokens and then these.
+        """
         if not prompts:
             raise InvalidRequest("no prompts given")
-        encoded = [self.encode_prompt(p) for p in prompts]
+        if continuations is not None and len(continuations) != len(prompts):
+            raise InvalidRequest("one continuation per prompt")
+        primed = list(continuations) if continuations is not None else [None] * len(prompts)
+        encoded = [self.encode_prompt(p) + list(c.ids if c else ()) for p, c in zip(prompts, primed, strict=True)]
         ctx = self.model.cfg.context_length
         for i, ids in enumerate(encoded):
             if len(ids) >= ctx:
                 raise ContextLengthExceeded(
                     f"prompt {i} has {len(ids)} tokens; the context holds {ctx} including at least one new token"
                 )
-        yield from self._run(encoded, params)
+        yield from self._run(encoded, params, primed)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
         """Complete every prompt; returns one Completion per prompt, in order."""
@@ -124,7 +145,9 @@ class Generator:
         return out
 
     @torch.inference_mode()
-    def _run(self, encoded: list[list[int]], params: SamplingParams) -> Iterator[TokenEvent]:
+    def _run(
+        self, encoded: list[list[int]], params: SamplingParams, primed: list[Continuation | None]
+    ) -> Iterator[TokenEvent]:
         batch, longest = len(encoded), max(len(ids) for ids in encoded)
         budget = min(params.max_tokens, self.model.cfg.context_length - longest)
         self.model.setup_cache(batch, longest + budget)
@@ -133,7 +156,7 @@ class Generator:
         generators = None
         if not params.greedy and params.seed is not None:
             generators = [torch.Generator().manual_seed(params.seed) for _ in range(batch)]
-        detok = [_Detokenizer(self.tokenizer, params.stop) for _ in range(batch)]
+        detok = [_Detokenizer(self.tokenizer, params.stop, c) for c in primed]
         done = [False] * batch
         eos = set() if params.ignore_eos else set(self.tokenizer.info.eos_ids)
 

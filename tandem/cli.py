@@ -127,7 +127,9 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     from edge_agent.runner import build_agent, run_until_signalled
 
     state = Path(args.state_dir) if args.state_dir else _data_dir(None, f"agent-{args.name}")
-    agent = build_agent(args.hub, args.profile, args.model, state, args.token, args.name, args.emulate)
+    agent = build_agent(
+        args.hub, args.profile, args.model, state, args.token, args.name, args.emulate, args.pace_tpot_ms
+    )
     print(f"agent {args.name}: {args.model} as {args.profile}{' (emulated)' if args.emulate else ''}", flush=True)
     try:
         asyncio.run(run_until_signalled(agent))
@@ -273,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="edge-device")
     p.add_argument("--state-dir", help="where the credential is kept (default: XDG data dir)")
     p.add_argument("--emulate", action="store_true", help="pace to the profile's predicted speed")
+    p.add_argument("--pace-tpot-ms", type=float, default=0.0, help="at least this many ms per token")
     p.set_defaults(func=cmd_agent_run)
 
     devices = sub.add_parser("devices", help="the fleet").add_subparsers(dest="devices_command", required=True)

@@ -88,11 +88,13 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> 
     return time.monotonic() - start
 
 
-def spawn_agent(hub: Hub, model: str, state_dir: Path, name: str, profile: str = "cpu-2core") -> subprocess.Popen:
+def spawn_agent(
+    hub: Hub, model: str, state_dir: Path, name: str, profile: str = "cpu-2core", extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     """`tandem agent run` as a real child process (for kill tests)."""
     token = hub.service.create_token()
     cmd = [sys.executable, "-m", "tandem.cli", "agent", "run", "--hub", hub.address, "--token", token,
-           "--profile", profile, "--model", model, "--name", name, "--state-dir", str(state_dir)]  # fmt: skip
+           "--profile", profile, "--model", model, "--name", name, "--state-dir", str(state_dir), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 

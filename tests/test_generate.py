@@ -112,3 +112,19 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     assert kept.tolist() == [[True, True, False]]
     assert torch.isfinite(filter_logits(logits, 0, 0.5)).tolist() == [[True, False, False]]
     assert torch.isfinite(filter_logits(logits, 2, 1.0)).tolist() == [[True, True, False]]
+
+
+@pytest.mark.parametrize("cut", [1, 5, 11])
+def test_continuation_equals_an_uninterrupted_run(tiny: LoadedModel, cut: int) -> None:
+    """What failover relies on: stop after `cut` tokens, go on from them, get the same answer."""
+    from models.generate import Continuation
+
+    gen = tiny.generator()
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    whole = list(gen.stream([PROMPT], params))
+    head = whole[:cut]
+    delivered = "".join(e.text for e in head)
+    cont = Continuation(tuple(e.token_id for e in head), len(delivered))
+    rest = list(gen.stream([PROMPT], dataclasses.replace(params, max_tokens=16 - cut), [cont]))
+    assert [e.token_id for e in head + rest] == [e.token_id for e in whole]
+    assert delivered + "".join(e.text for e in rest) == "".join(e.text for e in whole)
