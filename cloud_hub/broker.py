@@ -168,7 +168,7 @@ class ManagedBroker:
 
     @property
     def hub_password(self) -> str:
-        """The hub superuser's password for this run; BrokerError before start()."""
+        """The hub superuser's password (kept across restarts of this instance); BrokerError before start()."""
         if self._hub_password is None:
             raise BrokerError("the hub password is drawn at start(); the broker has not been started")
         return self._hub_password
@@ -199,8 +199,10 @@ class ManagedBroker:
             raise BrokerError("mosquitto not found (Debian: apt-get install mosquitto)")
         self._dir.mkdir(parents=True, exist_ok=True)
         self._run_as = _run_as(self._dir)
-        self._port = self.config.port or _free_port(self.config.host)
-        self._hub_password = secrets.token_urlsafe(32)
+        # A restart of the same ManagedBroker keeps its port and hub password, so clients that are
+        # already configured (the hub's ingest, the agents) reconnect by themselves.
+        self._port = self._port or self.config.port or _free_port(self.config.host)
+        self._hub_password = self._hub_password or secrets.token_urlsafe(32)
         with self._lock:
             self._write_passwd({**self._read_passwd(), HUB_USERNAME: hash_password(self._hub_password)})
         self._write_private(self._acl, _render_acl())

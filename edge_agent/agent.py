@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from edge_agent.engine import LocalEngine
+from edge_agent.spool import Spool
 from edge_agent.telemetry import MqttSettings, TelemetryPublisher
 from models.errors import InvalidRequest
 from models.generate import Continuation
@@ -54,6 +55,8 @@ class AgentConfig:
     """Longest wait between reconnect attempts."""
     telemetry_interval_s: float = 1.0
     """Seconds between telemetry samples."""
+    spool_max_records: int = 10_000
+    """Telemetry kept on disk while the broker is unreachable (oldest dropped beyond it)."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,8 @@ class Agent:
                 "power_w": self.config.power_active_w if busy else 0.0,
             }
 
-        self.telemetry = TelemetryPublisher(self.creds.mqtt, sample, self.config.telemetry_interval_s)
+        spool = Spool(self.config.state_dir / "telemetry-spool.db", self.config.spool_max_records)
+        self.telemetry = TelemetryPublisher(self.creds.mqtt, sample, self.config.telemetry_interval_s, spool=spool)
         self.telemetry.start()
 
     async def _serve(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:

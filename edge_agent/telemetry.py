@@ -19,6 +19,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
+from edge_agent.spool import Spool
+
 log = logging.getLogger("tandem.agent.telemetry")
 
 
@@ -51,11 +53,28 @@ def temperature_c() -> float | None:
         return None
 
 
+def _with_seq(payload: str, seq: int) -> str:
+    return payload[:-1] + f', "seq": {seq}}}' if payload.endswith("}") else payload
+
+
 class TelemetryPublisher:
+    """Samples every interval into the spool, and drains the spool to the broker in order.
+
+    Every sample goes through the spool (QoS 1, deleted once the broker acknowledged it), so a
+    broker outage only delays telemetry: it arrives in order when the broker is back, with at most
+    the spool's bound kept (oldest dropped first). Each message carries its spool sequence number.
+    """
+
     def __init__(
-        self, settings: MqttSettings, sample: Callable[[], dict], interval_s: float = 1.0, keepalive_s: int = 5
+        self,
+        settings: MqttSettings,
+        sample: Callable[[], dict],
+        interval_s: float = 1.0,
+        keepalive_s: int = 5,
+        spool: Spool | None = None,
     ) -> None:
         self.settings, self.sample, self.interval_s = settings, sample, interval_s
+        self.spool = spool
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._client = mqtt.Client(
@@ -96,12 +115,33 @@ class TelemetryPublisher:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            if self.connected.is_set():
-                data = {
-                    **self.sample(),
-                    "memory_mb": rss_mb(),
-                    "temperature_c": temperature_c(),
-                    "ts": time.time(),
-                    "pid": os.getpid(),
-                }
-                self._client.publish(self.topic("telemetry"), json.dumps(data), qos=0)
+            data = {
+                **self.sample(),
+                "memory_mb": rss_mb(),
+                "temperature_c": temperature_c(),
+                "ts": time.time(),
+                "pid": os.getpid(),
+            }
+            if self.spool is None:
+                if self.connected.is_set():
+                    self._client.publish(self.topic("telemetry"), json.dumps(data), qos=0)
+                continue
+            self.spool.push(json.dumps(data))
+            self._drain()
+
+    def _drain(self) -> None:
+        """Send spooled records in order while connected; stop at the first that is not acknowledged."""
+        assert self.spool is not None
+        while self.connected.is_set() and not self._stop.is_set():
+            batch = self.spool.peek(200)
+            if not batch:
+                return
+            for seq, payload in batch:
+                info = self._client.publish(self.topic("telemetry"), _with_seq(payload, seq), qos=1)
+                try:
+                    info.wait_for_publish(2.0)
+                except (RuntimeError, ValueError):  # not queued: the connection dropped meanwhile
+                    return
+                if not info.is_published():
+                    return
+                self.spool.ack(seq)

@@ -242,13 +242,15 @@ def test_stop_leaves_no_process_and_is_idempotent(tmp_path: Path) -> None:
 
 
 @needs_mosquitto
-def test_restart_keeps_devices_and_draws_new_hub_password(tmp_path: Path) -> None:
+def test_restart_keeps_devices_port_and_hub_password(tmp_path: Path) -> None:
     broker = ManagedBroker(BrokerConfig(tmp_path))
     broker.add_user("dev-early", "tdc_early")  # before the first start: picked up by start()
     with broker:
-        first = broker.hub_password
+        first, port = broker.hub_password, broker.port
     with broker:
-        assert broker.hub_password != first
+        assert (broker.hub_password, broker.port) == (first, port), "connected clients can reconnect"
+        with pytest.raises(BrokerError, match="not been started"):
+            _ = ManagedBroker(BrokerConfig(tmp_path)).hub_password  # a new instance draws its own at start
         assert broker.usernames() == ["dev-early"]
         peer = Peer(broker, "dev-early", "tdc_early")
         peer.close()
