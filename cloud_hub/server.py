@@ -56,6 +56,10 @@ class HubConfig:
     """Request size limits and token lifetime."""
     max_message_bytes: int = 4 * 1024 * 1024
     """gRPC message size limit, both directions; larger messages get RESOURCE_EXHAUSTED."""
+    http_listen: str | None = None
+    """host:port of the OpenAI-compatible HTTP API and /metrics; None = no HTTP server."""
+    max_body_bytes: int = 1 << 20
+    """Largest HTTP request body; larger ones get 413."""
 
 
 class Hub:
@@ -70,6 +74,10 @@ class Hub:
         self.port = 0
         self.service: HubService | None = None
         self._mqtt_login: tuple[str, str] = ("", "")
+        self._health_task: asyncio.Task | None = None
+        self._http = None
+        self._http_task: asyncio.Task | None = None
+        self.http_port = 0
 
     async def start(self) -> None:
         cfg = self.config
@@ -79,6 +87,8 @@ class Hub:
         cloud = await asyncio.to_thread(make_backend, cfg.cloud_backend, cfg.cloud_model) if cfg.cloud_model else None
         profile = load_profile(cfg.cloud_profile) if cloud else None
         self.service = HubService(self.store, self.fleet, BudgetRouter(), cloud, profile, mqtt, cfg.limits)
+        if self.ingest is not None:
+            self.ingest.on_message_count = self.service.metrics.telemetry_messages.inc
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -92,9 +102,45 @@ class Hub:
         if self.port == 0:
             raise RuntimeError(f"could not bind {cfg.listen}")
         await self.server.start()
-        for name in ("", *SERVICES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if cfg.http_listen:
+            await self._start_http(cfg.http_listen)
+        self._health_task = asyncio.create_task(self._track_health())
         log.info("hub listening on port %d", self.port)
+
+    async def _start_http(self, listen: str) -> None:
+        import socket
+
+        import uvicorn
+
+        from cloud_hub.openai_api import create_app
+
+        host, _, port = listen.rpartition(":")
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+        self.http_port = sock.getsockname()[1]
+        app = create_app(self.service, self.config.max_body_bytes)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        self._http = uvicorn.Server(config)
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # re-raises why it did not start
+            await asyncio.sleep(0.02)
+
+    @property
+    def http_address(self) -> str:
+        return f"{(self.config.http_listen or '').rpartition(':')[0]}:{self.http_port}"
+
+    async def _track_health(self) -> None:
+        """Health reflects readiness: Inference serves when some placement can take a request."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        while True:
+            ready = self.service is not None and bool(self.service.models())
+            await self.health.set("tandem.v1.Inference", serving if ready else not_serving)
+            for name in ("", "tandem.v1.Registry", "tandem.v1.WorkChannel"):
+                await self.health.set(name, serving)
+            await asyncio.sleep(0.5)
 
     @property
     def address(self) -> str:
@@ -140,8 +186,13 @@ class Hub:
         return host, int(port)
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._http is not None:
+            self._http.should_exit = True
+            await self._http_task
         for session in list(self.fleet.sessions.values()):
             self.fleet.detach(session)  # ends each work channel; agents reconnect to the next hub
         if self.server is not None:

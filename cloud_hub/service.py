@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 from cloud_hub import auth
 from cloud_hub.backends import ServingBackend
-from cloud_hub.errors import InvalidRequest, NotFound, Unauthenticated, Unavailable
+from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, Unauthenticated, Unavailable
 from cloud_hub.fleet import AgentSession, Fleet
+from cloud_hub.metrics import HubMetrics
 from cloud_hub.router import Budget, Candidate, Router
 from cloud_hub.store import DeviceRecord, SecretStore, SQLiteStore
 from device_profiles import DeviceProfile, ProfileError, load_profile
@@ -40,6 +41,8 @@ class Limits:
     """Largest max_tokens a request may ask for."""
     token_ttl_s: float = 3600.0
     """Default lifetime of an enrollment token."""
+    max_inflight: int = 512
+    """Requests served at once; beyond it the hub answers RESOURCE_EXHAUSTED (HTTP 429) at once."""
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,14 @@ class HubService:
         cloud_profile: DeviceProfile | None,
         mqtt: MqttAccess | None,
         limits: Limits = Limits(),
+        metrics: HubMetrics | None = None,
     ) -> None:
         self.store, self.fleet, self.router = store, fleet, router
         self.cloud, self.cloud_profile = cloud, cloud_profile
         self.mqtt, self.limits = mqtt, limits
         self._cloud_inflight = 0
+        self.inflight = 0
+        self.metrics = metrics or HubMetrics()
 
     # -- secrets ---------------------------------------------------------------------------------
 
@@ -272,6 +278,34 @@ class HubService:
         return c, placement
 
     async def generate(self, spec: GenerateSpec) -> AsyncIterator[Started | Chunk | Final]:
+        """Admit, route and run one request (see _generate), counting it in the metrics.
+
+        Raises Overloaded at once when max_inflight requests are being served already.
+        """
+        if self.inflight >= self.limits.max_inflight:
+            self.metrics.observe_request("none", "overloaded")
+            raise Overloaded(f"the hub is serving {self.inflight} requests, its limit; retry later")
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        placement, outcome = "none", "cancelled"
+        try:
+            async for ev in self._generate(spec):
+                if isinstance(ev, Started):
+                    placement = ev.placements[-1].kind
+                elif isinstance(ev, Final):
+                    outcome = "ok"
+                    self.metrics.observe_request(placement, outcome, ev.metrics.ttft_ms, ev.metrics.tpot_ms)
+                yield ev
+        except HubError as exc:
+            outcome = exc.kind
+            raise
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+            if outcome != "ok":
+                self.metrics.observe_request(placement, outcome)
+
+    async def _generate(self, spec: GenerateSpec) -> AsyncIterator[Started | Chunk | Final]:
         """Route and run one request, yielding Started, Chunks and Final.
 
         If the device serving it disconnects mid-stream, the request goes on from the tokens already
@@ -295,6 +329,7 @@ class HubService:
                 if progress.finish or len(progress.ids) >= spec.params.max_tokens:
                     break  # it failed after its last token: nothing is missing
                 excluded.add(c.device_id or "cloud")
+                self.metrics.failovers.inc()
                 log.warning(
                     "placement %s failed mid-request (%s); failing over after %d tokens",
                     c.device_id or "cloud",

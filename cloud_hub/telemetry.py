@@ -32,6 +32,7 @@ class TelemetryIngest:
         self.on_telemetry, self.on_status = on_telemetry, on_status
         self.received = 0
         self.malformed = 0
+        self.on_message_count: Callable[[], None] = lambda: None
         self.connected = threading.Event()
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=f"tandem-hub-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
@@ -62,6 +63,7 @@ class TelemetryIngest:
 
     def _message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         self.received += 1
+        self.on_message_count()
         parts = msg.topic[len(PREFIX) :].split("/")
         if not msg.topic.startswith(PREFIX) or len(parts) != 2:
             self.malformed += 1
