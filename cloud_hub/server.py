@@ -25,7 +25,7 @@ from cloud_hub.fleet import Fleet
 from cloud_hub.router import BudgetRouter
 from cloud_hub.service import HubService, Limits, MqttAccess
 from cloud_hub.servicers import InferenceServicer, RegistryServicer, WorkChannelServicer
-from cloud_hub.store import SQLiteStore
+from cloud_hub.store import open_store
 from cloud_hub.telemetry import TelemetryIngest
 from device_profiles import load_profile
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
@@ -40,6 +40,8 @@ class HubConfig:
     """Registry database, broker files, logs."""
     listen: str = "127.0.0.1:50051"
     """gRPC address; port 0 picks a free one (see Hub.port)."""
+    registry: str = "sqlite"
+    """Registry database: "sqlite" (data_dir/registry.db), "sqlite:///path" or "postgresql://…" (replicas)."""
     cloud_model: str | None = None
     """Zoo model the hub serves itself; None = edge only."""
     cloud_backend: str = "local"
@@ -65,7 +67,7 @@ class HubConfig:
 class Hub:
     def __init__(self, config: HubConfig) -> None:
         self.config = config
-        self.store = SQLiteStore(config.data_dir / "registry.db")
+        self.store = open_store(config.registry, config.data_dir)
         self.fleet = Fleet()
         self.broker: ManagedBroker | None = None
         self.ingest: TelemetryIngest | None = None

@@ -21,7 +21,7 @@ from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, Una
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.router import Budget, Candidate, Router
-from cloud_hub.store import DeviceRecord, SecretStore, SQLiteStore
+from cloud_hub.store import DeviceRecord, SecretStore, SQLStore
 from device_profiles import DeviceProfile, ProfileError, load_profile
 from models.config import ModelConfig
 from models.errors import InvalidRequest as ModelInvalidRequest
@@ -101,7 +101,7 @@ def create_api_key(store: SecretStore, name: str) -> str:
 class HubService:
     def __init__(
         self,
-        store: SQLiteStore,
+        store: SQLStore,
         fleet: Fleet,
         router: Router,
         cloud: ServingBackend | None,
@@ -189,7 +189,8 @@ class HubService:
                     device_id=r.device_id,
                     name=r.name,
                     profile=r.profile,
-                    status=self.fleet.status_of(r.device_id),
+                    # The replica holding a device's work channel knows best; others read the registry.
+                    status=self.fleet.status_of(r.device_id) if r.device_id in self.fleet.sessions else r.status,
                     models=[pb.ModelInfo(**{k: v for k, v in m.items() if k != "config_json"}) for m in r.models],
                     last_seen_unix=max(r.last_seen, t.at if t else 0.0),
                     load=t.load if t else 0.0,

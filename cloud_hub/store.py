@@ -1,8 +1,9 @@
 """The hub's persistent registry: devices, enrollment tokens, API keys.
 
-Two small interfaces (`DeviceStore`, `SecretStore`); `SQLiteStore` implements both and is the
-default. Secrets are stored only as hashes (see cloud_hub.auth). Calls are synchronous and short
-(one indexed statement each), so the asyncio servers call them directly.
+Two small interfaces (`DeviceStore`, `SecretStore`); `SQLStore` implements both over DB-API, with
+two dialects: `SQLiteStore` (the default) and `PostgresStore` (hub replicas sharing one database).
+Secrets are stored only as hashes (see cloud_hub.auth). Calls are synchronous and short (one
+indexed statement each), so the asyncio servers call them directly.
 """
 
 from __future__ import annotations
@@ -70,41 +71,54 @@ class SecretStore(ABC):
     def has_api_key(self, lookup: str) -> bool: ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id TEXT PRIMARY KEY, name TEXT NOT NULL, profile TEXT NOT NULL, credential_hash TEXT NOT NULL,
-    models TEXT NOT NULL, emulated INTEGER NOT NULL, status TEXT NOT NULL, last_seen REAL NOT NULL,
-    created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS enrollment_tokens (lookup TEXT PRIMARY KEY, expires_at REAL NOT NULL, used_at REAL);
-CREATE TABLE IF NOT EXISTS api_keys (lookup TEXT PRIMARY KEY, name TEXT NOT NULL, created REAL NOT NULL);
-"""
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, name TEXT NOT NULL, profile TEXT NOT NULL,"
+    " credential_hash TEXT NOT NULL, models TEXT NOT NULL, emulated INTEGER NOT NULL, status TEXT NOT NULL,"
+    " last_seen {real} NOT NULL, created {real} NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS enrollment_tokens (lookup TEXT PRIMARY KEY, expires_at {real} NOT NULL,"
+    " used_at {real})",
+    "CREATE TABLE IF NOT EXISTS api_keys (lookup TEXT PRIMARY KEY, name TEXT NOT NULL, created {real} NOT NULL)",
+)
 
 
-class SQLiteStore(DeviceStore, SecretStore):
-    """SQLite in WAL mode; safe to share between the hub's threads (one connection, one lock)."""
+class SQLStore(DeviceStore, SecretStore):
+    """Both interfaces over one DB-API connection in autocommit mode, guarded by a lock.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+    Subclasses open the connection and name their dialect: the placeholder and the float type.
+    Statements are written once, with `?` placeholders, and translated here.
+    """
+
+    placeholder = "?"
+    real_type = "REAL"
+
+    def __init__(self, conn: object) -> None:
+        self._db = conn
         self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(_SCHEMA)
+        for statement in _SCHEMA:
+            self._exec(statement.format(real=self.real_type))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    def _exec(self, sql: str, args: tuple = ()) -> object:
+        with self._lock:
+            return self._db.execute(sql.replace("?", self.placeholder), args)
+
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            return self._db.execute(sql.replace("?", self.placeholder), args).fetchall()
+
+    def _count(self, sql: str, args: tuple) -> int:
+        """Rows changed by one statement."""
+        with self._lock:
+            return self._db.execute(sql.replace("?", self.placeholder), args).rowcount
 
     # -- devices ---------------------------------------------------------------------------------
 
     def add_device(self, record: DeviceRecord) -> None:
         r = replace(record, created=record.created or time.time())
-        self._run(
+        self._exec(
             "INSERT INTO devices VALUES (?,?,?,?,?,?,?,?,?)",
             (
                 r.device_id,
@@ -127,39 +141,80 @@ class SQLiteStore(DeviceStore, SecretStore):
         return [_device(row) for row in self._run("SELECT * FROM devices ORDER BY created, device_id")]
 
     def set_status(self, device_id: str, status: str, last_seen: float) -> None:
-        self._run("UPDATE devices SET status = ?, last_seen = ? WHERE device_id = ?", (status, last_seen, device_id))
+        self._exec("UPDATE devices SET status = ?, last_seen = ? WHERE device_id = ?", (status, last_seen, device_id))
 
     def remove_device(self, device_id: str) -> bool:
-        with self._lock:
-            return self._db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,)).rowcount > 0
+        return self._count("DELETE FROM devices WHERE device_id = ?", (device_id,)) > 0
 
     # -- secrets ---------------------------------------------------------------------------------
 
     def add_token(self, lookup: str, expires_at: float) -> None:
-        self._run("INSERT INTO enrollment_tokens VALUES (?, ?, NULL)", (lookup, expires_at))
+        self._exec("INSERT INTO enrollment_tokens VALUES (?, ?, NULL)", (lookup, expires_at))
 
     def consume_token(self, lookup: str, now: float) -> str:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT expires_at, used_at FROM enrollment_tokens WHERE lookup = ?", (lookup,)
-            ).fetchone()
-            if row is None:
-                return "unknown"
-            if row[1] is not None:
-                return "used"
-            if row[0] < now:
-                return "expired"
-            # The WHERE clause makes the claim atomic: of two racing enrollments, one updates 0 rows.
-            claimed = self._db.execute(
-                "UPDATE enrollment_tokens SET used_at = ? WHERE lookup = ? AND used_at IS NULL", (now, lookup)
-            ).rowcount
-            return "ok" if claimed else "used"
+        # One conditional UPDATE claims the token atomically, also across hub replicas sharing the
+        # database: of two racing enrollments, one changes a row and the other none.
+        claimed = self._count(
+            "UPDATE enrollment_tokens SET used_at = ? WHERE lookup = ? AND used_at IS NULL AND expires_at >= ?",
+            (now, lookup, now),
+        )
+        if claimed:
+            return "ok"
+        rows = self._run("SELECT expires_at, used_at FROM enrollment_tokens WHERE lookup = ?", (lookup,))
+        if not rows:
+            return "unknown"
+        return "used" if rows[0][1] is not None else "expired"
 
     def add_api_key(self, lookup: str, name: str) -> None:
-        self._run("INSERT INTO api_keys VALUES (?, ?, ?)", (lookup, name, time.time()))
+        self._exec("INSERT INTO api_keys VALUES (?, ?, ?)", (lookup, name, time.time()))
 
     def has_api_key(self, lookup: str) -> bool:
         return bool(self._run("SELECT 1 FROM api_keys WHERE lookup = ?", (lookup,)))
+
+
+class SQLiteStore(SQLStore):
+    """The default: one file, WAL mode; safe to share between the hub's threads."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        super().__init__(conn)
+
+
+class PostgresStore(SQLStore):
+    """PostgreSQL (psycopg 3), for several hub replicas sharing one registry."""
+
+    placeholder = "%s"
+    real_type = "DOUBLE PRECISION"
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        try:
+            conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            raise ConnectionError(f"cannot reach PostgreSQL at {_redact_url(url)}: {exc}") from exc
+        super().__init__(conn)
+
+
+def _redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    import re
+
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def open_store(url: str, data_dir: Path) -> SQLStore:
+    """A store from a URL: "sqlite" (default file in data_dir), "sqlite:///path" or "postgresql://…"."""
+    if url in ("", "sqlite"):
+        return SQLiteStore(data_dir / "registry.db")
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(url[len("sqlite:///") - 1 :])
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
+    raise ValueError(f"unsupported registry URL {_redact_url(url)!r}: use sqlite:///path or postgresql://…")
 
 
 def _device(row: tuple) -> DeviceRecord:

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # System packages Tandem needs on Debian/Ubuntu: real English text for calibration and evaluation
-# (python3.11-doc) and the Mosquitto MQTT broker. Installs only what is missing; uses sudo when not root.
+# (python3.11-doc), the Mosquitto MQTT broker and PostgreSQL. Installs only what is missing; uses sudo when not root.
 set -euo pipefail
 need=()
 [ -d /usr/share/doc/python3.11/html/_sources ] || need+=(python3.11-doc)
 # The hub's managed MQTT broker (and mosquitto_passwd); the package does not start a service by itself.
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+# PostgreSQL for the multi-replica registry tests (the tests run their own throwaway cluster).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then

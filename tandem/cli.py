@@ -72,6 +72,8 @@ def cmd_hub_up(args: argparse.Namespace) -> int:
     from cloud_hub.server import Hub, HubConfig
 
     config = HubConfig(
+        registry=args.registry,
+        http_listen=args.http_listen,
         data_dir=_data_dir(args.data_dir, "hub"),
         listen=args.listen,
         cloud_model=args.cloud_model,
@@ -102,9 +104,9 @@ def cmd_hub_up(args: argparse.Namespace) -> int:
 
 def cmd_hub_token(args: argparse.Namespace) -> int:
     from cloud_hub.service import create_token
-    from cloud_hub.store import SQLiteStore
+    from cloud_hub.store import open_store
 
-    store = SQLiteStore(_data_dir(args.data_dir, "hub") / "registry.db")
+    store = open_store(args.registry, _data_dir(args.data_dir, "hub"))
     print(create_token(store, args.ttl))
     store.close()
     return 0
@@ -112,9 +114,9 @@ def cmd_hub_token(args: argparse.Namespace) -> int:
 
 def cmd_hub_apikey(args: argparse.Namespace) -> int:
     from cloud_hub.service import create_api_key
-    from cloud_hub.store import SQLiteStore
+    from cloud_hub.store import open_store
 
-    store = SQLiteStore(_data_dir(args.data_dir, "hub") / "registry.db")
+    store = open_store(args.registry, _data_dir(args.data_dir, "hub"))
     print(create_api_key(store, args.name))
     store.close()
     return 0
@@ -254,15 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cloud-profile", default="cpu-2core", help="device profile of the hub's hardware")
     p.add_argument("--mqtt", default="managed", help="managed | none | host:port of an external broker")
     p.add_argument("--api-key-file", help="write a fresh API key here (0600) at start-up")
+    p.add_argument("--registry", default="sqlite", help="sqlite | sqlite:///path | postgresql://… (replicas)")
+    p.add_argument("--http-listen", help="host:port for the OpenAI-compatible API and /metrics")
     p.set_defaults(func=cmd_hub_up)
     token = hub.add_parser("token", help="enrollment tokens").add_subparsers(dest="token_command", required=True)
     p = token.add_parser("create", help="print a one-time enrollment token")
     p.add_argument("--data-dir")
+    p.add_argument("--registry", default="sqlite")
     p.add_argument("--ttl", type=float, default=3600.0, help="seconds until the token expires")
     p.set_defaults(func=cmd_hub_token)
     apikey = hub.add_parser("apikey", help="SDK API keys").add_subparsers(dest="apikey_command", required=True)
     p = apikey.add_parser("create", help="print a new API key")
     p.add_argument("--data-dir")
+    p.add_argument("--registry", default="sqlite")
     p.add_argument("--name", default="default")
     p.set_defaults(func=cmd_hub_apikey)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
@@ -36,6 +37,17 @@ def tiny_path(request: pytest.FixtureRequest, tiny_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny(tiny_path: Path) -> LoadedModel:
     return load(tiny_path, use_cache=False)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session (tests/pg.py)."""
+    from tests.pg import pg_bin, postgres_server
+
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL is not installed (make test installs it)")
+    with postgres_server() as url:
+        yield url
 
 
 @cache
