@@ -7,6 +7,7 @@ contexts. Errors are `cloud_hub.errors.HubError`s, mapped to status codes at the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import secrets
@@ -233,7 +234,7 @@ class HubService:
             profile = load_profile(s.record.profile)
             for m in s.models:
                 if (not model or m.name == model) and (m.chat or not chat):
-                    cost = ModelCost.from_config(_model_config(m), bits_per_weight=32.0)
+                    cost = _model_cost(m.config_json)
                     out.append(Candidate("edge", s.device_id, profile, m.name, cost, s.inflight, s.record.emulated))
         info = self.cloud.model_info() if self.cloud is not None else None
         if (
@@ -242,7 +243,7 @@ class HubService:
             and (not model or model == info.name)
             and (info.chat or not chat)
         ):
-            cost = ModelCost.from_config(_model_config(info), bits_per_weight=32.0)
+            cost = _model_cost(info.config_json)
             out.append(Candidate("cloud", "", self.cloud_profile, self.cloud.model, cost, self._cloud_inflight))
         return out
 
@@ -251,8 +252,8 @@ class HubService:
         since the caller is already being answered and finishing beats failing."""
         chat = _is_chat(spec.prompt)
         candidates = [c for c in self.candidates(spec.model, chat) if (c.device_id or "cloud") not in excluded]
-        served = {m.name: m for m in self.models()}
-        if spec.model and spec.model in served and chat and not served[spec.model].chat:
+        served = {m.name: m for m in self.models()} if spec.model and not candidates else {}
+        if not candidates and spec.model in served and chat and not served[spec.model].chat:
             raise InvalidRequest(f"model {spec.model!r} is a base model without a chat template: send a plain prompt")
         if not candidates and spec.model and not progress.placements:
             raise NotFound(
@@ -359,8 +360,12 @@ class HubService:
                 raise InvalidRequest(str(exc)) from exc
             cont = Continuation(tuple(progress.ids), progress.chars) if progress.ids else None
             progress.prompt_tokens = len(ids)
+            start, first, n = time.perf_counter(), 0.0, 0
             async for ev in self.cloud.stream(ids, params, cont):
+                first, n = first or time.perf_counter(), n + 1
                 yield progress.add(ev.text, (ev.token_id,), ev.finish_reason)
+            progress.engine_ttft_ms = (first - start) * 1000 if first else 0.0
+            progress.engine_tpot_ms = (time.perf_counter() - first) * 1000 / (n - 1) if n > 1 else 0.0
             return
         session = self.fleet.sessions.get(c.device_id)
         if session is None:
@@ -373,6 +378,7 @@ class HubService:
                 progress.finish = item.finish_reason
                 progress.energy_j += item.metrics.energy_j
                 progress.prompt_tokens = item.metrics.prompt_tokens
+                progress.engine_ttft_ms, progress.engine_tpot_ms = item.metrics.ttft_ms, item.metrics.tpot_ms
 
 
 @dataclass
@@ -387,6 +393,8 @@ class _Progress:
     placements: list[pb.Placement] = field(default_factory=list)
     first: float = 0.0
     last: float = 0.0
+    engine_ttft_ms: float = 0.0
+    engine_tpot_ms: float = 0.0
 
     def add(self, text: str, ids: tuple[int, ...], finish: str | None) -> Chunk:
         now = time.perf_counter()
@@ -407,6 +415,8 @@ class _Progress:
             ttft_ms=ttft,
             tpot_ms=tpot,
             energy_j=self.energy_j,
+            engine_ttft_ms=self.engine_ttft_ms,
+            engine_tpot_ms=self.engine_tpot_ms,
         )
 
 
@@ -472,6 +482,12 @@ def _model_dict(m: pb.ModelInfo) -> dict:
         "weight_bytes": m.weight_bytes,
         "config_json": m.config_json,
     }
+
+
+@functools.lru_cache(maxsize=256)
+def _model_cost(config_json: str) -> ModelCost:
+    """Cost model of a model config (cached: the router needs it for every candidate of every request)."""
+    return ModelCost.from_config(ModelConfig(**json.loads(config_json)), bits_per_weight=32.0)
 
 
 def _model_config(m: pb.ModelInfo) -> ModelConfig:

@@ -15,6 +15,7 @@ per second.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import typing
@@ -221,10 +222,17 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
         except OSError as exc:
             raise ProfileError(f"{path}: cannot read device profile: {exc.strerror or exc}") from None
         return _parse(text, str(path))
+    return _load_shipped(arg)
+
+
+@functools.lru_cache(maxsize=64)
+def _load_shipped(name: str) -> DeviceProfile:
+    """Shipped profiles are package data and never change at run time: parse each once (the hub's
+    router asks for them on every request). Profiles are frozen, so sharing one is safe."""
     shipped = _shipped()
-    if arg not in shipped:
-        raise ProfileError(f"unknown device profile {arg!r}; shipped profiles: {', '.join(sorted(shipped))}")
-    return _parse(shipped[arg].read_text(encoding="utf-8"), f"device_profiles/{arg}.yaml")
+    if name not in shipped:
+        raise ProfileError(f"unknown device profile {name!r}; shipped profiles: {', '.join(sorted(shipped))}")
+    return _parse(shipped[name].read_text(encoding="utf-8"), f"device_profiles/{name}.yaml")
 
 
 def list_profiles() -> list[str]:

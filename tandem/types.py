@@ -52,6 +52,10 @@ class GenerateResult:
     """Measured mean time between tokens after the first."""
     energy_j: float = 0.0
     """Edge energy estimate."""
+    engine_ttft_ms: float = 0.0
+    """The serving engine's own time to first token; ttft_ms minus this is network and hub overhead."""
+    engine_tpot_ms: float = 0.0
+    """The serving engine's own mean time per token."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
