@@ -49,7 +49,8 @@ llamacpp: setup
 	@if [ ! -f $(LLAMA_WHEEL) ]; then \
 	  mkdir -p $(WHEELS) && CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/python -m pip wheel --no-deps -w $(WHEELS) llama-cpp-python==0.3.36; fi
 	$(BIN)/python -m pip install -q --no-deps $(LLAMA_WHEEL)
-	$(BIN)/python -m pip install -q diskcache
+	# llama-cpp-python's own dependencies, and its [server] extra (an upstream for the hub's tests)
+	$(BIN)/python -m pip install -q diskcache sse-starlette starlette-context pydantic-settings
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

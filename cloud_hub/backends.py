@@ -13,13 +13,28 @@ import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from models.generate import Continuation, Prompt, TokenEvent
+from models.generate import Continuation, Prompt
 from models.sampling import SamplingParams
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
 
-BACKENDS: dict[str, str] = {"local": "cloud_hub.backends:LocalModelBackend"}
+BACKENDS: dict[str, str] = {
+    "local": "cloud_hub.backends:LocalModelBackend",
+    "openai": "cloud_hub.upstream:OpenAIUpstreamBackend",
+}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One streamed piece of a backend's answer: usually one token."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None = None
+    tokens: int = 1
+    """Tokens this piece stands for (0 for a closing frame that only carries the finish reason)."""
 
 
 class ServingBackend(ABC):
@@ -36,8 +51,8 @@ class ServingBackend(ABC):
     @abstractmethod
     def stream(
         self, ids: list[int], params: SamplingParams, continuation: Continuation | None = None
-    ) -> AsyncIterator[TokenEvent]:
-        """Token events for prompt ids, going on from `continuation` (failover) when given."""
+    ) -> AsyncIterator[Piece]:
+        """Pieces for prompt ids, going on from `continuation` (failover) when given."""
 
 
 class LocalModelBackend(ServingBackend):
@@ -69,18 +84,20 @@ class LocalModelBackend(ServingBackend):
     def encode(self, prompt: Prompt) -> list[int]:
         return self.loaded.generator().encode_prompt(prompt)
 
-    def stream(
+    async def stream(
         self, ids: list[int], params: SamplingParams, continuation: Continuation | None = None
-    ) -> AsyncIterator[TokenEvent]:
+    ) -> AsyncIterator[Piece]:
         def run():
             with self._lock:
                 yield from self.loaded.generator().stream([ids], params, [continuation] if continuation else None)
 
-        return iterate_in_thread(run, threading.Event())
+        async for ev in iterate_in_thread(run, threading.Event()):
+            yield Piece(ev.text, (ev.token_id,), ev.finish_reason)
 
 
-def make_backend(kind: str, model: str) -> ServingBackend:
+def make_backend(kind: str, model: str, **options: object) -> ServingBackend:
+    """Construct backend `kind` serving `model`; options go to its constructor (e.g. base_url)."""
     if kind not in BACKENDS:
         raise ValueError(f"unknown backend {kind!r}; known: {', '.join(sorted(BACKENDS))}")
     module, _, cls = BACKENDS[kind].partition(":")
-    return getattr(importlib.import_module(module), cls)(model)
+    return getattr(importlib.import_module(module), cls)(model, **options)

@@ -84,7 +84,7 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str
+    prompt: str | list[int] = Field(min_length=1)  # text, or token ids (as vLLM and llama.cpp accept)
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -238,7 +238,7 @@ async def _sse(first: Any, events: AsyncIterator[Any], rid: str, created: int, m
         if chat:
             yield frame({"role": "assistant", "content": ""}, None)
         async for ev in _prepend(first, events):
-            if isinstance(ev, Chunk) and ev.text:
+            if isinstance(ev, Chunk):  # one frame per token, even one whose text is held back for now
                 yield frame({"content": ev.text} if chat else ev.text, None)
             elif isinstance(ev, Final):
                 yield frame({} if chat else "", _finish(ev.finish_reason), {"tandem": _tandem_info(ev)})

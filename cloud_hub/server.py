@@ -46,6 +46,14 @@ class HubConfig:
     """Zoo model the hub serves itself; None = edge only."""
     cloud_backend: str = "local"
     """Serving backend for the cloud model (cloud_hub.backends.BACKENDS)."""
+    cloud_upstream_url: str | None = None
+    """OpenAI-compatible server (…/v1 base without the /v1) for cloud_backend "openai"."""
+    cloud_upstream_key: str | None = field(default=None, repr=False)
+    """API key for that server."""
+    cloud_upstream_model: str | None = None
+    """The model's name on that server (default: cloud_model)."""
+    cloud_upstream_prompt: str = "ids"
+    """How prompts are sent upstream: "ids" (vLLM, llama-server, a hub) or "text" (llama-cpp-python, TGI)."""
     cloud_profile: str = "cpu-2core"
     """Device profile describing the hub's own hardware, for the cost model."""
     mqtt: str = "managed"
@@ -86,7 +94,19 @@ class Hub:
         mqtt = await asyncio.to_thread(self._start_broker)
         if mqtt is not None:
             await asyncio.to_thread(self._start_ingest, asyncio.get_running_loop())
-        cloud = await asyncio.to_thread(make_backend, cfg.cloud_backend, cfg.cloud_model) if cfg.cloud_model else None
+        options = {}
+        if cfg.cloud_backend == "openai":
+            if not cfg.cloud_upstream_url:
+                raise ValueError("cloud_backend 'openai' needs cloud_upstream_url")
+            options = {
+                "base_url": cfg.cloud_upstream_url,
+                "api_key": cfg.cloud_upstream_key,
+                "upstream_model": cfg.cloud_upstream_model,
+                "prompt_format": cfg.cloud_upstream_prompt,
+            }
+        cloud = None
+        if cfg.cloud_model:
+            cloud = await asyncio.to_thread(make_backend, cfg.cloud_backend, cfg.cloud_model, **options)
         profile = load_profile(cfg.cloud_profile) if cloud else None
         self.service = HubService(self.store, self.fleet, BudgetRouter(), cloud, profile, mqtt, cfg.limits)
         if self.ingest is not None:

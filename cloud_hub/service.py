@@ -260,12 +260,15 @@ class HubService:
                 f"model {spec.model!r} is not served by any online device or the cloud; "
                 f"served now: {', '.join(sorted(served)) or 'none'}"
             )
+        if not candidates and progress.failures:
+            raise Unavailable(f"no placement left to go on with this request; failed: {'; '.join(progress.failures)}")
         if not candidates:
-            what = "go on with" if progress.placements else f"serve this {'chat' if chat else 'completion'} request"
-            raise Unavailable(f"no online device or cloud model can {what} now")
-        remaining = spec.params.max_tokens - len(progress.ids)
+            raise Unavailable(
+                f"no online device or cloud model can serve this {'chat' if chat else 'completion'} request now"
+            )
+        remaining = spec.params.max_tokens - progress.tokens
         budget = spec.budget if not progress.placements else Budget(best_effort=True)
-        choice = self.router.choose(candidates, _prompt_tokens(spec.prompt) + len(progress.ids), remaining, budget)
+        choice = self.router.choose(candidates, _prompt_tokens(spec.prompt) + progress.tokens, remaining, budget)
         c, est = choice.candidate, choice.estimate
         placement = pb.Placement(
             kind=c.kind,
@@ -328,15 +331,16 @@ class HubService:
                     yield item
                 break
             except Unavailable as exc:
-                if progress.finish or len(progress.ids) >= spec.params.max_tokens:
+                if progress.finish or progress.tokens >= spec.params.max_tokens:
                     break  # it failed after its last token: nothing is missing
                 excluded.add(c.device_id or "cloud")
+                progress.failures.append(f"{c.device_id or 'cloud'}: {exc}")
                 self.metrics.failovers.inc()
                 log.warning(
                     "placement %s failed mid-request (%s); failing over after %d tokens",
                     c.device_id or "cloud",
                     exc,
-                    len(progress.ids),
+                    progress.tokens,
                 )
             finally:
                 self._count(c, session, -1)
@@ -350,7 +354,7 @@ class HubService:
 
     async def _run(self, c: Candidate, spec: GenerateSpec, progress: _Progress) -> AsyncIterator[Chunk]:
         """Chunks from one placement, going on from `progress`, which it updates."""
-        remaining = spec.params.max_tokens - len(progress.ids)
+        remaining = spec.params.max_tokens - progress.tokens
         params = dataclasses.replace(spec.params, max_tokens=max(1, remaining))
         if c.kind == "cloud":
             assert self.cloud is not None
@@ -361,9 +365,9 @@ class HubService:
             cont = Continuation(tuple(progress.ids), progress.chars) if progress.ids else None
             progress.prompt_tokens = len(ids)
             start, first, n = time.perf_counter(), 0.0, 0
-            async for ev in self.cloud.stream(ids, params, cont):
+            async for piece in self.cloud.stream(ids, params, cont):
                 first, n = first or time.perf_counter(), n + 1
-                yield progress.add(ev.text, (ev.token_id,), ev.finish_reason)
+                yield progress.add(piece.text, piece.token_ids, piece.finish_reason, tokens=piece.tokens)
             progress.engine_ttft_ms = (first - start) * 1000 if first else 0.0
             progress.engine_tpot_ms = (time.perf_counter() - first) * 1000 / (n - 1) if n > 1 else 0.0
             return
@@ -373,7 +377,7 @@ class HubService:
         work = _work(spec, c.model, params, progress)
         async for item in session.run(work):
             if isinstance(item, pb.TokenChunk):
-                yield progress.add(item.text, tuple(item.token_ids), None)
+                yield progress.add(item.text, tuple(item.token_ids), None, tokens=len(item.token_ids))
             else:
                 progress.finish = item.finish_reason
                 progress.energy_j += item.metrics.energy_j
@@ -386,27 +390,32 @@ class _Progress:
     """What one request has produced so far, across placements."""
 
     ids: list[int] = field(default_factory=list)
+    """Token ids of the answer so far (text-exact; an upstream's are re-tokenized from its text)."""
+    tokens: int = 0
+    """Tokens generated so far, as the engines counted them."""
     chars: int = 0
     finish: str = ""
     energy_j: float = 0.0
     prompt_tokens: int = 0
     placements: list[pb.Placement] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
     first: float = 0.0
     last: float = 0.0
     engine_ttft_ms: float = 0.0
     engine_tpot_ms: float = 0.0
 
-    def add(self, text: str, ids: tuple[int, ...], finish: str | None) -> Chunk:
+    def add(self, text: str, ids: tuple[int, ...], finish: str | None, tokens: int) -> Chunk:
         now = time.perf_counter()
         self.first = self.first or now
         self.last = now
         self.ids += ids
+        self.tokens += tokens
         self.chars += len(text)
         self.finish = finish or self.finish
         return Chunk(text, ids)
 
     def metrics(self, arrived: float) -> pb.Metrics:
-        count = len(self.ids)
+        count = self.tokens
         ttft = ((self.first or time.perf_counter()) - arrived) * 1000
         tpot = (self.last - self.first) * 1000 / (count - 1) if count > 1 else 0.0
         return pb.Metrics(

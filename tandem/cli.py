@@ -73,6 +73,11 @@ def cmd_hub_up(args: argparse.Namespace) -> int:
 
     config = HubConfig(
         registry=args.registry,
+        cloud_backend=args.cloud_backend,
+        cloud_upstream_url=args.upstream_url,
+        cloud_upstream_key=os.environ.get("TANDEM_UPSTREAM_API_KEY"),
+        cloud_upstream_model=args.upstream_model,
+        cloud_upstream_prompt=args.upstream_prompt,
         http_listen=args.http_listen,
         data_dir=_data_dir(args.data_dir, "hub"),
         listen=args.listen,
@@ -254,6 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", default="127.0.0.1:50051")
     p.add_argument("--cloud-model", help="zoo model the hub serves itself (default: none)")
     p.add_argument("--cloud-profile", default="cpu-2core", help="device profile of the hub's hardware")
+    p.add_argument("--cloud-backend", default="local", help="local | openai (an OpenAI-compatible server)")
+    p.add_argument(
+        "--upstream-url", help="with --cloud-backend openai: the server's base URL (key: $TANDEM_UPSTREAM_API_KEY)"
+    )
+    p.add_argument("--upstream-model", help="the model's name on the upstream (default: --cloud-model)")
+    p.add_argument(
+        "--upstream-prompt",
+        default="ids",
+        choices=["ids", "text"],
+        help="send prompts as token ids (vLLM, llama-server) or text (llama-cpp-python, TGI)",
+    )
     p.add_argument("--mqtt", default="managed", help="managed | none | host:port of an external broker")
     p.add_argument("--api-key-file", help="write a fresh API key here (0600) at start-up")
     p.add_argument("--registry", default="sqlite", help="sqlite | sqlite:///path | postgresql://… (replicas)")
