@@ -5,9 +5,12 @@ one process hosting the agents (each serving a tiny random-weight model), and th
 N concurrent streams with the AsyncClient.
 
 - Requests/s and errors for N concurrent streams.
-- Hub overhead per request: the hub's TTFT (arrival to first token sent) minus the agent's TTFT
-  (work received to first token produced; queueing for the agent's engine counts as engine time).
-- Hub overhead per token: the hub's time per token minus the agent's.
+- Hub overhead, the hub's own time, which it measures and returns in every answer's metrics:
+  routing and dispatch (arrival to the work leaving the hub) plus relaying each token (arrival
+  from the agent to hand-off to the caller's stream); per request, and per token.
+- End-to-end overhead: the hub's TTFT (arrival to first token sent) minus the agent's engine TTFT
+  (work received to first token produced; queueing for the engine counts as engine time), i.e.
+  hub plus both gRPC hops plus the agent's own plumbing; per token likewise.
 - Telemetry ingest: P publishers (each an enrolled device, ACL-checked by the broker) send QoS-0
   telemetry as fast as they can for a few seconds; the rate is what the hub's ingest counted.
 
@@ -249,7 +252,11 @@ async def _measure(hub: str, key: str, args: argparse.Namespace) -> dict:
     ok = run["ok"]
     alone = [r.ttft_ms - r.engine_ttft_ms for r in single]
     hub_ttft = [r.ttft_ms for r in ok]
-    overhead_req = [r.ttft_ms - r.engine_ttft_ms for r in ok]  # hub + both gRPC hops, engine time excluded
+    # The hub's own time: routing and dispatch, plus relaying every token (arrival to hand-off).
+    hub_req = [r.hub_route_ms + r.hub_relay_ms for r in ok]
+    hub_tok = [r.hub_relay_ms / r.completion_tokens for r in ok if r.completion_tokens]
+    # End to end minus engine: the hub plus both gRPC hops and the agent's own plumbing.
+    overhead_req = [r.ttft_ms - r.engine_ttft_ms for r in ok]
     overhead_tok = [r.tpot_ms - r.engine_tpot_ms for r in ok if r.completion_tokens > 1]
     return {
         "streams": args.streams,
@@ -261,6 +268,11 @@ async def _measure(hub: str, key: str, args: argparse.Namespace) -> dict:
         "wall_s": run["wall_s"],
         "hub_ttft_ms_p50": percentile(hub_ttft, 0.5),
         "hub_ttft_ms_p99": percentile(hub_ttft, 0.99),
+        "hub_ms_per_request_p50": percentile(hub_req, 0.5),
+        "hub_ms_per_request_p99": percentile(hub_req, 0.99),
+        "hub_ms_per_token_p50": percentile(hub_tok, 0.5),
+        "hub_ms_per_token_p99": percentile(hub_tok, 0.99),
+        "single_stream_hub_ms_per_request_p50": percentile([r.hub_route_ms + r.hub_relay_ms for r in single], 0.5),
         "single_stream_overhead_ms_per_request_p50": percentile(alone, 0.5),
         "single_stream_overhead_ms_per_request_p99": percentile(alone, 0.99),
         "overhead_ms_per_request_p50": percentile(overhead_req, 0.5),

@@ -47,8 +47,8 @@ class AgentSession:
     def device_id(self) -> str:
         return self.record.device_id
 
-    async def run(self, work: pb.Work) -> AsyncIterator[pb.TokenChunk | pb.WorkDone]:
-        """Send `work` down and yield the agent's TokenChunks, then its WorkDone.
+    async def run(self, work: pb.Work) -> AsyncIterator[tuple[float, pb.TokenChunk | pb.WorkDone]]:
+        """Send `work` down and yield (arrival time, message): the agent's TokenChunks, then its WorkDone.
 
         Raises Unavailable if the session ends first, or the HubError the agent reported.
         """
@@ -60,14 +60,14 @@ class AgentSession:
         try:
             await self.outbox.put(pb.HubMessage(work=work))
             while True:
-                item = await queue.get()
+                received, item = await queue.get()
                 if item is _CLOSED:
                     raise Unavailable(f"device {self.device_id} disconnected during the request")
                 if isinstance(item, pb.WorkError):
                     finished = True
                     raise _agent_error(item)
                 finished = isinstance(item, pb.WorkDone)
-                yield item
+                yield received, item
                 if finished:
                     return
         finally:
@@ -83,7 +83,7 @@ class AgentSession:
         item = getattr(msg, kind)
         queue = self.works.get(item.work_id)
         if queue is not None:  # replies to cancelled work are dropped
-            queue.put_nowait(item)
+            queue.put_nowait((time.perf_counter(), item))
 
     def close(self) -> None:
         """End the session: pending works fail with Unavailable, the stream's writer stops."""
@@ -91,7 +91,7 @@ class AgentSession:
             self.outbox.put_nowait(None)  # wakes the servicer's writer loop, which then ends the stream
         self.closed = True
         for queue in self.works.values():
-            queue.put_nowait(_CLOSED)
+            queue.put_nowait((0.0, _CLOSED))
 
 
 def _agent_error(err: pb.WorkError) -> HubError:

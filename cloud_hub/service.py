@@ -319,7 +319,7 @@ class HubService:
         """
         arrived = time.perf_counter()
         self.validate(spec)
-        progress, excluded = _Progress(), set[str]()
+        progress, excluded = _Progress(arrived=arrived), set[str]()
         while True:
             c, placement = self._route(spec, excluded, progress)
             progress.placements.append(placement)
@@ -364,6 +364,7 @@ class HubService:
                 raise InvalidRequest(str(exc)) from exc
             cont = Continuation(tuple(progress.ids), progress.chars) if progress.ids else None
             progress.prompt_tokens = len(ids)
+            progress.mark_dispatched()
             start, first, n = time.perf_counter(), 0.0, 0
             async for piece in self.cloud.stream(ids, params, cont):
                 first, n = first or time.perf_counter(), n + 1
@@ -375,9 +376,12 @@ class HubService:
         if session is None:
             raise Unavailable(f"device {c.device_id} went offline")
         work = _work(spec, c.model, params, progress)
-        async for item in session.run(work):
+        progress.mark_dispatched()
+        async for received, item in session.run(work):
             if isinstance(item, pb.TokenChunk):
-                yield progress.add(item.text, tuple(item.token_ids), None, tokens=len(item.token_ids))
+                chunk = progress.add(item.text, tuple(item.token_ids), None, tokens=len(item.token_ids))
+                progress.relay_s += time.perf_counter() - received
+                yield chunk
             else:
                 progress.finish = item.finish_reason
                 progress.energy_j += item.metrics.energy_j
@@ -403,6 +407,14 @@ class _Progress:
     last: float = 0.0
     engine_ttft_ms: float = 0.0
     engine_tpot_ms: float = 0.0
+    arrived: float = field(default_factory=time.perf_counter)
+    route_s: float = 0.0
+    relay_s: float = 0.0
+
+    def mark_dispatched(self) -> None:
+        """The first placement's work leaves the hub: what came before was the hub's own routing."""
+        if not self.route_s:
+            self.route_s = time.perf_counter() - self.arrived
 
     def add(self, text: str, ids: tuple[int, ...], finish: str | None, tokens: int) -> Chunk:
         now = time.perf_counter()
@@ -426,6 +438,8 @@ class _Progress:
             energy_j=self.energy_j,
             engine_ttft_ms=self.engine_ttft_ms,
             engine_tpot_ms=self.engine_tpot_ms,
+            hub_route_ms=self.route_s * 1000,
+            hub_relay_ms=self.relay_s * 1000,
         )
 
 

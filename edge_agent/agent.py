@@ -227,9 +227,9 @@ class Agent:
         self._cancels[work.work_id] = cancel
         self.pending += 1
         try:
+            start = time.perf_counter()  # tokenizing the prompt is engine work: counted from here
             params, ids = self._prepare(work)
             cont = Continuation(tuple(work.continue_ids), work.continue_chars) if work.continue_ids else None
-            start = time.perf_counter()
             first = last = None
             count, finish = 0, "length"
             async for ev in iterate_in_thread(lambda: self.engine.stream(ids, params, cancel, cont), cancel):

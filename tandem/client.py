@@ -85,6 +85,7 @@ def _fold(result: GenerateResult, msg: pb.GenerateResponse) -> Chunk | None:
         result.ttft_ms, result.tpot_ms, result.energy_j = m.ttft_ms, m.tpot_ms, m.energy_j
         result.prompt_tokens, result.completion_tokens = m.prompt_tokens, m.completion_tokens
         result.engine_ttft_ms, result.engine_tpot_ms = m.engine_ttft_ms, m.engine_tpot_ms
+        result.hub_route_ms, result.hub_relay_ms = m.hub_route_ms, m.hub_relay_ms
     if msg.text or msg.token_ids:
         result.text += msg.text
         result.token_ids += list(msg.token_ids)

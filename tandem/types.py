@@ -56,6 +56,10 @@ class GenerateResult:
     """The serving engine's own time to first token; ttft_ms minus this is network and hub overhead."""
     engine_tpot_ms: float = 0.0
     """The serving engine's own mean time per token."""
+    hub_route_ms: float = 0.0
+    """Time in the hub before the work left it (validation, routing, dispatch)."""
+    hub_relay_ms: float = 0.0
+    """Time in the hub relaying tokens, summed over the answer."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)

@@ -45,6 +45,10 @@ async def test_agent_enrolls_appears_online_and_serves(tmp_path: Path, tiny_mode
         assert result.placement is not None
         assert (result.placement.kind, result.placement.device_id) == ("edge", ra.device_id)
         assert result.completion_tokens == len(local.token_ids) and result.ttft_ms > 0 and result.energy_j > 0
+        # The timing breakdown adds up: the hub's routing and the engine's own TTFT fit inside the TTFT.
+        assert 0 < result.hub_route_ms < result.ttft_ms and 0 < result.engine_ttft_ms < result.ttft_ms
+        assert result.hub_route_ms + result.engine_ttft_ms < result.ttft_ms
+        assert 0 < result.hub_relay_ms < 1000 * len(local.token_ids)
         await ra.close()
 
 

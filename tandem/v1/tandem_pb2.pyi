@@ -109,7 +109,7 @@ class Placement(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., device_id: _Optional[str] = ..., profile: _Optional[str] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., emulated: _Optional[bool] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "tpot_ms", "energy_j", "engine_ttft_ms", "engine_tpot_ms")
+    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "tpot_ms", "energy_j", "engine_ttft_ms", "engine_tpot_ms", "hub_route_ms", "hub_relay_ms")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,8 @@ class Metrics(_message.Message):
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     ENGINE_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_TPOT_MS_FIELD_NUMBER: _ClassVar[int]
+    HUB_ROUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    HUB_RELAY_MS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     ttft_ms: float
@@ -124,7 +126,9 @@ class Metrics(_message.Message):
     energy_j: float
     engine_ttft_ms: float
     engine_tpot_ms: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., engine_ttft_ms: _Optional[float] = ..., engine_tpot_ms: _Optional[float] = ...) -> None: ...
+    hub_route_ms: float
+    hub_relay_ms: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., engine_ttft_ms: _Optional[float] = ..., engine_tpot_ms: _Optional[float] = ..., hub_route_ms: _Optional[float] = ..., hub_relay_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "input", "sampling", "budget", "request_id")
