@@ -326,6 +326,7 @@ class HubService:
             session = self.fleet.sessions.get(c.device_id) if c.kind == "edge" else None
             self._count(c, session, +1)  # no await since choose(): the next request's routing sees this one
             try:
+                progress.mark_dispatched()  # routed; the work leaves as the caller learns the placement
                 yield Started(tuple(progress.placements))
                 async for item in self._run(c, spec, progress):
                     yield item
@@ -412,7 +413,7 @@ class _Progress:
     relay_s: float = 0.0
 
     def mark_dispatched(self) -> None:
-        """The first placement's work leaves the hub: what came before was the hub's own routing."""
+        """The first placement is chosen and its work leaves the hub: what came before was routing."""
         if not self.route_s:
             self.route_s = time.perf_counter() - self.arrived
 

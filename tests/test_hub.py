@@ -37,7 +37,8 @@ async def test_agent_enrolls_appears_online_and_serves(tmp_path: Path, tiny_mode
         async with AsyncClient(hub.address, api_key=key, timeout=30) as client:
             devices = await client.devices()
             assert [(d.device_id, d.status, d.profile, d.models[0].name) for d in devices] == [
-                (ra.device_id, "online", "cpu-2core", "tiny")]  # fmt: skip
+                (ra.device_id, "online", "cpu-2core", "tiny")
+            ]
             result = await client.generate(CHAT, model="tiny", max_tokens=12, budget=Budget(ttft_ms=60_000))
         # Same weights, greedy: the hub's answer is exactly what the model gives locally.
         local = load(tiny_model, use_cache=False).generator().generate([CHAT], SamplingParams(max_tokens=12))[0]
@@ -146,7 +147,8 @@ async def test_wrong_device_credential_is_rejected(tmp_path: Path) -> None:
     async with running_hub(tmp_path / "hub", cloud_model=None, mqtt="none") as hub:
         async with grpc.aio.insecure_channel(hub.address) as channel:
             resp = await pb_grpc.RegistryStub(channel).Enroll(
-                pb.EnrollRequest(token=hub.service.create_token(), name="d", profile="cpu-2core"))  # fmt: skip
+                pb.EnrollRequest(token=hub.service.create_token(), name="d", profile="cpu-2core")
+            )
             md = (("x-tandem-device-id", resp.device_id), ("x-tandem-credential", resp.credential + "x"))
             call = pb_grpc.WorkChannelStub(channel).Connect(_one(pb.AgentMessage(hello=pb.Hello())), metadata=md)
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -252,8 +254,9 @@ async def test_bad_requests_get_clear_errors_and_the_hub_keeps_serving(tmp_path:
 
 
 async def test_oversized_message_is_refused(tmp_path: Path, tiny_model: Path) -> None:
-    async with running_hub(tmp_path / "hub", cloud_model=str(tiny_model), mqtt="none",
-                           max_message_bytes=200_000) as hub:  # fmt: skip
+    async with running_hub(
+        tmp_path / "hub", cloud_model=str(tiny_model), mqtt="none", max_message_bytes=200_000
+    ) as hub:
         key = hub.service.create_api_key("t")
         async with AsyncClient(hub.address, api_key=key, timeout=30) as client:
             with pytest.raises(Exception) as info:
@@ -268,7 +271,8 @@ async def test_malformed_work_channel_messages(tmp_path: Path, tiny_model: Path)
         async with grpc.aio.insecure_channel(hub.address) as channel:
             for first in (pb.AgentMessage(tokens=pb.TokenChunk(work_id="x")), pb.AgentMessage()):
                 resp = await pb_grpc.RegistryStub(channel).Enroll(
-                    pb.EnrollRequest(token=hub.service.create_token(), name="d", profile="cpu-2core"))  # fmt: skip
+                    pb.EnrollRequest(token=hub.service.create_token(), name="d", profile="cpu-2core")
+                )
                 md = (("x-tandem-device-id", resp.device_id), ("x-tandem-credential", resp.credential))
                 call = pb_grpc.WorkChannelStub(channel).Connect(_one(first), metadata=md)
                 with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -297,8 +301,9 @@ async def test_malformed_work_channel_messages(tmp_path: Path, tiny_model: Path)
 async def test_no_placement_for_chat_on_a_base_model(tmp_path: Path) -> None:
     from tests.tiny import TinySpec, write_tiny_gguf
 
-    base = write_tiny_gguf(tmp_path / "base.gguf", TinySpec(arch="gemma3", n_layers=2, n_heads=2, n_kv_heads=1,
-                                                             head_dim=256))  # fmt: skip
+    base = write_tiny_gguf(
+        tmp_path / "base.gguf", TinySpec(arch="gemma3", n_layers=2, n_heads=2, n_kv_heads=1, head_dim=256)
+    )
     async with running_hub(tmp_path / "hub", cloud_model=str(base), mqtt="none") as hub:
         key = hub.service.create_api_key("t")
         async with AsyncClient(hub.address, api_key=key, timeout=30) as client:
@@ -315,8 +320,9 @@ def test_generated_protocol_code_is_up_to_date() -> None:
 
     from tests.hubkit import ROOT
 
-    out = subprocess.run([sys.executable, "-m", "scripts.gen_proto", "--check"], cwd=ROOT, capture_output=True,
-                         text=True, check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "scripts.gen_proto", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0, out.stderr
 
 
@@ -333,3 +339,48 @@ async def test_deregister_removes_the_device_and_its_channel(tmp_path: Path, tin
 
         with pytest.raises(EnrollmentRejected, match="rejected this device's credential"):
             await asyncio.wait_for(ra.task, 15)
+
+
+async def test_overload_is_refused_at_once_over_grpc(tmp_path: Path, tiny_model: Path) -> None:
+    from cloud_hub.service import Limits
+    from tandem import Overloaded
+
+    async with running_hub(
+        tmp_path / "hub", cloud_model=str(tiny_model), mqtt="none", limits=Limits(max_inflight=1)
+    ) as hub:
+        key = hub.service.create_api_key("t")
+        async with AsyncClient(hub.address, api_key=key, timeout=30) as client:
+            first = client.stream("the cat", max_tokens=200)
+            await anext(first)  # one request in flight: the hub is at its bound
+            start = asyncio.get_running_loop().time()
+            with pytest.raises(Overloaded, match="limit"):
+                await client.generate("the cat", max_tokens=2)
+            assert asyncio.get_running_loop().time() - start < 1.0, "refused at once, not queued"
+            await first.aclose()
+            await wait_for(lambda: hub.service.inflight == 0, timeout=5)
+            assert (await client.generate("the cat", max_tokens=2)).completion_tokens == 2
+
+
+async def test_health_reflects_readiness(tmp_path: Path, tiny_model: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def inference_status(address: str) -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            req = health_pb2.HealthCheckRequest(service="tandem.v1.Inference")
+            return (await health_pb2_grpc.HealthStub(channel).Check(req)).status
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    async def becomes(address: str, expected: int) -> None:
+        for _ in range(50):  # the hub re-evaluates readiness every 0.5 s
+            if await inference_status(address) == expected:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"Inference health never became {expected}")
+
+    async with running_hub(tmp_path / "hub", cloud_model=None, mqtt="none") as hub:
+        await becomes(hub.address, not_serving)  # no device and no cloud model: not ready
+        ra = await start_agent(hub, tiny_model, tmp_path / "agent", "edge-1")
+        await becomes(hub.address, serving)
+        await ra.close()
+        await becomes(hub.address, not_serving)
