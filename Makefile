@@ -25,6 +25,7 @@ test-slow: setup models llamacpp
 
 bench: setup models llamacpp
 	$(BIN)/python benchmarks/edge_decode.py --write-docs
+	$(BIN)/python benchmarks/hub_load.py --write-docs
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
