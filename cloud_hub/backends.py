@@ -7,9 +7,7 @@ llama.cpp server, TGI) is the production-hub issue's addition.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
-import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -69,17 +67,7 @@ class LocalModelBackend(ServingBackend):
                 pass
 
     def model_info(self) -> pb.ModelInfo:
-        cfg = self.loaded.config
-        params = sum(p.numel() for p in self.loaded.model.parameters())
-        return pb.ModelInfo(
-            name=self.model,
-            arch=cfg.arch,
-            n_layers=cfg.n_layers,
-            quant="fp32",
-            weight_bytes=params * 4,
-            chat=self.loaded.tokenizer.info.chat_template is not None,
-            config_json=json.dumps(dataclasses.asdict(cfg)),
-        )
+        return pb.ModelInfo(**self.loaded.describe(self.model))
 
     def encode(self, prompt: Prompt) -> list[int]:
         return self.loaded.generator().encode_prompt(prompt)

@@ -11,8 +11,6 @@ faster than this machine runs at this machine's speed, and the agent says so.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,17 +64,7 @@ class LocalEngine:
         self._lock = threading.Lock()
 
     def model_info(self) -> pb.ModelInfo:
-        cfg = self.loaded.config
-        params = sum(p.numel() for p in self.loaded.model.parameters())
-        return pb.ModelInfo(
-            name=self.name,
-            arch=cfg.arch,
-            n_layers=cfg.n_layers,
-            quant="fp32",
-            weight_bytes=params * 4,
-            chat=self.loaded.tokenizer.info.chat_template is not None,
-            config_json=json.dumps(dataclasses.asdict(cfg)),
-        )
+        return pb.ModelInfo(**self.loaded.describe(self.name))
 
     def warmup(self) -> None:
         """One short generation, so the first real request does not pay for lazy initialisation."""

@@ -46,6 +46,21 @@ class LoadedModel:
     def generator(self) -> Generator:
         return Generator(self.model, self.tokenizer)
 
+    def describe(self, name: str, quant: str = "fp32") -> dict:
+        """What a server advertises about this model (the fields of the protocol's ModelInfo):
+        sizes for the hub's cost model, the config itself, and whether it takes chat messages."""
+        params = sum(p.numel() for p in self.model.parameters())
+        bytes_per_weight = self.model.tok_embeddings.weight.element_size()
+        return {
+            "name": name,
+            "arch": self.config.arch,
+            "n_layers": self.config.n_layers,
+            "quant": quant,
+            "weight_bytes": params * bytes_per_weight,
+            "config_json": json.dumps(dataclasses.asdict(self.config)),
+            "chat": self.tokenizer.info.chat_template is not None,
+        }
+
 
 def _key(path: Path) -> str:
     st = path.stat()

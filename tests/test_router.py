@@ -7,23 +7,9 @@ import pytest
 from cloud_hub.errors import BudgetUnsatisfiable
 from cloud_hub.router import Budget, BudgetRouter, Candidate
 from device_profiles import load_profile
-from models.config import ModelConfig
 from partitioner.cost import ModelCost, predict
+from tests.test_cost import SMOLLM2
 
-SMOLLM2 = ModelConfig(
-    arch="llama",
-    n_layers=30,
-    dim=576,
-    ffn_dim=1536,
-    n_heads=9,
-    n_kv_heads=3,
-    head_dim=64,
-    vocab_size=49152,
-    context_length=8192,
-    norm_eps=1e-5,
-    rope_base=1e5,
-    rope_local_base=1e5,
-)
 COST = ModelCost.from_config(SMOLLM2, bits_per_weight=32.0)
 
 
