@@ -54,6 +54,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("q", q)
         self.register_buffer("scale", scale.to(torch.float16))
 
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, bits: int, group_size: int) -> QuantLinear:
+        """A layer of the right shapes, to load a saved state dict into."""
+        return cls(torch.zeros(out_features, in_features), bits, group_size)
+
     def dequantize(self) -> Tensor:
         out_f, in_f = self.shape
         if self.bits == 8:
@@ -70,10 +75,11 @@ class QuantLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in (self.q, self.scale, self.minimum))
 
 
-def quantize_model(model: Transformer, bits: int, group_size: int | None = None) -> Transformer:
+def quantize_model(model: Transformer, bits: int, group_size: int | None = None, empty: bool = False) -> Transformer:
     """Replace the blocks' linear layers with QuantLinear, in place; returns the model.
 
-    group_size defaults to the whole row for int8 (per-channel) and 32 for int4.
+    group_size defaults to the whole row for int8 (per-channel) and 32 for int4. With empty, the
+    layers get zero weights of the right shapes (to load a saved quantized state dict into).
     """
     for block in model.layers:
         for name in QUANTIZED:
@@ -81,7 +87,10 @@ def quantize_model(model: Transformer, bits: int, group_size: int | None = None)
             parent = getattr(block, parent_name)
             linear = getattr(parent, attr)
             size = group_size or (linear.weight.shape[1] if bits == 8 else 32)
-            setattr(parent, attr, QuantLinear(linear.weight, bits, size))
+            if empty:
+                setattr(parent, attr, QuantLinear.empty(*linear.weight.shape, bits, size))
+            else:
+                setattr(parent, attr, QuantLinear(linear.weight, bits, size))
     return model
 
 

@@ -97,11 +97,15 @@ def _read_prepared(entry: Path, dtype: torch.dtype) -> tuple[Transformer, GGUFTo
 
 
 def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, use_cache: bool = True) -> LoadedModel:
-    """Load a zoo model (already pulled) or a GGUF file.
+    """Load a zoo model (already pulled), a GGUF file or a bundle directory.
 
     Raises UnknownModel, ModelNotPulled, GGUFError or UnsupportedArchitecture with a message that
     says what to do.
     """
+    if Path(name_or_path).is_dir() and (Path(name_or_path) / "manifest.json").is_file():
+        from models.bundle import load_bundle  # a bundle from `tandem optimize`
+
+        return load_bundle(name_or_path)
     path = zoo.resolve(name_or_path)
     entry = zoo.cache_dir() / "prepared" / _key(path)
     if use_cache and (entry / "weights.pt").is_file():

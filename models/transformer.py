@@ -14,6 +14,7 @@ run any half-open layer range `[start, end)` on hidden states:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -161,11 +162,16 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """The whole model. Build it (on `meta` when loading), then `setup_cache` before a forward."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_ids: Sequence[int] | None = None) -> None:
+        """`layer_ids`: the original index of each block (a pruned model keeps its layers' own
+        settings, e.g. Gemma's sliding or global attention); default 0..n_layers-1."""
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        ids = list(range(cfg.n_layers)) if layer_ids is None else list(layer_ids)
+        if len(ids) != cfg.n_layers:
+            raise ValueError(f"{len(ids)} layer ids for {cfg.n_layers} layers")
+        self.layers = nn.ModuleList(Block(cfg, i) for i in ids)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if not cfg.tied_embeddings:
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -210,6 +216,9 @@ class Transformer(nn.Module):
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.cfg.n_layers})")
         if start == end:
             return h
+        device = self.tok_embeddings.weight.device
+        if step.cache_pos.device != device:  # positions live with the model (CUDA)
+            step = Step(step.cache_pos.to(device), step.pad.to(device))
         last = int(step.cache_pos[-1]) + 1
         if last > self.max_len:
             raise ValueError(f"cache slot {last - 1} beyond the cache of {self.max_len} slots; call setup_cache")
@@ -243,7 +252,7 @@ class Transformer(nn.Module):
     def _mask(self, step: Step, kv_len: int, sliding: bool) -> Tensor:
         """(B, 1, T, S) boolean: True where query t may attend key slot s."""
         q = step.cache_pos[None, :, None]  # (1, T, 1)
-        s = torch.arange(kv_len)[None, None, :]  # (1, 1, S)
+        s = torch.arange(kv_len, device=q.device)[None, None, :]  # (1, 1, S)
         allowed = (s <= q) & (s >= step.pad[:, None, None])  # causal, and never a padding slot
         if sliding:
             allowed = allowed & (q - s < self.cfg.sliding_window)

@@ -238,6 +238,62 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_optimize(args: argparse.Namespace) -> int:
+    """Quantize and/or prune a model into a bundle; print its size, speed and quality."""
+    import copy
+    import time
+
+    import torch
+    from tqdm import tqdm
+
+    from models.bundle import save_bundle
+    from models.corpus import documents
+    from models.eval import agreement, bits_per_byte, windows
+    from models.prune import block_influence, prune_layers
+    from models.quant import quantize_model, weight_bytes
+    from models.runtime import LoadedModel, load
+    from models.transformer import Step
+
+    bits = {"none": None, "int8": 8, "int4": 4}[args.quant]
+    steps = tqdm(total=5, desc="optimize", file=sys.stderr)
+    base = load(args.model)
+    steps.update(1)
+    model = copy.deepcopy(base.model)
+    if args.prune_layers:
+        calib = windows(base.tokenizer, [d.text for d in documents("calibration", limit=8)], 256)
+        kept = prune_layers(model, args.prune_layers, block_influence(model, calib))
+        print(f"kept layers: {kept}", file=sys.stderr)
+    steps.update(1)
+    if bits:
+        quantize_model(model, bits, args.group_size)
+    steps.update(1)
+    out = save_bundle(LoadedModel(model, base.tokenizer, base.path), Path(args.out), source=str(args.model))
+    steps.update(1)
+    evals = windows(base.tokenizer, [d.text for d in documents("eval", limit=4)], 256)
+    q_base, q_new = bits_per_byte(base.model, base.tokenizer, evals), bits_per_byte(model, base.tokenizer, evals)
+    agree = agreement(base.model, model, evals)
+    with torch.inference_mode():
+        model.setup_cache(1, 80)
+        model(torch.tensor([[1] * 16]), Step.at(0, 16))
+        start = time.perf_counter()
+        for i in range(64):
+            model(torch.tensor([[5]]), Step.at(16 + i, 1))
+        tok_s = 64 / (time.perf_counter() - start)
+    steps.update(1)
+    steps.close()
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(
+        f"bundle: {out} ({size / 1e6:.1f} MB on disk, weights {weight_bytes(model) / 1e6:.1f} MB, "
+        f"{model.cfg.n_layers} layers)"
+    )
+    print(f"speed: {tok_s:.1f} decode tok/s (this machine, {torch.get_num_threads()} threads)")
+    print(
+        f"quality: {q_new.bpb:.4f} bits/byte vs {q_base.bpb:.4f} for the base ({q_new.bpb / q_base.bpb - 1:+.2%}), "
+        f"top-1 agreement {agree:.3f}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem edge-cloud inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -252,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.add_argument("--prepare", action="store_true", help="also dequantize into the prepared-weights cache")
     p.set_defaults(func=cmd_models_pull)
+
+    p = sub.add_parser("optimize", help="quantize and/or prune a model into a bundle")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="zoo name or .gguf path")
+    p.add_argument("--quant", choices=["none", "int8", "int4"], default="int4")
+    p.add_argument("--group-size", type=int, help="quantization group (default: per channel for int8, 32 for int4)")
+    p.add_argument("--prune-layers", type=int, default=0, help="drop this many layers (least block influence)")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.set_defaults(func=cmd_optimize)
 
     hub = sub.add_parser("hub", help="run and administer a hub").add_subparsers(dest="hub_command", required=True)
     p = hub.add_parser("up", help="start the hub (and a managed Mosquitto) until interrupted")

@@ -1,0 +1,1 @@
+"""Inference engines: the `InferenceEngine` interface (base.py) and its registry (registry.py)."""

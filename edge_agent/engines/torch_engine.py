@@ -1,0 +1,81 @@
+"""The torch engine: our transformer, one KV cache per request, on CPU or CUDA."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from edge_agent.engines.base import EngineUnavailable, InferenceEngine
+from models.kv_cache import KVCache
+from models.runtime import LoadedModel, load
+from models.transformer import Step
+
+
+@dataclass
+class _Request:
+    caches: list[KVCache | None]
+    rope: dict
+    position: int
+
+
+class TorchEngine(InferenceEngine):
+    def __init__(self, device: str = "cpu") -> None:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineUnavailable(f"device {device!r} requested but this machine has no CUDA GPU (torch sees none)")
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise EngineUnavailable(f"the torch engine runs on cpu or cuda, not {device!r}")
+        self.device = torch.device(device)
+        self.loaded: LoadedModel | None = None
+        self._requests: dict[str, _Request] = {}
+
+    def load(self, model: str) -> dict:
+        loaded = load(model)
+        loaded.model.to(self.device)
+        self.loaded = loaded
+        return loaded.describe(str(model))
+
+    @property
+    def _model(self):
+        if self.loaded is None:
+            raise EngineUnavailable("no model loaded: call load() first")
+        return self.loaded.model
+
+    def _use(self, request_id: str) -> _Request:
+        if request_id not in self._requests:
+            raise KeyError(f"unknown request {request_id!r}: prefill it first")
+        state = self._requests[request_id]
+        self._model.caches, self._model._rope = state.caches, state.rope
+        return state
+
+    @torch.inference_mode()
+    def prefill(self, request_id: str, ids: Sequence[int], max_len: int) -> Tensor:
+        m = self._model
+        m.setup_cache(1, max_len)
+        state = _Request(m.caches, m._rope, 0)
+        self._requests[request_id] = state
+        tokens = torch.tensor([list(ids)], device=self.device)
+        h = m.forward_layers(m.embed(tokens), Step.at(0, len(ids)))
+        state.position = len(ids)
+        return m.head(h[:, -1])[0]
+
+    @torch.inference_mode()
+    def decode(self, request_id: str, token: int) -> Tensor:
+        state, m = self._use(request_id), self._model
+        h = m.forward_layers(m.embed(torch.tensor([[token]], device=self.device)), Step.at(state.position, 1))
+        state.position += 1
+        return m.head(h[:, -1])[0]
+
+    @torch.inference_mode()
+    def run_layers(self, request_id: str, hidden: Tensor, start: int, end: int, position: int) -> Tensor:
+        m = self._model
+        if request_id not in self._requests:
+            m.setup_cache(1, position + hidden.shape[1] + 256)
+            self._requests[request_id] = _Request(m.caches, m._rope, position)
+        self._use(request_id)
+        return m.forward_layers(hidden.to(self.device), Step.at(position, hidden.shape[1]), start, end)
+
+    def release(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)

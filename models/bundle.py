@@ -1,0 +1,122 @@
+"""Model bundles: what `tandem optimize` writes, the agent loads and the flash tool ships.
+
+A bundle is a directory:
+
+    manifest.json        format, architecture, config, quantization, kept layers, checksums
+    weights.pt           the state dict (quantized layers as their packed buffers)
+    tokenizer.json       the tokenizer (tokenizers library format)
+    tokenizer_info.json  BOS/EOS ids, BOS policy, chat template
+
+`load_bundle` checks the manifest and the SHA-256 of every file before building anything, so a
+damaged or mismatched bundle is refused at load time with BundleError, never run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from models.config import ModelConfig
+from models.errors import TandemModelError
+from models.quant import QuantLinear, quantize_model
+from models.runtime import LoadedModel
+from models.tokenizer import GGUFTokenizer, TokenizerInfo
+from models.transformer import Transformer
+
+FORMAT = "tandem-bundle/1"
+FILES = ("weights.pt", "tokenizer.json", "tokenizer_info.json")
+
+
+class BundleError(TandemModelError):
+    """A bundle whose manifest or files do not match, or that this runtime cannot run."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _quant_of(model: Transformer) -> dict | None:
+    q = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
+    return None if q is None else {"bits": q.bits, "group_size": q.group_size}
+
+
+def save_bundle(loaded: LoadedModel, out: Path, source: str) -> Path:
+    """Write `loaded` (possibly quantized and pruned) as a bundle directory, atomically."""
+    model = loaded.model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".bundle-"))
+    try:
+        torch.save(model.state_dict(), tmp / "weights.pt")
+        (tmp / "tokenizer.json").write_text(loaded.tokenizer.backend.to_str())
+        (tmp / "tokenizer_info.json").write_text(json.dumps(dataclasses.asdict(loaded.tokenizer.info)))
+        manifest = {
+            "format": FORMAT,
+            "source": source,
+            "arch": model.cfg.arch,
+            "config": dataclasses.asdict(model.cfg),
+            "quant": _quant_of(model),
+            "layers": [block.layer for block in model.layers],
+            "sha256": {name: _sha256(tmp / name) for name in FILES},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: no readable manifest.json ({exc})") from exc
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{path}: bundle format {manifest.get('format')!r}, this runtime reads {FORMAT!r}")
+    return manifest
+
+
+def load_bundle(path: str | Path) -> LoadedModel:
+    """Verify and load a bundle. Raises BundleError for any mismatch."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name in FILES:
+        expected = manifest.get("sha256", {}).get(name)
+        if not (path / name).is_file() or _sha256(path / name) != expected:
+            raise BundleError(f"{path}: {name} is missing or does not match the manifest's checksum")
+    try:
+        cfg = ModelConfig(**manifest["config"])
+    except (TypeError, TandemModelError) as exc:
+        raise BundleError(f"{path}: manifest config is not a valid model config ({exc})") from exc
+    if manifest.get("arch") != cfg.arch or len(manifest.get("layers", [])) != cfg.n_layers:
+        raise BundleError(f"{path}: manifest arch/layers disagree with its config")
+    quant = manifest.get("quant")
+    if quant is not None and quant.get("bits") not in (4, 8):
+        raise BundleError(f"{path}: quantization {quant} is not one this engine runs (int8, int4)")
+    model = Transformer(cfg, manifest["layers"])
+    if quant is not None:
+        quantize_model(model, quant["bits"], quant["group_size"], empty=True)
+    state = torch.load(path / "weights.pt", weights_only=True, mmap=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{path}: weights do not fit the manifest's model ({str(exc)[:300]})") from exc
+    model.eval().requires_grad_(False)
+    info = json.loads((path / "tokenizer_info.json").read_text())
+    info["eos_ids"] = tuple(info["eos_ids"])
+    tok = GGUFTokenizer(Tokenizer.from_str((path / "tokenizer.json").read_text()), TokenizerInfo(**info))
+    return LoadedModel(model, tok, path)
