@@ -25,6 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.docs_block import command_line, write_block  # noqa: E402
+
 
 def prompt_ids(model: str, n: int) -> list[int]:
     from models.corpus import documents
@@ -166,23 +168,16 @@ def table(summary: dict) -> str:
 
 
 def write_docs(summary: dict, command: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = "<!-- edge_decode:start -->", "<!-- edge_decode:end -->"
-    block = (
-        f"{start}\n## Edge decode ({summary['model']})\n\n"
+    body = (
+        f"## Edge decode ({summary['model']})\n\n"
         f"Command: `{command}`  \nMachine: {platform.machine()}, {os.cpu_count()} cores, "
         f"{summary['threads']} threads; {time.strftime('%Y-%m-%d')}. Prompt: {summary['prompt_tokens']} tokens of "
         f"evaluation text; then {summary['gen_tokens']} greedy tokens. Ours: torch fp32 eager, weights dequantized "
         f"from the GGUF (load from the prepared cache). "
         f"llama.cpp: llama-cpp-python 0.3.36, native build, same GGUF.\n\n"
-        f"{table(summary)}\n\n```json\n{json.dumps(summary)}\n```\n{end}"
+        f"{table(summary)}\n\n```json\n{json.dumps(summary)}\n```"
     )
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_block("edge_decode", body)
 
 
 def main() -> None:
@@ -209,7 +204,7 @@ def main() -> None:
     summary = summarise(results, args)
     print(json.dumps(summary) if args.json else table(summary))
     if args.write_docs:
-        write_docs(summary, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
+        write_docs(summary, command_line())
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.docs_block import command_line, write_block  # noqa: E402
+
 TANDEM = [sys.executable, "-m", "tandem.cli"]
 
 
@@ -232,7 +235,7 @@ def main() -> None:
                 proc.kill()
     print(json.dumps(summary) if args.json else _table(summary))
     if args.write_docs:
-        _write_docs(summary, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
+        _write_docs(summary, command_line())
 
 
 async def _measure(hub: str, key: str, args: argparse.Namespace) -> dict:
@@ -288,15 +291,7 @@ def _table(s: dict) -> str:
 
 
 def _write_docs(summary: dict, command: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text()
-    start, end = "<!-- hub_load:start -->", "<!-- hub_load:end -->"
-    block = f"{start}\n## Hub load\n\nCommand: `{command}`\n\n```json\n{json.dumps(summary, indent=2)}\n```\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_block("hub_load", f"## Hub load\n\nCommand: `{command}`\n\n```json\n{json.dumps(summary, indent=2)}\n```")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.docs_block import command_line, write_block  # noqa: E402
+
 
 def main() -> None:
     from models.corpus import documents
@@ -85,21 +87,13 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write_docs:
-        path = ROOT / "docs" / "benchmarks.md"
-        text = path.read_text()
-        start, end = "<!-- quality:start -->", "<!-- quality:end -->"
-        command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-        block = (
-            f"{start}\n## Quality of variants ({args.model})\n\nCommand: `{command}` ({time.strftime('%Y-%m-%d')})."
+        body = (
+            f"## Quality of variants ({args.model})\n\nCommand: `{command_line()}` ({time.strftime('%Y-%m-%d')})."
             f" {summary['eval_docs']} evaluation documents, {summary['eval_tokens']} tokens; pruning ranked on "
             f"{summary['calibration_docs']} calibration documents (disjoint).\n\n{table}\n\n"
-            f"```json\n{json.dumps(summary)}\n```\n{end}"
+            f"```json\n{json.dumps(summary)}\n```"
         )
-        if start in text:
-            text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-        else:
-            text = text.rstrip() + "\n\n" + block + "\n"
-        path.write_text(text)
+        write_block("quality", body)
 
 
 if __name__ == "__main__":

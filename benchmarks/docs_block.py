@@ -1,0 +1,25 @@
+"""Write one benchmark's section of docs/benchmarks.md, between its own markers, keeping the rest."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def command_line() -> str:
+    """The command that produced the figures, as it was typed (relative script path)."""
+    return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+
+
+def write_block(name: str, body: str, doc: Path = DOC) -> None:
+    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` (append if absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(text)
