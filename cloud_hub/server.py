@@ -70,6 +70,8 @@ class HubConfig:
     """host:port of the OpenAI-compatible HTTP API and /metrics; None = no HTTP server."""
     max_body_bytes: int = 1 << 20
     """Largest HTTP request body; larger ones get 413."""
+    tls_dir: Path | None = None
+    """Serve gRPC over TLS with hub.pem / hub.key from this directory (`tandem hub init`)."""
 
 
 class Hub:
@@ -120,7 +122,11 @@ class Hub:
         pb_grpc.add_RegistryServicer_to_server(RegistryServicer(self.service), self.server)
         pb_grpc.add_WorkChannelServicer_to_server(WorkChannelServicer(self.service), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(cfg.listen)
+        if cfg.tls_dir is not None:
+            key, cert = (cfg.tls_dir / "hub.key").read_bytes(), (cfg.tls_dir / "hub.pem").read_bytes()
+            self.port = self.server.add_secure_port(cfg.listen, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            self.port = self.server.add_insecure_port(cfg.listen)
         if self.port == 0:
             raise RuntimeError(f"could not bind {cfg.listen}")
         await self.server.start()

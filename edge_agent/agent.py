@@ -55,6 +55,8 @@ class AgentConfig:
     """Longest wait between reconnect attempts."""
     telemetry_interval_s: float = 1.0
     """Seconds between telemetry samples."""
+    tls_ca: Path | None = None
+    """The deployment's CA certificate: dial the hub over TLS (None: plaintext)."""
     spool_max_records: int = 10_000
     """Telemetry kept on disk while the broker is unreachable (oldest dropped beyond it)."""
 
@@ -136,7 +138,12 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, reconnecting after any disconnect."""
         attempt = 0
-        async with grpc.aio.insecure_channel(self.config.hub) as channel:
+        if self.config.tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(self.config.tls_ca.read_bytes())
+            channel_cm = grpc.aio.secure_channel(self.config.hub, creds)
+        else:
+            channel_cm = grpc.aio.insecure_channel(self.config.hub)
+        async with channel_cm as channel:
             while not stop.is_set():
                 try:
                     if self.creds is None:

@@ -24,6 +24,7 @@ def build_agent(
     name: str = "edge-device",
     emulate: bool = False,
     pace_tpot_ms: float = 0.0,
+    tls_ca: Path | None = None,
 ) -> Agent:
     """An agent serving `model` as a `profile` device; with emulate, paced to the profile's speed."""
     prof = load_profile(profile)
@@ -41,6 +42,7 @@ def build_agent(
         token=token,
         emulated=emulate,
         power_active_w=prof.power_active_w,
+        tls_ca=tls_ca,
     )
     return Agent(config, engine)
 

@@ -79,6 +79,7 @@ def cmd_hub_up(args: argparse.Namespace) -> int:
         cloud_upstream_model=args.upstream_model,
         cloud_upstream_prompt=args.upstream_prompt,
         http_listen=args.http_listen,
+        tls_dir=(_data_dir(args.data_dir, "hub") / "tls") if args.tls else None,
         data_dir=_data_dir(args.data_dir, "hub"),
         listen=args.listen,
         cloud_model=args.cloud_model,
@@ -104,6 +105,21 @@ def cmd_hub_up(args: argparse.Namespace) -> int:
         print("hub stopped", flush=True)
 
     asyncio.run(serve())
+    return 0
+
+
+def cmd_hub_init(args: argparse.Namespace) -> int:
+    from cloud_hub.pki import init_pki
+
+    directory = _data_dir(args.data_dir, "hub") / "tls"
+    try:
+        paths = init_pki(directory, args.host or ["127.0.0.1", "localhost"])
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"CA: {paths['ca.pem']} (give this to agents and clients: --tls-ca)")
+    print(f"hub certificate: {paths['hub.pem']} for {', '.join(args.host or ['127.0.0.1', 'localhost'])}")
+    print("serve TLS with: tandem hub up --tls --data-dir ...")
     return 0
 
 
@@ -135,7 +151,15 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
 
     state = Path(args.state_dir) if args.state_dir else _data_dir(None, f"agent-{args.name}")
     agent = build_agent(
-        args.hub, args.profile, args.model, state, args.token, args.name, args.emulate, args.pace_tpot_ms
+        args.hub,
+        args.profile,
+        args.model,
+        state,
+        args.token,
+        args.name,
+        args.emulate,
+        args.pace_tpot_ms,
+        tls_ca=Path(args.tls_ca) if args.tls_ca else None,
     )
     print(f"agent {args.name}: {args.model} as {args.profile}{' (emulated)' if args.emulate else ''}", flush=True)
     try:
@@ -150,7 +174,7 @@ def _client(args: argparse.Namespace):
     from tandem import Client
 
     key = args.api_key or os.environ.get("TANDEM_API_KEY")
-    return Client(args.hub, api_key=key, timeout=args.timeout)
+    return Client(args.hub, api_key=key, timeout=args.timeout, tls_ca=args.tls_ca)
 
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
@@ -338,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-file", help="write a fresh API key here (0600) at start-up")
     p.add_argument("--registry", default="sqlite", help="sqlite | sqlite:///path | postgresql://… (replicas)")
     p.add_argument("--http-listen", help="host:port for the OpenAI-compatible API and /metrics")
+    p.add_argument("--tls", action="store_true", help="serve gRPC over TLS with the certificate from `hub init`")
     p.set_defaults(func=cmd_hub_up)
+    p = hub.add_parser("init", help="create the deployment's CA and the hub's TLS certificate")
+    p.add_argument("--data-dir")
+    p.add_argument("--host", action="append", help="host name or IP the hub is reached at (repeatable)")
+    p.set_defaults(func=cmd_hub_init)
     token = hub.add_parser("token", help="enrollment tokens").add_subparsers(dest="token_command", required=True)
     p = token.add_parser("create", help="print a one-time enrollment token")
     p.add_argument("--data-dir")
@@ -362,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="where the credential is kept (default: XDG data dir)")
     p.add_argument("--emulate", action="store_true", help="pace to the profile's predicted speed")
     p.add_argument("--pace-tpot-ms", type=float, default=0.0, help="at least this many ms per token")
+    p.add_argument("--tls-ca", help="the deployment's ca.pem: dial the hub over TLS")
     p.set_defaults(func=cmd_agent_run)
 
     devices = sub.add_parser("devices", help="the fleet").add_subparsers(dest="devices_command", required=True)
@@ -369,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hub", default=os.environ.get("TANDEM_HUB", "127.0.0.1:50051"))
     p.add_argument("--api-key", help="default: $TANDEM_API_KEY")
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--tls-ca", help="the deployment's ca.pem, for a hub serving TLS")
     p.set_defaults(func=cmd_devices_list)
 
     p = sub.add_parser("generate", help="generate text, locally or through a hub (--hub), streaming")
@@ -376,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="zoo name or path to a .gguf (default: smollm2-135m-instruct; via a hub: any)")
     p.add_argument("--hub", help="host:port of a hub: run there, wherever it routes the request")
     p.add_argument("--api-key", help="with --hub (default: $TANDEM_API_KEY)")
+    p.add_argument("--tls-ca", help="with --hub: the deployment's ca.pem, for a hub serving TLS")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--ttft-ms", type=float, help="budget: time to first token")
     p.add_argument("--tpot-ms", type=float, help="budget: time per output token")

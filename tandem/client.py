@@ -8,12 +8,14 @@
         print(chunk.text, end="")
 
 `AsyncClient` has the same methods as coroutines / async iterators. Every call has a deadline
-(`timeout`, seconds). Failures raise the typed errors of `tandem.errors`.
+(`timeout`, seconds). Failures raise the typed errors of `tandem.errors`. Pass `tls_ca` (the
+deployment's ca.pem from `tandem hub init`) to talk TLS to a hub serving it.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -94,17 +96,18 @@ def _fold(result: GenerateResult, msg: pb.GenerateResponse) -> Chunk | None:
 
 
 class _Base:
-    def __init__(self, hub: str, api_key: str | None = None, timeout: float = 120.0) -> None:
+    def __init__(self, hub: str, api_key: str | None = None, timeout: float = 120.0, tls_ca: str | None = None) -> None:
         self.hub, self.timeout = hub, timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._credentials = grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()) if tls_ca else None
 
 
 class Client(_Base):
     """Blocking client. Use as a context manager or call close()."""
 
-    def __init__(self, hub: str, api_key: str | None = None, timeout: float = 120.0) -> None:
-        super().__init__(hub, api_key, timeout)
-        self._channel = grpc.insecure_channel(hub)
+    def __init__(self, hub: str, api_key: str | None = None, timeout: float = 120.0, tls_ca: str | None = None) -> None:
+        super().__init__(hub, api_key, timeout, tls_ca)
+        self._channel = grpc.secure_channel(hub, self._credentials) if self._credentials else grpc.insecure_channel(hub)
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._registry = pb_grpc.RegistryStub(self._channel)
 
@@ -162,9 +165,11 @@ class _SyncStream:
 class AsyncClient(_Base):
     """asyncio client (grpc.aio). Use `async with` or await close()."""
 
-    def __init__(self, hub: str, api_key: str | None = None, timeout: float = 120.0) -> None:
-        super().__init__(hub, api_key, timeout)
-        self._channel = grpc.aio.insecure_channel(hub)
+    def __init__(self, hub: str, api_key: str | None = None, timeout: float = 120.0, tls_ca: str | None = None) -> None:
+        super().__init__(hub, api_key, timeout, tls_ca)
+        self._channel = (
+            grpc.aio.secure_channel(hub, self._credentials) if self._credentials else grpc.aio.insecure_channel(hub)
+        )
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._registry = pb_grpc.RegistryStub(self._channel)
 
