@@ -61,13 +61,14 @@ class LocalModelBackend(ServingBackend):
 
         self.model = model
         self.loaded = load(model)
+        self._info = pb.ModelInfo(**self.loaded.describe(model))  # constant; the router reads it per request
         self._lock = threading.Lock()
         with self._lock:  # warm-up: the first request should not pay for lazy initialisation
             for _ in self.loaded.generator().stream([[1, 2, 3, 4]], SamplingParams(max_tokens=2, ignore_eos=True)):
                 pass
 
     def model_info(self) -> pb.ModelInfo:
-        return pb.ModelInfo(**self.loaded.describe(self.model))
+        return self._info
 
     def encode(self, prompt: Prompt) -> list[int]:
         return self.loaded.generator().encode_prompt(prompt)

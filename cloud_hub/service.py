@@ -467,17 +467,6 @@ def prompt_to_input(prompt: Prompt) -> pb.Input:
     return pb.Input(chat=pb.ChatMessages(messages=msgs))
 
 
-def input_to_prompt(inp: pb.Input) -> Prompt:
-    kind = inp.WhichOneof("kind")
-    if kind == "prompt":
-        return inp.prompt
-    if kind == "chat":
-        return [{"role": m.role, "content": m.content} for m in inp.chat.messages]
-    if kind == "tokens":
-        return list(inp.tokens.ids)
-    return ""
-
-
 def _is_chat(prompt: Prompt) -> bool:
     return not isinstance(prompt, str) and bool(prompt) and all(isinstance(m, dict) for m in prompt)
 
@@ -511,11 +500,15 @@ def _model_dict(m: pb.ModelInfo) -> dict:
 @functools.lru_cache(maxsize=256)
 def _model_cost(config_json: str) -> ModelCost:
     """Cost model of a model config (cached: the router needs it for every candidate of every request)."""
-    return ModelCost.from_config(ModelConfig(**json.loads(config_json)), bits_per_weight=32.0)
+    return ModelCost.from_config(_config_from_json(config_json), bits_per_weight=32.0)
+
+
+def _config_from_json(config_json: str) -> ModelConfig:
+    return ModelConfig(**json.loads(config_json))
 
 
 def _model_config(m: pb.ModelInfo) -> ModelConfig:
     try:
-        return ModelConfig(**json.loads(m.config_json))
+        return _config_from_json(m.config_json)
     except Exception as exc:  # malformed JSON, unknown fields, invalid sizes
         raise InvalidRequest(f"model {m.name!r}: config_json is not a valid model config ({exc})") from exc

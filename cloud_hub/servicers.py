@@ -18,11 +18,12 @@ import grpc
 from cloud_hub.errors import HubError, InvalidRequest
 from cloud_hub.fleet import AgentSession
 from cloud_hub.router import Budget
-from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started, input_to_prompt
+from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.sampling import SamplingParams
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
+from tandem.wire import prompt_of, sampling_kwargs
 
 log = logging.getLogger("tandem.hub")
 
@@ -69,18 +70,10 @@ def api_key(context: grpc.aio.ServicerContext) -> str | None:
 
 def spec_from_request(req: pb.GenerateRequest) -> GenerateSpec:
     """Raises models.errors.InvalidRequest for bad sampling values."""
-    s = req.sampling
-    params = SamplingParams(
-        max_tokens=s.max_tokens or 64,
-        temperature=s.temperature,
-        top_k=s.top_k,
-        top_p=s.top_p if 0 < s.top_p <= 1 else (1.0 if s.top_p == 0 else s.top_p),
-        seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop),
-    )
+    params = SamplingParams(**sampling_kwargs(req.sampling))
     b = req.budget
     budget = Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort)
-    return GenerateSpec(input_to_prompt(req.input), params, budget, req.model)
+    return GenerateSpec(prompt_of(req.input) or "", params, budget, req.model)
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):

@@ -14,7 +14,6 @@ raises InvalidRequest with the upstream's message.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import AsyncIterator
 
@@ -47,19 +46,12 @@ class OpenAIUpstreamBackend(ServingBackend):
         self.upstream_model = upstream_model or model
         self.prompt_format = prompt_format
         self.loaded = load(model)  # tokenizer and config only: the weights are memory-mapped, never run
+        self._info = pb.ModelInfo(**self.loaded.describe(model, quant="upstream"))  # the router reads it per request
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
 
     def model_info(self) -> pb.ModelInfo:
-        cfg = self.loaded.config
-        return pb.ModelInfo(
-            name=self.model,
-            arch=cfg.arch,
-            n_layers=cfg.n_layers,
-            quant="upstream",
-            config_json=json.dumps(dataclasses.asdict(cfg)),
-            chat=self.loaded.tokenizer.info.chat_template is not None,
-        )
+        return self._info
 
     def encode(self, prompt: Prompt) -> list[int]:
         return self.loaded.generator().encode_prompt(prompt)

@@ -30,6 +30,7 @@ from models.sampling import SamplingParams
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
+from tandem.wire import prompt_of, sampling_kwargs
 
 log = logging.getLogger("tandem.agent")
 VERSION = "0.1.0"
@@ -271,22 +272,8 @@ class Agent:
             self._cancels.pop(work.work_id, None)
 
     def _prepare(self, work: pb.Work) -> tuple[SamplingParams, list[int]]:
-        s = work.sampling
-        params = SamplingParams(
-            max_tokens=s.max_tokens or 64,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p or 1.0,
-            seed=s.seed if s.HasField("seed") else None,
-            stop=tuple(s.stop),
-        )
-        kind = work.input.WhichOneof("kind")
-        if kind == "prompt":
-            prompt = work.input.prompt
-        elif kind == "chat":
-            prompt = [{"role": m.role, "content": m.content} for m in work.input.chat.messages]
-        elif kind == "tokens":
-            prompt = list(work.input.tokens.ids)
-        else:
+        params = SamplingParams(**sampling_kwargs(work.sampling))
+        prompt = prompt_of(work.input)
+        if prompt is None:
             raise InvalidRequest("work has no input")
         return params, self.engine.encode(prompt)
