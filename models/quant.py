@@ -59,13 +59,19 @@ class QuantLinear(nn.Module):
         """A layer of the right shapes, to load a saved state dict into."""
         return cls(torch.zeros(out_features, in_features), bits, group_size)
 
-    def dequantize(self) -> Tensor:
+    def codes(self) -> Tensor:
+        """(O, I) integer codes, unpacked: int8 in [-127, 127], or uint8 in [0, 15] for int4.
+        Weight = code * scale (+ minimum for int4), scale and minimum per (row, group): (O, G, 1)."""
         out_f, in_f = self.shape
         if self.bits == 8:
-            w = self.q.float() * self.scale.float()
-        else:
-            codes = torch.stack([self.q & 0x0F, self.q >> 4], dim=-1).reshape(out_f, in_f)
-            w = codes.reshape(out_f, -1, self.group_size).float() * self.scale.float() + self.minimum.float()
+            return self.q.reshape(out_f, in_f)
+        return torch.stack([self.q & 0x0F, self.q >> 4], dim=-1).reshape(out_f, in_f)
+
+    def dequantize(self) -> Tensor:
+        out_f, in_f = self.shape
+        w = self.codes().reshape(out_f, -1, self.group_size).float() * self.scale.float()
+        if self.bits == 4:
+            w = w + self.minimum.float()
         return w.reshape(out_f, in_f)
 
     def forward(self, x: Tensor) -> Tensor:
