@@ -26,12 +26,12 @@ from tokenizers import Tokenizer
 
 from models.config import ModelConfig
 from models.errors import TandemModelError
-from models.quant import QuantLinear, quantize_model
+from models.quant import QuantEmbedding, QuantLinear, quantize_model
 from models.runtime import LoadedModel
 from models.tokenizer import GGUFTokenizer, TokenizerInfo
 from models.transformer import Transformer
 
-FORMAT = "tandem-bundle/1"
+FORMAT = "tandem-bundle/2"  # 2: int4 codes packed in GGUF's block order; int8 embedding
 FILES = ("weights.pt", "tokenizer.json", "tokenizer_info.json")
 
 
@@ -48,8 +48,10 @@ def _sha256(path: Path) -> str:
 
 
 def _quant_of(model: Transformer) -> dict | None:
-    q = next((m for m in model.modules() if isinstance(m, QuantLinear)), None)
-    return None if q is None else {"bits": q.bits, "group_size": q.group_size}
+    q = next((m for m in model.layers.modules() if isinstance(m, QuantLinear)), None)
+    if q is None:
+        return None
+    return {"bits": q.bits, "group_size": q.group_size, "embeddings": isinstance(model.tok_embeddings, QuantEmbedding)}
 
 
 def save_bundle(loaded: LoadedModel, out: Path, source: str) -> Path:
@@ -107,9 +109,14 @@ def load_bundle(path: str | Path) -> LoadedModel:
     quant = manifest.get("quant")
     if quant is not None and quant.get("bits") not in (4, 8):
         raise BundleError(f"{path}: quantization {quant} is not one this engine runs (int8, int4)")
-    model = Transformer(cfg, manifest["layers"])
+    with torch.device("meta"):  # never allocate the fp32 weights a quantized bundle replaces
+        model = Transformer(cfg, manifest["layers"])
     if quant is not None:
-        quantize_model(model, quant["bits"], quant["group_size"], empty=True)
+        try:
+            embeddings = quant.get("embeddings", False)
+            quantize_model(model, quant["bits"], quant["group_size"], empty=True, embeddings=embeddings)
+        except (KeyError, TypeError, TandemModelError) as exc:
+            raise BundleError(f"{path}: quantization {quant} is not one this runtime can build ({exc})") from exc
     state = torch.load(path / "weights.pt", weights_only=True, mmap=True)
     try:
         model.load_state_dict(state, strict=True, assign=True)

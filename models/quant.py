@@ -1,20 +1,30 @@
-"""Weight-only quantization of the transformer's linear layers (round to nearest, no calibration).
+"""Weight-only quantization of the transformer's weights (round to nearest, no calibration).
 
-- int8: symmetric, one scale per output channel (and per group when group_size is set).
-- int4: asymmetric, one scale and one minimum per group of `group_size` input weights, two weights
-  packed in a byte.
+- int8: symmetric, one scale per output channel (or per group when group_size is set).
+- int4: asymmetric, one scale and one minimum per group of `group_size` inputs (a multiple of 32),
+  two codes a byte. GGUF's Q4_1 blocks (32 weights, w = d*q + m) land exactly on this grid, so a
+  Q4_1 model quantized to int4 g32 keeps its own weights.
+- The token embedding (and the output head tied to it) goes to int8 with a scale per 32 inputs:
+  GGUF's Q8_0, exact for SmolLM2 whose embedding is stored that way.
 
-`QuantLinear` keeps the compressed weights and dequantizes them for each matmul: this cuts memory
-and bundle size, not time (torch's packed int kernels were slower than fp32 at batch 1 here; fast
-kernels belong to the engines). The embedding and the output head (tied to it) stay fp32.
+Scales and minima are fp16 and are rounded before the codes are chosen, so dequantization
+reproduces the grid the codes were picked on. On CPU the layers run on our kernels
+(models/kernels: int16 activations, so results stay within ~1e-5 of the fp32 product of the same
+weights); elsewhere, or without a C compiler, they dequantize for each matmul.
+
+int4 codes are packed per block of 32 inputs: byte j of a block holds code j in its low nibble and
+code j + 16 in its high nibble (GGUF's own block order).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import kernels
 from models.errors import InvalidRequest
 from models.transformer import Transformer
 
@@ -27,45 +37,73 @@ QUANTIZED = (
     "feed_forward.w_up",
     "feed_forward.w_down",
 )
+MATVEC_ROWS = 8  # up to this many input rows run as matrix-vector products; more dequantize once
+
+
+@functools.cache
+def _use_kernels() -> bool:
+    return kernels.available()
+
+
+def _pack4(codes: Tensor) -> Tensor:
+    """(O, I) codes 0..15 -> (O, I/2) bytes in the block-of-32 layout."""
+    out_f, in_f = codes.shape
+    c = codes.reshape(out_f, in_f // 32, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(out_f, in_f // 2).contiguous()
+
+
+def _unpack4(q: Tensor, out_f: int, in_f: int) -> Tensor:
+    b = q.reshape(out_f, in_f // 32, 16)
+    return torch.cat([b & 0x0F, b >> 4], dim=-1).reshape(out_f, in_f)
 
 
 class QuantLinear(nn.Module):
-    """y = x @ dequant(W)^T. Buffers: q (packed codes), scale and, for int4, minimum; per group."""
+    """y = x @ W^T with W = code * scale (+ minimum). Buffers: q (packed codes), scale and, for
+    int4, minimum, each (O, G, 1) fp16 for G groups a row."""
 
-    def __init__(self, weight: Tensor, bits: int, group_size: int) -> None:
+    def __init__(self, weight: Tensor | tuple[int, int], bits: int, group_size: int) -> None:
+        """`weight`: the (O, I) weight to quantize, or just its shape for an empty layer (zeros,
+        to load a saved state dict into without ever holding the fp32 weight)."""
         super().__init__()
-        out_f, in_f = weight.shape
+        out_f, in_f = weight if isinstance(weight, tuple) else weight.shape
         if bits not in (4, 8):
             raise InvalidRequest(f"quantization bits must be 4 or 8, got {bits}")
         if group_size <= 0 or in_f % group_size:
             raise InvalidRequest(f"group size {group_size} does not divide the input width {in_f}")
+        if bits == 4 and group_size % 32:
+            raise InvalidRequest(f"int4 group size must be a multiple of 32, got {group_size}")
         self.bits, self.group_size, self.shape = bits, group_size, (out_f, in_f)
+        if isinstance(weight, tuple):
+            packed = (out_f, in_f) if bits == 8 else (out_f, in_f // 2)
+            self.register_buffer("q", torch.zeros(packed, dtype=torch.int8 if bits == 8 else torch.uint8))
+            self.register_buffer("scale", torch.zeros(out_f, in_f // group_size, 1, dtype=torch.float16))
+            groups = (out_f, in_f // group_size, 1) if bits == 4 else (0,)
+            self.register_buffer("minimum", torch.zeros(groups, dtype=torch.float16))
+            return
         w = weight.detach().float().reshape(out_f, in_f // group_size, group_size)  # (O, G, g)
         if bits == 8:
-            scale = w.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
-            q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+            scale = (w.abs().amax(-1, keepdim=True) / 127).half().float().clamp(min=1e-7)
+            q = torch.round(w / scale).clamp(-127, 127).to(torch.int8).reshape(out_f, in_f)
             self.register_buffer("minimum", torch.zeros(0))
         else:
-            lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-            scale = ((hi - lo) / 15).clamp(min=1e-12)
-            codes = torch.round((w - lo) / scale).clamp(0, 15).to(torch.uint8).reshape(out_f, -1)
-            q = codes[:, 0::2] | (codes[:, 1::2] << 4)  # two 4-bit codes a byte
-            self.register_buffer("minimum", lo.to(torch.float16))
+            lo = w.amin(-1, keepdim=True).half().float()
+            scale = ((w.amax(-1, keepdim=True) - lo) / 15).half().float().clamp(min=1e-7)
+            codes = torch.round((w - lo) / scale).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
+            q = _pack4(codes)
+            self.register_buffer("minimum", lo.half())
         self.register_buffer("q", q)
-        self.register_buffer("scale", scale.to(torch.float16))
+        self.register_buffer("scale", scale.half())
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, bits: int, group_size: int) -> QuantLinear:
         """A layer of the right shapes, to load a saved state dict into."""
-        return cls(torch.zeros(out_features, in_features), bits, group_size)
+        return cls((out_features, in_features), bits, group_size)
 
     def codes(self) -> Tensor:
         """(O, I) integer codes, unpacked: int8 in [-127, 127], or uint8 in [0, 15] for int4.
         Weight = code * scale (+ minimum for int4), scale and minimum per (row, group): (O, G, 1)."""
         out_f, in_f = self.shape
-        if self.bits == 8:
-            return self.q.reshape(out_f, in_f)
-        return torch.stack([self.q & 0x0F, self.q >> 4], dim=-1).reshape(out_f, in_f)
+        return self.q.reshape(out_f, in_f) if self.bits == 8 else _unpack4(self.q, out_f, in_f)
 
     def dequantize(self) -> Tensor:
         out_f, in_f = self.shape
@@ -74,15 +112,73 @@ class QuantLinear(nn.Module):
             w = w + self.minimum.float()
         return w.reshape(out_f, in_f)
 
+    def kernel_view(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """(q, scale, minimum) in the kernels' layout, scales (O, I/32); None if the kernels
+        cannot run this layer (no compiler, widths not multiples of 32)."""
+        out_f, in_f = self.shape
+        if not _use_kernels() or in_f % 32 or self.group_size % 32 or self.q.device.type != "cpu":
+            return None
+        current = (self.q, self.scale, self.minimum)
+        source, view = self.__dict__.get("_kernel_view", ((), None))
+        if len(source) != 3 or any(a is not b for a, b in zip(source, current, strict=True)):
+            # first use, or load_state_dict replaced a buffer since
+            per = self.group_size // 32
+            scale = self.scale.reshape(out_f, -1)
+            minimum = self.minimum.reshape(out_f, -1) if self.bits == 4 else None
+            if per > 1:  # the kernels read one scale per 32 inputs
+                scale = scale.repeat_interleave(per, dim=1)
+                minimum = None if minimum is None else minimum.repeat_interleave(per, dim=1)
+            view = (self.q, scale.contiguous(), None if minimum is None else minimum.contiguous())
+            self.__dict__["_kernel_view"] = (current, view)
+        return view
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantize().to(x.dtype))
+        view = self.kernel_view() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+        if view is None:
+            return F.linear(x, self.dequantize().to(x.dtype))
+        out_f, in_f = self.shape
+        flat = x.reshape(-1, in_f)
+        if flat.shape[0] <= MATVEC_ROWS:
+            y = kernels.qmatvec(flat, *view, self.bits)
+        else:  # many tokens (prefill): one dense matmul beats many matrix-vector products
+            y = F.linear(flat, kernels.dequantize(*view, self.bits, in_f))
+        return y.reshape(*x.shape[:-1], out_f)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in (self.q, self.scale, self.minimum))
 
 
-def quantize_model(model: Transformer, bits: int, group_size: int | None = None, empty: bool = False) -> Transformer:
-    """Replace the blocks' linear layers with QuantLinear, in place; returns the model.
+class QuantEmbedding(nn.Module):
+    """The token embedding at int8 with one scale per 32 inputs (GGUF's Q8_0); also the output
+    head when tied (`project`). Buffers: q (V, D) int8, scale (V, D/32, 1) fp16."""
+
+    def __init__(self, weight: Tensor | tuple[int, int]) -> None:
+        super().__init__()
+        width = weight[1] if isinstance(weight, tuple) else weight.shape[1]
+        if width % 32:
+            raise InvalidRequest(f"embedding width {width} is not a multiple of 32")
+        self.linear = QuantLinear(weight, 8, 32)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, D) float32 rows."""
+        lin = self.linear
+        d = lin.shape[1]
+        rows = lin.q[tokens].float().reshape(*tokens.shape, d // 32, 32) * lin.scale[tokens].float()
+        return rows.reshape(*tokens.shape, d)
+
+    def project(self, h: Tensor) -> Tensor:
+        """(..., D) -> (..., V) logits against the table."""
+        return self.linear(h)
+
+    def nbytes(self) -> int:
+        return self.linear.nbytes()
+
+
+def quantize_model(
+    model: Transformer, bits: int, group_size: int | None = None, empty: bool = False, embeddings: bool = True
+) -> Transformer:
+    """Replace the blocks' linear layers with QuantLinear (and, with `embeddings`, the embedding
+    and an untied head with int8 ones), in place; returns the model.
 
     group_size defaults to the whole row for int8 (per-channel) and 32 for int4. With empty, the
     layers get zero weights of the right shapes (to load a saved quantized state dict into).
@@ -93,16 +189,17 @@ def quantize_model(model: Transformer, bits: int, group_size: int | None = None,
             parent = getattr(block, parent_name)
             linear = getattr(parent, attr)
             size = group_size or (linear.weight.shape[1] if bits == 8 else 32)
-            if empty:
-                setattr(parent, attr, QuantLinear.empty(*linear.weight.shape, bits, size))
-            else:
-                setattr(parent, attr, QuantLinear(linear.weight, bits, size))
+            setattr(parent, attr, QuantLinear(tuple(linear.weight.shape) if empty else linear.weight, bits, size))
+    if embeddings:
+        table = model.tok_embeddings.weight
+        model.tok_embeddings = QuantEmbedding(tuple(table.shape) if empty else table)
+        if not model.cfg.tied_embeddings:
+            out = model.output.weight
+            model.output = QuantLinear(tuple(out.shape) if empty else out, 8, 32)
     return model
 
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of weights as stored (quantized layers at their packed size)."""
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    quantized_params = {id(b) for m in quant for b in m.buffers()}
-    dense = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in quantized_params)
-    return dense + sum(m.nbytes() for m in quant)
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(m.nbytes() for m in quant)

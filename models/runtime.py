@@ -25,6 +25,7 @@ from models import zoo
 from models.config import ModelConfig
 from models.generate import Generator
 from models.gguf_loader import load_model
+from models.quant import weight_bytes
 from models.tokenizer import GGUFTokenizer, TokenizerInfo, tokenizer_from_metadata
 from models.transformer import Transformer
 
@@ -49,14 +50,12 @@ class LoadedModel:
     def describe(self, name: str, quant: str = "fp32") -> dict:
         """What a server advertises about this model (the fields of the protocol's ModelInfo):
         sizes for the hub's cost model, the config itself, and whether it takes chat messages."""
-        params = sum(p.numel() for p in self.model.parameters())
-        bytes_per_weight = self.model.tok_embeddings.weight.element_size()
         return {
             "name": name,
             "arch": self.config.arch,
             "n_layers": self.config.n_layers,
             "quant": quant,
-            "weight_bytes": params * bytes_per_weight,
+            "weight_bytes": weight_bytes(self.model),
             "config_json": json.dumps(dataclasses.asdict(self.config)),
             "chat": self.tokenizer.info.chat_template is not None,
         }

@@ -177,19 +177,22 @@ class Transformer(nn.Module):
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.caches: list[KVCache | None] = [None] * cfg.n_layers
         self._rope: dict[float, tuple[Tensor, Tensor]] = {}
+        self.fast_decode = True
+        """Decode single tokens of quantized CPU models through models.fast_decode when it can."""
+        self._decoder: object | None = None  # None: not built yet; False: this model cannot use it
 
     # -- set-up ---------------------------------------------------------------------------------
 
     def setup_cache(self, batch: int, max_len: int, start: int = 0, end: int | None = None) -> None:
         """Preallocate KV caches of `max_len` slots for layers [start, end); frees the others."""
         end = self.cfg.n_layers if end is None else end
-        dtype = self.tok_embeddings.weight.dtype
-        device = self.tok_embeddings.weight.device
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
         self.caches = [
             KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, device) if start <= i < end else None
             for i in range(self.cfg.n_layers)
         ]
         self._rope = {}
+        self._decoder = None  # weights may have changed since it was built
         for base in {self.cfg.rope_base, self.cfg.rope_local_base}:
             cos, sin = rope_tables(self.cfg.head_dim, base, max_len)
             self._rope[base] = (cos.to(device, dtype), sin.to(device, dtype))
@@ -216,12 +219,16 @@ class Transformer(nn.Module):
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.cfg.n_layers})")
         if start == end:
             return h
-        device = self.tok_embeddings.weight.device
+        device = self.norm.weight.device
         if step.cache_pos.device != device:  # positions live with the model (CUDA)
             step = Step(step.cache_pos.to(device), step.pad.to(device))
         last = int(step.cache_pos[-1]) + 1
         if last > self.max_len:
             raise ValueError(f"cache slot {last - 1} beyond the cache of {self.max_len} slots; call setup_cache")
+        if h.shape[0] == 1 and h.shape[1] == 1 and self.fast_decode:
+            decoder = self._cpu_decoder()
+            if decoder is not None and int(step.pad[0]) == 0:  # one token of one sequence: a C call per layer
+                return decoder.run(h, last - 1, start, end)
         masks = {sliding: self._mask(step, last, sliding) for sliding in {blk.sliding for blk in self.layers}}
         positions = step.positions.clamp(min=0)  # (B, T); padding slots get position 0, never attended
         ropes = {base: (cos[positions][:, None], sin[positions][:, None]) for base, (cos, sin) in self._rope.items()}
@@ -235,11 +242,22 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, masks[block.sliding], cache, step)
         return h
 
+    def _cpu_decoder(self):
+        if self._decoder is None:
+            from models import fast_decode  # imports models.quant, which imports this module
+
+            self._decoder = False if fast_decode.unsupported(self) else fast_decode.CpuDecoder(self)
+        return self._decoder or None
+
     def head(self, h: Tensor) -> Tensor:
         """(B, T, D) hidden states after the last layer -> (B, T, V) logits."""
         h = self.norm(h)
-        weight = self.tok_embeddings.weight if self.cfg.tied_embeddings else self.output.weight
-        logits = F.linear(h, weight)
+        if not self.cfg.tied_embeddings:
+            logits = self.output(h)
+        elif isinstance(self.tok_embeddings, nn.Embedding):
+            logits = F.linear(h, self.tok_embeddings.weight)
+        else:  # a quantized table (models.quant.QuantEmbedding)
+            logits = self.tok_embeddings.project(h)
         if self.cfg.final_logit_softcap:
             cap = self.cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
@@ -256,4 +274,4 @@ class Transformer(nn.Module):
         allowed = (s <= q) & (s >= step.pad[:, None, None])  # causal, and never a padding slot
         if sliding:
             allowed = allowed & (q - s < self.cfg.sliding_window)
-        return allowed[:, None].to(self.tok_embeddings.weight.device)
+        return allowed[:, None].to(self.norm.weight.device)

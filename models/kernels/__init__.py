@@ -1,0 +1,192 @@
+"""Our CPU kernels for quantized weights (kernels.c), compiled on first use and cached.
+
+The C source is compiled with the machine's C compiler for the machine's own instruction set
+(`-march=native`) into `<cache>/kernels/<key>/`, keyed by the source, the compiler and the CPU's
+flags, so a cache shared between machines never runs code built for another CPU. The library is
+loaded with ctypes; tensors are passed as raw pointers (contiguous, checked here).
+
+`available()` says whether the kernels can be used; callers fall back to dequantize + dense matmul
+when not (no compiler), and `reason()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared"]
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernels cannot be built or loaded on this machine."""
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise KernelUnavailable("no C compiler found (install gcc, or set CC) to build Tandem's quantized kernels")
+    return cc
+
+
+def _torch_gomp() -> str | None:
+    """torch's own libgomp, so our OpenMP regions share torch's thread pool."""
+    lib = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    return str(lib) if lib.is_file() else None
+
+
+def _build(cache: Path) -> Path:
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + version.encode() + _cpu_flags().encode() + " ".join(FLAGS).encode()
+    ).hexdigest()[:20]
+    out = cache / "kernels" / key / "libtandemq.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        obj, lib = Path(tmp) / "kernels.o", Path(tmp) / "libtandemq.so"
+        gomp = _torch_gomp()
+        steps = [[cc, *FLAGS[:-1], "-c", str(SOURCE), "-o", str(obj)]]
+        if gomp:  # link torch's libgomp by path instead of -fopenmp's system one
+            steps.append([cc, "-shared", str(obj), "-o", str(lib), gomp, "-lm"])
+        else:
+            steps.append([cc, "-shared", "-fopenmp", str(obj), "-o", str(lib), "-lm"])
+        for cmd in steps:
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode:
+                command = " ".join(cmd)
+                raise KernelUnavailable(f"building the quantized kernels failed: {command}\n{done.stderr[-2000:]}")
+        os.replace(lib, out)
+    return out
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL:
+    from models.zoo import cache_dir
+
+    lib = ctypes.CDLL(str(_build(cache_dir())))
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.tandem_qmatvec.argtypes = [i, p, p, p, p, p, i, i, i, i]
+    lib.tandem_dequant.argtypes = [i, p, p, p, p, i, i, i]
+    lib.tandem_layer_step.argtypes = [ctypes.POINTER(LayerStep), p, i, i]
+    lib.tandem_qmatvec.restype = lib.tandem_dequant.restype = lib.tandem_layer_step.restype = i
+    return lib
+
+
+class QWeight(ctypes.Structure):
+    """A quantized weight as kernels.c reads it; the tensors must outlive the struct."""
+
+    _fields_ = [
+        ("bits", ctypes.c_int),
+        ("rows", ctypes.c_int),
+        ("cols", ctypes.c_int),
+        ("q", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("minv", ctypes.c_void_p),
+    ]
+
+
+class LayerStep(ctypes.Structure):
+    """One decoder layer's settings, weights and (per request) cache, as kernels.c reads them."""
+
+    _fields_ = [
+        *((name, ctypes.c_int) for name in ("dim", "n_heads", "n_kv_heads", "head_dim", "ffn_dim")),
+        *((name, ctypes.c_int) for name in ("qk_norm", "sandwich", "gelu", "window")),
+        *((name, ctypes.c_float) for name in ("eps", "query_scale", "attn_softcap")),
+        *((name, QWeight) for name in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")),
+        *(
+            (name, ctypes.c_void_p)
+            for name in ("attn_norm", "ffn_norm", "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
+        ),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("max_len", ctypes.c_int),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+    ]
+
+
+def layer_step(step: LayerStep, h: Tensor, position: int) -> None:
+    """Run one layer on h (D,) float32 in place, for the token at `position` (its cache slot)."""
+    rc = _lib().tandem_layer_step(ctypes.byref(step), h.data_ptr(), position, torch.get_num_threads())
+    if rc:
+        raise ValueError(f"layer step refused position {position} (cache of {step.max_len} slots) or its shapes")
+
+
+def available() -> bool:
+    try:
+        _lib()
+    except (KernelUnavailable, OSError):
+        return False
+    return True
+
+
+def reason() -> str:
+    """Why the kernels are unavailable ('' when they are)."""
+    try:
+        _lib()
+    except (KernelUnavailable, OSError) as exc:
+        return str(exc)
+    return ""
+
+
+def _check(q: Tensor, scale: Tensor, minimum: Tensor | None) -> None:
+    for t in (q, scale) + ((minimum,) if minimum is not None else ()):
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("quantized kernels take contiguous CPU tensors")
+    if scale.dtype != torch.float16 or (minimum is not None and minimum.dtype != torch.float16):
+        raise ValueError("scales and minima must be float16")
+
+
+def qmatvec(x: Tensor, q: Tensor, scale: Tensor, minimum: Tensor | None, bits: int) -> Tensor:
+    """x (M, I) float32 -> (M, O) = x @ W^T for quantized W; scale and minimum (O, I/32) per block
+    (layouts in kernels.c)."""
+    _check(q, scale, minimum)
+    x = x.contiguous().float()
+    m, i = x.shape
+    o = q.shape[0]
+    y = torch.empty(m, o, dtype=torch.float32)
+    mins = minimum.data_ptr() if minimum is not None else None
+    rc = _lib().tandem_qmatvec(
+        bits, q.data_ptr(), scale.data_ptr(), mins, x.data_ptr(), y.data_ptr(), m, o, i,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if rc:
+        raise ValueError(f"qmatvec refused shapes x {tuple(x.shape)}, weight ({o}, {i})")
+    return y
+
+
+def dequantize(q: Tensor, scale: Tensor, minimum: Tensor | None, bits: int, inputs: int) -> Tensor:
+    """The (O, I) float32 weight, for dense matmuls over many tokens (prefill)."""
+    _check(q, scale, minimum)
+    o = q.shape[0]
+    out = torch.empty(o, inputs, dtype=torch.float32)
+    mins = minimum.data_ptr() if minimum is not None else None
+    rc = _lib().tandem_dequant(
+        bits, q.data_ptr(), scale.data_ptr(), mins, out.data_ptr(), o, inputs, torch.get_num_threads()
+    )
+    if rc:
+        raise ValueError(f"dequantize refused weight ({o}, {inputs})")
+    return out

@@ -1,0 +1,441 @@
+// CPU kernels for batch-1 decode with weight-only quantized weights: matrix-vector products, and
+// one whole decoder layer per call (tandem_layer_step, at the end).
+//
+// Weights stay exactly as quantized (Q4_1-style int4 with a scale and a minimum per group, or
+// int8 with a scale per group); activations are quantized per block of 32 to int16, so the
+// integer dot products lose about 1e-5 of the block's largest value, far below the weights' own
+// rounding (llama.cpp quantizes activations to int8 here; int16 keeps us at fp32 fidelity).
+//
+// Layouts (row-major, O output rows, I inputs, groups of G = 32 * gpb inputs):
+//   int4 codes  uint8 (O, I/2): for each 32-input block, byte j holds code j (low nibble) and
+//               code j + 16 (high nibble), as in GGUF's Q4_0/Q4_1 blocks.
+//   int8 codes  int8 (O, I).
+//   scale, minimum: IEEE fp16 bits, one per 32-input block: (O, I/32). Larger groups repeat their
+//               scale per block (the caller expands them) so the inner loop never divides.
+//   w = code * scale (+ minimum for int4).
+// y (M, O) = x (M, I) @ W^T, float32. I must be a multiple of 32.
+//
+// Threads: rows are split across OpenMP threads. The library links the same libgomp.so.1 that
+// torch has already loaded, so both share one thread pool instead of spinning against each other.
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+static inline float half_to_float(uint16_t h) {
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else {  // subnormal: renormalise
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+#ifdef __AVX2__
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+// x (I,) -> xq (I,) int16, xs (I/32,) block scales, xsum (I/32,) exact block sums.
+static void quantize_x(const float* x, int I, int16_t* xq, float* xs, float* xsum) {
+    for (int b = 0; b < I / 32; b++) {
+        const float* xb = x + b * 32;
+#ifdef __AVX2__
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 v[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(xb + 8 * k);
+            amax = _mm256_max_ps(amax, _mm256_and_ps(v[k], absmask));
+            sum = _mm256_add_ps(sum, v[k]);
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        float a = _mm_cvtss_f32(m4), inv = a > 0.f ? 32767.f / a : 0.f;
+        __m256 scale = _mm256_set1_ps(inv);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], scale)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], scale));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], scale)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], scale));
+        // packs interleaves 128-bit lanes; permute restores element order.
+        __m256i p01 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i0, i1), 0xd8);
+        __m256i p23 = _mm256_permute4x64_epi64(_mm256_packs_epi32(i2, i3), 0xd8);
+        _mm256_storeu_si256((__m256i*)(xq + b * 32), p01);
+        _mm256_storeu_si256((__m256i*)(xq + b * 32 + 16), p23);
+        xs[b] = a / 32767.f;
+        xsum[b] = hsum8(sum);
+#else
+        float amax = 0.f, sum = 0.f;
+        for (int i = 0; i < 32; i++) {
+            float a = fabsf(xb[i]);
+            amax = a > amax ? a : amax;
+            sum += xb[i];
+        }
+        float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        for (int i = 0; i < 32; i++) xq[b * 32 + i] = (int16_t)lrintf(xb[i] * inv);
+        xs[b] = amax / 32767.f;
+        xsum[b] = sum;
+#endif
+    }
+}
+
+#ifdef __AVX2__
+// Integer dot products of one 32-input block (8 int32 lanes to be summed).
+static inline __m256i q4_block(const uint8_t* q, const int16_t* xq) {
+    // One byte holds codes j and j + 16: widen to 16 bits, then the low and high nibbles are an
+    // AND and a shift away, already in the lanes that meet xq[j] and xq[j + 16].
+    __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)q));
+    __m256i lo = _mm256_madd_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x0f)), _mm256_loadu_si256((const __m256i*)xq));
+    __m256i hi = _mm256_madd_epi16(_mm256_srli_epi16(c, 4), _mm256_loadu_si256((const __m256i*)(xq + 16)));
+    return _mm256_add_epi32(lo, hi);
+}
+
+static inline __m256i q8_block(const int8_t* q, const int16_t* xq) {
+    __m256i lo = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)q)),
+                                   _mm256_loadu_si256((const __m256i*)xq));
+    __m256i hi = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(q + 16))),
+                                   _mm256_loadu_si256((const __m256i*)(xq + 16)));
+    return _mm256_add_epi32(lo, hi);
+}
+
+// One output row: sum over blocks of scale[b] * xs[b] * dot_b (+ minv[b] * xsum[b] for int4).
+// Eight blocks at a time: their eight scales convert and multiply as one vector, and each block's
+// combined scale is broadcast with an in-lane permute; four accumulators hide the FMA latency.
+#define ROW_KERNEL(NAME, BLOCK, QTYPE, QBYTES)                                                           \
+    static float NAME(const QTYPE* q, const uint16_t* scale, const uint16_t* minv, const int16_t* xq,      \
+                      const float* xs, const float* xsum, int nb) {                                      \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, am = a0;                             \
+        int b = 0;                                                                                       \
+        for (; b + 8 <= nb; b += 8) {                                                                    \
+            __m256 ds = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scale + b))),     \
+                                      _mm256_loadu_ps(xs + b));                                          \
+            if (minv)                                                                                    \
+                am = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(minv + b))),       \
+                                     _mm256_loadu_ps(xsum + b), am);                                     \
+            __m256 lo = _mm256_permute2f128_ps(ds, ds, 0x00), hi = _mm256_permute2f128_ps(ds, ds, 0x11); \
+            const QTYPE* qb = q + (size_t)b * QBYTES;                                                    \
+            const int16_t* xb = xq + b * 32;                                                             \
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb, xb)), _mm256_permute_ps(lo, 0x00), a0);    \
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + QBYTES, xb + 32)), _mm256_permute_ps(lo, 0x55), a1); \
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 2 * QBYTES, xb + 64)), _mm256_permute_ps(lo, 0xaa), a2); \
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 3 * QBYTES, xb + 96)), _mm256_permute_ps(lo, 0xff), a3); \
+            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 4 * QBYTES, xb + 128)), _mm256_permute_ps(hi, 0x00), a0); \
+            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 5 * QBYTES, xb + 160)), _mm256_permute_ps(hi, 0x55), a1); \
+            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 6 * QBYTES, xb + 192)), _mm256_permute_ps(hi, 0xaa), a2); \
+            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 7 * QBYTES, xb + 224)), _mm256_permute_ps(hi, 0xff), a3); \
+        }                                                                                                \
+        float total = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + hsum8(am);     \
+        for (; b < nb; b++) {                                                                            \
+            float d = half_to_float(scale[b]) * xs[b];                                                   \
+            total += d * hsum8(_mm256_cvtepi32_ps(BLOCK(q + (size_t)b * QBYTES, xq + b * 32)));           \
+            if (minv) total += half_to_float(minv[b]) * xsum[b];                                         \
+        }                                                                                                \
+        return total;                                                                                    \
+    }
+ROW_KERNEL(q4_row_v, q4_block, uint8_t, 16)
+ROW_KERNEL(q8_row_v, q8_block, int8_t, 32)
+#endif
+
+static float q4_row(const uint8_t* q, const uint16_t* scale, const uint16_t* minv, const int16_t* xq, const float* xs,
+                    const float* xsum, int nb) {
+#ifdef __AVX2__
+    return q4_row_v(q, scale, minv, xq, xs, xsum, nb);
+#else
+    float total = 0.f;
+    for (int b = 0; b < nb; b++) {
+        int32_t dot = 0;
+        for (int j = 0; j < 16; j++) {
+            dot += (q[b * 16 + j] & 0x0f) * xq[b * 32 + j] + (q[b * 16 + j] >> 4) * xq[b * 32 + 16 + j];
+        }
+        total += half_to_float(scale[b]) * xs[b] * (float)dot + half_to_float(minv[b]) * xsum[b];
+    }
+    return total;
+#endif
+}
+
+static float q8_row(const int8_t* q, const uint16_t* scale, const int16_t* xq, const float* xs, int nb) {
+#ifdef __AVX2__
+    return q8_row_v(q, scale, NULL, xq, xs, NULL, nb);
+#else
+    float total = 0.f;
+    for (int b = 0; b < nb; b++) {
+        int32_t dot = 0;
+        for (int j = 0; j < 32; j++) dot += q[b * 32 + j] * xq[b * 32 + j];
+        total += half_to_float(scale[b]) * xs[b] * (float)dot;
+    }
+    return total;
+#endif
+}
+
+// bits 4 or 8; minv ignored for 8. Returns 0, or -1 when I is not a multiple of 32 or memory runs out.
+int tandem_qmatvec(int bits, const void* q, const uint16_t* scale, const uint16_t* minv, const float* x, float* y,
+                   int M, int O, int I, int nthreads) {
+    if (I % 32) return -1;
+    int nb = I / 32;
+    int16_t* xq = (int16_t*)aligned_alloc(32, (size_t)M * I * sizeof(int16_t) + 32);
+    float* xs = (float*)malloc((size_t)M * nb * sizeof(float));
+    float* xsum = (float*)malloc((size_t)M * nb * sizeof(float));
+    if (!xq || !xs || !xsum) {
+        free(xq), free(xs), free(xsum);
+        return -1;
+    }
+    for (int m = 0; m < M; m++) quantize_x(x + (size_t)m * I, I, xq + (size_t)m * I, xs + m * nb, xsum + m * nb);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int r = 0; r < O; r++) {
+        for (int m = 0; m < M; m++) {
+            float v;
+            if (bits == 4) {
+                v = q4_row((const uint8_t*)q + (size_t)r * I / 2, scale + (size_t)r * nb, minv + (size_t)r * nb,
+                           xq + (size_t)m * I, xs + m * nb, xsum + m * nb, nb);
+            } else {
+                v = q8_row((const int8_t*)q + (size_t)r * I, scale + (size_t)r * nb, xq + (size_t)m * I, xs + m * nb,
+                           nb);
+            }
+            y[(size_t)m * O + r] = v;
+        }
+    }
+    free(xq), free(xs), free(xsum);
+    return 0;
+}
+
+// Dequantize rows [0, O) into out (O, I) float32: for prefill, where one dense matmul per weight wins.
+int tandem_dequant(int bits, const void* q, const uint16_t* scale, const uint16_t* minv, float* out, int O, int I,
+                   int nthreads) {
+    if (I % 32) return -1;
+    int nb = I / 32;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int r = 0; r < O; r++) {
+        float* o = out + (size_t)r * I;
+        for (int b = 0; b < nb; b++) {
+            float d = half_to_float(scale[(size_t)r * nb + b]);
+            if (bits == 4) {
+                const uint8_t* qb = (const uint8_t*)q + (size_t)r * I / 2 + b * 16;
+                float mn = half_to_float(minv[(size_t)r * nb + b]);
+                for (int j = 0; j < 16; j++) {
+                    o[b * 32 + j] = (qb[j] & 0x0f) * d + mn;
+                    o[b * 32 + 16 + j] = (qb[j] >> 4) * d + mn;
+                }
+            } else {
+                const int8_t* qb = (const int8_t*)q + (size_t)r * I + b * 32;
+                for (int j = 0; j < 32; j++) o[b * 32 + j] = qb[j] * d;
+            }
+        }
+    }
+    return 0;
+}
+
+// ---- One decoder layer for one token (batch 1, T = 1), the whole layer in one call ----------
+//
+// Mirrors models/transformer.py Block.forward for both families (llama; gemma3 with q/k norms,
+// sandwich norms, GELU and sliding windows). Python keeps control of which layers run (layer
+// ranges, skipping); this removes the ~15 torch dispatches a layer costs at batch 1.
+
+typedef struct {
+    int bits;  // 4 or 8
+    int rows, cols;
+    const void* q;
+    const uint16_t* scale;  // (rows, cols/32) fp16
+    const uint16_t* minv;   // (rows, cols/32) fp16, int4 only
+} QWeight;
+
+typedef struct {
+    int dim, n_heads, n_kv_heads, head_dim, ffn_dim;
+    int qk_norm, sandwich, gelu, window;  // window 0: attend to every earlier position
+    float eps, query_scale, attn_softcap;
+    QWeight wq, wk, wv, wo, w_gate, w_up, w_down;
+    const float *attn_norm, *ffn_norm, *q_norm, *k_norm, *post_attn_norm, *post_ffn_norm;
+    float *k_cache, *v_cache;  // (n_kv_heads, max_len, head_dim), this request's cache
+    int max_len;
+    const float *cos, *sin;  // (max_len, head_dim) RoPE tables of this layer's base
+} LayerStep;
+
+typedef struct {  // an activation vector quantized for the row kernels
+    int16_t* xq;
+    float *xs, *xsum;
+} Act;
+
+static float qrow(const QWeight* w, int r, const Act* a) {
+    int nb = w->cols / 32;
+    if (w->bits == 4) {
+        return q4_row((const uint8_t*)w->q + (size_t)r * w->cols / 2, w->scale + (size_t)r * nb,
+                      w->minv + (size_t)r * nb, a->xq, a->xs, a->xsum, nb);
+    }
+    return q8_row((const int8_t*)w->q + (size_t)r * w->cols, w->scale + (size_t)r * nb, a->xq, a->xs, nb);
+}
+
+// out = x / rms(x) * w, like RMSNorm.forward (fp32).
+static void rmsnorm(const float* x, const float* w, int n, float eps, float* out) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    float inv = 1.f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
+}
+
+// Rotate-half RoPE on one head, in place.
+static void rope(float* x, const float* cos, const float* sin, int hd) {
+    int half = hd / 2;
+    for (int i = 0; i < half; i++) {
+        float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cos[i] - x2 * sin[i];
+        x[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+    }
+}
+
+// Dot product of two float vectors (the compiler keeps a scalar loop's order, so vectorize here).
+static float dot(const float* a, const float* b, int n) {
+    int j = 0;
+    float t = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    t = hsum8(acc);
+#endif
+    for (; j < n; j++) t += a[j] * b[j];
+    return t;
+}
+
+static float gelu_tanh(float x) {
+    return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+
+int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
+    int D = L->dim, H = L->n_heads, K = L->n_kv_heads, hd = L->head_dim, F = L->ffn_dim;
+    int qd = H * hd, kd = K * hd, wide = F > qd ? F : qd;
+    if (pos < 0 || pos >= L->max_len || D % 32 || qd % 32 || F % 32) return -1;
+    int lo = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
+    int n_ctx = pos + 1 - lo;
+    // Scratch: normed input, q, k, v, attention output, two projections of width max(F, D), scores.
+    size_t floats = (size_t)D + qd + 2 * kd + qd + 2 * (size_t)(wide > D ? wide : D) + (size_t)H * n_ctx;
+    float* buf = (float*)malloc(floats * sizeof(float));
+    int16_t* xq = (int16_t*)aligned_alloc(32, ((size_t)wide + D + 32) * sizeof(int16_t) + 64);
+    float* xsb = (float*)malloc(2 * ((size_t)wide + D) / 32 * sizeof(float) + 64);
+    if (!buf || !xq || !xsb) {
+        free(buf), free(xq), free(xsb);
+        return -2;
+    }
+    float *xn = buf, *q = xn + D, *k = q + qd, *v = k + kd, *att = v + kd;
+    float *p1 = att + qd, *p2 = p1 + (wide > D ? wide : D), *scores = p2 + (wide > D ? wide : D);
+    Act act = {xq, xsb, xsb + (wide + D) / 32};
+    float* kc = L->k_cache;
+    float* vc = L->v_cache;
+
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp single
+        {
+            rmsnorm(h, L->attn_norm, D, L->eps, xn);
+            quantize_x(xn, D, act.xq, act.xs, act.xsum);
+        }
+        // q, k and v rows in one loop, so the threads share the work of all three.
+#pragma omp for schedule(static)
+        for (int r = 0; r < qd + 2 * kd; r++) {
+            if (r < qd) {
+                q[r] = qrow(&L->wq, r, &act);
+            } else if (r < qd + kd) {
+                k[r - qd] = qrow(&L->wk, r - qd, &act);
+            } else {
+                v[r - qd - kd] = qrow(&L->wv, r - qd - kd, &act);
+            }
+        }
+#pragma omp single
+        {
+            const float* c = L->cos + (size_t)pos * hd;
+            const float* s = L->sin + (size_t)pos * hd;
+            for (int i = 0; i < H; i++) {
+                if (L->qk_norm) rmsnorm(q + i * hd, L->q_norm, hd, L->eps, q + i * hd);
+                rope(q + i * hd, c, s, hd);
+            }
+            for (int i = 0; i < K; i++) {
+                if (L->qk_norm) rmsnorm(k + i * hd, L->k_norm, hd, L->eps, k + i * hd);
+                rope(k + i * hd, c, s, hd);
+                memcpy(kc + ((size_t)i * L->max_len + pos) * hd, k + i * hd, hd * sizeof(float));
+                memcpy(vc + ((size_t)i * L->max_len + pos) * hd, v + i * hd, hd * sizeof(float));
+            }
+        }
+        // Attention, one query head per iteration: softmax over cached positions [lo, pos].
+#pragma omp for schedule(static)
+        for (int i = 0; i < H; i++) {
+            int g = i / (H / K);
+            const float* qh = q + i * hd;
+            float* sc = scores + (size_t)i * n_ctx;
+            float mx = -INFINITY;
+            for (int t = 0; t < n_ctx; t++) {
+                const float* kt = kc + ((size_t)g * L->max_len + lo + t) * hd;
+                float d = dot(qh, kt, hd) * L->query_scale;
+                if (L->attn_softcap > 0.f) d = tanhf(d / L->attn_softcap) * L->attn_softcap;
+                sc[t] = d;
+                mx = d > mx ? d : mx;
+            }
+            float sum = 0.f;
+            for (int t = 0; t < n_ctx; t++) {
+                sc[t] = expf(sc[t] - mx);
+                sum += sc[t];
+            }
+            float* out = att + i * hd;
+            for (int j = 0; j < hd; j++) out[j] = 0.f;
+            for (int t = 0; t < n_ctx; t++) {
+                const float* vt = vc + ((size_t)g * L->max_len + lo + t) * hd;
+                float p = sc[t] / sum;
+                for (int j = 0; j < hd; j++) out[j] += p * vt[j];
+            }
+        }
+#pragma omp single
+        quantize_x(att, qd, act.xq, act.xs, act.xsum);
+#pragma omp for schedule(static)
+        for (int r = 0; r < D; r++) p1[r] = qrow(&L->wo, r, &act);
+#pragma omp single
+        {
+            if (L->sandwich) rmsnorm(p1, L->post_attn_norm, D, L->eps, p1);
+            for (int i = 0; i < D; i++) h[i] += p1[i];
+            rmsnorm(h, L->ffn_norm, D, L->eps, xn);
+            quantize_x(xn, D, act.xq, act.xs, act.xsum);
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < 2 * F; r++) {
+            if (r < F) {
+                p1[r] = qrow(&L->w_gate, r, &act);
+            } else {
+                p2[r - F] = qrow(&L->w_up, r - F, &act);
+            }
+        }
+#pragma omp single
+        {
+            for (int i = 0; i < F; i++) {
+                float g = p1[i];
+                g = L->gelu ? gelu_tanh(g) : g / (1.f + expf(-g));
+                p1[i] = g * p2[i];
+            }
+            quantize_x(p1, F, act.xq, act.xs, act.xsum);
+        }
+#pragma omp for schedule(static)
+        for (int r = 0; r < D; r++) p2[r] = qrow(&L->w_down, r, &act);
+#pragma omp single
+        {
+            if (L->sandwich) rmsnorm(p2, L->post_ffn_norm, D, L->eps, p2);
+            for (int i = 0; i < D; i++) h[i] += p2[i];
+        }
+    }
+    free(buf), free(xq), free(xsb);
+    return 0;
+}

@@ -1,0 +1,124 @@
+"""Our CPU kernels (models/kernels) against float64 references, and the one-call-per-layer decode
+path (models/fast_decode) against the torch path on the same quantized weights."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import kernels
+from models.quant import QuantLinear, quantize_model
+from models.runtime import LoadedModel
+from models.transformer import Step
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.reason()}")
+
+
+def _activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Worst-case error of int16 activations: half a step of each 32-input block times |w|."""
+    step = x.abs().reshape(x.shape[0], -1, 32).amax(-1, keepdim=True) / 32767  # (M, I/32, 1)
+    half = (step / 2).expand(-1, -1, 32).reshape(x.shape).double()
+    return half @ w.abs().double().T + 1e-5
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("out_f", "in_f", "group", "rows"), [(40, 576, 32, 1), (7, 96, 96, 3), (130, 1536, 64, 2)])
+def test_qmatvec_matches_float64_within_the_activation_rounding(
+    bits: int, out_f: int, in_f: int, group: int, rows: int
+) -> None:
+    gen = torch.Generator().manual_seed(out_f + bits)
+    w = torch.randn(out_f, in_f, generator=gen) * 0.05
+    layer = QuantLinear(w, bits, group)
+    x = torch.randn(rows, in_f, generator=gen) * 3
+    x[0, :32] *= 100  # one loud block must not spoil the precision of the others
+    view = layer.kernel_view()
+    assert view is not None
+    got = kernels.qmatvec(x, *view, bits).double()
+    dense = layer.dequantize().double()
+    want = x.double() @ dense.T
+    err = (got - want).abs()
+    assert bool((err <= _activation_bound(x, dense)).all()), float(err.max())
+    # Dequantizing in C gives the weights torch computes, bit for bit (prefill uses it).
+    assert torch.equal(kernels.dequantize(*view, bits, in_f), layer.dequantize())
+
+
+def test_kernels_refuse_widths_they_cannot_run() -> None:
+    layer = QuantLinear(torch.randn(4, 64), 8, 64)
+    view = layer.kernel_view()
+    with pytest.raises(ValueError, match="refused"):
+        kernels.qmatvec(torch.randn(1, 48), view[0][:, :48].contiguous(), view[1][:, :1].contiguous(), None, 8)
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        kernels.qmatvec(torch.randn(1, 64), view[0].t(), view[1], None, 8)
+
+
+def test_a_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises((kernels.KernelUnavailable, OSError)):
+        kernels._build(tmp_path)
+    monkeypatch.delenv("CC")
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    with pytest.raises(kernels.KernelUnavailable, match="no C compiler"):
+        kernels._build(tmp_path)
+
+
+def _decode(model: torch.nn.Module, ids: torch.Tensor, fast: bool, steps: int, start: int = 0) -> torch.Tensor:
+    """Prefill ids on the torch path, then decode `steps` tokens; (steps + 1, V) logits."""
+    model.fast_decode = fast
+    n = ids.shape[1] - steps
+    model.setup_cache(1, ids.shape[1] + 1)
+    out = [model(ids[:, :n], Step.at(0, n))[0, -1]]
+    for t in range(n, ids.shape[1]):
+        out.append(model(ids[:, t : t + 1], Step.at(t, 1))[0, -1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@torch.no_grad()
+def test_fast_decode_equals_the_torch_path(tiny: LoadedModel, bits: int) -> None:
+    """Both architectures (tiny llama, tiny gemma3 with sliding windows of 8 passed by 20 decode
+    steps), the same quantized weights: one C call per layer against torch's ops."""
+    model = quantize_model(copy.deepcopy(tiny.model), bits)
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 26), generator=torch.Generator().manual_seed(bits))
+    torch_path = _decode(model, ids, fast=False, steps=20)
+    assert model._decoder is None  # the torch path never built it
+    fast_path = _decode(model, ids, fast=True, steps=20)
+    assert model._decoder, "the fast path did not run"
+    torch.testing.assert_close(fast_path, torch_path, atol=5e-4 * float(torch_path.abs().max()), rtol=1e-3)
+    assert torch.equal(fast_path.argmax(-1), torch_path.argmax(-1))
+
+
+@torch.no_grad()
+def test_fast_decode_runs_layer_ranges(tiny: LoadedModel) -> None:
+    """Split inference decodes layers [0, k) and [k, N) separately; the result equals one call."""
+    model = quantize_model(copy.deepcopy(tiny.model), 4)
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(9))
+    n = tiny.config.n_layers
+    results = []
+    for cut in (None, 1, n - 2):
+        model.setup_cache(1, 8)
+        model.forward_layers(model.embed(ids[:, :5]), Step.at(0, 5))
+        h = model.embed(ids[:, 5:6])
+        for start, end in [(0, n)] if cut is None else [(0, cut), (cut, n)]:
+            h = model.forward_layers(h, Step.at(5, 1), start, end)
+        results.append(h)
+    assert model._decoder
+    for h in results[1:]:
+        torch.testing.assert_close(h, results[0], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_fast_decode_follows_replaced_weights(tiny: LoadedModel) -> None:
+    """Loading other weights into the model rebuilds the kernels' view at the next request."""
+    model = quantize_model(copy.deepcopy(tiny.model), 4)
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4))
+    before = _decode(model, ids, fast=True, steps=2)
+    state = model.state_dict()
+    state["layers.0.attention.wq.scale"] = torch.zeros_like(state["layers.0.attention.wq.scale"])
+    model.load_state_dict(state, assign=True)
+    after = _decode(model, ids, fast=True, steps=2)
+    assert not torch.allclose(after, before)
+    want = _decode(model, ids, fast=False, steps=2)
+    torch.testing.assert_close(after, want, atol=5e-4 * float(want.abs().max()), rtol=1e-3)
