@@ -6,7 +6,11 @@ import importlib
 
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
 
-ENGINES: dict[str, str] = {"torch": "edge_agent.engines.torch_engine:TorchEngine"}
+ENGINES: dict[str, str] = {
+    "torch": "edge_agent.engines.torch_engine:TorchEngine",
+    "onnxruntime": "edge_agent.engines.onnx_engine:OnnxEngine",
+    "tensorrt": "edge_agent.engines.tensorrt_engine:TensorRTEngine",
+}
 
 
 def make_engine(name: str, device: str = "cpu") -> InferenceEngine:
