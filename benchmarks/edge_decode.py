@@ -1,13 +1,21 @@
-"""Edge decode benchmark: our runtime against llama.cpp on the same GGUF, threads and prompt.
+"""Edge decode benchmark: our engines against llama.cpp (and ONNX Runtime GenAI) in one run.
 
-For each runtime, in its own subprocess (so peak RSS is its own): load time, prefill time of a
-512-token prompt (time to the first generated token), decode tokens/s over the next tokens, and
-peak RSS. Both runtimes get the same token ids (real text from the evaluation split) and a short
-warm-up first. Ratios are ours over llama.cpp's, speed over speed (>1 means we are faster).
+Every runtime runs in its own subprocess (so peak RSS is its own) on the same token ids (real
+evaluation text), the same thread count and a short warm-up first. Each reports:
 
-    python benchmarks/edge_decode.py                  # table on stdout
-    python benchmarks/edge_decode.py --json           # one JSON line
-    python benchmarks/edge_decode.py --write-docs     # also rewrite docs/benchmarks.md
+- load time, prefill time of the prompt (time to the first generated token), decode tokens/s over
+  the next `--gen-tokens` greedy tokens, peak RSS;
+- fidelity: teacher-forced top-1 agreement with the dequantized fp32 model (our torch reference,
+  computed once in the parent) on held-out windows, each position predicted by the runtime's own
+  decode path (ours: one token at a time, through the kernels; llama.cpp: its batch evaluation).
+
+The first runtime is "ours" for the ratios (speed over speed, >1 means we are faster). The roofline
+beside decode is the weight bytes read per token over the memory bandwidth measured in the same
+run (a sum over a 512 MB buffer with the same threads).
+
+    python benchmarks/edge_decode.py                        # best engine (torch int4) and the references
+    python benchmarks/edge_decode.py --engine onnxruntime   # that engine first
+    python benchmarks/edge_decode.py --json --write-docs    # one JSON line; rewrite docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -27,8 +35,19 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.docs_block import command_line, write_block  # noqa: E402
 
+OURS = {  # runtime name -> (engine, quantization)
+    "torch-int4": ("torch", 4),
+    "torch-int8": ("torch", 8),
+    "torch-fp32": ("torch", None),
+    "onnxruntime-int4": ("onnxruntime", 4),
+    "onnxruntime-fp32": ("onnxruntime", None),
+}
+REFERENCES = ("llamacpp", "ortgenai-int4")
+DEFAULT = "torch-int4,onnxruntime-int4,torch-fp32,llamacpp,ortgenai-int4"
 
-def prompt_ids(model: str, n: int) -> list[int]:
+
+def prompt_ids(model: str, n: int, skip: int = 0) -> list[int]:
+    """n token ids of evaluation text, starting `skip` tokens in."""
     from models.corpus import documents
     from models.runtime import load
 
@@ -36,44 +55,97 @@ def prompt_ids(model: str, n: int) -> list[int]:
     ids: list[int] = []
     for doc in documents("eval"):
         ids += tok.encode(doc.text, add_bos=not ids)
-        if len(ids) >= n:
-            return ids[:n]
+        if len(ids) >= skip + n:
+            return ids[skip : skip + n]
     raise RuntimeError("evaluation corpus too small")
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    """This process's peak RSS. VmHWM, not getrusage: ru_maxrss survives exec, so a worker would
+    report its parent's peak when that was higher."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ours(model: str, ids: list[int], gen: int, threads: int) -> dict:
+def bundle_for(model: str, bits: int) -> Path:
+    """The quantized bundle of `model` (built once into the cache): what an agent would load."""
+    from models import zoo
+
+    path = zoo.cache_dir() / "bench" / f"{model}-int{bits}"
+    if not (path / "manifest.json").is_file():
+        from models.bundle import save_bundle
+        from models.quant import quantize_model
+        from models.runtime import load
+
+        loaded = load(model)
+        quantize_model(loaded.model, bits)
+        save_bundle(loaded, path, model)
+    return path
+
+
+def weight_bytes_per_token(model: str, bits: int | None) -> float:
+    """Bytes of weights one decode step reads: every block's weights and the output head."""
+    from models.quant import weight_bytes
+    from models.runtime import load
+
+    loaded = load(bundle_for(model, bits) if bits else model)
+    m = loaded.model
+    head = weight_bytes(m.tok_embeddings) if m.cfg.tied_embeddings else weight_bytes(m.output)
+    return weight_bytes(m.layers) + head
+
+
+def memory_bandwidth_gbs(threads: int) -> float:
     import torch
 
     torch.set_num_threads(threads)
-    from models.runtime import load
-    from models.transformer import Step
+    x = torch.ones(1 << 27)  # 512 MB of float32
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
 
+
+# -- workers: each runs in its own process ---------------------------------------------------------
+
+
+def _engine_run(name: str, model: str, ids: list[int], gen: int, threads: int, windows: list[list[int]]) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from edge_agent.engines.registry import make_engine
+
+    engine_name, bits = OURS[name]
     t0 = time.perf_counter()
-    m = load(model).model
+    engine = make_engine(engine_name)
+    engine.load(str(bundle_for(model, bits)) if bits else model)
     load_s = time.perf_counter() - t0
 
-    @torch.inference_mode()
     def generate(prompt: list[int], n: int) -> tuple[float, float]:
-        m.setup_cache(1, len(prompt) + n)
         t0 = time.perf_counter()
-        h = m.forward_layers(m.embed(torch.tensor([prompt])), Step.at(0, len(prompt)))
-        tok = m.head(h[:, -1]).argmax(-1)
+        tok = int(engine.prefill("bench", prompt, len(prompt) + n).argmax())
         t1 = time.perf_counter()
-        for i in range(n - 1):
-            h = m.forward_layers(m.embed(tok[:, None]), Step.at(len(prompt) + i, 1))
-            tok = m.head(h[:, -1]).argmax(-1)
+        for _ in range(n - 1):
+            tok = int(engine.decode("bench", tok).argmax())
+        engine.release("bench")
         return t1 - t0, time.perf_counter() - t1
 
     generate(ids[:16], 4)  # warm-up
     prefill_s, decode_s = generate(ids, gen)
-    return {"load_s": load_s, "prefill_s": prefill_s, "decode_tok_s": (gen - 1) / decode_s}
+    top1 = []
+    for w in windows:  # teacher forced through the decode path
+        row = [int(engine.prefill("tf", w[:1], len(w)).argmax())]
+        row += [int(engine.decode("tf", t).argmax()) for t in w[1:]]
+        engine.release("tf")
+        top1.append(row)
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_tok_s": (gen - 1) / decode_s, "top1": top1}
 
 
-def run_llamacpp(model: str, ids: list[int], gen: int, threads: int) -> dict:
+def _llamacpp_run(model: str, ids: list[int], gen: int, threads: int, windows: list[list[int]]) -> dict:
+    import numpy as np
     from llama_cpp import Llama
 
     from models import zoo
@@ -81,10 +153,11 @@ def run_llamacpp(model: str, ids: list[int], gen: int, threads: int) -> dict:
     t0 = time.perf_counter()
     llm = Llama(
         str(zoo.resolve(model)),
-        n_ctx=len(ids) + gen + 8,
+        n_ctx=max(len(ids) + gen, *(len(w) for w in windows)) + 8,
         n_batch=len(ids),
         n_threads=threads,
         n_threads_batch=threads,
+        logits_all=True,  # teacher-forced scores at every position (eval fills them only then)
         verbose=False,
     )
     load_s = time.perf_counter() - t0
@@ -101,69 +174,149 @@ def run_llamacpp(model: str, ids: list[int], gen: int, threads: int) -> dict:
 
     generate(ids[:16], 4)  # warm-up
     prefill_s, decode_s = generate(ids, gen)
-    return {"load_s": load_s, "prefill_s": prefill_s, "decode_tok_s": (gen - 1) / decode_s}
+    top1 = []
+    for w in windows:
+        llm.reset()
+        llm.eval(w)
+        top1.append(np.asarray(llm.scores[: len(w)]).argmax(-1).tolist())
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_tok_s": (gen - 1) / decode_s, "top1": top1}
 
 
-RUNTIMES = {"ours": run_ours, "llamacpp": run_llamacpp}
+def _ortgenai_run(model: str, ids: list[int], gen: int, threads: int, windows: list[list[int]]) -> dict:
+    from benchmarks import ortgenai
+    from models import zoo
+
+    model_dir = ortgenai.build(zoo.resolve(model), zoo.cache_dir())
+    result = ortgenai.run(model_dir, ids, gen, threads)
+    result["top1"] = ortgenai.top1(model_dir, windows, threads)
+    return result
 
 
 def worker(args: argparse.Namespace) -> None:
-    ids = json.loads(Path(args.ids_file).read_text())
-    result = RUNTIMES[args.worker](args.model, ids, args.gen_tokens, args.threads)
+    job = json.loads(Path(args.job_file).read_text())
+    ids, windows = job["ids"], job["windows"]
+    if args.worker in OURS:
+        result = _engine_run(args.worker, args.model, ids, args.gen_tokens, args.threads, windows)
+    elif args.worker == "llamacpp":
+        result = _llamacpp_run(args.model, ids, args.gen_tokens, args.threads, windows)
+    else:
+        result = _ortgenai_run(args.model, ids, args.gen_tokens, args.threads, windows)
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
-def measure(runtime: str, args: argparse.Namespace, ids_file: Path) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        runtime,
-        "--ids-file",
-        str(ids_file),
-        "--model",
-        args.model,
-        "--gen-tokens",
-        str(args.gen_tokens),
-        "--threads",
-        str(args.threads),
-    ]
+def unavailable(runtime: str) -> str:
+    """Why a runtime cannot run here ('' when it can)."""
+    if runtime == "llamacpp":
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            return "llama-cpp-python not installed (make llamacpp)"
+    elif runtime == "ortgenai-int4":
+        try:
+            from benchmarks import ortgenai
+        except ImportError as exc:
+            return f"benchmarks/ortgenai.py unavailable ({exc})"
+        return ortgenai.available()
+    elif runtime in OURS and OURS[runtime][0] == "onnxruntime":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return "onnxruntime not installed (pip install 'tandem[onnx]')"
+    elif runtime not in OURS:
+        return f"unknown runtime (known: {', '.join([*OURS, *REFERENCES])})"
+    return ""
+
+
+def measure(runtime: str, args: argparse.Namespace, job_file: Path) -> dict:
+    why = unavailable(runtime)
+    if why:
+        return {"skipped": why}
+    cmd = [sys.executable, __file__, "--worker", runtime, "--job-file", str(job_file), "--model", args.model]
+    cmd += ["--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"{runtime} failed:\n{out.stderr[-3000:]}")
+        return {"skipped": f"failed: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def summarise(results: dict[str, dict], args: argparse.Namespace) -> dict:
+def reference_top1(model: str, windows: list[list[int]]) -> list[list[int]]:
+    """Top-1 of the dequantized fp32 model (our torch reference, exact fp32 weights of the GGUF)."""
+    import torch
+
+    from models.runtime import load
+    from models.transformer import Step
+
+    m = load(model).model
+    m.fast_decode = False
+    out = []
+    with torch.inference_mode():
+        for w in windows:
+            m.setup_cache(1, len(w))
+            out.append(m(torch.tensor([w]), Step.at(0, len(w)))[0].argmax(-1).tolist())
+    return out
+
+
+def summarise(results: dict[str, dict], ref: list[list[int]], args: argparse.Namespace, extra: dict) -> dict:
+    for r in results.values():
+        top1 = r.pop("top1", None)
+        if top1 is not None:
+            pairs = [(a, b) for got, want in zip(top1, ref, strict=True) for a, b in zip(got, want, strict=True)]
+            r["agreement"] = sum(a == b for a, b in pairs) / len(pairs)
+    ours_name = next(iter(results))
+    ours = results[ours_name]
     summary: dict = {
         "model": args.model,
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "threads": args.threads,
+        "ours": ours_name,
+        **extra,
         "runtimes": results,
     }
-    if "ours" in results and "llamacpp" in results:
-        ours, ref = results["ours"], results["llamacpp"]
-        summary["decode_ratio_vs_llamacpp"] = ours["decode_tok_s"] / ref["decode_tok_s"]
-        summary["prefill_ratio_vs_llamacpp"] = ref["prefill_s"] / ours["prefill_s"]
-        summary["rss_ratio_vs_llamacpp"] = ours["peak_rss_mb"] / ref["peak_rss_mb"]
+    bw, weights = extra["memory_bandwidth_gbs"], extra["weight_bytes_per_token"]
+    if "decode_tok_s" in ours:
+        summary["roofline_tok_s"] = bw * 1e9 / weights
+        summary["fraction_of_roofline"] = ours["decode_tok_s"] / summary["roofline_tok_s"]
+    for name in REFERENCES:
+        r = results.get(name, {})
+        if "decode_tok_s" in ours and "decode_tok_s" in r:
+            key = name.split("-")[0]
+            summary[f"decode_ratio_vs_{key}"] = ours["decode_tok_s"] / r["decode_tok_s"]
+            summary[f"prefill_ratio_vs_{key}"] = r["prefill_s"] / ours["prefill_s"]
+            summary[f"rss_ratio_vs_{key}"] = ours["peak_rss_mb"] / r["peak_rss_mb"]
+            summary[f"agreement_minus_{key}"] = ours["agreement"] - r["agreement"]
     return summary
 
 
 def table(summary: dict) -> str:
-    rows = ["| runtime | load s | prefill 512 s | decode tok/s | peak RSS MB |", "|---|---|---|---|---|"]
+    rows = [
+        "| runtime | load s | prefill s | decode tok/s | peak RSS MB | top-1 agreement with fp32 |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in summary["runtimes"].items():
+        if "skipped" in r:
+            rows.append(f"| {name} | skipped: {r['skipped']} | | | | |")
+            continue
         rows.append(
-            f"| {name} | {r['load_s']:.2f} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+            f"| {name} | {r['load_s']:.2f} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['agreement']:.4f} |"
         )
-    if "decode_ratio_vs_llamacpp" in summary:
-        rows.append("")
+    rows.append("")
+    if "roofline_tok_s" in summary:
         rows.append(
-            f"Ours vs llama.cpp (speed over speed): decode {summary['decode_ratio_vs_llamacpp']:.2f}x, "
-            f"prefill {summary['prefill_ratio_vs_llamacpp']:.2f}x; peak RSS {summary['rss_ratio_vs_llamacpp']:.2f}x."
+            f"Roofline for {summary['ours']}: {summary['weight_bytes_per_token'] / 1e6:.1f} MB of weights a token "
+            f"at {summary['memory_bandwidth_gbs']:.1f} GB/s = {summary['roofline_tok_s']:.0f} tok/s; measured "
+            f"{summary['fraction_of_roofline']:.0%} of it."
         )
+    for key in ("llamacpp", "ortgenai"):
+        if f"decode_ratio_vs_{key}" in summary:
+            rows.append(
+                f"{summary['ours']} vs {key} (speed over speed): decode {summary[f'decode_ratio_vs_{key}']:.2f}x, "
+                f"prefill {summary[f'prefill_ratio_vs_{key}']:.2f}x; peak RSS {summary[f'rss_ratio_vs_{key}']:.2f}x; "
+                f"agreement {summary[f'agreement_minus_{key}']:+.4f}."
+            )
     return "\n".join(rows)
 
 
@@ -172,9 +325,11 @@ def write_docs(summary: dict, command: str) -> None:
         f"## Edge decode ({summary['model']})\n\n"
         f"Command: `{command}`  \nMachine: {platform.machine()}, {os.cpu_count()} cores, "
         f"{summary['threads']} threads; {time.strftime('%Y-%m-%d')}. Prompt: {summary['prompt_tokens']} tokens of "
-        f"evaluation text; then {summary['gen_tokens']} greedy tokens. Ours: torch fp32 eager, weights dequantized "
-        f"from the GGUF (load from the prepared cache). "
-        f"llama.cpp: llama-cpp-python 0.3.36, native build, same GGUF.\n\n"
+        f"evaluation text, then {summary['gen_tokens']} greedy tokens. Agreement: teacher-forced top-1 against "
+        f"the dequantized fp32 model over {summary['agreement_tokens']} held-out tokens, each runtime through its "
+        f"own decode path. torch-int4: our kernels (int4 g32 on the GGUF's own Q4_1 grid, int8 head, int16 "
+        f"activations), one C call per layer; loaded from a bundle. llama.cpp: llama-cpp-python 0.3.36, native "
+        f"build, the Q4_1 GGUF.\n\n"
         f"{table(summary)}\n\n```json\n{json.dumps(summary)}\n```"
     )
     write_block("edge_decode", body)
@@ -183,25 +338,42 @@ def write_docs(summary: dict, command: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--engine", choices=["torch", "onnxruntime"], help="our engine to put first (int4)")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runtimes", default="ours,llamacpp", help="comma-separated: " + ",".join(RUNTIMES))
+    p.add_argument("--windows", type=int, default=2, help="held-out windows of 256 tokens for agreement")
+    known = ", ".join([*OURS, *REFERENCES])
+    p.add_argument("--runtimes", default=DEFAULT, help=f"comma-separated, ours first: {known}")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
-    p.add_argument("--worker", choices=sorted(RUNTIMES), help=argparse.SUPPRESS)
-    p.add_argument("--ids-file", help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--job-file", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
-    ids_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"tandem-bench-{os.getpid()}.json"
-    ids_file.write_text(json.dumps(prompt_ids(args.model, args.prompt_tokens)))
+    runtimes = args.runtimes.split(",")
+    if args.engine:
+        first = f"{args.engine}-int4"
+        runtimes = [first, *(r for r in runtimes if r != first)]
+    if runtimes[0] not in OURS:
+        p.error(f"the first runtime must be one of ours ({', '.join(OURS)}), got {runtimes[0]!r}")
+    ours_bits = OURS[runtimes[0]][1]
+    windows = [prompt_ids(args.model, 256, skip=args.prompt_tokens + 256 * i) for i in range(args.windows)]
+    job_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"tandem-bench-{os.getpid()}.json"
+    job_file.write_text(json.dumps({"ids": prompt_ids(args.model, args.prompt_tokens), "windows": windows}))
+    extra = {
+        "memory_bandwidth_gbs": memory_bandwidth_gbs(args.threads),
+        "weight_bytes_per_token": weight_bytes_per_token(args.model, ours_bits),
+        "agreement_tokens": sum(len(w) for w in windows),
+    }
+    ref = reference_top1(args.model, windows)
     try:
-        results = {name: measure(name, args, ids_file) for name in args.runtimes.split(",")}
+        results = {name: measure(name, args, job_file) for name in runtimes}
     finally:
-        ids_file.unlink(missing_ok=True)
-    summary = summarise(results, args)
+        job_file.unlink(missing_ok=True)
+    summary = summarise(results, ref, args, extra)
     print(json.dumps(summary) if args.json else table(summary))
     if args.write_docs:
         write_docs(summary, command_line())
