@@ -452,9 +452,7 @@ def cache_key(loaded: LoadedModel, options: ExportOptions) -> str:
     else:
         st = path.stat()
         source = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    quant = next(
-        ({"bits": m.bits, "group": m.group_size} for m in loaded.model.modules() if isinstance(m, QuantLinear)), None
-    )
+    quant = [(name, m.bits, m.group_size) for name, m in loaded.model.named_modules() if isinstance(m, QuantLinear)]
     raw = {
         "source": source,
         "layers": [block.layer for block in loaded.model.layers],

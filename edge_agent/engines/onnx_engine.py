@@ -101,7 +101,7 @@ class OnnxEngine(InferenceEngine):
         loaded = load(model)
         self.loaded, self._ranges, self._requests = loaded, {}, {}
         self._whole = self._open(None)
-        quant = next((m for m in loaded.model.modules() if isinstance(m, QuantLinear)), None)
+        quant = next((m for m in loaded.model.layers.modules() if isinstance(m, QuantLinear)), None)
         return loaded.describe(str(model), quant="fp32" if quant is None else f"int{quant.bits}")
 
     def _open(self, layers: tuple[int, int] | None) -> _Graph:
