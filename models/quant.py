@@ -18,8 +18,6 @@ code j + 16 in its high nibble (GGUF's own block order).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,11 +36,6 @@ QUANTIZED = (
     "feed_forward.w_down",
 )
 MATVEC_ROWS = 8  # up to this many input rows run as matrix-vector products; more dequantize once
-
-
-@functools.cache
-def _use_kernels() -> bool:
-    return kernels.available()
 
 
 def _pack4(codes: Tensor) -> Tensor:
@@ -116,7 +109,7 @@ class QuantLinear(nn.Module):
         """(q, scale, minimum) in the kernels' layout, scales (O, I/32); None if the kernels
         cannot run this layer (no compiler, widths not multiples of 32)."""
         out_f, in_f = self.shape
-        if not _use_kernels() or in_f % 32 or self.group_size % 32 or self.q.device.type != "cpu":
+        if not kernels.available() or in_f % 32 or self.group_size % 32 or self.q.device.type != "cpu":
             return None
         current = (self.q, self.scale, self.minimum)
         source, view = self.__dict__.get("_kernel_view", ((), None))

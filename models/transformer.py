@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import kernels
 from models.config import ModelConfig
 from models.kv_cache import KVCache
 
@@ -97,8 +98,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        # One pass in C on the (T, H, hd) rows when it can take them, else five torch ops.
+        roped = B == 1 and kernels.rope_((q[0], k[0]), cos[0, 0], sin[0, 0])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if not roped:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(step.cache_pos, k, v)  # (B, K, S, hd), S = last slot + 1
         if cfg.attn_logit_softcap:
             out = _softcapped_attention(q, keys, values, mask, cfg)
@@ -128,9 +132,11 @@ class FeedForward(nn.Module):
         self.gelu = cfg.act == "gelu_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.w_gate(x)
+        gate, up = self.w_gate(x), self.w_up(x)
+        if kernels.glu_(gate, up, self.gelu):  # act(gate) * up in one pass, in place
+            return self.w_down(gate)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.w_down(gate * self.w_up(x))
+        return self.w_down(gate * up)
 
 
 class Block(nn.Module):

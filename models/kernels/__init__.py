@@ -91,7 +91,10 @@ def _lib() -> ctypes.CDLL:
     lib.tandem_qmatvec.argtypes = [i, p, p, p, p, p, i, i, i, i]
     lib.tandem_dequant.argtypes = [i, p, p, p, p, i, i, i]
     lib.tandem_layer_step.argtypes = [ctypes.POINTER(LayerStep), p, i, i]
-    lib.tandem_qmatvec.restype = lib.tandem_dequant.restype = lib.tandem_layer_step.restype = i
+    lib.tandem_rope_rows.argtypes = [p, p, p, i, i, i, i]
+    lib.tandem_glu.argtypes = [p, p, ctypes.c_long, i, i]
+    for fn in (lib.tandem_qmatvec, lib.tandem_dequant, lib.tandem_layer_step, lib.tandem_rope_rows, lib.tandem_glu):
+        fn.restype = i
     return lib
 
 
@@ -135,6 +138,7 @@ def layer_step(step: LayerStep, h: Tensor, position: int) -> None:
         raise ValueError(f"layer step refused position {position} (cache of {step.max_len} slots) or its shapes")
 
 
+@functools.cache
 def available() -> bool:
     try:
         _lib()
@@ -190,3 +194,31 @@ def dequantize(q: Tensor, scale: Tensor, minimum: Tensor | None, bits: int, inpu
     if rc:
         raise ValueError(f"dequantize refused weight ({o}, {inputs})")
     return out
+
+
+def _plain(*tensors: Tensor) -> bool:
+    """Contiguous float32 CPU tensors that autograd does not track (the kernels write in place)."""
+    return all(
+        t.is_contiguous() and t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad
+        for t in tensors
+    )
+
+
+def rope_(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor) -> bool:
+    """Rotate-half RoPE in place on each x (T, H, hd) with rows cos, sin (T, hd). All or none:
+    False (nothing touched) when the kernels cannot take every tensor; the caller then uses torch."""
+    ok = available() and _plain(*xs, cos, sin)
+    if not ok or any(x.dim() != 3 or cos.shape != (x.shape[0], x.shape[2]) for x in xs):
+        return False
+    for x in xs:
+        t, h, hd = x.shape
+        if _lib().tandem_rope_rows(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), t, h, hd, torch.get_num_threads()):
+            raise ValueError(f"RoPE refused head width {hd}")
+    return True
+
+
+def glu_(gate: Tensor, up: Tensor, gelu: bool) -> bool:
+    """gate <- act(gate) * up in place (SiLU, or tanh-GELU); False when the kernels cannot."""
+    if not (available() and _plain(gate, up) and gate.shape == up.shape):
+        return False
+    return _lib().tandem_glu(gate.data_ptr(), up.data_ptr(), gate.numel(), int(gelu), torch.get_num_threads()) == 0

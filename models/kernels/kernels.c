@@ -439,3 +439,25 @@ int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
     free(buf), free(xq), free(xsb);
     return 0;
 }
+
+// ---- Elementwise pieces of prefill (many tokens), in place: one pass instead of several ops --
+
+// x (T, H, hd): rotate-half RoPE of every head of token t with cos/sin row t (T, hd).
+int tandem_rope_rows(float* x, const float* cos, const float* sin, int T, int H, int hd, int nthreads) {
+    if (hd % 2) return -1;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int t = 0; t < T; t++) {
+        for (int h = 0; h < H; h++) rope(x + ((size_t)t * H + h) * hd, cos + (size_t)t * hd, sin + (size_t)t * hd, hd);
+    }
+    return 0;
+}
+
+// gate (n,) <- act(gate) * up, act SiLU or tanh-GELU.
+int tandem_glu(float* gate, const float* up, long n, int gelu, int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long i = 0; i < n; i++) {
+        float g = gate[i];
+        gate[i] = (gelu ? gelu_tanh(g) : g / (1.f + expf(-g))) * up[i];
+    }
+    return 0;
+}
