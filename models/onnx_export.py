@@ -23,9 +23,13 @@ Quantized layers (models.quant.QuantLinear) are exported first as fp32 MatMuls o
 weights, then rewritten (`nbits=True`, for onnxruntime) into com.microsoft `MatMulNBits` over the
 layer's own codes, with explicit uint8 zero points (the fast path here; float zero points are exact
 but 27x slower): int4 as code * scale with zero point 0 plus the group minimum added separately,
-y += (x summed over each group) @ minimum^T; int8 as (code + 128 - 128) * scale. The weights the
-graph computes with are therefore exactly the torch model's. `nbits=False` keeps the fp32 MatMuls
-(plain ONNX, what TensorRT takes).
+y += (x summed over each group) @ minimum^T. The weights the graph computes with are therefore
+exactly the torch model's. int8 layers (int8 bundles, and the int8 embedding when it is also the
+head) stay fp32 MatMuls of their dequantized weights unless accuracy_level is 4: onnxruntime 1.32
+runs MatMulNBits bits=8 with fp32 activations through a slow fallback (measured 9-20x slower than
+bits=4 here), and only its int8-activation path (accuracy_level 4, inexact) is fast; there they become
+MatMulNBits bits=8 with codes + 128 and zero point 128. `nbits=False` keeps every quantized layer an
+fp32 MatMul (plain ONNX, what TensorRT takes).
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from models.transformer import Block, Transformer, rope_tables
 if TYPE_CHECKING:
     import onnx
 
-EXPORT_FORMAT = 1  # bump when the graph contract or the rewrite changes: old cache entries are then ignored
+EXPORT_FORMAT = 2  # bump when the graph contract or the rewrite changes: old cache entries are then ignored
 MS_DOMAIN = "com.microsoft"
 DATA_SUFFIX = ".data"  # weights live next to the graph in <name>.onnx.data (external data; Gemma is > 1 GB)
 
@@ -111,8 +115,9 @@ def graph_names(n_layers: int, options: ExportOptions) -> GraphNames:
 class StepGraph(nn.Module):
     """What gets exported: the model's own blocks over explicit past caches (see the module docstring).
 
-    Reuses the Transformer's submodules and weights (no copy); only attention is re-expressed, since
-    the torch model's attention writes a preallocated cache in place, which a graph cannot.
+    Reuses the Transformer's parameters and its linear layers (no copy), but writes the math out from
+    them rather than calling the blocks' forward methods: those write a preallocated cache in place
+    and may call C kernels (models.kernels), neither of which a traced graph can hold.
     """
 
     def __init__(self, model: Transformer, options: ExportOptions) -> None:
@@ -189,7 +194,7 @@ class StepGraph(nn.Module):
         """(1, D) last hidden state -> (1, 1, V): Transformer.head, with the projection 2-D so that a
         tied dense table is one Gemm(transB) over the embedding itself, not a transposed copy."""
         m, cap = self.model, self.cfg.final_logit_softcap
-        h = m.norm(h)
+        h = _rms(m.norm, h)
         if not self.cfg.tied_embeddings:
             logits = m.output(h)
         elif self.table is None:
@@ -204,13 +209,13 @@ class StepGraph(nn.Module):
         self, block: Block, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, past_k: Tensor, past_v: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Block.forward with attention over concat(past, new); returns (h, present_k, present_v)."""
-        a, k, v = self._attention(block.attention, block.attn_norm(x), cos, sin, mask, past_k, past_v)
+        a, k, v = self._attention(block.attention, _rms(block.attn_norm, x), cos, sin, mask, past_k, past_v)
         if block.sandwich:
-            a = block.post_attn_norm(a)
+            a = _rms(block.post_attn_norm, a)
         x = x + a
-        f = block.feed_forward(block.ffn_norm(x))
+        f = _ffn(block.feed_forward, _rms(block.ffn_norm, x))
         if block.sandwich:
-            f = block.post_ffn_norm(f)
+            f = _rms(block.post_ffn_norm, f)
         return x + f, k, v
 
     def _attention(
@@ -222,7 +227,7 @@ class StepGraph(nn.Module):
         k = attn.wk(x).view(1, T, K, hd)
         v = attn.wv(x).view(1, T, K, hd)
         if cfg.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = _rms(attn.q_norm, q), _rms(attn.k_norm, k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (1, H|K, T, hd)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (1, K, S, hd)
@@ -234,6 +239,18 @@ class StepGraph(nn.Module):
         out = torch.softmax(scores, dim=-1) @ values[:, :, None]  # (1, K, H/K, T, hd)
         out = out.reshape(1, H, T, hd).transpose(1, 2).reshape(1, T, H * hd)
         return attn.wo(out), keys, values
+
+
+def _rms(norm: nn.Module, x: Tensor) -> Tensor:
+    """models.transformer.RMSNorm from its weight and eps (fp32 activations)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight
+
+
+def _ffn(ff: nn.Module, x: Tensor) -> Tensor:
+    """models.transformer.FeedForward from its three projections: w_down(act(w_gate(x)) * w_up(x))."""
+    gate = ff.w_gate(x)
+    gate = F.gelu(gate, approximate="tanh") if ff.gelu else F.silu(gate)
+    return ff.w_down(gate * ff.w_up(x))
 
 
 def _rope_name(kind: str, base: float) -> str:
@@ -300,7 +317,7 @@ def export_onnx(model: Transformer, path: Path, options: ExportOptions = ExportO
     import onnx
 
     for q in model.modules():
-        if isinstance(q, QuantLinear) and options.nbits:
+        if isinstance(q, QuantLinear) and _as_nbits(q, options.nbits, options.accuracy_level):
             _block_size(q)
     graph = StepGraph(model, options).eval()  # before the swap: it reads a quantized embedding's codes
     names = graph.names
@@ -351,6 +368,12 @@ def _sample_inputs(model: Transformer, names: GraphNames, options: ExportOptions
 # -- quantized layers as MatMulNBits ------------------------------------------------------------------
 
 
+def _as_nbits(q: QuantLinear, nbits: bool, accuracy_level: int) -> bool:
+    """Whether q becomes MatMulNBits (else it stays the fp32 MatMul of its dequantized weight): int4
+    always with `nbits`, int8 only on the fast int8-activation path (see the module docstring)."""
+    return nbits and (q.bits == 4 or accuracy_level == 4)
+
+
 def _block_size(q: QuantLinear) -> int:
     """The MatMulNBits block: the largest power of two dividing the group (scales repeat over a group's
     blocks), at most 256. Raises UnsupportedQuantization when that is below 16 (MatMulNBits' minimum)."""
@@ -385,9 +408,8 @@ def _nbits_nodes(node: onnx.NodeProto, q: QuantLinear, accuracy_level: int) -> t
     inputs = [x, prefix + ".qweight", prefix + ".scales", prefix + ".zero_points"]
     attrs = {"K": in_f, "N": out_f, "bits": q.bits, "block_size": block, "accuracy_level": accuracy_level}
     if q.bits == 8:
-        return [
-            helper.make_node("MatMulNBits", inputs, [y], name=prefix + ".nbits", domain=MS_DOMAIN, **attrs)
-        ], tensors
+        node = helper.make_node("MatMulNBits", inputs, [y], name=prefix + ".nbits", domain=MS_DOMAIN, **attrs)
+        return [node], tensors
     nodes = [
         helper.make_node("MatMulNBits", inputs, [prefix + ".coded"], name=prefix + ".nbits", domain=MS_DOMAIN, **attrs)
     ]
@@ -410,32 +432,38 @@ def _nbits_nodes(node: onnx.NodeProto, q: QuantLinear, accuracy_level: int) -> t
 
 
 def rewrite_quant_matmuls(proto: onnx.ModelProto, quant: dict[str, QuantLinear], accuracy_level: int) -> None:
-    """Replace, in place, each MatMul whose weight is a quantized layer's stand-in with MatMulNBits, and
-    drop the stand-in's fp32 initializer. Raises RuntimeError if the exporter renamed or reused a stand-in."""
+    """Replace, in place, each MatMul whose weight is a quantized layer's stand-in with MatMulNBits (those
+    `_as_nbits` picks; the others keep their fp32 MatMul), and drop the replaced stand-ins' fp32
+    initializers. Raises RuntimeError if the exporter renamed or reused a stand-in."""
     import onnx
 
     graph = proto.graph
     missing = set(quant) - {t.name for t in graph.initializer}
     if missing:
         raise RuntimeError(f"exported graph lacks quantized weights {sorted(missing)[:3]}: exporter naming changed")
-    nodes, tensors, done = [], [], set()
+    nodes, tensors, done, kept = [], [], set(), set()
     for node in graph.node:
         if node.op_type == "MatMul" and node.input[1] in quant:
-            new_nodes, new_tensors = _nbits_nodes(node, quant[node.input[1]], accuracy_level)
-            nodes += new_nodes
-            tensors += new_tensors
-            done.add(node.input[1])
-        elif any(name in quant for name in node.input):
+            q = quant[node.input[1]]
+            if _as_nbits(q, True, accuracy_level):
+                new_nodes, new_tensors = _nbits_nodes(node, q, accuracy_level)
+                nodes += new_nodes
+                tensors += new_tensors
+                done.add(node.input[1])
+            else:
+                nodes.append(node)
+                kept.add(node.input[1])
+        elif any(name in quant and name not in kept for name in node.input):
             raise RuntimeError(f"quantized weight used by a {node.op_type} node, not a MatMul: cannot rewrite it")
         else:
             nodes.append(node)
-    if done != set(quant):
-        raise RuntimeError(f"no MatMul found for quantized weights {sorted(set(quant) - done)[:3]}")
-    kept = [t for t in graph.initializer if t.name not in quant]
+    if done | kept != set(quant):
+        raise RuntimeError(f"no MatMul found for quantized weights {sorted(set(quant) - done - kept)[:3]}")
+    initializers = [t for t in graph.initializer if t.name not in done]
     graph.ClearField("node")
     graph.node.extend(nodes)
     graph.ClearField("initializer")
-    graph.initializer.extend(kept + tensors)
+    graph.initializer.extend(initializers + tensors)
     if not any(op.domain == MS_DOMAIN for op in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 

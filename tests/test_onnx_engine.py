@@ -19,6 +19,7 @@ pytest.importorskip("onnxscript", reason="pip install 'tandem[onnx]' (make setup
 onnx = pytest.importorskip("onnx", reason="pip install 'tandem[onnx]' (make setup installs it)")
 
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine  # noqa: E402
+from edge_agent.engines.onnx_engine import OnnxEngine, OnnxEngineOptions  # noqa: E402
 from edge_agent.engines.registry import make_engine  # noqa: E402
 from models import zoo  # noqa: E402
 from models.bundle import save_bundle  # noqa: E402
@@ -125,24 +126,25 @@ def test_graph_contract_names_dtypes_and_dynamic_axes(tiny: LoadedModel, tmp_cac
 
 def test_int4_graph_runs_the_codes_as_matmulnbits_with_uint8_zero_points(int4_bundle: Path, tmp_cache: Path) -> None:
     loaded = load(int4_bundle)
-    quantized = {m.shape for m in loaded.model.modules() if isinstance(m, QuantLinear)}
-    n_quantized = sum(isinstance(m, QuantLinear) for m in loaded.model.modules())
+    int4 = [m for m in loaded.model.modules() if isinstance(m, QuantLinear) and m.bits == 4]
+    int8 = [m for m in loaded.model.modules() if isinstance(m, QuantLinear) and m.bits == 8]  # embedding/head
     path = cached_export(loaded)
     onnx.checker.check_model(str(path))
     proto = onnx.load(str(path))
     inits = {t.name: t for t in proto.graph.initializer}
     nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == n_quantized
+    assert len(nbits) == len(int4) == 7 * loaded.config.n_layers
     for node in nbits:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        assert node.domain == "com.microsoft" and attrs["bits"] in (4, 8) and attrs["block_size"] >= 16
-        weights, zeros = inits[node.input[1]], inits[node.input[3]]
+        assert node.domain == "com.microsoft" and attrs["bits"] == 4 and attrs["block_size"] == 32
+        weights, zeros = inits[node.input[1]], inits[node.input[3]]  # explicit zero points: the fast path
         assert weights.data_type == zeros.data_type == onnx.TensorProto.UINT8
-        assert (onnx.numpy_helper.to_array(zeros) == (0 if attrs["bits"] == 4 else 128)).all()  # explicit, exact
-    # no fp32 copy of a quantized weight, in either orientation
-    for t in proto.graph.initializer:
-        if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2:
-            assert tuple(t.dims) not in quantized and tuple(t.dims)[::-1] not in quantized, t.name
+        assert not onnx.numpy_helper.to_array(zeros).any()
+    # no fp32 copy of an int4 weight, in either orientation; int8 layers are fp32 MatMuls (module docstring)
+    shapes = {m.shape for m in int4} | {m.shape[::-1] for m in int4}
+    floats = {tuple(t.dims) for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert not shapes & floats
+    assert all(m.shape[::-1] in floats for m in int8)
 
 
 # -- conformance with the torch engine ----------------------------------------------------------------
@@ -241,10 +243,11 @@ def test_tensorrt_and_devices_fail_at_load_time() -> None:
 
 
 def test_unsupported_quantization_is_refused_at_load(tiny: LoadedModel, tmp_path: Path, tmp_cache: Path) -> None:
-    model = quantize_model(copy.deepcopy(tiny.model), 8, group_size=8)  # MatMulNBits blocks are >= 16
+    # int8 with groups of 8: MatMulNBits (int8 runs on it with accuracy_level 4) tiles groups of >= 16
+    model = quantize_model(copy.deepcopy(tiny.model), 8, group_size=8)
     bundle = save_bundle(LoadedModel(model, tiny.tokenizer, tiny.path), tmp_path / "g8", "tiny")
     with pytest.raises(UnsupportedQuantization, match="group size 8"):
-        make_engine("onnxruntime").load(str(bundle))
+        OnnxEngine("cpu", OnnxEngineOptions(accuracy_level=4)).load(str(bundle))
 
 
 def test_requests_beyond_their_length_are_refused(fp32_engines: tuple[InferenceEngine, InferenceEngine]) -> None:
