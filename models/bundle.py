@@ -48,10 +48,16 @@ def _sha256(path: Path) -> str:
 
 
 def _quant_of(model: Transformer) -> dict | None:
-    q = next((m for m in model.layers.modules() if isinstance(m, QuantLinear)), None)
-    if q is None:
+    layers = [m for m in model.layers.modules() if isinstance(m, QuantLinear)]
+    if not layers:
         return None
-    return {"bits": q.bits, "group_size": q.group_size, "embeddings": isinstance(model.tok_embeddings, QuantEmbedding)}
+    # group_size None: one group a row (int8 per channel), whatever each layer's width.
+    per_channel = all(m.group_size == m.shape[1] for m in layers)
+    return {
+        "bits": layers[0].bits,
+        "group_size": None if per_channel else layers[0].group_size,
+        "embeddings": isinstance(model.tok_embeddings, QuantEmbedding),
+    }
 
 
 def save_bundle(loaded: LoadedModel, out: Path, source: str) -> Path:

@@ -64,3 +64,13 @@ def real_model(name: str) -> LoadedModel:
             raise
         pytest.skip(f"{exc} (make test pulls it)")
         raise  # unreachable: skip raises
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Exporting the 7-layer tiny gemma3 to ONNX takes about a minute a graph on two cores, so the
+    onnxruntime engine's gemma3 conformance cases run with the slow tests (llama's stay in the
+    default run, and tests/test_onnx_engine.py covers gemma3's graph once)."""
+    for item in items:
+        if item.path.name == "test_engine_conformance.py" and "gemma3-onnxruntime" in item.name:
+            item.add_marker(pytest.mark.slow)
