@@ -95,7 +95,7 @@ class Hub:
         cfg = self.config
         mqtt = await asyncio.to_thread(self._start_broker)
         if mqtt is not None:
-            await asyncio.to_thread(self._start_ingest, asyncio.get_running_loop())
+            await self._start_ingest()
         options = {}
         if cfg.cloud_backend == "openai":
             if not cfg.cloud_upstream_url:
@@ -189,8 +189,8 @@ class Hub:
         self._mqtt_login = (cfg.mqtt_username, cfg.mqtt_password)
         return MqttAccess(host, int(port), None)
 
-    def _start_ingest(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Subscribe to all devices' telemetry; paho's thread hands messages to the event loop."""
+    async def _start_ingest(self) -> None:
+        """Subscribe to all devices' telemetry; the client runs in this loop and calls back directly."""
         access = self._mqtt_access()
         fleet, store = self.fleet, self.store
 
@@ -199,13 +199,9 @@ class Hub:
             store.set_status(device_id, fleet.status_of(device_id), time.time())
 
         self.ingest = TelemetryIngest(
-            access[0],
-            access[1],
-            *self._mqtt_login,
-            on_telemetry=lambda d, data: loop.call_soon_threadsafe(fleet.update_telemetry, d, data),
-            on_status=lambda d, st: loop.call_soon_threadsafe(on_status, d, st),
+            access[0], access[1], *self._mqtt_login, on_telemetry=fleet.update_telemetry, on_status=on_status
         )
-        self.ingest.start()
+        await self.ingest.start()
 
     def _mqtt_access(self) -> tuple[str, int]:
         if self.broker is not None:
@@ -226,7 +222,7 @@ class Hub:
         if self.server is not None:
             await self.server.stop(grace)
         if self.ingest is not None:
-            await asyncio.to_thread(self.ingest.stop)
+            await self.ingest.stop()
         if self.broker is not None:
             await asyncio.to_thread(self.broker.stop)
         self.store.close()
