@@ -1,7 +1,10 @@
 """Quality table of model variants: BPB on held-out text and top-1 agreement with the base model.
 
-Variants: fp32 (the GGUF dequantized), int8 (per channel), int4 (groups of 32), layers pruned by
-block influence measured on calibration text (4, 8, 12), and int4 + pruning. Evaluation and
+Variants: fp32 (the GGUF dequantized), int8 (per channel), int4 (groups of 32 and 128), layers
+pruned by block influence measured on calibration text (4, 8, 12), and combinations. Quantized
+variants also carry the int8 embedding/head (groups of 32) that the agent serves. Each window is
+scored in one teacher-forced pass, so this measures the weights; what the decode kernels' own
+arithmetic costs is the agreement column of benchmarks/edge_decode.py. Evaluation and
 calibration documents come from the fixed, disjoint splits of models.corpus.
 
     python benchmarks/quality.py [--model smollm2-135m-instruct] [--docs 8] [--write-docs]
@@ -40,25 +43,26 @@ def main() -> None:
     calib = windows(base.tokenizer, [d.text for d in documents("calibration", limit=args.docs)], args.tokens)
     influence = block_influence(base.model, calib)
 
-    def variant(bits: int | None, drop: int):
+    def variant(bits: int | None, drop: int, group: int | None = None):
         m = copy.deepcopy(base.model)
         if drop:
             prune_layers(m, drop, influence)
-        return quantize_model(m, bits) if bits else m
+        return quantize_model(m, bits, group) if bits else m
 
     rows = []
     fp32_bpb = None
-    for name, bits, drop in [
-        ("fp32", None, 0),
-        ("int8", 8, 0),
-        ("int4 g32", 4, 0),
-        ("pruned 4", None, 4),
-        ("pruned 8", None, 8),
-        ("pruned 12", None, 12),
-        ("int4 g32 + pruned 4", 4, 4),
-        ("int8 + pruned 8", 8, 8),
+    for name, bits, drop, group in [
+        ("fp32", None, 0, None),
+        ("int8", 8, 0, None),
+        ("int4 g32", 4, 0, 32),
+        ("int4 g128", 4, 0, 128),
+        ("pruned 4", None, 4, None),
+        ("pruned 8", None, 8, None),
+        ("pruned 12", None, 12, None),
+        ("int4 g32 + pruned 4", 4, 4, 32),
+        ("int8 + pruned 8", 8, 8, None),
     ]:
-        m = variant(bits, drop)
+        m = variant(bits, drop, group)
         q = bits_per_byte(m, base.tokenizer, evals)
         fp32_bpb = fp32_bpb or q.bpb
         rows.append(
