@@ -315,6 +315,58 @@ static float dot(const float* a, const float* b, int n) {
     return t;
 }
 
+#ifdef __AVX2__
+// exp of 8 floats: 2^n * e^r with n = round(x / ln 2) and a degree-6 polynomial for e^r on
+// |r| <= ln2/2 (Cephes' coefficients; about 1e-7 relative, like expf). Inputs are clamped to
+// the range where the result is a normal float or 0.
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365478515625f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// s[i] = exp(s[i] - mx) for i < n; returns their sum.
+static float exp_shift_sum(float* s, int n, float mx) {
+    int i = 0;
+    float sum = 0.f;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps(), m = _mm256_set1_ps(mx);
+    for (; i + 8 <= n; i += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), m));
+        _mm256_storeu_ps(s + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = hsum8(acc);
+#endif
+    for (; i < n; i++) {
+        s[i] = expf(s[i] - mx);
+        sum += s[i];
+    }
+    return sum;
+}
+
+// out (n,) += p * v (n,)
+static void axpy(float* out, float p, const float* v, int n) {
+    int j = 0;
+#ifdef __AVX2__
+    __m256 pv = _mm256_set1_ps(p);
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(out + j, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + j), _mm256_loadu_ps(out + j)));
+#endif
+    for (; j < n; j++) out[j] += p * v[j];
+}
+
 static float gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
@@ -387,18 +439,10 @@ int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
                 sc[t] = d;
                 mx = d > mx ? d : mx;
             }
-            float sum = 0.f;
-            for (int t = 0; t < n_ctx; t++) {
-                sc[t] = expf(sc[t] - mx);
-                sum += sc[t];
-            }
+            float inv = 1.f / exp_shift_sum(sc, n_ctx, mx);
             float* out = att + i * hd;
             for (int j = 0; j < hd; j++) out[j] = 0.f;
-            for (int t = 0; t < n_ctx; t++) {
-                const float* vt = vc + ((size_t)g * L->max_len + lo + t) * hd;
-                float p = sc[t] / sum;
-                for (int j = 0; j < hd; j++) out[j] += p * vt[j];
-            }
+            for (int t = 0; t < n_ctx; t++) axpy(out, sc[t] * inv, vc + ((size_t)g * L->max_len + lo + t) * hd, hd);
         }
 #pragma omp single
         quantize_x(att, qd, act.xq, act.xs, act.xsum);
