@@ -115,14 +115,16 @@ def load_bundle(path: str | Path) -> LoadedModel:
     quant = manifest.get("quant")
     if quant is not None and quant.get("bits") not in (4, 8):
         raise BundleError(f"{path}: quantization {quant} is not one this engine runs (int8, int4)")
-    with torch.device("meta"):  # never allocate the fp32 weights a quantized bundle replaces
+    # On the meta device: the fp32 weights a quantized bundle replaces, and the empty quantized
+    # buffers the state dict replaces, are never allocated (they would count in peak RSS).
+    with torch.device("meta"):
         model = Transformer(cfg, manifest["layers"])
-    if quant is not None:
-        try:
-            embeddings = quant.get("embeddings", False)
-            quantize_model(model, quant["bits"], quant["group_size"], empty=True, embeddings=embeddings)
-        except (KeyError, TypeError, TandemModelError) as exc:
-            raise BundleError(f"{path}: quantization {quant} is not one this runtime can build ({exc})") from exc
+        if quant is not None:
+            try:
+                embeddings = quant.get("embeddings", False)
+                quantize_model(model, quant["bits"], quant["group_size"], empty=True, embeddings=embeddings)
+            except (KeyError, TypeError, TandemModelError) as exc:
+                raise BundleError(f"{path}: quantization {quant} is not one this runtime can build ({exc})") from exc
     state = torch.load(path / "weights.pt", weights_only=True, mmap=True)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -131,5 +133,5 @@ def load_bundle(path: str | Path) -> LoadedModel:
     model.eval().requires_grad_(False)
     info = json.loads((path / "tokenizer_info.json").read_text())
     info["eos_ids"] = tuple(info["eos_ids"])
-    tok = GGUFTokenizer(Tokenizer.from_str((path / "tokenizer.json").read_text()), TokenizerInfo(**info))
+    tok = GGUFTokenizer(Tokenizer.from_file(str(path / "tokenizer.json")), TokenizerInfo(**info))
     return LoadedModel(model, tok, path)

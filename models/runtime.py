@@ -91,7 +91,7 @@ def _read_prepared(entry: Path, dtype: torch.dtype) -> tuple[Transformer, GGUFTo
     model.eval().requires_grad_(False)
     info = json.loads((entry / "tokenizer_info.json").read_text())
     info["eos_ids"] = tuple(info["eos_ids"])
-    tok = GGUFTokenizer(Tokenizer.from_str((entry / "tokenizer.json").read_text()), TokenizerInfo(**info))
+    tok = GGUFTokenizer(Tokenizer.from_file(str(entry / "tokenizer.json")), TokenizerInfo(**info))
     return model, tok
 
 
