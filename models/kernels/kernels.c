@@ -22,6 +22,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -371,14 +377,43 @@ static float gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
+// gate[i] <- act(gate[i]) * up[i] for i in [lo, hi): SiLU x / (1 + e^-x), or tanh-GELU with
+// tanh(u) = 1 - 2 / (e^2u + 1); eight at a time through exp8.
+static void glu_range(float* gate, const float* up, long lo, long hi, int gelu) {
+    long i = lo;
+#ifdef __AVX2__
+    const __m256 one = _mm256_set1_ps(1.f), two = _mm256_set1_ps(2.f);
+    for (; i + 8 <= hi; i += 8) {
+        __m256 x = _mm256_loadu_ps(gate + i), a;
+        if (gelu) {
+            __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                     _mm256_add_ps(x, _mm256_mul_ps(_mm256_set1_ps(0.044715f),
+                                                                    _mm256_mul_ps(x, _mm256_mul_ps(x, x)))));
+            __m256 t = _mm256_sub_ps(one, _mm256_div_ps(two, _mm256_add_ps(exp8(_mm256_mul_ps(two, u)), one)));
+            a = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(one, t));
+        } else {
+            a = _mm256_div_ps(x, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+        }
+        _mm256_storeu_ps(gate + i, _mm256_mul_ps(a, _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < hi; i++) {
+        float g = gate[i];
+        gate[i] = (gelu ? gelu_tanh(g) : g / (1.f + expf(-g))) * up[i];
+    }
+}
+
 int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
     int D = L->dim, H = L->n_heads, K = L->n_kv_heads, hd = L->head_dim, F = L->ffn_dim;
     int qd = H * hd, kd = K * hd, wide = F > qd ? F : qd;
     if (pos < 0 || pos >= L->max_len || D % 32 || qd % 32 || F % 32) return -1;
     int lo = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
     int n_ctx = pos + 1 - lo;
-    // Scratch: normed input, q, k, v, attention output, two projections of width max(F, D), scores.
-    size_t floats = (size_t)D + qd + 2 * kd + qd + 2 * (size_t)(wide > D ? wide : D) + (size_t)H * n_ctx;
+    int S = n_ctx >= 256 ? 4 : (n_ctx >= 64 ? 2 : 1);  // parts of each head's positions
+    // Scratch: normed input, q, k, v, attention output, two projections of width max(F, D), scores,
+    // and the attention parts' maxima, sums and outputs.
+    size_t floats = (size_t)D + qd + 2 * kd + qd + 2 * (size_t)(wide > D ? wide : D) + (size_t)H * n_ctx +
+                    (size_t)H * S * (hd + 2);
     float* buf = (float*)malloc(floats * sizeof(float));
     int16_t* xq = (int16_t*)aligned_alloc(32, ((size_t)wide + D + 32) * sizeof(int16_t) + 64);
     float* xsb = (float*)malloc(2 * ((size_t)wide + D) / 32 * sizeof(float) + 64);
@@ -388,6 +423,7 @@ int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
     }
     float *xn = buf, *q = xn + D, *k = q + qd, *v = k + kd, *att = v + kd;
     float *p1 = att + qd, *p2 = p1 + (wide > D ? wide : D), *scores = p2 + (wide > D ? wide : D);
+    float *pm = scores + (size_t)H * n_ctx, *ps = pm + H * S, *po = ps + H * S;
     Act act = {xq, xsb, xsb + (wide + D) / 32};
     float* kc = L->k_cache;
     float* vc = L->v_cache;
@@ -425,24 +461,42 @@ int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
                 memcpy(vc + ((size_t)i * L->max_len + pos) * hd, v + i * hd, hd * sizeof(float));
             }
         }
-        // Attention, one query head per iteration: softmax over cached positions [lo, pos].
+        // Attention: each head's cached positions [lo, pos] in S parts (so 2 threads share 9
+        // heads evenly); each part keeps its own max, sum of exponentials and unnormalised output,
+        // merged per head below (the split-softmax merge of flash decoding).
 #pragma omp for schedule(static)
-        for (int i = 0; i < H; i++) {
-            int g = i / (H / K);
+        for (int u = 0; u < H * S; u++) {
+            int i = u / S, part = u % S, g = i / (H / K);
+            int t0 = n_ctx * part / S, t1 = n_ctx * (part + 1) / S;
             const float* qh = q + i * hd;
             float* sc = scores + (size_t)i * n_ctx;
             float mx = -INFINITY;
-            for (int t = 0; t < n_ctx; t++) {
+            for (int t = t0; t < t1; t++) {
                 const float* kt = kc + ((size_t)g * L->max_len + lo + t) * hd;
                 float d = dot(qh, kt, hd) * L->query_scale;
                 if (L->attn_softcap > 0.f) d = tanhf(d / L->attn_softcap) * L->attn_softcap;
                 sc[t] = d;
                 mx = d > mx ? d : mx;
             }
-            float inv = 1.f / exp_shift_sum(sc, n_ctx, mx);
+            float* o = po + (size_t)u * hd;
+            for (int j = 0; j < hd; j++) o[j] = 0.f;
+            pm[u] = mx;
+            ps[u] = t1 > t0 ? exp_shift_sum(sc + t0, t1 - t0, mx) : 0.f;
+            for (int t = t0; t < t1; t++) axpy(o, sc[t], vc + ((size_t)g * L->max_len + lo + t) * hd, hd);
+        }
+#pragma omp for schedule(static)
+        for (int i = 0; i < H; i++) {
+            float m = -INFINITY, total = 0.f;
+            for (int part = 0; part < S; part++) m = pm[i * S + part] > m ? pm[i * S + part] : m;
             float* out = att + i * hd;
             for (int j = 0; j < hd; j++) out[j] = 0.f;
-            for (int t = 0; t < n_ctx; t++) axpy(out, sc[t] * inv, vc + ((size_t)g * L->max_len + lo + t) * hd, hd);
+            for (int part = 0; part < S; part++) {
+                if (ps[i * S + part] == 0.f) continue;  // an empty part
+                float w = expf(pm[i * S + part] - m);
+                total += w * ps[i * S + part];
+                axpy(out, w, po + (size_t)(i * S + part) * hd, hd);
+            }
+            for (int j = 0; j < hd; j++) out[j] /= total;
         }
 #pragma omp single
         quantize_x(att, qd, act.xq, act.xs, act.xsum);
@@ -463,15 +517,13 @@ int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
                 p2[r - F] = qrow(&L->w_up, r - F, &act);
             }
         }
-#pragma omp single
-        {
-            for (int i = 0; i < F; i++) {
-                float g = p1[i];
-                g = L->gelu ? gelu_tanh(g) : g / (1.f + expf(-g));
-                p1[i] = g * p2[i];
-            }
-            quantize_x(p1, F, act.xq, act.xs, act.xsum);
+        {  // each thread its share of the activation, in blocks of 32 (quantize_x's unit)
+            int nt = omp_get_num_threads(), id = omp_get_thread_num(), nb = F / 32;
+            long lo = (long)nb * id / nt * 32, hi = (long)nb * (id + 1) / nt * 32;
+            glu_range(p1, p2, lo, hi, L->gelu);
+            quantize_x(p1 + lo, (int)(hi - lo), act.xq + lo, act.xs + lo / 32, act.xsum + lo / 32);
         }
+#pragma omp barrier
 #pragma omp for schedule(static)
         for (int r = 0; r < D; r++) p2[r] = qrow(&L->w_down, r, &act);
 #pragma omp single
@@ -498,10 +550,8 @@ int tandem_rope_rows(float* x, const float* cos, const float* sin, int T, int H,
 
 // gate (n,) <- act(gate) * up, act SiLU or tanh-GELU.
 int tandem_glu(float* gate, const float* up, long n, int gelu, int nthreads) {
+    long chunk = 1 << 14;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (long i = 0; i < n; i++) {
-        float g = gate[i];
-        gate[i] = (gelu ? gelu_tanh(g) : g / (1.f + expf(-g))) * up[i];
-    }
+    for (long c = 0; c < (n + chunk - 1) / chunk; c++) glu_range(gate, up, c * chunk, c + 1 < (n + chunk - 1) / chunk ? (c + 1) * chunk : n, gelu);
     return 0;
 }
