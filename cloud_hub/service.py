@@ -231,7 +231,7 @@ class HubService:
         """Placements that serve `model` (any model when empty); chat prompts need a chat model."""
         out = []
         for s in self.fleet.online():
-            profile = load_profile(s.record.profile)
+            profile = _profile(s.record.profile)
             for m in s.models:
                 if (not model or m.name == model) and (m.chat or not chat):
                     cost = _model_cost(m.config_json)
@@ -495,6 +495,13 @@ def _model_dict(m: pb.ModelInfo) -> dict:
         "weight_bytes": m.weight_bytes,
         "config_json": m.config_json,
     }
+
+
+@functools.lru_cache(maxsize=256)
+def _profile(name: str) -> DeviceProfile:
+    """A device's profile, parsed once (load_profile stats the name as a path on every call, and
+    the router needs every candidate's profile on every request)."""
+    return load_profile(name)
 
 
 @functools.lru_cache(maxsize=256)
