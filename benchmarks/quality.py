@@ -1,6 +1,6 @@
 """Quality table of model variants: BPB on held-out text and top-1 agreement with the base model.
 
-Variants: fp32 (the GGUF dequantized), int8 (per channel), int4 (groups of 32 and 128), layers
+Variants: fp32 (the GGUF dequantized), int8 (per channel), int4 (groups of 32 and 64), layers
 pruned by block influence measured on calibration text (4, 8, 12), and combinations. Quantized
 variants also carry the int8 embedding/head (groups of 32) that the agent serves. Each window is
 scored in one teacher-forced pass, so this measures the weights; what the decode kernels' own
@@ -55,7 +55,7 @@ def main() -> None:
         ("fp32", None, 0, None),
         ("int8", 8, 0, None),
         ("int4 g32", 4, 0, 32),
-        ("int4 g128", 4, 0, 128),
+        ("int4 g64", 4, 0, 64),
         ("pruned 4", None, 4, None),
         ("pruned 8", None, 8, None),
         ("pruned 12", None, 12, None),
