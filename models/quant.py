@@ -18,6 +18,8 @@ code j + 16 in its high nibble (GGUF's own block order).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -189,6 +191,22 @@ def quantize_model(
         if not model.cfg.tied_embeddings:
             out = model.output.weight
             model.output = QuantLinear(tuple(out.shape) if empty else out, 8, 32)
+    return model
+
+
+def dequantized(model: Transformer) -> Transformer:
+    """A copy whose quantized layers and embedding are plain fp32 modules of their dequantized
+    weights: the same weights computed by torch's own fp32 matmuls (the reference a quantized
+    engine's arithmetic is held to; our kernels round activations to int16)."""
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):  # also the QuantLinear inside a quantized embedding
+        for name, child in list(module.named_children()):
+            if isinstance(child, QuantLinear):
+                dense = nn.Linear(child.shape[1], child.shape[0], bias=False)
+                dense.weight.data = child.dequantize()
+                setattr(module, name, dense)
+    if isinstance(model.tok_embeddings, QuantEmbedding):
+        model.tok_embeddings = nn.Embedding.from_pretrained(model.tok_embeddings.linear.weight)
     return model
 
 

@@ -66,6 +66,16 @@ def real_model(name: str) -> LoadedModel:
         raise  # unreachable: skip raises
 
 
+@pytest.fixture(scope="module")
+def tmp_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A throwaway tandem cache (TANDEM_CACHE_DIR) for a module's tiny models: their prepared
+    weights and exported graphs."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TANDEM_CACHE_DIR", str(root))
+        yield root
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Exporting the 7-layer tiny gemma3 to ONNX takes about a minute a graph on two cores, so the

@@ -18,31 +18,20 @@ EngineUnavailable message, which is itself the load-time error issue 6 asks for.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
 from edge_agent.engines.registry import ENGINES, make_engine
 from models.bundle import save_bundle
-from models.quant import QuantLinear, quantize_model
+from models.quant import dequantized, quantize_model
 from models.runtime import LoadedModel, load
 from models.sampling import SamplingParams
 from models.transformer import Step
 
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A throwaway tandem cache for exported graphs of the tiny models."""
-    root = tmp_path_factory.mktemp("conformance-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TANDEM_CACHE_DIR", str(root))
-        yield root
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +64,7 @@ def _teacher_forced(engine: InferenceEngine, prompt: list[int], tokens: list[int
 
 @pytest.mark.parametrize("name", sorted(ENGINES))
 def test_fp32_engines_give_the_reference_greedy_tokens(
-    name: str, tiny: LoadedModel, variants: dict[str, str], engine_cache: Path
+    name: str, tiny: LoadedModel, variants: dict[str, str], tmp_cache: Path
 ) -> None:
     prompt = tiny.tokenizer.encode("the cat sat")
     want = tiny.generator().generate([prompt], SamplingParams(max_tokens=STEPS, ignore_eos=True))[0].token_ids
@@ -95,15 +84,8 @@ def test_fp32_engines_give_the_reference_greedy_tokens(
 def _dense_logits(bundle: str, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """The bundle's exact weights, dequantized into plain fp32 layers and run by torch: the
     reference a quantized engine's arithmetic is held to. (len(tokens) + 1, V) logits."""
-    model = load(bundle).model
-    for module in list(model.modules()):  # also the QuantLinear inside the quantized embedding
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, QuantLinear):
-                dense = nn.Linear(child.shape[1], child.shape[0], bias=False)
-                dense.weight.data = child.dequantize()
-                setattr(module, child_name, dense)
-    if not isinstance(model.tok_embeddings, nn.Embedding):
-        model.tok_embeddings = nn.Embedding.from_pretrained(model.tok_embeddings.linear.weight)
+    model = dequantized(load(bundle).model)
+    model.fast_decode = False
     ids = prompt + tokens
     model.setup_cache(1, len(ids))
     with torch.no_grad():
@@ -113,7 +95,7 @@ def _dense_logits(bundle: str, prompt: list[int], tokens: list[int]) -> torch.Te
 @pytest.mark.parametrize("variant", ["int8", "int4"])
 @pytest.mark.parametrize("name", sorted(ENGINES))
 def test_quantized_engines_pass_the_closeness_check(
-    name: str, variant: str, tiny: LoadedModel, variants: dict[str, str], engine_cache: Path
+    name: str, variant: str, tiny: LoadedModel, variants: dict[str, str], tmp_cache: Path
 ) -> None:
     prompt = tiny.tokenizer.encode("the cat sat")
     engine = _engine(name, variants[variant])

@@ -7,12 +7,10 @@ throwaway cache (about 10 s for llama, 30-40 s for the 7-layer gemma: torch.expo
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 pytest.importorskip("onnxruntime", reason="pip install 'tandem[onnx]' (make setup installs it)")
 pytest.importorskip("onnxscript", reason="pip install 'tandem[onnx]' (make setup installs it)")
@@ -25,22 +23,13 @@ from models import zoo  # noqa: E402
 from models.bundle import save_bundle  # noqa: E402
 from models.chat import render_chat  # noqa: E402
 from models.onnx_export import ExportOptions, UnsupportedQuantization, cached_export, graph_names  # noqa: E402
-from models.quant import QuantLinear, quantize_model  # noqa: E402
+from models.quant import QuantLinear, dequantized, quantize_model  # noqa: E402
 from models.runtime import LoadedModel, load  # noqa: E402
 from models.transformer import Step  # noqa: E402
 from tests.conftest import real_model  # noqa: E402
 
 STEPS = 10
 REAL_CACHE = zoo.cache_dir()  # before tmp_cache points the tiny models' tests elsewhere
-
-
-@pytest.fixture(scope="module")
-def tmp_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A throwaway tandem cache for the tiny models' prepared weights and graphs."""
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TANDEM_CACHE_DIR", str(root))
-        yield root
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +54,6 @@ def fp32_engines(tiny_path: Path, tmp_cache: Path) -> tuple[InferenceEngine, Inf
 @pytest.fixture(scope="module")
 def int4_engines(int4_bundle: Path, tmp_cache: Path) -> tuple[InferenceEngine, InferenceEngine]:
     return _engines(str(int4_bundle))
-
-
-def _dense(model: nn.Module) -> nn.Module:
-    """A copy whose quantized layers and embedding are plain fp32 modules of their dequantized weights:
-    the exact weights, computed by torch's own fp32 matmuls (the torch engine's int kernels round
-    activations to int16, about 1e-4 relative)."""
-    model = copy.deepcopy(model)
-    for module in list(model.modules()):  # also the QuantLinear inside a quantized embedding
-        for name, child in list(module.named_children()):
-            if isinstance(child, QuantLinear):
-                dense = nn.Linear(child.shape[1], child.shape[0], bias=False)
-                dense.weight.data = child.dequantize()
-                setattr(module, name, dense)
-    if not isinstance(model.tok_embeddings, nn.Embedding):
-        model.tok_embeddings = nn.Embedding.from_pretrained(model.tok_embeddings.linear.weight)
-    model.fast_decode = False
-    return model
 
 
 def _prompt(tiny: LoadedModel) -> list[int]:
@@ -195,7 +167,7 @@ def test_int4_engine_computes_with_the_bundles_own_weights(
 ) -> None:
     reference, engine = int4_engines
     prompt = _prompt(tiny)
-    dense = _dense(load(int4_bundle).model)  # the exact weights in fp32: ORT must agree to fp32 rounding
+    dense = dequantized(load(int4_bundle).model)  # the exact weights in fp32: ORT must agree to fp32 rounding
     dense.setup_cache(1, len(prompt))
     with torch.no_grad():
         exact = dense(torch.tensor([prompt]), Step.at(0, len(prompt)))[0, -1]
