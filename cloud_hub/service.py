@@ -234,7 +234,7 @@ class HubService:
             profile = _profile(s.record.profile)
             for m in s.models:
                 if (not model or m.name == model) and (m.chat or not chat):
-                    cost = _model_cost(m.config_json)
+                    cost = _model_cost(m.config_json, m.weight_bytes)
                     out.append(Candidate("edge", s.device_id, profile, m.name, cost, s.inflight, s.record.emulated))
         info = self.cloud.model_info() if self.cloud is not None else None
         if (
@@ -243,7 +243,7 @@ class HubService:
             and (not model or model == info.name)
             and (info.chat or not chat)
         ):
-            cost = _model_cost(info.config_json)
+            cost = _model_cost(info.config_json, info.weight_bytes)
             out.append(Candidate("cloud", "", self.cloud_profile, self.cloud.model, cost, self._cloud_inflight))
         return out
 
@@ -505,9 +505,16 @@ def _profile(name: str) -> DeviceProfile:
 
 
 @functools.lru_cache(maxsize=256)
-def _model_cost(config_json: str) -> ModelCost:
-    """Cost model of a model config (cached: the router needs it for every candidate of every request)."""
-    return ModelCost.from_config(_config_from_json(config_json), bits_per_weight=32.0)
+def _model_cost(config_json: str, weight_bytes: int = 0) -> ModelCost:
+    """Cost model of a model as served (cached: the router needs it for every candidate of every
+    request). Its bits per weight come from the stored weight bytes the server advertised, so an
+    int4 bundle is costed as the ~5 bits a weight it reads, not as fp32; our runtimes keep an
+    fp32 KV cache."""
+    cfg = _config_from_json(config_json)
+    bits = 32.0
+    if weight_bytes > 0:
+        bits = 8 * weight_bytes / ModelCost.from_config(cfg, bits_per_weight=32.0).n_params
+    return ModelCost.from_config(cfg, bits_per_weight=bits, kv_bits=32.0)
 
 
 def _config_from_json(config_json: str) -> ModelConfig:

@@ -25,7 +25,7 @@ from models import zoo
 from models.config import ModelConfig
 from models.generate import Generator
 from models.gguf_loader import load_model
-from models.quant import weight_bytes
+from models.quant import QuantLinear, weight_bytes
 from models.tokenizer import GGUFTokenizer, TokenizerInfo, tokenizer_from_metadata
 from models.transformer import Transformer
 
@@ -47,9 +47,14 @@ class LoadedModel:
     def generator(self) -> Generator:
         return Generator(self.model, self.tokenizer)
 
-    def describe(self, name: str, quant: str = "fp32") -> dict:
+    def describe(self, name: str, quant: str | None = None) -> dict:
         """What a server advertises about this model (the fields of the protocol's ModelInfo):
-        sizes for the hub's cost model, the config itself, and whether it takes chat messages."""
+        sizes for the hub's cost model (stored weight bytes, so the hub knows a 4-bit model reads
+        an eighth of an fp32 one), the config itself, and whether it takes chat messages. `quant`
+        defaults to what the model holds: "int4", "int8" or "fp32"."""
+        if quant is None:
+            layer = next((m for m in self.model.layers.modules() if isinstance(m, QuantLinear)), None)
+            quant = f"int{layer.bits}" if layer is not None else "fp32"
         return {
             "name": name,
             "arch": self.config.arch,

@@ -111,3 +111,16 @@ def test_torch_engine_on_cuda_matches_cpu(tiny: LoadedModel, tiny_path: Path) ->
     gpu.load(str(tiny_path))
     prompt = tiny.tokenizer.encode("the cat sat")
     torch.testing.assert_close(gpu.prefill("r", prompt, 16).cpu(), cpu.prefill("r", prompt, 16), atol=1e-3, rtol=1e-3)
+
+
+def test_servers_advertise_what_their_weights_cost(tiny: LoadedModel) -> None:
+    """An int4 bundle advertises its stored bytes, and the hub costs it at those bits a weight
+    (decode reads ~5 bits a weight, not 32), so the router predicts it faster than fp32."""
+    from cloud_hub.service import _model_cost
+
+    fp32 = tiny.describe("tiny")
+    quant = LoadedModel(quantize_model(copy.deepcopy(tiny.model), 4), tiny.tokenizer, tiny.path).describe("tiny")
+    assert (fp32["quant"], quant["quant"]) == ("fp32", "int4")
+    assert _model_cost(fp32["config_json"], fp32["weight_bytes"]).bits_per_weight == pytest.approx(32.0)
+    bits = _model_cost(quant["config_json"], quant["weight_bytes"]).bits_per_weight
+    assert 5.0 <= bits <= 8.5  # int4 g32 layers (5 bits with fp16 scale and minimum), int8 g32 table (8.5)
