@@ -79,8 +79,10 @@ def tmp_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Exporting the 7-layer tiny gemma3 to ONNX takes about a minute a graph on two cores, so the
-    onnxruntime engine's gemma3 conformance cases run with the slow tests (llama's stay in the
-    default run, and tests/test_onnx_engine.py covers gemma3's graph once)."""
+    onnxruntime engine's gemma3 cases run with the slow tests (`make test-slow`); llama's, and the
+    torch engine's gemma3 cases, stay in the default run."""
     for item in items:
-        if item.path.name == "test_engine_conformance.py" and "gemma3-onnxruntime" in item.name:
+        conformance = item.path.name == "test_engine_conformance.py" and "gemma3-onnxruntime" in item.name
+        onnx_engine = item.path.name == "test_onnx_engine.py" and "gemma3" in item.name
+        if conformance or onnx_engine:
             item.add_marker(pytest.mark.slow)
