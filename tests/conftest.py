@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cloud_hub.broker import BrokerConfig, ManagedBroker, find_mosquitto
 from models.errors import ModelNotPulled
 from models.runtime import LoadedModel, load
 from tests.tiny import TinySpec, write_tiny_gguf
@@ -64,6 +65,15 @@ def real_model(name: str) -> LoadedModel:
             raise
         pytest.skip(f"{exc} (make test pulls it)")
         raise  # unreachable: skip raises
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedBroker]:
+    """A real Mosquitto managed as the hub runs it, one per test module."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto binary not found (Debian: apt-get install mosquitto)")
+    with ManagedBroker(BrokerConfig(tmp_path_factory.mktemp("broker"))) as b:
+        yield b
 
 
 @pytest.fixture(scope="module")

@@ -99,14 +99,6 @@ class Peer:
 # -- fixtures -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedBroker]:
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto binary not found (Debian: apt-get install mosquitto)")
-    with ManagedBroker(BrokerConfig(tmp_path_factory.mktemp("broker"))) as b:
-        yield b
-
-
 @pytest.fixture
 def connect(broker: ManagedBroker) -> Iterator[Callable[[str | None, str | None], Peer]]:
     peers: list[Peer] = []

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cloud_hub import mqtt_codec as codec
-from cloud_hub.broker import BrokerConfig, ManagedBroker, device_topic, find_mosquitto
+from cloud_hub.broker import BrokerConfig, ManagedBroker, device_topic
 from cloud_hub.mqtt_codec import Message
 from cloud_hub.mqtt_ingest import ConnectRefused, MqttError, MqttSubscriber, SubscriberConfig, _Protocol
 from cloud_hub.telemetry import TelemetryIngest
@@ -74,14 +74,6 @@ class Publisher:
 def _config(broker: ManagedBroker, **kw: object) -> SubscriberConfig:
     base = {"username": broker.hub_username, "password": broker.hub_password, "subscriptions": FILTERS}
     return SubscriberConfig(broker.host, broker.port, **{**base, **kw})  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedBroker]:
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto binary not found (Debian: apt-get install mosquitto)")
-    with ManagedBroker(BrokerConfig(tmp_path_factory.mktemp("broker"))) as b:
-        yield b
 
 
 @pytest.fixture
