@@ -51,6 +51,17 @@ class Step:
         return self.cache_pos[None, :] - self.pad[:, None]
 
 
+def _fresh_prefill(step: Step, last: int) -> bool:
+    """True when `step` writes slots [0, last) of unpadded rows: its mask is exactly causal."""
+    pos = step.cache_pos
+    return (
+        pos.numel() == last
+        and bool((step.pad == 0).all())
+        and int(pos[0]) == 0
+        and bool((pos[1:] - pos[:-1] == 1).all())
+    )
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -90,7 +101,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache, step: Step) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache, step: Step
+    ) -> Tensor:
+        """mask (B, 1, T, S) boolean, or None for plain causal attention from slot 0."""
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim)
@@ -108,13 +122,22 @@ class Attention(nn.Module):
             out = _softcapped_attention(q, keys, values, mask, cfg)
         else:
             out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=cfg.query_scale, enable_gqa=cfg.n_kv_heads != cfg.n_heads
+                q,
+                keys,
+                values,
+                attn_mask=mask,
+                is_causal=mask is None,  # lets the kernel skip the blocks above the diagonal
+                scale=cfg.query_scale,
+                enable_gqa=cfg.n_kv_heads != cfg.n_heads,
             )  # (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
 
 
-def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, cfg: ModelConfig) -> Tensor:
+def _softcapped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cfg: ModelConfig) -> Tensor:
     """Explicit attention for models that soft-cap scores (SDPA cannot)."""
+    if mask is None:  # causal from slot 0: query t sees keys [0, t]
+        T, S = q.shape[-2], k.shape[-2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
     rep = cfg.n_heads // cfg.n_kv_heads
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-1, -2)) * cfg.query_scale  # (B, H, T, S)
@@ -153,7 +176,9 @@ class Block(nn.Module):
             self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.post_ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache, step: Step) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache, step: Step
+    ) -> Tensor:
         a = self.attention(self.attn_norm(x), cos, sin, mask, cache, step)
         if self.sandwich:
             a = self.post_attn_norm(a)
@@ -235,6 +260,8 @@ class Transformer(nn.Module):
             if decoder is not None and int(step.pad[0]) == 0:  # one token of one sequence: a C call per layer
                 return decoder.run(h, last - 1, start, end)
         masks = {sliding: self._mask(step, last, sliding) for sliding in {blk.sliding for blk in self.layers}}
+        if _fresh_prefill(step, last):  # plain causal: SDPA skips half the work without a mask
+            masks = {s: None if not s or last <= self.cfg.sliding_window else m for s, m in masks.items()}
         positions = step.positions.clamp(min=0)  # (B, T); padding slots get position 0, never attended
         ropes = {base: (cos[positions][:, None], sin[positions][:, None]) for base, (cos, sin) in self._rope.items()}
         for i in range(start, end):

@@ -32,6 +32,19 @@ static inline int omp_get_thread_num(void) { return 0; }
 #include <immintrin.h>
 #endif
 
+// Denormal floats (below 1.2e-38) take microcode assists of ~100 cycles each on x86. Softmax
+// weights of far-away positions land there (e^-80 times a small value), so every thread flushes
+// them to zero (MXCSR is per thread: torch's own setting does not reach our OpenMP workers).
+// Each thread restores its own setting before it leaves, so torch's arithmetic is untouched.
+#ifdef __SSE2__
+#include <xmmintrin.h>
+#define FLUSH_DENORMALS_BEGIN() unsigned saved_csr_ = _mm_getcsr(); _mm_setcsr(saved_csr_ | 0x8040)  // FTZ|DAZ
+#define FLUSH_DENORMALS_END() _mm_setcsr(saved_csr_)
+#else
+#define FLUSH_DENORMALS_BEGIN() ((void)0)
+#define FLUSH_DENORMALS_END() ((void)0)
+#endif
+
 static inline float half_to_float(uint16_t h) {
 #ifdef __F16C__
     return _cvtsh_ss(h);
@@ -373,6 +386,62 @@ static void axpy(float* out, float p, const float* v, int n) {
     for (; j < n; j++) out[j] += p * v[j];
 }
 
+// sc[t] = scale * q . k_t for t in [t0, t1), k_t = kh + t * hd, then the optional tanh softcap.
+// Eight positions at a time: eight independent FMA chains, reduced together by one hadd tree
+// (a per-position horizontal sum would serialise on its latency).
+static void head_scores(const float* qh, const float* kh, int hd, int t0, int t1, float scale, float softcap,
+                        float* sc) {
+    int t = t0;
+#ifdef __AVX2__
+    if (hd % 8 == 0) {
+        for (; t + 8 <= t1; t += 8) {
+            __m256 acc[8];
+#pragma GCC unroll 8
+            for (int p = 0; p < 8; p++) acc[p] = _mm256_setzero_ps();
+            for (int j = 0; j < hd; j += 8) {
+                __m256 qv = _mm256_loadu_ps(qh + j);
+#pragma GCC unroll 8
+                for (int p = 0; p < 8; p++)
+                    acc[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + (size_t)(t + p) * hd + j), acc[p]);
+            }
+            __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+            __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+            __m256 s8 = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+            _mm256_storeu_ps(sc + t, _mm256_mul_ps(s8, _mm256_set1_ps(scale)));
+        }
+    }
+#endif
+    for (; t < t1; t++) sc[t] = dot(qh, kh + (size_t)t * hd, hd) * scale;
+    if (softcap > 0.f) {
+        for (t = t0; t < t1; t++) sc[t] = tanhf(sc[t] / softcap) * softcap;
+    }
+}
+
+// out (hd,) = sum over t in [t0, t1) of p[t] * v_t, v_t = vh + t * hd. On AVX2 the output stays
+// in eight registers per 64 dimensions instead of a load and store per position.
+static void head_values(const float* p, const float* vh, int hd, int t0, int t1, float* out) {
+#ifdef __AVX2__
+    if (hd % 64 == 0) {
+        for (int j0 = 0; j0 < hd; j0 += 64) {
+            __m256 acc[8];
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+            for (int t = t0; t < t1; t++) {
+                __m256 pt = _mm256_set1_ps(p[t]);
+                const float* vt = vh + (size_t)t * hd + j0;
+#pragma GCC unroll 8
+                for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * k), acc[k]);
+            }
+#pragma GCC unroll 8
+            for (int k = 0; k < 8; k++) _mm256_storeu_ps(out + j0 + 8 * k, acc[k]);
+        }
+        return;
+    }
+#endif
+    for (int j = 0; j < hd; j++) out[j] = 0.f;
+    for (int t = t0; t < t1; t++) axpy(out, p[t], vh + (size_t)t * hd, hd);
+}
+
 static float gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
@@ -430,6 +499,7 @@ int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
 
 #pragma omp parallel num_threads(nthreads)
     {
+        FLUSH_DENORMALS_BEGIN();
 #pragma omp single
         {
             rmsnorm(h, L->attn_norm, D, L->eps, xn);
@@ -463,26 +533,23 @@ int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
         }
         // Attention: each head's cached positions [lo, pos] in S parts (so 2 threads share 9
         // heads evenly); each part keeps its own max, sum of exponentials and unnormalised output,
-        // merged per head below (the split-softmax merge of flash decoding).
+        // merged per head below (the split-softmax merge of flash decoding). Units run kv group
+        // by group and part by part, so a group's query heads read the same K and V rows while
+        // they are still in cache.
 #pragma omp for schedule(static)
         for (int u = 0; u < H * S; u++) {
-            int i = u / S, part = u % S, g = i / (H / K);
+            int hpg = H / K, g = u / (S * hpg), part = (u / hpg) % S, i = g * hpg + u % hpg;
             int t0 = n_ctx * part / S, t1 = n_ctx * (part + 1) / S;
-            const float* qh = q + i * hd;
+            const float* kg = kc + ((size_t)g * L->max_len + lo) * hd;
+            const float* vg = vc + ((size_t)g * L->max_len + lo) * hd;
             float* sc = scores + (size_t)i * n_ctx;
+            head_scores(q + i * hd, kg, hd, t0, t1, L->query_scale, L->attn_softcap, sc);
             float mx = -INFINITY;
-            for (int t = t0; t < t1; t++) {
-                const float* kt = kc + ((size_t)g * L->max_len + lo + t) * hd;
-                float d = dot(qh, kt, hd) * L->query_scale;
-                if (L->attn_softcap > 0.f) d = tanhf(d / L->attn_softcap) * L->attn_softcap;
-                sc[t] = d;
-                mx = d > mx ? d : mx;
-            }
-            float* o = po + (size_t)u * hd;
-            for (int j = 0; j < hd; j++) o[j] = 0.f;
-            pm[u] = mx;
-            ps[u] = t1 > t0 ? exp_shift_sum(sc + t0, t1 - t0, mx) : 0.f;
-            for (int t = t0; t < t1; t++) axpy(o, sc[t], vc + ((size_t)g * L->max_len + lo + t) * hd, hd);
+            for (int t = t0; t < t1; t++) mx = sc[t] > mx ? sc[t] : mx;
+            int w = i * S + part;
+            pm[w] = mx;
+            ps[w] = t1 > t0 ? exp_shift_sum(sc + t0, t1 - t0, mx) : 0.f;
+            head_values(sc, vg, hd, t0, t1, po + (size_t)w * hd);
         }
 #pragma omp for schedule(static)
         for (int i = 0; i < H; i++) {
@@ -531,6 +598,7 @@ int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
             if (L->sandwich) rmsnorm(p2, L->post_ffn_norm, D, L->eps, p2);
             for (int i = 0; i < D; i++) h[i] += p2[i];
         }
+        FLUSH_DENORMALS_END();
     }
     free(buf), free(xq), free(xsb);
     return 0;
