@@ -101,9 +101,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache, step: Step
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache, step: Step) -> Tensor:
         """mask (B, 1, T, S) boolean, or None for plain causal attention from slot 0."""
         cfg = self.cfg
         B, T, _ = x.shape
@@ -176,9 +174,7 @@ class Block(nn.Module):
             self.post_attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
             self.post_ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache, step: Step
-    ) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache, step: Step) -> Tensor:
         a = self.attention(self.attn_norm(x), cos, sin, mask, cache, step)
         if self.sandwich:
             a = self.post_attn_norm(a)
