@@ -1,8 +1,8 @@
 """Batch-1 decode on CPU through our kernels: one C call per layer instead of ~15 torch ops.
 
 At batch 1 a 135M-parameter model spends more time dispatching small torch ops than reading its
-weights. `CpuDecoder` hands each quantized layer to `kernels.layer_step`, which runs norms,
-projections, RoPE, the cache write, attention and the MLP for one token. Python still chooses
+weights. `CpuDecoder` hands the quantized layers to `kernels.layers`, one C call that runs
+norms, projections, RoPE, the cache write, attention and the MLP of each layer for one token. Python still chooses
 which layers run (layer ranges for split inference, skipped layers), and prefill, batches and
 unquantized models keep the torch path; both paths read and write the same KV caches, so a
 request can move between them at any token.
@@ -65,8 +65,9 @@ class CpuDecoder:
             raise ValueError(reason)
         cfg = model.cfg
         self.model = model
-        self.steps: list[kernels.LayerStep] = []
+        self.steps = (kernels.LayerStep * len(model.layers))()  # one C array; elements are views
         self.bases: list[float] = []
+        self.caches: list[tuple | None] = [None] * len(model.layers)  # what each step points at
         for block in model.layers:
             a, f = block.attention, block.feed_forward
             norms = {
@@ -80,47 +81,48 @@ class CpuDecoder:
             for name, w in norms.items():
                 if w is not None and not (w.is_contiguous() and w.dtype == torch.float32):
                     raise ValueError(f"{name} must be contiguous float32")
-            self.steps.append(
-                kernels.LayerStep(
-                    dim=cfg.dim,
-                    n_heads=cfg.n_heads,
-                    n_kv_heads=cfg.n_kv_heads,
-                    head_dim=cfg.head_dim,
-                    ffn_dim=cfg.ffn_dim,
-                    qk_norm=int(cfg.qk_norm),
-                    sandwich=int(cfg.sandwich_norm),
-                    gelu=int(cfg.act == "gelu_tanh"),
-                    window=cfg.sliding_window if block.sliding else 0,
-                    eps=cfg.norm_eps,
-                    query_scale=cfg.query_scale,
-                    attn_softcap=cfg.attn_logit_softcap,
-                    wq=_qweight(a.wq),
-                    wk=_qweight(a.wk),
-                    wv=_qweight(a.wv),
-                    wo=_qweight(a.wo),
-                    w_gate=_qweight(f.w_gate),
-                    w_up=_qweight(f.w_up),
-                    w_down=_qweight(f.w_down),
-                    **{name: _ptr(w) for name, w in norms.items()},
-                )
+            self.steps[len(self.bases)] = kernels.LayerStep(
+                dim=cfg.dim,
+                n_heads=cfg.n_heads,
+                n_kv_heads=cfg.n_kv_heads,
+                head_dim=cfg.head_dim,
+                ffn_dim=cfg.ffn_dim,
+                qk_norm=int(cfg.qk_norm),
+                sandwich=int(cfg.sandwich_norm),
+                gelu=int(cfg.act == "gelu_tanh"),
+                window=cfg.sliding_window if block.sliding else 0,
+                eps=cfg.norm_eps,
+                query_scale=cfg.query_scale,
+                attn_softcap=cfg.attn_logit_softcap,
+                wq=_qweight(a.wq),
+                wk=_qweight(a.wk),
+                wv=_qweight(a.wv),
+                wo=_qweight(a.wo),
+                w_gate=_qweight(f.w_gate),
+                w_up=_qweight(f.w_up),
+                w_down=_qweight(f.w_down),
+                **{name: _ptr(w) for name, w in norms.items()},
             )
             self.bases.append(cfg.rope_local_base if block.sliding else cfg.rope_base)
 
     def run(self, h: Tensor, position: int, start: int, end: int) -> Tensor:
         """Layers [start, end) on h (1, 1, D) for the token in cache slot `position`."""
         model = self.model
-        x = h.reshape(-1).to(torch.float32).clone()  # (D,), updated in place by each layer
         for i in range(start, end):
             cache: KVCache | None = model.caches[i]
             if cache is None:
                 raise ValueError(f"layer {i} has no KV cache; setup_cache covered other layers")
-            if cache.k.shape[0] != 1 or not cache.k.is_contiguous():
-                raise ValueError("the kernels decode one sequence with contiguous caches")
-            step = self.steps[i]
             cos, sin = model._rope[self.bases[i]]
-            step.k_cache, step.v_cache, step.max_len = cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len
-            step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
-            kernels.layer_step(step, x, position)
+            key = (cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len, cos.data_ptr(), sin.data_ptr())
+            if self.caches[i] != key:  # other caches (another request's, or new): point the step at them
+                if cache.k.shape[0] != 1 or not (cache.k.is_contiguous() and cache.v.is_contiguous()):
+                    raise ValueError("the kernels decode one sequence with contiguous caches")
+                step = self.steps[i]
+                step.k_cache, step.v_cache, step.max_len = cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len
+                step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
+                self.caches[i] = key
+        x = h.reshape(-1).to(torch.float32).clone()  # (D,), updated in place by each layer
+        kernels.layers(self.steps, start, end, x, position)
         return x.view(1, 1, -1)
 
 

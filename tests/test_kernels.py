@@ -122,3 +122,19 @@ def test_fast_decode_follows_replaced_weights(tiny: LoadedModel) -> None:
     assert not torch.allclose(after, before)
     want = _decode(model, ids, fast=False, steps=2)
     torch.testing.assert_close(after, want, atol=5e-4 * float(want.abs().max()), rtol=1e-3)
+
+
+@torch.no_grad()
+def test_fast_decode_refuses_slots_and_ranges_outside_the_cache(tiny: LoadedModel) -> None:
+    """A slot past the cache or a layer range past the model is an error before any write."""
+    model = quantize_model(copy.deepcopy(tiny.model), 4)
+    model.setup_cache(1, 4)
+    decoder = model._cpu_decoder()
+    assert decoder is not None
+    h = torch.randn(1, 1, tiny.config.dim)
+    before = [c.k.clone() for c in model.caches]
+    with pytest.raises(ValueError, match="refused position 4"):
+        decoder.run(h, 4, 0, tiny.config.n_layers)
+    with pytest.raises(ValueError, match="outside"):
+        kernels.layers(decoder.steps, 0, tiny.config.n_layers + 1, h.reshape(-1).clone(), 0)
+    assert all(torch.equal(c.k, b) for c, b in zip(model.caches, before, strict=True))

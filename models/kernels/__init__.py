@@ -90,10 +90,10 @@ def _lib() -> ctypes.CDLL:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.tandem_qmatvec.argtypes = [i, p, p, p, p, p, i, i, i, i]
     lib.tandem_dequant.argtypes = [i, p, p, p, p, i, i, i]
-    lib.tandem_layer_step.argtypes = [ctypes.POINTER(LayerStep), p, i, i]
+    lib.tandem_layers.argtypes = [p, i, p, i, i]
     lib.tandem_rope_rows.argtypes = [p, p, p, i, i, i, i]
     lib.tandem_glu.argtypes = [p, p, ctypes.c_long, i, i]
-    for fn in (lib.tandem_qmatvec, lib.tandem_dequant, lib.tandem_layer_step, lib.tandem_rope_rows, lib.tandem_glu):
+    for fn in (lib.tandem_qmatvec, lib.tandem_dequant, lib.tandem_layers, lib.tandem_rope_rows, lib.tandem_glu):
         fn.restype = i
     return lib
 
@@ -131,11 +131,19 @@ class LayerStep(ctypes.Structure):
     ]
 
 
-def layer_step(step: LayerStep, h: Tensor, position: int) -> None:
-    """Run one layer on h (D,) float32 in place, for the token at `position` (its cache slot)."""
-    rc = _lib().tandem_layer_step(ctypes.byref(step), h.data_ptr(), position, torch.get_num_threads())
+def layers(steps: ctypes.Array, start: int, end: int, h: Tensor, position: int) -> None:
+    """Run layers steps[start:end] (a ctypes array of LayerStep) on h (D,) float32 in place, for
+    the token at `position` (its cache slot): one C call, one OpenMP region for all of them."""
+    if not 0 <= start <= end <= len(steps):
+        raise ValueError(f"layer range [{start}, {end}) outside [0, {len(steps)})")
+    if start == end:
+        return
+    first = ctypes.addressof(steps) + start * ctypes.sizeof(LayerStep)
+    rc = _lib().tandem_layers(first, end - start, h.data_ptr(), position, torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("the kernels could not allocate their scratch")
     if rc:
-        raise ValueError(f"layer step refused position {position} (cache of {step.max_len} slots) or its shapes")
+        raise ValueError(f"layers refused position {position} (caches of {steps[start].max_len} slots) or their shapes")
 
 
 @functools.cache

@@ -174,6 +174,54 @@ static inline __m256i q8_block(const int8_t* q, const int16_t* xq) {
     }
 ROW_KERNEL(q4_row_v, q4_block, uint8_t, 16)
 ROW_KERNEL(q8_row_v, q8_block, int8_t, 32)
+
+// Four consecutive output rows at once (rows r .. r+3 at q + r * qstride, scale/minv + r * sstride):
+// the activation's block scales load once for all four, and the four horizontal sums finish in
+// one hadd tree. A single row of a 576-wide matrix (18 blocks) otherwise spends a third of its time
+// in its two tail blocks and its reductions.
+#define ROWS4_KERNEL(NAME, BLOCK, QTYPE, QBYTES)                                                              \
+    static void NAME(const QTYPE* q, size_t qstride, const uint16_t* scale, const uint16_t* minv, size_t sstride, \
+                     const int16_t* xq, const float* xs, const float* xsum, int nb, float* out) {                \
+        __m256 acc[4], am[4];                                                                                  \
+        for (int r = 0; r < 4; r++) acc[r] = am[r] = _mm256_setzero_ps();                                      \
+        int b = 0;                                                                                             \
+        for (; b + 8 <= nb; b += 8) {                                                                          \
+            __m256 xs8 = _mm256_loadu_ps(xs + b);                                                              \
+            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {                                              \
+                const uint16_t* sr = scale + r * sstride + b;                                                  \
+                __m256 ds = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)sr)), xs8);          \
+                if (minv)                                                                                      \
+                    am[r] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(minv + r * sstride + b))), \
+                                            _mm256_loadu_ps(xsum + b), am[r]);                                 \
+                __m256 lo = _mm256_permute2f128_ps(ds, ds, 0x00), hi = _mm256_permute2f128_ps(ds, ds, 0x11);   \
+                const QTYPE* qb = q + r * qstride + (size_t)b * QBYTES;                                        \
+                const int16_t* xb = xq + b * 32;                                                               \
+                __m256 t0 = _mm256_mul_ps(_mm256_cvtepi32_ps(BLOCK(qb, xb)), _mm256_permute_ps(lo, 0x00));     \
+                __m256 t1 = _mm256_mul_ps(_mm256_cvtepi32_ps(BLOCK(qb + QBYTES, xb + 32)), _mm256_permute_ps(lo, 0x55)); \
+                t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 2 * QBYTES, xb + 64)), _mm256_permute_ps(lo, 0xaa), t0); \
+                t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 3 * QBYTES, xb + 96)), _mm256_permute_ps(lo, 0xff), t1); \
+                t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 4 * QBYTES, xb + 128)), _mm256_permute_ps(hi, 0x00), t0); \
+                t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 5 * QBYTES, xb + 160)), _mm256_permute_ps(hi, 0x55), t1); \
+                t0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 6 * QBYTES, xb + 192)), _mm256_permute_ps(hi, 0xaa), t0); \
+                t1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 7 * QBYTES, xb + 224)), _mm256_permute_ps(hi, 0xff), t1); \
+                acc[r] = _mm256_add_ps(acc[r], _mm256_add_ps(t0, t1));                                         \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (; b < nb; b++) { /* tail blocks: one broadcast scale each; the minimum term spread over 8 lanes */ \
+            for (int r = 0; r < 4; r++) {                                                                      \
+                float d = half_to_float(scale[r * sstride + b]) * xs[b];                                       \
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(q + r * qstride + (size_t)b * QBYTES, xq + b * 32)), \
+                                         _mm256_set1_ps(d), acc[r]);                                           \
+                if (minv)                                                                                      \
+                    am[r] = _mm256_add_ps(am[r], _mm256_set1_ps(half_to_float(minv[r * sstride + b]) * xsum[b] * 0.125f)); \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int r = 0; r < 4; r++) acc[r] = _mm256_add_ps(acc[r], am[r]);                                    \
+        __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));             \
+        _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));                \
+    }
+ROWS4_KERNEL(q4_rows4, q4_block, uint8_t, 16)
+ROWS4_KERNEL(q8_rows4, q8_block, int8_t, 32)
 #endif
 
 static float q4_row(const uint8_t* q, const uint16_t* scale, const uint16_t* minv, const int16_t* xq, const float* xs,
@@ -207,6 +255,57 @@ static float q8_row(const int8_t* q, const uint16_t* scale, const int16_t* xq, c
 #endif
 }
 
+typedef struct {
+    int bits;  // 4 or 8
+    int rows, cols;
+    const void* q;
+    const uint16_t* scale;  // (rows, cols/32) fp16
+    const uint16_t* minv;   // (rows, cols/32) fp16, int4 only
+} QWeight;
+
+typedef struct {
+    int dim, n_heads, n_kv_heads, head_dim, ffn_dim;
+    int qk_norm, sandwich, gelu, window;  // window 0: attend to every earlier position
+    float eps, query_scale, attn_softcap;
+    QWeight wq, wk, wv, wo, w_gate, w_up, w_down;
+    const float *attn_norm, *ffn_norm, *q_norm, *k_norm, *post_attn_norm, *post_ffn_norm;
+    float *k_cache, *v_cache;  // (n_kv_heads, max_len, head_dim), this request's cache
+    int max_len;
+    const float *cos, *sin;  // (max_len, head_dim) RoPE tables of this layer's base
+} LayerStep;
+
+typedef struct {  // an activation vector quantized for the row kernels
+    int16_t* xq;
+    float *xs, *xsum;
+} Act;
+
+static float qrow(const QWeight* w, int r, const Act* a) {
+    int nb = w->cols / 32;
+    if (w->bits == 4) {
+        return q4_row((const uint8_t*)w->q + (size_t)r * w->cols / 2, w->scale + (size_t)r * nb,
+                      w->minv + (size_t)r * nb, a->xq, a->xs, a->xsum, nb);
+    }
+    return q8_row((const int8_t*)w->q + (size_t)r * w->cols, w->scale + (size_t)r * nb, a->xq, a->xs, nb);
+}
+
+
+// Rows [r, r + n) of w into out[0 .. n): four at a time where the vector kernels run.
+static void qrows(const QWeight* w, int r, int n, const Act* a, float* out) {
+    int nb = w->cols / 32;
+#ifdef __AVX2__
+    for (; n >= 4; r += 4, n -= 4, out += 4) {
+        if (w->bits == 4) {
+            q4_rows4((const uint8_t*)w->q + (size_t)r * w->cols / 2, (size_t)w->cols / 2, w->scale + (size_t)r * nb,
+                     w->minv + (size_t)r * nb, (size_t)nb, a->xq, a->xs, a->xsum, nb, out);
+        } else {
+            q8_rows4((const int8_t*)w->q + (size_t)r * w->cols, (size_t)w->cols, w->scale + (size_t)r * nb, NULL,
+                     (size_t)nb, a->xq, a->xs, a->xsum, nb, out);
+        }
+    }
+#endif
+    for (int i = 0; i < n; i++) out[i] = qrow(w, r + i, a);
+}
+
 // bits 4 or 8; minv ignored for 8. Returns 0, or -1 when I is not a multiple of 32 or memory runs out.
 int tandem_qmatvec(int bits, const void* q, const uint16_t* scale, const uint16_t* minv, const float* x, float* y,
                    int M, int O, int I, int nthreads) {
@@ -220,18 +319,15 @@ int tandem_qmatvec(int bits, const void* q, const uint16_t* scale, const uint16_
         return -1;
     }
     for (int m = 0; m < M; m++) quantize_x(x + (size_t)m * I, I, xq + (size_t)m * I, xs + m * nb, xsum + m * nb);
+    QWeight w = {bits, O, I, q, scale, bits == 4 ? minv : NULL};
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int r = 0; r < O; r++) {
+    for (int g = 0; g < (O + 3) / 4; g++) {
+        int r = 4 * g, n = O - r < 4 ? O - r : 4;
         for (int m = 0; m < M; m++) {
-            float v;
-            if (bits == 4) {
-                v = q4_row((const uint8_t*)q + (size_t)r * I / 2, scale + (size_t)r * nb, minv + (size_t)r * nb,
-                           xq + (size_t)m * I, xs + m * nb, xsum + m * nb, nb);
-            } else {
-                v = q8_row((const int8_t*)q + (size_t)r * I, scale + (size_t)r * nb, xq + (size_t)m * I, xs + m * nb,
-                           nb);
-            }
-            y[(size_t)m * O + r] = v;
+            Act a = {xq + (size_t)m * I, xs + m * nb, xsum + m * nb};
+            float out[4];
+            qrows(&w, r, n, &a, out);
+            for (int i = 0; i < n; i++) y[(size_t)m * O + r + i] = out[i];
         }
     }
     free(xq), free(xs), free(xsum);
@@ -269,39 +365,6 @@ int tandem_dequant(int bits, const void* q, const uint16_t* scale, const uint16_
 // Mirrors models/transformer.py Block.forward for both families (llama; gemma3 with q/k norms,
 // sandwich norms, GELU and sliding windows). Python keeps control of which layers run (layer
 // ranges, skipping); this removes the ~15 torch dispatches a layer costs at batch 1.
-
-typedef struct {
-    int bits;  // 4 or 8
-    int rows, cols;
-    const void* q;
-    const uint16_t* scale;  // (rows, cols/32) fp16
-    const uint16_t* minv;   // (rows, cols/32) fp16, int4 only
-} QWeight;
-
-typedef struct {
-    int dim, n_heads, n_kv_heads, head_dim, ffn_dim;
-    int qk_norm, sandwich, gelu, window;  // window 0: attend to every earlier position
-    float eps, query_scale, attn_softcap;
-    QWeight wq, wk, wv, wo, w_gate, w_up, w_down;
-    const float *attn_norm, *ffn_norm, *q_norm, *k_norm, *post_attn_norm, *post_ffn_norm;
-    float *k_cache, *v_cache;  // (n_kv_heads, max_len, head_dim), this request's cache
-    int max_len;
-    const float *cos, *sin;  // (max_len, head_dim) RoPE tables of this layer's base
-} LayerStep;
-
-typedef struct {  // an activation vector quantized for the row kernels
-    int16_t* xq;
-    float *xs, *xsum;
-} Act;
-
-static float qrow(const QWeight* w, int r, const Act* a) {
-    int nb = w->cols / 32;
-    if (w->bits == 4) {
-        return q4_row((const uint8_t*)w->q + (size_t)r * w->cols / 2, w->scale + (size_t)r * nb,
-                      w->minv + (size_t)r * nb, a->xq, a->xs, a->xsum, nb);
-    }
-    return q8_row((const int8_t*)w->q + (size_t)r * w->cols, w->scale + (size_t)r * nb, a->xq, a->xs, nb);
-}
 
 // out = x / rms(x) * w, like RMSNorm.forward (fp32).
 static void rmsnorm(const float* x, const float* w, int n, float eps, float* out) {
@@ -472,135 +535,179 @@ static void glu_range(float* gate, const float* up, long lo, long hi, int gelu) 
     }
 }
 
-int tandem_layer_step(const LayerStep* L, float* h, int pos, int nthreads) {
+// Scratch of one tandem_layers call. Shared: what threads hand each other. Private (one per thread):
+// values every thread computes for itself because they are cheaper than a barrier (the normed,
+// quantized input of a projection; the merged attention output; the residual after attention).
+typedef struct {
+    float *q, *k, *v, *p1, *gate, *up, *p2, *scores, *pm, *ps, *po;
+    Act down_in;  // the gated activation, quantized block by block by whichever thread made it
+} Shared;
+
+typedef struct {
+    float *xn, *hres, *att;
+    Act act;
+} Private;
+
+// rows [0, n) of w in units of 4 rows shared out across the team (an orphaned omp for).
+static void team_rows(const QWeight* w, int n, const Act* a, float* out) {
+#pragma omp for schedule(static)
+    for (int g = 0; g < (n + 3) / 4; g++) qrows(w, 4 * g, n - 4 * g < 4 ? n - 4 * g : 4, a, out + 4 * g);
+}
+
+// q, k or v of one head: rows, q/k norm, RoPE, and for k and v the write into this layer's cache.
+static void project_head(const LayerStep* L, int u, int pos, const Shared* sh, const Private* me) {
+    int H = L->n_heads, K = L->n_kv_heads, hd = L->head_dim;
+    const float* c = L->cos + (size_t)pos * hd;
+    const float* s = L->sin + (size_t)pos * hd;
+    if (u < H) {
+        float* x = sh->q + u * hd;
+        qrows(&L->wq, u * hd, hd, &me->act, x);
+        if (L->qk_norm) rmsnorm(x, L->q_norm, hd, L->eps, x);
+        rope(x, c, s, hd);
+    } else if (u < H + K) {
+        int i = u - H;
+        float* x = sh->k + i * hd;
+        qrows(&L->wk, i * hd, hd, &me->act, x);
+        if (L->qk_norm) rmsnorm(x, L->k_norm, hd, L->eps, x);
+        rope(x, c, s, hd);
+        memcpy(L->k_cache + ((size_t)i * L->max_len + pos) * hd, x, hd * sizeof(float));
+    } else {
+        int i = u - H - K;
+        float* x = sh->v + i * hd;
+        qrows(&L->wv, i * hd, hd, &me->act, x);
+        memcpy(L->v_cache + ((size_t)i * L->max_len + pos) * hd, x, hd * sizeof(float));
+    }
+}
+
+// One decoder layer, run by every thread of the team (the work-shared loops inside are orphaned
+// omp for's). Five barriers a layer, each at the end of one: the heads' projections, the attention
+// parts, the output projection, the MLP's gate and up half, and its down projection.
+static void layer_team(const LayerStep* L, float* h, int pos, const Shared* sh, const Private* me) {
     int D = L->dim, H = L->n_heads, K = L->n_kv_heads, hd = L->head_dim, F = L->ffn_dim;
-    int qd = H * hd, kd = K * hd, wide = F > qd ? F : qd;
-    if (pos < 0 || pos >= L->max_len || D % 32 || qd % 32 || F % 32) return -1;
     int lo = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
     int n_ctx = pos + 1 - lo;
     int S = n_ctx >= 256 ? 4 : (n_ctx >= 64 ? 2 : 1);  // parts of each head's positions
-    // Scratch: normed input, q, k, v, attention output, two projections of width max(F, D), scores,
-    // and the attention parts' maxima, sums and outputs.
-    size_t floats = (size_t)D + qd + 2 * kd + qd + 2 * (size_t)(wide > D ? wide : D) + (size_t)H * n_ctx +
-                    (size_t)H * S * (hd + 2);
-    float* buf = (float*)malloc(floats * sizeof(float));
-    int16_t* xq = (int16_t*)aligned_alloc(32, ((size_t)wide + D + 32) * sizeof(int16_t) + 64);
-    float* xsb = (float*)malloc(2 * ((size_t)wide + D) / 32 * sizeof(float) + 64);
-    if (!buf || !xq || !xsb) {
-        free(buf), free(xq), free(xsb);
+
+    rmsnorm(h, L->attn_norm, D, L->eps, me->xn);
+    quantize_x(me->xn, D, me->act.xq, me->act.xs, me->act.xsum);
+#pragma omp for schedule(static)
+    for (int u = 0; u < H + 2 * K; u++) project_head(L, u, pos, sh, me);
+
+    // Attention: each head's cached positions [lo, pos] in S parts (so 2 threads share 9 heads
+    // evenly); each part keeps its own max, sum of exponentials and unnormalised output, merged
+    // per head below (the split-softmax merge of flash decoding). Units run kv group by group and
+    // part by part, so a group's query heads read the same K and V rows while they are in cache.
+#pragma omp for schedule(static)
+    for (int u = 0; u < H * S; u++) {
+        int hpg = H / K, g = u / (S * hpg), part = (u / hpg) % S, i = g * hpg + u % hpg;
+        int t0 = n_ctx * part / S, t1 = n_ctx * (part + 1) / S;
+        const float* kg = L->k_cache + ((size_t)g * L->max_len + lo) * hd;
+        const float* vg = L->v_cache + ((size_t)g * L->max_len + lo) * hd;
+        float* sc = sh->scores + (size_t)i * n_ctx;
+        head_scores(sh->q + i * hd, kg, hd, t0, t1, L->query_scale, L->attn_softcap, sc);
+        float mx = -INFINITY;
+        for (int t = t0; t < t1; t++) mx = sc[t] > mx ? sc[t] : mx;
+        int w = i * S + part;
+        sh->pm[w] = mx;
+        sh->ps[w] = t1 > t0 ? exp_shift_sum(sc + t0, t1 - t0, mx) : 0.f;
+        head_values(sc, vg, hd, t0, t1, sh->po + (size_t)w * hd);
+    }
+    // Every thread merges every head for itself: cheaper than a barrier.
+    for (int i = 0; i < H; i++) {
+        float m = -INFINITY, total = 0.f;
+        for (int part = 0; part < S; part++) m = sh->pm[i * S + part] > m ? sh->pm[i * S + part] : m;
+        float* out = me->att + i * hd;
+        for (int j = 0; j < hd; j++) out[j] = 0.f;
+        for (int part = 0; part < S; part++) {
+            if (sh->ps[i * S + part] == 0.f) continue;  // an empty part
+            float w = expf(sh->pm[i * S + part] - m);
+            total += w * sh->ps[i * S + part];
+            axpy(out, w, sh->po + (size_t)(i * S + part) * hd, hd);
+        }
+        for (int j = 0; j < hd; j++) out[j] /= total;
+    }
+    quantize_x(me->att, H * hd, me->act.xq, me->act.xs, me->act.xsum);
+    team_rows(&L->wo, D, &me->act, sh->p1);
+
+    // Residual and the MLP's input, each thread its own copy (h is only written after the next
+    // barrier, by the down projection's rows).
+    const float* attn_out = sh->p1;
+    if (L->sandwich) {
+        rmsnorm(sh->p1, L->post_attn_norm, D, L->eps, me->xn);
+        attn_out = me->xn;
+    }
+    for (int i = 0; i < D; i++) me->hres[i] = h[i] + attn_out[i];
+    rmsnorm(me->hres, L->ffn_norm, D, L->eps, me->xn);
+    quantize_x(me->xn, D, me->act.xq, me->act.xs, me->act.xsum);
+    // Gate and up rows 32 at a time, then their activation and its quantization for the down
+    // projection: all in one loop, so no barrier sits between them.
+#pragma omp for schedule(static)
+    for (int c = 0; c < F / 32; c++) {
+        qrows(&L->w_gate, 32 * c, 32, &me->act, sh->gate + 32 * c);
+        qrows(&L->w_up, 32 * c, 32, &me->act, sh->up + 32 * c);
+        glu_range(sh->gate, sh->up, 32L * c, 32L * c + 32, L->gelu);
+        quantize_x(sh->gate + 32 * c, 32, sh->down_in.xq + 32 * c, sh->down_in.xs + c, sh->down_in.xsum + c);
+    }
+    if (!L->sandwich) {
+#pragma omp for schedule(static)
+        for (int g = 0; g < (D + 3) / 4; g++) {
+            int r = 4 * g, n = D - r < 4 ? D - r : 4;
+            qrows(&L->w_down, r, n, &sh->down_in, sh->p2 + r);
+            for (int i = r; i < r + n; i++) h[i] = me->hres[i] + sh->p2[i];
+        }
+        return;
+    }
+    team_rows(&L->w_down, D, &sh->down_in, sh->p2);
+    float ss = 0.f;  // rmsnorm's sum, computed by every thread in the same order
+    for (int i = 0; i < D; i++) ss += sh->p2[i] * sh->p2[i];
+    float inv = 1.f / sqrtf(ss / D + L->eps);
+#pragma omp for schedule(static)
+    for (int i = 0; i < D; i++) h[i] = me->hres[i] + sh->p2[i] * inv * L->post_ffn_norm[i];
+}
+
+// Layers steps[0 .. n) on h (dim,) in place, for the token in cache slot `pos`: one parallel
+// region for all of them. Every layer must share dim, heads and widths (one model's layers do).
+// Returns 0; -1 for a position outside a cache or widths the kernels cannot run; -2 out of memory.
+int tandem_layers(const LayerStep* steps, int n, float* h, int pos, int nthreads) {
+    if (n <= 0) return 0;
+    const LayerStep* L0 = steps;
+    int D = L0->dim, H = L0->n_heads, K = L0->n_kv_heads, hd = L0->head_dim, F = L0->ffn_dim, qd = H * hd;
+    if (D % 32 || qd % 32 || F % 32 || K <= 0 || H % K) return -1;
+    for (int l = 0; l < n; l++) {
+        const LayerStep* L = steps + l;
+        if (pos < 0 || pos >= L->max_len || L->dim != D || L->n_heads != H || L->n_kv_heads != K ||
+            L->head_dim != hd || L->ffn_dim != F)
+            return -1;
+    }
+    int n_ctx = pos + 1, S = 4, wide = qd > D ? qd : D;
+    if (nthreads < 1) nthreads = 1;
+    size_t shared_floats = (size_t)qd + 2 * (size_t)K * hd + D + 2 * (size_t)F + D + (size_t)H * n_ctx +
+                           (size_t)H * S * (hd + 2) + (size_t)F / 32 * 2;
+    size_t private_floats = 2 * (size_t)wide + qd + (size_t)wide / 32 * 2;
+    float* sbuf = (float*)malloc(shared_floats * sizeof(float));
+    float* pbuf = (float*)malloc(private_floats * nthreads * sizeof(float));
+    int16_t* xqbuf = (int16_t*)aligned_alloc(32, ((size_t)F + (size_t)wide * nthreads) * sizeof(int16_t) + 64);
+    if (!sbuf || !pbuf || !xqbuf) {
+        free(sbuf), free(pbuf), free(xqbuf);
         return -2;
     }
-    float *xn = buf, *q = xn + D, *k = q + qd, *v = k + kd, *att = v + kd;
-    float *p1 = att + qd, *p2 = p1 + (wide > D ? wide : D), *scores = p2 + (wide > D ? wide : D);
-    float *pm = scores + (size_t)H * n_ctx, *ps = pm + H * S, *po = ps + H * S;
-    Act act = {xq, xsb, xsb + (wide + D) / 32};
-    float* kc = L->k_cache;
-    float* vc = L->v_cache;
+    Shared sh;
+    sh.q = sbuf, sh.k = sh.q + qd, sh.v = sh.k + K * hd, sh.p1 = sh.v + K * hd;
+    sh.gate = sh.p1 + D, sh.up = sh.gate + F, sh.p2 = sh.up + F, sh.scores = sh.p2 + D;
+    sh.pm = sh.scores + (size_t)H * n_ctx, sh.ps = sh.pm + H * S, sh.po = sh.ps + H * S;
+    sh.down_in.xq = xqbuf, sh.down_in.xs = sh.po + (size_t)H * S * hd, sh.down_in.xsum = sh.down_in.xs + F / 32;
 
 #pragma omp parallel num_threads(nthreads)
     {
         FLUSH_DENORMALS_BEGIN();
-#pragma omp single
-        {
-            rmsnorm(h, L->attn_norm, D, L->eps, xn);
-            quantize_x(xn, D, act.xq, act.xs, act.xsum);
-        }
-        // q, k and v rows in one loop, so the threads share the work of all three.
-#pragma omp for schedule(static)
-        for (int r = 0; r < qd + 2 * kd; r++) {
-            if (r < qd) {
-                q[r] = qrow(&L->wq, r, &act);
-            } else if (r < qd + kd) {
-                k[r - qd] = qrow(&L->wk, r - qd, &act);
-            } else {
-                v[r - qd - kd] = qrow(&L->wv, r - qd - kd, &act);
-            }
-        }
-#pragma omp single
-        {
-            const float* c = L->cos + (size_t)pos * hd;
-            const float* s = L->sin + (size_t)pos * hd;
-            for (int i = 0; i < H; i++) {
-                if (L->qk_norm) rmsnorm(q + i * hd, L->q_norm, hd, L->eps, q + i * hd);
-                rope(q + i * hd, c, s, hd);
-            }
-            for (int i = 0; i < K; i++) {
-                if (L->qk_norm) rmsnorm(k + i * hd, L->k_norm, hd, L->eps, k + i * hd);
-                rope(k + i * hd, c, s, hd);
-                memcpy(kc + ((size_t)i * L->max_len + pos) * hd, k + i * hd, hd * sizeof(float));
-                memcpy(vc + ((size_t)i * L->max_len + pos) * hd, v + i * hd, hd * sizeof(float));
-            }
-        }
-        // Attention: each head's cached positions [lo, pos] in S parts (so 2 threads share 9
-        // heads evenly); each part keeps its own max, sum of exponentials and unnormalised output,
-        // merged per head below (the split-softmax merge of flash decoding). Units run kv group
-        // by group and part by part, so a group's query heads read the same K and V rows while
-        // they are still in cache.
-#pragma omp for schedule(static)
-        for (int u = 0; u < H * S; u++) {
-            int hpg = H / K, g = u / (S * hpg), part = (u / hpg) % S, i = g * hpg + u % hpg;
-            int t0 = n_ctx * part / S, t1 = n_ctx * (part + 1) / S;
-            const float* kg = kc + ((size_t)g * L->max_len + lo) * hd;
-            const float* vg = vc + ((size_t)g * L->max_len + lo) * hd;
-            float* sc = scores + (size_t)i * n_ctx;
-            head_scores(q + i * hd, kg, hd, t0, t1, L->query_scale, L->attn_softcap, sc);
-            float mx = -INFINITY;
-            for (int t = t0; t < t1; t++) mx = sc[t] > mx ? sc[t] : mx;
-            int w = i * S + part;
-            pm[w] = mx;
-            ps[w] = t1 > t0 ? exp_shift_sum(sc + t0, t1 - t0, mx) : 0.f;
-            head_values(sc, vg, hd, t0, t1, po + (size_t)w * hd);
-        }
-#pragma omp for schedule(static)
-        for (int i = 0; i < H; i++) {
-            float m = -INFINITY, total = 0.f;
-            for (int part = 0; part < S; part++) m = pm[i * S + part] > m ? pm[i * S + part] : m;
-            float* out = att + i * hd;
-            for (int j = 0; j < hd; j++) out[j] = 0.f;
-            for (int part = 0; part < S; part++) {
-                if (ps[i * S + part] == 0.f) continue;  // an empty part
-                float w = expf(pm[i * S + part] - m);
-                total += w * ps[i * S + part];
-                axpy(out, w, po + (size_t)(i * S + part) * hd, hd);
-            }
-            for (int j = 0; j < hd; j++) out[j] /= total;
-        }
-#pragma omp single
-        quantize_x(att, qd, act.xq, act.xs, act.xsum);
-#pragma omp for schedule(static)
-        for (int r = 0; r < D; r++) p1[r] = qrow(&L->wo, r, &act);
-#pragma omp single
-        {
-            if (L->sandwich) rmsnorm(p1, L->post_attn_norm, D, L->eps, p1);
-            for (int i = 0; i < D; i++) h[i] += p1[i];
-            rmsnorm(h, L->ffn_norm, D, L->eps, xn);
-            quantize_x(xn, D, act.xq, act.xs, act.xsum);
-        }
-#pragma omp for schedule(static)
-        for (int r = 0; r < 2 * F; r++) {
-            if (r < F) {
-                p1[r] = qrow(&L->w_gate, r, &act);
-            } else {
-                p2[r - F] = qrow(&L->w_up, r - F, &act);
-            }
-        }
-        {  // each thread its share of the activation, in blocks of 32 (quantize_x's unit)
-            int nt = omp_get_num_threads(), id = omp_get_thread_num(), nb = F / 32;
-            long lo = (long)nb * id / nt * 32, hi = (long)nb * (id + 1) / nt * 32;
-            glu_range(p1, p2, lo, hi, L->gelu);
-            quantize_x(p1 + lo, (int)(hi - lo), act.xq + lo, act.xs + lo / 32, act.xsum + lo / 32);
-        }
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (int r = 0; r < D; r++) p2[r] = qrow(&L->w_down, r, &act);
-#pragma omp single
-        {
-            if (L->sandwich) rmsnorm(p2, L->post_ffn_norm, D, L->eps, p2);
-            for (int i = 0; i < D; i++) h[i] += p2[i];
-        }
+        int id = omp_get_thread_num();
+        float* mine = pbuf + private_floats * id;
+        float* act_s = mine + 2 * wide + qd;
+        Private me = {mine, mine + wide, mine + 2 * wide, {xqbuf + F + (size_t)wide * id, act_s, act_s + wide / 32}};
+        for (int l = 0; l < n; l++) layer_team(steps + l, h, pos, &sh, &me);  // ends on a barrier
         FLUSH_DENORMALS_END();
     }
-    free(buf), free(xq), free(xsb);
+    free(sbuf), free(pbuf), free(xqbuf);
     return 0;
 }
 
