@@ -117,9 +117,12 @@ class CpuDecoder:
             if self.caches[i] != key:  # other caches (another request's, or new): point the step at them
                 if cache.k.shape[0] != 1 or not (cache.k.is_contiguous() and cache.v.is_contiguous()):
                     raise ValueError("the kernels decode one sequence with contiguous caches")
+                if cache.k.dtype not in (torch.float32, torch.float16):
+                    raise ValueError(f"the kernels read float32 or float16 caches, not {cache.k.dtype}")
                 step = self.steps[i]
                 step.k_cache, step.v_cache, step.max_len = cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len
                 step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
+                step.kv_half = int(cache.k.dtype == torch.float16)
                 self.caches[i] = key
         x = h.reshape(-1).to(torch.float32).clone()  # (D,), updated in place by each layer
         kernels.layers(self.steps, start, end, x, position)

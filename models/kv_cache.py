@@ -23,9 +23,10 @@ class KVCache(nn.Module):
         self.max_len = max_len
 
     def update(self, cache_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """k, v: (B, K, T, hd) for slots cache_pos (T,). Returns (B, K, S, hd) with S = last slot + 1."""
-        self.k.index_copy_(2, cache_pos, k)
-        self.v.index_copy_(2, cache_pos, v)
+        """k, v: (B, K, T, hd) for slots cache_pos (T,), stored in the cache's dtype. Returns
+        (B, K, S, hd) views with S = last slot + 1, in the cache's dtype."""
+        self.k.index_copy_(2, cache_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, cache_pos, v.to(self.v.dtype))
         last = int(cache_pos[-1]) + 1
         return self.k[:, :, :last], self.v[:, :, :last]
 

@@ -116,6 +116,8 @@ class Attention(nn.Module):
         if not roped:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(step.cache_pos, k, v)  # (B, K, S, hd), S = last slot + 1
+        if keys.dtype != q.dtype:  # a half-precision cache: attention itself runs in q's dtype
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         if cfg.attn_logit_softcap:
             out = _softcapped_attention(q, keys, values, mask, cfg)
         else:
@@ -206,6 +208,8 @@ class Transformer(nn.Module):
         self.fast_decode = True
         """Decode single tokens of quantized CPU models through models.fast_decode when it can."""
         self._decoder: object | None = None  # None: not built yet; False: this model cannot use it
+        self.kv_dtype: torch.dtype | None = None
+        """The KV caches' dtype (None: the weights'). float16 halves the bytes decode reads a token."""
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -213,8 +217,9 @@ class Transformer(nn.Module):
         """Preallocate KV caches of `max_len` slots for layers [start, end); frees the others."""
         end = self.cfg.n_layers if end is None else end
         dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        shape = (batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
         self.caches = [
-            KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, dtype, device) if start <= i < end else None
+            KVCache(*shape, self.kv_dtype or dtype, device) if start <= i < end else None
             for i in range(self.cfg.n_layers)
         ]
         self._rope = {}

@@ -75,17 +75,19 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor, fast: bool, steps: int, s
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("bits", "kv_dtype"), [(4, torch.float32), (8, torch.float32), (4, torch.float16)])
 @torch.no_grad()
-def test_fast_decode_equals_the_torch_path(tiny: LoadedModel, bits: int) -> None:
+def test_fast_decode_equals_the_torch_path(tiny: LoadedModel, bits: int, kv_dtype: torch.dtype) -> None:
     """Both architectures (tiny llama, tiny gemma3 with sliding windows of 8 passed by 20 decode
-    steps), the same quantized weights: one C call per layer against torch's ops."""
+    steps), the same quantized weights and cache dtype: one C call per layer against torch's ops."""
     model = quantize_model(copy.deepcopy(tiny.model), bits)
+    model.kv_dtype = kv_dtype
     ids = torch.randint(0, tiny.config.vocab_size, (1, 26), generator=torch.Generator().manual_seed(bits))
     torch_path = _decode(model, ids, fast=False, steps=20)
     assert model._decoder is None  # the torch path never built it
     fast_path = _decode(model, ids, fast=True, steps=20)
     assert model._decoder, "the fast path did not run"
+    assert model.caches[0].k.dtype == kv_dtype
     torch.testing.assert_close(fast_path, torch_path, atol=5e-4 * float(torch_path.abs().max()), rtol=1e-3)
     assert torch.equal(fast_path.argmax(-1), torch_path.argmax(-1))
 
@@ -138,3 +140,22 @@ def test_fast_decode_refuses_slots_and_ranges_outside_the_cache(tiny: LoadedMode
     with pytest.raises(ValueError, match="outside"):
         kernels.layers(decoder.steps, 0, tiny.config.n_layers + 1, h.reshape(-1).clone(), 0)
     assert all(torch.equal(c.k, b) for c, b in zip(model.caches, before, strict=True))
+
+
+@torch.no_grad()
+def test_portable_build_decodes_like_the_native_one(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built without -march=native (no AVX2, no F16C: the scalar code an ARM board such as a
+    Jetson compiles), the kernels decode the same tokens, fp16 cache included."""
+    model = quantize_model(copy.deepcopy(tiny.model), 4)
+    model.kv_dtype = torch.float16
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(2))
+    native = _decode(model, ids, fast=True, steps=10)
+    flags = [f for f in kernels.FLAGS if f != "-march=native"]
+    portable = kernels._load(kernels._build(tmp_path, flags))
+    monkeypatch.setattr(kernels, "_lib", lambda: portable)
+    model.setup_cache(1, 4)  # a new decoder, built against the portable library
+    scalar = _decode(model, ids, fast=True, steps=10)
+    torch.testing.assert_close(scalar, native, atol=5e-4 * float(native.abs().max()), rtol=1e-3)
+    assert torch.equal(scalar.argmax(-1), native.argmax(-1))

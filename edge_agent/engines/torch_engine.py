@@ -11,6 +11,7 @@ from torch import Tensor
 
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
 from models.kv_cache import KVCache
+from models.quant import QuantLinear
 from models.runtime import LoadedModel, load
 from models.transformer import Step
 
@@ -35,6 +36,10 @@ class TorchEngine(InferenceEngine):
     def load(self, model: str) -> dict:
         loaded = load(model)
         loaded.model.to(self.device)
+        if any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
+            # Quantized models keep an fp16 KV cache, as partitioner/cost.py assumes: half the
+            # bytes each decode step reads at long contexts, and half the cache's memory.
+            loaded.model.kv_dtype = torch.float16
         self.loaded = loaded
         # The model's thousands of long-lived objects would otherwise be traversed by every full
         # collection, which decode's small allocations trigger: about 5% of a decode step.

@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -55,11 +56,12 @@ def _torch_gomp() -> str | None:
     return str(lib) if lib.is_file() else None
 
 
-def _build(cache: Path) -> Path:
+def _build(cache: Path, flags: Sequence[str] = FLAGS) -> Path:
+    """The library built with `flags` (the last one must be -shared), compiled once per key."""
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(
-        SOURCE.read_bytes() + version.encode() + _cpu_flags().encode() + " ".join(FLAGS).encode()
+        SOURCE.read_bytes() + version.encode() + _cpu_flags().encode() + " ".join(flags).encode()
     ).hexdigest()[:20]
     out = cache / "kernels" / key / "libtandemq.so"
     if out.is_file():
@@ -68,7 +70,7 @@ def _build(cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         obj, lib = Path(tmp) / "kernels.o", Path(tmp) / "libtandemq.so"
         gomp = _torch_gomp()
-        steps = [[cc, *FLAGS[:-1], "-c", str(SOURCE), "-o", str(obj)]]
+        steps = [[cc, *flags[:-1], "-c", str(SOURCE), "-o", str(obj)]]
         if gomp:  # link torch's libgomp by path instead of -fopenmp's system one
             steps.append([cc, "-shared", str(obj), "-o", str(lib), gomp, "-lm"])
         else:
@@ -86,7 +88,11 @@ def _build(cache: Path) -> Path:
 def _lib() -> ctypes.CDLL:
     from models.zoo import cache_dir
 
-    lib = ctypes.CDLL(str(_build(cache_dir())))
+    return _load(_build(cache_dir()))
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.tandem_qmatvec.argtypes = [i, p, p, p, p, p, i, i, i, i]
     lib.tandem_dequant.argtypes = [i, p, p, p, p, i, i, i]
@@ -128,6 +134,7 @@ class LayerStep(ctypes.Structure):
         ("max_len", ctypes.c_int),
         ("cos", ctypes.c_void_p),
         ("sin", ctypes.c_void_p),
+        ("kv_half", ctypes.c_int),
     ]
 
 

@@ -69,6 +69,29 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
+// float -> IEEE fp16 bits, rounding to nearest even (as torch's .half()), for fp16 KV caches.
+static inline uint16_t float_to_half(float f) {
+#ifdef __F16C__
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));  // inf, nan
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00);  // 65520 and up round to inf
+    if (ax < 0x38800000) {  // below 2^-14: a subnormal half. Adding 0.5 puts the value where a
+        float a;            // float's ulp (2^-24) is the subnormal step, so the add rounds for us.
+        memcpy(&a, &ax, 4);
+        a += 0.5f;
+        uint32_t r;
+        memcpy(&r, &a, 4);
+        return (uint16_t)(sign | (r - 0x3f000000));
+    }
+    ax += 0xc8000fff + ((ax >> 13) & 1);  // rebias the exponent (-112 << 23), round to nearest even
+    return (uint16_t)(sign | (ax >> 13));
+#endif
+}
+
 #ifdef __AVX2__
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -269,9 +292,10 @@ typedef struct {
     float eps, query_scale, attn_softcap;
     QWeight wq, wk, wv, wo, w_gate, w_up, w_down;
     const float *attn_norm, *ffn_norm, *q_norm, *k_norm, *post_attn_norm, *post_ffn_norm;
-    float *k_cache, *v_cache;  // (n_kv_heads, max_len, head_dim), this request's cache
+    void *k_cache, *v_cache;  // (n_kv_heads, max_len, head_dim), this request's cache
     int max_len;
     const float *cos, *sin;  // (max_len, head_dim) RoPE tables of this layer's base
+    int kv_half;             // the caches hold fp16 (else float32)
 } LayerStep;
 
 typedef struct {  // an activation vector quantized for the row kernels
@@ -291,8 +315,8 @@ static float qrow(const QWeight* w, int r, const Act* a) {
 
 // Rows [r, r + n) of w into out[0 .. n): four at a time where the vector kernels run.
 static void qrows(const QWeight* w, int r, int n, const Act* a, float* out) {
-    int nb = w->cols / 32;
 #ifdef __AVX2__
+    int nb = w->cols / 32;
     for (; n >= 4; r += 4, n -= 4, out += 4) {
         if (w->bits == 4) {
             q4_rows4((const uint8_t*)w->q + (size_t)r * w->cols / 2, (size_t)w->cols / 2, w->scale + (size_t)r * nb,
@@ -449,60 +473,115 @@ static void axpy(float* out, float p, const float* v, int n) {
     for (; j < n; j++) out[j] += p * v[j];
 }
 
-// sc[t] = scale * q . k_t for t in [t0, t1), k_t = kh + t * hd, then the optional tanh softcap.
+// Cached keys and values are float32 or fp16 (half != 0); row t of a head starts at t * hd.
+static inline float cache_at(const void* base, size_t i, int half) {
+    return half ? half_to_float(((const uint16_t*)base)[i]) : ((const float*)base)[i];
+}
+
+#ifdef __AVX2__
+static inline __m256 load8_f32(const void* base, size_t i) { return _mm256_loadu_ps((const float*)base + i); }
+static inline __m256 load8_f16(const void* base, size_t i) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)base + i)));
+}
+
 // Eight positions at a time: eight independent FMA chains, reduced together by one hadd tree
-// (a per-position horizontal sum would serialise on its latency).
-static void head_scores(const float* qh, const float* kh, int hd, int t0, int t1, float scale, float softcap,
-                        float* sc) {
+// (a per-position horizontal sum would serialise on its latency). Returns the next position.
+#define SCORES8(NAME, LOAD)                                                                                \
+    static int NAME(const float* qh, const void* kh, int hd, int t, int t1, float scale, float* sc) {     \
+        for (; t + 8 <= t1; t += 8) {                                                                      \
+            __m256 acc[8];                                                                                 \
+            _Pragma("GCC unroll 8") for (int p = 0; p < 8; p++) acc[p] = _mm256_setzero_ps();              \
+            for (int j = 0; j < hd; j += 8) {                                                              \
+                __m256 qv = _mm256_loadu_ps(qh + j);                                                       \
+                _Pragma("GCC unroll 8") for (int p = 0; p < 8; p++) acc[p] =                               \
+                    _mm256_fmadd_ps(qv, LOAD(kh, (size_t)(t + p) * hd + j), acc[p]);                       \
+            }                                                                                              \
+            __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));    \
+            __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));    \
+            __m256 s8 = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31)); \
+            _mm256_storeu_ps(sc + t, _mm256_mul_ps(s8, _mm256_set1_ps(scale)));                            \
+        }                                                                                                  \
+        return t;                                                                                          \
+    }
+SCORES8(scores8_f32, load8_f32)
+SCORES8(scores8_f16, load8_f16)
+
+// out[j0 .. j0 + 64) = sum over t of p[t] * v_t: the output stays in eight registers instead of
+// a load and a store per position.
+#define VALUES64(NAME, LOAD)                                                                               \
+    static void NAME(const float* p, const void* vh, int hd, int j0, int t0, int t1, float* out) {         \
+        __m256 acc[8];                                                                                     \
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();                  \
+        for (int t = t0; t < t1; t++) {                                                                    \
+            __m256 pt = _mm256_set1_ps(p[t]);                                                              \
+            _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) acc[k] =                                   \
+                _mm256_fmadd_ps(pt, LOAD(vh, (size_t)t * hd + j0 + 8 * k), acc[k]);                        \
+        }                                                                                                  \
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) _mm256_storeu_ps(out + j0 + 8 * k, acc[k]);    \
+    }
+VALUES64(values64_f32, load8_f32)
+VALUES64(values64_f16, load8_f16)
+#endif
+
+// sc[t] = scale * q . k_t for t in [t0, t1), then the optional tanh softcap.
+static void head_scores(const float* qh, const void* kh, int half, int hd, int t0, int t1, float scale,
+                        float softcap, float* sc) {
     int t = t0;
 #ifdef __AVX2__
-    if (hd % 8 == 0) {
-        for (; t + 8 <= t1; t += 8) {
-            __m256 acc[8];
-#pragma GCC unroll 8
-            for (int p = 0; p < 8; p++) acc[p] = _mm256_setzero_ps();
-            for (int j = 0; j < hd; j += 8) {
-                __m256 qv = _mm256_loadu_ps(qh + j);
-#pragma GCC unroll 8
-                for (int p = 0; p < 8; p++)
-                    acc[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kh + (size_t)(t + p) * hd + j), acc[p]);
-            }
-            __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-            __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-            __m256 s8 = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
-            _mm256_storeu_ps(sc + t, _mm256_mul_ps(s8, _mm256_set1_ps(scale)));
-        }
-    }
+    if (hd % 8 == 0) t = half ? scores8_f16(qh, kh, hd, t, t1, scale, sc) : scores8_f32(qh, kh, hd, t, t1, scale, sc);
 #endif
-    for (; t < t1; t++) sc[t] = dot(qh, kh + (size_t)t * hd, hd) * scale;
+    for (; t < t1; t++) {
+        float d = 0.f;
+        if (half) {
+            for (int j = 0; j < hd; j++) d += qh[j] * cache_at(kh, (size_t)t * hd + j, 1);
+        } else {
+            d = dot(qh, (const float*)kh + (size_t)t * hd, hd);
+        }
+        sc[t] = d * scale;
+    }
     if (softcap > 0.f) {
         for (t = t0; t < t1; t++) sc[t] = tanhf(sc[t] / softcap) * softcap;
     }
 }
 
-// out (hd,) = sum over t in [t0, t1) of p[t] * v_t, v_t = vh + t * hd. On AVX2 the output stays
-// in eight registers per 64 dimensions instead of a load and store per position.
-static void head_values(const float* p, const float* vh, int hd, int t0, int t1, float* out) {
+// out (hd,) = sum over t in [t0, t1) of p[t] * v_t.
+static void head_values(const float* p, const void* vh, int half, int hd, int t0, int t1, float* out) {
 #ifdef __AVX2__
     if (hd % 64 == 0) {
         for (int j0 = 0; j0 < hd; j0 += 64) {
-            __m256 acc[8];
-#pragma GCC unroll 8
-            for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
-            for (int t = t0; t < t1; t++) {
-                __m256 pt = _mm256_set1_ps(p[t]);
-                const float* vt = vh + (size_t)t * hd + j0;
-#pragma GCC unroll 8
-                for (int k = 0; k < 8; k++) acc[k] = _mm256_fmadd_ps(pt, _mm256_loadu_ps(vt + 8 * k), acc[k]);
+            if (half) {
+                values64_f16(p, vh, hd, j0, t0, t1, out);
+            } else {
+                values64_f32(p, vh, hd, j0, t0, t1, out);
             }
-#pragma GCC unroll 8
-            for (int k = 0; k < 8; k++) _mm256_storeu_ps(out + j0 + 8 * k, acc[k]);
         }
         return;
     }
 #endif
     for (int j = 0; j < hd; j++) out[j] = 0.f;
-    for (int t = t0; t < t1; t++) axpy(out, p[t], vh + (size_t)t * hd, hd);
+    for (int t = t0; t < t1; t++) {
+        if (half) {
+            for (int j = 0; j < hd; j++) out[j] += p[t] * cache_at(vh, (size_t)t * hd + j, 1);
+        } else {
+            axpy(out, p[t], (const float*)vh + (size_t)t * hd, hd);
+        }
+    }
+}
+
+// Row `pos` of a head's cache <- x (hd,), converted to the cache's type.
+static void cache_write(void* base, int half, size_t row, const float* x, int hd) {
+    if (!half) {
+        memcpy((float*)base + row * hd, x, hd * sizeof(float));
+        return;
+    }
+    uint16_t* out = (uint16_t*)base + row * hd;
+    int j = 0;
+#if defined(__AVX2__) && defined(__F16C__)
+    for (; j + 8 <= hd; j += 8)
+        _mm_storeu_si128((__m128i*)(out + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+    for (; j < hd; j++) out[j] = float_to_half(x[j]);
 }
 
 static float gelu_tanh(float x) {
@@ -570,12 +649,12 @@ static void project_head(const LayerStep* L, int u, int pos, const Shared* sh, c
         qrows(&L->wk, i * hd, hd, &me->act, x);
         if (L->qk_norm) rmsnorm(x, L->k_norm, hd, L->eps, x);
         rope(x, c, s, hd);
-        memcpy(L->k_cache + ((size_t)i * L->max_len + pos) * hd, x, hd * sizeof(float));
+        cache_write(L->k_cache, L->kv_half, (size_t)i * L->max_len + pos, x, hd);
     } else {
         int i = u - H - K;
         float* x = sh->v + i * hd;
         qrows(&L->wv, i * hd, hd, &me->act, x);
-        memcpy(L->v_cache + ((size_t)i * L->max_len + pos) * hd, x, hd * sizeof(float));
+        cache_write(L->v_cache, L->kv_half, (size_t)i * L->max_len + pos, x, hd);
     }
 }
 
@@ -601,16 +680,17 @@ static void layer_team(const LayerStep* L, float* h, int pos, const Shared* sh, 
     for (int u = 0; u < H * S; u++) {
         int hpg = H / K, g = u / (S * hpg), part = (u / hpg) % S, i = g * hpg + u % hpg;
         int t0 = n_ctx * part / S, t1 = n_ctx * (part + 1) / S;
-        const float* kg = L->k_cache + ((size_t)g * L->max_len + lo) * hd;
-        const float* vg = L->v_cache + ((size_t)g * L->max_len + lo) * hd;
+        size_t first = ((size_t)g * L->max_len + lo) * hd, bytes = L->kv_half ? 2 : 4;
+        const char* kg = (const char*)L->k_cache + first * bytes;
+        const char* vg = (const char*)L->v_cache + first * bytes;
         float* sc = sh->scores + (size_t)i * n_ctx;
-        head_scores(sh->q + i * hd, kg, hd, t0, t1, L->query_scale, L->attn_softcap, sc);
+        head_scores(sh->q + i * hd, kg, L->kv_half, hd, t0, t1, L->query_scale, L->attn_softcap, sc);
         float mx = -INFINITY;
         for (int t = t0; t < t1; t++) mx = sc[t] > mx ? sc[t] : mx;
         int w = i * S + part;
         sh->pm[w] = mx;
         sh->ps[w] = t1 > t0 ? exp_shift_sum(sc + t0, t1 - t0, mx) : 0.f;
-        head_values(sc, vg, hd, t0, t1, sh->po + (size_t)w * hd);
+        head_values(sc, vg, L->kv_half, hd, t0, t1, sh->po + (size_t)w * hd);
     }
     // Every thread merges every head for itself: cheaper than a barrier.
     for (int i = 0; i < H; i++) {
