@@ -195,7 +195,11 @@ class Transformer(nn.Module):
         settings, e.g. Gemma's sliding or global attention); default 0..n_layers-1."""
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        table = torch.empty(cfg.vocab_size, cfg.dim)
+        if table.device.type != "meta":
+            nn.init.normal_(table)  # nn.Embedding's own init. On meta, normal_ would import torch's
+            # Python meta kernels (sympy, mpmath: ~70 MB of a loaded bundle's RSS) for nothing.
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=table)
         ids = list(range(cfg.n_layers)) if layer_ids is None else list(layer_ids)
         if len(ids) != cfg.n_layers:
             raise ValueError(f"{len(ids)} layer ids for {cfg.n_layers} layers")
