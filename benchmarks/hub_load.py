@@ -6,8 +6,11 @@ N concurrent streams with the AsyncClient.
 
 - Requests/s and errors for N concurrent streams.
 - Hub overhead, the hub's own time, which it measures and returns in every answer's metrics:
-  routing and dispatch (arrival to the work leaving the hub) plus relaying each token (arrival
-  from the agent to hand-off to the caller's stream); per request, and per token.
+  authentication, routing and dispatch (arrival to the work leaving the hub) plus relaying each
+  token and the answer's end (arrival from the agent to hand-off to the caller's stream); per
+  request, and per token.
+- Hub CPU: the hub process's CPU time (every thread, gRPC's included) over the run, per request:
+  all it did, also outside the stretches it times (gRPC receiving and sending, the event loop).
 - End-to-end overhead: the hub's TTFT (arrival to first token sent) minus the agent's engine TTFT
   (work received to first token produced; queueing for the engine counts as engine time), i.e.
   hub plus both gRPC hops plus the agent's own plumbing; per token likewise.
@@ -315,10 +318,19 @@ def _streams(
     cmd = [sys.executable, __file__, "--agents-worker", str(args.agents), "--hub", hub_addr]
     procs.append(subprocess.Popen([*cmd, "--data-dir", str(work / "hub"), "--model", str(model)], env=env))
     key = (work / "key").read_text().strip()
-    return asyncio.run(_measure(hub_addr, key, args))
+    return asyncio.run(_measure(hub_addr, key, args, procs[0].pid))
 
 
-async def _measure(hub: str, key: str, args: argparse.Namespace) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) process `pid` has used so far; NaN off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _measure(hub: str, key: str, args: argparse.Namespace, hub_pid: int) -> dict:
     from tandem import AsyncClient
 
     async with AsyncClient(hub, api_key=key, timeout=30) as client:
@@ -329,9 +341,12 @@ async def _measure(hub: str, key: str, args: argparse.Namespace) -> dict:
             await asyncio.sleep(0.5)
     await drive(hub, key, min(args.streams, 20), args.max_tokens)  # warm-up
     single = []
+    cpu0 = cpu_seconds(hub_pid)
     for _ in range(50):  # one stream at a time: the overhead without CPU contention
         single += (await drive(hub, key, 1, args.max_tokens))["ok"]
+    cpu1 = cpu_seconds(hub_pid)
     run = await drive(hub, key, args.streams, args.max_tokens)
+    cpu2 = cpu_seconds(hub_pid)
     ok = run["ok"]
     alone = [r.ttft_ms - r.engine_ttft_ms for r in single]
     hub_ttft = [r.ttft_ms for r in ok]
@@ -356,6 +371,8 @@ async def _measure(hub: str, key: str, args: argparse.Namespace) -> dict:
         "hub_ms_per_token_p50": percentile(hub_tok, 0.5),
         "hub_ms_per_token_p99": percentile(hub_tok, 0.99),
         "single_stream_hub_ms_per_request_p50": percentile([r.hub_route_ms + r.hub_relay_ms for r in single], 0.5),
+        "hub_cpu_ms_per_request": 1000 * (cpu2 - cpu1) / max(1, len(ok)),
+        "single_stream_hub_cpu_ms_per_request": 1000 * (cpu1 - cpu0) / max(1, len(single)),
         "single_stream_overhead_ms_per_request_p50": percentile(alone, 0.5),
         "single_stream_overhead_ms_per_request_p99": percentile(alone, 0.99),
         "overhead_ms_per_request_p50": percentile(overhead_req, 0.5),

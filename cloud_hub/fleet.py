@@ -8,15 +8,50 @@ ends, every unfinished work gets an `Unavailable` error, so a caller never waits
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cloud_hub.errors import HubError, InvalidRequest, Unavailable
 from cloud_hub.store import DeviceRecord
 from tandem.v1 import tandem_pb2 as pb
 
+if TYPE_CHECKING:
+    from cloud_hub.router import Candidate
+
 _CLOSED = object()  # sentinel in a work queue: the session ended
+_REPLIES = frozenset(("tokens", "done", "error"))
+
+
+class WorkQueue:
+    """One work's replies, (arrival time, message), for the one request waiting on them.
+
+    A deque and a single waiter: every token passes through here, and asyncio.Queue's bookkeeping
+    (putters, unfinished-task counts, a join event) buys nothing for one producer and one consumer.
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[float, object]] = collections.deque()
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item: tuple[float, object]) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():  # done: its waiter was cancelled
+            waiter.set_result(None)
+
+    async def get(self) -> tuple[float, object]:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
 
 
 @dataclass
@@ -37,53 +72,66 @@ class AgentSession:
     models: tuple[pb.ModelInfo, ...]
     max_concurrency: int = 1
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)
-    works: dict[str, asyncio.Queue] = field(default_factory=dict)
+    works: dict[str, WorkQueue] = field(default_factory=dict)
     closed: bool = False
     inflight: int = 0
     """Requests routed here and not finished: counted from the routing decision on, so that
     concurrent requests see each other before their work reaches the device."""
+    offers: list[tuple[str, bool, Candidate]] | None = field(default=None, repr=False)
+    """(model name, chat, routing candidate) per model served, built by the hub on first use and
+    kept with the session: a reconnect (a new session) starts afresh."""
 
     @property
     def device_id(self) -> str:
         return self.record.device_id
 
-    async def run(self, work: pb.Work) -> AsyncIterator[tuple[float, pb.TokenChunk | pb.WorkDone]]:
-        """Send `work` down and yield (arrival time, message): the agent's TokenChunks, then its WorkDone.
+    def run(self, work: pb.Work) -> AsyncIterator[tuple[float, pb.TokenChunk | pb.WorkDone]]:
+        """Send `work` down now; the iterator returned yields (arrival time, message): the agent's
+        TokenChunks, then its WorkDone. Iterate it at once: closing it early cancels the work.
 
-        Raises Unavailable if the session ends first, or the HubError the agent reported.
+        Raises Unavailable if the session has ended; the iterator raises Unavailable if it ends
+        first, or the HubError the agent reported.
         """
         if self.closed:
             raise Unavailable(f"device {self.device_id} disconnected")
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = WorkQueue()
         self.works[work.work_id] = queue
+        self.outbox.put_nowait(pb.HubMessage(work=work))
+        return self._replies(work.work_id, queue)
+
+    async def _replies(
+        self, work_id: str, queue: WorkQueue
+    ) -> AsyncIterator[tuple[float, pb.TokenChunk | pb.WorkDone]]:
         finished = False
         try:
-            await self.outbox.put(pb.HubMessage(work=work))
             while True:
                 received, item = await queue.get()
                 if item is _CLOSED:
                     raise Unavailable(f"device {self.device_id} disconnected during the request")
-                if isinstance(item, pb.WorkError):
+                if type(item) is pb.WorkError:
                     finished = True
                     raise _agent_error(item)
-                finished = isinstance(item, pb.WorkDone)
+                finished = type(item) is pb.WorkDone
                 yield received, item
                 if finished:
                     return
         finally:
-            self.works.pop(work.work_id, None)
+            self.works.pop(work_id, None)
             if not finished and not self.closed:  # the caller went away: stop work nobody waits for
-                self.outbox.put_nowait(pb.HubMessage(cancel=pb.Cancel(work_id=work.work_id)))
+                self.outbox.put_nowait(pb.HubMessage(cancel=pb.Cancel(work_id=work_id)))
 
-    def deliver(self, msg: pb.AgentMessage) -> None:
-        """Route one agent message to its work. Raises InvalidRequest for a malformed message."""
+    def deliver(self, msg: pb.AgentMessage, received: float) -> None:
+        """Route one agent message, which arrived at `received` (perf_counter), to its work; pongs
+        are dropped. Raises InvalidRequest for a malformed message."""
         kind = msg.WhichOneof("kind")
-        if kind not in ("tokens", "done", "error"):
+        if kind not in _REPLIES:
+            if kind == "pong":
+                return
             raise InvalidRequest(f"unexpected work-channel message {kind!r}")
         item = getattr(msg, kind)
         queue = self.works.get(item.work_id)
         if queue is not None:  # replies to cancelled work are dropped
-            queue.put_nowait((time.perf_counter(), item))
+            queue.put((received, item))
 
     def close(self) -> None:
         """End the session: pending works fail with Unavailable, the stream's writer stops."""
@@ -91,7 +139,7 @@ class AgentSession:
             self.outbox.put_nowait(None)  # wakes the servicer's writer loop, which then ends the stream
         self.closed = True
         for queue in self.works.values():
-            queue.put_nowait((0.0, _CLOSED))
+            queue.put((0.0, _CLOSED))
 
 
 def _agent_error(err: pb.WorkError) -> HubError:

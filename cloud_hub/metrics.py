@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -38,13 +39,22 @@ class HubMetrics:
             "tandem_telemetry_lag_seconds", "Age of the oldest latest-telemetry among online devices", registry=r
         )
         self.telemetry_messages = Counter("tandem_telemetry_messages", "Telemetry messages ingested", registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
 
     def observe_request(self, placement: str, outcome: str, ttft_ms: float = 0.0, tpot_ms: float = 0.0) -> None:
-        self.requests.labels(placement, outcome).inc()
+        self._series(self.requests, placement, outcome).inc()
         if outcome == "ok":
-            self.ttft.labels(placement).observe(ttft_ms / 1000)
+            self._series(self.ttft, placement).observe(ttft_ms / 1000)
             if tpot_ms:
-                self.tpot.labels(placement).observe(tpot_ms / 1000)
+                self._series(self.tpot, placement).observe(tpot_ms / 1000)
+
+    def _series(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """metric.labels(*labels), looked up once: labels() validates and takes a lock on every call."""
+        key = (id(metric), labels)
+        series = self._children.get(key)
+        if series is None:
+            series = self._children[key] = metric.labels(*labels)
+        return series
 
     def refresh(self, online: int, telemetry_times: list[float], now: Callable[[], float] = time.time) -> None:
         """Update the gauges that are sampled rather than counted."""

@@ -84,14 +84,26 @@ class BudgetRouter(Router):
     def choose(self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget) -> Choice:
         if not candidates:
             raise BudgetUnsatisfiable("no device is online and the hub has no cloud model", binding="availability")
+        # Candidates alike in kind, device class, model and queue get the same estimate: a fleet of
+        # like devices needs one prediction, not one per device (the cost model is most of routing's
+        # time). Keyed by identity, which is stable while `candidates` holds them; equal copies miss.
+        memo: dict[tuple[int, int, int, str], tuple[Estimate, dict[str, float], bool, tuple]] = {}
         scored = []
+        best = None  # (rank, candidate, estimate) of the best that fits; the first of equals wins
         for c in candidates:
-            est = queued_estimate(predict(c.profile, c.cost, prompt_tokens, max_tokens), c.queued)
-            scored.append((c, est, _violations(est, budget)))
-        fitting = [(c, est) for c, est, v in scored if all(r <= 1.0 for r in v.values())]
-        if fitting:
-            c, est = min(fitting, key=lambda ce: (ce[0].kind != "edge", ce[1].edge_energy_j, ce[1].total_ms))
-            return Choice(c, est, True)
+            key = (id(c.profile), id(c.cost), c.queued, c.kind)
+            hit = memo.get(key)
+            if hit is None:
+                est = queued_estimate(predict(c.profile, c.cost, prompt_tokens, max_tokens), c.queued)
+                v = _violations(est, budget)
+                rank = (c.kind != "edge", est.edge_energy_j, est.total_ms)
+                hit = memo[key] = (est, v, all(r <= 1.0 for r in v.values()), rank)
+            est, v, fits, rank = hit
+            scored.append((c, est, v))
+            if fits and (best is None or rank < best[0]):
+                best = (rank, c, est)
+        if best is not None:
+            return Choice(best[1], best[2], True)
         c, est, v = min(scored, key=lambda s: max(s[2].values()))
         binding = max(v, key=v.get)
         if budget.best_effort:

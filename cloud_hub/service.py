@@ -10,11 +10,12 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import secrets
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cloud_hub import auth
 from cloud_hub.backends import ServingBackend
@@ -62,6 +63,9 @@ class GenerateSpec:
     params: SamplingParams
     budget: Budget
     model: str = ""
+    arrived: float = 0.0
+    """time.perf_counter() when the request reached the hub (0: when generate() starts); the hub's own
+    time counts from here, so that authenticating and parsing the request are in it."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,9 @@ class Final:
 class Started:
     placements: tuple[pb.Placement, ...]
     """Every placement so far; the last is the one starting now."""
+
+
+Event = Started | Chunk | Final
 
 
 def create_token(store: SecretStore, ttl_s: float) -> str:
@@ -117,6 +124,13 @@ class HubService:
         self._cloud_inflight = 0
         self.inflight = 0
         self.metrics = metrics or HubMetrics()
+        # The cloud's candidate as last built (sessions keep theirs, AgentSession.offers): building one
+        # costs more than the rest of routing it, and only its queue changes between requests.
+        self._cloud_candidate: Candidate | None = None
+        # API keys (lookup digests) the store has confirmed. Keys are never revoked (the store cannot
+        # delete one), so a confirmed key stays valid and later requests skip the database (a round
+        # trip to PostgreSQL for replicas, on the event loop). Were revocation added, it must clear this.
+        self._api_keys: set[str] = set()
 
     # -- secrets ---------------------------------------------------------------------------------
 
@@ -129,8 +143,12 @@ class HubService:
     def check_api_key(self, key: str | None) -> None:
         if not key:
             raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'")
-        if not self.store.has_api_key(auth.lookup_key(key)):
+        lookup = auth.lookup_key(key)
+        if lookup in self._api_keys:
+            return
+        if not self.store.has_api_key(lookup):
             raise Unauthenticated("invalid API key")
+        self._api_keys.add(lookup)
 
     # -- devices ---------------------------------------------------------------------------------
 
@@ -231,11 +249,15 @@ class HubService:
         """Placements that serve `model` (any model when empty); chat prompts need a chat model."""
         out = []
         for s in self.fleet.online():
-            profile = _profile(s.record.profile)
-            for m in s.models:
-                if (not model or m.name == model) and (m.chat or not chat):
-                    cost = _model_cost(m.config_json, m.weight_bytes)
-                    out.append(Candidate("edge", s.device_id, profile, m.name, cost, s.inflight, s.record.emulated))
+            offers = s.offers
+            if offers is None:
+                offers = s.offers = _offers(s)
+            for i, (name, is_chat, c) in enumerate(offers):
+                if (not model or name == model) and (is_chat or not chat):
+                    if c.queued != s.inflight:
+                        c = Candidate(c.kind, c.device_id, c.profile, c.model, c.cost, s.inflight, c.emulated)
+                        offers[i] = (name, is_chat, c)
+                    out.append(c)
         info = self.cloud.model_info() if self.cloud is not None else None
         if (
             info is not None
@@ -243,8 +265,12 @@ class HubService:
             and (not model or model == info.name)
             and (info.chat or not chat)
         ):
-            cost = _model_cost(info.config_json, info.weight_bytes)
-            out.append(Candidate("cloud", "", self.cloud_profile, self.cloud.model, cost, self._cloud_inflight))
+            c = self._cloud_candidate
+            if c is None or c.queued != self._cloud_inflight:
+                cost = _model_cost(info.config_json, info.weight_bytes)
+                c = Candidate("cloud", "", self.cloud_profile, self.cloud.model, cost, self._cloud_inflight)
+                self._cloud_candidate = c
+            out.append(c)
         return out
 
     def _route(self, spec: GenerateSpec, excluded: set[str], progress: _Progress) -> tuple[Candidate, pb.Placement]:
@@ -282,9 +308,16 @@ class HubService:
         )
         return c, placement
 
-    async def generate(self, spec: GenerateSpec) -> AsyncIterator[Started | Chunk | Final]:
+    async def generate(self, spec: GenerateSpec, encode: Callable[[Event], Any] = lambda ev: ev) -> AsyncIterator[Any]:
         """Admit, route and run one request (see _generate), counting it in the metrics.
 
+        Yields each event as `encode` makes it (the servicer's translation to protobuf; by default
+        the event itself), so that the hub's own time in the Final's metrics runs to each message's
+        hand-off to the caller's stream. hub_route_ms: from spec.arrived through authentication,
+        validation, routing and Started's encoding, and from Started's hand-off to the work's
+        dispatch (failovers' routing added). hub_relay_ms: each token's (and the agent's WorkDone's)
+        arrival from the agent to its encoded hand-off, waits in the event loop included. What gRPC
+        does before a message reaches the hub's code and after a hand-off is not in either.
         Raises Overloaded at once when max_inflight requests are being served already.
         """
         if self.inflight >= self.limits.max_inflight:
@@ -292,15 +325,26 @@ class HubService:
             raise Overloaded(f"the hub is serving {self.inflight} requests, its limit; retry later")
         self.inflight += 1
         self.metrics.inflight.inc()
+        progress = _Progress(arrived=spec.arrived or time.perf_counter())
         placement, outcome = "none", "cancelled"
         try:
-            async for ev in self._generate(spec):
-                if isinstance(ev, Started):
+            async for ev in self._generate(spec, progress):
+                if type(ev) is Chunk:  # one per token: the hot path
+                    out = encode(ev)
+                    progress.handed_off()
+                    yield out
+                elif isinstance(ev, Started):
                     placement = ev.placements[-1].kind
-                elif isinstance(ev, Final):
+                    out = encode(ev)
+                    progress.routed()
+                    yield out
+                    progress.mark = time.perf_counter()  # the dispatch that follows is routing time too
+                else:
                     outcome = "ok"
                     self.metrics.observe_request(placement, outcome, ev.metrics.ttft_ms, ev.metrics.tpot_ms)
-                yield ev
+                    progress.handed_off()  # the WorkDone, relayed as this Final
+                    ev.metrics.hub_route_ms, ev.metrics.hub_relay_ms = progress.route_s * 1000, progress.relay_s * 1000
+                    yield encode(ev)
         except HubError as exc:
             outcome = exc.kind
             raise
@@ -310,23 +354,22 @@ class HubService:
             if outcome != "ok":
                 self.metrics.observe_request(placement, outcome)
 
-    async def _generate(self, spec: GenerateSpec) -> AsyncIterator[Started | Chunk | Final]:
-        """Route and run one request, yielding Started, Chunks and Final.
+    async def _generate(self, spec: GenerateSpec, progress: _Progress) -> AsyncIterator[Event]:
+        """Route and run one request, yielding Started, Chunks and Final (its metrics' hub times left
+        for generate() to fill in).
 
         If the device serving it disconnects mid-stream, the request goes on from the tokens already
         sent, on the next placement the router picks (re-prefilling prompt plus those tokens there):
         the caller sees one answer, and a Started listing every placement so far, then the rest.
         """
-        arrived = time.perf_counter()
         self.validate(spec)
-        progress, excluded = _Progress(arrived=arrived), set[str]()
+        excluded = set[str]()
         while True:
             c, placement = self._route(spec, excluded, progress)
             progress.placements.append(placement)
             session = self.fleet.sessions.get(c.device_id) if c.kind == "edge" else None
             self._count(c, session, +1)  # no await since choose(): the next request's routing sees this one
             try:
-                progress.mark_dispatched()  # routed; the work leaves as the caller learns the placement
                 yield Started(tuple(progress.placements))
                 async for item in self._run(c, spec, progress):
                     yield item
@@ -343,9 +386,10 @@ class HubService:
                     exc,
                     progress.tokens,
                 )
+                progress.mark = time.perf_counter()  # routing the next placement is hub time too
             finally:
                 self._count(c, session, -1)
-        yield Final(progress.finish or "length", tuple(progress.placements), progress.metrics(arrived))
+        yield Final(progress.finish or "length", tuple(progress.placements), progress.metrics())
 
     def _count(self, c: Candidate, session: AgentSession | None, delta: int) -> None:
         if c.kind == "cloud":
@@ -355,8 +399,12 @@ class HubService:
 
     async def _run(self, c: Candidate, spec: GenerateSpec, progress: _Progress) -> AsyncIterator[Chunk]:
         """Chunks from one placement, going on from `progress`, which it updates."""
-        remaining = spec.params.max_tokens - progress.tokens
-        params = dataclasses.replace(spec.params, max_tokens=max(1, remaining))
+        remaining = max(1, spec.params.max_tokens - progress.tokens)
+        params = (
+            spec.params
+            if remaining == spec.params.max_tokens
+            else dataclasses.replace(spec.params, max_tokens=remaining)
+        )
         if c.kind == "cloud":
             assert self.cloud is not None
             try:
@@ -365,24 +413,26 @@ class HubService:
                 raise InvalidRequest(str(exc)) from exc
             cont = Continuation(tuple(progress.ids), progress.chars) if progress.ids else None
             progress.prompt_tokens = len(ids)
-            progress.mark_dispatched()
+            progress.dispatched()
             start, first, n = time.perf_counter(), 0.0, 0
             async for piece in self.cloud.stream(ids, params, cont):
-                first, n = first or time.perf_counter(), n + 1
+                progress.received = time.perf_counter()
+                first, n = first or progress.received, n + 1
                 yield progress.add(piece.text, piece.token_ids, piece.finish_reason, tokens=piece.tokens)
+            progress.received = time.perf_counter()  # the stream's end, relayed as the Final
             progress.engine_ttft_ms = (first - start) * 1000 if first else 0.0
-            progress.engine_tpot_ms = (time.perf_counter() - first) * 1000 / (n - 1) if n > 1 else 0.0
+            progress.engine_tpot_ms = (progress.received - first) * 1000 / (n - 1) if n > 1 else 0.0
             return
         session = self.fleet.sessions.get(c.device_id)
         if session is None:
             raise Unavailable(f"device {c.device_id} went offline")
-        work = _work(spec, c.model, params, progress)
-        progress.mark_dispatched()
-        async for received, item in session.run(work):
-            if isinstance(item, pb.TokenChunk):
-                chunk = progress.add(item.text, tuple(item.token_ids), None, tokens=len(item.token_ids))
-                progress.relay_s += time.perf_counter() - received
-                yield chunk
+        replies = session.run(_work(spec, c.model, params, progress))  # the work is on its way now
+        progress.dispatched()
+        async for received, item in replies:
+            progress.received = received
+            if type(item) is pb.TokenChunk:
+                ids = tuple(item.token_ids)
+                yield progress.add(item.text, ids, None, tokens=len(ids))
             else:
                 progress.finish = item.finish_reason
                 progress.energy_j += item.metrics.energy_j
@@ -410,12 +460,27 @@ class _Progress:
     engine_tpot_ms: float = 0.0
     arrived: float = field(default_factory=time.perf_counter)
     route_s: float = 0.0
+    """Hub time routing and dispatching, over all placements (see HubService.generate)."""
     relay_s: float = 0.0
+    """Hub time relaying: each token's and the end's arrival to hand-off, summed."""
+    mark: float = 0.0
+    """Start of the routing stretch under way (0: the arrival)."""
+    received: float = 0.0
+    """Arrival of the item being relayed now (0: none)."""
 
-    def mark_dispatched(self) -> None:
-        """The first placement is chosen and its work leaves the hub: what came before was routing."""
-        if not self.route_s:
-            self.route_s = time.perf_counter() - self.arrived
+    def routed(self) -> None:
+        """Started is ready to hand off: routing since `mark` ends (dispatch comes after it)."""
+        self.route_s += time.perf_counter() - (self.mark or self.arrived)
+
+    def dispatched(self) -> None:
+        """The work has left for its placement: the stretch since Started's hand-off was routing too."""
+        self.route_s += time.perf_counter() - self.mark
+
+    def handed_off(self) -> None:
+        """What arrived at `received` is handed to the caller's stream: relay time."""
+        if self.received:
+            self.relay_s += time.perf_counter() - self.received
+            self.received = 0.0
 
     def add(self, text: str, ids: tuple[int, ...], finish: str | None, tokens: int) -> Chunk:
         now = time.perf_counter()
@@ -427,9 +492,10 @@ class _Progress:
         self.finish = finish or self.finish
         return Chunk(text, ids)
 
-    def metrics(self, arrived: float) -> pb.Metrics:
+    def metrics(self) -> pb.Metrics:
+        """The answer's metrics; the hub's own times are filled in at its hand-off."""
         count = self.tokens
-        ttft = ((self.first or time.perf_counter()) - arrived) * 1000
+        ttft = ((self.first or time.perf_counter()) - self.arrived) * 1000
         tpot = (self.last - self.first) * 1000 / (count - 1) if count > 1 else 0.0
         return pb.Metrics(
             prompt_tokens=self.prompt_tokens,
@@ -439,9 +505,17 @@ class _Progress:
             energy_j=self.energy_j,
             engine_ttft_ms=self.engine_ttft_ms,
             engine_tpot_ms=self.engine_tpot_ms,
-            hub_route_ms=self.route_s * 1000,
-            hub_relay_ms=self.relay_s * 1000,
         )
+
+
+def _offers(s: AgentSession) -> list[tuple[str, bool, Candidate]]:
+    """(model name, chat, candidate) for each model a session serves; candidates count it idle."""
+    profile = _profile(s.record.profile)
+    out = []
+    for m in s.models:
+        cost = _model_cost(m.config_json, m.weight_bytes)
+        out.append((m.name, m.chat, Candidate("edge", s.device_id, profile, m.name, cost, 0, s.record.emulated)))
+    return out
 
 
 def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: _Progress) -> pb.Work:
@@ -449,7 +523,7 @@ def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: _Progress
         max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop=list(p.stop), seed=p.seed
     )
     return pb.Work(
-        work_id=uuid.uuid4().hex,
+        work_id=os.urandom(16).hex(),  # random like a uuid4, a few times cheaper
         model=model,
         input=prompt_to_input(spec.prompt),
         sampling=sampling,

@@ -68,12 +68,31 @@ def api_key(context: grpc.aio.ServicerContext) -> str | None:
     return value[7:] if value.startswith("Bearer ") else None
 
 
-def spec_from_request(req: pb.GenerateRequest) -> GenerateSpec:
+def spec_from_request(req: pb.GenerateRequest, arrived: float = 0.0) -> GenerateSpec:
     """Raises models.errors.InvalidRequest for bad sampling values."""
-    params = SamplingParams(**sampling_kwargs(req.sampling))
+    params = _sampling(req.sampling.SerializeToString())
     b = req.budget
     budget = Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort)
-    return GenerateSpec(prompt_of(req.input) or "", params, budget, req.model)
+    return GenerateSpec(prompt_of(req.input) or "", params, budget, req.model, arrived)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sampling(raw: bytes) -> SamplingParams:
+    """The SamplingParams of a serialized pb.Sampling, validated once per distinct value: clients
+    repeat theirs, and validating formats every error message whether it fails or not. Invalid
+    values raise each time (lru_cache keeps no exceptions)."""
+    return SamplingParams(**sampling_kwargs(pb.Sampling.FromString(raw)))
+
+
+def response(request_id: str, ev: Started | Chunk | Final) -> pb.GenerateResponse:
+    """One event of HubService.generate as the message the caller receives."""
+    if type(ev) is Chunk:
+        return pb.GenerateResponse(text=ev.text, token_ids=ev.token_ids)
+    if type(ev) is Started:
+        return pb.GenerateResponse(placements=ev.placements, request_id=request_id)
+    return pb.GenerateResponse(
+        finish_reason=ev.finish_reason, placements=ev.placements, metrics=ev.metrics, request_id=request_id
+    )
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
@@ -82,20 +101,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @translate_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        arrived = time.perf_counter()  # the hub's own time starts before authentication and parsing
         self.service.check_api_key(api_key(context))
-        spec = spec_from_request(request)
-        async for ev in self.service.generate(spec):
-            if isinstance(ev, Started):
-                yield pb.GenerateResponse(placements=list(ev.placements), request_id=request.request_id)
-            elif isinstance(ev, Chunk):
-                yield pb.GenerateResponse(text=ev.text, token_ids=list(ev.token_ids))
-            elif isinstance(ev, Final):
-                yield pb.GenerateResponse(
-                    finish_reason=ev.finish_reason,
-                    placements=list(ev.placements),
-                    metrics=ev.metrics,
-                    request_id=request.request_id,
-                )
+        spec = spec_from_request(request, arrived)
+        async for msg in self.service.generate(spec, functools.partial(response, request.request_id)):
+            yield msg
 
     @translate_errors
     async def ListModels(
@@ -154,20 +164,15 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
         store.set_status(record.device_id, "online", time.time())
         log.info("work channel open: %s", record.device_id)
         reader = asyncio.create_task(self._read(stream, session))
+        # None in the outbox ends the writer below: the reader's end puts one, and so does closing
+        # the session (replaced by a reconnect, or the hub stops). One queue to wait on, rather than a
+        # wait() over the queue and the reader for every message sent.
+        reader.add_done_callback(lambda _: session.outbox.put_nowait(None))
         try:
-            while True:
-                get = asyncio.ensure_future(session.outbox.get())
-                done, _ = await asyncio.wait({get, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if get in done:
-                    msg = get.result()
-                    if msg is None:  # the session was closed (replaced by a reconnect, or the hub stops)
-                        return
-                    yield msg
-                else:
-                    get.cancel()
-                if reader in done:
-                    reader.result()  # re-raises InvalidRequest for a malformed message
-                    return
+            while (msg := await session.outbox.get()) is not None:
+                yield msg
+            if reader.done() and not reader.cancelled():
+                reader.result()  # re-raises InvalidRequest for a malformed message
         finally:
             reader.cancel()
             fleet.detach(session)
@@ -177,7 +182,6 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
 
     @staticmethod
     async def _read(stream: AsyncIterator[pb.AgentMessage], session: AgentSession) -> None:
+        clock = time.perf_counter
         async for msg in stream:
-            if msg.WhichOneof("kind") == "pong":
-                continue
-            session.deliver(msg)
+            session.deliver(msg, clock())

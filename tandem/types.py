@@ -57,9 +57,10 @@ class GenerateResult:
     engine_tpot_ms: float = 0.0
     """The serving engine's own mean time per token."""
     hub_route_ms: float = 0.0
-    """Time in the hub before the work left it (validation, routing, dispatch)."""
+    """Time in the hub before the work left it (authentication, validation, routing, dispatch)."""
     hub_relay_ms: float = 0.0
-    """Time in the hub relaying tokens, summed over the answer."""
+    """Time in the hub relaying tokens and the end of the answer, each from its arrival from the
+    device to its hand-off to this stream, summed."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
