@@ -582,13 +582,13 @@ def _profile(name: str) -> DeviceProfile:
 def _model_cost(config_json: str, weight_bytes: int = 0) -> ModelCost:
     """Cost model of a model as served (cached: the router needs it for every candidate of every
     request). Its bits per weight come from the stored weight bytes the server advertised, so an
-    int4 bundle is costed as the ~5 bits a weight it reads, not as fp32; our runtimes keep an
-    fp32 KV cache."""
+    int4 bundle is costed as the ~5 bits a weight it reads, not as fp32; its KV cache follows
+    ModelCost's rule, which our torch engine keeps: fp16 for quantized weights, else fp32."""
     cfg = _config_from_json(config_json)
     bits = 32.0
     if weight_bytes > 0:
         bits = 8 * weight_bytes / ModelCost.from_config(cfg, bits_per_weight=32.0).n_params
-    return ModelCost.from_config(cfg, bits_per_weight=bits, kv_bits=32.0)
+    return ModelCost.from_config(cfg, bits_per_weight=bits)
 
 
 def _config_from_json(config_json: str) -> ModelConfig:

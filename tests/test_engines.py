@@ -140,3 +140,15 @@ def test_servers_advertise_what_their_weights_cost(tiny: LoadedModel) -> None:
     assert _model_cost(fp32["config_json"], fp32["weight_bytes"]).bits_per_weight == pytest.approx(32.0)
     bits = _model_cost(quant["config_json"], quant["weight_bytes"]).bits_per_weight
     assert 5.0 <= bits <= 8.5  # int4 g32 layers (5 bits with fp16 scale and minimum), int8 g32 table (8.5)
+
+
+def test_the_hub_costs_the_kv_cache_the_engine_keeps(tiny: LoadedModel, bundle: tuple[Path, torch.nn.Module]) -> None:
+    """fp32 models keep an fp32 cache, quantized ones fp16: the hub predicts those bytes."""
+    from cloud_hub.service import _model_cost
+
+    for path, bits_per_kv in ((tiny.path, 32), (bundle[0], 16)):
+        engine = make_engine("torch")
+        info = engine.load(str(path))
+        engine.prefill("r", [1, 2, 3], 8)
+        assert engine._model.caches[-1].k.element_size() * 8 == bits_per_kv
+        assert _model_cost(info["config_json"], info["weight_bytes"]).kv_bits == bits_per_kv
