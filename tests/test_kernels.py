@@ -25,7 +25,9 @@ def _activation_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize(("out_f", "in_f", "group", "rows"), [(40, 576, 32, 1), (7, 96, 96, 3), (130, 1536, 64, 2)])
+@pytest.mark.parametrize(
+    ("out_f", "in_f", "group", "rows"), [(40, 576, 32, 1), (7, 96, 96, 3), (130, 1536, 64, 2), (3, 64, 32, 1)]
+)
 def test_qmatvec_matches_float64_within_the_activation_rounding(
     bits: int, out_f: int, in_f: int, group: int, rows: int
 ) -> None:

@@ -161,42 +161,6 @@ static inline __m256i q8_block(const int8_t* q, const int16_t* xq) {
     return _mm256_add_epi32(lo, hi);
 }
 
-// One output row: sum over blocks of scale[b] * xs[b] * dot_b (+ minv[b] * xsum[b] for int4).
-// Eight blocks at a time: their eight scales convert and multiply as one vector, and each block's
-// combined scale is broadcast with an in-lane permute; four accumulators hide the FMA latency.
-#define ROW_KERNEL(NAME, BLOCK, QTYPE, QBYTES)                                                           \
-    static float NAME(const QTYPE* q, const uint16_t* scale, const uint16_t* minv, const int16_t* xq,      \
-                      const float* xs, const float* xsum, int nb) {                                      \
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, am = a0;                             \
-        int b = 0;                                                                                       \
-        for (; b + 8 <= nb; b += 8) {                                                                    \
-            __m256 ds = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(scale + b))),     \
-                                      _mm256_loadu_ps(xs + b));                                          \
-            if (minv)                                                                                    \
-                am = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(minv + b))),       \
-                                     _mm256_loadu_ps(xsum + b), am);                                     \
-            __m256 lo = _mm256_permute2f128_ps(ds, ds, 0x00), hi = _mm256_permute2f128_ps(ds, ds, 0x11); \
-            const QTYPE* qb = q + (size_t)b * QBYTES;                                                    \
-            const int16_t* xb = xq + b * 32;                                                             \
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb, xb)), _mm256_permute_ps(lo, 0x00), a0);    \
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + QBYTES, xb + 32)), _mm256_permute_ps(lo, 0x55), a1); \
-            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 2 * QBYTES, xb + 64)), _mm256_permute_ps(lo, 0xaa), a2); \
-            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 3 * QBYTES, xb + 96)), _mm256_permute_ps(lo, 0xff), a3); \
-            a0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 4 * QBYTES, xb + 128)), _mm256_permute_ps(hi, 0x00), a0); \
-            a1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 5 * QBYTES, xb + 160)), _mm256_permute_ps(hi, 0x55), a1); \
-            a2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 6 * QBYTES, xb + 192)), _mm256_permute_ps(hi, 0xaa), a2); \
-            a3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(BLOCK(qb + 7 * QBYTES, xb + 224)), _mm256_permute_ps(hi, 0xff), a3); \
-        }                                                                                                \
-        float total = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3))) + hsum8(am);     \
-        for (; b < nb; b++) {                                                                            \
-            float d = half_to_float(scale[b]) * xs[b];                                                   \
-            total += d * hsum8(_mm256_cvtepi32_ps(BLOCK(q + (size_t)b * QBYTES, xq + b * 32)));           \
-            if (minv) total += half_to_float(minv[b]) * xsum[b];                                         \
-        }                                                                                                \
-        return total;                                                                                    \
-    }
-ROW_KERNEL(q4_row_v, q4_block, uint8_t, 16)
-ROW_KERNEL(q8_row_v, q8_block, int8_t, 32)
 
 // Four consecutive output rows at once (rows r .. r+3 at q + r * qstride, scale/minv + r * sstride):
 // the activation's block scales load once for all four, and the four horizontal sums finish in
@@ -247,11 +211,9 @@ ROWS4_KERNEL(q4_rows4, q4_block, uint8_t, 16)
 ROWS4_KERNEL(q8_rows4, q8_block, int8_t, 32)
 #endif
 
+// One output row in plain C: rows the four-row kernels do not cover (no AVX2, or fewer than four).
 static float q4_row(const uint8_t* q, const uint16_t* scale, const uint16_t* minv, const int16_t* xq, const float* xs,
                     const float* xsum, int nb) {
-#ifdef __AVX2__
-    return q4_row_v(q, scale, minv, xq, xs, xsum, nb);
-#else
     float total = 0.f;
     for (int b = 0; b < nb; b++) {
         int32_t dot = 0;
@@ -261,13 +223,9 @@ static float q4_row(const uint8_t* q, const uint16_t* scale, const uint16_t* min
         total += half_to_float(scale[b]) * xs[b] * (float)dot + half_to_float(minv[b]) * xsum[b];
     }
     return total;
-#endif
 }
 
 static float q8_row(const int8_t* q, const uint16_t* scale, const int16_t* xq, const float* xs, int nb) {
-#ifdef __AVX2__
-    return q8_row_v(q, scale, NULL, xq, xs, NULL, nb);
-#else
     float total = 0.f;
     for (int b = 0; b < nb; b++) {
         int32_t dot = 0;
@@ -275,7 +233,6 @@ static float q8_row(const int8_t* q, const uint16_t* scale, const int16_t* xq, c
         total += half_to_float(scale[b]) * xs[b] * (float)dot;
     }
     return total;
-#endif
 }
 
 typedef struct {
@@ -313,18 +270,30 @@ static float qrow(const QWeight* w, int r, const Act* a) {
 }
 
 
-// Rows [r, r + n) of w into out[0 .. n): four at a time where the vector kernels run.
+#ifdef __AVX2__
+// Rows [r, r + 4) of w into out[0 .. 4).
+static void rows4(const QWeight* w, int r, const Act* a, float* out) {
+    int nb = w->cols / 32;
+    if (w->bits == 4) {
+        q4_rows4((const uint8_t*)w->q + (size_t)r * w->cols / 2, (size_t)w->cols / 2, w->scale + (size_t)r * nb,
+                 w->minv + (size_t)r * nb, (size_t)nb, a->xq, a->xs, a->xsum, nb, out);
+    } else {
+        q8_rows4((const int8_t*)w->q + (size_t)r * w->cols, (size_t)w->cols, w->scale + (size_t)r * nb, NULL,
+                 (size_t)nb, a->xq, a->xs, a->xsum, nb, out);
+    }
+}
+#endif
+
+// Rows [r, r + n) of w into out[0 .. n): four at a time where the vector kernels run; a shorter
+// tail as the four rows that end with it (a few recomputed), so every row takes the same kernel.
 static void qrows(const QWeight* w, int r, int n, const Act* a, float* out) {
 #ifdef __AVX2__
-    int nb = w->cols / 32;
-    for (; n >= 4; r += 4, n -= 4, out += 4) {
-        if (w->bits == 4) {
-            q4_rows4((const uint8_t*)w->q + (size_t)r * w->cols / 2, (size_t)w->cols / 2, w->scale + (size_t)r * nb,
-                     w->minv + (size_t)r * nb, (size_t)nb, a->xq, a->xs, a->xsum, nb, out);
-        } else {
-            q8_rows4((const int8_t*)w->q + (size_t)r * w->cols, (size_t)w->cols, w->scale + (size_t)r * nb, NULL,
-                     (size_t)nb, a->xq, a->xs, a->xsum, nb, out);
-        }
+    for (; n >= 4; r += 4, n -= 4, out += 4) rows4(w, r, a, out);
+    if (n > 0 && r + n >= 4) {
+        float last[4];
+        rows4(w, r + n - 4, a, last);
+        memcpy(out, last + 4 - n, n * sizeof(float));
+        return;
     }
 #endif
     for (int i = 0; i < n; i++) out[i] = qrow(w, r + i, a);
