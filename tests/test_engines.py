@@ -13,6 +13,7 @@ import torch
 
 from edge_agent.engines.base import EngineUnavailable
 from edge_agent.engines.registry import make_engine
+from edge_agent.engines.torch_engine import TorchEngine
 from models.bundle import BundleError, load_bundle, save_bundle
 from models.prune import prune_layers
 from models.quant import quantize_model
@@ -140,6 +141,15 @@ def test_servers_advertise_what_their_weights_cost(tiny: LoadedModel) -> None:
     assert _model_cost(fp32["config_json"], fp32["weight_bytes"]).bits_per_weight == pytest.approx(32.0)
     bits = _model_cost(quant["config_json"], quant["weight_bytes"]).bits_per_weight
     assert 5.0 <= bits <= 8.5  # int4 g32 layers (5 bits with fp16 scale and minimum), int8 g32 table (8.5)
+
+
+def test_the_kv_cache_setting_is_checked_and_followed(bundle: tuple[Path, torch.nn.Module]) -> None:
+    with pytest.raises(ValueError, match="kv_cache must be one of"):
+        TorchEngine(kv_cache="int8")
+    engine = TorchEngine(kv_cache="fp32")
+    engine.load(str(bundle[0]))  # a quantized bundle, which "auto" would give an fp16 cache
+    engine.prefill("r", [1, 2, 3], 8)
+    assert engine._model.caches[-1].k.dtype == torch.float32
 
 
 def test_the_hub_costs_the_kv_cache_the_engine_keeps(tiny: LoadedModel, bundle: tuple[Path, torch.nn.Module]) -> None:

@@ -19,6 +19,7 @@ onnx = pytest.importorskip("onnx", reason="pip install 'tandem[onnx]' (make setu
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine  # noqa: E402
 from edge_agent.engines.onnx_engine import OnnxEngine, OnnxEngineOptions  # noqa: E402
 from edge_agent.engines.registry import make_engine  # noqa: E402
+from edge_agent.engines.torch_engine import TorchEngine  # noqa: E402
 from models import zoo  # noqa: E402
 from models.bundle import save_bundle  # noqa: E402
 from models.chat import render_chat  # noqa: E402
@@ -40,7 +41,9 @@ def int4_bundle(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _engines(model: str) -> tuple[InferenceEngine, InferenceEngine]:
-    reference, engine = make_engine("torch"), make_engine("onnxruntime")
+    # The reference keeps an fp32 KV cache, as the ONNX graph does: the comparisons then see only
+    # the kernels' int16 activations, not also the torch engine's fp16 cache for quantized models.
+    reference, engine = TorchEngine(kv_cache="fp32"), make_engine("onnxruntime")
     reference.load(model)
     engine.load(model)
     return reference, engine

@@ -23,20 +23,29 @@ class _Request:
     position: int
 
 
+KV_CACHES = {"auto": None, "fp16": torch.float16, "fp32": torch.float32}
+
+
 class TorchEngine(InferenceEngine):
-    def __init__(self, device: str = "cpu") -> None:
+    def __init__(self, device: str = "cpu", kv_cache: str = "auto") -> None:
+        """kv_cache: "auto" keeps fp16 caches for quantized models and the weights' dtype
+        otherwise (what the hub's cost model assumes); "fp16" or "fp32" forces one."""
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise EngineUnavailable(f"device {device!r} requested but this machine has no CUDA GPU (torch sees none)")
         if not (device == "cpu" or device.startswith("cuda")):
             raise EngineUnavailable(f"the torch engine runs on cpu or cuda, not {device!r}")
         self.device = torch.device(device)
+        self.kv_cache = kv_cache
         self.loaded: LoadedModel | None = None
         self._requests: dict[str, _Request] = {}
 
     def load(self, model: str) -> dict:
         loaded = load(model)
         loaded.model.to(self.device)
-        if any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
+        loaded.model.kv_dtype = KV_CACHES[self.kv_cache]
+        if self.kv_cache == "auto" and any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
             # Quantized models keep an fp16 KV cache, as partitioner/cost.py assumes: half the
             # bytes each decode step reads at long contexts, and half the cache's memory.
             loaded.model.kv_dtype = torch.float16
