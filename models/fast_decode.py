@@ -1,8 +1,8 @@
-"""Batch-1 decode on CPU through our kernels: one C call per layer instead of ~15 torch ops.
+"""Batch-1 decode on CPU through our kernels: one C call a token instead of ~15 torch ops a layer.
 
 At batch 1 a 135M-parameter model spends more time dispatching small torch ops than reading its
-weights. `CpuDecoder` hands the quantized layers to `kernels.layers`, one C call that runs
-norms, projections, RoPE, the cache write, attention and the MLP of each layer for one token. Python still chooses
+weights. `CpuDecoder` hands the quantized layers to `kernels.layers`, one C call that runs norms,
+projections, RoPE, the cache write, attention and the MLP of each layer for one token. Python still chooses
 which layers run (layer ranges for split inference, skipped layers), and prefill, batches and
 unquantized models keep the torch path; both paths read and write the same KV caches, so a
 request can move between them at any token.
@@ -68,7 +68,7 @@ class CpuDecoder:
         self.steps = (kernels.LayerStep * len(model.layers))()  # one C array; elements are views
         self.bases: list[float] = []
         self.caches: list[tuple | None] = [None] * len(model.layers)  # what each step points at
-        for block in model.layers:
+        for i, block in enumerate(model.layers):
             a, f = block.attention, block.feed_forward
             norms = {
                 "attn_norm": block.attn_norm.weight,
@@ -81,7 +81,7 @@ class CpuDecoder:
             for name, w in norms.items():
                 if w is not None and not (w.is_contiguous() and w.dtype == torch.float32):
                     raise ValueError(f"{name} must be contiguous float32")
-            self.steps[len(self.bases)] = kernels.LayerStep(
+            self.steps[i] = kernels.LayerStep(
                 dim=cfg.dim,
                 n_heads=cfg.n_heads,
                 n_kv_heads=cfg.n_kv_heads,

@@ -262,11 +262,17 @@ class Transformer(nn.Module):
             raise ValueError(f"cache slot {last - 1} beyond the cache of {self.max_len} slots; call setup_cache")
         if h.shape[0] == 1 and h.shape[1] == 1 and self.fast_decode:
             decoder = self._cpu_decoder()
-            if decoder is not None and int(step.pad[0]) == 0:  # one token of one sequence: a C call per layer
+            if decoder is not None and int(step.pad[0]) == 0:  # one token of one sequence: one C call
                 return decoder.run(h, last - 1, start, end)
-        masks = {sliding: self._mask(step, last, sliding) for sliding in {blk.sliding for blk in self.layers}}
-        if _fresh_prefill(step, last):  # plain causal: SDPA skips half the work without a mask
-            masks = {s: None if not s or last <= self.cfg.sliding_window else m for s, m in masks.items()}
+        # A fresh prompt's mask is plain causal (for sliding layers too while it fits their window):
+        # None lets SDPA skip the blocks above the diagonal, and the mask is never built.
+        causal = _fresh_prefill(step, last)
+        masks = {
+            sliding: None
+            if causal and (not sliding or last <= self.cfg.sliding_window)
+            else self._mask(step, last, sliding)
+            for sliding in {blk.sliding for blk in self.layers}
+        }
         positions = step.positions.clamp(min=0)  # (B, T); padding slots get position 0, never attended
         ropes = {base: (cos[positions][:, None], sin[positions][:, None]) for base, (cos, sin) in self._rope.items()}
         for i in range(start, end):

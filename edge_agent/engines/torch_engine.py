@@ -44,11 +44,12 @@ class TorchEngine(InferenceEngine):
     def load(self, model: str) -> dict:
         loaded = load(model)
         loaded.model.to(self.device)
-        loaded.model.kv_dtype = KV_CACHES[self.kv_cache]
+        kv_dtype = KV_CACHES[self.kv_cache]
         if self.kv_cache == "auto" and any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
             # Quantized models keep an fp16 KV cache, as partitioner/cost.py assumes: half the
             # bytes each decode step reads at long contexts, and half the cache's memory.
-            loaded.model.kv_dtype = torch.float16
+            kv_dtype = torch.float16
+        loaded.model.kv_dtype = kv_dtype
         self.loaded = loaded
         # The model's thousands of long-lived objects would otherwise be traversed by every full
         # collection, which decode's small allocations trigger: about 5% of a decode step.

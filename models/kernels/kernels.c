@@ -161,7 +161,6 @@ static inline __m256i q8_block(const int8_t* q, const int16_t* xq) {
     return _mm256_add_epi32(lo, hi);
 }
 
-
 // Four consecutive output rows at once (rows r .. r+3 at q + r * qstride, scale/minv + r * sstride):
 // the activation's block scales load once for all four, and the four horizontal sums finish in
 // one hadd tree. A single row of a 576-wide matrix (18 blocks) otherwise spends a third of its time
@@ -268,7 +267,6 @@ static float qrow(const QWeight* w, int r, const Act* a) {
     }
     return q8_row((const int8_t*)w->q + (size_t)r * w->cols, w->scale + (size_t)r * nb, a->xq, a->xs, nb);
 }
-
 
 #ifdef __AVX2__
 // Rows [r, r + 4) of w into out[0 .. 4).
@@ -583,6 +581,8 @@ static void glu_range(float* gate, const float* up, long lo, long hi, int gelu) 
     }
 }
 
+#define MAX_PARTS 4  // a head's cached positions split at most this many ways in decode attention
+
 // Scratch of one tandem_layers call. Shared: what threads hand each other. Private (one per thread):
 // values every thread computes for itself because they are cheaper than a barrier (the normed,
 // quantized input of a projection; the merged attention output; the residual after attention).
@@ -634,7 +634,7 @@ static void layer_team(const LayerStep* L, float* h, int pos, const Shared* sh, 
     int D = L->dim, H = L->n_heads, K = L->n_kv_heads, hd = L->head_dim, F = L->ffn_dim;
     int lo = L->window > 0 && pos - L->window + 1 > 0 ? pos - L->window + 1 : 0;
     int n_ctx = pos + 1 - lo;
-    int S = n_ctx >= 256 ? 4 : (n_ctx >= 64 ? 2 : 1);  // parts of each head's positions
+    int S = n_ctx >= 256 ? MAX_PARTS : (n_ctx >= 64 ? 2 : 1);  // parts of each head's positions
 
     rmsnorm(h, L->attn_norm, D, L->eps, me->xn);
     quantize_x(me->xn, D, me->act.xq, me->act.xs, me->act.xsum);
@@ -728,7 +728,7 @@ int tandem_layers(const LayerStep* steps, int n, float* h, int pos, int nthreads
             L->head_dim != hd || L->ffn_dim != F)
             return -1;
     }
-    int n_ctx = pos + 1, S = 4, wide = qd > D ? qd : D;
+    int n_ctx = pos + 1, S = MAX_PARTS, wide = qd > D ? qd : D;
     if (nthreads < 1) nthreads = 1;
     size_t shared_floats = (size_t)qd + 2 * (size_t)K * hd + D + 2 * (size_t)F + D + (size_t)H * n_ctx +
                            (size_t)H * S * (hd + 2) + (size_t)F / 32 * 2;
