@@ -22,11 +22,14 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
 
-    def update(self, cache_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, cache_pos: Tensor, k: Tensor, v: Tensor, whole: bool = False) -> tuple[Tensor, Tensor]:
         """k, v: (B, K, T, hd) for slots cache_pos (T,), stored in the cache's dtype. Returns
-        (B, K, S, hd) views with S = last slot + 1, in the cache's dtype."""
+        (B, K, S, hd) views with S = last slot + 1, in the cache's dtype; with `whole`, all
+        max_len slots, without reading the position back from the device (CUDA graphs)."""
         self.k.index_copy_(2, cache_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, cache_pos, v.to(self.v.dtype))
+        if whole:
+            return self.k, self.v
         last = int(cache_pos[-1]) + 1
         return self.k[:, :, :last], self.v[:, :, :last]
 

@@ -127,9 +127,25 @@ class QuantLinear(nn.Module):
             self.__dict__["_kernel_view"] = (current, view)
         return view
 
+    def dense(self, dtype: torch.dtype) -> Tensor:
+        """The dequantized (O, I) weight in `dtype`, kept until a buffer is replaced.
+
+        GPUs run quantized layers as dense matmuls over this copy: dequantizing on every call
+        launches five kernels and writes the whole weight each time, and a fused int4 GPU kernel
+        is not written yet. The copy costs the dense weight's memory on the GPU.
+        """
+        current = (self.q, self.scale, self.minimum)
+        source, weight = self.__dict__.get("_dense", ((), None))
+        if weight is None or weight.dtype != dtype or any(a is not b for a, b in zip(source, current, strict=True)):
+            weight = self.dequantize().to(dtype)
+            self.__dict__["_dense"] = (current, weight)
+        return weight
+
     def forward(self, x: Tensor) -> Tensor:
-        view = self.kernel_view() if x.dtype == torch.float32 and x.device.type == "cpu" else None
-        if view is None:
+        if x.device.type != "cpu":
+            return F.linear(x, self.dense(x.dtype))
+        view = self.kernel_view() if x.dtype == torch.float32 else None
+        if view is None:  # CPU memory is scarcer than time here: dequantize for each call
             return F.linear(x, self.dequantize().to(x.dtype))
         out_f, in_f = self.shape
         flat = x.reshape(-1, in_f)

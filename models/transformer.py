@@ -37,6 +37,9 @@ class Step:
 
     cache_pos: Tensor
     pad: Tensor
+    fixed: bool = False
+    """Attention reads all of the cache's slots under a mask that hides the unwritten ones, so
+    that no shape depends on the position (see Transformer.forward_fixed)."""
 
     @staticmethod
     def at(start: int, length: int, batch: int = 1, pad: Tensor | None = None) -> Step:
@@ -115,7 +118,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, hd)
         if not roped:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = cache.update(step.cache_pos, k, v)  # (B, K, S, hd), S = last slot + 1
+        keys, values = cache.update(step.cache_pos, k, v, whole=step.fixed)  # (B, K, S, hd)
         if keys.dtype != q.dtype:  # a half-precision cache: attention itself runs in q's dtype
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         if cfg.attn_logit_softcap:
@@ -283,6 +286,31 @@ class Transformer(nn.Module):
             base = self.cfg.rope_local_base if block.sliding else self.cfg.rope_base
             cos, sin = ropes[base]
             h = block(h, cos, sin, masks[block.sliding], cache, step)
+        return h
+
+    def forward_fixed(self, h: Tensor, position: Tensor, start: int = 0, end: int | None = None) -> Tensor:
+        """One token of one sequence, h (1, 1, D), at cache slot `position` ((1,) long, on the
+        model's device), through layers [start, end).
+
+        Every shape is fixed and nothing waits for the device, so a CUDA graph can capture this
+        once and replay it at any position: attention reads all max_len slots under a mask built
+        on the device from `position` (slots after it are hidden, whatever they hold). The caller
+        checks that position < max_len; forward_layers on one token computes the same thing.
+        """
+        end = self.cfg.n_layers if end is None else end
+        if not 0 <= start <= end <= self.cfg.n_layers or h.shape[:2] != (1, 1):
+            raise ValueError(f"forward_fixed takes one token (1, 1, D) through layers within [0, {self.cfg.n_layers})")
+        if any(self.caches[i] is None for i in range(start, end)):
+            raise ValueError(f"layers [{start}, {end}) need KV caches; call setup_cache")
+        step = Step(position, torch.zeros(1, dtype=torch.long, device=position.device), fixed=True)
+        slots = torch.arange(self.max_len, device=position.device)
+        seen = slots <= position  # (S,)
+        masks = {False: seen, True: seen & (position - slots < self.cfg.sliding_window)}
+        ropes = {base: (c[position][None, None], s[position][None, None]) for base, (c, s) in self._rope.items()}
+        for i in range(start, end):  # rope rows (1, 1, 1, hd); masks (1, 1, 1, S)
+            block = self.layers[i]
+            cos, sin = ropes[self.cfg.rope_local_base if block.sliding else self.cfg.rope_base]
+            h = block(h, cos, sin, masks[block.sliding][None, None, None], self.caches[i], step)
         return h
 
     def _cpu_decoder(self):

@@ -1,8 +1,14 @@
-"""The torch engine: our transformer, one KV cache per request, on CPU or CUDA."""
+"""The torch engine: our transformer, one KV cache per request, on CPU or CUDA.
+
+On CUDA, decode replays a captured graph per request (edge_agent/engines/cuda_graph.py); a
+released request's caches and graph go to a small spare list, and the next request whose cache
+rounds to the same length takes them instead of capturing again.
+"""
 
 from __future__ import annotations
 
 import gc
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +16,7 @@ import torch
 from torch import Tensor
 
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
+from edge_agent.engines.cuda_graph import DecodeGraph
 from models.kv_cache import KVCache
 from models.quant import QuantLinear
 from models.runtime import LoadedModel, load
@@ -21,15 +28,20 @@ class _Request:
     caches: list[KVCache | None]
     rope: dict
     position: int
+    graph: DecodeGraph | None = None
 
 
 KV_CACHES = {"auto": None, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class TorchEngine(InferenceEngine):
-    def __init__(self, device: str = "cpu", kv_cache: str = "auto") -> None:
+    GRAPH_SLOTS = 256  # CUDA caches round up to a multiple of this, so that graphs can be reused
+    SPARE_GRAPHS = 4  # released requests' caches and graphs kept for the next requests
+
+    def __init__(self, device: str = "cpu", kv_cache: str = "auto", cuda_graphs: bool = True) -> None:
         """kv_cache: "auto" keeps fp16 caches for quantized models and the weights' dtype
-        otherwise (what the hub's cost model assumes); "fp16" or "fp32" forces one."""
+        otherwise (what the hub's cost model assumes); "fp16" or "fp32" forces one.
+        cuda_graphs: on CUDA, decode by replaying a captured graph (ignored on CPU)."""
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -38,8 +50,10 @@ class TorchEngine(InferenceEngine):
             raise EngineUnavailable(f"the torch engine runs on cpu or cuda, not {device!r}")
         self.device = torch.device(device)
         self.kv_cache = kv_cache
+        self.graphs = cuda_graphs and self.device.type == "cuda"
         self.loaded: LoadedModel | None = None
         self._requests: dict[str, _Request] = {}
+        self._spare: defaultdict[int, list[_Request]] = defaultdict(list)  # by cache length
 
     def load(self, model: str) -> dict:
         loaded = load(model)
@@ -51,6 +65,7 @@ class TorchEngine(InferenceEngine):
             kv_dtype = torch.float16
         loaded.model.kv_dtype = kv_dtype
         self.loaded = loaded
+        self._spare.clear()  # their graphs hold the previous model's weights
         # The model's thousands of long-lived objects would otherwise be traversed by every full
         # collection, which decode's small allocations trigger: about 5% of a decode step.
         gc.collect()
@@ -73,8 +88,18 @@ class TorchEngine(InferenceEngine):
     @torch.inference_mode()
     def prefill(self, request_id: str, ids: Sequence[int], max_len: int) -> Tensor:
         m = self._model
-        m.setup_cache(1, max_len)
-        state = _Request(m.caches, m._rope, 0)
+        self._check_tokens(ids)
+        self.release(request_id)
+        if self.graphs:
+            max_len = -(-max_len // self.GRAPH_SLOTS) * self.GRAPH_SLOTS
+        spare = self._spare[max_len]
+        if spare:  # a released request's caches (stale slots are never attended) and its graph
+            state = spare.pop()
+            state.position = 0
+            m.caches, m._rope = state.caches, state.rope
+        else:
+            m.setup_cache(1, max_len)
+            state = _Request(m.caches, m._rope, 0)
         self._requests[request_id] = state
         tokens = torch.tensor([list(ids)], device=self.device)
         h = m.forward_layers(m.embed(tokens), Step.at(0, len(ids)))
@@ -84,9 +109,26 @@ class TorchEngine(InferenceEngine):
     @torch.inference_mode()
     def decode(self, request_id: str, token: int) -> Tensor:
         state, m = self._use(request_id), self._model
-        h = m.forward_layers(m.embed(torch.tensor([[token]], device=self.device)), Step.at(state.position, 1))
+        self._check_tokens([token])
+        if state.position >= m.max_len:  # before any kernel: on CUDA a bad slot is a device assert
+            raise ValueError(f"cache slot {state.position} beyond the cache of {m.max_len} slots")
+        if self.graphs:
+            if state.graph is None:
+                state.graph = DecodeGraph(m, token, state.position)
+            logits = state.graph.run(token, state.position)
+        else:
+            h = m.forward_layers(m.embed(torch.tensor([[token]], device=self.device)), Step.at(state.position, 1))
+            logits = m.head(h[:, -1])[0]
         state.position += 1
-        return m.head(h[:, -1])[0]
+        return logits
+
+    def _check_tokens(self, ids: Sequence[int]) -> None:
+        # An id outside the table would be an IndexError on CPU, but a device-side assert on CUDA,
+        # which leaves the whole CUDA context unusable: refuse it here, before any kernel runs.
+        vocab = self._model.cfg.vocab_size
+        bad = [t for t in ids if not 0 <= int(t) < vocab]
+        if bad or not ids:
+            raise ValueError(f"token ids must be in [0, {vocab}) and non-empty; got {bad[:5] or 'none'}")
 
     @torch.inference_mode()
     def run_layers(self, request_id: str, hidden: Tensor, start: int, end: int, position: int) -> Tensor:
@@ -98,4 +140,7 @@ class TorchEngine(InferenceEngine):
         return m.forward_layers(hidden.to(self.device), Step.at(position, hidden.shape[1]), start, end)
 
     def release(self, request_id: str) -> None:
-        self._requests.pop(request_id, None)
+        state = self._requests.pop(request_id, None)
+        kept = sum(map(len, self._spare.values()))
+        if state is not None and state.graph is not None and kept < self.SPARE_GRAPHS:
+            self._spare[state.graph.max_len].append(state)
