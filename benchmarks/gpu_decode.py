@@ -101,80 +101,71 @@ def decode_run(engine, ids: list[int], gen: int) -> tuple[float, float, list[int
     return t1 - t0, gen / (t2 - t1), out
 
 
-def measure(model: str, bits: int | None, ids: list[int], gen: int, repeats: int, bandwidth: float) -> dict:
+MODES = {  # decode path -> TorchEngine options on CUDA
+    "eager": {"cuda_graphs": False},
+    "graphs": {},
+    "graphs+compile": {"compile": True},
+}
+
+
+def measure(model: str, bits: int | None, ids: list[int], gen: int, args: argparse.Namespace, bandwidth: float) -> dict:
     import torch
 
     from edge_agent.engines.torch_engine import TorchEngine
 
     source = str(bundle_for(model, bits)) if bits else model
-    runs: dict = {}
-    tokens: dict = {}
-    for name, engine in (("eager", TorchEngine("cuda", cuda_graphs=False)), ("graphs", TorchEngine("cuda"))):
-        engine.load(source)
-        t0 = time.perf_counter()
-        first = decode_run(engine, ids, gen)  # warm-up; for graphs, the capture happens here
-        first_s = time.perf_counter() - t0
-        timed = [decode_run(engine, ids, gen) for _ in range(repeats)]  # graphs: reused, not recaptured
-        runs[name] = {
-            "prefill_s": statistics.median(t[0] for t in timed),
-            "decode_tok_s": statistics.median(t[1] for t in timed),
-            "run_s": statistics.median(t[0] + gen / t[1] for t in timed),
-            "first_run_s": first_s,
-        }
-        tokens[name] = first[2]
-        assert all(t[2] == first[2] for t in timed), f"{name}: repeated runs generated different tokens"
-        if name == "graphs":
-            sizes = bytes_per_token(engine, len(ids) + gen // 2)
-        del engine
-        torch.cuda.empty_cache()
     cpu = TorchEngine("cpu")
     cpu.load(source)
-    tokens["cpu"] = decode_run_cpu(cpu, ids, gen)
-    graph_bytes = sizes["weights"] + sizes["kv_per_slot"] * sizes["kv_slots_graph"]
-    eager_bytes = sizes["weights"] + sizes["kv_per_slot"] * sizes["kv_slots_eager"]
-    roofline = bandwidth * 1e9 / graph_bytes
-    g, e = runs["graphs"], runs["eager"]
-    return {
-        "variant": f"int{bits}" if bits else "fp32",
-        "eager_tok_s": e["decode_tok_s"],
-        "graphs_tok_s": g["decode_tok_s"],
-        "speedup": g["decode_tok_s"] / e["decode_tok_s"],
-        "capture_s": g["first_run_s"] - g["run_s"],  # the first run's extra time: warm-up and capture
-        "first_run_s": {"eager": e["first_run_s"], "graphs": g["first_run_s"]},
-        "prefill_s": {"eager": e["prefill_s"], "graphs": g["prefill_s"]},
-        "bytes_per_token_graphs": graph_bytes,
-        "bytes_per_token_eager": eager_bytes,
-        "roofline_tok_s": roofline,
-        "graphs_of_roofline": g["decode_tok_s"] / roofline,
-        "eager_of_roofline": e["decode_tok_s"] * eager_bytes / (bandwidth * 1e9),
-        "same_tokens_graphs_eager": tokens["graphs"] == tokens["eager"],
-        "agreement_with_cpu": sum(a == b for a, b in zip(tokens["graphs"], tokens["cpu"], strict=True))
-        / len(tokens["cpu"]),
-    }
-
-
-def decode_run_cpu(engine, ids: list[int], gen: int) -> list[int]:
-    token = int(engine.prefill("bench", ids, len(ids) + gen + 1).argmax())
-    out = [token]
-    for _ in range(gen):
-        token = int(engine.decode("bench", token).argmax())
-        out.append(token)
-    return out
+    reference = decode_run(cpu, ids, gen)[2]
+    modes: dict = {}
+    for name in args.modes.split(","):
+        engine = TorchEngine("cuda", **MODES[name])
+        engine.load(source)
+        t0 = time.perf_counter()
+        first = decode_run(engine, ids, gen)  # warm-up; graphs are captured (and compiled) here
+        first_s = time.perf_counter() - t0
+        timed = [decode_run(engine, ids, gen) for _ in range(args.repeats)]  # graphs reused, not recaptured
+        if any(t[2] != first[2] for t in timed):
+            raise AssertionError(f"{name}: repeated runs generated different tokens")
+        sizes = bytes_per_token(engine, len(ids) + gen // 2)
+        slots = sizes["kv_slots_eager" if name == "eager" else "kv_slots_graph"]
+        step_bytes = sizes["weights"] + sizes["kv_per_slot"] * slots
+        tok_s = statistics.median(t[1] for t in timed)
+        modes[name] = {
+            "decode_tok_s": tok_s,
+            "prefill_s": statistics.median(t[0] for t in timed),
+            "first_request_extra_s": first_s - statistics.median(t[0] + gen / t[1] for t in timed),
+            "bytes_per_token": step_bytes,
+            "roofline_tok_s": bandwidth * 1e9 / step_bytes,
+            "of_roofline": tok_s * step_bytes / (bandwidth * 1e9),
+            "tokens": first[2],
+            "agreement_with_cpu": sum(a == b for a, b in zip(first[2], reference, strict=True)) / len(reference),
+        }
+        del engine
+        torch.cuda.empty_cache()
+    eager = modes.get("eager")
+    for mode in modes.values():
+        mode["vs_eager"] = mode["decode_tok_s"] / eager["decode_tok_s"] if eager else None
+        mode["same_tokens_as_eager"] = mode["tokens"] == eager["tokens"] if eager else None
+    for mode in modes.values():
+        del mode["tokens"]
+    return {"variant": f"int{bits}" if bits else "fp32", "modes": modes}
 
 
 def table(summary: dict) -> str:
     lines = [
-        "| variant | eager tok/s | CUDA graphs tok/s | graphs / eager | graph capture | bytes a token | "
-        "roofline tok/s | graphs of roofline | same tokens (graphs, eager) | agreement with CPU |",
+        "| variant | decode path | tok/s | vs eager | first request's extra time | bytes a token | "
+        "roofline tok/s | of roofline | tokens = eager's | agreement with CPU |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["results"]:
-        lines.append(
-            f"| {r['variant']} | {r['eager_tok_s']:.0f} | {r['graphs_tok_s']:.0f} | {r['speedup']:.2f}x | "
-            f"{r['capture_s'] * 1e3:.0f} ms | {r['bytes_per_token_graphs'] / 1e6:.0f} MB | "
-            f"{r['roofline_tok_s']:.0f} | {r['graphs_of_roofline']:.1%} | {r['same_tokens_graphs_eager']} | "
-            f"{r['agreement_with_cpu']:.3f} |"
-        )
+        for name, m in r["modes"].items():
+            vs = f"{m['vs_eager']:.2f}x" if m["vs_eager"] else "-"
+            lines.append(
+                f"| {r['variant']} | {name} | {m['decode_tok_s']:.0f} | {vs} | {m['first_request_extra_s']:.2f} s | "
+                f"{m['bytes_per_token'] / 1e6:.0f} MB | {m['roofline_tok_s']:.0f} | {m['of_roofline']:.1%} | "
+                f"{m['same_tokens_as_eager']} | {m['agreement_with_cpu']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -202,6 +193,25 @@ tokens, median of {s["repeats"]} runs; device-to-device copy bandwidth {s["bandw
     write_block("gpu-decode", body)
 
 
+def merge(summaries: list[dict]) -> dict:
+    """One summary of several runs on one machine: each variant's modes from every run, and each
+    run's command."""
+    merged = {**summaries[0], "command": "; ".join(s["command"] for s in summaries), "results": []}
+    by_variant: dict[str, dict] = {}
+    for s in summaries:
+        if (s["device"], s["model"], s["prompt_tokens"], s["gen_tokens"]) != (
+            merged["device"],
+            merged["model"],
+            merged["prompt_tokens"],
+            merged["gen_tokens"],
+        ):
+            raise ValueError("summaries from different machines or settings cannot share a table")
+        for r in s["results"]:
+            by_variant.setdefault(r["variant"], {"variant": r["variant"], "modes": {}})["modes"].update(r["modes"])
+    merged["results"] = list(by_variant.values())
+    return merged
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -209,12 +219,15 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--modes", default="eager,graphs,graphs+compile", help=f"comma-separated: {', '.join(MODES)}")
     p.add_argument("--json", type=Path, help="write the summary here")
-    p.add_argument("--from-json", type=Path, help="read a summary instead of measuring (no GPU needed)")
+    p.add_argument(
+        "--from-json", type=Path, nargs="+", help="read summaries instead of measuring (no GPU needed); merged in order"
+    )
     p.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     args = p.parse_args()
     if args.from_json:
-        summary = json.loads(args.from_json.read_text())
+        summary = merge([json.loads(path.read_text()) for path in args.from_json])
     else:
         import torch
 
@@ -224,8 +237,7 @@ def main() -> None:
         ids = prompt_ids(args.model, args.prompt_tokens)
         bandwidth = copy_bandwidth_gbs()
         results = [
-            measure(args.model, bits[v], ids, args.gen_tokens, args.repeats, bandwidth)
-            for v in args.variants.split(",")
+            measure(args.model, bits[v], ids, args.gen_tokens, args, bandwidth) for v in args.variants.split(",")
         ]
         summary = {
             "command": command_line(),

@@ -98,6 +98,8 @@ def test_a_quantized_layer_keeps_its_dense_weight_until_a_buffer_changes() -> No
 
 
 def test_the_engine_refuses_bad_tokens_and_slots_before_running_anything(tiny: LoadedModel, tiny_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs a cuda device"):
+        TorchEngine("cpu", compile=True)
     engine = TorchEngine("cpu")
     engine.load(str(tiny_path))
     vocab = tiny.config.vocab_size
@@ -143,7 +145,20 @@ def test_cuda_graph_decode_matches_eager_cuda_and_cpu(
     (graph_ids, graph), (eager_ids, eager), (cpu_ids, cpu) = (_greedy(e, "r", prompt, 24) for e in engines)
     assert graph_ids == eager_ids == cpu_ids
     torch.testing.assert_close(graph, eager, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(graph, cpu, atol=1e-3, rtol=1e-3)
+    # the CPU engine's kernels round int4 layers' activations to int16: test_kernels' tolerance
+    torch.testing.assert_close(graph, cpu, atol=5e-4 * float(cpu.abs().max()), rtol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_a_compiled_graph_decodes_like_eager(tiny: LoadedModel, tiny_path: Path) -> None:
+    compiled, eager = TorchEngine("cuda", compile=True), TorchEngine("cuda", cuda_graphs=False)
+    for engine in (compiled, eager):
+        engine.load(str(tiny_path))
+    prompt = tiny.tokenizer.encode("the cat sat on the mat")
+    (got_ids, got), (want_ids, want) = (_greedy(e, "r", prompt, 16) for e in (compiled, eager))
+    assert got_ids == want_ids
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

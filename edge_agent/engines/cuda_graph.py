@@ -8,11 +8,18 @@ shapes and must never read a value back to the host: Transformer.forward_fixed i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from models.kv_cache import KVCache
 from models.transformer import Transformer
+
+
+def decode_step(model: Transformer, token: Tensor, position: Tensor) -> Tensor:
+    """(V,) logits of token (1, 1) at cache slot position (1,), through every layer."""
+    return model.head(model.forward_fixed(model.embed(token), position))[0, -1]
 
 
 class DecodeGraph:
@@ -23,9 +30,12 @@ class DecodeGraph:
     with them and may hand all three to a later request of the same cache length.
     """
 
-    WARMUP = 2  # eager runs before capture: cuBLAS picks and allocates its workspace on the first
+    WARMUP = 3  # runs before capture: cuBLAS allocates its workspace, torch.compile compiles
 
-    def __init__(self, model: Transformer, token: int, position: int) -> None:
+    def __init__(
+        self, model: Transformer, token: int, position: int, step: Callable[..., Tensor] = decode_step
+    ) -> None:
+        """`step`: decode_step, or a torch.compile of it (the graph then captures its fused kernels)."""
         device = model.norm.weight.device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on a CUDA device, not {device}")
@@ -33,6 +43,7 @@ class DecodeGraph:
         self.caches: list[KVCache | None] = list(model.caches)
         self.rope = model._rope
         self.max_len = model.max_len
+        self.step = step
         if not 0 <= position < self.max_len:
             raise ValueError(f"cache slot {position} beyond the cache of {self.max_len} slots")
         self.token = torch.full((1, 1), token, dtype=torch.long, device=device)
@@ -50,8 +61,7 @@ class DecodeGraph:
             self.logits = self._step()  # (V,), rewritten by every replay
 
     def _step(self) -> Tensor:
-        m = self.model
-        return m.head(m.forward_fixed(m.embed(self.token), self.position))[0, -1]
+        return self.step(self.model, self.token, self.position)
 
     def run(self, token: int, position: int) -> Tensor:
         """(V,) logits of `token` at cache slot `position`, its keys and values written."""

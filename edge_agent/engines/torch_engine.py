@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
-from edge_agent.engines.cuda_graph import DecodeGraph
+from edge_agent.engines.cuda_graph import DecodeGraph, decode_step
 from models.kv_cache import KVCache
 from models.quant import QuantLinear
 from models.runtime import LoadedModel, load
@@ -38,10 +38,14 @@ class TorchEngine(InferenceEngine):
     GRAPH_SLOTS = 256  # CUDA caches round up to a multiple of this, so that graphs can be reused
     SPARE_GRAPHS = 4  # released requests' caches and graphs kept for the next requests
 
-    def __init__(self, device: str = "cpu", kv_cache: str = "auto", cuda_graphs: bool = True) -> None:
+    def __init__(
+        self, device: str = "cpu", kv_cache: str = "auto", cuda_graphs: bool = True, compile: bool = False
+    ) -> None:
         """kv_cache: "auto" keeps fp16 caches for quantized models and the weights' dtype
         otherwise (what the hub's cost model assumes); "fp16" or "fp32" forces one.
-        cuda_graphs: on CUDA, decode by replaying a captured graph (ignored on CPU)."""
+        cuda_graphs: on CUDA, decode by replaying a captured graph (ignored on CPU).
+        compile: on CUDA with graphs, torch.compile the decode step first, so the graph replays
+        fused kernels; the first request pays the compilation (tens of seconds)."""
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -51,6 +55,9 @@ class TorchEngine(InferenceEngine):
         self.device = torch.device(device)
         self.kv_cache = kv_cache
         self.graphs = cuda_graphs and self.device.type == "cuda"
+        if compile and not self.graphs:
+            raise ValueError("compile=True compiles the CUDA-graph decode step: it needs a cuda device and cuda_graphs")
+        self._step = torch.compile(decode_step, dynamic=False) if compile else decode_step
         self.loaded: LoadedModel | None = None
         self._requests: dict[str, _Request] = {}
         self._spare: defaultdict[int, list[_Request]] = defaultdict(list)  # by cache length
@@ -114,7 +121,7 @@ class TorchEngine(InferenceEngine):
             raise ValueError(f"cache slot {state.position} beyond the cache of {m.max_len} slots")
         if self.graphs:
             if state.graph is None:
-                state.graph = DecodeGraph(m, token, state.position)
+                state.graph = DecodeGraph(m, token, state.position, self._step)
             logits = state.graph.run(token, state.position)
         else:
             h = m.forward_layers(m.embed(torch.tensor([[token]], device=self.device)), Step.at(state.position, 1))
