@@ -143,13 +143,16 @@ def measure(model: str, bits: int | None, ids: list[int], gen: int, args: argpar
         }
         del engine
         torch.cuda.empty_cache()
-    eager = modes.get("eager")
-    for mode in modes.values():
+    return compare({"variant": f"int{bits}" if bits else "fp32", "modes": modes})
+
+
+def compare(result: dict) -> dict:
+    """Each decode path's speed and tokens against eager's, where eager ran."""
+    eager = result["modes"].get("eager")
+    for mode in result["modes"].values():
         mode["vs_eager"] = mode["decode_tok_s"] / eager["decode_tok_s"] if eager else None
         mode["same_tokens_as_eager"] = mode["tokens"] == eager["tokens"] if eager else None
-    for mode in modes.values():
-        del mode["tokens"]
-    return {"variant": f"int{bits}" if bits else "fp32", "modes": modes}
+    return result
 
 
 def table(summary: dict) -> str:
@@ -208,7 +211,7 @@ def merge(summaries: list[dict]) -> dict:
             raise ValueError("summaries from different machines or settings cannot share a table")
         for r in s["results"]:
             by_variant.setdefault(r["variant"], {"variant": r["variant"], "modes": {}})["modes"].update(r["modes"])
-    merged["results"] = list(by_variant.values())
+    merged["results"] = [compare(r) for r in by_variant.values()]
     return merged
 
 

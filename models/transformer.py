@@ -114,7 +114,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         # One pass in C on the (T, H, hd) rows when it can take them, else five torch ops.
-        roped = B == 1 and kernels.rope_((q[0], k[0]), cos[0, 0], sin[0, 0])
+        roped = B == 1 and x.device.type == "cpu" and kernels.rope_((q[0], k[0]), cos[0, 0], sin[0, 0])
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, hd)
         if not roped:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -159,7 +159,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w_gate(x), self.w_up(x)
-        if kernels.glu_(gate, up, self.gelu):  # act(gate) * up in one pass, in place
+        if x.device.type == "cpu" and kernels.glu_(gate, up, self.gelu):  # act(gate) * up, in place
             return self.w_down(gate)
         gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
         return self.w_down(gate * up)
