@@ -11,7 +11,7 @@ WHEELS := $(HOME)/.cache/tandem/wheels
 LLAMA_WHEEL := $(WHEELS)/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: run test test-slow bench lint setup models llamacpp clean
+.PHONY: run test test-slow test-gpu bench lint setup models llamacpp clean
 
 run: setup models
 	$(BIN)/python -m scripts.main_job
@@ -22,6 +22,10 @@ test: setup models
 
 test-slow: setup models llamacpp
 	TANDEM_REQUIRE_MODELS=1 $(BIN)/python -m pytest -q -m slow
+
+# On a GPU machine: its own python3 with a CUDA torch (the venv's torch is the pinned CPU build).
+test-gpu:
+	python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_engines.py
 
 bench: setup models llamacpp
 	$(BIN)/python benchmarks/edge_decode.py --write-docs
