@@ -53,6 +53,13 @@ class WorkQueue:
                 self._waiter = None
         return self._items.popleft()
 
+    def take_tokens(self) -> list[pb.TokenChunk]:
+        """The TokenChunks already waiting at the head of the queue, taken out."""
+        items, chunks = self._items, []
+        while items and type(items[0][1]) is pb.TokenChunk:
+            chunks.append(items.popleft()[1])
+        return chunks
+
 
 @dataclass
 class Telemetry:
@@ -112,6 +119,10 @@ class AgentSession:
                     finished = True
                     raise _agent_error(item)
                 finished = type(item) is pb.WorkDone
+                if type(item) is pb.TokenChunk and (more := queue.take_tokens()):
+                    # Tokens that arrived while the caller's stream was busy go out as one message;
+                    # `received` stays the first one's arrival, so relay time counts its whole wait.
+                    item = _merged(item, more)
                 yield received, item
                 if finished:
                     return
@@ -140,6 +151,13 @@ class AgentSession:
         self.closed = True
         for queue in self.works.values():
             queue.put((0.0, _CLOSED))
+
+
+def _merged(first: pb.TokenChunk, rest: list[pb.TokenChunk]) -> pb.TokenChunk:
+    ids = list(first.token_ids)
+    for chunk in rest:
+        ids += chunk.token_ids
+    return pb.TokenChunk(work_id=first.work_id, token_ids=ids, text=first.text + "".join(c.text for c in rest))
 
 
 def _agent_error(err: pb.WorkError) -> HubError:

@@ -34,6 +34,32 @@ from tandem.wire import prompt_of, sampling_kwargs
 
 log = logging.getLogger("tandem.agent")
 VERSION = "0.1.0"
+COALESCE_MAX = 64  # queued messages the writer merges at once
+
+
+def coalesce(messages: list[pb.AgentMessage]) -> list[pb.AgentMessage]:
+    """The same replies in fewer messages: each work's queued TokenChunks become one (its ids
+    and text concatenated, at the place of its first), so a busy agent sends what it has ready
+    together and the hub relays one message where it would relay several. Nothing waits for
+    this: it merges only what is already queued. Order within a work is kept (its WorkDone or
+    WorkError follows all of its tokens); across works it does not matter.
+    """
+    out: list[pb.AgentMessage] = []
+    open_chunks: dict[str, pb.TokenChunk] = {}
+    for msg in messages:
+        if msg.WhichOneof("kind") != "tokens":
+            if msg.WhichOneof("kind") in ("done", "error"):
+                open_chunks.pop(getattr(msg, msg.WhichOneof("kind")).work_id, None)
+            out.append(msg)
+            continue
+        chunk = open_chunks.get(msg.tokens.work_id)
+        if chunk is None:
+            open_chunks[msg.tokens.work_id] = msg.tokens
+            out.append(msg)
+        else:
+            chunk.token_ids.extend(msg.tokens.token_ids)
+            chunk.text += msg.tokens.text
+    return out
 
 
 @dataclass(frozen=True)
@@ -192,7 +218,11 @@ class Agent:
 
         async def outgoing():
             while True:
-                yield await outbox.get()
+                batch = [await outbox.get()]
+                while len(batch) < COALESCE_MAX and not outbox.empty():
+                    batch.append(outbox.get_nowait())
+                for msg in coalesce(batch):
+                    yield msg
 
         call = pb_grpc.WorkChannelStub(channel).Connect(outgoing(), metadata=self.creds.metadata())
         self.connected.set()
