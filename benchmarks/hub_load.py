@@ -88,13 +88,15 @@ async def drive(hub: str, key: str, streams: int, max_tokens: int) -> dict:
 
     async with AsyncClient(hub, api_key=key, timeout=120) as client:
         results: list[GenerateResult | Exception] = []
+        pieces: list[int] = []  # text pieces each stream received (merged tokens arrive as one)
 
         async def one(i: int) -> None:
-            result = GenerateResult()
+            result, n = GenerateResult(), 0
             try:
                 async for _ in client.stream(f"the cat {i}", model="tiny", max_tokens=max_tokens, result=result):
-                    pass
+                    n += 1
                 results.append(result)
+                pieces.append(n)
             except Exception as exc:  # counted, reported
                 results.append(exc)
 
@@ -103,7 +105,7 @@ async def drive(hub: str, key: str, streams: int, max_tokens: int) -> dict:
         wall = time.perf_counter() - start
     ok = [r for r in results if not isinstance(r, Exception)]
     errors = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, Exception)]
-    return {"wall_s": wall, "ok": ok, "errors": errors}
+    return {"wall_s": wall, "ok": ok, "errors": errors, "pieces": pieces}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -340,10 +342,12 @@ async def _measure(hub: str, key: str, args: argparse.Namespace, hub_pid: int) -
                 raise RuntimeError("agents did not come online")
             await asyncio.sleep(0.5)
     await drive(hub, key, min(args.streams, 20), args.max_tokens)  # warm-up
-    single = []
+    single, single_pieces = [], []
     cpu0 = cpu_seconds(hub_pid)
     for _ in range(50):  # one stream at a time: the overhead without CPU contention
-        single += (await drive(hub, key, 1, args.max_tokens))["ok"]
+        alone_run = await drive(hub, key, 1, args.max_tokens)
+        single += alone_run["ok"]
+        single_pieces += alone_run["pieces"]
     cpu1 = cpu_seconds(hub_pid)
     run = await drive(hub, key, args.streams, args.max_tokens)
     cpu2 = cpu_seconds(hub_pid)
@@ -368,6 +372,8 @@ async def _measure(hub: str, key: str, args: argparse.Namespace, hub_pid: int) -
         "hub_ttft_ms_p99": percentile(hub_ttft, 0.99),
         "hub_ms_per_request_p50": percentile(hub_req, 0.5),
         "hub_ms_per_request_p99": percentile(hub_req, 0.99),
+        "pieces_per_request_p50": percentile(run["pieces"], 0.5),
+        "single_stream_pieces_per_request_p50": percentile(single_pieces, 0.5),
         "hub_ms_per_token_p50": percentile(hub_tok, 0.5),
         "hub_ms_per_token_p99": percentile(hub_tok, 0.99),
         "single_stream_hub_ms_per_request_p50": percentile([r.hub_route_ms + r.hub_relay_ms for r in single], 0.5),
