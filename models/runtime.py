@@ -24,7 +24,6 @@ from tokenizers import Tokenizer
 from models import zoo
 from models.config import ModelConfig
 from models.generate import Generator
-from models.gguf_loader import load_model
 from models.quant import QuantLinear, weight_bytes
 from models.tokenizer import GGUFTokenizer, TokenizerInfo, tokenizer_from_metadata
 from models.transformer import Transformer
@@ -115,6 +114,8 @@ def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, use_cache
     if use_cache and (entry / "weights.pt").is_file():
         model, tok = _read_prepared(entry, dtype)
         return LoadedModel(model, tok, path)
+    from models.gguf_loader import load_model  # gguf, yaml, sentencepiece: ~5 MB a bundle never needs
+
     model, file = load_model(path, dtype)
     tok = tokenizer_from_metadata(file.metadata)
     if use_cache:
