@@ -1,8 +1,9 @@
 """The agent's engine: our runtime behind a lock, optionally paced to a device profile.
 
-One model instance holds one KV cache, so requests run one at a time (the lock); others wait in
-the agent's queue, which telemetry reports as queue depth. The engines issue replaces this with
-the `InferenceEngine` interface and its torch / onnxruntime / tensorrt implementations.
+Requests run one at a time (the lock); others wait in the agent's queue, which telemetry reports
+as queue depth. Tokens come from an `InferenceEngine` (edge_agent/engines: torch on CPU or CUDA,
+onnxruntime, tensorrt) when one is given, else from the model's own generator (batch-capable,
+used by the hub's cloud backend too).
 
 Pacing emulates a device class this machine is not: tokens are held back so that TTFT and time
 per token are at least the profile's predicted values. Pacing can only slow down; a profile
@@ -11,12 +12,14 @@ faster than this machine runs at this machine's speed, and the agent says so.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from device_profiles import DeviceProfile
+from edge_agent.engines.base import InferenceEngine
 from models.config import ModelConfig
 from models.generate import Continuation, Prompt, TokenEvent
 from models.runtime import LoadedModel
@@ -57,11 +60,16 @@ def floor_pacer(inner: Pacer | None, tpot_ms: float) -> Pacer:
 
 
 class LocalEngine:
-    def __init__(self, name: str, loaded: LoadedModel, pacer: Pacer | None = None) -> None:
+    def __init__(
+        self, name: str, loaded: LoadedModel, pacer: Pacer | None = None, backend: InferenceEngine | None = None
+    ) -> None:
+        """`backend`: an engine that has loaded this model (its `loaded` is usually `loaded`)."""
         self.name = name
         self.loaded = loaded
         self.pacer = pacer
+        self.backend = backend
         self._lock = threading.Lock()
+        self._requests = itertools.count()
 
     def model_info(self) -> pb.ModelInfo:
         return pb.ModelInfo(**self.loaded.describe(self.name))
@@ -82,8 +90,12 @@ class LocalEngine:
         with self._lock:
             start = time.perf_counter()
             pace = self.pacer(len(ids), params.max_tokens) if self.pacer else None
-            conts = [continuation] if continuation is not None else None
-            for i, event in enumerate(self.loaded.generator().stream([ids], params, conts)):
+            gen = self.loaded.generator()
+            if self.backend is not None:
+                events = gen.stream_engine(self.backend, f"r{next(self._requests)}", ids, params, continuation)
+            else:
+                events = gen.stream([ids], params, [continuation] if continuation is not None else None)
+            for i, event in enumerate(events):
                 if cancel.is_set():
                     return
                 if pace is not None:

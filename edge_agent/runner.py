@@ -25,15 +25,29 @@ def build_agent(
     emulate: bool = False,
     pace_tpot_ms: float = 0.0,
     tls_ca: Path | None = None,
+    engine: str | None = None,
+    device: str = "cpu",
 ) -> Agent:
-    """An agent serving `model` as a `profile` device; with emulate, paced to the profile's speed."""
+    """An agent serving `model` as a `profile` device; with emulate, paced to the profile's speed.
+    `engine` (torch, onnxruntime, tensorrt) on `device` computes the tokens; None: the model's
+    own generator on CPU."""
     prof = load_profile(profile)
-    loaded = load(model)
+    backend = None
+    if engine is not None:
+        from edge_agent.engines.registry import make_engine
+
+        backend = make_engine(engine, device)
+        backend.load(model)
+        loaded = backend.loaded
+    elif device != "cpu":
+        raise ValueError(f"device {device!r} needs an engine (--engine torch): the default generator runs on cpu")
+    else:
+        loaded = load(model)
     pacer = profile_pacer(prof, loaded.config) if emulate else None
     if pace_tpot_ms > 0:  # a fixed floor per token, on top of any profile pacing (demos and failover tests)
         pacer = floor_pacer(pacer, pace_tpot_ms)
-    engine = LocalEngine(model, loaded, pacer)
-    engine.warmup()
+    local = LocalEngine(model, loaded, pacer, backend)
+    local.warmup()
     config = AgentConfig(
         hub=hub,
         profile=profile,
@@ -44,7 +58,7 @@ def build_agent(
         power_active_w=prof.power_active_w,
         tls_ca=tls_ca,
     )
-    return Agent(config, engine)
+    return Agent(config, local)
 
 
 async def run_until_signalled(agent: Agent) -> None:

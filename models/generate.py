@@ -125,14 +125,42 @@ class Generator:
         if continuations is not None and len(continuations) != len(prompts):
             raise InvalidRequest("one continuation per prompt")
         primed = list(continuations) if continuations is not None else [None] * len(prompts)
-        encoded = [self.encode_prompt(p) + list(c.ids if c else ()) for p, c in zip(prompts, primed, strict=True)]
-        ctx = self.model.cfg.context_length
-        for i, ids in enumerate(encoded):
-            if len(ids) >= ctx:
-                raise ContextLengthExceeded(
-                    f"prompt {i} has {len(ids)} tokens; the context holds {ctx} including at least one new token"
-                )
+        encoded = [
+            self._fits(i, self.encode_prompt(p) + list(c.ids if c else ()))
+            for i, (p, c) in enumerate(zip(prompts, primed, strict=True))
+        ]
         yield from self._run(encoded, params, primed)
+
+    def _fits(self, row: int, ids: list[int]) -> list[int]:
+        ctx = self.model.cfg.context_length
+        if len(ids) >= ctx:
+            raise ContextLengthExceeded(
+                f"prompt {row} has {len(ids)} tokens; the context holds {ctx} including at least one new token"
+            )
+        return ids
+
+    def stream_engine(
+        self, engine, request_id: str, prompt: Prompt, params: SamplingParams, continuation: Continuation | None = None
+    ) -> Iterator[TokenEvent]:
+        """What stream() yields for one prompt, computed by an InferenceEngine (edge_agent.engines:
+        any object with prefill, decode and release) instead of this generator's model, which
+        only supplies the configuration. The engine's request is released at the end."""
+        ids = self._fits(0, self.encode_prompt(prompt) + list(continuation.ids if continuation else ()))
+        budget = min(params.max_tokens, self.model.cfg.context_length - len(ids))
+        generators = None if params.greedy or params.seed is None else [torch.Generator().manual_seed(params.seed)]
+        detok = _Detokenizer(self.tokenizer, params.stop, continuation)
+        eos = set() if params.ignore_eos else set(self.tokenizer.info.eos_ids)
+        try:
+            logits = engine.prefill(request_id, ids, len(ids) + budget)  # (V,), on the engine's device
+            for t in range(budget):
+                tok = int(sample(logits[None].float().cpu(), params, generators)[0])
+                ev = self._event(0, tok, detok, eos, last=t == budget - 1)
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+                logits = engine.decode(request_id, tok)
+        finally:
+            engine.release(request_id)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
         """Complete every prompt; returns one Completion per prompt, in order."""

@@ -151,21 +151,29 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from edge_agent.agent import EnrollmentRejected
+    from edge_agent.engines.base import EngineUnavailable
     from edge_agent.runner import build_agent, run_until_signalled
 
     state = Path(args.state_dir) if args.state_dir else _data_dir(None, f"agent-{args.name}")
-    agent = build_agent(
-        args.hub,
-        args.profile,
-        args.model,
-        state,
-        args.token,
-        args.name,
-        args.emulate,
-        args.pace_tpot_ms,
-        tls_ca=Path(args.tls_ca) if args.tls_ca else None,
-    )
-    print(f"agent {args.name}: {args.model} as {args.profile}{' (emulated)' if args.emulate else ''}", flush=True)
+    try:
+        agent = build_agent(
+            args.hub,
+            args.profile,
+            args.model,
+            state,
+            args.token,
+            args.name,
+            args.emulate,
+            args.pace_tpot_ms,
+            tls_ca=Path(args.tls_ca) if args.tls_ca else None,
+            engine=args.engine,
+            device=args.device,
+        )
+    except (EngineUnavailable, ValueError) as exc:  # a backend or device this machine cannot run
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    on = f" on {args.engine} ({args.device})" if args.engine else ""
+    print(f"agent {args.name}: {args.model} as {args.profile}{' (emulated)' if args.emulate else ''}{on}", flush=True)
     try:
         asyncio.run(run_until_signalled(agent))
     except EnrollmentRejected as exc:
@@ -396,6 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulate", action="store_true", help="pace to the profile's predicted speed")
     p.add_argument("--pace-tpot-ms", type=float, default=0.0, help="at least this many ms per token")
     p.add_argument("--tls-ca", help="the deployment's ca.pem: dial the hub over TLS")
+    p.add_argument(
+        "--engine",
+        choices=("onnxruntime", "tensorrt", "torch"),  # edge_agent.engines.registry.ENGINES
+        help="inference engine that computes the tokens (default: the model's own generator, on cpu)",
+    )
+    p.add_argument("--device", default="cpu", help="the engine's device: cpu, or cuda[:n] (default cpu)")
     p.set_defaults(func=cmd_agent_run)
 
     devices = sub.add_parser("devices", help="the fleet").add_subparsers(dest="devices_command", required=True)
