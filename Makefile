@@ -25,7 +25,7 @@ test-slow: setup models llamacpp
 
 # On a GPU machine: its own python3 with a CUDA torch (the venv's torch is the pinned CPU build).
 test-gpu:
-	python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_engines.py
+	python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda_graph.py tests/test_engines.py tests/test_agent_engines.py
 
 bench: setup models llamacpp
 	$(BIN)/python benchmarks/edge_decode.py --write-docs
