@@ -88,7 +88,7 @@ async def drive(hub: str, key: str, streams: int, max_tokens: int) -> dict:
 
     async with AsyncClient(hub, api_key=key, timeout=120) as client:
         results: list[GenerateResult | Exception] = []
-        pieces: list[int] = []  # text pieces each stream received (merged tokens arrive as one)
+        pieces: list[int] = []  # messages with tokens each stream received (merged tokens arrive as one)
 
         async def one(i: int) -> None:
             result, n = GenerateResult(), 0
@@ -372,8 +372,13 @@ async def _measure(hub: str, key: str, args: argparse.Namespace, hub_pid: int) -
         "hub_ttft_ms_p99": percentile(hub_ttft, 0.99),
         "hub_ms_per_request_p50": percentile(hub_req, 0.5),
         "hub_ms_per_request_p99": percentile(hub_req, 0.99),
-        "pieces_per_request_p50": percentile(run["pieces"], 0.5),
-        "single_stream_pieces_per_request_p50": percentile(single_pieces, 0.5),
+        # >1 where an agent or the hub merged queued tokens into one message
+        "tokens_per_message_p50": percentile(
+            [r.completion_tokens / max(n, 1) for r, n in zip(ok, run["pieces"], strict=True)], 0.5
+        ),
+        "single_stream_tokens_per_message_p50": percentile(
+            [r.completion_tokens / max(n, 1) for r, n in zip(single, single_pieces, strict=True)], 0.5
+        ),
         "hub_ms_per_token_p50": percentile(hub_tok, 0.5),
         "hub_ms_per_token_p99": percentile(hub_tok, 0.99),
         "single_stream_hub_ms_per_request_p50": percentile([r.hub_route_ms + r.hub_relay_ms for r in single], 0.5),

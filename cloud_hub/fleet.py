@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from cloud_hub.router import Candidate
 
 _CLOSED = object()  # sentinel in a work queue: the session ended
+MERGE_QUEUED = True  # relay a work's queued TokenChunks as one (False: one by one, for comparison)
 _REPLIES = frozenset(("tokens", "done", "error"))
 
 
@@ -53,11 +54,11 @@ class WorkQueue:
                 self._waiter = None
         return self._items.popleft()
 
-    def take_tokens(self) -> list[pb.TokenChunk]:
-        """The TokenChunks already waiting at the head of the queue, taken out."""
+    def take_tokens(self) -> list[tuple[float, pb.TokenChunk]]:
+        """The (arrival, TokenChunk) pairs already waiting at the head of the queue, taken out."""
         items, chunks = self._items, []
         while items and type(items[0][1]) is pb.TokenChunk:
-            chunks.append(items.popleft()[1])
+            chunks.append(items.popleft())
         return chunks
 
 
@@ -92,9 +93,11 @@ class AgentSession:
     def device_id(self) -> str:
         return self.record.device_id
 
-    def run(self, work: pb.Work) -> AsyncIterator[tuple[float, pb.TokenChunk | pb.WorkDone]]:
-        """Send `work` down now; the iterator returned yields (arrival time, message): the agent's
-        TokenChunks, then its WorkDone. Iterate it at once: closing it early cancels the work.
+    def run(self, work: pb.Work) -> AsyncIterator[tuple[float, int, pb.TokenChunk | pb.WorkDone]]:
+        """Send `work` down now; the iterator returned yields (arrival time, messages, message):
+        the agent's TokenChunks, then its WorkDone. Chunks that queued up while the caller was busy
+        come as one, with their mean arrival time and their count (so that waits can still be
+        summed message by message). Iterate it at once: closing it early cancels the work.
 
         Raises Unavailable if the session has ended; the iterator raises Unavailable if it ends
         first, or the HubError the agent reported.
@@ -108,7 +111,7 @@ class AgentSession:
 
     async def _replies(
         self, work_id: str, queue: WorkQueue
-    ) -> AsyncIterator[tuple[float, pb.TokenChunk | pb.WorkDone]]:
+    ) -> AsyncIterator[tuple[float, int, pb.TokenChunk | pb.WorkDone]]:
         finished = False
         try:
             while True:
@@ -119,11 +122,13 @@ class AgentSession:
                     finished = True
                     raise _agent_error(item)
                 finished = type(item) is pb.WorkDone
-                if type(item) is pb.TokenChunk and (more := queue.take_tokens()):
-                    # Tokens that arrived while the caller's stream was busy go out as one message;
-                    # `received` stays the first one's arrival, so relay time counts its whole wait.
-                    item = _merged(item, more)
-                yield received, item
+                count = 1
+                if type(item) is pb.TokenChunk and MERGE_QUEUED and (more := queue.take_tokens()):
+                    # Tokens that arrived while the caller's stream was busy go out as one message.
+                    count = 1 + len(more)
+                    received = (received + sum(t for t, _ in more)) / count
+                    item = _merged(item, [c for _, c in more])
+                yield received, count, item
                 if finished:
                     return
         finally:

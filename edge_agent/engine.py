@@ -12,6 +12,7 @@ faster than this machine runs at this machine's speed, and the agent says so.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -95,10 +96,11 @@ class LocalEngine:
                 events = gen.stream_engine(self.backend, f"r{next(self._requests)}", ids, params, continuation)
             else:
                 events = gen.stream([ids], params, [continuation] if continuation is not None else None)
-            for i, event in enumerate(events):
-                if cancel.is_set():
-                    return
-                if pace is not None:
-                    due = start + (pace.ttft_ms + i * pace.tpot_ms) / 1000
-                    time.sleep(max(0.0, due - time.perf_counter()))
-                yield event
+            with contextlib.closing(events):  # a cancelled request releases its engine state under the lock
+                for i, event in enumerate(events):
+                    if cancel.is_set():
+                        return
+                    if pace is not None:
+                        due = start + (pace.ttft_ms + i * pace.tpot_ms) / 1000
+                        time.sleep(max(0.0, due - time.perf_counter()))
+                    yield event

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -86,6 +87,16 @@ class _Detokenizer:
         return delta
 
 
+class StepEngine(Protocol):
+    """What Generator.stream_engine needs of an engine; edge_agent.engines' InferenceEngine has it."""
+
+    def prefill(self, request_id: str, ids: Sequence[int], max_len: int) -> torch.Tensor: ...
+
+    def decode(self, request_id: str, token: int) -> torch.Tensor: ...
+
+    def release(self, request_id: str) -> None: ...
+
+
 class Generator:
     """Generates text with one model and its tokenizer."""
 
@@ -140,16 +151,19 @@ class Generator:
         return ids
 
     def stream_engine(
-        self, engine, request_id: str, prompt: Prompt, params: SamplingParams, continuation: Continuation | None = None
+        self,
+        engine: StepEngine,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        continuation: Continuation | None = None,
     ) -> Iterator[TokenEvent]:
         """What stream() yields for one prompt, computed by an InferenceEngine (edge_agent.engines:
         any object with prefill, decode and release) instead of this generator's model, which
         only supplies the configuration. The engine's request is released at the end."""
         ids = self._fits(0, self.encode_prompt(prompt) + list(continuation.ids if continuation else ()))
         budget = min(params.max_tokens, self.model.cfg.context_length - len(ids))
-        generators = None if params.greedy or params.seed is None else [torch.Generator().manual_seed(params.seed)]
-        detok = _Detokenizer(self.tokenizer, params.stop, continuation)
-        eos = set() if params.ignore_eos else set(self.tokenizer.info.eos_ids)
+        generators, (detok,), eos = self._decoding(params, [continuation])
         try:
             logits = engine.prefill(request_id, ids, len(ids) + budget)  # (V,), on the engine's device
             for t in range(budget):
@@ -181,12 +195,8 @@ class Generator:
         self.model.setup_cache(batch, longest + budget)
         pad = torch.tensor([longest - len(ids) for ids in encoded], dtype=torch.long)
         tokens = torch.tensor([[0] * (longest - len(ids)) + ids for ids in encoded], dtype=torch.long)
-        generators = None
-        if not params.greedy and params.seed is not None:
-            generators = [torch.Generator().manual_seed(params.seed) for _ in range(batch)]
-        detok = [_Detokenizer(self.tokenizer, params.stop, c) for c in primed]
+        generators, detok, eos = self._decoding(params, primed)
         done = [False] * batch
-        eos = set() if params.ignore_eos else set(self.tokenizer.info.eos_ids)
 
         h = self.model.forward_layers(self.model.embed(tokens), Step.at(0, longest, batch, pad))
         logits = self.model.head(h[:, -1])  # (B, V): only the last position is needed
@@ -203,6 +213,16 @@ class Generator:
             h = self.model.embed(next_ids[:, None])
             h = self.model.forward_layers(h, Step.at(longest + t, 1, batch, pad))
             logits = self.model.head(h[:, -1])
+
+    def _decoding(
+        self, params: SamplingParams, primed: list[Continuation | None]
+    ) -> tuple[list[torch.Generator] | None, list[_Detokenizer], set[int]]:
+        """Per row: the seeded sampler (None: unseeded or greedy) and the detokenizer; the eos ids."""
+        generators = None
+        if not params.greedy and params.seed is not None:
+            generators = [torch.Generator().manual_seed(params.seed) for _ in primed]
+        detok = [_Detokenizer(self.tokenizer, params.stop, c) for c in primed]
+        return generators, detok, set() if params.ignore_eos else set(self.tokenizer.info.eos_ids)
 
     @staticmethod
     def _event(row: int, tok: int, detok: _Detokenizer, eos: set[int], last: bool) -> TokenEvent:

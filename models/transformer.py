@@ -38,8 +38,8 @@ class Step:
     cache_pos: Tensor
     pad: Tensor
     fixed: bool = False
-    """Attention reads all of the cache's slots under a mask that hides the unwritten ones, so
-    that no shape depends on the position (see Transformer.forward_fixed)."""
+    """Attention reads all of the cache's slots under a mask that hides those after the
+    position, so that no shape depends on it (see Transformer.forward_fixed)."""
 
     @staticmethod
     def at(start: int, length: int, batch: int = 1, pad: Tensor | None = None) -> Step:
@@ -294,8 +294,9 @@ class Transformer(nn.Module):
 
         Every shape is fixed and nothing waits for the device, so a CUDA graph can capture this
         once and replay it at any position: attention reads all max_len slots under a mask built
-        on the device from `position` (slots after it are hidden, whatever they hold). The caller
-        checks that position < max_len; forward_layers on one token computes the same thing.
+        on the device from `position`. Slots after it are hidden whatever finite values they hold
+        (a reused cache's stale keys; an inf or NaN there would still reach the sums as 0 * inf).
+        The caller checks that position < max_len; forward_layers on one token computes the same.
         """
         end = self.cfg.n_layers if end is None else end
         if not 0 <= start <= end <= self.cfg.n_layers or h.shape[:2] != (1, 1):

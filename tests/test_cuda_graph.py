@@ -114,6 +114,9 @@ def test_the_engine_refuses_bad_tokens_and_slots_before_running_anything(tiny: L
     engine.decode("r", int(logits.argmax()))  # slot 3, the last one
     with pytest.raises(ValueError, match="beyond the cache of 4 slots"):
         engine.decode("r", 1)
+    engine.load(str(tiny_path))  # a new model ends the old one's requests
+    with pytest.raises(KeyError, match="prefill it first"):
+        engine.decode("r", 1)
 
 
 def _greedy(engine: TorchEngine, request: str, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
@@ -179,13 +182,19 @@ def test_released_requests_hand_their_graph_to_the_next_one(tiny: LoadedModel, t
     want = _greedy(fresh, "b", second, 20)
     assert got[0] == want[0]
     torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
-    engine.prefill("c", second, len(second) + 8)  # interleaved requests each replay their own graph
-    engine.prefill("d", first, len(first) + 8)
+    # interleaved requests each replay their own graph over their own caches
+    got = {r: [engine.prefill(r, p, len(p) + 8)] for r, p in (("c", second), ("d", first))}
+    want = {r: [fresh.prefill(r, p, len(p) + 8)] for r, p in (("c", second), ("d", first))}
     assert engine._requests["c"].graph is None
     for _ in range(3):
-        engine.decode("c", 1)
-        engine.decode("d", 2)
+        for r, token in (("c", 1), ("d", 2)):
+            got[r].append(engine.decode(r, token))
+            want[r].append(fresh.decode(r, token))
     assert engine._requests["c"].graph is not engine._requests["d"].graph
+    for r in got:
+        torch.testing.assert_close(torch.stack(got[r]), torch.stack(want[r]), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="token ids"):  # refused on the host: the context stays usable
         engine.decode("c", tiny.config.vocab_size)
-    assert int(engine.decode("c", 1).argmax()) >= 0
+    torch.testing.assert_close(engine.decode("c", 1), fresh.decode("c", 1), atol=1e-5, rtol=1e-5)
+    engine.load(str(tiny_path))  # a new model: no request, spare cache or graph survives it
+    assert engine._requests == {} and engine._spare == []

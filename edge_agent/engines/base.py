@@ -8,8 +8,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from models.runtime import LoadedModel
 
 
 class EngineUnavailable(RuntimeError):
@@ -17,6 +21,10 @@ class EngineUnavailable(RuntimeError):
 
 
 class InferenceEngine(ABC):
+    loaded: LoadedModel | None = None
+    """The model as loaded (config, tokenizer, the torch module where the engine runs one);
+    None before load()."""
+
     @abstractmethod
     def load(self, model: str) -> dict:
         """Load a zoo name, GGUF path or bundle; returns its description (models.runtime.describe)."""

@@ -40,6 +40,7 @@ class DecodeGraph:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on a CUDA device, not {device}")
         self.model = model
+        # The buffers the graph reads and writes by address: kept alive with it, handed on with it.
         self.caches: list[KVCache | None] = list(model.caches)
         self.rope = model._rope
         self.max_len = model.max_len

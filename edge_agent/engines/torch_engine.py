@@ -1,15 +1,15 @@
 """The torch engine: our transformer, one KV cache per request, on CPU or CUDA.
 
 On CUDA, decode replays a captured graph per request (edge_agent/engines/cuda_graph.py); a
-released request's caches and graph go to a small spare list, and the next request whose cache
-rounds to the same length takes them instead of capturing again.
+released request's caches and graph go to a small list of spares (least recently released
+dropped first), and the next request whose cache rounds to the same length takes them instead of
+capturing again. Each cache length in use costs one capture, once while its spare is kept.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -57,7 +57,8 @@ class TorchEngine(InferenceEngine):
         otherwise (what the hub's cost model assumes); "fp16" or "fp32" forces one.
         cuda_graphs: on CUDA, decode by replaying a captured graph (ignored on CPU).
         compile: on CUDA with graphs, torch.compile the decode step first, so the graph replays
-        fused kernels; the first request pays the compilation (tens of seconds)."""
+        fused kernels. Shapes are static, so each new cache length compiles anew (6-70 s on an
+        H100): for servers whose requests round to a few lengths."""
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -72,7 +73,7 @@ class TorchEngine(InferenceEngine):
         self._step = torch.compile(decode_step, dynamic=False) if compile else decode_step
         self.loaded: LoadedModel | None = None
         self._requests: dict[str, _Request] = {}
-        self._spare: defaultdict[int, list[_Request]] = defaultdict(list)  # by cache length
+        self._spare: list[_Request] = []  # released requests with a graph, oldest first
 
     def load(self, model: str) -> dict:
         loaded = load(model)
@@ -84,7 +85,9 @@ class TorchEngine(InferenceEngine):
             kv_dtype = torch.float16
         loaded.model.kv_dtype = kv_dtype
         self.loaded = loaded
-        self._spare.clear()  # their graphs hold the previous model's weights
+        # Caches and graphs hold the previous model's weights and shapes: none may outlive it.
+        self._spare.clear()
+        self._requests.clear()
         # The model's thousands of long-lived objects would otherwise be traversed by every full
         # collection, which decode's small allocations trigger: about 5% of a decode step.
         gc.collect()
@@ -112,9 +115,9 @@ class TorchEngine(InferenceEngine):
         self.release(request_id)
         if self.graphs:
             max_len = -(-max_len // self.GRAPH_SLOTS) * self.GRAPH_SLOTS
-        spare = self._spare[max_len]
-        if spare:  # a released request's caches (stale slots are never attended) and its graph
-            state = spare.pop()
+        state = next((r for r in reversed(self._spare) if r.graph is not None and r.graph.max_len == max_len), None)
+        if state is not None:  # a released request's caches (stale slots are never attended) and graph
+            self._spare.remove(state)
             state.position = 0
             m.caches, m._rope = state.caches, state.rope
         else:
@@ -161,6 +164,6 @@ class TorchEngine(InferenceEngine):
 
     def release(self, request_id: str) -> None:
         state = self._requests.pop(request_id, None)
-        kept = sum(map(len, self._spare.values()))
-        if state is not None and state.graph is not None and kept < self.SPARE_GRAPHS:
-            self._spare[state.graph.max_len].append(state)
+        if state is not None and state.graph is not None and state.graph.model is self._model:
+            self._spare.append(state)
+            del self._spare[: -self.SPARE_GRAPHS]  # the least recently released go
