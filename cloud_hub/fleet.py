@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from cloud_hub.router import Candidate
 
 _CLOSED = object()  # sentinel in a work queue: the session ended
-MERGE_QUEUED = True  # relay a work's queued TokenChunks as one (False: one by one, for comparison)
 _REPLIES = frozenset(("tokens", "done", "error"))
 
 
@@ -53,13 +52,6 @@ class WorkQueue:
             finally:
                 self._waiter = None
         return self._items.popleft()
-
-    def take_tokens(self) -> list[tuple[float, pb.TokenChunk]]:
-        """The (arrival, TokenChunk) pairs already waiting at the head of the queue, taken out."""
-        items, chunks = self._items, []
-        while items and type(items[0][1]) is pb.TokenChunk:
-            chunks.append(items.popleft())
-        return chunks
 
 
 @dataclass
@@ -93,11 +85,9 @@ class AgentSession:
     def device_id(self) -> str:
         return self.record.device_id
 
-    def run(self, work: pb.Work) -> AsyncIterator[tuple[float, int, pb.TokenChunk | pb.WorkDone]]:
-        """Send `work` down now; the iterator returned yields (arrival time, messages, message):
-        the agent's TokenChunks, then its WorkDone. Chunks that queued up while the caller was busy
-        come as one, with their mean arrival time and their count (so that waits can still be
-        summed message by message). Iterate it at once: closing it early cancels the work.
+    def run(self, work: pb.Work) -> AsyncIterator[tuple[float, pb.TokenChunk | pb.WorkDone]]:
+        """Send `work` down now; the iterator returned yields (arrival time, message): the agent's
+        TokenChunks, then its WorkDone. Iterate it at once: closing it early cancels the work.
 
         Raises Unavailable if the session has ended; the iterator raises Unavailable if it ends
         first, or the HubError the agent reported.
@@ -111,7 +101,7 @@ class AgentSession:
 
     async def _replies(
         self, work_id: str, queue: WorkQueue
-    ) -> AsyncIterator[tuple[float, int, pb.TokenChunk | pb.WorkDone]]:
+    ) -> AsyncIterator[tuple[float, pb.TokenChunk | pb.WorkDone]]:
         finished = False
         try:
             while True:
@@ -122,13 +112,7 @@ class AgentSession:
                     finished = True
                     raise _agent_error(item)
                 finished = type(item) is pb.WorkDone
-                count = 1
-                if type(item) is pb.TokenChunk and MERGE_QUEUED and (more := queue.take_tokens()):
-                    # Tokens that arrived while the caller's stream was busy go out as one message.
-                    count = 1 + len(more)
-                    received = (received + sum(t for t, _ in more)) / count
-                    item = _merged(item, [c for _, c in more])
-                yield received, count, item
+                yield received, item
                 if finished:
                     return
         finally:
@@ -156,13 +140,6 @@ class AgentSession:
         self.closed = True
         for queue in self.works.values():
             queue.put((0.0, _CLOSED))
-
-
-def _merged(first: pb.TokenChunk, rest: list[pb.TokenChunk]) -> pb.TokenChunk:
-    ids = list(first.token_ids)
-    for chunk in rest:
-        ids += chunk.token_ids
-    return pb.TokenChunk(work_id=first.work_id, token_ids=ids, text=first.text + "".join(c.text for c in rest))
 
 
 def _agent_error(err: pb.WorkError) -> HubError:

@@ -315,9 +315,8 @@ class HubService:
         the event itself), so that the hub's own time in the Final's metrics runs to each message's
         hand-off to the caller's stream. hub_route_ms: from spec.arrived through authentication,
         validation, routing and Started's encoding, and from Started's hand-off to the work's
-        dispatch (failovers' routing added). hub_relay_ms: each agent message's (its tokens, and its
-        WorkDone) arrival to its encoded hand-off, waits in the event loop included, summed over
-        messages also where queued ones leave merged as one. What gRPC
+        dispatch (failovers' routing added). hub_relay_ms: each token's (and the agent's WorkDone's)
+        arrival from the agent to its encoded hand-off, waits in the event loop included. What gRPC
         does before a message reaches the hub's code and after a hand-off is not in either.
         Raises Overloaded at once when max_inflight requests are being served already.
         """
@@ -330,7 +329,7 @@ class HubService:
         placement, outcome = "none", "cancelled"
         try:
             async for ev in self._generate(spec, progress):
-                if type(ev) is Chunk:  # one per relayed message: the hot path
+                if type(ev) is Chunk:  # one per token: the hot path
                     out = encode(ev)
                     progress.handed_off()
                     yield out
@@ -429,8 +428,8 @@ class HubService:
             raise Unavailable(f"device {c.device_id} went offline")
         replies = session.run(_work(spec, c.model, params, progress))  # the work is on its way now
         progress.dispatched()
-        async for received, messages, item in replies:
-            progress.received, progress.messages = received, messages
+        async for received, item in replies:
+            progress.received = received
             if type(item) is pb.TokenChunk:
                 ids = tuple(item.token_ids)
                 yield progress.add(item.text, ids, None, tokens=len(ids))
@@ -463,13 +462,11 @@ class _Progress:
     route_s: float = 0.0
     """Hub time routing and dispatching, over all placements (see HubService.generate)."""
     relay_s: float = 0.0
-    """Hub time relaying: each agent message's (tokens, the end) arrival to hand-off, summed."""
+    """Hub time relaying: each token's and the end's arrival to hand-off, summed."""
     mark: float = 0.0
     """Start of the routing stretch under way (0: the arrival)."""
     received: float = 0.0
-    """Arrival of the item being relayed now (0: none); the mean arrival of merged messages."""
-    messages: int = 1
-    """Agent messages merged into the item being relayed now: each one's wait is relay time."""
+    """Arrival of the item being relayed now (0: none)."""
 
     def routed(self) -> None:
         """Started is ready to hand off: routing since `mark` ends (dispatch comes after it)."""
@@ -482,8 +479,8 @@ class _Progress:
     def handed_off(self) -> None:
         """What arrived at `received` is handed to the caller's stream: relay time."""
         if self.received:
-            self.relay_s += (time.perf_counter() - self.received) * self.messages  # the sum of their waits
-            self.received, self.messages = 0.0, 1
+            self.relay_s += time.perf_counter() - self.received
+            self.received = 0.0
 
     def add(self, text: str, ids: tuple[int, ...], finish: str | None, tokens: int) -> Chunk:
         now = time.perf_counter()

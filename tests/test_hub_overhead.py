@@ -208,23 +208,3 @@ async def test_work_queue_survives_a_cancelled_waiter() -> None:
     await asyncio.sleep(0)
     q.put((3.0, "c"))
     assert await asyncio.wait_for(late, 1) == (3.0, "c")
-
-
-async def test_tokens_waiting_for_the_caller_are_relayed_as_one_message() -> None:
-    """Chunks that queued up while the caller's stream was busy leave as one, in order, with
-    their mean arrival and their count (relay time still sums each message's wait); the WorkDone
-    stays a message of its own."""
-    s = session("d1", None)
-    replies = s.run(pb.Work(work_id="w"))
-    for i, (ids, text) in enumerate([([1], "a"), ([2, 3], "bc"), ([4], "d")]):
-        s.deliver(pb.AgentMessage(tokens=pb.TokenChunk(work_id="w", token_ids=ids, text=text)), 10.0 + i)
-    s.deliver(pb.AgentMessage(done=pb.WorkDone(work_id="w", finish_reason="eos")), 20.0)
-    got = [(t, n, item) async for t, n, item in replies]
-    assert [(t, n) for t, n, _ in got] == [(11.0, 3), (20.0, 1)]
-    assert (list(got[0][2].token_ids), got[0][2].text) == ([1, 2, 3, 4], "abcd")
-    assert type(got[1][2]) is pb.WorkDone and got[1][2].finish_reason == "eos"
-    q = WorkQueue()
-    q.put((1.0, pb.TokenChunk(work_id="w")))
-    q.put((2.0, pb.WorkDone(work_id="w")))
-    q.put((3.0, pb.TokenChunk(work_id="w")))
-    assert q.take_tokens() == [(1.0, pb.TokenChunk(work_id="w"))] and q.take_tokens() == []
