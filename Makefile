@@ -29,7 +29,7 @@ test-gpu:
 
 bench: setup models llamacpp
 	$(BIN)/python benchmarks/edge_decode.py --write-docs
-	$(BIN)/python benchmarks/hub_load.py --write-docs
+	$(BIN)/python benchmarks/hub_load.py --pin-hub --write-docs
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

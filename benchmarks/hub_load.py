@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -252,6 +253,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--publisher", choices=("raw", "paho"), default="raw", help="telemetry publishers (see _blast_raw)")
     p.add_argument("--telemetry-only", action="store_true", help="skip the agents and streams")
+    p.add_argument(
+        "--pin-hub",
+        action="store_true",
+        help="the hub (and its broker) on core 0, this driver and the agents on the others, as in a deployment "
+        "where the hub has a machine of its own (Linux)",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--agents-worker", type=int, help=argparse.SUPPRESS)
@@ -271,6 +278,13 @@ def main() -> None:
     port, http_port = free_port(), free_port()
     hub_addr = f"127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HUB_ADDR": hub_addr}
+    pin = None
+    if args.pin_hub:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            sys.exit("--pin-hub needs at least 2 cores")
+        os.sched_setaffinity(0, cores[1:])  # this driver, and the agents' process it starts, inherit it
+        pin = functools.partial(os.sched_setaffinity, 0, cores[:1])  # the hub's threads and broker inherit it
     hub = subprocess.Popen(
         [
             *TANDEM,
@@ -289,6 +303,7 @@ def main() -> None:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        preexec_fn=pin,
     )
     procs = [hub]
     summary: dict = {}
