@@ -47,9 +47,10 @@ def coalesce(messages: list[pb.AgentMessage]) -> list[pb.AgentMessage]:
     out: list[pb.AgentMessage] = []
     open_chunks: dict[str, pb.TokenChunk] = {}
     for msg in messages:
-        if msg.WhichOneof("kind") != "tokens":
-            if msg.WhichOneof("kind") in ("done", "error"):
-                open_chunks.pop(getattr(msg, msg.WhichOneof("kind")).work_id, None)
+        kind = msg.WhichOneof("kind")
+        if kind != "tokens":
+            if kind in ("done", "error"):
+                open_chunks.pop(getattr(msg, kind).work_id, None)
             out.append(msg)
             continue
         chunk = open_chunks.get(msg.tokens.work_id)

@@ -19,6 +19,8 @@ code j + 16 in its high nibble (GGUF's own block order).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ QUANTIZED = (
     "feed_forward.w_up",
     "feed_forward.w_down",
 )
+T = TypeVar("T")
 MATVEC_ROWS = 8  # up to this many input rows run as matrix-vector products; more dequantize once
 
 
@@ -107,25 +110,33 @@ class QuantLinear(nn.Module):
             w = w + self.minimum.float()
         return w.reshape(out_f, in_f)
 
+    def _memo(self, key: str, build: Callable[[], T], *also: object) -> T:
+        """build(), kept on the instance until a buffer is replaced (load_state_dict, .to()) or
+        one of `also` changes."""
+        current = (self.q, self.scale, self.minimum, *also)
+        source, value = self.__dict__.get(key, ((), None))
+        if len(source) != len(current) or any(a is not b for a, b in zip(source, current, strict=True)):
+            value = build()
+            self.__dict__[key] = (current, value)
+        return value
+
     def kernel_view(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """(q, scale, minimum) in the kernels' layout, scales (O, I/32); None if the kernels
         cannot run this layer (no compiler, widths not multiples of 32)."""
-        out_f, in_f = self.shape
+        _, in_f = self.shape
         if not kernels.available() or in_f % 32 or self.group_size % 32 or self.q.device.type != "cpu":
             return None
-        current = (self.q, self.scale, self.minimum)
-        source, view = self.__dict__.get("_kernel_view", ((), None))
-        if len(source) != 3 or any(a is not b for a, b in zip(source, current, strict=True)):
-            # first use, or load_state_dict replaced a buffer since
-            per = self.group_size // 32
-            scale = self.scale.reshape(out_f, -1)
-            minimum = self.minimum.reshape(out_f, -1) if self.bits == 4 else None
-            if per > 1:  # the kernels read one scale per 32 inputs
-                scale = scale.repeat_interleave(per, dim=1)
-                minimum = None if minimum is None else minimum.repeat_interleave(per, dim=1)
-            view = (self.q, scale.contiguous(), None if minimum is None else minimum.contiguous())
-            self.__dict__["_kernel_view"] = (current, view)
-        return view
+        return self._memo("_kernel_view", self._kernel_layout)
+
+    def _kernel_layout(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        out_f, _ = self.shape
+        per = self.group_size // 32
+        scale = self.scale.reshape(out_f, -1)
+        minimum = self.minimum.reshape(out_f, -1) if self.bits == 4 else None
+        if per > 1:  # the kernels read one scale per 32 inputs
+            scale = scale.repeat_interleave(per, dim=1)
+            minimum = None if minimum is None else minimum.repeat_interleave(per, dim=1)
+        return self.q, scale.contiguous(), None if minimum is None else minimum.contiguous()
 
     def dense(self, dtype: torch.dtype) -> Tensor:
         """The dequantized (O, I) weight in `dtype`, kept until a buffer is replaced.
@@ -134,12 +145,7 @@ class QuantLinear(nn.Module):
         launches five kernels and writes the whole weight each time, and a fused int4 GPU kernel
         is not written yet. The copy costs the dense weight's memory on the GPU.
         """
-        current = (self.q, self.scale, self.minimum)
-        source, weight = self.__dict__.get("_dense", ((), None))
-        if weight is None or weight.dtype != dtype or any(a is not b for a, b in zip(source, current, strict=True)):
-            weight = self.dequantize().to(dtype)
-            self.__dict__["_dense"] = (current, weight)
-        return weight
+        return self._memo("_dense", lambda: self.dequantize().to(dtype), dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":

@@ -278,13 +278,16 @@ class Transformer(nn.Module):
         }
         positions = step.positions.clamp(min=0)  # (B, T); padding slots get position 0, never attended
         ropes = {base: (cos[positions][:, None], sin[positions][:, None]) for base, (cos, sin) in self._rope.items()}
+        return self._blocks(h, step, ropes, masks, start, end)
+
+    def _blocks(self, h: Tensor, step: Step, ropes: dict, masks: dict, start: int, end: int) -> Tensor:
+        """Layers [start, end) on h. ropes: RoPE base -> (cos, sin) rows (B, 1, T, hd); masks:
+        sliding -> (B, 1, T, S) or None (plain causal)."""
         for i in range(start, end):
-            block = self.layers[i]
-            cache = self.caches[i]
+            block, cache = self.layers[i], self.caches[i]
             if cache is None:
                 raise ValueError(f"layer {i} has no KV cache; setup_cache covered other layers")
-            base = self.cfg.rope_local_base if block.sliding else self.cfg.rope_base
-            cos, sin = ropes[base]
+            cos, sin = ropes[self.cfg.rope_local_base if block.sliding else self.cfg.rope_base]
             h = block(h, cos, sin, masks[block.sliding], cache, step)
         return h
 
@@ -307,12 +310,9 @@ class Transformer(nn.Module):
         slots = torch.arange(self.max_len, device=position.device)
         seen = slots <= position  # (S,)
         masks = {False: seen, True: seen & (position - slots < self.cfg.sliding_window)}
+        masks = {sliding: m[None, None, None] for sliding, m in masks.items()}  # (1, 1, 1, S)
         ropes = {base: (c[position][None, None], s[position][None, None]) for base, (c, s) in self._rope.items()}
-        for i in range(start, end):  # rope rows (1, 1, 1, hd); masks (1, 1, 1, S)
-            block = self.layers[i]
-            cos, sin = ropes[self.cfg.rope_local_base if block.sliding else self.cfg.rope_base]
-            h = block(h, cos, sin, masks[block.sliding][None, None, None], self.caches[i], step)
-        return h
+        return self._blocks(h, step, ropes, masks, start, end)
 
     def _cpu_decoder(self):
         if self._decoder is None:

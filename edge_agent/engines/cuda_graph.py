@@ -45,8 +45,7 @@ class DecodeGraph:
         self.rope = model._rope
         self.max_len = model.max_len
         self.step = step
-        if not 0 <= position < self.max_len:
-            raise ValueError(f"cache slot {position} beyond the cache of {self.max_len} slots")
+        self._check(position)  # the warm-up below writes this slot
         self.token = torch.full((1, 1), token, dtype=torch.long, device=device)
         self.position = torch.full((1,), position, dtype=torch.long, device=device)
         # Warm up on a side stream, as capture requires; these runs write this token's true keys
@@ -61,13 +60,17 @@ class DecodeGraph:
         with torch.cuda.graph(self.graph):
             self.logits = self._step()  # (V,), rewritten by every replay
 
+    def _check(self, position: int) -> None:
+        # On the host: a slot beyond the cache would be a device-side assert, fatal to the context.
+        if not 0 <= position < self.max_len:
+            raise ValueError(f"cache slot {position} beyond the cache of {self.max_len} slots")
+
     def _step(self) -> Tensor:
         return self.step(self.model, self.token, self.position)
 
     def run(self, token: int, position: int) -> Tensor:
         """(V,) logits of `token` at cache slot `position`, its keys and values written."""
-        if not 0 <= position < self.max_len:
-            raise ValueError(f"cache slot {position} beyond the cache of {self.max_len} slots")
+        self._check(position)
         self.token.fill_(token)
         self.position.fill_(position)
         self.graph.replay()

@@ -73,7 +73,7 @@ class TorchEngine(InferenceEngine):
         self._step = torch.compile(decode_step, dynamic=False) if compile else decode_step
         self.loaded: LoadedModel | None = None
         self._requests: dict[str, _Request] = {}
-        self._spare: list[_Request] = []  # released requests with a graph, oldest first
+        self._spare: list[_Request] = []  # released requests with a graph (never None here), oldest first
 
     def load(self, model: str) -> dict:
         loaded = load(model)
@@ -115,7 +115,7 @@ class TorchEngine(InferenceEngine):
         self.release(request_id)
         if self.graphs:
             max_len = -(-max_len // self.GRAPH_SLOTS) * self.GRAPH_SLOTS
-        state = next((r for r in reversed(self._spare) if r.graph is not None and r.graph.max_len == max_len), None)
+        state = next((r for r in reversed(self._spare) if r.graph.max_len == max_len), None)
         if state is not None:  # a released request's caches (stale slots are never attended) and graph
             self._spare.remove(state)
             state.position = 0
@@ -133,9 +133,7 @@ class TorchEngine(InferenceEngine):
     def decode(self, request_id: str, token: int) -> Tensor:
         state, m = self._use(request_id), self._model
         self._check_tokens([token])
-        if state.position >= m.max_len:  # before any kernel: on CUDA a bad slot is a device assert
-            raise ValueError(f"cache slot {state.position} beyond the cache of {m.max_len} slots")
-        if self.graphs:
+        if self.graphs:  # DecodeGraph, like forward_layers, refuses a slot beyond the cache before any kernel
             if state.graph is None:
                 state.graph = DecodeGraph(m, token, state.position, self._step)
             logits = state.graph.run(token, state.position)
