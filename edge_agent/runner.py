@@ -10,6 +10,7 @@ from pathlib import Path
 from device_profiles import load_profile
 from edge_agent.agent import Agent, AgentConfig
 from edge_agent.engine import LocalEngine, floor_pacer, profile_pacer
+from models.quant import pack_for_kernels
 from models.runtime import load
 
 log = logging.getLogger("tandem.agent")
@@ -43,6 +44,7 @@ def build_agent(
         raise ValueError(f"device {device!r} needs an engine (--engine torch): the default generator runs on cpu")
     else:
         loaded = load(model)
+        pack_for_kernels(loaded.model)
     pacer = profile_pacer(prof, loaded.config) if emulate else None
     if pace_tpot_ms > 0:  # a fixed floor per token, on top of any profile pacing (demos and failover tests)
         pacer = floor_pacer(pacer, pace_tpot_ms)

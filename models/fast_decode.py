@@ -20,12 +20,10 @@ from models.transformer import Block, Transformer
 
 
 def _qweight(lin: QuantLinear) -> kernels.QWeight:
-    view = lin.kernel_view()
-    if view is None:
+    packed = lin.kernel_view()
+    if packed is None:
         raise ValueError("layer cannot run on the kernels")
-    q, scale, minimum = view
-    mins = minimum.data_ptr() if minimum is not None else None
-    return kernels.QWeight(lin.bits, lin.shape[0], lin.shape[1], q.data_ptr(), scale.data_ptr(), mins)
+    return kernels.QWeight(lin.bits, lin.shape[0], lin.shape[1], packed.data_ptr())
 
 
 def unsupported(model: Transformer) -> str:

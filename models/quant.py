@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import kernels
+from models import kernels, pages
 from models.errors import InvalidRequest
 from models.transformer import Transformer
 
@@ -40,7 +40,8 @@ QUANTIZED = (
     "feed_forward.w_down",
 )
 T = TypeVar("T")
-MATVEC_ROWS = 8  # up to this many input rows run as matrix-vector products; more dequantize once
+MATVEC_ROWS = 8  # up to this many input rows run as matrix-vector products; more run the GEMM
+PACK_ROWS = 4096  # rows packed for the kernels per piece (a multiple of 4)
 
 
 def _pack4(codes: Tensor) -> Tensor:
@@ -120,23 +121,32 @@ class QuantLinear(nn.Module):
             self.__dict__[key] = (current, value)
         return value
 
-    def kernel_view(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        """(q, scale, minimum) in the kernels' layout, scales (O, I/32); None if the kernels
-        cannot run this layer (no compiler, widths not multiples of 32)."""
+    def kernel_view(self, spans: list[pages.Span] | None = None) -> Tensor | None:
+        """This weight packed for the kernels (models.kernels.pack; scales expanded to one per 32
+        inputs), built once; None if the kernels cannot run it (no compiler, widths not multiples
+        of 32). With `spans` (pages.clean_file_mappings), the source pages that lie in them are
+        handed back as each piece is packed (pack_for_kernels)."""
         _, in_f = self.shape
         if not kernels.available() or in_f % 32 or self.group_size % 32 or self.q.device.type != "cpu":
             return None
-        return self._memo("_kernel_view", self._kernel_layout)
+        return self._memo("_kernel_view", lambda: self._pack(spans or []))
 
-    def _kernel_layout(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        out_f, _ = self.shape
+    def _pack(self, spans: list[pages.Span]) -> Tensor:
+        out_f, in_f = self.shape
         per = self.group_size // 32
         scale = self.scale.reshape(out_f, -1)
         minimum = self.minimum.reshape(out_f, -1) if self.bits == 4 else None
-        if per > 1:  # the kernels read one scale per 32 inputs
-            scale = scale.repeat_interleave(per, dim=1)
-            minimum = None if minimum is None else minimum.repeat_interleave(per, dim=1)
-        return self.q, scale.contiguous(), None if minimum is None else minimum.contiguous()
+        out = torch.empty(-(-out_f // 4), in_f // 32, kernels.BLOCK_BYTES[self.bits], dtype=torch.uint8)
+        # In pieces, each piece's source pages handed back before the next is read: packing the
+        # 49k-row head never holds the table twice.
+        for r0 in range(0, out_f, PACK_ROWS):
+            rows = slice(r0, min(r0 + PACK_ROWS, out_f))
+            blocks = [None if t is None else t[rows].repeat_interleave(per, dim=1) for t in (scale, minimum)]
+            out[r0 // 4 : -(-rows.stop // 4)] = kernels.pack(self.q[rows], *blocks, bits=self.bits)
+            for t in (self.q, scale, minimum):
+                if t is not None:
+                    pages.release(t[rows], spans)
+        return out
 
     def dense(self, dtype: torch.dtype) -> Tensor:
         """The dequantized (O, I) weight in `dtype`, kept until a buffer is replaced.
@@ -150,15 +160,17 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return F.linear(x, self.dense(x.dtype))
-        view = self.kernel_view() if x.dtype == torch.float32 else None
-        if view is None:  # CPU memory is scarcer than time here: dequantize for each call
+        packed = self.kernel_view() if x.dtype == torch.float32 else None
+        if packed is None:  # CPU memory is scarcer than time here: dequantize for each call
             return F.linear(x, self.dequantize().to(x.dtype))
         out_f, in_f = self.shape
         flat = x.reshape(-1, in_f)
         if flat.shape[0] <= MATVEC_ROWS:
-            y = kernels.qmatvec(flat, *view, self.bits)
-        else:  # many tokens (prefill): one dense matmul beats many matrix-vector products
-            y = F.linear(flat, kernels.dequantize(*view, self.bits, in_f))
+            y = kernels.qmatvec(flat, packed, self.bits, out_f)
+        else:  # many tokens (prefill): a GEMM that dequantizes as it goes, else dequantize + matmul
+            y = kernels.qgemm(flat, packed, self.bits, out_f)
+            if y is None:
+                y = F.linear(flat, kernels.dequantize(packed, self.bits, out_f, in_f))
         return y.reshape(*x.shape[:-1], out_f)
 
     def nbytes(self) -> int:
@@ -189,6 +201,18 @@ class QuantEmbedding(nn.Module):
 
     def nbytes(self) -> int:
         return self.linear.nbytes()
+
+
+def pack_for_kernels(model: nn.Module) -> int:
+    """Pack every quantized layer of a CPU model for the kernels now, handing back the pages of
+    memory-mapped sources as it goes (models.pages); the bytes handed back. Without this, layers
+    pack at first use and their mapped sources stay resident beside the copy."""
+    spans = pages.clean_file_mappings()
+    released = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.kernel_view(spans) is not None:
+            released += sum(pages.release(t, spans) for t in (m.q, m.scale, m.minimum))  # and pages between pieces
+    return released
 
 
 def quantize_model(

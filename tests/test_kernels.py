@@ -36,24 +36,55 @@ def test_qmatvec_matches_float64_within_the_activation_rounding(
     layer = QuantLinear(w, bits, group)
     x = torch.randn(rows, in_f, generator=gen) * 3
     x[0, :32] *= 100  # one loud block must not spoil the precision of the others
-    view = layer.kernel_view()
-    assert view is not None
-    got = kernels.qmatvec(x, *view, bits).double()
+    packed = layer.kernel_view()
+    assert packed is not None
+    assert packed.shape == (-(-out_f // 4), in_f // 32, kernels.BLOCK_BYTES[bits])  # row groups of 4, padded
+    got = kernels.qmatvec(x, packed, bits, out_f).double()
     dense = layer.dequantize().double()
     want = x.double() @ dense.T
     err = (got - want).abs()
     assert bool((err <= _activation_bound(x, dense)).all()), float(err.max())
-    # Dequantizing in C gives the weights torch computes, bit for bit (prefill uses it).
-    assert torch.equal(kernels.dequantize(*view, bits, in_f), layer.dequantize())
+    # Dequantizing the packed weight in C gives the weights torch computes, bit for bit.
+    assert torch.equal(kernels.dequantize(packed, bits, out_f, in_f), layer.dequantize())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(
+    ("tokens", "out_f", "in_f", "group"), [(37, 192, 576, 32), (512, 64, 1536, 128), (9, 16, 32, 32)]
+)
+def test_qgemm_matches_float64_within_fp32_rounding(bits: int, tokens: int, out_f: int, in_f: int, group: int) -> None:
+    """Prefill's fused dequantize + GEMM (every tail of 6 token rows included) against float64."""
+    gen = torch.Generator().manual_seed(tokens + bits)
+    layer = QuantLinear(torch.randn(out_f, in_f, generator=gen) * 0.05, bits, group)
+    x = torch.randn(tokens, in_f, generator=gen)
+    got = kernels.qgemm(x, layer.kernel_view(), bits, out_f)
+    assert got is not None
+    dense = layer.dequantize().double()
+    want = x.double() @ dense.T
+    bound = 4 * in_f * torch.finfo(torch.float32).eps * (x.abs().double() @ dense.abs().T)  # n * eps * sum |x w|
+    assert bool(((got.double() - want).abs() <= bound).all())
+    # The layer runs it for more than MATVEC_ROWS tokens.
+    torch.testing.assert_close(layer(x), got, atol=0, rtol=0)
+
+
+def test_qgemm_declines_shapes_it_does_not_tile() -> None:
+    """Output widths not a multiple of 16 go back to the caller (dequantize + matmul), not wrong sums."""
+    layer = QuantLinear(torch.randn(40, 64), 4, 32)
+    x = torch.randn(12, 64)
+    assert kernels.qgemm(x, layer.kernel_view(), 4, 40) is None
+    torch.testing.assert_close(layer(x), x @ layer.dequantize().T, atol=1e-4, rtol=1e-4)
 
 
 def test_kernels_refuse_widths_they_cannot_run() -> None:
     layer = QuantLinear(torch.randn(4, 64), 8, 64)
-    view = layer.kernel_view()
+    packed = layer.kernel_view()
     with pytest.raises(ValueError, match="refused"):
-        kernels.qmatvec(torch.randn(1, 48), view[0][:, :48].contiguous(), view[1][:, :1].contiguous(), None, 8)
+        kernels.qmatvec(torch.randn(1, 48), packed, 8, 4)
+    with pytest.raises(ValueError, match="refused"):
+        kernels.qmatvec(torch.randn(1, 64), packed, 4, 4)  # int8 blocks read as int4
     with pytest.raises(ValueError, match="contiguous CPU"):
-        kernels.qmatvec(torch.randn(1, 64), view[0].t(), view[1], None, 8)
+        strided = torch.zeros(136, 1, 2, dtype=torch.uint8).permute(1, 2, 0)  # packed's shape, not contiguous
+        kernels.qmatvec(torch.randn(1, 64), strided, 8, 4)
 
 
 def test_a_missing_compiler_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

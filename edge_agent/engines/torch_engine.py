@@ -19,7 +19,7 @@ from torch import Tensor
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
 from edge_agent.engines.cuda_graph import DecodeGraph, decode_step
 from models.kv_cache import KVCache
-from models.quant import QuantLinear
+from models.quant import QuantLinear, pack_for_kernels
 from models.runtime import LoadedModel, load
 from models.transformer import Step
 
@@ -78,6 +78,8 @@ class TorchEngine(InferenceEngine):
     def load(self, model: str) -> dict:
         loaded = load(model)
         loaded.model.to(self.device)
+        if self.device.type == "cpu":  # the kernels' packed copy now, the mapped sources' pages handed back
+            pack_for_kernels(loaded.model)
         kv_dtype = KV_CACHES[self.kv_cache]
         if self.kv_cache == "auto" and any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
             # Quantized models keep an fp16 KV cache, as partitioner/cost.py assumes: half the

@@ -94,26 +94,32 @@ def _lib() -> ctypes.CDLL:
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.tandem_qmatvec.argtypes = [i, p, p, p, p, p, i, i, i, i]
-    lib.tandem_dequant.argtypes = [i, p, p, p, p, i, i, i]
+    lib.tandem_qmatvec.argtypes = [i, p, p, p, i, i, i, i]
+    lib.tandem_dequant.argtypes = [i, p, p, i, i, i]
+    lib.tandem_qgemm.argtypes = [i, p, p, p, i, i, i, i]
     lib.tandem_layers.argtypes = [p, i, p, i, i]
     lib.tandem_rope_rows.argtypes = [p, p, p, i, i, i, i]
     lib.tandem_glu.argtypes = [p, p, ctypes.c_long, i, i]
-    for fn in (lib.tandem_qmatvec, lib.tandem_dequant, lib.tandem_layers, lib.tandem_rope_rows, lib.tandem_glu):
+    for fn in (
+        lib.tandem_qmatvec,
+        lib.tandem_dequant,
+        lib.tandem_qgemm,
+        lib.tandem_layers,
+        lib.tandem_rope_rows,
+        lib.tandem_glu,
+    ):
         fn.restype = i
     return lib
 
 
 class QWeight(ctypes.Structure):
-    """A quantized weight as kernels.c reads it; the tensors must outlive the struct."""
+    """A packed quantized weight as kernels.c reads it; the packed tensor must outlive the struct."""
 
     _fields_ = [
         ("bits", ctypes.c_int),
         ("rows", ctypes.c_int),
         ("cols", ctypes.c_int),
-        ("q", ctypes.c_void_p),
-        ("scale", ctypes.c_void_p),
-        ("minv", ctypes.c_void_p),
+        ("packed", ctypes.c_void_p),
     ]
 
 
@@ -171,43 +177,71 @@ def reason() -> str:
     return ""
 
 
-def _check(q: Tensor, scale: Tensor, minimum: Tensor | None) -> None:
-    for t in (q, scale) + ((minimum,) if minimum is not None else ()):
-        if not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("quantized kernels take contiguous CPU tensors")
-    if scale.dtype != torch.float16 or (minimum is not None and minimum.dtype != torch.float16):
-        raise ValueError("scales and minima must be float16")
+BLOCK_BYTES = {4: 80, 8: 136}  # one 32-input block of four rows in the packed layout (kernels.c)
 
 
-def qmatvec(x: Tensor, q: Tensor, scale: Tensor, minimum: Tensor | None, bits: int) -> Tensor:
-    """x (M, I) float32 -> (M, O) = x @ W^T for quantized W; scale and minimum (O, I/32) per block
-    (layouts in kernels.c)."""
-    _check(q, scale, minimum)
+def pack(q: Tensor, scale: Tensor, minimum: Tensor | None, bits: int) -> Tensor:
+    """A quantized weight in the kernels' packed layout: (ceil(O/4), I/32, BLOCK_BYTES) uint8, the
+    last group of four rows padded with zero rows. q: (O, I/2) uint8 int4 codes or (O, I) int8
+    codes; scale and minimum: (O, I/32) fp16, one per 32-input block (minimum for int4 only)."""
+    if bits not in BLOCK_BYTES or scale.dtype != torch.float16 or (bits == 4) != (minimum is not None):
+        raise ValueError(f"pack takes int4 (with fp16 minima) or int8 codes and fp16 scales, not int{bits}")
+    if minimum is not None and minimum.dtype != torch.float16:
+        raise ValueError("int4 minima must be float16")
+    n, nb = scale.shape
+    pad = -n % 4
+
+    def grouped(t: Tensor) -> Tensor:  # (n, nb, k) bytes -> (n/4, nb, 4 * k): each block's 4 rows side by side
+        t = t.contiguous().view(torch.uint8).reshape(n, nb, -1)
+        t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+        return t.reshape(-1, 4, nb, t.shape[-1]).transpose(1, 2).reshape(-1, nb, 4 * t.shape[-1])
+
+    parts = [scale] + ([] if minimum is None else [minimum]) + [q]
+    return torch.cat([grouped(t) for t in parts], dim=-1).contiguous()
+
+
+def _check(packed: Tensor, bits: int, out_f: int, in_f: int) -> None:
+    want = (-(-out_f // 4), in_f // 32, BLOCK_BYTES.get(bits, 0))
+    if in_f % 32 or tuple(packed.shape) != want or packed.dtype != torch.uint8:
+        raise ValueError(f"kernels refused a packed weight {tuple(packed.shape)} for ({out_f}, {in_f}) int{bits}")
+    if not packed.is_contiguous() or packed.device.type != "cpu":
+        raise ValueError("quantized kernels take contiguous CPU tensors")
+
+
+def qmatvec(x: Tensor, packed: Tensor, bits: int, out_f: int) -> Tensor:
+    """x (M, I) float32 -> (M, O) = x @ W^T for a packed quantized W (`pack`)."""
     x = x.contiguous().float()
     m, i = x.shape
-    o = q.shape[0]
-    y = torch.empty(m, o, dtype=torch.float32)
-    mins = minimum.data_ptr() if minimum is not None else None
+    _check(packed, bits, out_f, i)
+    y = torch.empty(m, out_f, dtype=torch.float32)
     rc = _lib().tandem_qmatvec(
-        bits, q.data_ptr(), scale.data_ptr(), mins, x.data_ptr(), y.data_ptr(), m, o, i,
-        torch.get_num_threads(),
-    )  # fmt: skip
+        bits, packed.data_ptr(), x.data_ptr(), y.data_ptr(), m, out_f, i, torch.get_num_threads()
+    )
     if rc:
-        raise ValueError(f"qmatvec refused shapes x {tuple(x.shape)}, weight ({o}, {i})")
+        raise MemoryError("qmatvec could not allocate its scratch")
     return y
 
 
-def dequantize(q: Tensor, scale: Tensor, minimum: Tensor | None, bits: int, inputs: int) -> Tensor:
-    """The (O, I) float32 weight, for dense matmuls over many tokens (prefill)."""
-    _check(q, scale, minimum)
-    o = q.shape[0]
-    out = torch.empty(o, inputs, dtype=torch.float32)
-    mins = minimum.data_ptr() if minimum is not None else None
-    rc = _lib().tandem_dequant(
-        bits, q.data_ptr(), scale.data_ptr(), mins, out.data_ptr(), o, inputs, torch.get_num_threads()
-    )
-    if rc:
-        raise ValueError(f"dequantize refused weight ({o}, {inputs})")
+def qgemm(x: Tensor, packed: Tensor, bits: int, out_f: int) -> Tensor | None:
+    """x (M, I) float32 -> (M, O) = x @ W^T for many tokens (prefill), dequantizing W inside the
+    GEMM; None when the kernel does not take these shapes (O not a multiple of 16, no AVX2): the
+    caller then dequantizes and runs a dense matmul."""
+    x = x.contiguous().float()
+    m, i = x.shape
+    _check(packed, bits, out_f, i)
+    y = torch.empty(m, out_f, dtype=torch.float32)
+    rc = _lib().tandem_qgemm(bits, packed.data_ptr(), x.data_ptr(), y.data_ptr(), m, out_f, i, torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("qgemm could not allocate its weight panels")
+    return None if rc else y
+
+
+def dequantize(packed: Tensor, bits: int, out_f: int, in_f: int) -> Tensor:
+    """The (O, I) float32 weight of a packed quantized one."""
+    _check(packed, bits, out_f, in_f)
+    out = torch.empty(out_f, in_f, dtype=torch.float32)
+    if _lib().tandem_dequant(bits, packed.data_ptr(), out.data_ptr(), out_f, in_f, torch.get_num_threads()):
+        raise ValueError(f"dequantize refused weight ({out_f}, {in_f})")
     return out
 
 
