@@ -115,10 +115,16 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         # One pass in C on the (T, H, hd) rows when it can take them, else five torch ops.
         roped = B == 1 and x.device.type == "cpu" and kernels.rope_((q[0], k[0]), cos[0, 0], sin[0, 0])
+        rows = q[0]  # (T, H, hd), contiguous when roped in place
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, hd)
         if not roped:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(step.cache_pos, k, v, whole=step.fixed)  # (B, K, S, hd)
+        if roped and mask is None and T > 1 and not cfg.attn_logit_softcap:
+            # A fresh prompt on CPU: causal attention in C straight from the cache (either dtype).
+            out = kernels.prefill_attention(rows, keys, values, cfg.query_scale, 0)
+            if out is not None:
+                return self.wo(out.reshape(B, T, cfg.n_heads * cfg.head_dim))
         if keys.dtype != q.dtype:  # a half-precision cache: attention itself runs in q's dtype
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         if cfg.attn_logit_softcap:

@@ -192,3 +192,43 @@ def test_portable_build_decodes_like_the_native_one(
     scalar = _decode(model, ids, fast=True, steps=10)
     torch.testing.assert_close(scalar, native, atol=5e-4 * float(native.abs().max()), rtol=1e-3)
     assert torch.equal(scalar.argmax(-1), native.argmax(-1))
+
+
+def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:
+    """float64 causal attention: q (T, H, hd), k/v (K, S, hd); query t sits at position start + t."""
+    t, h, _ = q.shape
+    rep = h // k.shape[0]
+    k, v = k.double().repeat_interleave(rep, 0), v.double().repeat_interleave(rep, 0)  # (H, S, hd)
+    scores = torch.einsum("thd,hsd->hts", q.double(), k) * scale
+    seen = torch.arange(k.shape[1])[None, :] <= start + torch.arange(t)[:, None]  # (T, S)
+    weights = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
+    return torch.einsum("hts,hsd->thd", weights, v)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "heads", "kv_heads", "hd", "start", "dtype"),
+    [(512, 9, 3, 64, 0, torch.float16), (37, 9, 3, 64, 0, torch.float32), (45, 4, 1, 256, 0, torch.float16),
+     (20, 4, 2, 32, 13, torch.float32)],
+)  # fmt: skip
+def test_prefill_attention_matches_float64(
+    tokens: int, heads: int, kv_heads: int, hd: int, start: int, dtype: torch.dtype
+) -> None:
+    """Causal GQA attention straight from a cache (float32 or fp16, longer than the prompt), every
+    block of 32 queries and tail, against float64; queries may start past slot 0."""
+    gen = torch.Generator().manual_seed(tokens)
+    q = torch.randn(tokens, heads, hd, generator=gen)
+    cache_k, cache_v = (torch.randn(1, kv_heads, start + tokens + 9, hd, generator=gen).to(dtype) for _ in range(2))
+    keys, values = cache_k[:, :, : start + tokens], cache_v[:, :, : start + tokens]
+    got = kernels.prefill_attention(q, keys, values, hd**-0.5, start)
+    assert got is not None
+    want = _reference_attention(q, keys[0], values[0], hd**-0.5, start)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_attention_declines_what_it_cannot_read() -> None:
+    q = torch.randn(8, 4, 64)
+    cache = torch.randn(1, 2, 16, 64)
+    assert kernels.prefill_attention(q.transpose(0, 1).contiguous().transpose(0, 1), cache, cache, 0.125, 0) is None
+    assert kernels.prefill_attention(q, cache.transpose(2, 3), cache.transpose(2, 3), 0.125, 0) is None
+    assert kernels.prefill_attention(q, cache[:, :, :4], cache[:, :, :4], 0.125, 0) is None  # fewer slots than queries
+    assert kernels.prefill_attention(q, cache.half(), cache, 0.125, 0) is None  # mixed dtypes

@@ -100,6 +100,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tandem_layers.argtypes = [p, i, p, i, i]
     lib.tandem_rope_rows.argtypes = [p, p, p, i, i, i, i]
     lib.tandem_glu.argtypes = [p, p, ctypes.c_long, i, i]
+    lib.tandem_prefill_attention.argtypes = [p, p, p, i, ctypes.c_long, p, i, i, i, i, i, ctypes.c_float, i]
     for fn in (
         lib.tandem_qmatvec,
         lib.tandem_dequant,
@@ -107,6 +108,7 @@ def _load(path: Path) -> ctypes.CDLL:
         lib.tandem_layers,
         lib.tandem_rope_rows,
         lib.tandem_glu,
+        lib.tandem_prefill_attention,
     ):
         fn.restype = i
     return lib
@@ -271,3 +273,26 @@ def glu_(gate: Tensor, up: Tensor, gelu: bool) -> bool:
     if not (available() and _plain(gate, up) and gate.shape == up.shape):
         return False
     return _lib().tandem_glu(gate.data_ptr(), up.data_ptr(), gate.numel(), int(gelu), torch.get_num_threads()) == 0
+
+
+def prefill_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, start: int) -> Tensor | None:
+    """Causal attention of T new tokens at positions start .. start + T - 1: q (T, H, hd) float32;
+    keys, values (1, K, S, hd) views of one layer's cache (float32 or float16) holding slots
+    [0, start + T). Returns (T, H, hd), or None when the kernels cannot take these tensors (the
+    caller then runs SDPA). No window, no soft-cap."""
+    t, h, hd = q.shape
+    if not (available() and _plain(q)) or keys.dim() != 4 or keys.shape[0] != 1 or keys.dtype != values.dtype:
+        return None
+    if keys.dtype not in (torch.float16, torch.float32) or keys.device.type != "cpu":
+        return None
+    rows = keys.stride(1)  # the cache's slots a kv head: both views step over whole heads of it
+    if keys.stride() != values.stride() or keys.stride()[2:] != (hd, 1) or rows % hd or keys.shape[2] < start + t:
+        return None
+    out = torch.empty_like(q)
+    rc = _lib().tandem_prefill_attention(
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.float16), rows // hd,
+        out.data_ptr(), t, start, h, keys.shape[1], hd, scale, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc == -2:
+        raise MemoryError("prefill attention could not allocate its scratch")
+    return None if rc else out
