@@ -14,6 +14,7 @@ run any half-open layer range `[start, end)` on hidden states:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 from models import kernels
 from models.config import ModelConfig
 from models.kv_cache import KVCache
+
+PREFILL_CHUNK = 256  # prompt tokens a CPU forward pass takes at once (Transformer.forward_layers)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class Step:
     fixed: bool = False
     """Attention reads all of the cache's slots under a mask that hides those after the
     position, so that no shape depends on it (see Transformer.forward_fixed)."""
+    causal_from: int | None = None
+    """Set by forward_layers when the slots are consecutive from this one and no row is padded:
+    the CPU kernels then run attention without a mask."""
 
     @staticmethod
     def at(start: int, length: int, batch: int = 1, pad: Tensor | None = None) -> Step:
@@ -54,15 +60,13 @@ class Step:
         return self.cache_pos[None, :] - self.pad[:, None]
 
 
-def _fresh_prefill(step: Step, last: int) -> bool:
-    """True when `step` writes slots [0, last) of unpadded rows: its mask is exactly causal."""
+def _causal_start(step: Step) -> int | None:
+    """The first slot when `step` writes consecutive slots of unpadded rows (attention is then
+    plain causal, offset by it, within any sliding window); else None."""
     pos = step.cache_pos
-    return (
-        pos.numel() == last
-        and bool((step.pad == 0).all())
-        and int(pos[0]) == 0
-        and bool((pos[1:] - pos[:-1] == 1).all())
-    )
+    if not bool((step.pad == 0).all()) or not bool((pos[1:] - pos[:-1] == 1).all()):
+        return None
+    return int(pos[0])
 
 
 class RMSNorm(nn.Module):
@@ -100,6 +104,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.window = 0  # keys a query sees on a sliding layer (Block sets it); 0: all earlier ones
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -120,9 +125,9 @@ class Attention(nn.Module):
         if not roped:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = cache.update(step.cache_pos, k, v, whole=step.fixed)  # (B, K, S, hd)
-        if roped and mask is None and T > 1 and not cfg.attn_logit_softcap:
-            # A fresh prompt on CPU: causal attention in C straight from the cache (either dtype).
-            out = kernels.prefill_attention(rows, keys, values, cfg.query_scale, 0)
+        if roped and step.causal_from is not None and T > 1 and not cfg.attn_logit_softcap:
+            # Prompt tokens on CPU: causal attention in C straight from the cache (either dtype).
+            out = kernels.prefill_attention(rows, keys, values, cfg.query_scale, step.causal_from, self.window)
             if out is not None:
                 return self.wo(out.reshape(B, T, cfg.n_heads * cfg.head_dim))
         if keys.dtype != q.dtype:  # a half-precision cache: attention itself runs in q's dtype
@@ -178,6 +183,7 @@ class Block(nn.Module):
         self.sliding = cfg.is_sliding(layer)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attention = Attention(cfg)
+        self.attention.window = cfg.sliding_window if self.sliding else 0
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
         self.sandwich = cfg.sandwich_norm
@@ -273,9 +279,22 @@ class Transformer(nn.Module):
             decoder = self._cpu_decoder()
             if decoder is not None and int(step.pad[0]) == 0:  # one token of one sequence: one C call
                 return decoder.run(h, last - 1, start, end)
+        causal_from = _causal_start(step)
+        T = h.shape[1]
+        if T > PREFILL_CHUNK and causal_from is not None and h.device.type == "cpu" and not step.fixed:
+            # A long prompt in pieces, each through every layer before the next: the activations'
+            # memory stays that of PREFILL_CHUNK tokens, and GEMMs of that many rows run as fast.
+            pieces = [
+                self.forward_layers(
+                    h[:, i : i + PREFILL_CHUNK], Step(step.cache_pos[i : i + PREFILL_CHUNK], step.pad), start, end
+                )
+                for i in range(0, T, PREFILL_CHUNK)
+            ]
+            return torch.cat(pieces, dim=1)
+        step = dataclasses.replace(step, causal_from=causal_from)
         # A fresh prompt's mask is plain causal (for sliding layers too while it fits their window):
         # None lets SDPA skip the blocks above the diagonal, and the mask is never built.
-        causal = _fresh_prefill(step, last)
+        causal = causal_from == 0  # consecutive from slot 0: slots [0, last)
         masks = {
             sliding: None
             if causal and (not sliding or last <= self.cfg.sliding_window)

@@ -194,34 +194,39 @@ def test_portable_build_decodes_like_the_native_one(
     assert torch.equal(scalar.argmax(-1), native.argmax(-1))
 
 
-def _reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:
-    """float64 causal attention: q (T, H, hd), k/v (K, S, hd); query t sits at position start + t."""
+def _reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int, window: int = 0
+) -> torch.Tensor:
+    """float64 causal attention: q (T, H, hd), k/v (K, S, hd); query t sits at position start + t
+    and sees the last `window` positions up to its own (all of them with window 0)."""
     t, h, _ = q.shape
     rep = h // k.shape[0]
     k, v = k.double().repeat_interleave(rep, 0), v.double().repeat_interleave(rep, 0)  # (H, S, hd)
     scores = torch.einsum("thd,hsd->hts", q.double(), k) * scale
-    seen = torch.arange(k.shape[1])[None, :] <= start + torch.arange(t)[:, None]  # (T, S)
+    gap = start + torch.arange(t)[:, None] - torch.arange(k.shape[1])[None, :]  # (T, S) query minus key position
+    seen = (gap >= 0) & ((gap < window) if window else True)
     weights = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
     return torch.einsum("hts,hsd->thd", weights, v)
 
 
 @pytest.mark.parametrize(
-    ("tokens", "heads", "kv_heads", "hd", "start", "dtype"),
-    [(512, 9, 3, 64, 0, torch.float16), (37, 9, 3, 64, 0, torch.float32), (45, 4, 1, 256, 0, torch.float16),
-     (20, 4, 2, 32, 13, torch.float32)],
+    ("tokens", "heads", "kv_heads", "hd", "start", "window", "dtype"),
+    [(512, 9, 3, 64, 0, 0, torch.float16), (37, 9, 3, 64, 0, 0, torch.float32), (45, 4, 1, 256, 0, 0, torch.float16),
+     (20, 4, 2, 32, 13, 0, torch.float32), (70, 4, 1, 64, 30, 16, torch.float16)],
 )  # fmt: skip
 def test_prefill_attention_matches_float64(
-    tokens: int, heads: int, kv_heads: int, hd: int, start: int, dtype: torch.dtype
+    tokens: int, heads: int, kv_heads: int, hd: int, start: int, window: int, dtype: torch.dtype
 ) -> None:
     """Causal GQA attention straight from a cache (float32 or fp16, longer than the prompt), every
-    block of 32 queries and tail, against float64; queries may start past slot 0."""
+    block of 32 queries and tail, against float64; queries may start past slot 0 (a prompt's later
+    piece), and a sliding window may hide the oldest keys."""
     gen = torch.Generator().manual_seed(tokens)
     q = torch.randn(tokens, heads, hd, generator=gen)
     cache_k, cache_v = (torch.randn(1, kv_heads, start + tokens + 9, hd, generator=gen).to(dtype) for _ in range(2))
     keys, values = cache_k[:, :, : start + tokens], cache_v[:, :, : start + tokens]
-    got = kernels.prefill_attention(q, keys, values, hd**-0.5, start)
+    got = kernels.prefill_attention(q, keys, values, hd**-0.5, start, window)
     assert got is not None
-    want = _reference_attention(q, keys[0], values[0], hd**-0.5, start)
+    want = _reference_attention(q, keys[0], values[0], hd**-0.5, start, window)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
 
 
@@ -232,3 +237,32 @@ def test_prefill_attention_declines_what_it_cannot_read() -> None:
     assert kernels.prefill_attention(q, cache.transpose(2, 3), cache.transpose(2, 3), 0.125, 0) is None
     assert kernels.prefill_attention(q, cache[:, :, :4], cache[:, :, :4], 0.125, 0) is None  # fewer slots than queries
     assert kernels.prefill_attention(q, cache.half(), cache, 0.125, 0) is None  # mixed dtypes
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@torch.no_grad()
+def test_long_prompts_run_in_pieces_like_one_pass(tiny: LoadedModel, bits: int | None, monkeypatch) -> None:
+    """A prompt longer than PREFILL_CHUNK runs piece by piece (the later pieces attend to the
+    cache through the C kernel with an offset, past tiny gemma's sliding window of 8): the same
+    logits and the same cache as one pass through torch's attention."""
+    import models.transformer as transformer
+
+    model = copy.deepcopy(tiny.model) if bits is None else quantize_model(copy.deepcopy(tiny.model), bits)
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 29), generator=torch.Generator().manual_seed(5))
+
+    def prefill(chunk: int, kernel: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with monkeypatch.context() as patch:
+            patch.setattr(transformer, "PREFILL_CHUNK", chunk)
+            if not kernel:
+                patch.setattr(kernels, "prefill_attention", lambda *a, **k: None)
+            model.setup_cache(1, 32)
+            logits = model(ids, Step.at(0, ids.shape[1]))[0]
+            return logits, [c.k.clone() for c in model.caches]
+
+    # Pieces of 10, 10, 9: more than MATVEC_ROWS each, so every piece runs the GEMMs.
+    runs = [prefill(4096, kernel=False), prefill(10, kernel=True)]
+    (whole, whole_k), (pieces, pieces_k) = runs
+    torch.testing.assert_close(pieces, whole, atol=2e-4 * float(whole.abs().max()), rtol=1e-4)
+    assert torch.equal(pieces.argmax(-1), whole.argmax(-1))
+    for a, b in zip(pieces_k, whole_k, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

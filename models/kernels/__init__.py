@@ -100,7 +100,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tandem_layers.argtypes = [p, i, p, i, i]
     lib.tandem_rope_rows.argtypes = [p, p, p, i, i, i, i]
     lib.tandem_glu.argtypes = [p, p, ctypes.c_long, i, i]
-    lib.tandem_prefill_attention.argtypes = [p, p, p, i, ctypes.c_long, p, i, i, i, i, i, ctypes.c_float, i]
+    lib.tandem_prefill_attention.argtypes = [p, p, p, i, ctypes.c_long, p, i, i, i, i, i, ctypes.c_float, i, i]
     for fn in (
         lib.tandem_qmatvec,
         lib.tandem_dequant,
@@ -275,11 +275,14 @@ def glu_(gate: Tensor, up: Tensor, gelu: bool) -> bool:
     return _lib().tandem_glu(gate.data_ptr(), up.data_ptr(), gate.numel(), int(gelu), torch.get_num_threads()) == 0
 
 
-def prefill_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, start: int) -> Tensor | None:
+def prefill_attention(
+    q: Tensor, keys: Tensor, values: Tensor, scale: float, start: int, window: int = 0
+) -> Tensor | None:
     """Causal attention of T new tokens at positions start .. start + T - 1: q (T, H, hd) float32;
     keys, values (1, K, S, hd) views of one layer's cache (float32 or float16) holding slots
-    [0, start + T). Returns (T, H, hd), or None when the kernels cannot take these tensors (the
-    caller then runs SDPA). No window, no soft-cap."""
+    [0, start + T); with window > 0 a query sees only the last `window` positions up to its own.
+    Returns (T, H, hd), or None when the kernels cannot take these tensors (the caller then runs
+    SDPA). No soft-cap."""
     t, h, hd = q.shape
     if not (available() and _plain(q)) or keys.dim() != 4 or keys.shape[0] != 1 or keys.dtype != values.dtype:
         return None
@@ -291,7 +294,7 @@ def prefill_attention(q: Tensor, keys: Tensor, values: Tensor, scale: float, sta
     out = torch.empty_like(q)
     rc = _lib().tandem_prefill_attention(
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), int(keys.dtype == torch.float16), rows // hd,
-        out.data_ptr(), t, start, h, keys.shape[1], hd, scale, torch.get_num_threads(),
+        out.data_ptr(), t, start, h, keys.shape[1], hd, scale, window, torch.get_num_threads(),
     )  # fmt: skip
     if rc == -2:
         raise MemoryError("prefill attention could not allocate its scratch")

@@ -335,30 +335,60 @@ int tandem_dequant(int bits, const uint8_t* packed, float* out, int O, int I, in
 // the GEMM read them back), and this beats MKL's fp32 GEMM on AMD's AVX2 cores (~50% of peak
 // there). Sums run in input order in fp32, as a naive dot product would.
 #ifdef __AVX2__
+// r[i] holds row i's 8 values; on return r[k] holds value k of the 8 rows.
+static inline void transpose8(__m256 r[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20), r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20), r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31), r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31), r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Row i of packed group g, block b (32 inputs), dequantized into out[0 .. 32).
+static inline void dequant_block(int bits, const uint8_t* g, int i, float* out) {
+    __m256 d = _mm256_set1_ps(half_to_float(((const uint16_t*)g)[i]));
+    if (bits == 4) {  // byte t holds codes t (low nibble) and t + 16 (high)
+        __m256 mn = _mm256_set1_ps(half_to_float(((const uint16_t*)g)[4 + i]));
+        __m128i c = _mm_loadu_si128((const __m128i*)(g + 16 + 16 * i));
+        __m128i lo = _mm_and_si128(c, _mm_set1_epi8(0x0f)), hi = _mm_and_si128(_mm_srli_epi16(c, 4), _mm_set1_epi8(0x0f));
+        __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+        for (int p = 0; p < 4; p++)
+            _mm256_storeu_ps(out + 8 * p, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p])), d, mn));
+    } else {
+        const int8_t* c = (const int8_t*)(g + 8 + 32 * i);
+        for (int p = 0; p < 4; p++)
+            _mm256_storeu_ps(out + 8 * p, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(c + 8 * p)))), d));
+    }
+}
+
 // Rows [n0, n0 + 16) of w (n0 a multiple of 16: four packed groups) into bp (I, 16):
-// bp[k * 16 + j] = W[n0 + j][k].
+// bp[k * 16 + j] = W[n0 + j][k]. Eight rows at a time: each block's 8 x 32 values dequantized,
+// then turned 8 x 8 at a time in registers.
 static void pack_panel(const QWeight* w, int n0, float* bp) {
     int nb = w->cols / 32;
-    float row[32];
-    for (int j0 = 0; j0 < 16; j0 += 4) {
-        const uint8_t* g = group_at(w, n0 + j0);
-        for (int b = 0; b < nb; b++, g += BLOCK_BYTES(w->bits)) {
+    float rows[8][32];
+    for (int j0 = 0; j0 < 16; j0 += 8) {
+        const uint8_t* g0 = group_at(w, n0 + j0);
+        const uint8_t* g1 = group_at(w, n0 + j0 + 4);
+        for (int b = 0; b < nb; b++) {
+            size_t off = (size_t)b * BLOCK_BYTES(w->bits);
             for (int i = 0; i < 4; i++) {
-                __m256 d = _mm256_set1_ps(half_to_float(((const uint16_t*)g)[i]));
-                if (w->bits == 4) {  // byte t holds codes t (low nibble) and t + 16 (high)
-                    __m256 mn = _mm256_set1_ps(half_to_float(((const uint16_t*)g)[4 + i]));
-                    __m128i c = _mm_loadu_si128((const __m128i*)(g + 16 + 16 * i));
-                    __m128i lo = _mm_and_si128(c, _mm_set1_epi8(0x0f)), hi = _mm_and_si128(_mm_srli_epi16(c, 4), _mm_set1_epi8(0x0f));
-                    __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-                    for (int p = 0; p < 4; p++)
-                        _mm256_storeu_ps(row + 8 * p, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p])), d, mn));
-                } else {
-                    const int8_t* c = (const int8_t*)(g + 8 + 32 * i);
-                    for (int p = 0; p < 4; p++)
-                        _mm256_storeu_ps(row + 8 * p, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(c + 8 * p)))), d));
-                }
-                float* dst = bp + (size_t)b * 32 * 16 + j0 + i;
-                for (int t = 0; t < 32; t++) dst[t * 16] = row[t];
+                dequant_block(w->bits, g0 + off, i, rows[i]);
+                dequant_block(w->bits, g1 + off, i, rows[4 + i]);
+            }
+            for (int c = 0; c < 4; c++) {
+                __m256 r[8];
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(rows[i] + 8 * c);
+                transpose8(r);
+                float* dst = bp + (size_t)(b * 32 + 8 * c) * 16 + j0;
+                for (int k = 0; k < 8; k++) _mm256_storeu_ps(dst + k * 16, r[k]);
             }
         }
     }
@@ -860,7 +890,8 @@ int tandem_glu(float* gate, const float* up, long n, int gelu, int nthreads) {
 //
 // q (T, H, hd) float32 as the projections wrote it; k, v: this layer's cache (K, kv_stride, hd),
 // fp16 (kv_half) or float32, holding slots [0, p0 + T); out (T, H, hd). Query t, at position
-// p0 + t, attends keys [0, p0 + t] (no window, no soft-cap: the caller checks). Each unit of work
+// p0 + t, attends keys [0, p0 + t], or with a sliding window w > 0 the last w of them (no
+// soft-cap: the caller checks). Each unit of work
 // is one kv group and one block of 32 queries: scores for each of the group's query heads are a
 // GEMM against the group's keys transposed into 16-key panels (done once a call), and the output
 // a GEMM of the softmaxed scores against the values. Blocks past the diagonal are never computed
@@ -894,9 +925,9 @@ static float softmax_weights(float* s, int n, float scale) {
 #endif
 
 int tandem_prefill_attention(const float* q, const void* k, const void* v, int kv_half, long kv_stride, float* out,
-                             int T, int p0, int H, int K, int hd, float scale, int nthreads) {
+                             int T, int p0, int H, int K, int hd, float scale, int window, int nthreads) {
 #ifdef __AVX2__
-    if (T < 1 || p0 < 0 || K < 1 || H % K || hd % 16 || (long)p0 + T > kv_stride) return -1;
+    if (T < 1 || p0 < 0 || K < 1 || H % K || hd % 16 || window < 0 || (long)p0 + T > kv_stride) return -1;
     int L = p0 + T, Lp = (L + 15) / 16 * 16, hpg = H / K, nq = (T + ATT_BQ - 1) / ATT_BQ;
     size_t group = (size_t)hd * Lp, per_thread = (size_t)ATT_BQ * Lp + ATT_BQ;
     float* shared = (float*)aligned_alloc(32, (2 * group * K + per_thread * nthreads) * sizeof(float) + 32);
@@ -941,8 +972,9 @@ int tandem_prefill_attention(const float* q, const void* k, const void* v, int k
                     gemm_panel(m, qh, (size_t)H * hd, hd, kt + g * group + (size_t)p * hd * 16, 16, sc + p * 16, Lp);
                 for (int t = 0; t < m; t++) {
                     float* row = sc + (size_t)t * Lp;
-                    int valid = p0 + t0 + t + 1;
-                    sums[t] = softmax_weights(row, valid, scale);
+                    int valid = p0 + t0 + t + 1, lo = window > 0 && valid > window ? valid - window : 0;
+                    sums[t] = softmax_weights(row + lo, valid - lo, scale);
+                    for (int j = 0; j < lo; j++) row[j] = 0.f;
                     for (int j = valid; j < np; j++) row[j] = 0.f;
                 }
                 float* oh = out + ((size_t)t0 * H + h) * hd;
@@ -959,7 +991,7 @@ int tandem_prefill_attention(const float* q, const void* k, const void* v, int k
     return 0;
 #else
     (void)q, (void)k, (void)v, (void)kv_half, (void)kv_stride, (void)out, (void)T, (void)p0, (void)H, (void)K, (void)hd;
-    (void)scale, (void)nthreads;
+    (void)scale, (void)window, (void)nthreads;
     return -1;
 #endif
 }
