@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -181,8 +182,8 @@ def _llamacpp_run(model: str, ids: list[int], gen: int, threads: int, windows: l
     prefill_s, decode_s = generate(ids, gen)
     result = {"load_s": load_s, "prefill_s": prefill_s, "decode_tok_s": (gen - 1) / decode_s}
     result["peak_rss_mb"] = peak_rss_mb()  # serving, before the fidelity pass below
-    scorer = open_model(max(len(w) for w in windows) + 8, logits_all=True)
-    top1 = []
+    top1: list[list[int]] = []
+    scorer = open_model(max(len(w) for w in windows) + 8, logits_all=True) if windows else None
     for w in windows:
         scorer.reset()
         scorer.eval(w)
@@ -198,7 +199,7 @@ def _ortgenai_run(model: str, ids: list[int], gen: int, threads: int, windows: l
     model_dir = ortgenai.build(zoo.resolve(model), zoo.cache_dir())
     result = ortgenai.run(model_dir, ids, gen, threads)
     result["peak_rss_mb"] = peak_rss_mb()  # serving, before the fidelity pass
-    result["top1"] = ortgenai.top1(model_dir, windows, threads)
+    result["top1"] = ortgenai.top1(model_dir, windows, threads) if windows else []
     return result
 
 
@@ -239,6 +240,7 @@ def unavailable(runtime: str) -> str:
 
 
 def measure(runtime: str, args: argparse.Namespace, job_file: Path) -> dict:
+    """One run of `runtime` in its own process; the job file says whether it scores the windows."""
     why = unavailable(runtime)
     if why:
         return {"skipped": why}
@@ -268,7 +270,26 @@ def reference_top1(model: str, windows: list[list[int]]) -> list[list[int]]:
     return out
 
 
+def combine(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    """Per runtime: the median of each timing over the rounds, the highest peak RSS, the first
+    round's top-1 rows, and every round's own numbers (for the ratios' spread)."""
+    out: dict[str, dict] = {}
+    for name, first in rounds[0].items():
+        if "skipped" in first:
+            out[name] = first
+            continue
+        runs = [r[name] for r in rounds if "skipped" not in r[name]]
+        merged = {k: statistics.median(run[k] for run in runs) for k in ("load_s", "prefill_s", "decode_tok_s")}
+        merged["peak_rss_mb"] = max(run["peak_rss_mb"] for run in runs)
+        merged["top1"] = first["top1"]
+        merged["rounds"] = [{k: run[k] for k in ("prefill_s", "decode_tok_s", "peak_rss_mb")} for run in runs]
+        out[name] = merged
+    return out
+
+
 def summarise(results: dict[str, dict], ref: list[list[int]], args: argparse.Namespace, extra: dict) -> dict:
+    """Ratios are medians over the rounds of each round's own ratio (ours and the reference ran
+    seconds apart in it), with their range: the host's speed drifts between rounds."""
     for r in results.values():
         top1 = r.pop("top1", None)
         if top1 is not None:
@@ -293,9 +314,15 @@ def summarise(results: dict[str, dict], ref: list[list[int]], args: argparse.Nam
         r = results.get(name, {})
         if "decode_tok_s" in ours and "decode_tok_s" in r:
             key = name.split("-")[0]
-            summary[f"decode_ratio_vs_{key}"] = ours["decode_tok_s"] / r["decode_tok_s"]
-            summary[f"prefill_ratio_vs_{key}"] = r["prefill_s"] / ours["prefill_s"]
-            summary[f"rss_ratio_vs_{key}"] = ours["peak_rss_mb"] / r["peak_rss_mb"]
+            pairs = list(zip(ours["rounds"], r["rounds"], strict=False))
+            for metric, ratio in (
+                ("decode", lambda a, b: a["decode_tok_s"] / b["decode_tok_s"]),
+                ("prefill", lambda a, b: b["prefill_s"] / a["prefill_s"]),
+                ("rss", lambda a, b: a["peak_rss_mb"] / b["peak_rss_mb"]),
+            ):
+                each = [ratio(a, b) for a, b in pairs]
+                summary[f"{metric}_ratio_vs_{key}"] = statistics.median(each)
+                summary[f"{metric}_ratio_range_vs_{key}"] = [min(each), max(each)]
             summary[f"agreement_minus_{key}"] = ours["agreement"] - r["agreement"]
     return summary
 
@@ -322,10 +349,13 @@ def table(summary: dict) -> str:
         )
     for key in ("llamacpp", "ortgenai"):
         if f"decode_ratio_vs_{key}" in summary:
+            parts = []
+            for metric, label in (("decode", "decode"), ("prefill", "prefill"), ("rss", "peak RSS")):
+                lo, hi = summary[f"{metric}_ratio_range_vs_{key}"]
+                parts.append(f"{label} {summary[f'{metric}_ratio_vs_{key}']:.2f}x ({lo:.2f}x-{hi:.2f}x)")
             rows.append(
-                f"{summary['ours']} vs {key} (speed over speed): decode {summary[f'decode_ratio_vs_{key}']:.2f}x, "
-                f"prefill {summary[f'prefill_ratio_vs_{key}']:.2f}x; peak RSS {summary[f'rss_ratio_vs_{key}']:.2f}x; "
-                f"agreement {summary[f'agreement_minus_{key}']:+.4f}."
+                f"{summary['ours']} vs {key}, median of {summary['rounds']} rounds' ratios (their range): "
+                f"{', '.join(parts)}; agreement {summary[f'agreement_minus_{key}']:+.4f}."
             )
     return "\n".join(rows)
 
@@ -353,6 +383,9 @@ def main() -> None:
     p.add_argument("--gen-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--windows", type=int, default=2, help="held-out windows of 256 tokens for agreement")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of every runtime (medians; agreement once)"
+    )
     known = ", ".join([*OURS, *REFERENCES])
     p.add_argument("--runtimes", default=DEFAULT, help=f"comma-separated, ours first: {known}")
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -372,17 +405,23 @@ def main() -> None:
     ours_bits = OURS[runtimes[0]][1]
     windows = [prompt_ids(args.model, 256, skip=args.prompt_tokens + 256 * i) for i in range(args.windows)]
     job_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"tandem-bench-{os.getpid()}.json"
-    job_file.write_text(json.dumps({"ids": prompt_ids(args.model, args.prompt_tokens), "windows": windows}))
+    prompt = prompt_ids(args.model, args.prompt_tokens)
     extra = {
         "memory_bandwidth_gbs": memory_bandwidth_gbs(args.threads),
         "weight_bytes_per_token": weight_bytes_per_token(args.model, ours_bits),
         "agreement_tokens": sum(len(w) for w in windows),
+        "rounds": args.rounds,
     }
     ref = reference_top1(args.model, windows)
+    rounds: list[dict[str, dict]] = []
     try:
-        results = {name: measure(name, args, job_file) for name in runtimes}
+        for i in range(args.rounds):  # ours, the references, ours again...: each round's ratios share a moment
+            job_file.write_text(json.dumps({"ids": prompt, "windows": windows if i == 0 else []}))
+            skipped = {name: r for name, r in rounds[0].items() if "skipped" in r} if rounds else {}
+            rounds.append({name: skipped.get(name) or measure(name, args, job_file) for name in runtimes})
     finally:
         job_file.unlink(missing_ok=True)
+    results = combine(rounds)
     summary = summarise(results, ref, args, extra)
     print(json.dumps(summary) if args.json else table(summary))
     if args.write_docs:

@@ -150,7 +150,7 @@ static void quantize_x(const float* x, int I, int16_t* xq, float* xs, float* xsu
 // than from separate code, scale and minimum arrays (12 streams a thread), which the hardware
 // prefetchers did not follow. w = code * d (+ m for int4).
 #define BLOCK_BYTES(bits) ((bits) == 4 ? 80 : 136)
-#define PREFETCH_AHEAD 640  // bytes ahead of the block being read (8 int4 blocks): measured, not tuned finely
+#define PREFETCH_AHEAD 2560  // bytes ahead of the block being read (32 int4 blocks): 5% faster than 640 in an in-process A/B
 
 typedef struct {
     int bits;  // 4 or 8
@@ -189,12 +189,13 @@ static inline __m256i q8_block(const int8_t* q, const int16_t* xq) {
 // The 4 rows of one packed group into out[0 .. 4). Per block: the 4 scales times the activation's
 // block scale in one vector, each row's integer dot product converted and accumulated with its
 // own; the int4 minimum term (m * sum of the block's activations) for all 4 rows in one FMA.
-static void rows4(const QWeight* w, const uint8_t* g, const Act* a, float* out) {
-    int nb = w->cols / 32, q4 = w->bits == 4, codes = q4 ? 16 : 8, row = q4 ? 16 : 32;
+static inline __attribute__((always_inline)) void rows4_bits(const int bits, int nb, const uint8_t* g, const Act* a,
+                                                              float* out) {
+    const int q4 = bits == 4, codes = q4 ? 16 : 8, row = q4 ? 16 : 32;
     __m256 acc[4];
     __m128 am = _mm_setzero_ps();
     for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
-    for (int b = 0; b < nb; b++, g += BLOCK_BYTES(w->bits)) {
+    for (int b = 0; b < nb; b++, g += BLOCK_BYTES(bits)) {
         _mm_prefetch((const char*)g + PREFETCH_AHEAD, _MM_HINT_T0);
         _mm_prefetch((const char*)g + PREFETCH_AHEAD + 64, _MM_HINT_T0);
         __m128 d = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i*)g)), _mm_set1_ps(a->xs[b]));
@@ -217,6 +218,15 @@ static void rows4(const QWeight* w, const uint8_t* g, const Act* a, float* out) 
     __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
     __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
     _mm_storeu_ps(out, _mm_add_ps(sums, am));
+}
+
+// One copy of the loop per width, so neither tests the width at every block.
+static void rows4(const QWeight* w, const uint8_t* g, const Act* a, float* out) {
+    if (w->bits == 4) {
+        rows4_bits(4, w->cols / 32, g, a, out);
+    } else {
+        rows4_bits(8, w->cols / 32, g, a, out);
+    }
 }
 #else
 // The same in plain C (no AVX2: an ARM board's build).
