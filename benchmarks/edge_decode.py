@@ -360,16 +360,25 @@ def table(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def write_docs(summary: dict, command: str) -> None:
     body = (
         f"## Edge decode ({summary['model']})\n\n"
-        f"Command: `{command}`  \nMachine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"Command: `{command}`  \nMachine: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, "
         f"{summary['threads']} threads; {time.strftime('%Y-%m-%d')}. Prompt: {summary['prompt_tokens']} tokens of "
-        f"evaluation text, then {summary['gen_tokens']} greedy tokens. Agreement: teacher-forced top-1 against "
-        f"the dequantized fp32 model over {summary['agreement_tokens']} held-out tokens, each runtime through its "
-        f"own decode path. torch-int4: our kernels (int4 g32 on the GGUF's own Q4_1 grid, int8 head, int16 "
-        f"activations), one C call per layer; loaded from a bundle. llama.cpp: llama-cpp-python 0.3.36, native "
-        f"build, the Q4_1 GGUF.\n\n"
+        f"evaluation text, then {summary['gen_tokens']} greedy tokens; {summary['rounds']} interleaved rounds of "
+        f"every runtime, each in its own process: the table holds medians (peak RSS: the highest). Agreement: "
+        f"teacher-forced top-1 against the dequantized fp32 model over {summary['agreement_tokens']} held-out "
+        f"tokens, each runtime through its own decode path. torch-int4: our kernels (int4 g32 on the GGUF's own "
+        f"Q4_1 grid, int8 head, int16 activations; weights packed four rows at a time), one C call per layer in "
+        f"decode; prefill in pieces of 256 tokens through a fused dequantize + GEMM and causal attention in C; "
+        f"loaded from a bundle. llama.cpp: llama-cpp-python 0.3.36, native build, the Q4_1 GGUF.\n\n"
         f"{table(summary)}\n\n```json\n{json.dumps(summary)}\n```"
     )
     write_block("edge_decode", body)

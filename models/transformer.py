@@ -77,7 +77,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32 whatever the activation dtype, as both reference implementations do;
-        # torch's fused kernel gives the same numbers as the four-op form in one pass.
+        # torch's fused kernel gives the same numbers as the four-op form in one pass. On CPU in
+        # fp32, one C pass over the rows (a prompt's five torch ops cost ~3% of its prefill).
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel():
+            out = kernels.rmsnorm(x, self.weight, self.eps)
+            if out is not None:
+                return out
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 

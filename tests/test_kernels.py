@@ -266,3 +266,14 @@ def test_long_prompts_run_in_pieces_like_one_pass(tiny: LoadedModel, bits: int |
     assert torch.equal(pieces.argmax(-1), whole.argmax(-1))
     for a, b in zip(pieces_k, whole_k, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (300, 640), (2, 3, 7, 256), (5, 40)])
+def test_rmsnorm_rows_match_torch(shape: tuple[int, ...]) -> None:
+    """The C norm over rows (widths with and without a tail of 8) against torch's fused one."""
+    gen = torch.Generator().manual_seed(len(shape))
+    x, w = torch.randn(*shape, generator=gen) * 3, torch.randn(shape[-1], generator=gen)
+    got = kernels.rmsnorm(x, w, 1e-6)
+    assert got is not None and got.shape == x.shape
+    torch.testing.assert_close(got, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-6), atol=1e-5, rtol=1e-5)
+    assert kernels.rmsnorm(x.double(), w.double(), 1e-6) is None  # not float32: torch's path

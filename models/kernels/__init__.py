@@ -100,6 +100,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tandem_layers.argtypes = [p, i, p, i, i]
     lib.tandem_rope_rows.argtypes = [p, p, p, i, i, i, i]
     lib.tandem_glu.argtypes = [p, p, ctypes.c_long, i, i]
+    lib.tandem_rmsnorm_rows.argtypes = [p, p, p, i, i, ctypes.c_float, i]
     lib.tandem_prefill_attention.argtypes = [p, p, p, i, ctypes.c_long, p, i, i, i, i, i, ctypes.c_float, i, i]
     for fn in (
         lib.tandem_qmatvec,
@@ -109,6 +110,7 @@ def _load(path: Path) -> ctypes.CDLL:
         lib.tandem_rope_rows,
         lib.tandem_glu,
         lib.tandem_prefill_attention,
+        lib.tandem_rmsnorm_rows,
     ):
         fn.restype = i
     return lib
@@ -266,6 +268,19 @@ def rope_(xs: tuple[Tensor, ...], cos: Tensor, sin: Tensor) -> bool:
         if _lib().tandem_rope_rows(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), t, h, hd, torch.get_num_threads()):
             raise ValueError(f"RoPE refused head width {hd}")
     return True
+
+
+def rmsnorm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """RMSNorm of each row of x (..., D) with `weight` (D,), float32 on CPU; None when the kernels
+    cannot take these tensors (the caller then runs torch's)."""
+    if not (available() and _plain(x, weight)) or weight.shape != x.shape[-1:]:
+        return None
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    rc = _lib().tandem_rmsnorm_rows(
+        x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // d, d, eps, torch.get_num_threads()
+    )
+    return None if rc else out
 
 
 def glu_(gate: Tensor, up: Tensor, gelu: bool) -> bool:

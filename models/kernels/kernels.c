@@ -476,7 +476,13 @@ int tandem_qgemm(int bits, const uint8_t* packed, const float* x, float* y, int 
 // out = x / rms(x) * w, like RMSNorm.forward (fp32).
 static void rmsnorm(const float* x, const float* w, int n, float eps, float* out) {
     float ss = 0.f;
-    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    int i = 0;
+#ifdef __AVX2__
+    __m256 acc = _mm256_setzero_ps();  // eight partial sums: the sequential sum is latency-bound
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), acc);
+    ss = hsum8(acc);
+#endif
+    for (; i < n; i++) ss += x[i] * x[i];
     float inv = 1.f / sqrtf(ss / n + eps);
     for (int i = 0; i < n; i++) out[i] = x[i] * inv * w[i];
 }
@@ -1004,4 +1010,13 @@ int tandem_prefill_attention(const float* q, const void* k, const void* v, int k
     (void)scale, (void)window, (void)nthreads;
     return -1;
 #endif
+}
+
+// out (T, D) = RMSNorm of each row of x (T, D) with weight w, as RMSNorm.forward (fp32): the
+// prompt's norms in one pass instead of torch's five ops over (T, D) tensors.
+int tandem_rmsnorm_rows(const float* x, const float* w, float* out, int T, int D, float eps, int nthreads) {
+    if (T < 1 || D < 1) return -1;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T > 16)
+    for (int t = 0; t < T; t++) rmsnorm(x + (size_t)t * D, w, D, eps, out + (size_t)t * D);
+    return 0;
 }
