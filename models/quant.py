@@ -206,7 +206,9 @@ class QuantEmbedding(nn.Module):
 def pack_for_kernels(model: nn.Module) -> int:
     """Pack every quantized layer of a CPU model for the kernels now, handing back the pages of
     memory-mapped sources as it goes (models.pages); the bytes handed back. Without this, layers
-    pack at first use and their mapped sources stay resident beside the copy."""
+    pack at first use and their mapped sources stay resident beside the copy. The heap's free
+    pages go back first: the packed copies must not land beside a tokenizer's parse buffers."""
+    pages.trim_heap()
     spans = pages.clean_file_mappings()
     released = 0
     for m in model.modules():

@@ -8,7 +8,6 @@ capturing again. Each cache length in use costs one capture, once while its spar
 
 from __future__ import annotations
 
-import ctypes
 import gc
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,20 +18,10 @@ from torch import Tensor
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
 from edge_agent.engines.cuda_graph import DecodeGraph, decode_step
 from models.kv_cache import KVCache
+from models.pages import trim_heap
 from models.quant import QuantLinear, pack_for_kernels
 from models.runtime import LoadedModel, load
 from models.transformer import Step
-
-
-def _trim_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc; elsewhere nothing). Loading leaves
-    ~14 MB of freed parser buffers (the tokenizer's JSON, the checkpoint) mapped; prefill then
-    maps fresh pages for its own, so the agent's peak RSS drops by about 5 MB."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
 
 
 @dataclass
@@ -94,7 +83,7 @@ class TorchEngine(InferenceEngine):
         # collection, which decode's small allocations trigger: about 5% of a decode step.
         gc.collect()
         gc.freeze()
-        _trim_heap()
+        trim_heap()
         return loaded.describe(str(model))
 
     @property
