@@ -10,6 +10,8 @@ request can move between them at any token.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -65,7 +67,10 @@ class CpuDecoder:
         self.model = model
         self.steps = (kernels.LayerStep * len(model.layers))()  # one C array; elements are views
         self.bases: list[float] = []
-        self.caches: list[tuple | None] = [None] * len(model.layers)  # what each step points at
+        # What each step points at: weak references to the layer's cache and RoPE table (a
+        # released request's cache is not kept alive, and one freed is never mistaken for a new
+        # one at the same address). Checking them costs ~0.5 us a layer; the pointers, 4.5.
+        self.bound: list[tuple[weakref.ref, weakref.ref] | None] = [None] * len(model.layers)
         for i, block in enumerate(model.layers):
             a, f = block.attention, block.feed_forward
             norms = {
@@ -105,14 +110,14 @@ class CpuDecoder:
 
     def run(self, h: Tensor, position: int, start: int, end: int) -> Tensor:
         """Layers [start, end) on h (1, 1, D) for the token in cache slot `position`."""
-        model = self.model
+        caches, rope, bound = self.model.caches, self.model._rope, self.bound
         for i in range(start, end):
-            cache: KVCache | None = model.caches[i]
-            if cache is None:
+            cache: KVCache | None = caches[i]
+            if cache is None:  # before the check below: a dead reference also reads as None
                 raise ValueError(f"layer {i} has no KV cache; setup_cache covered other layers")
-            cos, sin = model._rope[self.bases[i]]
-            key = (cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len, cos.data_ptr(), sin.data_ptr())
-            if self.caches[i] != key:  # other caches (another request's, or new): point the step at them
+            cos, sin = rope[self.bases[i]]
+            seen = bound[i]
+            if seen is None or seen[0]() is not cache or seen[1]() is not cos:  # another request's, or new
                 if cache.k.shape[0] != 1 or not (cache.k.is_contiguous() and cache.v.is_contiguous()):
                     raise ValueError("the kernels decode one sequence with contiguous caches")
                 if cache.k.dtype not in (torch.float32, torch.float16):
@@ -121,7 +126,7 @@ class CpuDecoder:
                 step.k_cache, step.v_cache, step.max_len = cache.k.data_ptr(), cache.v.data_ptr(), cache.max_len
                 step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
                 step.kv_half = int(cache.k.dtype == torch.float16)
-                self.caches[i] = key
+                bound[i] = (weakref.ref(cache), weakref.ref(cos))
         x = h.reshape(-1).to(torch.float32).clone()  # (D,), updated in place by each layer
         kernels.layers(self.steps, start, end, x, position)
         return x.view(1, 1, -1)

@@ -10,7 +10,8 @@ class KVCache(nn.Module):
     """Keys and values of one layer: two (B, K, max_len, hd) buffers.
 
     `update` writes new entries at the given slots and returns views of slots [0, last written],
-    so attention only reads what has been filled.
+    so attention only reads what has been filled. The buffers are the object's for life (written
+    in place, never replaced): the CPU decoder binds to a cache by identity.
     """
 
     def __init__(

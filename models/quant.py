@@ -192,6 +192,9 @@ class QuantEmbedding(nn.Module):
         """(B, T) ids -> (B, T, D) float32 rows."""
         lin = self.linear
         d = lin.shape[1]
+        packed = lin.kernel_view() if tokens.device.type == "cpu" else None
+        if packed is not None:  # the head's packed copy: one C call, and the source stays unread
+            return kernels.dequantize_rows(packed, lin.bits, lin.shape[0], d, tokens)
         rows = lin.q[tokens].float().reshape(*tokens.shape, d // 32, 32) * lin.scale[tokens].float()
         return rows.reshape(*tokens.shape, d)
 
@@ -208,6 +211,8 @@ def pack_for_kernels(model: nn.Module) -> int:
     memory-mapped sources as it goes (models.pages); the bytes handed back. Without this, layers
     pack at first use and their mapped sources stay resident beside the copy. The heap's free
     pages go back first: the packed copies must not land beside a tokenizer's parse buffers."""
+    if isinstance(model, Transformer):
+        model._packed = True  # its forward would otherwise call this again
     pages.trim_heap()
     spans = pages.clean_file_mappings()
     released = 0

@@ -232,6 +232,7 @@ class Transformer(nn.Module):
         self.fast_decode = True
         """Decode single tokens of quantized CPU models through models.fast_decode when it can."""
         self._decoder: object | None = None  # None: not built yet; False: this model cannot use it
+        self._packed = False  # quantized layers packed for the CPU kernels (models.quant.pack_for_kernels)
         self.kv_dtype: torch.dtype | None = None
         """The KV caches' dtype (None: the weights'). float16 halves the bytes decode reads a token."""
 
@@ -260,8 +261,18 @@ class Transformer(nn.Module):
 
     # -- forward pieces -------------------------------------------------------------------------
 
+    def _pack(self) -> None:
+        """On CPU, pack the quantized layers for the kernels once, before their first use, and
+        hand back their memory-mapped sources (a layer packed lazily keeps both resident)."""
+        if not self._packed and self.norm.weight.device.type == "cpu":
+            from models.quant import pack_for_kernels  # models.quant imports this module
+
+            self._packed = True
+            pack_for_kernels(self)
+
     def embed(self, tokens: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, D) hidden states."""
+        self._pack()
         h = self.tok_embeddings(tokens)
         if self.cfg.embed_scale != 1.0:
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
@@ -269,6 +280,7 @@ class Transformer(nn.Module):
 
     def forward_layers(self, h: Tensor, step: Step, start: int = 0, end: int | None = None) -> Tensor:
         """Run layers [start, end) on (B, T, D) hidden states, writing their KV caches."""
+        self._pack()
         end = self.cfg.n_layers if end is None else end
         if not 0 <= start <= end <= self.cfg.n_layers:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.cfg.n_layers})")
@@ -353,6 +365,7 @@ class Transformer(nn.Module):
 
     def head(self, h: Tensor) -> Tensor:
         """(B, T, D) hidden states after the last layer -> (B, T, V) logits."""
+        self._pack()
         h = self.norm(h)
         if not self.cfg.tied_embeddings:
             logits = self.output(h)

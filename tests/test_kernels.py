@@ -277,3 +277,38 @@ def test_rmsnorm_rows_match_torch(shape: tuple[int, ...]) -> None:
     assert got is not None and got.shape == x.shape
     torch.testing.assert_close(got, torch.nn.functional.rms_norm(x, (shape[-1],), w, 1e-6), atol=1e-5, rtol=1e-5)
     assert kernels.rmsnorm(x.double(), w.double(), 1e-6) is None  # not float32: torch's path
+
+
+@torch.no_grad()
+def test_the_decoder_follows_new_caches_and_keeps_no_old_one_alive(tiny: LoadedModel) -> None:
+    """The decoder binds to a request's caches by weak reference: a new request's caches (which
+    may reuse a freed one's address) are bound afresh, and a released cache is freed at once."""
+    import gc
+    import weakref
+
+    model = quantize_model(copy.deepcopy(tiny.model), 4)
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
+    first = _decode(model, ids, fast=True, steps=3)
+    old = weakref.ref(model.caches[0])
+    model.setup_cache(1, 8)  # the first request's caches are dropped here
+    gc.collect()
+    assert old() is None, "the decoder kept a released cache alive"
+    again = _decode(model, ids, fast=True, steps=3)  # new caches, possibly at the old addresses
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    torch.testing.assert_close(
+        again, _decode(model, ids, fast=False, steps=3), atol=5e-4 * float(first.abs().max()), rtol=1e-3
+    )
+
+
+def test_embedding_rows_come_from_the_packed_table_exactly() -> None:
+    """Embedding lookups read the head's packed copy: the same floats as the int8 table's own
+    rows, and an id outside the table is an IndexError, as torch's indexing would be."""
+    from models.quant import QuantEmbedding
+
+    table = QuantEmbedding(torch.randn(1000, 96, generator=torch.Generator().manual_seed(1)))
+    ids = torch.tensor([[3, 999, 0], [5, 5, 7]])
+    lin = table.linear
+    want = (lin.q[ids].float().reshape(2, 3, 3, 32) * lin.scale[ids].float()).reshape(2, 3, 96)
+    assert torch.equal(table(ids), want)
+    with pytest.raises(IndexError, match=r"\[0, 1000\)"):
+        table(torch.tensor([[1000]]))

@@ -100,6 +100,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tandem_layers.argtypes = [p, i, p, i, i]
     lib.tandem_rope_rows.argtypes = [p, p, p, i, i, i, i]
     lib.tandem_glu.argtypes = [p, p, ctypes.c_long, i, i]
+    lib.tandem_dequant_rows.argtypes = [i, p, p, i, p, i, i]
     lib.tandem_rmsnorm_rows.argtypes = [p, p, p, i, i, ctypes.c_float, i]
     lib.tandem_prefill_attention.argtypes = [p, p, p, i, ctypes.c_long, p, i, i, i, i, i, ctypes.c_float, i, i]
     for fn in (
@@ -111,6 +112,7 @@ def _load(path: Path) -> ctypes.CDLL:
         lib.tandem_glu,
         lib.tandem_prefill_attention,
         lib.tandem_rmsnorm_rows,
+        lib.tandem_dequant_rows,
     ):
         fn.restype = i
     return lib
@@ -247,6 +249,18 @@ def dequantize(packed: Tensor, bits: int, out_f: int, in_f: int) -> Tensor:
     if _lib().tandem_dequant(bits, packed.data_ptr(), out.data_ptr(), out_f, in_f, torch.get_num_threads()):
         raise ValueError(f"dequantize refused weight ({out_f}, {in_f})")
     return out
+
+
+def dequantize_rows(packed: Tensor, bits: int, out_f: int, in_f: int, rows: Tensor) -> Tensor:
+    """Rows `rows` (int64, any shape) of a packed quantized weight: (*rows.shape, I) float32, the
+    values `dequantize` gives them (embedding lookups: the rows of the packed table, so the
+    mapped source table is never read again)."""
+    _check(packed, bits, out_f, in_f)
+    flat = rows.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty(flat.numel(), in_f, dtype=torch.float32)
+    if _lib().tandem_dequant_rows(bits, packed.data_ptr(), flat.data_ptr(), flat.numel(), out.data_ptr(), out_f, in_f):
+        raise IndexError(f"row ids must be in [0, {out_f})")
+    return out.reshape(*rows.shape, in_f)
 
 
 def _plain(*tensors: Tensor) -> bool:

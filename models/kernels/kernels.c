@@ -327,6 +327,16 @@ static void dequant_row(const QWeight* w, int r, float* out) {
     }
 }
 
+// Rows rows[0 .. n) of w into out (n, I) float32 (embedding lookups); -1 for a row outside [0, O).
+int tandem_dequant_rows(int bits, const uint8_t* packed, const int64_t* rows, int n, float* out, int O, int I) {
+    if (I % 32 || (bits != 4 && bits != 8)) return -1;
+    for (int i = 0; i < n; i++)
+        if (rows[i] < 0 || rows[i] >= O) return -1;
+    QWeight w = {bits, O, I, packed};
+    for (int i = 0; i < n; i++) dequant_row(&w, (int)rows[i], out + (size_t)i * I);
+    return 0;
+}
+
 // Dequantize rows [0, O) into out (O, I) float32.
 int tandem_dequant(int bits, const uint8_t* packed, float* out, int O, int I, int nthreads) {
     if (I % 32 || (bits != 4 && bits != 8)) return -1;
