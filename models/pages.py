@@ -63,12 +63,19 @@ def _madvise():
     return libc.madvise
 
 
+def mapped(t: Tensor, spans: list[Span]) -> bool:
+    """Whether `t` lies in one of `spans` (clean_file_mappings)."""
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    return t.device.type == "cpu" and any(lo <= start and end <= hi for lo, hi in spans)
+
+
 def release(t: Tensor, spans: list[Span]) -> int:
     """Drop the whole pages under `t` if they lie in one of `spans` (clean_file_mappings); the
     bytes released (0 when none qualify). `t`'s values are unchanged: a read maps them again."""
     start = t.data_ptr()
     end = start + t.numel() * t.element_size()
-    if t.device.type != "cpu" or not any(lo <= start and end <= hi for lo, hi in spans):
+    if not mapped(t, spans):
         return 0
     first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE  # whole pages only: neighbours keep theirs
     if last <= first:
@@ -87,4 +94,4 @@ def trim_heap() -> None:
     trim(0)
 
 
-__all__ = ["Span", "clean_file_mappings", "release", "trim_heap"]
+__all__ = ["Span", "clean_file_mappings", "mapped", "release", "trim_heap"]

@@ -215,6 +215,20 @@ def pack_for_kernels(model: nn.Module) -> int:
         model._packed = True  # its forward would otherwise call this again
     pages.trim_heap()
     spans = pages.clean_file_mappings()
+    # The small tensors every forward reads (norms) move to memory of their own first: the page
+    # cache may hold the file in 2 MB folios, and one read of a norm maps its whole folio back
+    # (a layer's quantized weights with it).
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            continue
+        for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            if t is not None and pages.mapped(t, spans):
+                if isinstance(t, nn.Parameter):
+                    t.data = t.detach().clone()
+                else:
+                    setattr(m, name, t.clone())
+    if isinstance(model, Transformer):
+        model._decoder = None  # it would point at the norms' old addresses
     released = 0
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kernel_view(spans) is not None:
