@@ -42,6 +42,7 @@ QUANTIZED = (
 T = TypeVar("T")
 MATVEC_ROWS = 8  # up to this many input rows run as matrix-vector products; more run the GEMM
 PACK_ROWS = 4096  # rows packed for the kernels per piece (a multiple of 4)
+SMALL_BYTES = 1 << 16  # pack_for_kernels copies mapped tensors up to this size (norms), never weights
 
 
 def _pack4(codes: Tensor) -> Tensor:
@@ -218,11 +219,12 @@ def pack_for_kernels(model: nn.Module) -> int:
     # The small tensors every forward reads (norms) move to memory of their own first: the page
     # cache may hold the file in 2 MB folios, and one read of a norm maps its whole folio back
     # (a layer's quantized weights with it).
-    for m in model.modules():
+    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    for m in model.modules() if quantized else ():
         if isinstance(m, QuantLinear):
             continue
         for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
-            if t is not None and pages.mapped(t, spans):
+            if t is not None and t.numel() * t.element_size() <= SMALL_BYTES and pages.mapped(t, spans):
                 if isinstance(t, nn.Parameter):
                     t.data = t.detach().clone()
                 else:
