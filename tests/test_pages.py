@@ -68,3 +68,21 @@ def test_pack_for_kernels_hands_back_mapped_sources(tmp_path: Path) -> None:
     assert released > 200_000  # most of the 256 kB of codes (whole pages only)
     torch.testing.assert_close(loaded(x), layer(x), atol=0, rtol=0)
     assert torch.equal(loaded.q, layer.q) and torch.equal(loaded.scale, layer.scale)
+
+
+def test_pack_for_kernels_moves_small_mapped_tensors_out_of_the_file(tmp_path: Path) -> None:
+    """A norm read every forward would map its file folio (and the weights beside it) back in:
+    in a quantized model it is copied out, with its values; an fp32 model is left as it is."""
+    quantized = torch.nn.Module()
+    quantized.layer = QuantLinear(torch.randn(256, 512) * 0.05, 4, 32)
+    quantized.norm = torch.nn.LayerNorm(512)
+    dense = torch.nn.Linear(512, 256)
+    for name, module in (("q", quantized), ("d", dense)):
+        torch.save(module.state_dict(), tmp_path / f"{name}.pt")
+        module.load_state_dict(torch.load(tmp_path / f"{name}.pt", mmap=True, weights_only=True), assign=True)
+    want = quantized.norm.weight.detach().clone()
+    pack_for_kernels(quantized)
+    pack_for_kernels(dense)
+    spans = pages.clean_file_mappings()
+    assert not pages.mapped(quantized.norm.weight, spans) and torch.equal(quantized.norm.weight, want)
+    assert pages.mapped(dense.weight, spans)  # an fp32 model's weights are never copied
