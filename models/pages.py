@@ -57,41 +57,46 @@ def clean_file_mappings(smaps: Path = Path("/proc/self/smaps")) -> list[Span]:
 
 
 @functools.cache
-def _madvise():
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        return None
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc.madvise
+    return libc
+
+
+def _bounds(t: Tensor) -> Span:
+    start = t.data_ptr()
+    return start, start + t.numel() * t.element_size()
 
 
 def mapped(t: Tensor, spans: list[Span]) -> bool:
     """Whether `t` lies in one of `spans` (clean_file_mappings)."""
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
+    start, end = _bounds(t)
     return t.device.type == "cpu" and any(lo <= start and end <= hi for lo, hi in spans)
 
 
 def release(t: Tensor, spans: list[Span]) -> int:
     """Drop the whole pages under `t` if they lie in one of `spans` (clean_file_mappings); the
     bytes released (0 when none qualify). `t`'s values are unchanged: a read maps them again."""
-    start = t.data_ptr()
-    end = start + t.numel() * t.element_size()
-    if not mapped(t, spans):
+    libc = _libc()
+    if libc is None or not mapped(t, spans):
         return 0
+    start, end = _bounds(t)
     first, last = -(-start // PAGE) * PAGE, end // PAGE * PAGE  # whole pages only: neighbours keep theirs
     if last <= first:
         return 0
-    return last - first if _madvise()(first, last - first, MADV_DONTNEED) == 0 else 0
+    return last - first if libc.madvise(first, last - first, MADV_DONTNEED) == 0 else 0
 
 
 def trim_heap() -> None:
     """Give the C heap's free pages back to the OS (glibc; elsewhere nothing). Loading a model
     leaves its parsers' buffers freed but mapped (SmolLM2's tokenizer 16 MB, Gemma 3's 240 MB):
     before anything large is allocated, and once loading is done."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 __all__ = ["Span", "clean_file_mappings", "mapped", "release", "trim_heap"]

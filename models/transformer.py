@@ -267,8 +267,7 @@ class Transformer(nn.Module):
         if not self._packed and self.norm.weight.device.type == "cpu":
             from models.quant import pack_for_kernels  # models.quant imports this module
 
-            self._packed = True
-            pack_for_kernels(self)
+            pack_for_kernels(self)  # sets _packed
 
     def embed(self, tokens: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, D) hidden states."""

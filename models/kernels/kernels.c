@@ -380,7 +380,8 @@ static inline void dequant_block(int bits, const uint8_t* g, int i, float* out) 
         __m128i lo = _mm_and_si128(c, _mm_set1_epi8(0x0f)), hi = _mm_and_si128(_mm_srli_epi16(c, 4), _mm_set1_epi8(0x0f));
         __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
         for (int p = 0; p < 4; p++)
-            _mm256_storeu_ps(out + 8 * p, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p])), d, mn));
+            _mm256_storeu_ps(out + 8 * p,  // code * d, then + m: the weights dequant_row and torch give
+                             _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[p])), d), mn));
     } else {
         const int8_t* c = (const int8_t*)(g + 8 + 32 * i);
         for (int p = 0; p < 4; p++)
