@@ -50,19 +50,32 @@ def test_qmatvec_matches_float64_within_the_activation_rounding(
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(
-    ("tokens", "out_f", "in_f", "group"), [(37, 192, 576, 32), (512, 64, 1536, 128), (9, 16, 32, 32)]
+    ("tokens", "out_f", "in_f", "group"),
+    [(37, 192, 576, 32), (512, 64, 1536, 128), (9, 16, 32, 32), (14, 32, 64, 32)],
 )
-def test_qgemm_matches_float64_within_fp32_rounding(bits: int, tokens: int, out_f: int, in_f: int, group: int) -> None:
-    """Prefill's fused dequantize + GEMM (every tail of 6 token rows included) against float64."""
+@pytest.mark.parametrize("fp32", [False, True], ids=["auto", "fp32"])
+def test_qgemm_matches_float64_within_its_rounding(
+    bits: int, tokens: int, out_f: int, in_f: int, group: int, fp32: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefill's GEMM (every tail of 6 and of 8 token rows included) against float64: fp32 over
+    dequantized weights, or integer codes times int16 activations where the CPU has VNNI (the
+    `fp32` case forces the former there)."""
+    if fp32:
+        monkeypatch.setenv("TANDEM_QGEMM_FP32", "1")
+        assert not kernels.integer_prefill()
     gen = torch.Generator().manual_seed(tokens + bits)
     layer = QuantLinear(torch.randn(out_f, in_f, generator=gen) * 0.05, bits, group)
     x = torch.randn(tokens, in_f, generator=gen)
+    x[0, :32] *= 100  # one loud block must not spoil the precision of the others
     got = kernels.qgemm(x, layer.kernel_view(), bits, out_f)
     assert got is not None
     dense = layer.dequantize().double()
     want = x.double() @ dense.T
     bound = 4 * in_f * torch.finfo(torch.float32).eps * (x.abs().double() @ dense.abs().T)  # n * eps * sum |x w|
-    assert bool(((got.double() - want).abs() <= bound).all())
+    if kernels.integer_prefill():  # sum(code * xq) is exact; the activations' rounding is |code * d| a step
+        scaled = layer.codes().reshape(out_f, -1, group).float() * layer.scale.float()  # code * d
+        bound = bound + _activation_bound(x, scaled.reshape(out_f, in_f))
+    assert bool(((got.double() - want).abs() <= bound).all()), float((got.double() - want).abs().max())
     # The layer runs it for more than MATVEC_ROWS tokens.
     torch.testing.assert_close(layer(x), got, atol=0, rtol=0)
 

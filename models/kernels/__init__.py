@@ -113,6 +113,7 @@ def _load(path: Path) -> ctypes.CDLL:
         lib.tandem_prefill_attention,
         lib.tandem_rmsnorm_rows,
         lib.tandem_dequant_rows,
+        lib.tandem_qgemm_integer,
     ):
         fn.restype = i
     return lib
@@ -229,8 +230,8 @@ def qmatvec(x: Tensor, packed: Tensor, bits: int, out_f: int) -> Tensor:
 
 
 def qgemm(x: Tensor, packed: Tensor, bits: int, out_f: int) -> Tensor | None:
-    """x (M, I) float32 -> (M, O) = x @ W^T for many tokens (prefill), dequantizing W inside the
-    GEMM; None when the kernel does not take these shapes (O not a multiple of 16, no AVX2): the
+    """x (M, I) float32 -> (M, O) = x @ W^T for many tokens (prefill): integer dot products where
+    the CPU has VNNI (`integer_prefill`), else fp32 over W dequantized inside the GEMM; None when the kernel does not take these shapes (O not a multiple of 16, no AVX2): the
     caller then dequantizes and runs a dense matmul."""
     x = x.contiguous().float()
     m, i = x.shape
@@ -240,6 +241,13 @@ def qgemm(x: Tensor, packed: Tensor, bits: int, out_f: int) -> Tensor | None:
     if rc == -2:
         raise MemoryError("qgemm could not allocate its weight panels")
     return None if rc else y
+
+
+def integer_prefill() -> bool:
+    """Whether qgemm multiplies the weights' integer codes by int16 activations (CPUs with AVX-512
+    VNNI; the activation rounding of decode's row kernels), rather than fp32 FMAs over dequantized
+    weights. TANDEM_QGEMM_FP32=1 in the environment chooses the fp32 path (an A/B switch)."""
+    return bool(_lib().tandem_qgemm_integer())
 
 
 def dequantize(packed: Tensor, bits: int, out_f: int, in_f: int) -> Tensor:
