@@ -231,8 +231,9 @@ def qmatvec(x: Tensor, packed: Tensor, bits: int, out_f: int) -> Tensor:
 
 def qgemm(x: Tensor, packed: Tensor, bits: int, out_f: int) -> Tensor | None:
     """x (M, I) float32 -> (M, O) = x @ W^T for many tokens (prefill): integer dot products where
-    the CPU has VNNI (`integer_prefill`), else fp32 over W dequantized inside the GEMM; None when the kernel does not take these shapes (O not a multiple of 16, no AVX2): the
-    caller then dequantizes and runs a dense matmul."""
+    the CPU has VNNI (`integer_prefill`), else fp32 over W dequantized inside the GEMM; None when
+    the kernel does not take these shapes (O not a multiple of 16, no AVX2): the caller then
+    dequantizes and runs a dense matmul."""
     x = x.contiguous().float()
     m, i = x.shape
     _check(packed, bits, out_f, i)
