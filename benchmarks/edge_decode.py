@@ -366,7 +366,17 @@ def cpu_model() -> str:
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
     flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    vector += " VNNI" if "avx512_vnni" in flags else ""
     return f"{name or platform.processor() or 'unknown CPU'}, {vector}"
+
+
+def prefill_gemm() -> str:
+    """Which GEMM our prefill ran on this machine (models.kernels picks it by the CPU)."""
+    from models import kernels
+
+    if kernels.available() and kernels.integer_prefill():
+        return "an integer GEMM (the weights' codes times int16 activations, AVX-512 VNNI)"
+    return "a fused dequantize + fp32 GEMM"
 
 
 def write_docs(summary: dict, command: str) -> None:
@@ -379,7 +389,7 @@ def write_docs(summary: dict, command: str) -> None:
         f"teacher-forced top-1 against the dequantized fp32 model over {summary['agreement_tokens']} held-out "
         f"tokens, each runtime through its own decode path. torch-int4: our kernels (int4 g32 on the GGUF's own "
         f"Q4_1 grid, int8 head, int16 activations; weights packed four rows at a time), one C call per layer in "
-        f"decode; prefill in pieces of 256 tokens through a fused dequantize + GEMM and causal attention in C; "
+        f"decode; prefill in pieces of 256 tokens through {prefill_gemm()} and causal attention in C; "
         f"loaded from a bundle. llama.cpp: llama-cpp-python 0.3.36, native build, the Q4_1 GGUF.\n\n"
         f"{table(summary)}\n\n```json\n{json.dumps(summary)}\n```"
     )

@@ -277,8 +277,8 @@ def test_long_prompts_run_in_pieces_like_one_pass(tiny: LoadedModel, bits: int |
     (whole, whole_k), (pieces, pieces_k) = runs
     torch.testing.assert_close(pieces, whole, atol=2e-4 * float(whole.abs().max()), rtol=1e-4)
     assert torch.equal(pieces.argmax(-1), whole.argmax(-1))
-    for a, b in zip(pieces_k, whole_k, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    for a, b in zip(pieces_k, whole_k, strict=True):  # relative to the largest: int16 activations round per block
+        torch.testing.assert_close(a, b, atol=2e-4 * float(b.abs().max()), rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 576), (300, 640), (2, 3, 7, 256), (5, 40)])
