@@ -453,12 +453,16 @@ static void gemm_panel(int M, const float* x, size_t ldx, int I, const float* bp
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define TANDEM_VNNI 1
+#endif
+
+#ifdef TANDEM_VNNI
 // ---- Prefill GEMM on integer dot products (AVX-512 VNNI) ---------------------------------------
 //
 // Where the CPU has VNNI, prefill multiplies the weights' own integer codes by activations
 // quantized to int16 per block of 32 (as decode's row kernels do, so prefill keeps the same
 // fp32-level fidelity): one vpdpwssd is 32 multiply-adds where an fp32 FMA is 16, at the same
-// rate (measured on Zen 4 and Ice Lake). Each block's int32 sums are then scaled in fp32:
+// rate (measured on Zen 4). Each block's int32 sums are then scaled in fp32:
 // y += (d * xs) * sum(code * xq) (+ m * sum(x) for int4).
 #define VNNI_MR 6  // prompt rows a tile: 6 int32 + 6 float sums (8 and 12 were 3-8% slower on Zen 4)
 
@@ -569,7 +573,7 @@ static int qgemm_vnni(const QWeight* w, const float* x, float* y, int M, int nth
 
 // 1 when tandem_qgemm multiplies integer codes by int16 activations (VNNI), 0 for fp32 FMAs.
 int tandem_qgemm_integer(void) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#ifdef TANDEM_VNNI
     return !getenv("TANDEM_QGEMM_FP32");
 #else
     return 0;
@@ -581,16 +585,12 @@ int tandem_qgemm_integer(void) {
 // With AVX-512 VNNI the products are integer (qgemm_vnni, above), else fp32 FMAs over
 // dequantized panels.
 int tandem_qgemm(int bits, const uint8_t* packed, const float* x, float* y, int M, int O, int I, int nthreads) {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    if (I % 32 || O % 16 || M < 1 || (bits != 4 && bits != 8)) return -1;
-    if (!getenv("TANDEM_QGEMM_FP32")) {
-        QWeight wv = {bits, O, I, packed};
-        return qgemm_vnni(&wv, x, y, M, nthreads);
-    }
-#endif
 #ifdef __AVX2__
     if (I % 32 || O % 16 || M < 1 || (bits != 4 && bits != 8)) return -1;
     QWeight w = {bits, O, I, packed};
+#ifdef TANDEM_VNNI
+    if (tandem_qgemm_integer()) return qgemm_vnni(&w, x, y, M, nthreads);
+#endif
     size_t panel = (size_t)I * 16;
     float* scratch = (float*)aligned_alloc(32, (size_t)nthreads * panel * sizeof(float));
     if (!scratch) return -2;
