@@ -25,9 +25,10 @@ import torch
 from tokenizers import Tokenizer
 
 from models.config import ModelConfig
+from models.cpu import prepare_cpu
 from models.errors import TandemModelError
+from models.loaded import LoadedModel
 from models.quant import QuantEmbedding, QuantLinear, quantize_model
-from models.runtime import LoadedModel
 from models.tokenizer import GGUFTokenizer, TokenizerInfo
 from models.transformer import Transformer
 
@@ -98,8 +99,9 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def load_bundle(path: str | Path) -> LoadedModel:
-    """Verify and load a bundle. Raises BundleError for any mismatch."""
+def load_bundle(path: str | Path, prepare: bool = True) -> LoadedModel:
+    """Verify and load a bundle on the CPU and, with `prepare`, prepare it to serve there
+    (models.cpu.prepare_cpu). Raises BundleError for any mismatch."""
     path = Path(path)
     manifest = read_manifest(path)
     for name in FILES:
@@ -134,4 +136,4 @@ def load_bundle(path: str | Path) -> LoadedModel:
     info = json.loads((path / "tokenizer_info.json").read_text())
     info["eos_ids"] = tuple(info["eos_ids"])
     tok = GGUFTokenizer(Tokenizer.from_file(str(path / "tokenizer.json")), TokenizerInfo(**info))
-    return LoadedModel(model, tok, path)
+    return LoadedModel(prepare_cpu(model) if prepare else model, tok, path)

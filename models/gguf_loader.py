@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 from models.config import ModelConfig, config_from_metadata
 from models.errors import GGUFError, UnsupportedArchitecture
+from models.tokenizer import GGUFTokenizer, tokenizer_from_metadata
 from models.transformer import Transformer
 
 GGUF_MAGIC = b"GGUF"
@@ -174,3 +176,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Tr
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
     model.eval().requires_grad_(False)
     return model, file
+
+
+@lru_cache(maxsize=4)
+def _cached_tokenizer(path: str, mtime_ns: int) -> GGUFTokenizer:
+    return tokenizer_from_metadata(open_gguf(path).metadata)
+
+
+def load_tokenizer(path: str | Path) -> GGUFTokenizer:
+    """The tokenizer of the GGUF at `path`, cached per file version within the process."""
+    return _cached_tokenizer(str(path), Path(path).stat().st_mtime_ns)

@@ -55,8 +55,8 @@ from torch import Tensor, nn
 
 from models import zoo
 from models.errors import TandemModelError
+from models.loaded import LoadedModel
 from models.quant import QuantLinear
-from models.runtime import LoadedModel
 from models.transformer import Block, Transformer, rope_tables
 
 if TYPE_CHECKING:
@@ -314,7 +314,7 @@ def export_onnx(model: Transformer, path: Path, options: ExportOptions = ExportO
 
     Raises UnsupportedQuantization for a quantized layer MatMulNBits cannot express (before exporting).
     """
-    import onnx
+    import onnx  # an optional extra, ~1.5 s and 12 MB to import: only exports pay
 
     for q in model.modules():
         if isinstance(q, QuantLinear) and _as_nbits(q, options.nbits, options.accuracy_level):
@@ -388,7 +388,7 @@ def _block_size(q: QuantLinear) -> int:
 
 def _nbits_nodes(node: onnx.NodeProto, q: QuantLinear, accuracy_level: int) -> tuple[list, list]:
     """Nodes and initializers computing node's MatMul(x, W^T) from q's codes; W is exactly q.dequantize()."""
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper  # an optional extra, ~1.5 s and 12 MB to import: only exports pay
 
     (out_f, in_f), group, block = q.shape, q.group_size, _block_size(q)
     blocks, prefix, x, y = in_f // block, node.input[1].removesuffix(".weight_t"), node.input[0], node.output[0]
@@ -435,7 +435,7 @@ def rewrite_quant_matmuls(proto: onnx.ModelProto, quant: dict[str, QuantLinear],
     """Replace, in place, each MatMul whose weight is a quantized layer's stand-in with MatMulNBits (those
     `_as_nbits` picks; the others keep their fp32 MatMul), and drop the replaced stand-ins' fp32
     initializers. Raises RuntimeError if the exporter renamed or reused a stand-in."""
-    import onnx
+    import onnx  # an optional extra, ~1.5 s and 12 MB to import: only exports pay
 
     graph = proto.graph
     missing = set(quant) - {t.name for t in graph.initializer}

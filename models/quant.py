@@ -211,9 +211,8 @@ def pack_for_kernels(model: nn.Module) -> int:
     """Pack every quantized layer of a CPU model for the kernels now, handing back the pages of
     memory-mapped sources as it goes (models.pages); the bytes handed back. Without this, layers
     pack at first use and their mapped sources stay resident beside the copy. The heap's free
-    pages go back first: the packed copies must not land beside a tokenizer's parse buffers."""
-    if isinstance(model, Transformer):
-        model._packed = True  # its forward would otherwise call this again
+    pages go back first: the packed copies must not land beside a tokenizer's parse buffers.
+    A model is served through models.cpu.prepare_cpu, which calls this."""
     pages.trim_heap()
     spans = pages.clean_file_mappings()
     # The small tensors every forward reads (norms) move to memory of their own first: the page
@@ -229,8 +228,8 @@ def pack_for_kernels(model: nn.Module) -> int:
                     t.data = t.detach().clone()
                 else:
                     setattr(m, name, t.clone())
-    if isinstance(model, Transformer):
-        model._decoder = None  # it would point at the norms' old addresses
+    if isinstance(model, Transformer) and model.decoder is not None:
+        model.decoder.reset()  # it would point at the norms' old addresses
     released = 0
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kernel_view(spans) is not None:

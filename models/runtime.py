@@ -5,6 +5,9 @@ the reader walking a 262k-entry vocabulary). The first load therefore writes the
 weights, the config and the tokenizer to `<cache>/prepared/<key>/`, keyed by the file's path, size
 and modification time; later loads memory-map them in about a second. Writes are atomic, so a
 crash leaves no half-written entry.
+
+Loaded models come back prepared for the CPU (models.cpu.prepare_cpu) unless `prepare=False`:
+for a model bound for another device, an exporter, or only its tokenizer and description.
 """
 
 from __future__ import annotations
@@ -15,54 +18,22 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
 from models import zoo
+from models.bundle import load_bundle
 from models.config import ModelConfig
-from models.generate import Generator
-from models.quant import QuantLinear, weight_bytes
+from models.cpu import prepare_cpu
+from models.loaded import LoadedModel
 from models.tokenizer import GGUFTokenizer, TokenizerInfo, tokenizer_from_metadata
 from models.transformer import Transformer
 
+__all__ = ["PREPARED_FORMAT", "LoadedModel", "load"]  # LoadedModel: its home is models.loaded
+
 PREPARED_FORMAT = 1  # bump when the prepared layout or the model's parameter names change
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to run: weights, tokenizer, and where they came from."""
-
-    model: Transformer
-    tokenizer: GGUFTokenizer
-    path: Path
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.model.cfg
-
-    def generator(self) -> Generator:
-        return Generator(self.model, self.tokenizer)
-
-    def describe(self, name: str, quant: str | None = None) -> dict:
-        """What a server advertises about this model (the fields of the protocol's ModelInfo):
-        sizes for the hub's cost model (stored weight bytes, so the hub knows a 4-bit model reads
-        an eighth of an fp32 one), the config itself, and whether it takes chat messages. `quant`
-        defaults to what the model holds: "int4", "int8" or "fp32"."""
-        if quant is None:
-            layer = next((m for m in self.model.layers.modules() if isinstance(m, QuantLinear)), None)
-            quant = f"int{layer.bits}" if layer is not None else "fp32"
-        return {
-            "name": name,
-            "arch": self.config.arch,
-            "n_layers": self.config.n_layers,
-            "quant": quant,
-            "weight_bytes": weight_bytes(self.model),
-            "config_json": json.dumps(dataclasses.asdict(self.config)),
-            "chat": self.tokenizer.info.chat_template is not None,
-        }
 
 
 def _key(path: Path) -> str:
@@ -99,25 +70,26 @@ def _read_prepared(entry: Path, dtype: torch.dtype) -> tuple[Transformer, GGUFTo
     return model, tok
 
 
-def load(name_or_path: str | Path, dtype: torch.dtype = torch.float32, use_cache: bool = True) -> LoadedModel:
-    """Load a zoo model (already pulled), a GGUF file or a bundle directory.
+def load(
+    name_or_path: str | Path, dtype: torch.dtype = torch.float32, use_cache: bool = True, prepare: bool = True
+) -> LoadedModel:
+    """Load a zoo model (already pulled), a GGUF file or a bundle directory (`tandem optimize`),
+    on the CPU and, with `prepare`, prepared to serve there (models.cpu.prepare_cpu).
 
-    Raises UnknownModel, ModelNotPulled, GGUFError or UnsupportedArchitecture with a message that
-    says what to do.
+    Raises UnknownModel, ModelNotPulled, GGUFError, UnsupportedArchitecture or BundleError with a
+    message that says what to do.
     """
     if Path(name_or_path).is_dir() and (Path(name_or_path) / "manifest.json").is_file():
-        from models.bundle import load_bundle  # a bundle from `tandem optimize`
-
-        return load_bundle(name_or_path)
+        return load_bundle(name_or_path, prepare=prepare)
     path = zoo.resolve(name_or_path)
     entry = zoo.cache_dir() / "prepared" / _key(path)
     if use_cache and (entry / "weights.pt").is_file():
         model, tok = _read_prepared(entry, dtype)
-        return LoadedModel(model, tok, path)
-    from models.gguf_loader import load_model  # gguf, yaml, sentencepiece: ~5 MB a bundle never needs
+    else:
+        from models.gguf_loader import load_model  # gguf, yaml, sentencepiece: ~5 MB a bundle never needs
 
-    model, file = load_model(path, dtype)
-    tok = tokenizer_from_metadata(file.metadata)
-    if use_cache:
-        _write_prepared(entry, model, tok)
-    return LoadedModel(model, tok, path)
+        model, file = load_model(path, dtype)
+        tok = tokenizer_from_metadata(file.metadata)
+        if use_cache:
+            _write_prepared(entry, model, tok)
+    return LoadedModel(prepare_cpu(model) if prepare else model, tok, path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -194,17 +193,3 @@ def tokenizer_from_metadata(meta: Mapping[str, Any]) -> GGUFTokenizer:
         chat_template=meta.get("tokenizer.chat_template"),
     )
     return GGUFTokenizer(tok, info)
-
-
-@lru_cache(maxsize=4)
-def _cached(path: str, mtime_ns: int) -> GGUFTokenizer:
-    from models.gguf_loader import open_gguf
-
-    return tokenizer_from_metadata(open_gguf(path).metadata)
-
-
-def load_tokenizer(path: str) -> GGUFTokenizer:
-    """The tokenizer of the GGUF at `path`, cached per file version within the process."""
-    from pathlib import Path
-
-    return _cached(str(path), Path(path).stat().st_mtime_ns)

@@ -10,6 +10,12 @@ run any half-open layer range `[start, end)` on hidden states:
     h = model.forward_layers(h, step, start=0, end=k)        # layers [0, k)
     h = model.forward_layers(h, step, start=k, end=None)     # layers [k, N)
     logits = model.head(h)                                   # (B, T, V)
+
+Per-request state (the KV caches and the RoPE tables they were set up with) lives on the model
+while a sequence runs; engines that interleave requests keep a `RequestState` for each and `bind`
+it before running that request. Single tokens of one sequence may take another route than
+torch's ops through the `decoder` slot (a `StepDecoder`: models.cpu.prepare_cpu attaches the CPU
+kernels' one); this module imports none of them.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +65,30 @@ class Step:
     def positions(self) -> Tensor:
         """(B, T) RoPE positions: cache slot minus the row's padding."""
         return self.cache_pos[None, :] - self.pad[:, None]
+
+
+@dataclass(frozen=True)
+class RequestState:
+    """One sequence's state besides the weights, as `Transformer.setup_cache` makes it; an engine
+    keeps one a request and binds it (`Transformer.bind`) before running that request."""
+
+    caches: list[KVCache | None]
+    """One KV cache a layer, None for the layers outside the range set up."""
+    rope: dict[float, tuple[Tensor, Tensor]]
+    """RoPE base -> (cos, sin), each (max_len, hd), in the model's device and dtype."""
+
+
+class StepDecoder(Protocol):
+    """Another route than torch's ops for one token of one sequence through a layer range, over the
+    model's bound caches (models.fast_decode.CpuDecoder: one C call a token on CPU)."""
+
+    def run(self, h: Tensor, position: int, start: int, end: int) -> Tensor | None:
+        """Layers [start, end) on h (1, 1, D) for the token in cache slot `position`: (1, 1, D).
+        None when this route cannot run the model as it now is (the caller runs torch's ops);
+        raises ValueError for a slot or range outside the caches, before writing anything."""
+
+    def reset(self) -> None:
+        """The model's weights or caches were replaced (setup_cache): forget what was derived from them."""
 
 
 def _causal_start(step: Step) -> int | None:
@@ -208,7 +239,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The whole model. Build it (on `meta` when loading), then `setup_cache` before a forward."""
+    """The whole model. Build it (on `meta` when loading), then `setup_cache` before a forward
+    (or `bind` a state that an earlier `setup_cache` made)."""
 
     def __init__(self, cfg: ModelConfig, layer_ids: Sequence[int] | None = None) -> None:
         """`layer_ids`: the original index of each block (a pruned model keeps its layers' own
@@ -228,11 +260,14 @@ class Transformer(nn.Module):
         if not cfg.tied_embeddings:
             self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.caches: list[KVCache | None] = [None] * cfg.n_layers
-        self._rope: dict[float, tuple[Tensor, Tensor]] = {}
+        """The bound sequence's KV caches, one a layer (setup_cache, bind)."""
+        self.rope: dict[float, tuple[Tensor, Tensor]] = {}
+        """The bound sequence's RoPE tables: base -> (cos, sin), each (max_len, hd)."""
+        self.decoder: StepDecoder | None = None
+        """The route single tokens of one sequence take instead of torch's ops when it can run
+        them (models.cpu.prepare_cpu attaches the CPU kernels' one); None: torch's ops."""
         self.fast_decode = True
-        """Decode single tokens of quantized CPU models through models.fast_decode when it can."""
-        self._decoder: object | None = None  # None: not built yet; False: this model cannot use it
-        self._packed = False  # quantized layers packed for the CPU kernels (models.quant.pack_for_kernels)
+        """Use `decoder` when one is attached (False: always torch's ops, for comparisons)."""
         self.kv_dtype: torch.dtype | None = None
         """The KV caches' dtype (None: the weights'). float16 halves the bytes decode reads a token."""
 
@@ -247,11 +282,20 @@ class Transformer(nn.Module):
             KVCache(*shape, self.kv_dtype or dtype, device) if start <= i < end else None
             for i in range(self.cfg.n_layers)
         ]
-        self._rope = {}
-        self._decoder = None  # weights may have changed since it was built
+        self.rope = {}
         for base in {self.cfg.rope_base, self.cfg.rope_local_base}:
             cos, sin = rope_tables(self.cfg.head_dim, base, max_len)
-            self._rope[base] = (cos.to(device, dtype), sin.to(device, dtype))
+            self.rope[base] = (cos.to(device, dtype), sin.to(device, dtype))
+        if self.decoder is not None:
+            self.decoder.reset()  # weights may have changed since it last ran
+
+    def request_state(self) -> RequestState:
+        """The bound sequence's caches and RoPE tables, to `bind` again later."""
+        return RequestState(self.caches, self.rope)
+
+    def bind(self, state: RequestState) -> None:
+        """Run the next forward passes on `state` (another request's caches and tables)."""
+        self.caches, self.rope = state.caches, state.rope
 
     @property
     def max_len(self) -> int:
@@ -261,17 +305,8 @@ class Transformer(nn.Module):
 
     # -- forward pieces -------------------------------------------------------------------------
 
-    def _pack(self) -> None:
-        """On CPU, pack the quantized layers for the kernels once, before their first use, and
-        hand back their memory-mapped sources (a layer packed lazily keeps both resident)."""
-        if not self._packed and self.norm.weight.device.type == "cpu":
-            from models.quant import pack_for_kernels  # models.quant imports this module
-
-            pack_for_kernels(self)  # sets _packed
-
     def embed(self, tokens: Tensor) -> Tensor:
         """(B, T) token ids -> (B, T, D) hidden states."""
-        self._pack()
         h = self.tok_embeddings(tokens)
         if self.cfg.embed_scale != 1.0:
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
@@ -279,7 +314,6 @@ class Transformer(nn.Module):
 
     def forward_layers(self, h: Tensor, step: Step, start: int = 0, end: int | None = None) -> Tensor:
         """Run layers [start, end) on (B, T, D) hidden states, writing their KV caches."""
-        self._pack()
         end = self.cfg.n_layers if end is None else end
         if not 0 <= start <= end <= self.cfg.n_layers:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.cfg.n_layers})")
@@ -291,10 +325,10 @@ class Transformer(nn.Module):
         last = int(step.cache_pos[-1]) + 1
         if last > self.max_len:
             raise ValueError(f"cache slot {last - 1} beyond the cache of {self.max_len} slots; call setup_cache")
-        if h.shape[0] == 1 and h.shape[1] == 1 and self.fast_decode:
-            decoder = self._cpu_decoder()
-            if decoder is not None and int(step.pad[0]) == 0:  # one token of one sequence: one C call
-                return decoder.run(h, last - 1, start, end)
+        if h.shape[0] == 1 and h.shape[1] == 1 and self.fast_decode and self.decoder is not None:
+            out = self.decoder.run(h, last - 1, start, end) if int(step.pad[0]) == 0 else None
+            if out is not None:  # one token of one sequence, by the decoder's route
+                return out
         causal_from = _causal_start(step)
         T = h.shape[1]
         if T > PREFILL_CHUNK and causal_from is not None and h.device.type == "cpu" and not step.fixed:
@@ -318,7 +352,7 @@ class Transformer(nn.Module):
             for sliding in {blk.sliding for blk in self.layers}
         }
         positions = step.positions.clamp(min=0)  # (B, T); padding slots get position 0, never attended
-        ropes = {base: (cos[positions][:, None], sin[positions][:, None]) for base, (cos, sin) in self._rope.items()}
+        ropes = {base: (cos[positions][:, None], sin[positions][:, None]) for base, (cos, sin) in self.rope.items()}
         return self._blocks(h, step, ropes, masks, start, end)
 
     def _blocks(self, h: Tensor, step: Step, ropes: dict, masks: dict, start: int, end: int) -> Tensor:
@@ -352,19 +386,11 @@ class Transformer(nn.Module):
         seen = slots <= position  # (S,)
         masks = {False: seen, True: seen & (position - slots < self.cfg.sliding_window)}
         masks = {sliding: m[None, None, None] for sliding, m in masks.items()}  # (1, 1, 1, S)
-        ropes = {base: (c[position][None, None], s[position][None, None]) for base, (c, s) in self._rope.items()}
+        ropes = {base: (c[position][None, None], s[position][None, None]) for base, (c, s) in self.rope.items()}
         return self._blocks(h, step, ropes, masks, start, end)
-
-    def _cpu_decoder(self):
-        if self._decoder is None:
-            from models import fast_decode  # imports models.quant, which imports this module
-
-            self._decoder = False if fast_decode.unsupported(self) else fast_decode.CpuDecoder(self)
-        return self._decoder or None
 
     def head(self, h: Tensor) -> Tensor:
         """(B, T, D) hidden states after the last layer -> (B, T, V) logits."""
-        self._pack()
         h = self.norm(h)
         if not self.cfg.tied_embeddings:
             logits = self.output(h)

@@ -12,7 +12,8 @@ import torch
 
 from cloud_hub.broker import BrokerConfig, ManagedBroker, find_mosquitto
 from models.errors import ModelNotPulled
-from models.runtime import LoadedModel, load
+from models.loaded import LoadedModel
+from models.runtime import load
 from tests.tiny import TinySpec, write_tiny_gguf
 
 torch.manual_seed(0)

@@ -11,9 +11,9 @@ import torch
 from models.corpus import documents
 from models.errors import InvalidRequest
 from models.eval import agreement, bits_per_byte, windows
+from models.loaded import LoadedModel
 from models.prune import block_influence, prune_layers
 from models.quant import QuantLinear, quantize_model, weight_bytes
-from models.runtime import LoadedModel
 from models.transformer import Step
 from tests.conftest import real_model
 

@@ -16,8 +16,8 @@ import torch
 from edge_agent.engines.cuda_graph import DecodeGraph
 from edge_agent.engines.torch_engine import TorchEngine
 from models.bundle import save_bundle
+from models.loaded import LoadedModel
 from models.quant import QuantLinear, dequantized, quantize_model
-from models.runtime import LoadedModel
 from models.transformer import Step, Transformer
 
 needs_gpu = pytest.mark.skipif(

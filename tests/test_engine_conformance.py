@@ -26,8 +26,9 @@ import torch
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
 from edge_agent.engines.registry import ENGINES, make_engine
 from models.bundle import save_bundle
+from models.loaded import LoadedModel
 from models.quant import dequantized, quantize_model
-from models.runtime import LoadedModel, load
+from models.runtime import load
 from models.sampling import SamplingParams
 from models.transformer import Step
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.generate import Generator
-from models.runtime import LoadedModel
+from models.loaded import LoadedModel
 from models.sampling import SamplingParams, filter_logits
 from models.tokenizer import GGUFTokenizer
 from models.transformer import Step

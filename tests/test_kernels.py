@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from models import kernels
+from models.cpu import prepare_cpu
+from models.loaded import LoadedModel
 from models.quant import QuantLinear, quantize_model
-from models.runtime import LoadedModel
 from models.transformer import Step
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.reason()}")
@@ -126,13 +127,13 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor, fast: bool, steps: int, s
 def test_fast_decode_equals_the_torch_path(tiny: LoadedModel, bits: int, kv_dtype: torch.dtype) -> None:
     """Both architectures (tiny llama, tiny gemma3 with sliding windows of 8 passed by 20 decode
     steps), the same quantized weights and cache dtype: one C call per layer against torch's ops."""
-    model = quantize_model(copy.deepcopy(tiny.model), bits)
+    model = prepare_cpu(quantize_model(copy.deepcopy(tiny.model), bits))
     model.kv_dtype = kv_dtype
     ids = torch.randint(0, tiny.config.vocab_size, (1, 26), generator=torch.Generator().manual_seed(bits))
     torch_path = _decode(model, ids, fast=False, steps=20)
-    assert model._decoder is None  # the torch path never built it
+    assert not model.decoder.built  # the torch path never built it
     fast_path = _decode(model, ids, fast=True, steps=20)
-    assert model._decoder, "the fast path did not run"
+    assert model.decoder.built, "the fast path did not run"
     assert model.caches[0].k.dtype == kv_dtype
     torch.testing.assert_close(fast_path, torch_path, atol=5e-4 * float(torch_path.abs().max()), rtol=1e-3)
     assert torch.equal(fast_path.argmax(-1), torch_path.argmax(-1))
@@ -141,7 +142,7 @@ def test_fast_decode_equals_the_torch_path(tiny: LoadedModel, bits: int, kv_dtyp
 @torch.no_grad()
 def test_fast_decode_runs_layer_ranges(tiny: LoadedModel) -> None:
     """Split inference decodes layers [0, k) and [k, N) separately; the result equals one call."""
-    model = quantize_model(copy.deepcopy(tiny.model), 4)
+    model = prepare_cpu(quantize_model(copy.deepcopy(tiny.model), 4))
     ids = torch.randint(0, tiny.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(9))
     n = tiny.config.n_layers
     results = []
@@ -152,7 +153,7 @@ def test_fast_decode_runs_layer_ranges(tiny: LoadedModel) -> None:
         for start, end in [(0, n)] if cut is None else [(0, cut), (cut, n)]:
             h = model.forward_layers(h, Step.at(5, 1), start, end)
         results.append(h)
-    assert model._decoder
+    assert model.decoder.built
     for h in results[1:]:
         torch.testing.assert_close(h, results[0], atol=0, rtol=0)
 
@@ -160,7 +161,7 @@ def test_fast_decode_runs_layer_ranges(tiny: LoadedModel) -> None:
 @torch.no_grad()
 def test_fast_decode_follows_replaced_weights(tiny: LoadedModel) -> None:
     """Loading other weights into the model rebuilds the kernels' view at the next request."""
-    model = quantize_model(copy.deepcopy(tiny.model), 4)
+    model = prepare_cpu(quantize_model(copy.deepcopy(tiny.model), 4))
     ids = torch.randint(0, tiny.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(4))
     before = _decode(model, ids, fast=True, steps=2)
     state = model.state_dict()
@@ -175,9 +176,9 @@ def test_fast_decode_follows_replaced_weights(tiny: LoadedModel) -> None:
 @torch.no_grad()
 def test_fast_decode_refuses_slots_and_ranges_outside_the_cache(tiny: LoadedModel) -> None:
     """A slot past the cache or a layer range past the model is an error before any write."""
-    model = quantize_model(copy.deepcopy(tiny.model), 4)
+    model = prepare_cpu(quantize_model(copy.deepcopy(tiny.model), 4))
     model.setup_cache(1, 4)
-    decoder = model._cpu_decoder()
+    decoder = model.decoder
     assert decoder is not None
     h = torch.randn(1, 1, tiny.config.dim)
     before = [c.k.clone() for c in model.caches]
@@ -194,7 +195,7 @@ def test_portable_build_decodes_like_the_native_one(
 ) -> None:
     """Built without -march=native (no AVX2, no F16C: the scalar code an ARM board such as a
     Jetson compiles), the kernels decode the same tokens, fp16 cache included."""
-    model = quantize_model(copy.deepcopy(tiny.model), 4)
+    model = prepare_cpu(quantize_model(copy.deepcopy(tiny.model), 4))
     model.kv_dtype = torch.float16
     ids = torch.randint(0, tiny.config.vocab_size, (1, 14), generator=torch.Generator().manual_seed(2))
     native = _decode(model, ids, fast=True, steps=10)
@@ -299,7 +300,7 @@ def test_the_decoder_follows_new_caches_and_keeps_no_old_one_alive(tiny: LoadedM
     import gc
     import weakref
 
-    model = quantize_model(copy.deepcopy(tiny.model), 4)
+    model = prepare_cpu(quantize_model(copy.deepcopy(tiny.model), 4))
     ids = torch.randint(0, tiny.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
     first = _decode(model, ids, fast=True, steps=3)
     old = weakref.ref(model.caches[0])
@@ -311,6 +312,19 @@ def test_the_decoder_follows_new_caches_and_keeps_no_old_one_alive(tiny: LoadedM
     torch.testing.assert_close(
         again, _decode(model, ids, fast=False, steps=3), atol=5e-4 * float(first.abs().max()), rtol=1e-3
     )
+
+
+@torch.no_grad()
+def test_a_copy_of_a_prepared_model_decodes_with_a_decoder_of_its_own(tiny: LoadedModel) -> None:
+    """A deep copy of a model whose decoder has run gets a fresh decoder over the copy's weights
+    (the built C array holds pointers, which neither can nor should be copied), decoding the same."""
+    model = prepare_cpu(quantize_model(copy.deepcopy(tiny.model), 4))
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(7))
+    want = _decode(model, ids, fast=True, steps=3)
+    twin = copy.deepcopy(model)
+    assert twin.decoder is not model.decoder and twin.decoder.model is twin and not twin.decoder.built
+    torch.testing.assert_close(_decode(twin, ids, fast=True, steps=3), want, atol=0, rtol=0)
+    assert twin.decoder.built
 
 
 def test_embedding_rows_come_from_the_packed_table_exactly() -> None:

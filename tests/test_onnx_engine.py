@@ -23,9 +23,10 @@ from edge_agent.engines.torch_engine import TorchEngine  # noqa: E402
 from models import zoo  # noqa: E402
 from models.bundle import save_bundle  # noqa: E402
 from models.chat import render_chat  # noqa: E402
+from models.loaded import LoadedModel  # noqa: E402
 from models.onnx_export import ExportOptions, UnsupportedQuantization, cached_export, graph_names  # noqa: E402
 from models.quant import QuantLinear, dequantized, quantize_model  # noqa: E402
-from models.runtime import LoadedModel, load  # noqa: E402
+from models.runtime import load  # noqa: E402
 from models.transformer import Step  # noqa: E402
 from tests.conftest import real_model  # noqa: E402
 

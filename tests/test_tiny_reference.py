@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.runtime import LoadedModel
+from models.loaded import LoadedModel
 from models.transformer import Step
 
 transformers = pytest.importorskip("transformers", reason="the reference extra (transformers) is not installed")

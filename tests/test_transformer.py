@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.runtime import LoadedModel
+from models.loaded import LoadedModel
 from models.transformer import Step
 
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from models.runtime import LoadedModel
+    from models.loaded import LoadedModel
 
 
 class EngineUnavailable(RuntimeError):
@@ -27,7 +27,7 @@ class InferenceEngine(ABC):
 
     @abstractmethod
     def load(self, model: str) -> dict:
-        """Load a zoo name, GGUF path or bundle; returns its description (models.runtime.describe)."""
+        """Load a zoo name, GGUF path or bundle; returns its description (models.loaded.LoadedModel.describe)."""
 
     @abstractmethod
     def prefill(self, request_id: str, ids: Sequence[int], max_len: int) -> Tensor:

@@ -42,7 +42,7 @@ class DecodeGraph:
         self.model = model
         # The buffers the graph reads and writes by address: kept alive with it, handed on with it.
         self.caches: list[KVCache | None] = list(model.caches)
-        self.rope = model._rope
+        self.rope = model.rope
         self.max_len = model.max_len
         self.step = step
         self._check(position)  # the warm-up below writes this slot

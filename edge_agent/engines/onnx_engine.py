@@ -21,8 +21,10 @@ import torch
 from torch import Tensor
 
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
+from models.loaded import LoadedModel
+from models.onnx_export import ExportOptions, cached_export, graph_names
 from models.quant import QuantLinear
-from models.runtime import LoadedModel, load
+from models.runtime import load
 
 
 def import_onnxruntime() -> Any:
@@ -98,15 +100,13 @@ class OnnxEngine(InferenceEngine):
     def load(self, model: str) -> dict:
         """Load, export (or find the cached export) and open a session. Raises the loader's errors and
         models.onnx_export.UnsupportedQuantization for a quantization MatMulNBits cannot express."""
-        loaded = load(model)
+        loaded = load(model, prepare=False)  # exported, never run by torch: no packed copy for the CPU kernels
         self.loaded, self._ranges, self._requests = loaded, {}, {}
         self._whole = self._open(None)
         quant = next((m for m in loaded.model.layers.modules() if isinstance(m, QuantLinear)), None)
         return loaded.describe(str(model), quant="fp32" if quant is None else f"int{quant.bits}")
 
     def _open(self, layers: tuple[int, int] | None) -> _Graph:
-        from models.onnx_export import ExportOptions, cached_export, graph_names
-
         if self.loaded is None:
             raise EngineUnavailable("no model loaded: call load() first")
         options = ExportOptions(layers=layers, accuracy_level=self.options.accuracy_level)

@@ -26,7 +26,9 @@ import torch
 from torch import Tensor
 
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
-from models.runtime import LoadedModel, load
+from models.loaded import LoadedModel
+from models.onnx_export import ExportOptions, cached_export, graph_names
+from models.runtime import load
 
 
 def import_tensorrt() -> Any:
@@ -77,9 +79,7 @@ class TensorRTEngine(InferenceEngine):
         self._requests: dict[str, _Request] = {}
 
     def load(self, model: str) -> dict:
-        from models.onnx_export import ExportOptions, cached_export, graph_names
-
-        loaded = load(model)
+        loaded = load(model, prepare=False)  # exported, never run by torch: no packed copy for the CPU kernels
         options = ExportOptions(nbits=False, max_positions=self.options.max_len)
         onnx_path = cached_export(loaded, options)
         self.names = graph_names(loaded.config.n_layers, options)

@@ -17,17 +17,16 @@ from torch import Tensor
 
 from edge_agent.engines.base import EngineUnavailable, InferenceEngine
 from edge_agent.engines.cuda_graph import DecodeGraph, decode_step
-from models.kv_cache import KVCache
+from models.loaded import LoadedModel
 from models.pages import trim_heap
-from models.quant import QuantLinear, pack_for_kernels
-from models.runtime import LoadedModel, load
-from models.transformer import Step
+from models.quant import QuantLinear
+from models.runtime import load
+from models.transformer import RequestState, Step
 
 
 @dataclass
 class _Request:
-    caches: list[KVCache | None]
-    rope: dict
+    state: RequestState  # its caches and RoPE tables, bound to the model while it runs
     position: int
     graph: DecodeGraph | None = None
 
@@ -65,10 +64,10 @@ class TorchEngine(InferenceEngine):
         self._spare: list[_Request] = []  # released requests with a graph (never None here), oldest first
 
     def load(self, model: str) -> dict:
-        loaded = load(model)
+        # On CPU, prepared as it loads: the kernels' packed copy now, the mapped sources' pages
+        # handed back, the kernels' decoder attached. Elsewhere the packed copy would be dead weight.
+        loaded = load(model, prepare=self.device.type == "cpu")
         loaded.model.to(self.device)
-        if self.device.type == "cpu":  # the kernels' packed copy now, the mapped sources' pages handed back
-            pack_for_kernels(loaded.model)
         kv_dtype = KV_CACHES[self.kv_cache]
         if self.kv_cache == "auto" and any(isinstance(m, QuantLinear) for m in loaded.model.modules()):
             # Quantized models keep an fp16 KV cache, as partitioner/cost.py assumes: half the
@@ -95,9 +94,9 @@ class TorchEngine(InferenceEngine):
     def _use(self, request_id: str) -> _Request:
         if request_id not in self._requests:
             raise KeyError(f"unknown request {request_id!r}: prefill it first")
-        state = self._requests[request_id]
-        self._model.caches, self._model._rope = state.caches, state.rope
-        return state
+        req = self._requests[request_id]
+        self._model.bind(req.state)
+        return req
 
     @torch.inference_mode()
     def prefill(self, request_id: str, ids: Sequence[int], max_len: int) -> Tensor:
@@ -106,32 +105,32 @@ class TorchEngine(InferenceEngine):
         self.release(request_id)
         if self.graphs:
             max_len = -(-max_len // self.GRAPH_SLOTS) * self.GRAPH_SLOTS
-        state = next((r for r in reversed(self._spare) if r.graph.max_len == max_len), None)
-        if state is not None:  # a released request's caches (stale slots are never attended) and graph
-            self._spare.remove(state)
-            state.position = 0
-            m.caches, m._rope = state.caches, state.rope
+        req = next((r for r in reversed(self._spare) if r.graph.max_len == max_len), None)
+        if req is not None:  # a released request's caches (stale slots are never attended) and graph
+            self._spare.remove(req)
+            req.position = 0
+            m.bind(req.state)
         else:
             m.setup_cache(1, max_len)
-            state = _Request(m.caches, m._rope, 0)
-        self._requests[request_id] = state
+            req = _Request(m.request_state(), 0)
+        self._requests[request_id] = req
         tokens = torch.tensor([list(ids)], device=self.device)
         h = m.forward_layers(m.embed(tokens), Step.at(0, len(ids)))
-        state.position = len(ids)
+        req.position = len(ids)
         return m.head(h[:, -1])[0]
 
     @torch.inference_mode()
     def decode(self, request_id: str, token: int) -> Tensor:
-        state, m = self._use(request_id), self._model
+        req, m = self._use(request_id), self._model
         self._check_tokens([token])
         if self.graphs:  # DecodeGraph, like forward_layers, refuses a slot beyond the cache before any kernel
-            if state.graph is None:
-                state.graph = DecodeGraph(m, token, state.position, self._step)
-            logits = state.graph.run(token, state.position)
+            if req.graph is None:
+                req.graph = DecodeGraph(m, token, req.position, self._step)
+            logits = req.graph.run(token, req.position)
         else:
-            h = m.forward_layers(m.embed(torch.tensor([[token]], device=self.device)), Step.at(state.position, 1))
+            h = m.forward_layers(m.embed(torch.tensor([[token]], device=self.device)), Step.at(req.position, 1))
             logits = m.head(h[:, -1])[0]
-        state.position += 1
+        req.position += 1
         return logits
 
     def _check_tokens(self, ids: Sequence[int]) -> None:
@@ -147,12 +146,12 @@ class TorchEngine(InferenceEngine):
         m = self._model
         if request_id not in self._requests:
             m.setup_cache(1, position + hidden.shape[1] + 256)
-            self._requests[request_id] = _Request(m.caches, m._rope, position)
+            self._requests[request_id] = _Request(m.request_state(), position)
         self._use(request_id)
         return m.forward_layers(hidden.to(self.device), Step.at(position, hidden.shape[1]), start, end)
 
     def release(self, request_id: str) -> None:
-        state = self._requests.pop(request_id, None)
-        if state is not None and state.graph is not None and state.graph.model is self._model:
-            self._spare.append(state)
+        req = self._requests.pop(request_id, None)
+        if req is not None and req.graph is not None and req.graph.model is self._model:
+            self._spare.append(req)
             del self._spare[: -self.SPARE_GRAPHS]  # the least recently released go

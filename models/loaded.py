@@ -1,0 +1,52 @@
+"""`LoadedModel`: a model ready to run, with its tokenizer and where it came from.
+
+What every loader returns (models.runtime.load, models.bundle.load_bundle) and what engines,
+exporters and servers take; it imports no loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from models.config import ModelConfig
+from models.generate import Generator
+from models.quant import QuantLinear, weight_bytes
+from models.tokenizer import GGUFTokenizer
+from models.transformer import Transformer
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: weights, tokenizer, and where they came from."""
+
+    model: Transformer
+    tokenizer: GGUFTokenizer
+    path: Path
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    def generator(self) -> Generator:
+        return Generator(self.model, self.tokenizer)
+
+    def describe(self, name: str, quant: str | None = None) -> dict:
+        """What a server advertises about this model (the fields of the protocol's ModelInfo):
+        sizes for the hub's cost model (stored weight bytes, so the hub knows a 4-bit model reads
+        an eighth of an fp32 one), the config itself, and whether it takes chat messages. `quant`
+        defaults to what the model holds: "int4", "int8" or "fp32"."""
+        if quant is None:
+            layer = next((m for m in self.model.layers.modules() if isinstance(m, QuantLinear)), None)
+            quant = f"int{layer.bits}" if layer is not None else "fp32"
+        return {
+            "name": name,
+            "arch": self.config.arch,
+            "n_layers": self.config.n_layers,
+            "quant": quant,
+            "weight_bytes": weight_bytes(self.model),
+            "config_json": json.dumps(dataclasses.asdict(self.config)),
+            "chat": self.tokenizer.info.chat_template is not None,
+        }
