@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tandem import Budget, Client, GenerateResult, TandemError
 
-TANDEM = [sys.executable, "-m", "tandem.cli"]
+TANDEM = [sys.executable, "-m", "tandem_cli"]
 AGENTS = [  # (name, profile, emulated)
     ("pi-kitchen", "raspberry-pi-5", True),
     ("orin-lab", "jetson-orin-nano", True),

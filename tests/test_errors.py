@@ -17,9 +17,10 @@ from models.errors import (
     UnknownModel,
     UnsupportedArchitecture,
 )
-from models.runtime import LoadedModel, load
+from models.loaded import LoadedModel
+from models.runtime import load
 from models.sampling import SamplingParams
-from tandem.cli import main as cli
+from tandem_cli.main import main as cli
 
 
 def test_truncated_gguf(tiny_path: Path, tmp_path: Path) -> None:

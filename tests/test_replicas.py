@@ -28,7 +28,7 @@ async def test_two_hubs_share_one_postgres_registry(tmp_path: Path, pg_server: s
         [
             sys.executable,
             "-m",
-            "tandem.cli",
+            "tandem_cli",
             "hub",
             "up",
             "--registry",
@@ -47,13 +47,13 @@ async def test_two_hubs_share_one_postgres_registry(tmp_path: Path, pg_server: s
     )
     try:
         async with running_hub(tmp_path / "a", cloud_model=None, mqtt="none", registry=url) as hub_a:
-            key = hub_a.service.create_api_key("shared")  # stored in PostgreSQL: valid on both replicas
+            key = hub_a.registry.create_api_key("shared")  # stored in PostgreSQL: valid on both replicas
             agent = await start_agent(hub_a, tiny_llama(tmp_path), tmp_path / "agent", "via-a")
             line = await asyncio.to_thread(hub_b.stdout.readline)
             assert "hub ready" in line, line
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port_b}") as channel:
                 enrolled = await pb_grpc.RegistryStub(channel).Enroll(
-                    pb.EnrollRequest(token=hub_a.service.create_token(), name="via-b", profile="cpu-2core")
+                    pb.EnrollRequest(token=hub_a.registry.create_token(), name="via-b", profile="cpu-2core")
                 )
             for address in (hub_a.address, f"127.0.0.1:{port_b}"):
                 async with AsyncClient(address, api_key=key, timeout=10) as client:

@@ -10,7 +10,7 @@ import pytest
 
 from models import zoo
 from models.errors import ChecksumMismatch, TandemModelError
-from tandem.cli import main as cli
+from tandem_cli.main import main as cli
 
 
 def _wheel(folder: Path, package: str, member: str, payload: bytes) -> None:

@@ -1,0 +1,7 @@
+"""`python -m tandem_cli`: the same as the `tandem` console script."""
+
+import sys
+
+from tandem_cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""`tandem hub up|init|token create|apikey create`: run and administer a hub.
+
+cloud_hub is imported inside each command: its server and service import torch (about 2 s on two
+cores), which `tandem --help` and the other commands must not pay for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tandem_cli.common import data_dir
+
+if TYPE_CHECKING:
+    from cloud_hub.server import HubConfig
+
+
+def _hub_config(args: argparse.Namespace) -> HubConfig:
+    from cloud_hub.server import HubConfig  # lazy: imports torch (see the module docstring)
+
+    return HubConfig(
+        registry=args.registry,
+        cloud_backend=args.cloud_backend,
+        cloud_upstream_url=args.upstream_url,
+        cloud_upstream_key=os.environ.get("TANDEM_UPSTREAM_API_KEY"),
+        cloud_upstream_model=args.upstream_model,
+        cloud_upstream_prompt=args.upstream_prompt,
+        http_listen=args.http_listen,
+        tls_dir=(data_dir(args.data_dir, "hub") / "tls") if args.tls else None,
+        data_dir=data_dir(args.data_dir, "hub"),
+        listen=args.listen,
+        cloud_model=args.cloud_model,
+        cloud_profile=args.cloud_profile,
+        mqtt=args.mqtt,
+    )
+
+
+async def _serve(config: HubConfig, api_key_file: str | None) -> None:
+    """Start the hub, optionally write a fresh API key, and serve until SIGINT or SIGTERM."""
+    from cloud_hub.server import Hub  # lazy: imports torch (see the module docstring)
+
+    hub = Hub(config)
+    await hub.start()
+    if api_key_file:
+        key = hub.service.create_api_key("hub-up")
+        path = Path(api_key_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(key)
+    # What startup made (torch, protobuf descriptors: about 200k objects) lives as long as the hub:
+    # frozen, a full collection no longer walks it (about 140 ms here, every stream stalled).
+    gc.freeze()
+    print(f"hub ready on {hub.address} (data in {config.data_dir})", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await hub.stop(grace=2.0)
+    print("hub stopped", flush=True)
+
+
+def cmd_hub_up(args: argparse.Namespace) -> int:
+    asyncio.run(_serve(_hub_config(args), args.api_key_file))
+    return 0
+
+
+def cmd_hub_init(args: argparse.Namespace) -> int:
+    from cloud_hub.pki import init_pki  # lazy: cryptography, needed by this command only
+
+    directory = data_dir(args.data_dir, "hub") / "tls"
+    try:
+        paths = init_pki(directory, args.host or ["127.0.0.1", "localhost"])
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"CA: {paths['ca.pem']} (give this to agents and clients: --tls-ca)")
+    print(f"hub certificate: {paths['hub.pem']} for {', '.join(args.host or ['127.0.0.1', 'localhost'])}")
+    print("serve TLS with: tandem hub up --tls --data-dir ...")
+    return 0
+
+
+def cmd_hub_token(args: argparse.Namespace) -> int:
+    from cloud_hub.service import create_token  # lazy: imports torch (see the module docstring)
+    from cloud_hub.store import open_store
+
+    store = open_store(args.registry, data_dir(args.data_dir, "hub"))
+    print(create_token(store, args.ttl))
+    store.close()
+    return 0
+
+
+def cmd_hub_apikey(args: argparse.Namespace) -> int:
+    from cloud_hub.service import create_api_key  # lazy: imports torch (see the module docstring)
+    from cloud_hub.store import open_store
+
+    store = open_store(args.registry, data_dir(args.data_dir, "hub"))
+    print(create_api_key(store, args.name))
+    store.close()
+    return 0
+
+
+def _register_up(hub: argparse._SubParsersAction) -> None:
+    p = hub.add_parser("up", help="start the hub (and a managed Mosquitto) until interrupted")
+    p.add_argument("--data-dir", help="registry and broker files (default: XDG data dir)")
+    p.add_argument("--listen", default="127.0.0.1:50051")
+    p.add_argument("--cloud-model", help="zoo model the hub serves itself (default: none)")
+    p.add_argument("--cloud-profile", default="cpu-2core", help="device profile of the hub's hardware")
+    p.add_argument("--cloud-backend", default="local", help="local | openai (an OpenAI-compatible server)")
+    p.add_argument(
+        "--upstream-url", help="with --cloud-backend openai: the server's base URL (key: $TANDEM_UPSTREAM_API_KEY)"
+    )
+    p.add_argument("--upstream-model", help="the model's name on the upstream (default: --cloud-model)")
+    p.add_argument(
+        "--upstream-prompt",
+        default="ids",
+        choices=["ids", "text"],
+        help="send prompts as token ids (vLLM, llama-server) or text (llama-cpp-python, TGI)",
+    )
+    p.add_argument("--mqtt", default="managed", help="managed | none | host:port of an external broker")
+    p.add_argument("--api-key-file", help="write a fresh API key here (0600) at start-up")
+    p.add_argument("--registry", default="sqlite", help="sqlite | sqlite:///path | postgresql://… (replicas)")
+    p.add_argument("--http-listen", help="host:port for the OpenAI-compatible API and /metrics")
+    p.add_argument("--tls", action="store_true", help="serve gRPC over TLS with the certificate from `hub init`")
+    p.set_defaults(func=cmd_hub_up)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    hub = sub.add_parser("hub", help="run and administer a hub").add_subparsers(dest="hub_command", required=True)
+    _register_up(hub)
+    p = hub.add_parser("init", help="create the deployment's CA and the hub's TLS certificate")
+    p.add_argument("--data-dir")
+    p.add_argument("--host", action="append", help="host name or IP the hub is reached at (repeatable)")
+    p.set_defaults(func=cmd_hub_init)
+    token = hub.add_parser("token", help="enrollment tokens").add_subparsers(dest="token_command", required=True)
+    p = token.add_parser("create", help="print a one-time enrollment token")
+    p.add_argument("--data-dir")
+    p.add_argument("--registry", default="sqlite")
+    p.add_argument("--ttl", type=float, default=3600.0, help="seconds until the token expires")
+    p.set_defaults(func=cmd_hub_token)
+    apikey = hub.add_parser("apikey", help="SDK API keys").add_subparsers(dest="apikey_command", required=True)
+    p = apikey.add_parser("create", help="print a new API key")
+    p.add_argument("--data-dir")
+    p.add_argument("--registry", default="sqlite")
+    p.add_argument("--name", default="default")
+    p.set_defaults(func=cmd_hub_apikey)
