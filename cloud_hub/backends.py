@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from models.generate import Continuation, Prompt
 from models.sampling import SamplingParams
+from models.serving import ServedModel
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
 
@@ -54,33 +55,27 @@ class ServingBackend(ABC):
 
 
 class LocalModelBackend(ServingBackend):
-    """Our runtime in the hub process, one request at a time."""
+    """Our runtime in the hub process, one request at a time (models.serving.ServedModel, as agents
+    serve theirs)."""
 
     def __init__(self, model: str) -> None:
-        from models.runtime import load
+        from models.runtime import load  # torch and the weights: only a hub serving a model itself pays
 
         self.model = model
-        self.loaded = load(model)
-        self._info = pb.ModelInfo(**self.loaded.describe(model))  # constant; the router reads it per request
-        self._lock = threading.Lock()
-        with self._lock:  # warm-up: the first request should not pay for lazy initialisation
-            for _ in self.loaded.generator().stream([[1, 2, 3, 4]], SamplingParams(max_tokens=2, ignore_eos=True)):
-                pass
+        self.served = ServedModel(model, load(model))  # warms up: the first request pays no lazy set-up
+        self._info = pb.ModelInfo(**self.served.info)  # constant; the router reads it per request
 
     def model_info(self) -> pb.ModelInfo:
         return self._info
 
     def encode(self, prompt: Prompt) -> list[int]:
-        return self.loaded.generator().encode_prompt(prompt)
+        return self.served.encode(prompt)
 
     async def stream(
         self, ids: list[int], params: SamplingParams, continuation: Continuation | None = None
     ) -> AsyncIterator[Piece]:
-        def run():
-            with self._lock:
-                yield from self.loaded.generator().stream([ids], params, [continuation] if continuation else None)
-
-        async for ev in iterate_in_thread(run, threading.Event()):
+        cancel = threading.Event()
+        async for ev in iterate_in_thread(lambda: self.served.stream(ids, params, cancel, continuation), cancel):
             yield Piece(ev.text, (ev.token_id,), ev.finish_reason)
 
 

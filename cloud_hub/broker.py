@@ -19,11 +19,8 @@ Passwords never reach a log, a command line or an error message.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import os
-import pwd
 import re
 import secrets
 import shutil
@@ -36,20 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-TOPIC_ROOT = "tandem/v1"
-DEVICE_CHANNELS = ("telemetry", "status", "commands")
-HUB_USERNAME = "tandem-hub"
+from cloud_hub.broker_files import (
+    HUB_USERNAME,
+    BrokerError,
+    RunAs,
+    give_to,
+    hash_password,
+    render_acl,
+    run_as_owner,
+    validate_username,
+)
 
-# Device ids become MQTT usernames, lines of the password file and (through %u) ACL topics, so only
-# characters that are inert in all three are allowed: no ':' (password file), '/', '+', '#' (topics),
-# whitespace or newlines (config syntax).
-_USERNAME_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
-
-# mosquitto_passwd's own format for "sha512-pbkdf2": $7$<iterations>$<b64 salt>$<b64 hash>. Its default
-# of 101 iterations is kept: our secrets are 256-bit random tokens (cloud_hub.auth), so stretching
-# buys nothing, and the broker pays the iterations on every CONNECT.
-_PBKDF2_ITERATIONS = 101
-_SALT_BYTES = 12
+__all__ = ["BrokerConfig", "BrokerError", "ManagedBroker", "find_mosquitto"]
 
 # Logged (at "information" level) by the broker's single-threaded main loop just before it re-reads
 # its files; any packet it handles after writing the line is judged by the new files.
@@ -62,36 +57,6 @@ _START_TIMEOUT_S = 10.0
 _RELOAD_TIMEOUT_S = 5.0
 _STOP_TIMEOUT_S = 5.0
 _LOG_TAIL_LINES = 20
-
-
-class BrokerError(RuntimeError):
-    """Mosquitto is missing, failed to start or reload, or was used before `start()`."""
-
-
-def device_topic(device_id: str, channel: str) -> str:
-    """`tandem/v1/devices/<device_id>/<channel>`; ValueError for a bad id or an unknown channel."""
-    if channel not in DEVICE_CHANNELS:
-        raise ValueError(f"unknown channel {channel!r}; expected one of {DEVICE_CHANNELS}")
-    return f"{TOPIC_ROOT}/devices/{validate_username(device_id)}/{channel}"
-
-
-def validate_username(username: str) -> str:
-    """Return `username` if it is 1-128 ASCII letters, digits, '-' or '_'; raise ValueError otherwise."""
-    if not isinstance(username, str) or not _USERNAME_RE.fullmatch(username):
-        raise ValueError(
-            f"invalid MQTT username {username!r}: use 1-128 ASCII letters, digits, '-' or '_' "
-            "(it is written into the broker's password and ACL files)"
-        )
-    return username
-
-
-def hash_password(password: str, salt: bytes | None = None) -> str:
-    """A Mosquitto 2.x password-file hash (`$7$`, PBKDF2-HMAC-SHA512) of `password`."""
-    if not password:
-        raise ValueError("empty MQTT password")
-    salt = salt if salt is not None else secrets.token_bytes(_SALT_BYTES)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, _PBKDF2_ITERATIONS)
-    return f"$7${_PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def find_mosquitto() -> str | None:
@@ -122,16 +87,6 @@ class BrokerConfig:
             raise ValueError(f"broker port {self.port} is outside 0-65535")
 
 
-@dataclass(frozen=True)
-class _RunAs:
-    """The account the broker process ends up running as, and so the owner of its files."""
-
-    name: str | None
-    """Value for mosquitto's `user` option; None when we are not root (the option would be ignored)."""
-    uid: int
-    gid: int
-
-
 class ManagedBroker:
     """One Mosquitto child process with password and ACL files; see the module docstring."""
 
@@ -145,7 +100,7 @@ class ManagedBroker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
         self._hub_password: str | None = None
-        self._run_as: _RunAs | None = None
+        self._run_as: RunAs | None = None
         self._lock = threading.Lock()  # serialises password-file rewrites and reloads
 
     # -- properties -------------------------------------------------------------------------------
@@ -198,14 +153,14 @@ class ManagedBroker:
         if binary is None:
             raise BrokerError("mosquitto not found (Debian: apt-get install mosquitto)")
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._run_as = _run_as(self._dir)
+        self._run_as = run_as_owner(self._dir)
         # A restart of the same ManagedBroker keeps its port and hub password, so clients that are
         # already configured (the hub's ingest, the agents) reconnect by themselves.
         self._port = self._port or self.config.port or _free_port(self.config.host)
         self._hub_password = self._hub_password or secrets.token_urlsafe(32)
         with self._lock:
             self._write_passwd({**self._read_passwd(), HUB_USERNAME: hash_password(self._hub_password)})
-        self._write_private(self._acl, _render_acl())
+        self._write_private(self._acl, render_acl())
         self._write_private(self._conf, self._render_conf())
         log_offset = _size(self._log)  # the log is appended across runs; judge this run's lines only
         self._spawn(binary)
@@ -312,12 +267,12 @@ class ManagedBroker:
     def _write_private(self, path: Path, text: str) -> None:
         """Atomically replace `path` with a 0600 file owned by the account the broker runs as."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        run_as = self._run_as or _run_as(self._dir)  # add_user before the first start()
+        run_as = self._run_as or run_as_owner(self._dir)  # add_user before the first start()
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        _give_to(tmp, run_as)
+        give_to(tmp, run_as)
         os.replace(tmp, path)
 
     def _spawn(self, binary: str) -> None:
@@ -325,7 +280,7 @@ class ManagedBroker:
         # Our handle on the log also takes mosquitto's stderr, where it reports errors that come before
         # its own logging is set up (a bad config line, a port in use): one file holds the whole story.
         fd = os.open(self._log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        _give_to(self._log, self._run_as)
+        give_to(self._log, self._run_as)
         with os.fdopen(fd, "ab") as log:
             self._proc = subprocess.Popen(
                 [binary, "-c", str(self._conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
@@ -372,44 +327,6 @@ class ManagedBroker:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def _render_acl() -> str:
-    # Mosquitto applies `pattern` lines to every user, with %u replaced by the connecting username
-    # (2.0 refuses the substitution for names containing '+', '#' or '/'; ours cannot contain them).
-    # Lines after `user X` apply to X only. Without a matching line, access is denied.
-    return (
-        "# Written by cloud_hub.broker; edits are lost at the next start().\n"
-        f"pattern readwrite {TOPIC_ROOT}/devices/%u/#\n"
-        f"user {HUB_USERNAME}\n"
-        f"topic readwrite {TOPIC_ROOT}/#\n"
-    )
-
-
-def _run_as(data_dir: Path) -> _RunAs:
-    """The account mosquitto will run as: the owner of data_dir when we are root, else ourselves.
-
-    Run as root, mosquitto drops privileges to its `user` option (default `mosquitto`) before it opens
-    its log, password and ACL files, at start and at every reload. Rather than chown files into an
-    account that may not even reach data_dir (pytest's tmp_path sits in a 0700 root directory), we
-    name the data_dir's owner as `user`: whoever owns the directory can read and write the files in
-    it. Production gives data_dir to an unprivileged account (`chown mosquitto data_dir`) and the
-    broker drops to it; a root-owned data_dir (tests in a root container) keeps the broker root, with
-    a warning in its log. Not root, mosquitto cannot switch users and ignores `user`, so we omit it.
-    """
-    st = data_dir.stat()
-    if os.geteuid() != 0:
-        return _RunAs(None, os.geteuid(), os.getegid())
-    try:
-        account = pwd.getpwuid(st.st_uid)
-    except KeyError:
-        raise BrokerError(f"{data_dir} is owned by uid {st.st_uid}, which has no account name") from None
-    return _RunAs(account.pw_name, account.pw_uid, account.pw_gid)
-
-
-def _give_to(path: Path, run_as: _RunAs) -> None:
-    if os.geteuid() == 0:
-        os.chown(path, run_as.uid, run_as.gid)
 
 
 def _free_port(host: str) -> int:

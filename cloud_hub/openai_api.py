@@ -14,6 +14,7 @@ fields are refused (400), as are bodies over the configured limit (413).
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,10 +27,14 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_hub.errors import HubError
+from cloud_hub.prompt import prompt_from_value
+from cloud_hub.registry import Registry
 from cloud_hub.router import Budget
 from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.sampling import SamplingParams
+
+log = logging.getLogger("tandem.hub")
 
 HTTP_STATUS = {
     "invalid_request": 400,
@@ -104,7 +109,9 @@ def _spec(body: ChatRequest | CompletionRequest) -> GenerateSpec:
         else [{"role": m.role, "content": m.content} for m in body.messages]
     )
     model = "" if body.model in ("", "auto", "tandem") else body.model
-    return GenerateSpec(prompt, params, Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort), model)
+    return GenerateSpec(
+        prompt_from_value(prompt), params, Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort), model
+    )
 
 
 def _tandem_info(final: Final) -> dict:
@@ -117,7 +124,7 @@ def _tandem_info(final: Final) -> dict:
     }
 
 
-def create_app(service: HubService, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(registry: Registry, service: HubService, max_body_bytes: int = 1 << 20) -> FastAPI:
     app = FastAPI(title="Tandem hub", docs_url=None, redoc_url=None)
 
     @app.middleware("http")
@@ -126,6 +133,21 @@ def create_app(service: HubService, max_body_bytes: int = 1 << 20) -> FastAPI:
         if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
             return _error(413, f"request body over the limit of {max_body_bytes} bytes", "invalid_request")
         return await call_next(request)
+
+    @app.middleware("http")
+    async def internal_errors(request: Request, call_next):
+        """The HTTP side of the gRPC error edge (cloud_hub.interceptor): a bug is logged with its
+        traceback and a request id; the caller gets a 500 with that id and no traceback."""
+        try:
+            return await call_next(request)
+        except Exception:
+            rid = uuid.uuid4().hex[:16]
+            log.exception("internal error in %s %s (request id %s)", request.method, request.url.path, rid)
+            response = _error(
+                500, f"internal error in the hub (request id {rid}); the hub's log has the details", "internal"
+            )
+            response.headers["x-tandem-request-id"] = rid
+            return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -143,11 +165,11 @@ def create_app(service: HubService, max_body_bytes: int = 1 << 20) -> FastAPI:
 
     def authorize(request: Request) -> None:
         value = request.headers.get("authorization", "")
-        service.check_api_key(value[7:] if value.startswith("Bearer ") else None)
+        registry.check_api_key(value[7:] if value.startswith("Bearer ") else None)
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": [m.name for m in service.models()]}
+        return {"status": "ok", "models": [m.name for m in service.placements.models()]}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -161,7 +183,9 @@ def create_app(service: HubService, max_body_bytes: int = 1 << 20) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         authorize(request)
-        data = [{"id": m.name, "object": "model", "created": 0, "owned_by": "tandem"} for m in service.models()]
+        data = [
+            {"id": m.name, "object": "model", "created": 0, "owned_by": "tandem"} for m in service.placements.models()
+        ]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")

@@ -17,18 +17,9 @@ from dataclasses import dataclass
 from cloud_hub.errors import BudgetUnsatisfiable
 from device_profiles import DeviceProfile
 from partitioner.cost import Estimate, ModelCost, predict
+from tandem.types import Budget  # the SDK's own value: what the caller states is what the router reads
 
-
-@dataclass(frozen=True)
-class Budget:
-    ttft_ms: float = 0.0
-    """Longest acceptable time to first token; 0 = no limit."""
-    tpot_ms: float = 0.0
-    """Longest acceptable mean time per output token; 0 = no limit."""
-    energy_j: float = 0.0
-    """Most edge energy the request may spend; 0 = no limit."""
-    best_effort: bool = False
-    """Serve on the closest placement when none meets the budget."""
+__all__ = ["Budget", "BudgetRouter", "Candidate", "Choice", "Router", "queued_estimate"]
 
 
 @dataclass(frozen=True)

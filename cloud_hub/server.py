@@ -22,8 +22,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cloud_hub.backends import make_backend
 from cloud_hub.broker import BrokerConfig, ManagedBroker
 from cloud_hub.fleet import Fleet
+from cloud_hub.interceptor import ErrorInterceptor
+from cloud_hub.placements import Placements, SourceContext, make_sources
+from cloud_hub.registry import MqttAccess, Registry
 from cloud_hub.router import BudgetRouter
-from cloud_hub.service import HubService, Limits, MqttAccess
+from cloud_hub.service import HubService, Limits
 from cloud_hub.servicers import InferenceServicer, RegistryServicer, WorkChannelServicer
 from cloud_hub.store import open_store
 from cloud_hub.telemetry import TelemetryIngest
@@ -64,6 +67,8 @@ class HubConfig:
     """External broker only: its password."""
     limits: Limits = field(default_factory=Limits)
     """Request size limits and token lifetime."""
+    placement_sources: tuple[str, ...] = ("edge", "cloud")
+    """Kinds of placement the hub considers (cloud_hub.placements.SOURCES), asked in this order."""
     max_message_bytes: int = 4 * 1024 * 1024
     """gRPC message size limit, both directions; larger messages get RESOURCE_EXHAUSTED."""
     http_listen: str | None = None
@@ -85,6 +90,7 @@ class Hub:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.service: HubService | None = None
+        self.registry: Registry | None = None
         self._mqtt_login: tuple[str, str] = ("", "")
         self._health_task: asyncio.Task | None = None
         self._http = None
@@ -110,17 +116,19 @@ class Hub:
         if cfg.cloud_model:
             cloud = await asyncio.to_thread(make_backend, cfg.cloud_backend, cfg.cloud_model, **options)
         profile = load_profile(cfg.cloud_profile) if cloud else None
-        self.service = HubService(self.store, self.fleet, BudgetRouter(), cloud, profile, mqtt, cfg.limits)
+        self.registry = Registry(self.store, self.fleet, mqtt, cfg.limits.token_ttl_s)
+        sources = make_sources(cfg.placement_sources, SourceContext(self.fleet, cloud, profile))
+        self.service = HubService(self.fleet, Placements(sources), BudgetRouter(), cloud, cfg.limits)
         if self.ingest is not None:
             self.ingest.on_message_count = self.service.metrics.telemetry_messages.inc
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
         ]
-        self.server = grpc.aio.server(options=options)
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.service), self.server)
-        pb_grpc.add_RegistryServicer_to_server(RegistryServicer(self.service), self.server)
-        pb_grpc.add_WorkChannelServicer_to_server(WorkChannelServicer(self.service), self.server)
+        self.server = grpc.aio.server(options=options, interceptors=[ErrorInterceptor()])
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.registry, self.service), self.server)
+        pb_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry), self.server)
+        pb_grpc.add_WorkChannelServicer_to_server(WorkChannelServicer(self.registry), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if cfg.tls_dir is not None:
             key, cert = (cfg.tls_dir / "hub.key").read_bytes(), (cfg.tls_dir / "hub.pem").read_bytes()
@@ -147,7 +155,7 @@ class Hub:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, int(port)))
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.service, self.config.max_body_bytes)
+        app = create_app(self.registry, self.service, self.config.max_body_bytes)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
         self._http = uvicorn.Server(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
@@ -164,7 +172,7 @@ class Hub:
         """Health reflects readiness: Inference serves when some placement can take a request."""
         serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         while True:
-            ready = self.service is not None and bool(self.service.models())
+            ready = self.service is not None and bool(self.service.placements.models())
             await self.health.set("tandem.v1.Inference", serving if ready else not_serving)
             for name in ("", "tandem.v1.Registry", "tandem.v1.WorkChannel"):
                 await self.health.set(name, serving)

@@ -1,5 +1,6 @@
-"""gRPC servicers: translate protobuf to HubService calls and back; map HubErrors to status codes.
+"""gRPC servicers: translate protobuf to the registry's and the request path's calls, and back.
 
+Errors are mapped to status codes by `cloud_hub.interceptor.ErrorInterceptor`, not here.
 Authentication travels in metadata: SDK calls carry `authorization: Bearer <api key>`; the agent's
 calls carry `x-tandem-device-id` and `x-tandem-credential`. Secrets are never logged.
 """
@@ -8,55 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 
-from cloud_hub.errors import HubError, InvalidRequest
+from cloud_hub.errors import InvalidRequest
 from cloud_hub.fleet import AgentSession
+from cloud_hub.prompt import prompt_from_wire
+from cloud_hub.registry import Registry
 from cloud_hub.router import Budget
 from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started
-from models.errors import InvalidRequest as ModelInvalidRequest
 from models.sampling import SamplingParams
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tandem.wire import prompt_of, sampling_kwargs
+from tandem.wire import sampling_kwargs
 
 log = logging.getLogger("tandem.hub")
-
-
-async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    if isinstance(exc, ModelInvalidRequest):
-        exc = InvalidRequest(str(exc))
-    assert isinstance(exc, HubError)
-    await context.abort(exc.code, str(exc), trailing_metadata=exc.metadata())
-
-
-def translate_errors(method: Callable) -> Callable:
-    """Turn HubError (and the models' InvalidRequest) raised by a handler into its status code."""
-    if inspect.isasyncgenfunction(method):
-
-        @functools.wraps(method)
-        async def stream(self, request, context):
-            try:
-                async for item in method(self, request, context):
-                    yield item
-            except (HubError, ModelInvalidRequest) as exc:
-                await _abort(context, exc)
-
-        return stream
-
-    @functools.wraps(method)
-    async def unary(self, request, context):
-        try:
-            return await method(self, request, context)
-        except (HubError, ModelInvalidRequest) as exc:
-            await _abort(context, exc)
-
-    return unary
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
@@ -73,7 +43,7 @@ def spec_from_request(req: pb.GenerateRequest, arrived: float = 0.0) -> Generate
     params = _sampling(req.sampling.SerializeToString())
     b = req.budget
     budget = Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort)
-    return GenerateSpec(prompt_of(req.input) or "", params, budget, req.model, arrived)
+    return GenerateSpec(prompt_from_wire(req.input), params, budget, req.model, arrived)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -96,61 +66,57 @@ def response(request_id: str, ev: Started | Chunk | Final) -> pb.GenerateRespons
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, service: HubService) -> None:
-        self.service = service
+    def __init__(self, registry: Registry, service: HubService) -> None:
+        self.registry, self.service = registry, service
 
-    @translate_errors
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator:
         arrived = time.perf_counter()  # the hub's own time starts before authentication and parsing
-        self.service.check_api_key(api_key(context))
+        self.registry.check_api_key(api_key(context))
         spec = spec_from_request(request, arrived)
         async for msg in self.service.generate(spec, functools.partial(response, request.request_id)):
             yield msg
 
-    @translate_errors
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        self.service.check_api_key(api_key(context))
-        return pb.ListModelsResponse(models=self.service.models())
+        self.registry.check_api_key(api_key(context))
+        return pb.ListModelsResponse(models=self.service.placements.models())
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
-    def __init__(self, service: HubService) -> None:
-        self.service = service
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
 
-    @translate_errors
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
-        return self.service.enroll(request.token, request.name, request.profile, list(request.models), request.emulated)
+        return self.registry.enroll(
+            request.token, request.name, request.profile, list(request.models), request.emulated
+        )
 
-    @translate_errors
     async def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeregisterResponse:
         md = _metadata(context)
-        record = self.service.authenticate_device(md.get("x-tandem-device-id"), md.get("x-tandem-credential"))
-        self.service.deregister(record)
+        record = self.registry.authenticate_device(md.get("x-tandem-device-id"), md.get("x-tandem-credential"))
+        self.registry.deregister(record)
         return pb.DeregisterResponse()
 
-    @translate_errors
     async def ListDevices(
         self, request: pb.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListDevicesResponse:
-        self.service.check_api_key(api_key(context))
-        return pb.ListDevicesResponse(devices=self.service.devices())
+        self.registry.check_api_key(api_key(context))
+        return pb.ListDevicesResponse(devices=self.registry.devices())
 
 
 class WorkChannelServicer(pb_grpc.WorkChannelServicer):
     """Holds each agent's stream open: work goes down from the session outbox, replies come up."""
 
-    def __init__(self, service: HubService, hello_timeout_s: float = 10.0) -> None:
-        self.service = service
+    def __init__(self, registry: Registry, hello_timeout_s: float = 10.0) -> None:
+        self.registry = registry
         self.hello_timeout_s = hello_timeout_s
 
-    @translate_errors
     async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext):
         md = _metadata(context)
-        record = self.service.authenticate_device(md.get("x-tandem-device-id"), md.get("x-tandem-credential"))
+        record = self.registry.authenticate_device(md.get("x-tandem-device-id"), md.get("x-tandem-credential"))
         stream = request_iterator.__aiter__()
         try:
             first = await asyncio.wait_for(stream.__anext__(), self.hello_timeout_s)
@@ -159,7 +125,7 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
         if first.WhichOneof("kind") != "hello":
             raise InvalidRequest(f"the work channel must open with a Hello message, got {first.WhichOneof('kind')!r}")
         session = AgentSession(record, tuple(first.hello.models), max(1, first.hello.max_concurrency))
-        fleet, store = self.service.fleet, self.service.store
+        fleet, store = self.registry.fleet, self.registry.store
         fleet.attach(session)
         store.set_status(record.device_id, "online", time.time())
         log.info("work channel open: %s", record.device_id)

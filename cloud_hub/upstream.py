@@ -45,7 +45,7 @@ class OpenAIUpstreamBackend(ServingBackend):
         self.model = model
         self.upstream_model = upstream_model or model
         self.prompt_format = prompt_format
-        self.loaded = load(model)  # tokenizer and config only: the weights are memory-mapped, never run
+        self.loaded = load(model, prepare=False)  # tokenizer and config only: the weights are mapped, never run
         self._info = pb.ModelInfo(**self.loaded.describe(model, quant="upstream"))  # the router reads it per request
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)

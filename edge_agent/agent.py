@@ -21,12 +21,12 @@ from pathlib import Path
 
 import grpc
 
-from edge_agent.engine import LocalEngine
 from edge_agent.spool import Spool
 from edge_agent.telemetry import MqttSettings, TelemetryPublisher
 from models.errors import InvalidRequest
 from models.generate import Continuation
 from models.sampling import SamplingParams
+from models.serving import ServedModel
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
@@ -128,7 +128,7 @@ def load_credentials(state_dir: Path) -> Credentials | None:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, engine: LocalEngine) -> None:
+    def __init__(self, config: AgentConfig, engine: ServedModel) -> None:
         self.config, self.engine = config, engine
         self.creds: Credentials | None = None
         self.telemetry: TelemetryPublisher | None = None
@@ -147,7 +147,7 @@ class Agent:
             token=self.config.token,
             name=self.config.name,
             profile=self.config.profile,
-            models=[self.engine.model_info()],
+            models=[pb.ModelInfo(**self.engine.info)],
             emulated=self.config.emulated,
         )
         try:
@@ -214,7 +214,9 @@ class Agent:
         assert self.creds is not None
         outbox: asyncio.Queue = asyncio.Queue()
         outbox.put_nowait(
-            pb.AgentMessage(hello=pb.Hello(models=[self.engine.model_info()], max_concurrency=1, agent_version=VERSION))
+            pb.AgentMessage(
+                hello=pb.Hello(models=[pb.ModelInfo(**self.engine.info)], max_concurrency=1, agent_version=VERSION)
+            )
         )
 
         async def outgoing():

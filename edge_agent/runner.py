@@ -9,9 +9,10 @@ from pathlib import Path
 
 from device_profiles import load_profile
 from edge_agent.agent import Agent, AgentConfig
-from edge_agent.engine import LocalEngine, floor_pacer, profile_pacer
-from models.quant import pack_for_kernels
+from edge_agent.pacing import floor_pacer, profile_pacer
 from models.runtime import load
+from models.serving import ServedModel
+from partitioner.cost import served_model_cost
 
 log = logging.getLogger("tandem.agent")
 
@@ -43,13 +44,13 @@ def build_agent(
     elif device != "cpu":
         raise ValueError(f"device {device!r} needs an engine (--engine torch): the default generator runs on cpu")
     else:
-        loaded = load(model)
-        pack_for_kernels(loaded.model)
-    pacer = profile_pacer(prof, loaded.config) if emulate else None
+        loaded = load(model)  # prepared for the CPU kernels as it loads (models.cpu.prepare_cpu)
+    served = ServedModel(model, loaded, backend, warmup=False)
+    if emulate:  # the router's own rule on what this agent advertises: it paces to what the hub predicts
+        served.pacer = profile_pacer(prof, served_model_cost(loaded.config, served.info["weight_bytes"]))
     if pace_tpot_ms > 0:  # a fixed floor per token, on top of any profile pacing (demos and failover tests)
-        pacer = floor_pacer(pacer, pace_tpot_ms)
-    local = LocalEngine(model, loaded, pacer, backend)
-    local.warmup()
+        served.pacer = floor_pacer(served.pacer, pace_tpot_ms)
+    served.warmup()
     config = AgentConfig(
         hub=hub,
         profile=profile,
@@ -60,7 +61,7 @@ def build_agent(
         power_active_w=prof.power_active_w,
         tls_ca=tls_ca,
     )
-    return Agent(config, local)
+    return Agent(config, served)
 
 
 async def run_until_signalled(agent: Agent) -> None:

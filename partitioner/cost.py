@@ -133,6 +133,23 @@ class ModelCost:
         return self.weight_bytes + self.kv_bytes_per_token * context_tokens
 
 
+def served_model_cost(cfg: ModelConfig, weight_bytes: int = 0) -> ModelCost:
+    """The one cost rule for a model as a server holds it: the hub's router and an emulating agent's
+    pacer both call this, so what the router predicts is what the agent paces to.
+
+    `weight_bytes` is what the server's weights really take in memory (ModelInfo.weight_bytes; an int4
+    bundle stores about 5 bits a weight with its scales and minima, int8 about 8.5); 0 means unknown and
+    costs the model as fp32. The KV cache follows `ModelCost.from_config`: fp16 for quantized weights,
+    fp32 otherwise, as our engines keep it. Raises ValueError for negative `weight_bytes`.
+    """
+    if weight_bytes < 0:
+        raise ValueError(f"weight_bytes must be >= 0, got {weight_bytes}")
+    if weight_bytes == 0:
+        return ModelCost.from_config(cfg, bits_per_weight=32.0)
+    n_params = ModelCost.from_config(cfg, bits_per_weight=32.0).n_params
+    return ModelCost.from_config(cfg, bits_per_weight=8 * weight_bytes / n_params)
+
+
 @dataclass(frozen=True)
 class Estimate:
     """Predicted cost of one request on one device."""

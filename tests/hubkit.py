@@ -18,8 +18,8 @@ import pytest
 from cloud_hub.broker import find_mosquitto
 from cloud_hub.server import Hub, HubConfig
 from edge_agent.agent import Agent, AgentConfig
-from edge_agent.engine import LocalEngine
 from models.runtime import load
+from models.serving import ServedModel
 from tests.tiny import TinySpec, write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,8 +66,8 @@ class RunningAgent:
 async def start_agent(hub: Hub, model_path: Path, state_dir: Path, name: str, profile: str = "cpu-2core",
                       model_name: str = "tiny") -> RunningAgent:  # fmt: skip
     """An in-process agent serving the GGUF at model_path under model_name; returns once connected."""
-    token = hub.service.create_token()
-    engine = LocalEngine(model_name, load(model_path, use_cache=False))
+    token = hub.registry.create_token()
+    engine = ServedModel(model_name, load(model_path, use_cache=False))
     config = AgentConfig(hub=hub.address, profile=profile, state_dir=state_dir, name=name, token=token,
                          telemetry_interval_s=0.2)  # fmt: skip
     agent = Agent(config, engine)
@@ -92,8 +92,8 @@ def spawn_agent(
     hub: Hub, model: str, state_dir: Path, name: str, profile: str = "cpu-2core", extra: tuple[str, ...] = ()
 ) -> subprocess.Popen:
     """`tandem agent run` as a real child process (for kill tests)."""
-    token = hub.service.create_token()
-    cmd = [sys.executable, "-m", "tandem.cli", "agent", "run", "--hub", hub.address, "--token", token,
+    token = hub.registry.create_token()
+    cmd = [sys.executable, "-m", "tandem_cli", "agent", "run", "--hub", hub.address, "--token", token,
            "--profile", profile, "--model", model, "--name", name, "--state-dir", str(state_dir), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

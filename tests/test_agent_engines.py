@@ -9,24 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_agent.engine import LocalEngine
 from edge_agent.engines.registry import ENGINES
 from edge_agent.engines.torch_engine import TorchEngine
 from edge_agent.runner import build_agent
 from models.generate import Continuation, TokenEvent
-from models.runtime import LoadedModel, load
+from models.loaded import LoadedModel
+from models.runtime import load
 from models.sampling import SamplingParams
-from tandem.cli import build_parser
+from models.serving import ServedModel
+from tandem_cli.main import build_parser
 
 
-def _events(engine: LocalEngine, ids: list[int], params: SamplingParams, cont: Continuation | None = None):
+def _events(engine: ServedModel, ids: list[int], params: SamplingParams, cont: Continuation | None = None):
     return list(engine.stream(ids, params, threading.Event(), cont))
 
 
-def _pair(tiny_path: Path, device: str = "cpu") -> tuple[LocalEngine, LocalEngine]:
+def _pair(tiny_path: Path, device: str = "cpu") -> tuple[ServedModel, ServedModel]:
     backend = TorchEngine(device)
     backend.load(str(tiny_path))
-    return LocalEngine("tiny", load(tiny_path, use_cache=False)), LocalEngine("tiny", backend.loaded, None, backend)
+    return ServedModel("tiny", load(tiny_path, use_cache=False)), ServedModel("tiny", backend.loaded, backend)
 
 
 def test_an_engine_backed_agent_yields_what_the_generator_yields(tiny: LoadedModel, tiny_path: Path) -> None:
@@ -49,7 +50,7 @@ def test_an_engine_backed_agent_yields_what_the_generator_yields(tiny: LoadedMod
     rest = _events(backed, prompt, SamplingParams(max_tokens=8, ignore_eos=True), cont)
     assert [e.token_id for e in rest] == [e.token_id for e in want[4:]]
     assert "".join(e.text for e in rest) == "".join(e.text for e in want[4:])
-    assert backed.backend._requests == {}  # every request released
+    assert backed.engine._requests == {}  # every request released
 
 
 def test_engine_and_device_settings_are_checked(tiny_path: Path, tmp_path: Path) -> None:

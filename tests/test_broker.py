@@ -24,15 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud_hub.broker import (
-    HUB_USERNAME,
-    BrokerConfig,
-    BrokerError,
-    ManagedBroker,
-    device_topic,
-    find_mosquitto,
-    hash_password,
-)
+from cloud_hub.broker import BrokerConfig, BrokerError, ManagedBroker, find_mosquitto
+from cloud_hub.broker_files import HUB_USERNAME, device_topic, hash_password
 
 mqtt = pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is not installed")
 

@@ -15,9 +15,10 @@ from edge_agent.engines.base import EngineUnavailable
 from edge_agent.engines.registry import make_engine
 from edge_agent.engines.torch_engine import TorchEngine
 from models.bundle import BundleError, load_bundle, save_bundle
+from models.loaded import LoadedModel
 from models.prune import prune_layers
 from models.quant import quantize_model
-from models.runtime import LoadedModel, load
+from models.runtime import load
 from models.sampling import SamplingParams
 from models.transformer import Step
 
@@ -134,13 +135,13 @@ def test_torch_engine_on_cuda_matches_cpu(tiny: LoadedModel, tiny_path: Path) ->
 def test_servers_advertise_what_their_weights_cost(tiny: LoadedModel) -> None:
     """An int4 bundle advertises its stored bytes, and the hub costs it at those bits a weight
     (decode reads ~5 bits a weight, not 32), so the router predicts it faster than fp32."""
-    from cloud_hub.service import _model_cost
+    from cloud_hub.placements import model_cost
 
     fp32 = tiny.describe("tiny")
     quant = LoadedModel(quantize_model(copy.deepcopy(tiny.model), 4), tiny.tokenizer, tiny.path).describe("tiny")
     assert (fp32["quant"], quant["quant"]) == ("fp32", "int4")
-    assert _model_cost(fp32["config_json"], fp32["weight_bytes"]).bits_per_weight == pytest.approx(32.0)
-    bits = _model_cost(quant["config_json"], quant["weight_bytes"]).bits_per_weight
+    assert model_cost(fp32["config_json"], fp32["weight_bytes"]).bits_per_weight == pytest.approx(32.0)
+    bits = model_cost(quant["config_json"], quant["weight_bytes"]).bits_per_weight
     assert 5.0 <= bits <= 8.5  # int4 g32 layers (5 bits with fp16 scale and minimum), int8 g32 table (8.5)
 
 
@@ -155,11 +156,11 @@ def test_the_kv_cache_setting_is_checked_and_followed(bundle: tuple[Path, torch.
 
 def test_the_hub_costs_the_kv_cache_the_engine_keeps(tiny: LoadedModel, bundle: tuple[Path, torch.nn.Module]) -> None:
     """fp32 models keep an fp32 cache, quantized ones fp16: the hub predicts those bytes."""
-    from cloud_hub.service import _model_cost
+    from cloud_hub.placements import model_cost
 
     for path, bits_per_kv in ((tiny.path, 32), (bundle[0], 16)):
         engine = make_engine("torch")
         info = engine.load(str(path))
         engine.prefill("r", [1, 2, 3], 8)
         assert engine._model.caches[-1].k.element_size() * 8 == bits_per_kv
-        assert _model_cost(info["config_json"], info["weight_bytes"]).kv_bits == bits_per_kv
+        assert model_cost(info["config_json"], info["weight_bytes"]).kv_bits == bits_per_kv

@@ -22,7 +22,7 @@ MAX_TOKENS, KILL_AFTER, DEADLINE_S = 40, 5, 60.0
 async def _kill_mid_stream(rounds: int, tmp_path: Path) -> None:
     model = str(tiny_llama(tmp_path))
     async with running_hub(tmp_path / "hub", cloud_model=model) as hub:
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         async with AsyncClient(hub.address, api_key=key, timeout=DEADLINE_S) as client:
             reference = await client.generate("the cat", model=model, max_tokens=MAX_TOKENS)
             assert reference.placement is not None and reference.placement.kind == "cloud"

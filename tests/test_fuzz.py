@@ -49,7 +49,7 @@ class HubThread:
         async with running_hub(
             data_dir, cloud_model=model, mqtt="none", http_listen="127.0.0.1:0", max_body_bytes=64 * 1024
         ) as hub:
-            self.hub, self.key = hub, hub.service.create_api_key("fuzz")
+            self.hub, self.key = hub, hub.registry.create_api_key("fuzz")
             self.ready.set()
             await self._stop.wait()
 

@@ -30,7 +30,7 @@ def tiny_model(tmp_path: Path) -> Path:
 
 async def test_agent_enrolls_appears_online_and_serves(tmp_path: Path, tiny_model: Path) -> None:
     async with running_hub(tmp_path / "hub", cloud_model=None) as hub:
-        key = hub.service.create_api_key("test")
+        key = hub.registry.create_api_key("test")
         ra = await start_agent(hub, tiny_model, tmp_path / "agent", "edge-1")
         creds = tmp_path / "agent" / "credentials.json"
         assert stat.S_IMODE(creds.stat().st_mode) == 0o600
@@ -55,7 +55,7 @@ async def test_agent_enrolls_appears_online_and_serves(tmp_path: Path, tiny_mode
 
 async def test_stream_chunks_add_up_to_the_answer(tmp_path: Path, tiny_model: Path) -> None:
     async with running_hub(tmp_path / "hub", cloud_model=str(tiny_model), mqtt="none") as hub:
-        key = hub.service.create_api_key("test")
+        key = hub.registry.create_api_key("test")
         async with AsyncClient(hub.address, api_key=key, timeout=30) as client:
             whole = await client.generate("the cat", max_tokens=10)
             from tandem.types import GenerateResult
@@ -70,7 +70,7 @@ async def test_stream_chunks_add_up_to_the_answer(tmp_path: Path, tiny_model: Pa
 async def test_killed_agent_goes_offline_and_requests_go_elsewhere(tmp_path: Path, tiny_model: Path) -> None:
     model = str(tiny_model)
     async with running_hub(tmp_path / "hub", cloud_model=model) as hub:
-        key = hub.service.create_api_key("test")
+        key = hub.registry.create_api_key("test")
         proc = spawn_agent(hub, model, tmp_path / "agent", "victim")
         try:
             await wait_for(lambda: any(s.record.name == "victim" for s in hub.fleet.online()), timeout=60)
@@ -122,18 +122,18 @@ async def test_enrollment_tokens_are_checked(tmp_path: Path) -> None:
             unknown = await enroll("tdt_not-a-token")
             assert unknown is not None and unknown.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "unknown" in unknown.details()
-            good = hub.service.create_token()
+            good = hub.registry.create_token()
             assert await enroll(good) is None
             reused = await enroll(good)
             assert (
                 reused is not None and reused.code() == grpc.StatusCode.UNAUTHENTICATED and "used" in reused.details()
             )
-            short = hub.service.create_token(ttl_s=0.05)
+            short = hub.registry.create_token(ttl_s=0.05)
             await asyncio.sleep(0.1)
             expired = await enroll(short)
             assert expired is not None and expired.code() == grpc.StatusCode.UNAUTHENTICATED
             assert "expired" in expired.details()
-            bad_profile = await enroll_with(stub, hub.service.create_token(), profile="toaster")
+            bad_profile = await enroll_with(stub, hub.registry.create_token(), profile="toaster")
             assert bad_profile.code() == grpc.StatusCode.INVALID_ARGUMENT and "toaster" in bad_profile.details()
 
 
@@ -147,7 +147,7 @@ async def test_wrong_device_credential_is_rejected(tmp_path: Path) -> None:
     async with running_hub(tmp_path / "hub", cloud_model=None, mqtt="none") as hub:
         async with grpc.aio.insecure_channel(hub.address) as channel:
             resp = await pb_grpc.RegistryStub(channel).Enroll(
-                pb.EnrollRequest(token=hub.service.create_token(), name="d", profile="cpu-2core")
+                pb.EnrollRequest(token=hub.registry.create_token(), name="d", profile="cpu-2core")
             )
             md = (("x-tandem-device-id", resp.device_id), ("x-tandem-credential", resp.credential + "x"))
             call = pb_grpc.WorkChannelStub(channel).Connect(_one(pb.AgentMessage(hello=pb.Hello())), metadata=md)
@@ -211,7 +211,7 @@ def _mqtt(username: str, password: str, port: int) -> mqtt.Client:
 async def test_secrets_never_reach_the_logs(tmp_path: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     async with running_hub(tmp_path / "hub", cloud_model=None) as hub:
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         ra = await start_agent(hub, tiny_model, tmp_path / "agent", "edge-1")
         async with AsyncClient(hub.address, api_key=key, timeout=30) as client:
             await client.generate("the cat", model="tiny", max_tokens=3)
@@ -230,7 +230,7 @@ async def test_secrets_never_reach_the_logs(tmp_path: Path, tiny_model: Path, ca
 async def test_bad_requests_get_clear_errors_and_the_hub_keeps_serving(tmp_path: Path, tiny_model: Path) -> None:
     model = str(tiny_model)
     async with running_hub(tmp_path / "hub", cloud_model=model, mqtt="none") as hub:
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         async with AsyncClient(hub.address, api_key=key, timeout=30) as client:
             with pytest.raises(InvalidRequest, match="empty"):
                 await client.generate("", max_tokens=4)
@@ -257,7 +257,7 @@ async def test_oversized_message_is_refused(tmp_path: Path, tiny_model: Path) ->
     async with running_hub(
         tmp_path / "hub", cloud_model=str(tiny_model), mqtt="none", max_message_bytes=200_000
     ) as hub:
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         async with AsyncClient(hub.address, api_key=key, timeout=30) as client:
             with pytest.raises(Exception) as info:
                 await client.generate("y" * 300_000, max_tokens=4)
@@ -267,11 +267,11 @@ async def test_oversized_message_is_refused(tmp_path: Path, tiny_model: Path) ->
 
 async def test_malformed_work_channel_messages(tmp_path: Path, tiny_model: Path) -> None:
     async with running_hub(tmp_path / "hub", cloud_model=str(tiny_model), mqtt="none") as hub:
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         async with grpc.aio.insecure_channel(hub.address) as channel:
             for first in (pb.AgentMessage(tokens=pb.TokenChunk(work_id="x")), pb.AgentMessage()):
                 resp = await pb_grpc.RegistryStub(channel).Enroll(
-                    pb.EnrollRequest(token=hub.service.create_token(), name="d", profile="cpu-2core")
+                    pb.EnrollRequest(token=hub.registry.create_token(), name="d", profile="cpu-2core")
                 )
                 md = (("x-tandem-device-id", resp.device_id), ("x-tandem-credential", resp.credential))
                 call = pb_grpc.WorkChannelStub(channel).Connect(_one(first), metadata=md)
@@ -305,7 +305,7 @@ async def test_no_placement_for_chat_on_a_base_model(tmp_path: Path) -> None:
         tmp_path / "base.gguf", TinySpec(arch="gemma3", n_layers=2, n_heads=2, n_kv_heads=1, head_dim=256)
     )
     async with running_hub(tmp_path / "hub", cloud_model=str(base), mqtt="none") as hub:
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         async with AsyncClient(hub.address, api_key=key, timeout=30) as client:
             with pytest.raises(Unavailable, match="chat request"):
                 await client.generate(CHAT, max_tokens=3)
@@ -348,7 +348,7 @@ async def test_overload_is_refused_at_once_over_grpc(tmp_path: Path, tiny_model:
     async with running_hub(
         tmp_path / "hub", cloud_model=str(tiny_model), mqtt="none", limits=Limits(max_inflight=1)
     ) as hub:
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         async with AsyncClient(hub.address, api_key=key, timeout=30) as client:
             first = client.stream("the cat", max_tokens=200)
             await anext(first)  # one request in flight: the hub is at its bound

@@ -15,15 +15,18 @@ import pytest
 from cloud_hub.errors import Unauthenticated
 from cloud_hub.fleet import AgentSession, Fleet, WorkQueue
 from cloud_hub.metrics import HubMetrics
+from cloud_hub.placements import Placements, SourceContext, make_sources
+from cloud_hub.prompt import prompt_from_value
+from cloud_hub.registry import Registry
 from cloud_hub.router import Budget, BudgetRouter, Candidate, queued_estimate
 from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started
 from cloud_hub.servicers import spec_from_request
 from cloud_hub.store import DeviceRecord, SQLiteStore
 from device_profiles import load_profile
-from edge_agent.engine import LocalEngine
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.runtime import load
 from models.sampling import SamplingParams
+from models.serving import ServedModel
 from partitioner.cost import predict
 from tandem.v1 import tandem_pb2 as pb
 from tests.hubkit import tiny_llama
@@ -35,7 +38,7 @@ ENCODE_S, WAIT_S, END_WAIT_S, AUTH_S = 0.001, 0.004, 0.02, 0.03
 @pytest.fixture(scope="module")
 def model_info(tmp_path_factory: pytest.TempPathFactory) -> pb.ModelInfo:
     path = tiny_llama(tmp_path_factory.mktemp("tiny"))
-    return LocalEngine("tiny", load(path, use_cache=False)).model_info()
+    return pb.ModelInfo(**ServedModel("tiny", load(path, use_cache=False)).info)
 
 
 class CountingStore(SQLiteStore):
@@ -53,11 +56,15 @@ def session(device_id: str, info: pb.ModelInfo | None) -> AgentSession:
     return AgentSession(DeviceRecord(device_id, device_id, "cpu-2core", "x"), models)
 
 
-def service(tmp_path: Path, *sessions: AgentSession) -> HubService:
+def service(*sessions: AgentSession) -> HubService:
     fleet = Fleet()
     for s in sessions:
         fleet.attach(s)
-    return HubService(CountingStore(tmp_path / "registry.db"), fleet, BudgetRouter(), None, None, None)
+    return HubService(fleet, Placements(make_sources(("edge", "cloud"), SourceContext(fleet))), BudgetRouter(), None)
+
+
+def registry(tmp_path: Path) -> Registry:
+    return Registry(CountingStore(tmp_path / "registry.db"), Fleet(), None)
 
 
 async def fake_agent(s: AgentSession, wait_s: float = 0.0, end_wait_s: float = 0.0, fail_at: int = -1) -> None:
@@ -86,13 +93,15 @@ def slow_encode(ev: object) -> object:
     return ev
 
 
-async def test_hub_time_counts_authentication_encoding_waits_and_the_end(tmp_path: Path, model_info) -> None:
+async def test_hub_time_counts_authentication_encoding_waits_and_the_end(model_info) -> None:
     s = session("dev-a", model_info)
-    hub = service(tmp_path, s)
+    hub = service(s)
     agent = asyncio.create_task(fake_agent(s, WAIT_S, END_WAIT_S))
     n = 6
     begin = time.perf_counter()
-    spec = GenerateSpec("the cat", SamplingParams(max_tokens=n), Budget(), "tiny", arrived=begin - AUTH_S)
+    spec = GenerateSpec(
+        prompt_from_value("the cat"), SamplingParams(max_tokens=n), Budget(), "tiny", arrived=begin - AUTH_S
+    )
     events = [ev async for ev in hub.generate(spec, slow_encode)]
     wall_ms = (time.perf_counter() - begin) * 1000
     agent.cancel()
@@ -109,11 +118,16 @@ async def test_hub_time_counts_authentication_encoding_waits_and_the_end(tmp_pat
     assert m.completion_tokens == n and m.ttft_ms >= AUTH_S * 1000
 
 
-async def test_failover_in_process_goes_on_and_counts_both_routings(tmp_path: Path, model_info) -> None:
+async def test_failover_in_process_goes_on_and_counts_both_routings(model_info) -> None:
     first, second = session("dev-a", model_info), session("dev-b", model_info)
-    hub = service(tmp_path, first, second)
+    hub = service(first, second)
     agents = [asyncio.create_task(fake_agent(first, fail_at=3)), asyncio.create_task(fake_agent(second))]
-    events = [ev async for ev in hub.generate(GenerateSpec("the cat", SamplingParams(max_tokens=8), Budget(), "tiny"))]
+    events = [
+        ev
+        async for ev in hub.generate(
+            GenerateSpec(prompt_from_value("the cat"), SamplingParams(max_tokens=8), Budget(), "tiny")
+        )
+    ]
     for a in agents:
         a.cancel()
     # Like devices, both idle: the first serves, fails at its 4th token, and the second goes on.
@@ -125,7 +139,7 @@ async def test_failover_in_process_goes_on_and_counts_both_routings(tmp_path: Pa
 
 
 def test_api_key_is_looked_up_once_and_a_bad_one_every_time(tmp_path: Path) -> None:
-    hub = service(tmp_path)
+    hub = registry(tmp_path)
     key = hub.create_api_key("t")
     for _ in range(3):
         hub.check_api_key(key)
@@ -136,17 +150,20 @@ def test_api_key_is_looked_up_once_and_a_bad_one_every_time(tmp_path: Path) -> N
     assert hub.store.lookups == 3
 
 
-def test_candidates_follow_the_queue_and_a_reconnect(tmp_path: Path, model_info) -> None:
+def test_candidates_follow_the_queue_and_a_reconnect(model_info) -> None:
     s = session("dev-a", model_info)
-    hub = service(tmp_path, s)
-    first = hub.candidates("tiny")
+    hub = service(s)
+    first = hub.placements.candidates("tiny", chat=False)
     assert [(c.device_id, c.queued) for c in first] == [("dev-a", 0)]
-    assert hub.candidates("tiny")[0] is first[0]  # unchanged queue: the same candidate
+    assert hub.placements.candidates("tiny", chat=False)[0] is first[0]  # unchanged queue: the same candidate
     s.inflight = 3
-    assert [c.queued for c in hub.candidates("tiny")] == [3]
-    assert hub.candidates("other") == [] and bool(hub.candidates("tiny", chat=True)) == model_info.chat
+    assert [c.queued for c in hub.placements.candidates("tiny", chat=False)] == [3]
+    assert (
+        hub.placements.candidates("other", chat=False) == []
+        and bool(hub.placements.candidates("tiny", chat=True)) == model_info.chat
+    )
     hub.fleet.attach(session("dev-a", None))  # reconnects serving nothing: the old offers must not stay
-    assert hub.candidates("tiny") == []
+    assert hub.placements.candidates("tiny", chat=False) == []
 
 
 def test_like_devices_share_a_prediction_but_keep_their_own_queues() -> None:

@@ -25,7 +25,7 @@ def _client(hub, key: str) -> openai.OpenAI:
 
 async def test_openai_client_chat_completion_and_stream(tmp_path: Path, model: str) -> None:
     async with running_hub(tmp_path / "hub", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0") as hub:
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         client = _client(hub, key)
         whole = await asyncio.to_thread(
             client.chat.completions.create, model=model, messages=CHAT, max_tokens=12, temperature=0
@@ -54,7 +54,7 @@ async def test_openai_client_chat_completion_and_stream(tmp_path: Path, model: s
 
 async def test_budget_extension_and_openai_errors(tmp_path: Path, model: str) -> None:
     async with running_hub(tmp_path / "hub", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0") as hub:
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         client = _client(hub, key)
 
         def call(**kw: object) -> object:
@@ -77,7 +77,7 @@ async def test_malformed_and_oversized_bodies(tmp_path: Path, model: str) -> Non
     async with running_hub(
         tmp_path / "hub", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0", max_body_bytes=10_000
     ) as hub:
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         headers = {"authorization": f"Bearer {key}", "content-type": "application/json"}
         url = f"http://{hub.http_address}/v1/chat/completions"
         async with httpx.AsyncClient(timeout=30) as http:
@@ -106,6 +106,6 @@ async def test_overload_answers_429_at_once(tmp_path: Path, model: str) -> None:
     async with running_hub(
         tmp_path / "hub", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0", limits=Limits(max_inflight=0)
     ) as hub:
-        client = _client(hub, hub.service.create_api_key("t"))
+        client = _client(hub, hub.registry.create_api_key("t"))
         with pytest.raises(openai.RateLimitError, match="limit"):
             await asyncio.to_thread(client.chat.completions.create, model=model, messages=CHAT, max_tokens=2)

@@ -10,21 +10,21 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 
 from edge_agent.agent import Agent, AgentConfig
-from edge_agent.engine import LocalEngine
 from models.runtime import load
+from models.serving import ServedModel
 from tests.hubkit import needs_mosquitto, running_hub, start_agent, tiny_llama, wait_for
 
 pytestmark = needs_mosquitto
 
 
 async def test_hub_restart_with_20_agents(tmp_path: Path) -> None:
-    engine = LocalEngine("tiny", load(tiny_llama(tmp_path), use_cache=False))  # shared: nothing is served here
+    engine = ServedModel("tiny", load(tiny_llama(tmp_path), use_cache=False))  # shared: nothing is served here
     async with running_hub(tmp_path / "hub", cloud_model=None, mqtt="none") as hub:
         port = hub.port
         agents, stops, tasks = [], [], []
         for i in range(20):
             config = AgentConfig(hub=hub.address, profile="cpu-2core", state_dir=tmp_path / f"a{i}", name=f"a{i}",
-                                 token=hub.service.create_token())  # fmt: skip
+                                 token=hub.registry.create_token())  # fmt: skip
             agents.append(Agent(config, engine))
             stops.append(asyncio.Event())
             tasks.append(asyncio.create_task(agents[-1].run(stops[-1])))

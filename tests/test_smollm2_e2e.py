@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.agent import Agent, AgentConfig
-from edge_agent.engine import LocalEngine
+from models.serving import ServedModel
 from tandem import AsyncClient, Budget
 from tests.conftest import real_model
 from tests.hubkit import ROOT, needs_mosquitto, running_hub, wait_for
@@ -23,15 +23,15 @@ async def test_chat_through_the_hub_on_an_edge_agent(tmp_path: Path) -> None:
 
     loaded = real_model("smollm2-135m-instruct")
     async with running_hub(tmp_path / "hub", cloud_model=None) as hub:
-        key = hub.service.create_api_key("e2e")
+        key = hub.registry.create_api_key("e2e")
         config = AgentConfig(
             hub=hub.address,
             profile="raspberry-pi-5",
             state_dir=tmp_path / "agent",
             name="pi",
-            token=hub.service.create_token(),
+            token=hub.registry.create_token(),
         )
-        agent = Agent(config, LocalEngine("smollm2-135m-instruct", loaded))
+        agent = Agent(config, ServedModel("smollm2-135m-instruct", loaded))
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         await wait_for(lambda: agent.creds is not None and hub.fleet.status_of(agent.creds.device_id) == "online", 30)
@@ -47,7 +47,7 @@ async def test_chat_through_the_hub_on_an_edge_agent(tmp_path: Path) -> None:
         assert result.placement.profile == "raspberry-pi-5"
         listing = await asyncio.to_thread(  # the hub runs on this event loop: do not block it
             subprocess.run,
-            [sys.executable, "-m", "tandem.cli", "devices", "list", "--hub", hub.address, "--api-key", key],
+            [sys.executable, "-m", "tandem_cli", "devices", "list", "--hub", hub.address, "--api-key", key],
             capture_output=True,
             text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},

@@ -10,10 +10,10 @@ import pytest
 
 from cloud_hub.pki import init_pki
 from edge_agent.agent import Agent, AgentConfig
-from edge_agent.engine import LocalEngine
 from models.runtime import load
+from models.serving import ServedModel
 from tandem import AsyncClient, Unavailable
-from tandem.cli import main as cli
+from tandem_cli.main import main as cli
 from tests.hubkit import running_hub, tiny_llama, wait_for
 
 
@@ -38,13 +38,13 @@ async def test_hub_over_tls_serves_agents_and_clients_that_trust_its_ca(tmp_path
             profile="cpu-2core",
             state_dir=tmp_path / "agent",
             name="tls-agent",
-            token=hub.service.create_token(),
+            token=hub.registry.create_token(),
             tls_ca=paths["ca.pem"],
         )
-        agent, stop = Agent(config, LocalEngine("tiny", load(model, use_cache=False))), asyncio.Event()
+        agent, stop = Agent(config, ServedModel("tiny", load(model, use_cache=False))), asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         await wait_for(lambda: len(hub.fleet.online()) == 1, timeout=20)
-        key = hub.service.create_api_key("t")
+        key = hub.registry.create_api_key("t")
         async with AsyncClient(hub.address, api_key=key, timeout=10, tls_ca=str(paths["ca.pem"])) as client:
             result = await client.generate("the cat", model="tiny", max_tokens=4)
             assert result.completion_tokens == 4 and result.placement.kind == "edge"

@@ -27,7 +27,7 @@ CHAT = [{"role": "user", "content": "the cat sat in a hat"}]
 async def test_hub_on_an_openai_compatible_upstream(tmp_path: Path) -> None:
     model = str(tiny_llama(tmp_path))
     async with running_hub(tmp_path / "up", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0") as up:
-        up_key = up.service.create_api_key("downstream")
+        up_key = up.registry.create_api_key("downstream")
         async with running_hub(
             tmp_path / "hub",
             cloud_model=model,
@@ -36,7 +36,7 @@ async def test_hub_on_an_openai_compatible_upstream(tmp_path: Path) -> None:
             cloud_upstream_url=f"http://{up.http_address}",
             cloud_upstream_key=up_key,
         ) as hub:
-            key = hub.service.create_api_key("t")
+            key = hub.registry.create_api_key("t")
             async with (
                 AsyncClient(hub.address, api_key=key, timeout=30) as via,
                 AsyncClient(up.address, api_key=up_key, timeout=30) as direct,
@@ -54,7 +54,7 @@ async def test_hub_on_an_openai_compatible_upstream(tmp_path: Path) -> None:
 async def test_failover_from_an_edge_agent_to_the_upstream(tmp_path: Path) -> None:
     model = str(tiny_llama(tmp_path))
     async with running_hub(tmp_path / "up", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0") as up:
-        up_key = up.service.create_api_key("downstream")
+        up_key = up.registry.create_api_key("downstream")
         async with running_hub(
             tmp_path / "hub",
             cloud_model=model,
@@ -62,7 +62,7 @@ async def test_failover_from_an_edge_agent_to_the_upstream(tmp_path: Path) -> No
             cloud_upstream_url=f"http://{up.http_address}",
             cloud_upstream_key=up_key,
         ) as hub:
-            key = hub.service.create_api_key("t")
+            key = hub.registry.create_api_key("t")
             async with AsyncClient(hub.address, api_key=key, timeout=60) as client:
                 reference = await client.generate("the cat", model=model, max_tokens=30)
                 proc = spawn_agent(hub, model, tmp_path / "agent", "victim", extra=("--pace-tpot-ms", "40"))
@@ -93,7 +93,7 @@ async def test_unreachable_upstream_is_unavailable(tmp_path: Path) -> None:
         cloud_backend="openai",
         cloud_upstream_url=f"http://127.0.0.1:{dead}",
     ) as hub:
-        async with AsyncClient(hub.address, api_key=hub.service.create_api_key("t"), timeout=30) as client:
+        async with AsyncClient(hub.address, api_key=hub.registry.create_api_key("t"), timeout=30) as client:
             with pytest.raises(Unavailable, match="unreachable"):
                 await client.generate("the cat", max_tokens=4)
 
@@ -143,7 +143,7 @@ async def test_llama_cpp_server_as_upstream(tmp_path: Path) -> None:
             cloud_upstream_model="smollm2",
             cloud_upstream_prompt="text",
         ) as hub:
-            async with AsyncClient(hub.address, api_key=hub.service.create_api_key("t"), timeout=60) as client:
+            async with AsyncClient(hub.address, api_key=hub.registry.create_api_key("t"), timeout=60) as client:
                 r = await client.generate(messages, max_tokens=20)
         # The hub relays the upstream's own greedy answer: llama.cpp asked directly, with the text
         # the hub sends (the chat template rendered, tokenized, BOS left to the server). Its words

@@ -1,0 +1,174 @@
+"""The hub's registry: enrollment, credentials and API keys, and the devices it knows.
+
+Plain logic over a `SQLStore` (SQLite or PostgreSQL) and the live `Fleet`; the gRPC servicers
+translate to and from it. Errors are `cloud_hub.errors.HubError`s. Secrets are stored hashed
+(`cloud_hub.auth`) and shown once, when they are made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cloud_hub import auth
+from cloud_hub.errors import InvalidRequest, Unauthenticated
+from cloud_hub.fleet import Fleet
+from cloud_hub.store import DeviceRecord, SecretStore, SQLStore
+from device_profiles import ProfileError, load_profile
+from models.config import ModelConfig
+from tandem.v1 import tandem_pb2 as pb
+
+log = logging.getLogger("tandem.hub")
+
+
+@dataclass(frozen=True)
+class MqttAccess:
+    """How agents reach the broker; the hub adds each enrolled device as a broker user."""
+
+    host: str
+    port: int
+    add_user: Callable[[str, str], None] | None = field(repr=False, default=None)
+    """Registers (username, password) with the broker; None for an external broker."""
+
+
+def create_token(store: SecretStore, ttl_s: float) -> str:
+    """A one-time enrollment token valid for ttl_s seconds; only its hash is stored."""
+    if not ttl_s > 0:
+        raise InvalidRequest(f"token lifetime must be positive, got {ttl_s}")
+    token = auth.new_secret("token")
+    store.add_token(auth.lookup_key(token), time.time() + ttl_s)
+    return token
+
+
+def create_api_key(store: SecretStore, name: str) -> str:
+    """A new SDK API key; only its hash is stored, so this is the one time it is shown."""
+    key = auth.new_secret("api_key")
+    store.add_api_key(auth.lookup_key(key), name)
+    return key
+
+
+def model_config(m: pb.ModelInfo) -> ModelConfig:
+    """The config a server advertised for a model; raises InvalidRequest naming the model when it is
+    not one the cost model can read."""
+    try:
+        return ModelConfig(**json.loads(m.config_json))
+    except Exception as exc:  # malformed JSON, unknown fields, invalid sizes
+        raise InvalidRequest(f"model {m.name!r}: config_json is not a valid model config ({exc})") from exc
+
+
+class Registry:
+    def __init__(self, store: SQLStore, fleet: Fleet, mqtt: MqttAccess | None, token_ttl_s: float = 3600.0) -> None:
+        self.store, self.fleet, self.mqtt = store, fleet, mqtt
+        self.token_ttl_s = token_ttl_s
+        # API keys (lookup digests) the store has confirmed. Keys are never revoked (the store cannot
+        # delete one), so a confirmed key stays valid and later requests skip the database (a round
+        # trip to PostgreSQL for replicas, on the event loop). Were revocation added, it must clear this.
+        self._api_keys: set[str] = set()
+
+    # -- secrets ---------------------------------------------------------------------------------
+
+    def create_token(self, ttl_s: float | None = None) -> str:
+        return create_token(self.store, ttl_s or self.token_ttl_s)
+
+    def create_api_key(self, name: str) -> str:
+        return create_api_key(self.store, name)
+
+    def check_api_key(self, key: str | None) -> None:
+        """Raises Unauthenticated for a missing or unknown key."""
+        if not key:
+            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'")
+        lookup = auth.lookup_key(key)
+        if lookup in self._api_keys:
+            return
+        if not self.store.has_api_key(lookup):
+            raise Unauthenticated("invalid API key")
+        self._api_keys.add(lookup)
+
+    # -- devices ---------------------------------------------------------------------------------
+
+    def enroll(
+        self, token: str, name: str, profile: str, models: list[pb.ModelInfo], emulated: bool
+    ) -> pb.EnrollResponse:
+        """Register a device with a one-time token: its id, credential and broker login.
+
+        Raises InvalidRequest for an unknown profile, a bad name or a model config the cost model
+        cannot read (refused now, not at routing time), Unauthenticated for a spent or wrong token."""
+        try:
+            load_profile(profile)
+        except ProfileError as exc:
+            raise InvalidRequest(f"unknown or invalid device profile {profile!r}: {exc}") from exc
+        if not name or len(name) > 128:
+            raise InvalidRequest("device name must be 1-128 characters")
+        for m in models:
+            model_config(m)
+        status = self.store.consume_token(auth.lookup_key(token or ""), time.time())
+        if status != "ok":
+            raise Unauthenticated(f"enrollment token {status}")
+        device_id = "dev-" + secrets.token_hex(6)
+        credential = auth.new_secret("credential")
+        models_json = tuple(_model_dict(m) for m in models)
+        record = DeviceRecord(device_id, name, profile, auth.hash_secret(credential), models_json, emulated)
+        self.store.add_device(record)
+        mqtt = pb.MqttInfo(topic_prefix=f"tandem/v1/devices/{device_id}")
+        if self.mqtt is not None:
+            password = secrets.token_urlsafe(24)
+            if self.mqtt.add_user is not None:
+                self.mqtt.add_user(device_id, password)
+            mqtt = pb.MqttInfo(
+                host=self.mqtt.host,
+                port=self.mqtt.port,
+                username=device_id,
+                password=password,
+                topic_prefix=mqtt.topic_prefix,
+            )
+        log.info("enrolled %s (%s, profile %s)", device_id, name, profile)
+        return pb.EnrollResponse(device_id=device_id, credential=credential, mqtt=mqtt)
+
+    def authenticate_device(self, device_id: str | None, credential: str | None) -> DeviceRecord:
+        record = self.store.get_device(device_id or "")
+        if record is None or not credential or not auth.check_secret(credential, record.credential_hash):
+            raise Unauthenticated("unknown device or wrong device credential")
+        return record
+
+    def deregister(self, record: DeviceRecord) -> None:
+        session = self.fleet.sessions.get(record.device_id)
+        if session is not None:
+            self.fleet.detach(session)
+        self.store.remove_device(record.device_id)
+
+    def devices(self) -> list[pb.Device]:
+        out = []
+        for r in self.store.list_devices():
+            t = self.fleet.telemetry.get(r.device_id)
+            session = self.fleet.sessions.get(r.device_id)
+            out.append(
+                pb.Device(
+                    device_id=r.device_id,
+                    name=r.name,
+                    profile=r.profile,
+                    # The replica holding a device's work channel knows best; others read the registry.
+                    status=self.fleet.status_of(r.device_id) if r.device_id in self.fleet.sessions else r.status,
+                    models=[pb.ModelInfo(**{k: v for k, v in m.items() if k != "config_json"}) for m in r.models],
+                    last_seen_unix=max(r.last_seen, t.at if t else 0.0),
+                    load=t.load if t else 0.0,
+                    queue_depth=t.queue_depth if t else 0,
+                    emulated=r.emulated,
+                    connected=session is not None,
+                )
+            )
+        return out
+
+
+def _model_dict(m: pb.ModelInfo) -> dict:
+    return {
+        "name": m.name,
+        "arch": m.arch,
+        "n_layers": m.n_layers,
+        "quant": m.quant,
+        "weight_bytes": m.weight_bytes,
+        "config_json": m.config_json,
+    }

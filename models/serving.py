@@ -1,0 +1,99 @@
+"""One loaded model served one request at a time: the wrapper the agent and the hub's local backend share.
+
+`ServedModel` holds the lock (requests run one at a time; others wait, and the caller counts them as
+queue depth), warms the model up at construction, encodes prompts, and streams a request's tokens
+from either a step engine (edge_agent.engines, through `Generator.stream_engine`) or the model's own
+generator. An optional `Pacer` holds tokens back so that they arrive no sooner than a device class
+being emulated would produce them; pacing can only slow a request down.
+
+Cancellation is checked between tokens: a cancelled request stops before its next step, and closing
+the generator releases the engine's per-request state under the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from models.generate import Continuation, Prompt, StepEngine, TokenEvent
+from models.loaded import LoadedModel
+from models.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Minimum timings to emulate: the first token after ttft_ms, then one every tpot_ms."""
+
+    ttft_ms: float
+    """Earliest first token, from the request's start under the lock."""
+    tpot_ms: float
+    """Least time between tokens after the first."""
+
+
+Pacer = Callable[[int, int], Pace]
+"""(prompt tokens, max new tokens) -> the timings to emulate."""
+
+
+class ServedModel:
+    """`loaded` served one request at a time, by `engine` when given (an engine that has loaded this
+    model), else by the model's own generator."""
+
+    def __init__(
+        self,
+        name: str,
+        loaded: LoadedModel,
+        engine: StepEngine | None = None,
+        pacer: Pacer | None = None,
+        warmup: bool = True,
+    ) -> None:
+        self.name = name
+        self.loaded = loaded
+        self.engine = engine
+        self.pacer = pacer
+        self._lock = threading.Lock()
+        self._requests = itertools.count()
+        self.info = loaded.describe(name)
+        """The ModelInfo fields a server advertises (constant: the hub reads them per request)."""
+        if warmup:
+            self.warmup()
+
+    def warmup(self) -> None:
+        """One short generation, so the first real request does not pay for lazy initialisation."""
+        for _ in self.stream([1, 2, 3, 4], SamplingParams(max_tokens=2, ignore_eos=True), threading.Event()):
+            pass
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt (text, chat messages or ids); raises models.errors.InvalidRequest."""
+        return self.loaded.generator().encode_prompt(prompt)
+
+    def stream(
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        cancel: threading.Event,
+        continuation: Continuation | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Tokens for prompt `ids` (going on from `continuation`), one request at a time, paced.
+
+        Stops without a final event when `cancel` is set; raises models.errors.InvalidRequest for a
+        prompt the model cannot take (too long for its context, for example)."""
+        with self._lock:
+            start = time.perf_counter()
+            pace = self.pacer(len(ids), params.max_tokens) if self.pacer else None
+            gen = self.loaded.generator()
+            if self.engine is not None:
+                events = gen.stream_engine(self.engine, f"r{next(self._requests)}", ids, params, continuation)
+            else:
+                events = gen.stream([ids], params, [continuation] if continuation is not None else None)
+            with contextlib.closing(events):  # a cancelled request releases its engine state under the lock
+                for i, event in enumerate(events):
+                    if cancel.is_set():
+                        return
+                    if pace is not None:
+                        due = start + (pace.ttft_ms + i * pace.tpot_ms) / 1000
+                        time.sleep(max(0.0, due - time.perf_counter()))
+                    yield event
