@@ -17,10 +17,15 @@ N concurrent streams with the AsyncClient.
 - Telemetry ingest: P publishers (each an enrolled device, ACL-checked by the broker) send QoS-0
   telemetry as fast as they can for a few seconds, as pre-encoded PUBLISH packets over raw sockets
   (paho clients could not outrun the hub; `--publisher paho` keeps them for comparison); the rate
-  is the growth of the hub's ingest counter over the steady part of the window.
+  is the growth of the hub's ingest counter over the steady part of the window, beside the hub
+  process's CPU time per message. `--ingest ours,gmqtt` runs one hub per MQTT client (ours,
+  `cloud_hub.mqtt_ingest`, and gmqtt through `GmqttSubscriber`), all up at once, and measures them in
+  turn for `--rounds` rounds, the order reversed every round; the ratio is the median of the rounds'
+  ratios.
 
     python benchmarks/hub_load.py --streams 200 --agents 20 [--json] [--write-docs]
     python benchmarks/hub_load.py --telemetry-only [--publisher raw|paho] [--seconds 5]
+    python benchmarks/hub_load.py --telemetry-only --pin-hub --ingest ours,gmqtt --rounds 3
 """
 
 from __future__ import annotations
@@ -28,16 +33,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import importlib
 import json
 import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +53,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.docs_block import command_line, write_block  # noqa: E402
 
-TANDEM = [sys.executable, "-m", "tandem.cli"]
+TANDEM = [sys.executable, "-m", "tandem_cli"]
+# MQTT clients for the hub's telemetry ingest: name -> "module:Class" with `MqttSubscriber`'s interface.
+INGEST_CLIENTS = {
+    "ours": "cloud_hub.mqtt_ingest:MqttSubscriber",
+    "gmqtt": "benchmarks.gmqtt_ingest:GmqttSubscriber",
+}
 
 
 def free_port() -> int:
@@ -65,10 +78,10 @@ async def agents_worker(hub: str, data_dir: Path, count: int, model: str, work: 
 
     torch.set_num_threads(1)  # leave the second core to the hub: this measures the hub, not the engine
     from edge_agent.agent import Agent, AgentConfig
-    from edge_agent.engine import LocalEngine
     from models.runtime import load
+    from models.serving import ServedModel
 
-    engine = LocalEngine("tiny", load(model, use_cache=False))
+    engine = ServedModel("tiny", load(model, use_cache=False))
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     agents = [
@@ -115,20 +128,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def telemetry_rate(
-    data_dir: Path,
     broker_port: int,
     hub_metrics_url: str,
-    publishers: int,
+    creds: list[tuple[str, str, str]],
     seconds: float,
-    hub_address: str,
     publisher: str = "raw",
+    hub_pid: int = 0,
 ) -> dict:
-    """Enroll `publishers` devices, blast QoS-0 telemetry, and read the hub's ingest counter.
+    """Blast QoS-0 telemetry from the enrolled devices `creds` and read the hub's ingest counter.
 
     The rate is the counter's growth over the steady part of the window (from 0.5 s after the first
-    message to the end of sending), so neither ramp-up nor the drain afterwards dilutes it. `sent`
-    far above `ingested` means the hub (or the broker, which drops QoS 0 for a slow subscriber)
-    was the limit, not the publishers.
+    message to the end of sending), so neither ramp-up nor the drain afterwards dilutes it; the hub
+    process's CPU time over the same window, per message counted, goes beside it. Returns once the
+    hub's counter has stopped growing. `sent` far above
+    `ingested` means the hub (or the broker, which drops QoS 0 for a slow subscriber) was the limit,
+    not the publishers.
     """
     import httpx
 
@@ -137,7 +151,6 @@ def telemetry_rate(
         line = next(x for x in text.splitlines() if x.startswith("tandem_telemetry_messages_total"))
         return float(line.split()[-1])
 
-    creds = _enroll(data_dir, os.environ.get("HUB_ADDR") or hub_address, publishers)
     payload = json.dumps({"load": 0.5, "queue_depth": 1, "power_w": 5.0, "memory_mb": 300.0}).encode()
     before = counted()
     start = time.perf_counter()
@@ -147,19 +160,29 @@ def telemetry_rate(
     sender = threading.Thread(target=lambda: result.update(sent=blast(broker_port, creds, payload, stop_at)))
     sender.start()
     time.sleep(min(0.5, seconds / 4))
-    t0, c0 = time.perf_counter(), counted()
+    t0, c0, cpu0 = time.perf_counter(), counted(), cpu_seconds(hub_pid)
     sender.join()
-    t1, c1 = time.perf_counter(), counted()
-    time.sleep(1.0)  # let the broker and the hub drain
-    received = counted() - before
+    t1, c1, cpu1 = time.perf_counter(), counted(), cpu_seconds(hub_pid)
+    # Wait for the broker's backlog to drain into the hub: a hub still busy would take CPU from the
+    # next measurement (all hubs and brokers share the cores, and one core with --pin-hub).
+    settled = c1
+    while True:
+        time.sleep(0.5)
+        now = counted()
+        if now == settled or time.perf_counter() - t1 > 60:
+            break
+        settled = now
+    received = now - before
     return {
-        "publishers": publishers,
+        "publishers": len(creds),
         "publisher": publisher,
         "sent": result.get("sent", 0),
         "ingested": received,
         "msgs_per_s": (c1 - c0) / (t1 - t0),
+        "hub_cpu_us_per_msg": 1e6 * (cpu1 - cpu0) / max(1.0, c1 - c0),
         "window_s": t1 - t0,
         "send_s": t1 - start,
+        "drain_s": time.perf_counter() - t1,
     }
 
 
@@ -244,7 +267,108 @@ def _blast_paho(port: int, creds: list[tuple[str, str, str]], payload: bytes, st
     return sent
 
 
+def load_client(name: str) -> type:
+    """The MQTT client class registered as `name` in INGEST_CLIENTS."""
+    module, _, attr = INGEST_CLIENTS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def hub_worker(client: str, argv: list[str]) -> None:
+    """Run `tandem <argv>` (the hub) with `client` as its telemetry ingest's MQTT client."""
+    import runpy
+
+    from cloud_hub.telemetry import TelemetryIngest
+
+    TelemetryIngest.subscriber_factory = load_client(client)
+    sys.argv = [TANDEM[2], *argv]
+    runpy.run_module(TANDEM[2], run_name="__main__", alter_sys=True)  # exits with the command's status
+
+
+class HubProcess:
+    """One hub (`tandem hub up`, managed Mosquitto) in its own process, through `hub_worker`."""
+
+    def __init__(self, work: Path, client: str, env: dict, pin: Callable[[], None] | None) -> None:
+        self.client, self.data_dir = client, work / "hub"
+        self.address, self.http_port = f"127.0.0.1:{free_port()}", free_port()
+        self.key_file = work / "key"
+        cmd = [sys.executable, __file__, "--hub-worker", client, "hub", "up", "--data-dir", str(self.data_dir)]
+        cmd += ["--listen", self.address, "--http-listen", f"127.0.0.1:{self.http_port}"]
+        cmd += ["--api-key-file", str(self.key_file)]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=pin
+        )
+        self.output: list[str] = []
+
+    def wait_ready(self) -> None:
+        """Until "hub ready"; then its output is drained in a thread (a full pipe would stall the hub)."""
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self.output.append(line)
+            if "hub ready" in line:
+                threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
+                return
+        raise RuntimeError(f"hub ({self.client}) exited before it was ready:\n{''.join(self.output[-20:])}")
+
+    @property
+    def broker_port(self) -> int:
+        return int((self.data_dir / "mqtt" / "mosquitto.conf").read_text().split("listener ")[1].split()[0])
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/metrics"
+
+
+def telemetry_rounds(args: argparse.Namespace, hubs: dict[str, HubProcess]) -> dict:
+    """Every client's hub measured in turn, `args.rounds` times (order reversed every other round).
+
+    Each hub gets its own enrolled devices once; rates are medians over the rounds, and each ratio to
+    the first client is the median of the rounds' own ratios (measured seconds apart).
+    """
+    names = list(hubs)
+    creds = {n: _enroll(hubs[n].data_dir, hubs[n].address, args.publishers) for n in names}
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            hub = hubs[name]
+            runs[name].append(
+                telemetry_rate(
+                    hub.broker_port, hub.metrics_url, creds[name], args.seconds, args.publisher, hub.proc.pid
+                )
+            )
+    rates = {n: [run["msgs_per_s"] for run in runs[n]] for n in names}
+    out: dict = {"publishers": args.publishers, "publisher": args.publisher, "seconds": args.seconds}
+    out |= {"rounds": args.rounds, "cpu": cpu_description()}
+    out["clients"] = {
+        n: {
+            "msgs_per_s": statistics.median(rates[n]),
+            "msgs_per_s_range": [min(rates[n]), max(rates[n])],
+            "hub_cpu_us_per_msg": statistics.median(run["hub_cpu_us_per_msg"] for run in runs[n]),
+            "runs": runs[n],
+        }
+        for n in names
+    }
+    for n in names[1:]:
+        ratios = [b / a for a, b in zip(rates[names[0]], rates[n], strict=True)]
+        out[f"{n}_vs_{names[0]}"] = {"ratio": statistics.median(ratios), "range": [min(ratios), max(ratios)]}
+    return out
+
+
+def cpu_description() -> str:
+    """CPU model and vector extensions (figures here depend on the host: AVX2-only Zen 3 or AVX-512 Zen 4)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(x.split(":", 1) for x in info.split("\n\n")[0].splitlines() if ":" in x)
+    field = {k.strip(): v.strip() for k, v in fields.items()}.get
+    flags = field("flags", "").split()
+    vector = sorted(f for f in flags if f.startswith("avx512")) or [f for f in ("avx2",) if f in flags]
+    model = f"{field('model name', '?')} (family {field('cpu family', '?')}, model {field('model', '?')})"
+    return f"{model}, {os.cpu_count()} cores, {' '.join(vector) or 'no AVX2'}"
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--hub-worker"]:
+        return hub_worker(sys.argv[2], sys.argv[3:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--streams", type=int, default=200)
     p.add_argument("--agents", type=int, default=20)
@@ -252,6 +376,13 @@ def main() -> None:
     p.add_argument("--publishers", type=int, default=20)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--publisher", choices=("raw", "paho"), default="raw", help="telemetry publishers (see _blast_raw)")
+    p.add_argument(
+        "--ingest",
+        default="ours",
+        help=f"comma-separated MQTT clients for the hub's telemetry ingest, of {sorted(INGEST_CLIENTS)}; "
+        "one hub each; the streams run on the first",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="telemetry rounds (every client once a round)")
     p.add_argument("--telemetry-only", action="store_true", help="skip the agents and streams")
     p.add_argument(
         "--pin-hub",
@@ -270,14 +401,12 @@ def main() -> None:
         work = Path(tempfile.mkdtemp(prefix="tandem-agents-"))
         asyncio.run(agents_worker(args.hub, Path(args.data_dir), args.agents_worker, args.model, work))
         return
-
-    from tests.tiny import TinySpec, write_tiny_gguf
+    clients = args.ingest.split(",")
+    if set(clients) - set(INGEST_CLIENTS) or len(set(clients)) != len(clients):
+        p.error(f"--ingest {args.ingest}: unknown or repeated clients (known: {', '.join(INGEST_CLIENTS)})")
 
     work = Path(tempfile.mkdtemp(prefix="tandem-load-"))
-    model = write_tiny_gguf(work / "tiny.gguf", TinySpec(arch="llama", n_layers=2, context_length=256))
-    port, http_port = free_port(), free_port()
-    hub_addr = f"127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HUB_ADDR": hub_addr}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     pin = None
     if args.pin_hub:
         cores = sorted(os.sched_getaffinity(0))
@@ -285,37 +414,15 @@ def main() -> None:
             sys.exit("--pin-hub needs at least 2 cores")
         os.sched_setaffinity(0, cores[1:])  # this driver, and the agents' process it starts, inherit it
         pin = functools.partial(os.sched_setaffinity, 0, cores[:1])  # the hub's threads and broker inherit it
-    hub = subprocess.Popen(
-        [
-            *TANDEM,
-            "hub",
-            "up",
-            "--data-dir",
-            str(work / "hub"),
-            "--listen",
-            hub_addr,
-            "--http-listen",
-            f"127.0.0.1:{http_port}",
-            "--api-key-file",
-            str(work / "key"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        preexec_fn=pin,
-    )
-    procs = [hub]
+    hubs = {name: HubProcess(work / name, name, env, pin) for name in clients}
+    procs = [h.proc for h in hubs.values()]
     summary: dict = {}
     try:
-        assert "hub ready" in hub.stdout.readline()
+        for hub in hubs.values():
+            hub.wait_ready()
         if not args.telemetry_only:
-            summary = _streams(args, hub_addr, work, model, env, procs)
-        broker_port = int((work / "hub" / "mqtt" / "mosquitto.conf").read_text().split("listener ")[1].split()[0])
-        metrics = f"http://127.0.0.1:{http_port}/metrics"
-        summary["telemetry"] = telemetry_rate(
-            work / "hub", broker_port, metrics, args.publishers, args.seconds, hub_addr, args.publisher
-        )
+            summary = _streams(args, hubs[clients[0]], work, env, procs)
+        summary["telemetry"] = telemetry_rounds(args, hubs)
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
@@ -328,14 +435,20 @@ def main() -> None:
         _write_docs(summary, command_line())
 
 
-def _streams(
-    args: argparse.Namespace, hub_addr: str, work: Path, model: Path, env: dict, procs: list[subprocess.Popen]
-) -> dict:
-    """Start the agents' process (added to `procs` for the caller to stop) and measure the streams."""
-    cmd = [sys.executable, __file__, "--agents-worker", str(args.agents), "--hub", hub_addr]
-    procs.append(subprocess.Popen([*cmd, "--data-dir", str(work / "hub"), "--model", str(model)], env=env))
-    key = (work / "key").read_text().strip()
-    return asyncio.run(_measure(hub_addr, key, args, procs[0].pid))
+def _streams(args: argparse.Namespace, hub: HubProcess, work: Path, env: dict, procs: list[subprocess.Popen]) -> dict:
+    """Start the agents' process, measure the streams, and stop the agents (telemetry runs without them)."""
+    from tests.tiny import TinySpec, write_tiny_gguf
+
+    model = write_tiny_gguf(work / "tiny.gguf", TinySpec(arch="llama", n_layers=2, context_length=256))
+    cmd = [sys.executable, __file__, "--agents-worker", str(args.agents), "--hub", hub.address]
+    agents = subprocess.Popen([*cmd, "--data-dir", str(hub.data_dir), "--model", str(model)], env=env)
+    procs.append(agents)
+    key = hub.key_file.read_text().strip()
+    try:
+        return asyncio.run(_measure(hub.address, key, args, hub.proc.pid))
+    finally:
+        agents.send_signal(signal.SIGTERM)
+        agents.wait(20)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -414,7 +527,35 @@ def _table(s: dict) -> str:
 
 
 def _write_docs(summary: dict, command: str) -> None:
-    write_block("hub_load", f"## Hub load\n\nCommand: `{command}`\n\n```json\n{json.dumps(summary, indent=2)}\n```")
+    """The streams run fills the `hub_load` block; `--telemetry-only` its own, leaving the streams' figures."""
+    if "streams" in summary:
+        write_block("hub_load", f"## Hub load\n\nCommand: `{command}`\n\n```json\n{json.dumps(summary, indent=2)}\n```")
+    else:
+        write_block("hub_telemetry", _telemetry_doc(summary["telemetry"], command))
+
+
+def _telemetry_doc(t: dict, command: str) -> str:
+    """Markdown for the telemetry figures: a table of the clients, the ratios, the JSON."""
+    names = list(t["clients"])
+    rows = [
+        f"| {n} | {c['msgs_per_s']:,.0f} | {c['msgs_per_s_range'][0]:,.0f}-{c['msgs_per_s_range'][1]:,.0f} "
+        f"| {c['hub_cpu_us_per_msg']:.1f} |"
+        for n, c in t["clients"].items()
+    ]
+    ratios = []
+    for n in names[1:]:
+        r = t[f"{n}_vs_{names[0]}"]
+        ratios.append(f"{n} / {names[0]}: {r['ratio']:.2f} ({r['range'][0]:.2f}-{r['range'][1]:.2f})")
+    setup = (
+        f"Machine: {t['cpu']}; {time.strftime('%Y-%m-%d')}. {t['publishers']} {t['publisher']} publishers, QoS 0, "
+        f"{t['seconds']:g} s a run; {t['rounds']} rounds of every client in turn (order reversed every other "
+        "round), each client in a hub of its own; rates are medians, each ratio the median of the rounds' own."
+    )
+    table = ["| client | messages/s | range | hub CPU µs a message |", "|---|---|---|---|", *rows]
+    lines = ["## Telemetry ingest by MQTT client", "", f"Command: `{command}`  ", setup, "", *table, ""]
+    if ratios:
+        lines += ["; ".join(ratios) + ".", ""]
+    return "\n".join([*lines, "```json", json.dumps(t), "```"])
 
 
 if __name__ == "__main__":

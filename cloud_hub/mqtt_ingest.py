@@ -145,7 +145,10 @@ class _Protocol(asyncio.Protocol):
             self._deliver(messages, acks)
             self._drop(exc)
             return
-        self._buf = bytearray(data[tail:]) if tail < len(data) else bytearray()
+        if data is buf:  # trimmed in place: a packet arriving in many reads is not copied whole at each
+            del buf[:tail]
+        else:
+            self._buf = bytearray(data[tail:])
         self._deliver(messages, acks)
 
     def _packet(self, data: bytes, first: int, start: int, end: int, messages: list, acks: list) -> None:

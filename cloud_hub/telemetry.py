@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 from cloud_hub.mqtt_codec import Message
 from cloud_hub.mqtt_ingest import MqttSubscriber, SubscriberConfig
@@ -26,12 +27,32 @@ _STATUSES = frozenset(("online", "offline"))
 _decode_json = json.JSONDecoder().decode
 
 
+class Subscriber(Protocol):
+    """What the ingest needs of an MQTT client: `MqttSubscriber`'s public surface."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def malformed_packets(self) -> int: ...
+
+    async def start(self, timeout_s: float = 10.0) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+SubscriberFactory = Callable[[SubscriberConfig, Callable[[list[Message]], None]], Subscriber]
+
+
 class TelemetryIngest:
     """Subscribe, validate, and hand each device message to the callbacks.
 
     `start()` raises `cloud_hub.mqtt_ingest.MqttError` (a RuntimeError) when the broker cannot be
     reached or refuses the login; afterwards the client reconnects by itself.
     """
+
+    subscriber_factory: ClassVar[SubscriberFactory] = MqttSubscriber
+    """The MQTT client; `benchmarks/hub_load.py --ingest` sets another in its hub process to compare."""
 
     def __init__(
         self,
@@ -50,7 +71,7 @@ class TelemetryIngest:
         # Statuses at QoS 1: a device's last will ("offline") must not be lost on the way to us.
         subscriptions = ((PREFIX + "+/telemetry", 0), (PREFIX + "+/status", 1))
         config = SubscriberConfig(host, port, username, password, subscriptions, keepalive_s=keepalive_s)
-        self._client = MqttSubscriber(config, self._messages)
+        self._client = type(self).subscriber_factory(config, self._messages)
 
     @property
     def connected(self) -> bool:

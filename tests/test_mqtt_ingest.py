@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from cloud_hub import mqtt_codec as codec
-from cloud_hub.broker import BrokerConfig, ManagedBroker, device_topic
+from cloud_hub.broker import BrokerConfig, ManagedBroker
+from cloud_hub.broker_files import device_topic
 from cloud_hub.mqtt_codec import Message
 from cloud_hub.mqtt_ingest import ConnectRefused, MqttError, MqttSubscriber, SubscriberConfig, _Protocol
 from cloud_hub.telemetry import TelemetryIngest
