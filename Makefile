@@ -18,6 +18,7 @@ run: setup models
 
 test: setup models
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-logo --no-cache
 	TANDEM_REQUIRE_MODELS=1 $(BIN)/python -m pytest -q
 
 test-slow: setup models llamacpp
@@ -31,8 +32,9 @@ bench: setup models llamacpp
 	$(BIN)/python benchmarks/edge_decode.py --write-docs
 	$(BIN)/python benchmarks/hub_load.py --pin-hub --write-docs
 
+# ruff, then the layering contracts of pyproject.toml ([tool.importlinter]; docs/architecture.md)
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports --no-logo --no-cache
 
 setup: $(STAMP)
 
