@@ -48,7 +48,7 @@ async def _serve(config: HubConfig, api_key_file: str | None) -> None:
     hub = Hub(config)
     await hub.start()
     if api_key_file:
-        key = hub.service.create_api_key("hub-up")
+        key = hub.registry.create_api_key("hub-up")
         path = Path(api_key_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
@@ -86,7 +86,7 @@ def cmd_hub_init(args: argparse.Namespace) -> int:
 
 
 def cmd_hub_token(args: argparse.Namespace) -> int:
-    from cloud_hub.service import create_token  # lazy: imports torch (see the module docstring)
+    from cloud_hub.registry import create_token  # lazy: imports torch (see the module docstring)
     from cloud_hub.store import open_store
 
     store = open_store(args.registry, data_dir(args.data_dir, "hub"))
@@ -96,7 +96,7 @@ def cmd_hub_token(args: argparse.Namespace) -> int:
 
 
 def cmd_hub_apikey(args: argparse.Namespace) -> int:
-    from cloud_hub.service import create_api_key  # lazy: imports torch (see the module docstring)
+    from cloud_hub.registry import create_api_key  # lazy: imports torch (see the module docstring)
     from cloud_hub.store import open_store
 
     store = open_store(args.registry, data_dir(args.data_dir, "hub"))
