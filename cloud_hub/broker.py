@@ -15,17 +15,31 @@ next loop turn, seen in its log); call them through `asyncio.to_thread` from asy
 start, reload or find Mosquitto raise `BrokerError` with the tail of the broker's log; bad usernames
 and passwords raise `ValueError`.
 Passwords never reach a log, a command line or an error message.
+
+Lifetime. The broker lives no longer than the process that started it, and keeps its address across
+restarts of the hub:
+- Its port is saved in `data_dir/port` and reused by the next `start()` on the same directory when it
+  is free, so agents that saved it reach the next hub's broker without being told.
+- The child gets PR_SET_PDEATHSIG (SIGTERM, Linux). Linux sends it when the *thread* that forked the
+  child ends, so the fork happens on a keeper thread that then waits for the child: the signal comes
+  when the hub's process dies, SIGKILL included. Run as root, the hub drops the child to the data
+  directory's owner before the exec, not mosquitto itself: a set-uid inside mosquitto would clear the
+  death signal.
+- Its pid is written to `data_dir/mosquitto.pid`; `start()` first ends a broker left running on the
+  same directory (where no death signal reached it: another OS, an older hub). Only a process whose
+  command line is `mosquitto -c <this data_dir's mosquitto.conf>` is signalled, never another pid.
+- `start(hold_devices=True)` admits the hub's own account only, until `admit_devices()`: the hub
+  subscribes first, so no device message reaches a broker that nobody reads yet.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -39,12 +53,30 @@ from cloud_hub.broker_files import (
     RunAs,
     give_to,
     hash_password,
+    popen_account,
     render_acl,
+    render_passwd,
     run_as_owner,
     validate_username,
 )
+from cloud_hub.broker_process import (
+    accepts,
+    bindable,
+    file_size,
+    free_port,
+    is_broker_of,
+    log_tail,
+    read_from,
+    read_int,
+    signal_broker,
+    spawn_tied,
+    wait_gone,
+)
+from cloud_hub.files import private_dir
 
 __all__ = ["BrokerConfig", "BrokerError", "ManagedBroker", "find_mosquitto"]
+
+log = logging.getLogger("tandem.hub.broker")
 
 # Logged (at "information" level) by the broker's single-threaded main loop just before it re-reads
 # its files; any packet it handles after writing the line is judged by the new files.
@@ -56,7 +88,6 @@ _RUNNING_RE = re.compile(rb"mosquitto version \S+ running")
 _START_TIMEOUT_S = 10.0
 _RELOAD_TIMEOUT_S = 5.0
 _STOP_TIMEOUT_S = 5.0
-_LOG_TAIL_LINES = 20
 
 
 def find_mosquitto() -> str | None:
@@ -74,7 +105,7 @@ class BrokerConfig:
     host: str = "127.0.0.1"
     """Address the listener binds to."""
     port: int = 0
-    """TCP port of the listener; 0 picks a free port at start()."""
+    """TCP port of the listener; 0 reuses the port saved in data_dir when it is free, else picks a free one."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -92,15 +123,20 @@ class ManagedBroker:
 
     def __init__(self, config: BrokerConfig) -> None:
         self.config = config
-        self._dir = config.data_dir
+        # Absolute: the config path is how start() recognises a broker left running on this directory.
+        self._dir = Path(os.path.abspath(config.data_dir))
         self._conf = self._dir / "mosquitto.conf"
-        self._passwd = self._dir / "passwd"
+        self._passwd = self._dir / "passwd"  # every account: the hub's and the devices'
+        self._active = self._dir / "passwd.active"  # the accounts the broker admits now (see hold_devices)
         self._acl = self._dir / "acl"
         self._log = self._dir / "mosquitto.log"
+        self._pid_file = self._dir / "mosquitto.pid"
+        self._port_file = self._dir / "port"
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
         self._hub_password: str | None = None
         self._run_as: RunAs | None = None
+        self._admitting = True  # devices may connect (False between start(hold_devices=True) and admit_devices())
         self._lock = threading.Lock()  # serialises password-file rewrites and reloads
 
     # -- properties -------------------------------------------------------------------------------
@@ -140,34 +176,51 @@ class ManagedBroker:
     def log_path(self) -> Path:
         return self._log
 
+    @property
+    def pid_path(self) -> Path:
+        """The pidfile: the running broker's pid, read by the next start() on this data_dir."""
+        return self._pid_file
+
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Write the files, spawn mosquitto and wait until it accepts TCP connections.
+    def start(self, hold_devices: bool = False) -> None:
+        """End a broker left running on this data_dir, write the files, spawn mosquitto and wait
+        until it listens. With hold_devices, only the hub's account may connect until admit_devices().
 
-        Raises BrokerError when mosquitto is missing, exits early or does not listen within 10 s.
+        Raises BrokerError when mosquitto is missing, exits early or does not listen within 10 s, or
+        when a broker left running on this data_dir cannot be ended.
         """
         if self.running:
             raise BrokerError("broker already running")
         binary = find_mosquitto()
         if binary is None:
             raise BrokerError("mosquitto not found (Debian: apt-get install mosquitto)")
-        self._dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self._dir)  # the broker's passwords and ACL: no one else may list or read them
         self._run_as = run_as_owner(self._dir)
+        self._end_stale()
         # A restart of the same ManagedBroker keeps its port and hub password, so clients that are
         # already configured (the hub's ingest, the agents) reconnect by themselves.
-        self._port = self._port or self.config.port or _free_port(self.config.host)
+        self._port = self._port or self.config.port or self._saved_port() or free_port(self.config.host)
         self._hub_password = self._hub_password or secrets.token_urlsafe(32)
         with self._lock:
+            self._admitting = not hold_devices
             self._write_passwd({**self._read_passwd(), HUB_USERNAME: hash_password(self._hub_password)})
         self._write_private(self._acl, render_acl())
         self._write_private(self._conf, self._render_conf())
-        log_offset = _size(self._log)  # the log is appended across runs; judge this run's lines only
+        log_offset = file_size(self._log)  # the log is appended across runs; judge this run's lines only
         self._spawn(binary)
         self._wait_listening(log_offset)
+        self._write_private(self._port_file, f"{self._port}\n")
+
+    def admit_devices(self) -> None:
+        """Let device accounts connect after start(hold_devices=True); the broker has reloaded on return."""
+        with self._lock:
+            self._admitting = True
+            self._write_passwd(self._read_passwd())
+            self._reload()
 
     def stop(self) -> None:
-        """SIGTERM, wait up to 5 s, then SIGKILL. Safe to call twice or before start()."""
+        """SIGTERM, wait up to 5 s, then SIGKILL; removes the pidfile. Safe to call twice or before start()."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -178,6 +231,8 @@ class ManagedBroker:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if read_int(self._pid_file) == proc.pid:
+            self._pid_file.unlink(missing_ok=True)
 
     def __enter__(self) -> ManagedBroker:
         self.start()
@@ -237,7 +292,7 @@ class ManagedBroker:
             "per_listener_settings false",
             f"listener {self._port} {self.config.host}",
             "allow_anonymous false",
-            f"password_file {self._passwd}",
+            f"password_file {self._active}",
             f"acl_file {self._acl}",
             # Sessions and retained messages are not kept across restarts: the hub restarts the broker
             # with itself and devices re-announce their status when they reconnect.
@@ -262,11 +317,14 @@ class ManagedBroker:
         return users
 
     def _write_passwd(self, users: dict[str, str]) -> None:
-        self._write_private(self._passwd, "".join(f"{name}:{entry}\n" for name, entry in users.items()))
+        """Save every account, and give the broker those it admits now (the hub alone while held)."""
+        self._write_private(self._passwd, render_passwd(users))
+        active = users if self._admitting else {k: v for k, v in users.items() if k == HUB_USERNAME}
+        self._write_private(self._active, render_passwd(active))
 
     def _write_private(self, path: Path, text: str) -> None:
         """Atomically replace `path` with a 0600 file owned by the account the broker runs as."""
-        self._dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self._dir)  # the broker's passwords and ACL: no one else may list or read them
         run_as = self._run_as or run_as_owner(self._dir)  # add_user before the first start()
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -280,11 +338,39 @@ class ManagedBroker:
         # Our handle on the log also takes mosquitto's stderr, where it reports errors that come before
         # its own logging is set up (a bad config line, a port in use): one file holds the whole story.
         fd = os.open(self._log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # a log found looser (an older hub's) is tightened: it names every device
         give_to(self._log, self._run_as)
-        with os.fdopen(fd, "ab") as log:
-            self._proc = subprocess.Popen(
-                [binary, "-c", str(self._conf)], stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        with os.fdopen(fd, "ab") as log_file:
+            self._proc = spawn_tied(
+                [binary, "-c", str(self._conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                **popen_account(self._run_as),
             )
+        self._write_private(self._pid_file, f"{self._proc.pid}\n")
+
+    def _saved_port(self) -> int | None:
+        """The port the last start() on this data_dir used, if it can be bound now."""
+        port = read_int(self._port_file)
+        return port if port and 0 < port <= 65535 and bindable(self.config.host, port) else None
+
+    def _end_stale(self) -> None:
+        """End the broker named by the pidfile if it is this data_dir's mosquitto (see the module docstring)."""
+        pid = read_int(self._pid_file)
+        if pid is None or not is_broker_of(pid, self._conf):
+            self._pid_file.unlink(missing_ok=True)
+            return
+        log.warning("ending broker pid %d, left running on %s by an earlier hub", pid, self._dir)
+        try:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if not signal_broker(pid, self._conf, sig) or wait_gone(pid, self._conf, _STOP_TIMEOUT_S):
+                    break
+            else:
+                raise BrokerError(f"broker pid {pid} of {self._dir} did not end after SIGKILL")
+        except PermissionError as exc:
+            raise BrokerError(f"broker pid {pid} of {self._dir} is still running and we may not end it: {exc}") from exc
+        self._pid_file.unlink(missing_ok=True)
 
     def _wait_listening(self, log_offset: int) -> None:
         assert self._proc is not None and self._port is not None
@@ -294,7 +380,7 @@ class ManagedBroker:
                 code = self._proc.returncode
                 self.stop()
                 raise BrokerError(f"mosquitto exited with status {code} while starting{self._diagnosis()}")
-            if _RUNNING_RE.search(_read_from(self._log, log_offset)) and _accepts(self.config.host, self._port):
+            if _RUNNING_RE.search(read_from(self._log, log_offset)) and accepts(self.config.host, self._port):
                 return
             time.sleep(0.02)
         self.stop()
@@ -307,11 +393,11 @@ class ManagedBroker:
         if not self.running:
             return
         assert self._proc is not None
-        offset = _size(self._log)
+        offset = file_size(self._log)
         self._proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + _RELOAD_TIMEOUT_S
         while time.monotonic() < deadline:
-            if _RELOAD_MARK in _read_from(self._log, offset):
+            if _RELOAD_MARK in read_from(self._log, offset):
                 return
             time.sleep(0.01)
         raise BrokerError(f"mosquitto did not reload within {_RELOAD_TIMEOUT_S} s{self._diagnosis()}")
@@ -323,43 +409,4 @@ class ManagedBroker:
                 f"\n(mosquitto runs as {self._run_as.name!r}, the owner of {self._dir}: "
                 "every parent directory must be searchable by that account)"
             )
-        return f"{hint}\nlast lines of {self._log}:\n{_tail(self._log)}"
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-
-def _free_port(host: str) -> int:
-    # The port is released before mosquitto binds it, so another process could take it in between;
-    # mosquitto then exits with "Address already in use", which start() reports.
-    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _accepts(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
-        return True
-    return False
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _read_from(path: Path, offset: int) -> bytes:
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read()
-
-
-def _tail(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as exc:
-        return f"(log unreadable: {exc})"
-    return "\n".join(lines[-_LOG_TAIL_LINES:]) or "(log empty)"
+        return f"{hint}\nlast lines of {self._log}:\n{log_tail(self._log)}"

@@ -62,6 +62,11 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
     return f"$7${_PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
+def render_passwd(users: dict[str, str]) -> str:
+    """A Mosquitto password file: one `name:hash` line per account."""
+    return "".join(f"{name}:{entry}\n" for name, entry in users.items())
+
+
 @dataclass(frozen=True)
 class RunAs:
     """The account the broker process ends up running as, and so the owner of its files."""
@@ -108,3 +113,14 @@ def run_as_owner(data_dir: Path) -> RunAs:
 def give_to(path: Path, run_as: RunAs) -> None:
     if os.geteuid() == 0:
         os.chown(path, run_as.uid, run_as.gid)
+
+
+def popen_account(run_as: RunAs) -> dict[str, object]:
+    """subprocess.Popen arguments that start mosquitto as run_as when we are root (none otherwise).
+
+    Started as that account, mosquitto never changes user itself, so what the kernel clears at a
+    change of user (the parent-death signal, see cloud_hub.broker) survives.
+    """
+    if os.geteuid() != 0 or run_as.uid == 0 or run_as.name is None:
+        return {}
+    return {"user": run_as.uid, "group": run_as.gid, "extra_groups": os.getgrouplist(run_as.name, run_as.gid)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 
@@ -36,7 +38,30 @@ class Unavailable(HubError):
 
 
 class Overloaded(HubError):
+    """The hub cannot take the request now (its in-flight limit); `retry_after_s` says when to try again.
+
+    The edges send it in whole seconds, at least 1: gRPC as trailing metadata `retry-after`, HTTP as
+    the `Retry-After` header of a 429."""
+
     code, kind = grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after(self) -> str:
+        """`retry_after_s` as HTTP's Retry-After writes it: whole seconds, rounded up, at least 1."""
+        return str(max(1, math.ceil(self.retry_after_s)))
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (*super().metadata(), ("retry-after", self.retry_after))
+
+
+class RateLimited(Overloaded):
+    """The caller's API key is over its rate (`Limits.rate_per_s`); retry after `retry_after_s`."""
+
+    kind = "rate_limited"
 
 
 class BudgetUnsatisfiable(HubError):

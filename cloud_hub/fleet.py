@@ -3,6 +3,13 @@
 An `AgentSession` is one open WorkChannel stream. The hub puts `Work` into its outbox; the agent's
 replies (tokens, done, error) are routed to the queue of the work they belong to. When the stream
 ends, every unfinished work gets an `Unavailable` error, so a caller never waits on a dead device.
+
+The hub sends an agent no more works at once than its Hello's `max_concurrency`: the rest wait here,
+in the session's `held` queue (FIFO), and go down as the agent reports works finished. A caller that
+goes away takes its work back: a held one is never sent, a sent one gets a `Cancel` and frees its slot
+at once (the agent stops it within one decode step). Routing counts held works with the rest
+(`inflight`), so the router's queue model sees them; the wait for a slot is the device's queueing,
+added to the TTFT the agent reports (`Metrics.engine_ttft_ms`: "queueing included").
 """
 
 from __future__ import annotations
@@ -32,11 +39,15 @@ class WorkQueue:
     (putters, unfinished-task counts, a join event) buys nothing for one producer and one consumer.
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "held_at", "waited_s")
 
     def __init__(self) -> None:
         self._items: collections.deque[tuple[float, object]] = collections.deque()
         self._waiter: asyncio.Future | None = None
+        self.held_at = 0.0
+        """perf_counter() when its work was held at the hub for a slot (0: sent at once)."""
+        self.waited_s = 0.0
+        """How long its work waited at the hub for a slot on the device."""
 
     def put(self, item: tuple[float, object]) -> None:
         self._items.append(item)
@@ -76,18 +87,31 @@ class AgentSession:
     closed: bool = False
     inflight: int = 0
     """Requests routed here and not finished: counted from the routing decision on, so that
-    concurrent requests see each other before their work reaches the device."""
+    concurrent requests see each other before their work reaches the device (held ones included)."""
+    running: set[str] = field(default_factory=set)
+    """Ids of works sent down and not finished: at most max_concurrency."""
+    held: collections.deque[pb.Work] = field(default_factory=collections.deque)
+    """Works waiting at the hub for a slot, oldest first; one whose caller went away is skipped."""
     offers: list[tuple[str, bool, Candidate]] | None = field(default=None, repr=False)
     """(model name, chat, routing candidate) per model served, built by the hub on first use and
     kept with the session: a reconnect (a new session) starts afresh."""
+
+    def __post_init__(self) -> None:
+        self.max_concurrency = max(1, self.max_concurrency)  # 0 (an unset Hello field) means one at a time
 
     @property
     def device_id(self) -> str:
         return self.record.device_id
 
+    @property
+    def waiting(self) -> int:
+        """Works held at the hub for a slot whose callers still wait."""
+        return sum(w.work_id in self.works for w in self.held)
+
     def run(self, work: pb.Work) -> AsyncIterator[tuple[float, pb.TokenChunk | pb.WorkDone]]:
-        """Send `work` down now; the iterator returned yields (arrival time, message): the agent's
-        TokenChunks, then its WorkDone. Iterate it at once: closing it early cancels the work.
+        """Send `work` down now, or hold it until the agent has a free slot; the iterator returned
+        yields (arrival time, message): the agent's TokenChunks, then its WorkDone. Iterate it at once:
+        closing it early cancels the work (a held one is never sent).
 
         Raises Unavailable if the session has ended; the iterator raises Unavailable if it ends
         first, or the HubError the agent reported.
@@ -96,8 +120,26 @@ class AgentSession:
             raise Unavailable(f"device {self.device_id} disconnected")
         queue = WorkQueue()
         self.works[work.work_id] = queue
-        self.outbox.put_nowait(pb.HubMessage(work=work))
+        if len(self.running) < self.max_concurrency:
+            self._send(work)
+        else:
+            queue.held_at = time.perf_counter()
+            self.held.append(work)
         return self._replies(work.work_id, queue)
+
+    def _send(self, work: pb.Work) -> None:
+        self.running.add(work.work_id)
+        self.outbox.put_nowait(pb.HubMessage(work=work))
+
+    def _free(self, work_id: str) -> None:
+        """The agent no longer runs `work_id`: its slot goes to the oldest held work still wanted."""
+        self.running.discard(work_id)
+        while self.held and len(self.running) < self.max_concurrency:
+            work = self.held.popleft()
+            queue = self.works.get(work.work_id)
+            if queue is not None:  # None: its caller went away while it waited
+                queue.waited_s = time.perf_counter() - queue.held_at
+                self._send(work)
 
     async def _replies(
         self, work_id: str, queue: WorkQueue
@@ -112,13 +154,18 @@ class AgentSession:
                     finished = True
                     raise _agent_error(item)
                 finished = type(item) is pb.WorkDone
+                if finished and queue.waited_s:  # its wait for a slot was the device's queue
+                    item.metrics.ttft_ms += queue.waited_s * 1000
                 yield received, item
                 if finished:
                     return
         finally:
             self.works.pop(work_id, None)
-            if not finished and not self.closed:  # the caller went away: stop work nobody waits for
+            if work_id in self.running and not self.closed:  # sent, unfinished, and nobody waits for it
                 self.outbox.put_nowait(pb.HubMessage(cancel=pb.Cancel(work_id=work_id)))
+                self._free(work_id)
+            elif len(self.held) > 2 * len(self.works) + 8:  # mostly works nobody waits for: drop them now
+                self.held = collections.deque(w for w in self.held if w.work_id in self.works)
 
     def deliver(self, msg: pb.AgentMessage, received: float) -> None:
         """Route one agent message, which arrived at `received` (perf_counter), to its work; pongs
@@ -132,12 +179,16 @@ class AgentSession:
         queue = self.works.get(item.work_id)
         if queue is not None:  # replies to cancelled work are dropped
             queue.put((received, item))
+        if kind != "tokens" and item.work_id in self.running:  # the agent is done with it: a slot is free
+            self._free(item.work_id)
 
     def close(self) -> None:
-        """End the session: pending works fail with Unavailable, the stream's writer stops."""
+        """End the session: pending works (held ones too) fail with Unavailable, the stream's writer stops."""
         if not self.closed:
             self.outbox.put_nowait(None)  # wakes the servicer's writer loop, which then ends the stream
         self.closed = True
+        self.held.clear()
+        self.running.clear()
         for queue in self.works.values():
             queue.put((0.0, _CLOSED))
 
@@ -145,9 +196,10 @@ class AgentSession:
 def _agent_error(err: pb.WorkError) -> HubError:
     from cloud_hub import errors
 
-    by_code = {
-        cls.code.name: cls for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, HubError)
-    }
+    by_code: dict[str, type[HubError]] = {}
+    for cls in vars(errors).values():  # the first class of each code: RESOURCE_EXHAUSTED is Overloaded
+        if isinstance(cls, type) and issubclass(cls, HubError):
+            by_code.setdefault(cls.code.name, cls)
     cls = by_code.get(err.code, Unavailable)
     if cls is errors.BudgetUnsatisfiable:
         return errors.BudgetUnsatisfiable(err.message, "unknown")

@@ -9,6 +9,9 @@ One server interceptor wraps every handler (ours and the health service):
 
 Wrapped handlers are built once per method and reused; per call the cost is one dictionary lookup,
 and per streamed message one more async-generator step (what a decorator per method cost before).
+
+`AdmissionInterceptor`, first in the server's list, admits calls before any handler runs (the per-key
+rate limit): a refused call ends with its error's status and metadata, and no servicer sees it.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from cloud_hub.errors import HubError, InvalidRequest
 from models.errors import InvalidRequest as ModelInvalidRequest
@@ -49,44 +53,88 @@ async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException, meth
     )
 
 
-def _wrap_unary_response(behavior: Callable[..., Awaitable], method: str) -> Callable[..., Awaitable]:
+Prepare = Callable[[object], object]
+"""What the error edge does to a call's request before the handler sees it (parsing its bytes)."""
+
+
+def _as_is(request: object) -> object:
+    return request
+
+
+def _wrap_unary_response(behavior: Callable[..., Awaitable], method: str, prepare: Prepare) -> Callable:
     async def call(request, context):
+        parsed = None  # for the caller's request id, once parsed
         try:
-            return await behavior(request, context)
+            parsed = prepare(request)
+            return await behavior(parsed, context)
         except _PASS_THROUGH:
             raise
         except Exception as exc:
-            await abort_with(context, exc, method, request)
+            await abort_with(context, exc, method, parsed)
 
     return call
 
 
-def _wrap_streaming_response(behavior: Callable, method: str) -> Callable:
+def _wrap_streaming_response(behavior: Callable, method: str, prepare: Prepare) -> Callable:
     if not inspect.isasyncgenfunction(behavior):  # writes with context.write (the health service's Watch)
-        return _wrap_unary_response(behavior, method)
+        return _wrap_unary_response(behavior, method, prepare)
 
     async def stream(request, context):
+        parsed = None
         try:
-            async for item in behavior(request, context):
+            parsed = prepare(request)
+            async for item in behavior(parsed, context):
                 yield item
         except _PASS_THROUGH:
             raise
         except Exception as exc:
-            await abort_with(context, exc, method, request)
+            await abort_with(context, exc, method, parsed)
 
     return stream
 
 
+def _parser(parse: Callable[[bytes], object] | None) -> Prepare:
+    """Parses one request's bytes, so that bytes that are no message of the method's type are
+    INVALID_ARGUMENT from the error edge (gRPC's own deserializer would answer UNKNOWN)."""
+    if parse is None:
+        return _as_is
+
+    def prepare(raw: object) -> object:
+        try:
+            return parse(raw)  # type: ignore[arg-type]
+        except DecodeError as exc:
+            raise InvalidRequest(f"request: not a valid protobuf message of this method's type ({exc})") from None
+
+    return prepare
+
+
+def _stream_parser(parse: Callable[[bytes], object] | None) -> Prepare:
+    """As `_parser`, for a stream of requests: each is parsed as the handler reads it."""
+    if parse is None:
+        return _as_is
+    one = _parser(parse)
+
+    async def messages(raw: AsyncIterator[bytes]) -> AsyncIterator[object]:
+        async for item in raw:
+            yield one(item)
+
+    return messages  # type: ignore[return-value]
+
+
 def wrap_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """The same handler, its behavior wrapped by the error edge."""
-    codec = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    """The same handler, its behavior wrapped by the error edge, which also parses its requests."""
+    parse, codec = handler.request_deserializer, {"response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(_wrap_unary_response(handler.unary_unary, method), **codec)
+        call = _wrap_unary_response(handler.unary_unary, method, _parser(parse))
+        return grpc.unary_unary_rpc_method_handler(call, **codec)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(_wrap_streaming_response(handler.unary_stream, method), **codec)
+        call = _wrap_streaming_response(handler.unary_stream, method, _parser(parse))
+        return grpc.unary_stream_rpc_method_handler(call, **codec)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(_wrap_unary_response(handler.stream_unary, method), **codec)
-    return grpc.stream_stream_rpc_method_handler(_wrap_streaming_response(handler.stream_stream, method), **codec)
+        call = _wrap_unary_response(handler.stream_unary, method, _stream_parser(parse))
+        return grpc.stream_unary_rpc_method_handler(call, **codec)
+    call = _wrap_streaming_response(handler.stream_stream, method, _stream_parser(parse))
+    return grpc.stream_stream_rpc_method_handler(call, **codec)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -106,3 +154,53 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if hit is None or hit[0] is not handler:
             hit = self._wrapped[method] = (handler, wrap_handler(handler, method))
         return hit[1]
+
+
+def bearer(metadata: object) -> str | None:
+    """The API key of `authorization: Bearer <key>` in a call's metadata ((key, value) pairs), if any."""
+    for key, value in metadata or ():  # type: ignore[attr-defined]
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[7:]
+    return None
+
+
+def refusal(handler: grpc.RpcMethodHandler, exc: HubError) -> grpc.RpcMethodHandler:
+    """A handler of `handler`'s kind that only aborts with `exc`'s status, message and metadata."""
+
+    async def refuse(request, context):
+        await context.abort(exc.code, str(exc), trailing_metadata=exc.metadata())
+
+    async def refuse_stream(request, context):
+        await refuse(request, context)
+        yield  # never reached (abort raises): this makes it the async generator a streaming handler is
+
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream)
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """Calls `admit(api key)` for each call of `methods` (full names, "/tandem.v1.Inference/Generate")
+    before its handler runs; a HubError it raises (RateLimited) refuses the call. Other methods pass
+    untouched. Place it first, before ErrorInterceptor: a refusal then costs no wrapped handler."""
+
+    def __init__(self, admit: Callable[[str | None], None], methods: Collection[str]) -> None:
+        self.admit, self.methods = admit, frozenset(methods)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method not in self.methods:
+            return handler
+        try:
+            self.admit(bearer(handler_call_details.invocation_metadata))
+        except HubError as exc:
+            return refusal(handler, exc)
+        return handler

@@ -34,6 +34,9 @@ class HubMetrics:
             registry=r,
         )
         self.inflight = Gauge("tandem_requests_inflight", "Requests being served now", registry=r)
+        self.queued = Gauge(
+            "tandem_requests_queued", "Requests held at the hub for a free slot on their device", registry=r
+        )  # read when scraped (HubService sets its function): nothing per request
         self.devices_online = Gauge("tandem_devices_online", "Devices with an open work channel", registry=r)
         self.telemetry_lag = Gauge(
             "tandem_telemetry_lag_seconds", "Age of the oldest latest-telemetry among online devices", registry=r

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,8 +27,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_hub.errors import HubError
-from cloud_hub.prompt import prompt_from_value
+from cloud_hub.errors import HubError, Overloaded
+from cloud_hub.prompt import prompt_from_value, utf8_size
 from cloud_hub.registry import Registry
 from cloud_hub.router import Budget
 from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started
@@ -43,6 +44,7 @@ HTTP_STATUS = {
     "not_found": 404,
     "budget_unsatisfiable": 422,
     "overloaded": 429,
+    "rate_limited": 429,
     "unavailable": 503,
     "internal": 500,
 }
@@ -75,7 +77,7 @@ class _Common(_Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # the wire's int64, as gRPC callers have it
     stream: bool = False
     n: Literal[1] = 1
     user: str | None = None
@@ -96,9 +98,25 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": kind}}, status_code=status)
 
 
+_GENERATING = frozenset(("/v1/chat/completions", "/v1/completions"))
+
+
+def _hub_error(exc: HubError) -> JSONResponse:
+    """A HubError as its HTTP status; an Overloaded (429) says when to retry in Retry-After."""
+    response = _error(HTTP_STATUS.get(exc.kind, 500), str(exc), exc.kind, getattr(exc, "binding", None))
+    if isinstance(exc, Overloaded):
+        response.headers["Retry-After"] = exc.retry_after
+    return response
+
+
 def _spec(body: ChatRequest | CompletionRequest) -> GenerateSpec:
+    """The request as the hub's request path takes it. Raises InvalidRequest naming the field for text
+    UTF-8 cannot carry (the prompt's own fields are checked by prompt_from_value)."""
     max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens) or 256
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    utf8_size(body.model, "model")
+    for i, s in enumerate(stop):
+        utf8_size(s, "stop" if isinstance(body.stop, str) else f"stop[{i}]")
     params = SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
     )
@@ -112,6 +130,21 @@ def _spec(body: ChatRequest | CompletionRequest) -> GenerateSpec:
     return GenerateSpec(
         prompt_from_value(prompt), params, Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort), model
     )
+
+
+_UNION_TAG = re.compile(r"[a-z-]+\[.*\]|str|int|float|bool")
+"""How pydantic names a union's member in an error's location (`prompt.list[int].1`): not a field."""
+
+
+def _field(loc: tuple) -> str:
+    """An error location as the field path the caller wrote: `messages[0].content`, `prompt[1]`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _UNION_TAG.fullmatch(str(part)):
+            out += f".{part}" if out else str(part)
+    return out
 
 
 def _tandem_info(final: Final) -> dict:
@@ -152,12 +185,27 @@ def create_app(registry: Registry, service: HubService, max_body_bytes: int = 1 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return _error(400, f"{first.get('msg', 'invalid request')} ({param or 'body'})", "invalid_request", param)
+        # a body that is not JSON is located by its character offset, which is not a field
+        param = (_field(first.get("loc", ())[1:]) if first.get("type") != "json_invalid" else "") or None
+        return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request", param)
+
+    if service.rate is not None:
+
+        @app.middleware("http")
+        async def rate_limit(request: Request, call_next):
+            """The per-key rate limit (HubService.admit) on the generating endpoints, before the body is
+            read or the key checked: a 429 with Retry-After past it."""
+            if request.url.path in _GENERATING:
+                value = request.headers.get("authorization", "")
+                try:
+                    service.admit(value[7:] if value.startswith("Bearer ") else None)
+                except HubError as exc:
+                    return _hub_error(exc)
+            return await call_next(request)
 
     @app.exception_handler(HubError)
     async def hub_error(request: Request, exc: HubError) -> JSONResponse:
-        return _error(HTTP_STATUS.get(exc.kind, 500), str(exc), exc.kind, getattr(exc, "binding", None))
+        return _hub_error(exc)
 
     @app.exception_handler(ModelInvalidRequest)
     async def model_error(request: Request, exc: ModelInvalidRequest) -> JSONResponse:

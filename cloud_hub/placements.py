@@ -9,7 +9,10 @@ scores with the rest. Add one by writing a subclass that takes a `SourceContext`
 
 Each candidate carries its `ModelCost` from `partitioner.cost.served_model_cost`, the rule the
 agents' pacers use too, and its queue: requests routed there and not finished, counted from the
-routing decision on (`Placements.claim`), so that concurrent requests see each other.
+routing decision on (`Placements.claim`), so that concurrent requests see each other. Works the hub
+holds for a free slot on the agent (`cloud_hub.fleet`) are among them. The router's queue model
+(`router.queued_estimate`) is of a device running one request at a time; an agent that runs
+`max_concurrency` at once is given the rounds ahead of a new request: inflight // max_concurrency.
 """
 
 from __future__ import annotations
@@ -80,10 +83,11 @@ class EdgeModels(PlacementSource):
             offers = s.offers
             if offers is None:
                 offers = s.offers = _offers(s)
+            queued = s.inflight // s.max_concurrency  # rounds ahead (see the module docstring)
             for i, (name, is_chat, c) in enumerate(offers):
                 if (not model or name == model) and (is_chat or not chat):
-                    if c.queued != s.inflight:
-                        c = Candidate(c.kind, c.device_id, c.profile, c.model, c.cost, s.inflight, c.emulated)
+                    if c.queued != queued:
+                        c = Candidate(c.kind, c.device_id, c.profile, c.model, c.cost, queued, c.emulated)
                         offers[i] = (name, is_chat, c)
                     out.append(c)
         return out

@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from cloud_hub.backends import make_backend
 from cloud_hub.broker import BrokerConfig, ManagedBroker
 from cloud_hub.fleet import Fleet
-from cloud_hub.interceptor import ErrorInterceptor
+from cloud_hub.interceptor import AdmissionInterceptor, ErrorInterceptor
 from cloud_hub.placements import Placements, SourceContext, make_sources
 from cloud_hub.registry import MqttAccess, Registry
 from cloud_hub.router import BudgetRouter
@@ -66,7 +66,7 @@ class HubConfig:
     mqtt_password: str = field(default="", repr=False)
     """External broker only: its password."""
     limits: Limits = field(default_factory=Limits)
-    """Request size limits and token lifetime."""
+    """Request size limits, token lifetime, the in-flight limit and the per-key rate limit."""
     placement_sources: tuple[str, ...] = ("edge", "cloud")
     """Kinds of placement the hub considers (cloud_hub.placements.SOURCES), asked in this order."""
     max_message_bytes: int = 4 * 1024 * 1024
@@ -125,7 +125,10 @@ class Hub:
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
         ]
-        self.server = grpc.aio.server(options=options, interceptors=[ErrorInterceptor()])
+        interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+        if self.service.rate is not None:  # the per-key rate limit, before any handler runs
+            interceptors.insert(0, AdmissionInterceptor(self.service.admit, ("/tandem.v1.Inference/Generate",)))
+        self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.registry, self.service), self.server)
         pb_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry), self.server)
         pb_grpc.add_WorkChannelServicer_to_server(WorkChannelServicer(self.registry), self.server)
@@ -189,8 +192,10 @@ class Hub:
         if cfg.mqtt == "none":
             return None
         if cfg.mqtt == "managed":
+            # Its port is kept in its data directory and it dies with this process (cloud_hub.broker),
+            # so a hub restarted after a crash serves the same address. Devices wait for the ingest.
             self.broker = ManagedBroker(BrokerConfig(data_dir=cfg.data_dir / "mqtt"))
-            self.broker.start()
+            self.broker.start(hold_devices=True)
             self._mqtt_login = (self.broker.hub_username, self.broker.hub_password)
             return MqttAccess(self.broker.host, self.broker.port, self.broker.add_user)
         host, _, port = cfg.mqtt.rpartition(":")
@@ -210,6 +215,8 @@ class Hub:
             access[0], access[1], *self._mqtt_login, on_telemetry=fleet.update_telemetry, on_status=on_status
         )
         await self.ingest.start()
+        if self.broker is not None:  # subscribed: what devices publish from now on reaches us
+            await asyncio.to_thread(self.broker.admit_devices)
 
     def _mqtt_access(self) -> tuple[str, int]:
         if self.broker is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -19,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloud_hub.backends import ServingBackend
-from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, Unavailable
+from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, RateLimited, Unavailable
 from cloud_hub.fleet import Fleet
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.placements import Placements
 from cloud_hub.prompt import RequestPrompt
+from cloud_hub.ratelimit import RateLimiter
 from cloud_hub.router import Budget, Candidate, Router
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
@@ -42,7 +44,23 @@ class Limits:
     token_ttl_s: float = 3600.0
     """Default lifetime of an enrollment token."""
     max_inflight: int = 512
-    """Requests served at once; beyond it the hub answers RESOURCE_EXHAUSTED (HTTP 429) at once."""
+    """Requests served at once (held at the hub for a device's slot included); beyond it the hub answers
+    RESOURCE_EXHAUSTED (HTTP 429) at once, with a retry-after of 1 s."""
+    rate_per_s: float = 0.0
+    """Requests each API key may start per second (a token bucket per key); 0: no rate limit."""
+    rate_burst: int = 0
+    """Requests a key may start at once from a full bucket; 0: one second's worth (at least 1)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_bytes", "max_tokens", "max_inflight", "rate_per_s", "rate_burst"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"Limits.{name} must be a non-negative number, got {getattr(self, name)}")
+
+    def rate_limiter(self) -> RateLimiter | None:
+        """The per-key limiter these limits ask for (None: no rate limit)."""
+        if self.rate_per_s == 0:
+            return None
+        return RateLimiter(self.rate_per_s, self.rate_burst or max(1.0, math.ceil(self.rate_per_s)))
 
 
 @dataclass(frozen=True)
@@ -92,22 +110,48 @@ class HubService:
         self.limits = limits
         self.inflight = 0
         self.metrics = metrics or HubMetrics()
+        self.rate = limits.rate_limiter()
+        self.metrics.queued.set_function(lambda: sum(s.waiting for s in fleet.sessions.values()))
+
+    def admit(self, api_key: str | None) -> None:
+        """Count a request against its API key's rate (Limits.rate_per_s), before the key is checked:
+        the edges call this first, so that a flood of bad keys is limited too. Raises RateLimited with
+        the seconds until the key may start another."""
+        if self.rate is None:
+            return
+        wait = self.rate.take(api_key or "")
+        if wait:
+            self.metrics.observe_request("none", RateLimited.kind)
+            raise RateLimited(
+                f"this API key is over its rate of {self.rate.rate_per_s:g} requests/s "
+                f"(burst {self.rate.burst:g}); retry in {wait:.2f} s",
+                retry_after_s=wait,
+            )
 
     # -- requests --------------------------------------------------------------------------------
 
     def validate(self, spec: GenerateSpec) -> None:
+        """The hub's rules for every request, gRPC and HTTP alike (each edge has made its prompt
+        UTF-8-clean and its ids uint32 already). Raises InvalidRequest with a message that starts with
+        the field it refuses."""
         size = spec.prompt.size_bytes
         if size == 0:
-            raise InvalidRequest("prompt must not be empty")
+            raise InvalidRequest("prompt: must not be empty")
         if size > self.limits.max_prompt_bytes:
-            raise InvalidRequest(f"prompt of {size} bytes exceeds the hub's limit of {self.limits.max_prompt_bytes}")
+            raise InvalidRequest(f"prompt: {size} bytes exceeds the hub's limit of {self.limits.max_prompt_bytes}")
+        if spec.params.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens: must be at least 1, got {spec.params.max_tokens}")
         if spec.params.max_tokens > self.limits.max_tokens:
             raise InvalidRequest(
-                f"max_tokens {spec.params.max_tokens} exceeds the hub's limit of {self.limits.max_tokens}"
+                f"max_tokens: {spec.params.max_tokens} exceeds the hub's limit of {self.limits.max_tokens}"
             )
         b = spec.budget
-        if min(b.ttft_ms, b.tpot_ms, b.energy_j) < 0 or any(x != x for x in (b.ttft_ms, b.tpot_ms, b.energy_j)):
-            raise InvalidRequest("budget values must be non-negative numbers (0 means no limit)")
+        for name in ("ttft_ms", "tpot_ms", "energy_j"):
+            value = getattr(b, name)
+            if not value >= 0:  # NaN too
+                raise InvalidRequest(f"budget.{name}: budget values must be non-negative numbers (0 means no limit)")
+        if spec.prompt.kind == "tokens":  # models() walks the fleet: not for every text request
+            spec.prompt.check_vocabulary(spec.model, self.placements.models())
 
     def _route(self, spec: GenerateSpec, excluded: set[str], progress: _Progress) -> tuple[Candidate, pb.Placement]:
         """The next placement. The first honours the budget; a failover takes the best that is left,
@@ -160,7 +204,7 @@ class HubService:
         """
         if self.inflight >= self.limits.max_inflight:
             self.metrics.observe_request("none", "overloaded")
-            raise Overloaded(f"the hub is serving {self.inflight} requests, its limit; retry later")
+            raise Overloaded(f"the hub is serving {self.inflight} requests, its limit; retry later", retry_after_s=1.0)
         self.inflight += 1
         self.metrics.inflight.inc()
         progress = _Progress(arrived=spec.arrived or time.perf_counter())

@@ -125,6 +125,11 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
         if first.WhichOneof("kind") != "hello":
             raise InvalidRequest(f"the work channel must open with a Hello message, got {first.WhichOneof('kind')!r}")
         session = AgentSession(record, tuple(first.hello.models), max(1, first.hello.max_concurrency))
+        # First on every channel, ahead of any work: where the broker is now (its port can change
+        # across hub restarts). Agents follow this, not the address they saved at enrollment.
+        mqtt = self.registry.mqtt
+        welcome = pb.Welcome(mqtt=pb.MqttInfo(host=mqtt.host, port=mqtt.port) if mqtt is not None else None)
+        session.outbox.put_nowait(pb.HubMessage(welcome=welcome))
         fleet, store = self.registry.fleet, self.registry.store
         fleet.attach(session)
         store.set_status(record.device_id, "online", time.time())

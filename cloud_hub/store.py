@@ -16,6 +16,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cloud_hub.files import private_dir, private_file
+
 
 @dataclass(frozen=True)
 class DeviceRecord:
@@ -173,14 +175,26 @@ class SQLStore(DeviceStore, SecretStore):
 
 
 class SQLiteStore(SQLStore):
-    """The default: one file, WAL mode; safe to share between the hub's threads."""
+    """The default: one file, WAL mode; safe to share between the hub's threads.
+
+    The database holds credential hashes: it and its -wal and -shm files are the owner's only (0600),
+    tightened when an earlier version left them readable. SQLite creates -wal and -shm with the
+    database's own mode, so the database is made 0600 before SQLite opens it. A directory made for
+    it is 0700; an existing one is the operator's (see `open_store` for the hub's data directory).
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for p in self.files():
+            private_file(p, create=p == self.path)
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         super().__init__(conn)
+
+    def files(self) -> tuple[Path, ...]:
+        """The database and its write-ahead log and shared-memory index."""
+        return (self.path, self.path.with_name(self.path.name + "-wal"), self.path.with_name(self.path.name + "-shm"))
 
 
 class PostgresStore(SQLStore):
@@ -207,8 +221,11 @@ def _redact_url(url: str) -> str:
 
 
 def open_store(url: str, data_dir: Path) -> SQLStore:
-    """A store from a URL: "sqlite" (default file in data_dir), "sqlite:///path" or "postgresql://…"."""
+    """A store from a URL: "sqlite" (default file in data_dir), "sqlite:///path" or "postgresql://…".
+
+    The default keeps the hub's state in data_dir, which is made (or tightened to) 0700."""
     if url in ("", "sqlite"):
+        private_dir(data_dir)
         return SQLiteStore(data_dir / "registry.db")
     if url.startswith("sqlite:///"):
         return SQLiteStore(url[len("sqlite:///") - 1 :])

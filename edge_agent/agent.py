@@ -16,7 +16,7 @@ import os
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -135,6 +135,10 @@ class Agent:
         self.connected = asyncio.Event()
         self.pending = 0  # works received and not finished: the queue depth
         self._cancels: dict[str, threading.Event] = {}
+        self.max_concurrency = engine.max_concurrency
+        """Works run at once: advertised in the Hello (the hub sends no more) and enforced here too."""
+        self._slots = asyncio.Semaphore(self.max_concurrency)
+        self._waiting: dict[str, asyncio.Task] = {}  # works waiting for a slot, by id
 
     async def enroll(self, channel: grpc.aio.Channel) -> Credentials:
         """Saved credentials, or enroll with the token and save them."""
@@ -210,35 +214,57 @@ class Agent:
         self.telemetry = TelemetryPublisher(self.creds.mqtt, sample, self.config.telemetry_interval_s, spool=spool)
         self.telemetry.start()
 
+    def _follow_broker(self, welcome: pb.Welcome) -> None:
+        """The hub's broker address, sent at every work channel open: saved when it changed, and the
+        telemetry publisher follows it (reconnecting now if it was down). The login stays our own."""
+        if self.creds is None or self.creds.mqtt is None or not welcome.mqtt.host:
+            return
+        mqtt = replace(self.creds.mqtt, host=welcome.mqtt.host, port=welcome.mqtt.port)
+        if mqtt != self.creds.mqtt:
+            log.info("the hub's broker is now at %s:%d", mqtt.host, mqtt.port)
+            self.creds = replace(self.creds, mqtt=mqtt)
+            save_credentials(self.config.state_dir, self.creds)
+        if self.telemetry is not None:
+            self.telemetry.follow(mqtt)
+
     async def _serve(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
         assert self.creds is not None
         outbox: asyncio.Queue = asyncio.Queue()
         outbox.put_nowait(
             pb.AgentMessage(
-                hello=pb.Hello(models=[pb.ModelInfo(**self.engine.info)], max_concurrency=1, agent_version=VERSION)
+                hello=pb.Hello(
+                    models=[pb.ModelInfo(**self.engine.info)],
+                    max_concurrency=self.max_concurrency,
+                    agent_version=VERSION,
+                )
             )
         )
 
         async def outgoing():
+            # None in the outbox ends it (put there when _serve ends): once the call has ended, nothing
+            # else wakes gRPC's task reading this generator, which would wait on the queue until
+            # collected, pending, its generator closed while running.
             while True:
                 batch = [await outbox.get()]
                 while len(batch) < COALESCE_MAX and not outbox.empty():
                     batch.append(outbox.get_nowait())
-                for msg in coalesce(batch):
+                end = next((i for i, m in enumerate(batch) if m is None), None)
+                for msg in coalesce(batch if end is None else batch[:end]):
                     yield msg
+                if end is not None:
+                    return
 
         call = pb_grpc.WorkChannelStub(channel).Connect(outgoing(), metadata=self.creds.metadata())
         self.connected.set()
         tasks: set[asyncio.Task] = set()
         stopper = asyncio.ensure_future(stop.wait())
+        nxt: asyncio.Future | None = None
         try:
             reader = call.__aiter__()
             while True:
                 nxt = asyncio.ensure_future(reader.__anext__())
                 done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if stopper in done:
-                    nxt.cancel()
-                    call.cancel()
                     return
                 try:
                     msg = nxt.result()
@@ -246,11 +272,16 @@ class Agent:
                     return
                 self._dispatch(msg, outbox, tasks)
         finally:
-            stopper.cancel()
+            call.cancel()  # a no-op once the call has ended
+            outbox.put_nowait(None)  # ends outgoing(), which a call that ended already no longer reads
             for ev in self._cancels.values():
                 ev.set()
-            for t in tasks:
+            pending = [t for t in (stopper, nxt, *tasks) if t is not None]
+            for t in pending:
                 t.cancel()
+            # Waited for here: a task still pending when the loop closes is destroyed pending, and an
+            # error in one (nxt's, when stop and the call's end come together) must be retrieved.
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def _dispatch(self, msg: pb.HubMessage, outbox: asyncio.Queue, tasks: set[asyncio.Task]) -> None:
         kind = msg.WhichOneof("kind")
@@ -258,41 +289,38 @@ class Agent:
             task = asyncio.create_task(self._work(msg.work, outbox))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-        elif kind == "cancel" and msg.cancel.work_id in self._cancels:
-            self._cancels[msg.cancel.work_id].set()
+            work_id = msg.work.work_id
+            self._waiting[work_id] = task  # until it has a slot (_work takes it out then)
+            task.add_done_callback(lambda _: self._waiting.pop(work_id, None))
+        elif kind == "cancel":
+            self._cancel(msg.cancel.work_id)
         elif kind == "ping":
             outbox.put_nowait(pb.AgentMessage(pong=pb.Pong(sent_unix=msg.ping.sent_unix)))
+        elif kind == "welcome":
+            self._follow_broker(msg.welcome)
+
+    def _cancel(self, work_id: str) -> None:
+        """Stop a work at once: one waiting for a slot is dropped before it computes anything; a running
+        one stops within one decode step and frees its state (models.serving.ServedModel.stream)."""
+        waiting = self._waiting.pop(work_id, None)
+        if waiting is not None:
+            waiting.cancel()
+        cancel = self._cancels.get(work_id)
+        if cancel is not None:
+            cancel.set()
 
     async def _work(self, work: pb.Work, outbox: asyncio.Queue) -> None:
+        """Run one work when a slot is free, and report it. At most max_concurrency works run at once;
+        the others wait here for a slot, holding no thread (a Cancel drops a waiting one: _cancel)."""
+        received = time.perf_counter()  # its TTFT counts from here: waiting for a slot is queueing
         cancel = threading.Event()
         self._cancels[work.work_id] = cancel
         self.pending += 1
         try:
-            start = time.perf_counter()  # tokenizing the prompt is engine work: counted from here
-            params, ids = self._prepare(work)
-            cont = Continuation(tuple(work.continue_ids), work.continue_chars) if work.continue_ids else None
-            first = last = None
-            count, finish = 0, "length"
-            async for ev in iterate_in_thread(lambda: self.engine.stream(ids, params, cancel, cont), cancel):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                count += 1
-                finish = ev.finish_reason or finish
-                outbox.put_nowait(
-                    pb.AgentMessage(tokens=pb.TokenChunk(work_id=work.work_id, token_ids=[ev.token_id], text=ev.text))
-                )
-            busy_s = (last or start) - start
-            metrics = pb.Metrics(
-                prompt_tokens=len(ids),
-                completion_tokens=count,
-                ttft_ms=((first or start) - start) * 1000,
-                tpot_ms=((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0,
-                energy_j=self.config.power_active_w * busy_s,
-            )
-            outbox.put_nowait(
-                pb.AgentMessage(done=pb.WorkDone(work_id=work.work_id, finish_reason=finish, metrics=metrics))
-            )
+            async with self._slots:
+                self._waiting.pop(work.work_id, None)  # running now: a Cancel stops it between steps
+                if not cancel.is_set():  # set while it waited: the session ended
+                    outbox.put_nowait(await self._compute(work, cancel, outbox, received))
         except InvalidRequest as exc:
             err = pb.WorkError(work_id=work.work_id, code="INVALID_ARGUMENT", message=str(exc))
             outbox.put_nowait(pb.AgentMessage(error=err))
@@ -303,6 +331,34 @@ class Agent:
         finally:
             self.pending -= 1
             self._cancels.pop(work.work_id, None)
+
+    async def _compute(
+        self, work: pb.Work, cancel: threading.Event, outbox: asyncio.Queue, received: float
+    ) -> pb.AgentMessage:
+        """Stream `work`'s tokens into `outbox`; returns its WorkDone (TTFT from `received`, the energy
+        of the time computing)."""
+        start = time.perf_counter()  # tokenizing the prompt is engine work: counted from here
+        params, ids = self._prepare(work)
+        cont = Continuation(tuple(work.continue_ids), work.continue_chars) if work.continue_ids else None
+        first = last = None
+        count, finish = 0, "length"
+        async for ev in iterate_in_thread(lambda: self.engine.stream(ids, params, cancel, cont), cancel):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            count += 1
+            finish = ev.finish_reason or finish
+            outbox.put_nowait(
+                pb.AgentMessage(tokens=pb.TokenChunk(work_id=work.work_id, token_ids=[ev.token_id], text=ev.text))
+            )
+        metrics = pb.Metrics(
+            prompt_tokens=len(ids),
+            completion_tokens=count,
+            ttft_ms=((first or received) - received) * 1000,
+            tpot_ms=((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0,
+            energy_j=self.config.power_active_w * ((last or start) - start),
+        )
+        return pb.AgentMessage(done=pb.WorkDone(work_id=work.work_id, finish_reason=finish, metrics=metrics))
 
     def _prepare(self, work: pb.Work) -> tuple[SamplingParams, list[int]]:
         params = SamplingParams(**sampling_kwargs(work.sampling))

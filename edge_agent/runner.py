@@ -51,6 +51,7 @@ def build_agent(
     if pace_tpot_ms > 0:  # a fixed floor per token, on top of any profile pacing (demos and failover tests)
         served.pacer = floor_pacer(served.pacer, pace_tpot_ms)
     served.warmup()
+    private_state_dir(state_dir)
     config = AgentConfig(
         hub=hub,
         profile=profile,
@@ -62,6 +63,15 @@ def build_agent(
         tls_ca=tls_ca,
     )
     return Agent(config, served)
+
+
+def private_state_dir(state_dir: Path) -> None:
+    """Make the agent's state directory (its credential, its telemetry spool) 0700; one an earlier
+    version left readable is tightened, 0700 and its files 0600."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for path in (state_dir, *state_dir.iterdir()):
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o700 if path.is_dir() else 0o600)
 
 
 async def run_until_signalled(agent: Agent) -> None:

@@ -4,10 +4,15 @@ SQLite holds the queue, so a crash loses nothing that was spooled and a half-wri
 exist. `push` appends and drops the oldest records beyond `max_records`; `peek` returns records in
 order, skipping and deleting those older than `ttl_s`; `ack` deletes what was delivered. Sequence
 numbers are the spool's own, strictly increasing: receivers can check order and gaps.
+
+The spool sits in the agent's state directory beside its credential: the directory is made (or
+tightened to) 0700, the database and its -wal and -shm files 0600. SQLite gives -wal and -shm the
+database's mode, so the database is made 0600 before SQLite opens it.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -18,10 +23,9 @@ class Spool:
     def __init__(self, path: Path, max_records: int = 10_000, ttl_s: float = 24 * 3600) -> None:
         if max_records < 1 or ttl_s <= 0:
             raise ValueError("spool needs max_records >= 1 and ttl_s > 0")
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.max_records, self.ttl_s = max_records, ttl_s
         self.dropped = 0  # records dropped for the bound or the TTL, for telemetry about telemetry
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db = _connect_private(path)
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -60,3 +64,26 @@ class Spool:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _connect_private(path: Path) -> sqlite3.Connection:
+    """Connect to the spool at `path`, its directory 0700 and its files 0600 (see the module docstring)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.parent.stat().st_mode & 0o077:
+        path.parent.chmod(0o700)
+    for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        _private_file(f, create=f == path)
+    return sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+
+
+def _private_file(path: Path, create: bool) -> None:
+    """Make `path` an empty 0600 file if `create` and it is missing; tighten it to 0600 if it exists."""
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        return
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)

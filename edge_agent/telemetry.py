@@ -63,6 +63,11 @@ class TelemetryPublisher:
     Every sample goes through the spool (QoS 1, deleted once the broker acknowledged it), so a
     broker outage only delays telemetry: it arrives in order when the broker is back, with at most
     the spool's bound kept (oldest dropped first). Each message carries its spool sequence number.
+
+    `follow(settings)` moves the publisher to the broker address the hub gives at each work channel
+    connect; the sampling thread applies it before its next sample, and it is the only thread that
+    publishes. Records that a connection was still sending are in the spool until acknowledged, so
+    they go to the new address, in order.
     """
 
     def __init__(
@@ -77,18 +82,25 @@ class TelemetryPublisher:
         self.spool = spool
         self.connected = threading.Event()
         self._stop = threading.Event()
-        self._client = mqtt.Client(
+        self._keepalive = keepalive_s
+        self._lock = threading.Lock()  # the client and a pending follow(), between the sampler and stop()
+        self._follow: MqttSettings | None = None
+        self._client = self._new_client(settings)
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="telemetry")
+
+    def _new_client(self, settings: MqttSettings) -> mqtt.Client:
+        client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"{settings.username}-{uuid.uuid4().hex[:6]}",
             protocol=mqtt.MQTTv5,
         )
-        self._client.username_pw_set(settings.username, settings.password)
-        self._client.will_set(self.topic("status"), "offline", qos=1, retain=True)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = lambda *a: self.connected.clear()
-        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
-        self._keepalive = keepalive_s
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="telemetry")
+        client.username_pw_set(settings.username, settings.password)
+        client.will_set(f"{settings.topic_prefix}/status", "offline", qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = lambda *a: self.connected.clear()
+        # At most 5 s between tries: a restarted hub's broker (same address) hears from us that soon.
+        client.reconnect_delay_set(min_delay=1, max_delay=5)
+        return client
 
     def topic(self, channel: str) -> str:
         return f"{self.settings.topic_prefix}/{channel}"
@@ -98,36 +110,65 @@ class TelemetryPublisher:
         self._client.loop_start()
         self._thread.start()
 
+    def follow(self, settings: MqttSettings) -> None:
+        """Publish to `settings` from the next sample on: a new connection when the address changed
+        or the current one is down (the hub that sent it, and so its broker, is up), else nothing."""
+        with self._lock:
+            self._follow = settings
+
     def stop(self) -> None:
         """Clean shutdown: publish offline ourselves (a clean disconnect does not fire the will)."""
         self._stop.set()
-        if self.connected.is_set():
-            self._client.publish(self.topic("status"), "offline", qos=1, retain=True).wait_for_publish(2)
-        self._client.disconnect()
-        self._client.loop_stop()
+        with self._lock:
+            if self.connected.is_set():
+                self._client.publish(self.topic("status"), "offline", qos=1, retain=True).wait_for_publish(2)
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    def _apply_follow(self) -> None:
+        with self._lock:
+            target, self._follow = self._follow, None
+            if target is None or self._stop.is_set() or (target == self.settings and self.connected.is_set()):
+                return
+            old, self._client = self._client, self._new_client(target)
+            old.disconnect()
+            old.loop_stop()  # its callbacks are over: it can no longer clear `connected` for the new one
+            self.connected.clear()
+            self.settings = target
+            self._client.connect_async(target.host, target.port, keepalive=self._keepalive)
+            self._client.loop_start()
+        log.info("telemetry to the broker at %s:%d", target.host, target.port)
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
-        if getattr(reason, "is_failure", False):
-            log.error("MQTT connect refused: %s", reason)
+        if getattr(reason, "is_failure", False):  # paho retries; a hub that is starting admits devices last
+            log.warning("MQTT connect refused: %s", reason)
             return
         client.publish(self.topic("status"), "online", qos=1, retain=True)
         self.connected.set()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            data = {
-                **self.sample(),
-                "memory_mb": rss_mb(),
-                "temperature_c": temperature_c(),
-                "ts": time.time(),
-                "pid": os.getpid(),
-            }
-            if self.spool is None:
-                if self.connected.is_set():
-                    self._client.publish(self.topic("telemetry"), json.dumps(data), qos=0)
-                continue
-            self.spool.push(json.dumps(data))
-            self._drain()
+            try:
+                self._apply_follow()
+                self._tick()
+            except Exception:  # one bad sample or publish must not end telemetry (and the replay) for good
+                log.exception("telemetry sample failed")
+
+    def _tick(self) -> None:
+        """One sample: into the spool, then drain the spool (or, without one, publish it if connected)."""
+        data = {
+            **self.sample(),
+            "memory_mb": rss_mb(),
+            "temperature_c": temperature_c(),
+            "ts": time.time(),
+            "pid": os.getpid(),
+        }
+        if self.spool is None:
+            if self.connected.is_set():
+                self._client.publish(self.topic("telemetry"), json.dumps(data), qos=0)
+            return
+        self.spool.push(json.dumps(data))
+        self._drain()
 
     def _drain(self) -> None:
         """Send spooled records in order while connected; stop at the first that is not acknowledged."""

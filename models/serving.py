@@ -6,8 +6,9 @@ from either a step engine (edge_agent.engines, through `Generator.stream_engine`
 generator. An optional `Pacer` holds tokens back so that they arrive no sooner than a device class
 being emulated would produce them; pacing can only slow a request down.
 
-Cancellation is checked between tokens: a cancelled request stops before its next step, and closing
-the generator releases the engine's per-request state under the lock.
+Cancellation is checked between steps: a request cancelled while it waits for the lock never starts,
+one cancelled while running stops within one decode step (or at once while held back by the pacer),
+and its generator's closing releases the engine's per-request state (its KV cache) under the lock.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ Pacer = Callable[[int, int], Pace]
 class ServedModel:
     """`loaded` served one request at a time, by `engine` when given (an engine that has loaded this
     model), else by the model's own generator."""
+
+    max_concurrency: int = 1
+    """Requests it runs at once (its lock lets one through): what an agent serving it advertises to
+    the hub (Hello.max_concurrency) and admits to stream() at once."""
 
     def __init__(
         self,
@@ -79,9 +84,11 @@ class ServedModel:
     ) -> Iterator[TokenEvent]:
         """Tokens for prompt `ids` (going on from `continuation`), one request at a time, paced.
 
-        Stops without a final event when `cancel` is set; raises models.errors.InvalidRequest for a
-        prompt the model cannot take (too long for its context, for example)."""
+        Stops without a final event when `cancel` is set (see the module docstring); raises
+        models.errors.InvalidRequest for a prompt the model cannot take (too long for its context)."""
         with self._lock:
+            if cancel.is_set():  # cancelled while it waited: nothing computed
+                return
             start = time.perf_counter()
             pace = self.pacer(len(ids), params.max_tokens) if self.pacer else None
             gen = self.loaded.generator()
@@ -94,6 +101,7 @@ class ServedModel:
                     if cancel.is_set():
                         return
                     if pace is not None:
-                        due = start + (pace.ttft_ms + i * pace.tpot_ms) / 1000
-                        time.sleep(max(0.0, due - time.perf_counter()))
+                        hold = start + (pace.ttft_ms + i * pace.tpot_ms) / 1000 - time.perf_counter()
+                        if hold > 0 and cancel.wait(hold):  # held back, and cancelled meanwhile
+                            return
                     yield event

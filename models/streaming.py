@@ -20,16 +20,22 @@ async def iterate_in_thread(make: Callable[[], Iterator[T]], cancel: threading.E
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
+    def hand(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop has closed (its consumer was cancelled at shutdown): no one to tell
+            cancel.set()
+
     def worker() -> None:
         try:
             for item in make():
                 if cancel.is_set():
                     break
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                hand(item)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
+            hand(exc)
         finally:
-            loop.call_soon_threadsafe(queue.put_nowait, _END)
+            hand(_END)
 
     thread = threading.Thread(target=worker, daemon=True, name="token-stream")
     thread.start()

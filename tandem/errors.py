@@ -38,7 +38,12 @@ class DeadlineExceeded(TandemError):
 
 
 class Overloaded(TandemError):
-    """The hub refused the request because its queue is full; retry later."""
+    """The hub refused the request for now: it is serving its limit of requests, or the API key is over
+    its rate. `retry_after_s` is when the hub says to try again (None when it did not say)."""
+
+    def __init__(self, message: str, code: str = "RESOURCE_EXHAUSTED", retry_after_s: float | None = None) -> None:
+        super().__init__(message, code)
+        self.retry_after_s = retry_after_s
 
 
 _BY_CODE = {
@@ -59,4 +64,15 @@ def from_rpc_error(exc: grpc.RpcError) -> TandemError:
     trailing = dict(exc.trailing_metadata() or ())  # type: ignore[attr-defined]
     if trailing.get("x-tandem-error") == "budget_unsatisfiable":
         return BudgetUnsatisfiable(details, code.name, trailing.get("x-tandem-binding", ""))
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Overloaded(details, code.name, _seconds(trailing.get("retry-after")))
     return _BY_CODE.get(code, TandemError)(details, code.name)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A retry-after value as seconds; None when absent or not a finite, non-negative number."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return seconds if 0 <= seconds < float("inf") else None

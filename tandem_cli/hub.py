@@ -23,8 +23,11 @@ if TYPE_CHECKING:
 
 def _hub_config(args: argparse.Namespace) -> HubConfig:
     from cloud_hub.server import HubConfig  # lazy: imports torch (see the module docstring)
+    from cloud_hub.service import Limits
 
+    limits = Limits(max_inflight=args.max_inflight, rate_per_s=args.rate_limit, rate_burst=args.rate_burst)
     return HubConfig(
+        limits=limits,
         registry=args.registry,
         cloud_backend=args.cloud_backend,
         cloud_upstream_url=args.upstream_url,
@@ -50,9 +53,11 @@ async def _serve(config: HubConfig, api_key_file: str | None) -> None:
     if api_key_file:
         key = hub.registry.create_api_key("hub-up")
         path = Path(api_key_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(key)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_TRUNC: tighten it before the key
+            f.write(key)
     # What startup made (torch, protobuf descriptors: about 200k objects) lives as long as the hub:
     # frozen, a full collection no longer walks it (about 140 ms here, every stream stalled).
     gc.freeze()
@@ -105,6 +110,20 @@ def cmd_hub_apikey(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
+    return value
+
+
 def _register_up(hub: argparse._SubParsersAction) -> None:
     p = hub.add_parser("up", help="start the hub (and a managed Mosquitto) until interrupted")
     p.add_argument("--data-dir", help="registry and broker files (default: XDG data dir)")
@@ -127,6 +146,26 @@ def _register_up(hub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry", default="sqlite", help="sqlite | sqlite:///path | postgresql://… (replicas)")
     p.add_argument("--http-listen", help="host:port for the OpenAI-compatible API and /metrics")
     p.add_argument("--tls", action="store_true", help="serve gRPC over TLS with the certificate from `hub init`")
+    p.add_argument(
+        "--max-inflight",
+        type=_count,
+        default=512,
+        help="requests served at once (held for a device included); beyond it RESOURCE_EXHAUSTED / 429 (default 512)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=_rate,
+        default=0.0,
+        metavar="RPS",
+        help="requests per second each API key may start; beyond it RESOURCE_EXHAUSTED / 429 (default 0: no limit)",
+    )
+    p.add_argument(
+        "--rate-burst",
+        type=_count,
+        default=0,
+        metavar="B",
+        help="requests a key may start at once (default: one second's worth of --rate-limit)",
+    )
     p.set_defaults(func=cmd_hub_up)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 from collections.abc import Iterator
 from functools import cache
@@ -97,3 +99,70 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         onnx_engine = item.path.name == "test_onnx_engine.py" and "gemma3" in item.name
         if conformance or onnx_engine:
             item.add_marker(pytest.mark.slow)
+        if item.path.name in ASYNCIO_STRICT_MODULES:
+            item.add_marker(pytest.mark.asyncio_strict)
+        if item.get_closest_marker("asyncio_strict") is not None:
+            # after the ini's filters, so they win: warnings are errors, the ini's ignores still hold
+            item.add_marker(pytest.mark.filterwarnings("error", *item.config.getini("filterwarnings")))
+
+
+# -- asyncio_strict: loop debug, warnings as errors, no unhandled asyncio errors ----------------------
+
+ASYNCIO_STRICT_MODULES = frozenset(
+    ("test_failover.py", "test_restarts.py", "test_fuzz.py", "test_agent_shutdown.py", "test_file_modes.py")
+)
+"""Modules whose tests all run as `asyncio_strict` (the hub and agent across kills and restarts)."""
+
+
+class _LoopErrors(logging.Handler):
+    """ERROR records of the `asyncio` logger: what a loop reports of a task destroyed pending, an
+    exception never retrieved, a callback that raised or an async generator that failed to close."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_STRICT_KEY = pytest.StashKey[tuple[_LoopErrors, str | None]]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """Before any fixture makes a loop: PYTHONASYNCIODEBUG=1 (read when a loop is made, also by the
+    agents the test spawns) and a handler collecting asyncio's error records."""
+    if item.get_closest_marker("asyncio_strict") is not None:
+        handler = _LoopErrors()
+        logging.getLogger("asyncio").addHandler(handler)
+        item.stash[_STRICT_KEY] = (handler, os.environ.get("PYTHONASYNCIODEBUG"))
+        os.environ["PYTHONASYNCIODEBUG"] = "1"
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    result = yield
+    if _STRICT_KEY in item.stash:
+        gc.collect()  # while the test's loop is open: a task only the garbage held is reported now
+    return result
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """After every fixture (and the test's loop) is gone: restore the environment and fail the test
+    if asyncio reported anything unhandled."""
+    result = yield
+    if _STRICT_KEY in item.stash:
+        handler, before = item.stash[_STRICT_KEY]
+        gc.collect()
+        logging.getLogger("asyncio").removeHandler(handler)
+        if before is None:
+            os.environ.pop("PYTHONASYNCIODEBUG", None)
+        else:
+            os.environ["PYTHONASYNCIODEBUG"] = before
+        if handler.records:
+            shown = "\n".join(logging.Formatter().format(r) for r in handler.records[:5])
+            raise AssertionError(f"asyncio reported {len(handler.records)} unhandled errors:\n{shown}")
+    return result

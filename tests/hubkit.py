@@ -100,6 +100,9 @@ def spawn_agent(
 
 
 def kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the agent's whole process group, reap it and close the pipe spawn_agent opened."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()

@@ -282,15 +282,23 @@ class Cancel(_message.Message):
     work_id: str
     def __init__(self, work_id: _Optional[str] = ...) -> None: ...
 
+class Welcome(_message.Message):
+    __slots__ = ("mqtt",)
+    MQTT_FIELD_NUMBER: _ClassVar[int]
+    mqtt: MqttInfo
+    def __init__(self, mqtt: _Optional[_Union[MqttInfo, _Mapping]] = ...) -> None: ...
+
 class HubMessage(_message.Message):
-    __slots__ = ("work", "cancel", "ping")
+    __slots__ = ("work", "cancel", "ping", "welcome")
     WORK_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
     work: Work
     cancel: Cancel
     ping: Ping
-    def __init__(self, work: _Optional[_Union[Work, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
+    welcome: Welcome
+    def __init__(self, work: _Optional[_Union[Work, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ("sent_unix",)

@@ -1,0 +1,26 @@
+"""Files that hold the hub's state or secrets: 0600 in 0700 directories, tightened when found looser."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (and missing parents) with mode 0700, or tighten it to 0700 if it exists."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+
+
+def private_file(path: Path, create: bool) -> None:
+    """Make `path` an empty 0600 file if `create` and it is missing; tighten it to 0600 if it exists."""
+    try:
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
+    except FileNotFoundError:
+        return
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
