@@ -154,7 +154,9 @@ class Hub:
         from cloud_hub.openai_api import create_app
 
         host, _, port = listen.rpartition(":")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP, not 0: asyncio (3.11) sets TCP_NODELAY only then; else each response waits ~40 ms
+        # for the client's delayed acknowledgement
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, int(port)))
         self.http_port = sock.getsockname()[1]
