@@ -72,7 +72,7 @@ from cloud_hub.broker_process import (
     spawn_tied,
     wait_gone,
 )
-from cloud_hub.files import private_dir
+from cloud_hub.files import private_dir, private_file
 
 __all__ = ["BrokerConfig", "BrokerError", "ManagedBroker", "find_mosquitto"]
 
@@ -337,8 +337,8 @@ class ManagedBroker:
         assert self._run_as is not None
         # Our handle on the log also takes mosquitto's stderr, where it reports errors that come before
         # its own logging is set up (a bad config line, a port in use): one file holds the whole story.
-        fd = os.open(self._log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.fchmod(fd, 0o600)  # a log found looser (an older hub's) is tightened: it names every device
+        private_file(self._log, create=True)  # one found looser (an older hub's) is tightened: it names every device
+        fd = os.open(self._log, os.O_WRONLY | os.O_APPEND)
         give_to(self._log, self._run_as)
         with os.fdopen(fd, "ab") as log_file:
             self._proc = spawn_tied(

@@ -66,11 +66,17 @@ class RunningAgent:
 async def start_agent(hub: Hub, model_path: Path, state_dir: Path, name: str, profile: str = "cpu-2core",
                       model_name: str = "tiny") -> RunningAgent:  # fmt: skip
     """An in-process agent serving the GGUF at model_path under model_name; returns once connected."""
-    token = hub.registry.create_token()
-    engine = ServedModel(model_name, load(model_path, use_cache=False))
-    config = AgentConfig(hub=hub.address, profile=profile, state_dir=state_dir, name=name, token=token,
-                         telemetry_interval_s=0.2)  # fmt: skip
-    agent = Agent(config, engine)
+    served = ServedModel(model_name, load(model_path, use_cache=False))
+    return await start_served_agent(hub, served, state_dir, name, profile)
+
+
+async def start_served_agent(
+    hub: Hub, served: ServedModel, state_dir: Path, name: str, profile: str = "cpu-2core"
+) -> RunningAgent:
+    """An in-process agent serving `served` (a counting or paced model, say); returns once it is online."""
+    config = AgentConfig(hub=hub.address, profile=profile, state_dir=state_dir, name=name,
+                         token=hub.registry.create_token(), telemetry_interval_s=0.2)  # fmt: skip
+    agent = Agent(config, served)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     await asyncio.wait_for(agent.connected.wait(), 20)

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from cloud_hub.server import Hub
-from edge_agent.agent import Agent, AgentConfig
 from edge_agent.engines.torch_engine import TorchEngine
 from models.generate import Continuation, TokenEvent
 from models.loaded import LoadedModel
@@ -32,7 +31,7 @@ from models.serving import Pace, ServedModel
 from tandem import AsyncClient
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tests.hubkit import RunningAgent, kill, running_hub, spawn_agent, tiny_llama, wait_for
+from tests.hubkit import RunningAgent, kill, running_hub, spawn_agent, start_served_agent, tiny_llama, wait_for
 from tests.tiny import TinySpec, write_tiny_gguf
 
 TOKEN_S = 0.02
@@ -95,13 +94,7 @@ def engine_model(path: Path, step_s: float = 0.0) -> tuple[ServedModel, Counting
 
 
 async def start(hub: Hub, served: ServedModel, state_dir: Path) -> RunningAgent:
-    config = AgentConfig(hub=hub.address, profile="cpu-2core", state_dir=state_dir, name="counted",
-                         token=hub.registry.create_token())  # fmt: skip
-    agent, stop = Agent(config, served), asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    await asyncio.wait_for(agent.connected.wait(), 20)
-    await wait_for(lambda: bool(hub.fleet.online()))
-    return RunningAgent(agent, stop, task)
+    return await start_served_agent(hub, served, state_dir, "counted")
 
 
 async def test_an_agent_never_runs_more_requests_than_it_advertises(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 from tandem_cli import hub as hub_cli
 from tandem_cli.main import build_parser
-from tests.hubkit import RunningAgent, running_hub, tiny_llama, wait_for
+from tests.hubkit import RunningAgent, running_hub, start_served_agent, tiny_llama, wait_for
 
 GENERATE = "the cat"
 
@@ -161,16 +161,8 @@ def test_hub_up_flags_set_the_limits() -> None:
 
 
 async def _start_paced_agent(hub, model: Path, state_dir: Path, tpot_ms: float) -> RunningAgent:
-    from edge_agent.agent import Agent, AgentConfig
-
     served = ServedModel("tiny", load(model, use_cache=False), pacer=floor_pacer(None, tpot_ms))
-    config = AgentConfig(hub=hub.address, profile="cpu-2core", state_dir=state_dir, name="slow",
-                         token=hub.registry.create_token())  # fmt: skip
-    agent, stop = Agent(config, served), asyncio.Event()
-    task = asyncio.create_task(agent.run(stop))
-    await asyncio.wait_for(agent.connected.wait(), 20)
-    await wait_for(lambda: bool(hub.fleet.online()))
-    return RunningAgent(agent, stop, task)
+    return await start_served_agent(hub, served, state_dir, "slow")
 
 
 async def test_max_inflight_answers_resource_exhausted_and_429_with_retry_after(tmp_path: Path) -> None:
