@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cloud_hub.calibrations import Calibrations
 from cloud_hub.errors import HubError, InvalidRequest, Unavailable
 from cloud_hub.store import DeviceRecord
 from tandem.v1 import tandem_pb2 as pb
@@ -92,6 +93,8 @@ class AgentSession:
     """Ids of works sent down and not finished: at most max_concurrency."""
     held: collections.deque[pb.Work] = field(default_factory=collections.deque)
     """Works waiting at the hub for a slot, oldest first; one whose caller went away is skipped."""
+    rtt_ms: float | None = None
+    """Moving average of the work channel's round trip, from the hub's pings and the agent's pongs."""
     offers: list[tuple[str, bool, Candidate]] | None = field(default=None, repr=False)
     """(model name, chat, routing candidate) per model served, built by the hub on first use and
     kept with the session: a reconnect (a new session) starts afresh."""
@@ -156,6 +159,7 @@ class AgentSession:
                 finished = type(item) is pb.WorkDone
                 if finished and queue.waited_s:  # its wait for a slot was the device's queue
                     item.metrics.ttft_ms += queue.waited_s * 1000
+                    item.metrics.queue_ms += queue.waited_s * 1000
                 yield received, item
                 if finished:
                     return
@@ -172,7 +176,10 @@ class AgentSession:
         are dropped. Raises InvalidRequest for a malformed message."""
         kind = msg.WhichOneof("kind")
         if kind not in _REPLIES:
-            if kind == "pong":
+            if kind == "pong":  # the hub's own clock both ways: no skew
+                rtt = (time.time() - msg.pong.sent_unix) * 1000
+                if 0 <= rtt < 60_000:
+                    self.rtt_ms = rtt if self.rtt_ms is None else 0.7 * self.rtt_ms + 0.3 * rtt
                 return
             raise InvalidRequest(f"unexpected work-channel message {kind!r}")
         item = getattr(msg, kind)
@@ -213,17 +220,21 @@ class Fleet:
     sessions: dict[str, AgentSession] = field(default_factory=dict)
     telemetry: dict[str, Telemetry] = field(default_factory=dict)
     mqtt_status: dict[str, str] = field(default_factory=dict)
+    calibrations: Calibrations = field(default_factory=Calibrations)
+    """What the hub knows of each device's speed (the Hub gives it the registry to keep it in)."""
 
     def attach(self, session: AgentSession) -> None:
         old = self.sessions.get(session.device_id)
         if old is not None:  # a reconnect replaces a stale stream
             old.close()
         self.sessions[session.device_id] = session
+        self.calibrations.attach(session.device_id, session.models)
 
     def detach(self, session: AgentSession) -> None:
         session.close()
         if self.sessions.get(session.device_id) is session:
             del self.sessions[session.device_id]
+        self.calibrations.save_device(session.device_id)
 
     def online(self) -> list[AgentSession]:
         """Connected sessions not marked offline over MQTT (a last will can beat the TCP reset)."""

@@ -9,6 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_RATIO_BUCKETS = (0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 5)
 
 
 class HubMetrics:
@@ -42,6 +43,20 @@ class HubMetrics:
             "tandem_telemetry_lag_seconds", "Age of the oldest latest-telemetry among online devices", registry=r
         )
         self.telemetry_messages = Counter("tandem_telemetry_messages", "Telemetry messages ingested", registry=r)
+        self.prediction_ratio = Histogram(
+            "tandem_prediction_ratio",
+            "Measured over predicted TTFT and time per token, by device (1 = exact; the device's own queue is in both)",
+            ["device", "metric"],
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        self.budgets = Counter(
+            "tandem_budget_requests",
+            "Served requests that set a budget, by placement kind and whether every limit they set was kept"
+            " (measured at the hub)",
+            ["placement", "kept"],
+            registry=r,
+        )
         self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
 
     def observe_request(self, placement: str, outcome: str, ttft_ms: float = 0.0, tpot_ms: float = 0.0) -> None:
@@ -50,6 +65,25 @@ class HubMetrics:
             self._series(self.ttft, placement).observe(ttft_ms / 1000)
             if tpot_ms:
                 self._series(self.tpot, placement).observe(tpot_ms / 1000)
+
+    def observe_prediction(self, device: str, placement: Any, metrics: Any) -> None:
+        """One request's measured over predicted TTFT and TPOT (pb.Placement, pb.Metrics)."""
+        if placement.predicted_ttft_ms > 0 and metrics.ttft_ms > 0:
+            self._series(self.prediction_ratio, device, "ttft").observe(metrics.ttft_ms / placement.predicted_ttft_ms)
+        if placement.predicted_tpot_ms > 0 and metrics.tpot_ms > 0:
+            self._series(self.prediction_ratio, device, "tpot").observe(metrics.tpot_ms / placement.predicted_tpot_ms)
+
+    def observe_budget(self, placement: str, budget: Any, metrics: Any, last: Any) -> None:
+        """Whether a served request kept every limit its budget set (tandem.types.Budget, pb.Metrics):
+        TTFT and TPOT as the hub measured them, energy as the answer reports it."""
+        limits = (
+            (budget.ttft_ms, metrics.ttft_ms),
+            (budget.tpot_ms, metrics.tpot_ms),
+            (budget.energy_j, metrics.energy_j),
+        )
+        if any(limit > 0 for limit, _ in limits):
+            kept = all(value <= limit for limit, value in limits if limit > 0)
+            self._series(self.budgets, placement, "yes" if kept else "no").inc()
 
     def _series(self, metric: Counter | Histogram, *labels: str) -> Any:
         """metric.labels(*labels), looked up once: labels() validates and takes a lock on every call."""

@@ -17,6 +17,7 @@ holds for a free slot on the agent (`cloud_hub.fleet`) are among them. The route
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 from abc import ABC, abstractmethod
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cloud_hub.backends import ServingBackend
+from cloud_hub.calibrations import Calibrations
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.registry import model_config
 from cloud_hub.router import Candidate
@@ -82,13 +84,15 @@ class EdgeModels(PlacementSource):
         for s in self.fleet.online():
             offers = s.offers
             if offers is None:
-                offers = s.offers = _offers(s)
+                offers = s.offers = _offers(s, self.fleet.calibrations)
             queued = s.inflight // s.max_concurrency  # rounds ahead (see the module docstring)
             for i, (name, is_chat, c) in enumerate(offers):
                 if (not model or name == model) and (is_chat or not chat):
                     if c.queued != queued:
-                        c = Candidate(c.kind, c.device_id, c.profile, c.model, c.cost, queued, c.emulated)
+                        c = dataclasses.replace(c, queued=queued)
                         offers[i] = (name, is_chat, c)
+                    if c.tracker is not None:
+                        c.tracker.rtt_ms = s.rtt_ms  # the link as the pings see it now
                     out.append(c)
         return out
 
@@ -114,6 +118,7 @@ class CloudModel(PlacementSource):
 
     def __init__(self, ctx: SourceContext) -> None:
         self.cloud, self.profile = ctx.cloud, ctx.cloud_profile
+        self.calibrations = ctx.fleet.calibrations
         self.inflight = 0
         # The candidate as last built: building one costs more than the rest of routing it, and only
         # its queue changes between requests.
@@ -126,9 +131,14 @@ class CloudModel(PlacementSource):
         if (model and model != info.name) or (chat and not info.chat):
             return []
         c = self._candidate
-        if c is None or c.queued != self.inflight:
+        if c is None:
             cost = model_cost(info.config_json, info.weight_bytes)
-            c = self._candidate = Candidate("cloud", "", self.profile, self.cloud.model, cost, self.inflight)
+            tracker = self.calibrations.get("cloud", self.cloud.model)
+            c = self._candidate = Candidate(
+                "cloud", "", self.profile, self.cloud.model, cost, self.inflight, False, tracker
+            )
+        if c.queued != self.inflight:
+            c = self._candidate = dataclasses.replace(c, queued=self.inflight)
         return [c]
 
     def models(self) -> list[pb.ModelInfo]:
@@ -180,13 +190,15 @@ def _nothing() -> None:
     pass
 
 
-def _offers(s: AgentSession) -> list[tuple[str, bool, Candidate]]:
+def _offers(s: AgentSession, calibrations: Calibrations) -> list[tuple[str, bool, Candidate]]:
     """(model name, chat, candidate) for each model a session serves; candidates count it idle."""
     profile = _profile(s.record.profile)
     out = []
     for m in s.models:
         cost = model_cost(m.config_json, m.weight_bytes)
-        out.append((m.name, m.chat, Candidate("edge", s.device_id, profile, m.name, cost, 0, s.record.emulated)))
+        tracker = calibrations.get(s.device_id, m.name)
+        c = Candidate("edge", s.device_id, profile, m.name, cost, 0, s.record.emulated, tracker)
+        out.append((m.name, m.chat, c))
     return out
 
 

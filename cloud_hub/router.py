@@ -3,7 +3,11 @@
 `Router` is the plug-in point (one method); `BudgetRouter` is the first policy. For every
 candidate placement (an online edge device x a model it serves, or the cloud backend) it predicts
 TTFT, time per token and edge energy with the partitioner's cost model, scaled by the device's
-queue (a busy device is slower by the requests ahead of it). Among placements that meet the budget
+queue (a busy device is slower by the requests ahead of it). A candidate with a `Tracker`
+(cloud_hub.calibrations) is predicted from its device's calibration and online corrections
+(partitioner.predict), and admitted on a high quantile of that device's measured-over-predicted
+ratios rather than on the mean: the prediction times `Tracker.multipliers(quantile)` must fit the
+budget. One without is predicted by the profile's roofline and admitted on it. Among placements that meet the budget
 it prefers the edge (the cloud costs the operator money), and there the least edge energy, then
 the lowest latency; the cloud serves when no edge placement fits. When nothing fits, the error
 names the constraint that rules out the placement closest to fitting.
@@ -14,8 +18,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from cloud_hub.calibrations import Tracker
 from cloud_hub.errors import BudgetUnsatisfiable
 from device_profiles import DeviceProfile
+from partitioner import predict as calibrated
 from partitioner.cost import Estimate, ModelCost, predict
 from tandem.types import Budget  # the SDK's own value: what the caller states is what the router reads
 
@@ -38,13 +44,21 @@ class Candidate:
     """Requests already running or waiting there."""
     emulated: bool = False
     """The device is paced to its profile."""
+    tracker: Tracker | None = None
+    """The device's calibration and measured corrections (None: the profile's roofline alone)."""
 
 
 @dataclass(frozen=True)
 class Choice:
     candidate: Candidate
     estimate: Estimate
+    """The prediction (mean), queue included."""
     within_budget: bool
+    admitted: Estimate | None = None
+    """What admission compared with the budget: the prediction scaled by the quantiles (None: the
+    estimate itself)."""
+    quantile: float = 0.0
+    """The quantile of measured/predicted ratios admission used (0: none, the mean prediction)."""
 
 
 class Router(ABC):
@@ -63,6 +77,35 @@ def _violations(est: Estimate, budget: Budget) -> dict[str, float]:
     return {name: value / limit for name, (value, limit) in pairs.items() if limit > 0}
 
 
+def estimate(c: Candidate, prompt_tokens: int, max_tokens: int) -> Estimate:
+    """The mean prediction for `c`, before its queue."""
+    t = c.tracker
+    if t is None:
+        return predict(c.profile, c.cost, prompt_tokens, max_tokens)
+    return calibrated.predict(
+        c.profile, c.cost, prompt_tokens, max_tokens, t.calibration, t.corrections(), emulated=c.emulated
+    )
+
+
+def admitted_estimate(est: Estimate, multipliers: tuple[float, float], steps: int) -> Estimate:
+    """`est` (queue-free) scaled for admission: TTFT by the first multiplier, each token after it by
+    the second, energy by the time-weighted mix of both."""
+    m_ttft, m_tpot = multipliers
+    busy = est.prefill_ms + steps * est.decode_ms
+    scale = (est.prefill_ms * m_ttft + steps * est.decode_ms * m_tpot) / busy if busy > 0 else m_ttft
+    ttft, tpot = est.ttft_ms * m_ttft, est.tpot_ms * m_tpot
+    return type(est)(
+        **{
+            **est.__dict__,
+            "ttft_ms": ttft,
+            "tpot_ms": tpot,
+            "total_ms": ttft + steps * tpot,
+            "energy_j": est.energy_j * scale,
+            "edge_energy_j": est.edge_energy_j * scale,
+        }
+    )
+
+
 def queued_estimate(est: Estimate, queued: int) -> Estimate:
     """A device running one request at a time makes the next wait for those ahead of it."""
     if queued <= 0:
@@ -72,38 +115,57 @@ def queued_estimate(est: Estimate, queued: int) -> Estimate:
 
 
 class BudgetRouter(Router):
+    def __init__(self, quantile: float = 0.95) -> None:
+        if not 0.5 <= quantile < 1:
+            raise ValueError(f"the admission quantile must be in [0.5, 1), got {quantile}")
+        self.quantile = quantile
+        """Which quantile of measured/predicted ratios admission multiplies predictions by (HubConfig)."""
+
     def choose(self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget) -> Choice:
         if not candidates:
             raise BudgetUnsatisfiable("no device is online and the hub has no cloud model", binding="availability")
         # Candidates alike in kind, device class, model and queue get the same estimate: a fleet of
         # like devices needs one prediction, not one per device (the cost model is most of routing's
         # time). Keyed by identity, which is stable while `candidates` holds them; equal copies miss.
-        memo: dict[tuple[int, int, int, str], tuple[Estimate, dict[str, float], bool, tuple]] = {}
+        memo: dict[tuple[int, int, int, str, int, bool], tuple] = {}
         scored = []
-        best = None  # (rank, candidate, estimate) of the best that fits; the first of equals wins
+        best = None  # (rank, candidate, estimate, admitted) of the best that fits; the first of equals wins
+        steps = max_tokens - 1
         for c in candidates:
-            key = (id(c.profile), id(c.cost), c.queued, c.kind)
+            key = (id(c.profile), id(c.cost), c.queued, c.kind, id(c.tracker), c.emulated)
             hit = memo.get(key)
             if hit is None:
-                est = queued_estimate(predict(c.profile, c.cost, prompt_tokens, max_tokens), c.queued)
-                v = _violations(est, budget)
+                alone = estimate(c, prompt_tokens, max_tokens)
+                est = queued_estimate(alone, c.queued)
+                adm = est
+                if c.tracker is not None:
+                    adm = queued_estimate(
+                        admitted_estimate(alone, c.tracker.multipliers(self.quantile), steps), c.queued
+                    )
+                v = _violations(adm, budget)
                 rank = (c.kind != "edge", est.edge_energy_j, est.total_ms)
-                hit = memo[key] = (est, v, all(r <= 1.0 for r in v.values()), rank)
-            est, v, fits, rank = hit
-            scored.append((c, est, v))
+                hit = memo[key] = (est, adm, v, all(r <= 1.0 for r in v.values()), rank)
+            est, adm, v, fits, rank = hit
+            scored.append((c, est, adm, v))
             if fits and (best is None or rank < best[0]):
-                best = (rank, c, est)
+                best = (rank, c, est, adm)
         if best is not None:
-            return Choice(best[1], best[2], True)
-        c, est, v = min(scored, key=lambda s: max(s[2].values()))
+            return self._choice(best[1], best[2], best[3], True)
+        c, est, adm, v = min(scored, key=lambda s: max(s[3].values()))
         binding = max(v, key=v.get)
         if budget.best_effort:
-            return Choice(c, est, False)
-        value = {"ttft_ms": est.ttft_ms, "tpot_ms": est.tpot_ms, "energy_j": est.edge_energy_j}[binding]
+            return self._choice(c, est, adm, False)
+        value = {"ttft_ms": adm.ttft_ms, "tpot_ms": adm.tpot_ms, "energy_j": adm.edge_energy_j}[binding]
         limit = {"ttft_ms": budget.ttft_ms, "tpot_ms": budget.tpot_ms, "energy_j": budget.energy_j}[binding]
         where = c.device_id or "the cloud"
+        how = f"at the {self.quantile:g} quantile of its measured/predicted ratios " if c.tracker is not None else ""
         raise BudgetUnsatisfiable(
             f"no placement meets the budget: binding constraint {binding} — the closest placement ({c.model} on "
-            f"{where}, {c.profile.name}) predicts {binding} = {value:.1f} against a budget of {limit:.1f}",
+            f"{where}, {c.profile.name}) predicts {binding} = {value:.1f} {how}against a budget of {limit:.1f}",
             binding=binding,
         )
+
+    def _choice(self, c: Candidate, est: Estimate, adm: Estimate, fits: bool) -> Choice:
+        if c.tracker is None:
+            return Choice(c, est, fits)
+        return Choice(c, est, fits, adm, self.quantile)

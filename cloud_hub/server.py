@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cloud_hub.backends import make_backend
 from cloud_hub.broker import BrokerConfig, ManagedBroker
+from cloud_hub.calibrations import Calibrations, served_calibration
 from cloud_hub.fleet import Fleet
 from cloud_hub.interceptor import AdmissionInterceptor, ErrorInterceptor
 from cloud_hub.placements import Placements, SourceContext, make_sources
@@ -77,6 +78,9 @@ class HubConfig:
     """Largest HTTP request body; larger ones get 413."""
     tls_dir: Path | None = None
     """Serve gRPC over TLS with hub.pem / hub.key from this directory (`tandem hub init`)."""
+    admission_quantile: float = 0.95
+    """Admission multiplies each device's prediction by this quantile of its measured/predicted ratios
+    (cloud_hub.calibrations); answers report it. In [0.5, 1)."""
 
 
 class Hub:
@@ -117,8 +121,13 @@ class Hub:
             cloud = await asyncio.to_thread(make_backend, cfg.cloud_backend, cfg.cloud_model, **options)
         profile = load_profile(cfg.cloud_profile) if cloud else None
         self.registry = Registry(self.store, self.fleet, mqtt, cfg.limits.token_ttl_s)
+        self.fleet.calibrations = Calibrations(self.store, cfg.admission_quantile)
+        if cloud is not None and profile is not None:  # a profiled cloud (`tandem profile`) is predicted by it
+            cal = served_calibration(profile, cloud.model_info())
+            self.fleet.calibrations.set_calibration("cloud", cloud.model, cal)
         sources = make_sources(cfg.placement_sources, SourceContext(self.fleet, cloud, profile))
-        self.service = HubService(self.fleet, Placements(sources), BudgetRouter(), cloud, cfg.limits)
+        router = BudgetRouter(cfg.admission_quantile)
+        self.service = HubService(self.fleet, Placements(sources), router, cloud, cfg.limits)
         if self.ingest is not None:
             self.ingest.on_message_count = self.service.metrics.telemetry_messages.inc
         options = [

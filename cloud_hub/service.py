@@ -178,6 +178,7 @@ class HubService:
         budget = spec.budget if not progress.placements else Budget(best_effort=True)
         choice = self.router.choose(candidates, spec.prompt.routing_tokens + progress.tokens, remaining, budget)
         c, est = choice.candidate, choice.estimate
+        adm = choice.admitted or est
         placement = pb.Placement(
             kind=c.kind,
             device_id=c.device_id,
@@ -187,6 +188,10 @@ class HubService:
             predicted_ttft_ms=est.ttft_ms,
             predicted_tpot_ms=est.tpot_ms,
             predicted_energy_j=est.edge_energy_j,
+            admitted_ttft_ms=adm.ttft_ms,
+            admitted_tpot_ms=adm.tpot_ms,
+            quantile=choice.quantile,
+            calibrated=c.tracker is not None and c.tracker.calibration is not None,
         )
         return c, placement
 
@@ -224,6 +229,7 @@ class HubService:
                 else:
                     outcome = "ok"
                     self.metrics.observe_request(placement, outcome, ev.metrics.ttft_ms, ev.metrics.tpot_ms)
+                    self.metrics.observe_budget(placement, spec.budget, ev.metrics, ev.placements[-1])
                     progress.handed_off()  # the WorkDone, relayed as this Final
                     ev.metrics.hub_route_ms, ev.metrics.hub_relay_ms = progress.route_s * 1000, progress.relay_s * 1000
                     yield encode(ev)
@@ -254,6 +260,8 @@ class HubService:
                 yield Started(tuple(progress.placements))
                 async for item in self._run(c, spec, progress):
                     yield item
+                if len(progress.placements) == 1 and c.tracker is not None:  # what it measured refits its device
+                    self._learn(c, placement, progress, spec.params.max_tokens)
                 break
             except Unavailable as exc:
                 if progress.finish or progress.tokens >= spec.params.max_tokens:
@@ -271,6 +279,15 @@ class HubService:
             finally:
                 release()
         yield Final(progress.finish or "length", tuple(progress.placements), progress.metrics())
+
+    def _learn(self, c: Candidate, placement: pb.Placement, progress: _Progress, max_tokens: int) -> None:
+        """Refit the device's corrections and ratios from one finished request (cloud_hub.calibrations),
+        and count its prediction error by device in the metrics."""
+        assert c.tracker is not None
+        m = progress.metrics()
+        c.tracker.observe(c.profile, c.cost, c.emulated, placement, m, max_tokens)
+        self.fleet.calibrations.save(c.device_id, c.model)
+        self.metrics.observe_prediction(c.device_id or "cloud", placement, m)
 
     async def _run(self, c: Candidate, spec: GenerateSpec, progress: _Progress) -> AsyncIterator[Chunk]:
         """Chunks from one placement, going on from `progress`, which it updates."""
@@ -297,6 +314,8 @@ class HubService:
             progress.received = time.perf_counter()  # the stream's end, relayed as the Final
             progress.engine_ttft_ms = (first - start) * 1000 if first else 0.0
             progress.engine_tpot_ms = (progress.received - first) * 1000 / (n - 1) if n > 1 else 0.0
+            if c.queued == 0:  # nothing ahead of it in the backend: its first token's time is its prefill
+                progress.prefill_ms, progress.decode_ms = progress.engine_ttft_ms, progress.engine_tpot_ms
             return
         session = self.fleet.sessions.get(c.device_id)
         if session is None:
@@ -313,6 +332,9 @@ class HubService:
                 progress.energy_j += item.metrics.energy_j
                 progress.prompt_tokens = item.metrics.prompt_tokens
                 progress.engine_ttft_ms, progress.engine_tpot_ms = item.metrics.ttft_ms, item.metrics.tpot_ms
+                progress.prefill_ms, progress.decode_ms = item.metrics.prefill_ms, item.metrics.decode_ms
+                progress.queue_ms = item.metrics.queue_ms
+                progress.energy_measured = item.metrics.energy_measured
 
 
 @dataclass
@@ -333,6 +355,10 @@ class _Progress:
     last: float = 0.0
     engine_ttft_ms: float = 0.0
     engine_tpot_ms: float = 0.0
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0
+    queue_ms: float = 0.0
+    energy_measured: bool = False
     arrived: float = field(default_factory=time.perf_counter)
     route_s: float = 0.0
     """Hub time routing and dispatching, over all placements (see HubService.generate)."""
@@ -380,6 +406,10 @@ class _Progress:
             energy_j=self.energy_j,
             engine_ttft_ms=self.engine_ttft_ms,
             engine_tpot_ms=self.engine_tpot_ms,
+            prefill_ms=self.prefill_ms,
+            decode_ms=self.decode_ms,
+            queue_ms=self.queue_ms,
+            energy_measured=self.energy_measured,
         )
 
 

@@ -110,9 +110,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 class WorkChannelServicer(pb_grpc.WorkChannelServicer):
     """Holds each agent's stream open: work goes down from the session outbox, replies come up."""
 
-    def __init__(self, registry: Registry, hello_timeout_s: float = 10.0) -> None:
+    def __init__(self, registry: Registry, hello_timeout_s: float = 10.0, ping_every_s: float = 5.0) -> None:
         self.registry = registry
         self.hello_timeout_s = hello_timeout_s
+        self.ping_every_s = ping_every_s
 
     async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext):
         md = _metadata(context)
@@ -135,6 +136,7 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
         store.set_status(record.device_id, "online", time.time())
         log.info("work channel open: %s", record.device_id)
         reader = asyncio.create_task(self._read(stream, session))
+        pinger = asyncio.create_task(self._ping(session))
         # None in the outbox ends the writer below: the reader's end puts one, and so does closing
         # the session (replaced by a reconnect, or the hub stops). One queue to wait on, rather than a
         # wait() over the queue and the reader for every message sent.
@@ -146,10 +148,19 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
                 reader.result()  # re-raises InvalidRequest for a malformed message
         finally:
             reader.cancel()
+            pinger.cancel()
             fleet.detach(session)
             if fleet.sessions.get(record.device_id) is None:  # not replaced by a newer stream
                 store.set_status(record.device_id, "offline", time.time())
             log.info("work channel closed: %s", record.device_id)
+
+    async def _ping(self, session: AgentSession) -> None:
+        """Measure the link: a Ping now and then (first soon after the channel opens); the agent's Pong
+        comes back through AgentSession.deliver, which keeps the round trip's moving average."""
+        await asyncio.sleep(0.2)
+        while not session.closed:
+            session.outbox.put_nowait(pb.HubMessage(ping=pb.Ping(sent_unix=time.time())))
+            await asyncio.sleep(self.ping_every_s)
 
     @staticmethod
     async def _read(stream: AsyncIterator[pb.AgentMessage], session: AgentSession) -> None:

@@ -73,6 +73,16 @@ class SecretStore(ABC):
     def has_api_key(self, lookup: str) -> bool: ...
 
 
+class CalibrationStore(ABC):
+    """What the hub has learnt of each device's speed (cloud_hub.calibrations), as opaque JSON."""
+
+    @abstractmethod
+    def save_calibration(self, device_id: str, model: str, state: str) -> None: ...
+
+    @abstractmethod
+    def load_calibration(self, device_id: str, model: str) -> str | None: ...
+
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, name TEXT NOT NULL, profile TEXT NOT NULL,"
     " credential_hash TEXT NOT NULL, models TEXT NOT NULL, emulated INTEGER NOT NULL, status TEXT NOT NULL,"
@@ -80,10 +90,12 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS enrollment_tokens (lookup TEXT PRIMARY KEY, expires_at {real} NOT NULL,"
     " used_at {real})",
     "CREATE TABLE IF NOT EXISTS api_keys (lookup TEXT PRIMARY KEY, name TEXT NOT NULL, created {real} NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS calibrations (device_id TEXT NOT NULL, model TEXT NOT NULL, state TEXT NOT NULL,"
+    " updated {real} NOT NULL, PRIMARY KEY (device_id, model))",
 )
 
 
-class SQLStore(DeviceStore, SecretStore):
+class SQLStore(DeviceStore, SecretStore, CalibrationStore):
     """Both interfaces over one DB-API connection in autocommit mode, guarded by a lock.
 
     Subclasses open the connection and name their dialect: the placeholder and the float type.
@@ -146,6 +158,7 @@ class SQLStore(DeviceStore, SecretStore):
         self._exec("UPDATE devices SET status = ?, last_seen = ? WHERE device_id = ?", (status, last_seen, device_id))
 
     def remove_device(self, device_id: str) -> bool:
+        self._exec("DELETE FROM calibrations WHERE device_id = ?", (device_id,))
         return self._count("DELETE FROM devices WHERE device_id = ?", (device_id,)) > 0
 
     # -- secrets ---------------------------------------------------------------------------------
@@ -172,6 +185,19 @@ class SQLStore(DeviceStore, SecretStore):
 
     def has_api_key(self, lookup: str) -> bool:
         return bool(self._run("SELECT 1 FROM api_keys WHERE lookup = ?", (lookup,)))
+
+    # -- calibrations ---------------------------------------------------------------------------
+
+    def save_calibration(self, device_id: str, model: str, state: str) -> None:
+        self._exec(
+            "INSERT INTO calibrations VALUES (?,?,?,?) ON CONFLICT (device_id, model)"
+            " DO UPDATE SET state = excluded.state, updated = excluded.updated",
+            (device_id, model, state, time.time()),
+        )
+
+    def load_calibration(self, device_id: str, model: str) -> str | None:
+        rows = self._run("SELECT state FROM calibrations WHERE device_id = ? AND model = ?", (device_id, model))
+        return rows[0][0] if rows else None
 
 
 class SQLiteStore(SQLStore):

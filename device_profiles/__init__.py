@@ -28,12 +28,17 @@ from typing import Any, Literal
 
 import yaml
 
+from device_profiles.calibration import Calibration, CalibrationError, Sample
+
 __all__ = [
     "BACKENDS",
+    "Calibration",
+    "CalibrationError",
     "DeviceProfile",
     "Efficiency",
     "LinkSpec",
     "ProfileError",
+    "Sample",
     "all_profiles",
     "list_profiles",
     "load_profile",
@@ -114,10 +119,17 @@ class DeviceProfile:
     """Typical link to the hub."""
     efficiency: Efficiency = Efficiency()
     """Fractions of peak compute and bandwidth reached in practice (calibrated by measurement)."""
+    calibrations: tuple[Calibration, ...] = ()
+    """What `tandem profile` measured on this device, one entry per (model, quant, engine)."""
+    quant: str = "source"
+    """Precision an agent of this class serves its model at by default (`tandem agent run --quant`):
+    one of models.runtime.QUANTS, "source" (each tensor at its GGUF's own precision), "fp32", "int8" or "int4"."""
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ProfileError("name must not be empty")
+        if self.quant not in ("source", "fp32", "int8", "int4"):  # models.runtime.QUANTS (models not imported here)
+            raise ProfileError(f"quant must be one of ['source', 'fp32', 'int8', 'int4'], got {self.quant!r}")
         if self.kind not in ("edge", "cloud"):
             raise ProfileError(f"kind must be 'edge' or 'cloud', got {self.kind!r}")
         _require(self, "> 0", "memory_gb", "memory_bandwidth_gbs", "compute_tflops", "power_active_w")
@@ -127,6 +139,25 @@ class DeviceProfile:
         unknown = sorted(set(self.backends) - BACKENDS)
         if unknown:
             raise ProfileError(f"backends: unknown {unknown}; known: {sorted(BACKENDS)}")
+        keys = [c.key for c in self.calibrations]
+        if len(set(keys)) != len(keys):
+            raise ProfileError("calibrations: two entries for the same (model, quant, engine)")
+
+    def calibration_for(self, model: str, quant: str, engine: str) -> Calibration | None:
+        """The calibration measured for `model` at `quant` on `engine`, or None if this profile has no
+        calibrations at all (a shipped, uncalibrated profile). Raises ProfileError when it has some but
+        none for this model, precision and engine: a profile measured for another model or engine
+        must not pass for this one."""
+        if not self.calibrations:
+            return None
+        for c in self.calibrations:
+            if c.key == (model, quant, engine):
+                return c
+        have = ", ".join(f"{m} ({q}, {e})" for m, q, e in (c.key for c in self.calibrations))
+        raise ProfileError(
+            f"calibrations: profile {self.name!r} was measured for {have}, not {model} ({quant}, {engine}); "
+            f"run `tandem profile --model {model}` on this device"
+        )
 
 
 # -- strict construction from plain data -------------------------------------------------------------
@@ -148,6 +179,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ProfileError(f"{where}: expected a list, got {type(value).__name__}")
         item_tp = typing.get_args(tp)[0]
         return tuple(_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProfileError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
     if tp is float:
         # bool is an int subclass; `true` where a number belongs is a mistake, not 1.0.
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -176,7 +211,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         kwargs[name] = _convert(data[name], hints[name], prefix + name)
     try:
         return cls(**kwargs)
-    except ProfileError as exc:  # range checks in __post_init__ name the bare field
+    except (ProfileError, CalibrationError) as exc:  # range checks in __post_init__ name the bare field
         raise ProfileError(f"{prefix}{exc}") from None
 
 

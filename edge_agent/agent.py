@@ -351,12 +351,16 @@ class Agent:
             outbox.put_nowait(
                 pb.AgentMessage(tokens=pb.TokenChunk(work_id=work.work_id, token_ids=[ev.token_id], text=ev.text))
             )
+        tpot = ((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0
         metrics = pb.Metrics(
             prompt_tokens=len(ids),
             completion_tokens=count,
             ttft_ms=((first or received) - received) * 1000,
-            tpot_ms=((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0,
+            tpot_ms=tpot,
             energy_j=self.config.power_active_w * ((last or start) - start),
+            prefill_ms=((first or start) - start) * 1000,  # tokenizing through the first token: the engine alone
+            decode_ms=tpot,
+            queue_ms=(start - received) * 1000,  # waiting here for a slot
         )
         return pb.AgentMessage(done=pb.WorkDone(work_id=work.work_id, finish_reason=finish, metrics=metrics))
 

@@ -60,6 +60,10 @@ class ModelCost:
     """Average stored bits per weight (32 fp32, 16 fp16, about 4.5-5 for 4-bit formats with scales)."""
     kv_bits: float
     """Bits per element of the KV cache."""
+    sliding_window: int = 0
+    """Keys a sliding-window layer attends to at most (0: no sliding layers)."""
+    sliding_layers: int = 0
+    """How many of the n_layers blocks slide (Gemma 3: five in six); the rest attend to everything."""
 
     n_params: int = field(init=False)
     """Total parameters, the embedding counted once if tied."""
@@ -108,6 +112,8 @@ class ModelCost:
             kv_width=kv,
             bits_per_weight=bits_per_weight,
             kv_bits=kv_bits if kv_bits is not None else (32.0 if bits_per_weight >= 32 else 16.0),
+            sliding_window=cfg.sliding_window,
+            sliding_layers=sum(cfg.is_sliding(i) for i in range(cfg.n_layers)),
         )
 
     @property
@@ -115,18 +121,31 @@ class ModelCost:
         """Bytes of one block's weights (what a split moves between devices)."""
         return self.layer_params * self.bits_per_weight / 8
 
+    def keys_read(self, context: float) -> float:
+        """Keys one decode step attends to, summed over the layers: every position on a global layer,
+        at most sliding_window on a sliding one."""
+        window = min(context, self.sliding_window) if self.sliding_window else context
+        return (self.n_layers - self.sliding_layers) * context + self.sliding_layers * window
+
+    def prompt_keys(self, tokens: float) -> float:
+        """Keys a causal prefill of `tokens` attends to, summed over its tokens and the layers (token t
+        sees t + 1 keys, at most sliding_window of them on a sliding layer)."""
+        full = tokens * (tokens + 1) / 2
+        w = self.sliding_window
+        slid = full if not w or tokens <= w else w * (w + 1) / 2 + (tokens - w) * w
+        return (self.n_layers - self.sliding_layers) * full + self.sliding_layers * slid
+
     def flops_per_token(self, context: int) -> float:
         """FLOPs to decode one token attending to `context` positions: 2 per matmul weight (multiply and
-        add), plus q.k and attention.v over the context (2 x 2 x attn_width per key, every layer)."""
+        add), plus q.k and attention.v over the keys it reads (2 x 2 x attn_width per key and layer)."""
         matmul = 2.0 * (self.n_layers * self.layer_matmul_params + self.head_params)
-        return matmul + 4.0 * self.n_layers * self.attn_width * context
+        return matmul + 4.0 * self.attn_width * self.keys_read(context)
 
     def prefill_flops(self, prompt_tokens: int) -> float:
-        """FLOPs to prefill `prompt_tokens`: every block for every token, causal attention (token t sees
-        t+1 keys), and the output head for the last position only (as `models.generate` does)."""
+        """FLOPs to prefill `prompt_tokens`: every block for every token, causal attention (see
+        `prompt_keys`), and the output head for the last position only (as `models.generate` does)."""
         blocks = 2.0 * self.n_layers * self.layer_matmul_params * prompt_tokens
-        keys_seen = prompt_tokens * (prompt_tokens + 1) / 2  # sum over t of (t + 1)
-        return blocks + 4.0 * self.n_layers * self.attn_width * keys_seen + 2.0 * self.head_params
+        return blocks + 4.0 * self.attn_width * self.prompt_keys(prompt_tokens) + 2.0 * self.head_params
 
     def memory_bytes(self, context_tokens: int) -> float:
         """Weights plus a KV cache of `context_tokens` positions."""
@@ -183,7 +202,7 @@ def prefill_ms(profile: DeviceProfile, cost: ModelCost, prompt_tokens: int) -> f
 
 def decode_ms(profile: DeviceProfile, cost: ModelCost, context: float) -> float:
     """Memory-bound time of one decode step at `context` positions, floored by its compute time."""
-    bytes_read = cost.weight_bytes_per_token + cost.kv_bytes_per_token * context
+    bytes_read = cost.weight_bytes_per_token + cost.kv_bytes_per_token * cost.keys_read(context) / cost.n_layers
     memory = _ms(bytes_read, profile.memory_bandwidth_gbs * 1e9 * profile.efficiency.decode)
     flops = _ms(cost.flops_per_token(round(context)), profile.compute_tflops * 1e12 * profile.efficiency.prefill)
     return max(memory, flops)

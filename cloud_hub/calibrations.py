@@ -1,0 +1,229 @@
+"""What the hub knows of each placement's speed: its calibration, and what it has measured since.
+
+One `Tracker` per (device, model), the cloud's own model under device "cloud":
+
+- the calibration the agent measured at start-up (ModelInfo.calibration_json) or the cloud profile's
+  (`tandem profile`); None means the profile's analytic roofline;
+- online gains on prefill and decode (partitioner.calibration.OnlineGain), refitted from the prefill
+  and decode times every finished request reports, so that a device that slows down is predicted
+  slower within a few requests;
+- the link as measured: the work channel's ping round trips, and each request's time outside the
+  engine before its first token (hub to device and back, the hub's own handling);
+- the distributions of measured over predicted TTFT and time per token (RatioQuantile), whose
+  high quantile admission multiplies predictions by.
+
+`Calibrations` holds the trackers and keeps them in the registry (`CalibrationStore`), so that a hub
+restart does not forget what it learnt; a new calibration from the agent (a re-profiled device)
+starts its tracker afresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cloud_hub.store import CalibrationStore
+from device_profiles import Calibration, CalibrationError, DeviceProfile, Sample
+from partitioner.calibration import OnlineGain, RatioQuantile
+from partitioner.cost import ModelCost
+from partitioner.predict import Corrections, compute_ms
+from tandem.v1 import tandem_pb2 as pb
+
+log = logging.getLogger("tandem.hub")
+
+LINK_SMOOTHING = 0.3
+"""Weight of the newest measurement in the link's moving averages."""
+SAVE_EVERY_S = 5.0
+"""A tracker is written to the registry at most this often (and when its device disconnects)."""
+
+
+def calibration_from_json(text: str) -> Calibration | None:
+    """A Calibration from ModelInfo.calibration_json ('' -> None). Raises CalibrationError naming
+    the field for a malformed one."""
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+        samples = tuple(Sample(**s) for s in data.pop("samples", ()))
+        data["prefill"], data["decode"] = tuple(data["prefill"]), tuple(data["decode"])
+        return Calibration(**data, samples=samples)
+    except CalibrationError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CalibrationError(f"calibration_json: not a calibration ({exc})") from None
+
+
+def calibration_to_json(c: Calibration, with_samples: bool = False) -> str:
+    data = dataclasses.asdict(c)
+    if not with_samples:
+        data.pop("samples")
+    return json.dumps(data, separators=(",", ":"))
+
+
+def served_calibration(profile: DeviceProfile, info: pb.ModelInfo) -> Calibration | None:
+    """The calibration `profile` holds for the model `info` describes, as it is served (its precision:
+    ModelInfo.quant up to any "(detail)"; its engine, "cpu" when unnamed). None for an uncalibrated
+    profile; raises ProfileError for one measured for another model, precision or engine."""
+    quant = info.quant.split("(", 1)[0] or "fp32"
+    return profile.calibration_for(info.name, quant, info.engine or "cpu")
+
+
+@dataclass
+class Tracker:
+    """One (device, model): its calibration and the corrections measured since."""
+
+    calibration: Calibration | None = None
+    prefill: OnlineGain = field(default_factory=OnlineGain)
+    decode: OnlineGain = field(default_factory=OnlineGain)
+    ttft: RatioQuantile = field(default_factory=RatioQuantile)
+    tpot: RatioQuantile = field(default_factory=RatioQuantile)
+    link_ms: float | None = None
+    """Moving average of a request's time outside the engine before its first token."""
+    rtt_ms: float | None = None
+    """The work channel's ping round trip now (AgentSession.rtt_ms, set as candidates are listed)."""
+    requests: int = 0
+    saved: float = 0.0
+
+    def corrections(self) -> Corrections:
+        return Corrections(self.prefill.gain, self.decode.gain, self.link())
+
+    def link(self) -> float | None:
+        """The link before the first token as measured: per request where requests have been seen,
+        else the pings' round trip, else None (the profile's figures)."""
+        return self.link_ms if self.link_ms is not None else self.rtt_ms
+
+    def multipliers(self, q: float) -> tuple[float, float]:
+        """(TTFT, TPOT) factors admission applies: the q-quantiles of measured over predicted."""
+        return self.ttft.quantile(q), self.tpot.quantile(q)
+
+    def observe(
+        self,
+        profile: DeviceProfile,
+        cost: ModelCost,
+        emulated: bool,
+        placement: pb.Placement,
+        metrics: pb.Metrics,
+        new_tokens: int,
+    ) -> None:
+        """Learn from one finished request: `metrics` as the hub measured it (ttft_ms, tpot_ms) with
+        the engine's own prefill_ms, decode_ms and queue_ms, `placement` as predicted."""
+        prompt = max(1, metrics.prompt_tokens)
+        context = prompt + max(1, new_tokens) / 2
+        prefill, step = compute_ms(profile, cost, self.calibration, prompt, context)
+        if emulated and self.calibration is not None:
+            p_prof, d_prof = compute_ms(profile, cost, None, prompt, context)
+            prefill, step = max(prefill, p_prof), max(step, d_prof)
+        # Ratios first, against the queue-free TTFT predicted with the corrections of the time.
+        queue = metrics.queue_ms
+        link = self.link()
+        link = profile.link.rtt_ms if link is None else link
+        if metrics.ttft_ms > 0:
+            self.ttft.add(link + prefill * self.prefill.gain, max(1e-3, metrics.ttft_ms - queue))
+        if metrics.tpot_ms > 0 and placement.predicted_tpot_ms > 0 and metrics.completion_tokens > 2:
+            self.tpot.add(placement.predicted_tpot_ms, metrics.tpot_ms)
+        if metrics.prefill_ms > 0:
+            self.prefill.update(prefill, metrics.prefill_ms)
+            outside = metrics.ttft_ms - queue - metrics.prefill_ms
+            if outside >= 0:
+                self.link_ms = _smooth(self.link_ms, outside)
+        if metrics.decode_ms > 0 and metrics.completion_tokens > 2:
+            self.decode.update(step, metrics.decode_ms)
+        self.requests += 1
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "calibration": calibration_to_json(self.calibration) if self.calibration else "",
+                "prefill": [self.prefill.num, self.prefill.den],
+                "decode": [self.decode.num, self.decode.den],
+                "ttft": list(self.ttft.ratios or ()),
+                "tpot": list(self.tpot.ratios or ()),
+                "link_ms": self.link_ms,
+                "requests": self.requests,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Tracker:
+        d = json.loads(text)
+        t = cls(calibration_from_json(d["calibration"]))
+        t.prefill.num, t.prefill.den = d["prefill"]
+        t.decode.num, t.decode.den = d["decode"]
+        t.ttft.ratios.extend(d["ttft"])  # type: ignore[union-attr]
+        t.tpot.ratios.extend(d["tpot"])  # type: ignore[union-attr]
+        t.link_ms, t.requests = d["link_ms"], d["requests"]
+        return t
+
+
+def _smooth(old: float | None, new: float) -> float:
+    return new if old is None else (1 - LINK_SMOOTHING) * old + LINK_SMOOTHING * new
+
+
+class Calibrations:
+    """Trackers by (device id, model), kept in the registry; the cloud's device id is "cloud"."""
+
+    def __init__(self, store: CalibrationStore | None = None, quantile: float = 0.95) -> None:
+        if not 0.5 <= quantile < 1:
+            raise ValueError(f"the admission quantile must be in [0.5, 1), got {quantile}")
+        self.store = store
+        self.quantile = quantile
+        self.trackers: dict[tuple[str, str], Tracker] = {}
+
+    def get(self, device_id: str, model: str) -> Tracker:
+        key = (device_id or "cloud", model)
+        t = self.trackers.get(key)
+        if t is None:
+            t = self.trackers[key] = self._load(*key) or Tracker()
+        return t
+
+    def attach(self, device_id: str, models: tuple[pb.ModelInfo, ...] | list[pb.ModelInfo]) -> None:
+        """A device connected with these models: take each one's calibration. A calibration unlike
+        the one the tracker was built on (the device was re-profiled, or serves another precision)
+        starts the tracker afresh; the same one keeps what was learnt. A malformed calibration is
+        logged and ignored (the profile's roofline stands in), never fatal to the channel."""
+        for m in models:
+            try:
+                cal = calibration_from_json(m.calibration_json)
+            except CalibrationError as exc:
+                log.warning("device %s model %s: ignoring its calibration: %s", device_id, m.name, exc)
+                cal = None
+            self.set_calibration(device_id, m.name, cal)
+
+    def set_calibration(self, device_id: str, model: str, cal: Calibration | None) -> Tracker:
+        t = self.get(device_id, model)
+        if cal != t.calibration:
+            t = self.trackers[(device_id or "cloud", model)] = Tracker(cal)
+            self.save(device_id, model, force=True)
+        return t
+
+    def save(self, device_id: str, model: str, force: bool = False) -> None:
+        key = (device_id or "cloud", model)
+        t = self.trackers.get(key)
+        if t is None or self.store is None:
+            return
+        now = time.monotonic()
+        if force or now - t.saved >= SAVE_EVERY_S:
+            t.saved = now
+            self.store.save_calibration(key[0], model, t.to_json())
+
+    def save_device(self, device_id: str) -> None:
+        for dev, model in list(self.trackers):
+            if dev == device_id:
+                self.save(dev, model, force=True)
+
+    def _load(self, device_id: str, model: str) -> Tracker | None:
+        if self.store is None:
+            return None
+        text = self.store.load_calibration(device_id, model)
+        if not text:
+            return None
+        try:
+            return Tracker.from_json(text)
+        except (ValueError, TypeError, KeyError, CalibrationError) as exc:
+            log.warning("registry: dropping the stored calibration of %s/%s: %s", device_id, model, exc)
+            return None
