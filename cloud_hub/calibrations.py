@@ -19,14 +19,13 @@ starts its tracker afresh.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 
 from cloud_hub.store import CalibrationStore
-from device_profiles import Calibration, CalibrationError, DeviceProfile, Sample
+from device_profiles import Calibration, CalibrationError, DeviceProfile
 from partitioner.calibration import OnlineGain, RatioQuantile
 from partitioner.cost import ModelCost
 from partitioner.predict import Corrections, compute_ms
@@ -43,24 +42,7 @@ SAVE_EVERY_S = 5.0
 def calibration_from_json(text: str) -> Calibration | None:
     """A Calibration from ModelInfo.calibration_json ('' -> None). Raises CalibrationError naming
     the field for a malformed one."""
-    if not text:
-        return None
-    try:
-        data = json.loads(text)
-        samples = tuple(Sample(**s) for s in data.pop("samples", ()))
-        data["prefill"], data["decode"] = tuple(data["prefill"]), tuple(data["decode"])
-        return Calibration(**data, samples=samples)
-    except CalibrationError:
-        raise
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CalibrationError(f"calibration_json: not a calibration ({exc})") from None
-
-
-def calibration_to_json(c: Calibration, with_samples: bool = False) -> str:
-    data = dataclasses.asdict(c)
-    if not with_samples:
-        data.pop("samples")
-    return json.dumps(data, separators=(",", ":"))
+    return Calibration.from_json(text) if text else None
 
 
 def served_calibration(profile: DeviceProfile, info: pb.ModelInfo) -> Calibration | None:
@@ -138,7 +120,7 @@ class Tracker:
     def to_json(self) -> str:
         return json.dumps(
             {
-                "calibration": calibration_to_json(self.calibration) if self.calibration else "",
+                "calibration": self.calibration.to_json() if self.calibration else "",
                 "prefill": [self.prefill.num, self.prefill.den],
                 "decode": [self.decode.num, self.decode.den],
                 "ttft": list(self.ttft.ratios or ()),
@@ -167,12 +149,18 @@ def _smooth(old: float | None, new: float) -> float:
 class Calibrations:
     """Trackers by (device id, model), kept in the registry; the cloud's device id is "cloud"."""
 
-    def __init__(self, store: CalibrationStore | None = None, quantile: float = 0.95) -> None:
+    def __init__(self, store: CalibrationStore | None = None, quantile: float = 0.95, enabled: bool = True) -> None:
         if not 0.5 <= quantile < 1:
             raise ValueError(f"the admission quantile must be in [0.5, 1), got {quantile}")
         self.store = store
         self.quantile = quantile
+        self.enabled = enabled
+        """False: routing ignores calibrations (the profiles' roofline, mean admission), for comparison."""
         self.trackers: dict[tuple[str, str], Tracker] = {}
+
+    def routing(self, device_id: str, model: str) -> Tracker | None:
+        """The tracker routing uses for this placement: None when calibration is off."""
+        return self.get(device_id, model) if self.enabled else None
 
     def get(self, device_id: str, model: str) -> Tracker:
         key = (device_id or "cloud", model)

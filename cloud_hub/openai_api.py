@@ -63,6 +63,8 @@ class BudgetBody(_Strict):
 
 class TandemExtension(_Strict):
     budget: BudgetBody = BudgetBody()
+    device: str = Field("", max_length=128)
+    """Pin the request to one device id ("cloud": the hub's own model); empty: the hub chooses."""
 
 
 class Message(_Strict):
@@ -128,7 +130,11 @@ def _spec(body: ChatRequest | CompletionRequest) -> GenerateSpec:
     )
     model = "" if body.model in ("", "auto", "tandem") else body.model
     return GenerateSpec(
-        prompt_from_value(prompt), params, Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort), model
+        prompt_from_value(prompt),
+        params,
+        Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort),
+        model,
+        device=body.tandem.device,
     )
 
 
@@ -154,6 +160,7 @@ def _tandem_info(final: Final) -> dict:
         "ttft_ms": m.ttft_ms,
         "tpot_ms": m.tpot_ms,
         "energy_j": m.energy_j,
+        "energy": "measured" if m.energy_measured else "estimated",
     }
 
 

@@ -133,7 +133,7 @@ class CloudModel(PlacementSource):
         c = self._candidate
         if c is None:
             cost = model_cost(info.config_json, info.weight_bytes)
-            tracker = self.calibrations.get("cloud", self.cloud.model)
+            tracker = self.calibrations.routing("cloud", self.cloud.model)
             c = self._candidate = Candidate(
                 "cloud", "", self.profile, self.cloud.model, cost, self.inflight, False, tracker
             )
@@ -196,7 +196,7 @@ def _offers(s: AgentSession, calibrations: Calibrations) -> list[tuple[str, bool
     out = []
     for m in s.models:
         cost = model_cost(m.config_json, m.weight_bytes)
-        tracker = calibrations.get(s.device_id, m.name)
+        tracker = calibrations.routing(s.device_id, m.name)
         c = Candidate("edge", s.device_id, profile, m.name, cost, 0, s.record.emulated, tracker)
         out.append((m.name, m.chat, c))
     return out

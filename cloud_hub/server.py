@@ -78,6 +78,9 @@ class HubConfig:
     """Largest HTTP request body; larger ones get 413."""
     tls_dir: Path | None = None
     """Serve gRPC over TLS with hub.pem / hub.key from this directory (`tandem hub init`)."""
+    calibrate: bool = True
+    """Predict from devices' calibrations and admit on quantiles; False: the profiles' roofline alone and
+    mean admission (what the hub did before; for comparison)."""
     admission_quantile: float = 0.95
     """Admission multiplies each device's prediction by this quantile of its measured/predicted ratios
     (cloud_hub.calibrations); answers report it. In [0.5, 1)."""
@@ -121,7 +124,7 @@ class Hub:
             cloud = await asyncio.to_thread(make_backend, cfg.cloud_backend, cfg.cloud_model, **options)
         profile = load_profile(cfg.cloud_profile) if cloud else None
         self.registry = Registry(self.store, self.fleet, mqtt, cfg.limits.token_ttl_s)
-        self.fleet.calibrations = Calibrations(self.store, cfg.admission_quantile)
+        self.fleet.calibrations = Calibrations(self.store, cfg.admission_quantile, cfg.calibrate)
         if cloud is not None and profile is not None:  # a profiled cloud (`tandem profile`) is predicted by it
             cal = served_calibration(profile, cloud.model_info())
             self.fleet.calibrations.set_calibration("cloud", cloud.model, cal)

@@ -72,6 +72,8 @@ class GenerateSpec:
     arrived: float = 0.0
     """time.perf_counter() when the request reached the hub (0: when generate() starts); the hub's own
     time counts from here, so that authenticating and parsing the request are in it."""
+    device: str = ""
+    """Run only on this device id ("cloud": the hub's own model); empty: the router chooses."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,13 @@ class HubService:
         candidates = [
             c for c in self.placements.candidates(spec.model, chat) if (c.device_id or "cloud") not in excluded
         ]
+        if spec.device:
+            candidates = [c for c in candidates if (c.device_id or "cloud") == spec.device]
+            if not candidates and not progress.placements:
+                raise NotFound(
+                    f"device: {spec.device!r} is not online, or serves no {'chat ' if chat else ''}model "
+                    f"{spec.model or 'at all'}"
+                )
         served = {m.name: m for m in self.placements.models()} if spec.model and not candidates else {}
         if not candidates and spec.model in served and chat and not served[spec.model].chat:
             raise InvalidRequest(f"model {spec.model!r} is a base model without a chat template: send a plain prompt")

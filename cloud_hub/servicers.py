@@ -43,7 +43,7 @@ def spec_from_request(req: pb.GenerateRequest, arrived: float = 0.0) -> Generate
     params = _sampling(req.sampling.SerializeToString())
     b = req.budget
     budget = Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort)
-    return GenerateSpec(prompt_from_wire(req.input), params, budget, req.model, arrived)
+    return GenerateSpec(prompt_from_wire(req.input), params, budget, req.model, arrived, req.device)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -13,6 +13,8 @@ their docstrings; they are the analytic roofline's own terms (partitioner/cost.p
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -93,3 +95,25 @@ class Calibration:
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.model, self.quant, self.engine)
+
+    def to_json(self, samples: bool = False) -> str:
+        """Compact JSON (what an agent sends in ModelInfo.calibration_json); samples only when asked."""
+        data = dataclasses.asdict(self)
+        if not samples:
+            data.pop("samples")
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        """The inverse of to_json. Raises CalibrationError naming the field for anything malformed."""
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise TypeError(f"expected an object, got {type(data).__name__}")
+            samples = tuple(Sample(**s) for s in data.pop("samples", ()))
+            data["prefill"], data["decode"] = tuple(data["prefill"]), tuple(data["decode"])
+            return cls(**data, samples=samples)
+        except CalibrationError:
+            raise
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CalibrationError(f"calibration_json: not a calibration ({exc})") from None

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import grpc
 
+from edge_agent.power import EnergyMeter, PowerSensor, SensorError
 from edge_agent.spool import Spool
 from edge_agent.telemetry import MqttSettings, TelemetryPublisher
 from models.errors import InvalidRequest
@@ -87,6 +88,8 @@ class AgentConfig:
     """The deployment's CA certificate: dial the hub over TLS (None: plaintext)."""
     spool_max_records: int = 10_000
     """Telemetry kept on disk while the broker is unreachable (oldest dropped beyond it)."""
+    power_sensor: PowerSensor | None = None
+    """Measures each request's energy (edge_agent.power.detect); None: estimated from power_active_w."""
 
 
 @dataclass(frozen=True)
@@ -342,22 +345,28 @@ class Agent:
         cont = Continuation(tuple(work.continue_ids), work.continue_chars) if work.continue_ids else None
         first = last = None
         count, finish = 0, "length"
-        async for ev in iterate_in_thread(lambda: self.engine.stream(ids, params, cancel, cont), cancel):
-            now = time.perf_counter()
-            first = first or now
-            last = now
-            count += 1
-            finish = ev.finish_reason or finish
-            outbox.put_nowait(
-                pb.AgentMessage(tokens=pb.TokenChunk(work_id=work.work_id, token_ids=[ev.token_id], text=ev.text))
-            )
+        sensor = self.config.power_sensor
+        meter = _started(EnergyMeter(sensor)) if sensor is not None else None
+        try:
+            async for ev in iterate_in_thread(lambda: self.engine.stream(ids, params, cancel, cont), cancel):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+                count += 1
+                finish = ev.finish_reason or finish
+                outbox.put_nowait(
+                    pb.AgentMessage(tokens=pb.TokenChunk(work_id=work.work_id, token_ids=[ev.token_id], text=ev.text))
+                )
+        finally:  # a cancelled or failed request stops its meter too
+            energy = _stopped(meter)
         tpot = ((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0
         metrics = pb.Metrics(
             prompt_tokens=len(ids),
             completion_tokens=count,
             ttft_ms=((first or received) - received) * 1000,
             tpot_ms=tpot,
-            energy_j=self.config.power_active_w * ((last or start) - start),
+            energy_j=energy if energy is not None else self.config.power_active_w * ((last or start) - start),
+            energy_measured=energy is not None,
             prefill_ms=((first or start) - start) * 1000,  # tokenizing through the first token: the engine alone
             decode_ms=tpot,
             queue_ms=(start - received) * 1000,  # waiting here for a slot
@@ -370,3 +379,24 @@ class Agent:
         if prompt is None:
             raise InvalidRequest("work has no input")
         return params, self.engine.encode(prompt)
+
+
+def _started(meter: EnergyMeter) -> EnergyMeter | None:
+    """The meter, started; None (the estimate stands in) if its sensor cannot be read now."""
+    try:
+        meter.start()
+    except SensorError as exc:
+        log.warning("power sensor unreadable, energy estimated: %s", exc)
+        return None
+    return meter
+
+
+def _stopped(meter: EnergyMeter | None) -> float | None:
+    """Joules the meter measured, or None when there was none or its sensor failed meanwhile."""
+    if meter is None:
+        return None
+    try:
+        return meter.stop().joules
+    except SensorError as exc:
+        log.warning("power sensor failed during a request, energy estimated: %s", exc)
+        return None

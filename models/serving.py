@@ -46,6 +46,9 @@ class ServedModel:
     max_concurrency: int = 1
     """Requests it runs at once (its lock lets one through): what an agent serving it advertises to
     the hub (Hello.max_concurrency) and admits to stream() at once."""
+    slowdown: float = 1.0
+    """Stretch every token's compute by this factor (a throttled CPU, a neighbour taking cycles): each
+    token is held (slowdown - 1) x its own compute time. For tests and demos of recalibration; 1 = off."""
 
     def __init__(
         self,
@@ -97,9 +100,15 @@ class ServedModel:
             else:
                 events = gen.stream([ids], params, [continuation] if continuation is not None else None)
             with contextlib.closing(events):  # a cancelled request releases its engine state under the lock
+                mark = start
                 for i, event in enumerate(events):
                     if cancel.is_set():
                         return
+                    if self.slowdown > 1:  # throttled: this token's compute again, (slowdown - 1) times over
+                        now = time.perf_counter()
+                        if cancel.wait((self.slowdown - 1) * (now - mark)):
+                            return
+                        mark = time.perf_counter()
                     if pace is not None:
                         hold = start + (pace.ttft_ms + i * pace.tpot_ms) / 1000 - time.perf_counter()
                         if hold > 0 and cancel.wait(hold):  # held back, and cancelled meanwhile

@@ -40,6 +40,7 @@ def build_request(
     stop: Sequence[str] = (),
     budget: Budget | None = None,
     request_id: str = "",
+    device: str = "",
 ) -> pb.GenerateRequest:
     """The wire request; raises InvalidRequest for what can be caught before sending."""
     if isinstance(prompt, str):
@@ -60,6 +61,7 @@ def build_request(
         input=inp,
         sampling=sampling,
         request_id=request_id,
+        device=device,
         budget=pb.Budget(ttft_ms=b.ttft_ms, tpot_ms=b.tpot_ms, energy_j=b.energy_j, best_effort=b.best_effort),
     )
 
@@ -74,6 +76,10 @@ def _placement(p: pb.Placement) -> Placement:
         p.predicted_ttft_ms,
         p.predicted_tpot_ms,
         p.predicted_energy_j,
+        p.admitted_ttft_ms,
+        p.admitted_tpot_ms,
+        p.quantile,
+        p.calibrated,
     )
 
 
@@ -88,6 +94,8 @@ def _fold(result: GenerateResult, msg: pb.GenerateResponse) -> Chunk | None:
         result.prompt_tokens, result.completion_tokens = m.prompt_tokens, m.completion_tokens
         result.engine_ttft_ms, result.engine_tpot_ms = m.engine_ttft_ms, m.engine_tpot_ms
         result.hub_route_ms, result.hub_relay_ms = m.hub_route_ms, m.hub_relay_ms
+        result.prefill_ms, result.decode_ms, result.queue_ms = m.prefill_ms, m.decode_ms, m.queue_ms
+        result.energy_measured = m.energy_measured
     if msg.text or msg.token_ids:
         result.text += msg.text
         result.token_ids += list(msg.token_ids)

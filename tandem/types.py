@@ -31,6 +31,14 @@ class Placement:
     predicted_ttft_ms: float = 0.0
     predicted_tpot_ms: float = 0.0
     predicted_energy_j: float = 0.0
+    admitted_ttft_ms: float = 0.0
+    """What admission held against the budget: the prediction times a high quantile of this device's
+    measured/predicted ratios (0: admitted on the mean prediction)."""
+    admitted_tpot_ms: float = 0.0
+    quantile: float = 0.0
+    """Which quantile admission used (the hub's setting); 0 when none was."""
+    calibrated: bool = False
+    """Predicted from the device's measured calibration rather than its profile's roofline."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,14 @@ class GenerateResult:
     tpot_ms: float = 0.0
     """Measured mean time between tokens after the first."""
     energy_j: float = 0.0
-    """Edge energy estimate."""
+    """Edge energy: measured by a power sensor when energy_measured, else estimated from the profile."""
+    energy_measured: bool = False
+    prefill_ms: float = 0.0
+    """The engine's prefill alone (no queueing, no network)."""
+    decode_ms: float = 0.0
+    """The engine's mean decode step alone."""
+    queue_ms: float = 0.0
+    """Time waiting for a slot on the device (and at the hub for it)."""
     engine_ttft_ms: float = 0.0
     """The serving engine's own time to first token; ttft_ms minus this is network and hub overhead."""
     engine_tpot_ms: float = 0.0

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from cloud_hub.calibrations import Calibrations, Tracker, calibration_from_json, calibration_to_json
+from cloud_hub.calibrations import Calibrations, Tracker, calibration_from_json
 from cloud_hub.errors import BudgetUnsatisfiable
 from cloud_hub.router import Budget, BudgetRouter, Candidate
 from cloud_hub.store import SQLiteStore
@@ -90,9 +90,9 @@ def test_online_gain_follows_a_device_that_slows_down_within_ten_requests() -> N
     for _ in range(20):  # calibrated and steady: the gain stays near 1
         gain.update(10.0, 10.0 * rng.uniform(0.95, 1.05))
     assert gain.gain == pytest.approx(1.0, abs=0.05)
-    for i in range(10):  # now twice as slow
+    for _ in range(10):  # now twice as slow
         g = gain.update(10.0, 20.0 * rng.uniform(0.95, 1.05))
-    assert abs(g * 10.0 / 20.0 - 1) < 0.15, (i, g)
+    assert abs(g * 10.0 / 20.0 - 1) < 0.15, g
     assert gain.update(10.0, 0.0) == g  # a request that measured nothing teaches nothing
 
 
@@ -144,7 +144,7 @@ def test_admission_uses_the_quantile_and_the_answer_says_which() -> None:
     router = BudgetRouter(quantile=0.9)
     mean = router.choose([_candidate(t)], 100, 16, Budget()).estimate.ttft_ms
     # A budget the mean meets but the 0.9 quantile does not: refused, and the message says why.
-    with pytest.raises(BudgetUnsatisfiable, match="0.9 quantile"):
+    with pytest.raises(BudgetUnsatisfiable, match=r"0\.9 quantile"):
         router.choose([_candidate(t)], 100, 16, Budget(ttft_ms=mean * 1.1))
     choice = router.choose([_candidate(t)], 100, 16, Budget(ttft_ms=mean * 1.5))
     assert choice.quantile == 0.9 and choice.admitted is not None
@@ -175,7 +175,7 @@ def _metrics(ttft: float, tpot: float, prefill: float, decode: float, prompt: in
 def test_tracker_learns_from_requests_and_the_registry_keeps_it(tmp_path) -> None:
     store = SQLiteStore(tmp_path / "registry.db")
     cals = Calibrations(store, quantile=0.95)
-    info = pb.ModelInfo(name="m", calibration_json=calibration_to_json(_cal()))
+    info = pb.ModelInfo(name="m", calibration_json=_cal().to_json())
     cals.attach("d1", [info])
     t = cals.get("d1", "m")
     assert t.calibration == _cal()
@@ -197,7 +197,7 @@ def test_tracker_learns_from_requests_and_the_registry_keeps_it(tmp_path) -> Non
     again = Calibrations(SQLiteStore(tmp_path / "registry.db")).get("d1", "m")  # a restarted hub
     assert again.prefill.gain == pytest.approx(t.prefill.gain) and list(again.ttft.ratios) == list(t.ttft.ratios)
     # The device re-profiled: a new calibration starts its tracker afresh.
-    cals.attach("d1", [pb.ModelInfo(name="m", calibration_json=calibration_to_json(_cal(1.5)))])
+    cals.attach("d1", [pb.ModelInfo(name="m", calibration_json=_cal(1.5).to_json())])
     assert cals.get("d1", "m").prefill.gain == 1.0
 
 
@@ -218,7 +218,7 @@ def test_malformed_calibration_json_is_named_and_ignored_by_the_hub() -> None:
 def test_a_profile_measured_for_another_model_is_refused() -> None:
     prof = dataclasses.replace(PROFILE, calibrations=(_cal(),))
     assert prof.calibration_for("m", "source", "cpu") == _cal()
-    with pytest.raises(ProfileError, match="calibrations: .*not other"):
+    with pytest.raises(ProfileError, match=r"calibrations: .*not other"):
         prof.calibration_for("other", "source", "cpu")
-    with pytest.raises(ProfileError, match="calibrations: .*not m \\(fp32, cpu\\)"):
+    with pytest.raises(ProfileError, match=r"calibrations: .*not m \(fp32, cpu\)"):
         prof.calibration_for("m", "fp32", "cpu")
