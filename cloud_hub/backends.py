@@ -56,13 +56,15 @@ class ServingBackend(ABC):
 
 class LocalModelBackend(ServingBackend):
     """Our runtime in the hub process, one request at a time (models.serving.ServedModel, as agents
-    serve theirs)."""
+    serve theirs), at precision `quant` (models.runtime.QUANTS): by default "source", each tensor
+    at its GGUF's own precision on the CPU kernels, as agents serve theirs by default."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, quant: str = "source") -> None:
+        """Raises models.errors.InvalidRequest for a quant the model cannot be served at."""
         from models.runtime import load  # torch and the weights: only a hub serving a model itself pays
 
         self.model = model
-        self.served = ServedModel(model, load(model))  # warms up: the first request pays no lazy set-up
+        self.served = ServedModel(model, load(model, quant=quant))  # warms up: the first request pays no lazy set-up
         self._info = pb.ModelInfo(**self.served.info)  # constant; the router reads it per request
 
     def model_info(self) -> pb.ModelInfo:

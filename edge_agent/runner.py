@@ -29,10 +29,14 @@ def build_agent(
     tls_ca: Path | None = None,
     engine: str | None = None,
     device: str = "cpu",
+    quant: str | None = None,
 ) -> Agent:
     """An agent serving `model` as a `profile` device; with emulate, paced to the profile's speed.
-    `engine` (torch, onnxruntime, tensorrt) on `device` computes the tokens; None: the model's
-    own generator on CPU."""
+    `engine` (torch, onnxruntime, tensorrt) on `device` computes the tokens, loading the model its
+    own way; None: the model's own generator on CPU, at precision `quant` (models.runtime.QUANTS;
+    None: the profile's `quant`, "source" unless it says otherwise), whose quantized layers decode
+    on the CPU kernels (models.fast_decode.CpuDecoder). Raises ValueError (models.errors.InvalidRequest
+    among them) for a device without an engine, or a quant the model cannot be served at."""
     prof = load_profile(profile)
     backend = None
     if engine is not None:
@@ -43,8 +47,8 @@ def build_agent(
         loaded = backend.loaded
     elif device != "cpu":
         raise ValueError(f"device {device!r} needs an engine (--engine torch): the default generator runs on cpu")
-    else:
-        loaded = load(model)  # prepared for the CPU kernels as it loads (models.cpu.prepare_cpu)
+    else:  # prepared for the CPU kernels as it loads (models.cpu.prepare_cpu)
+        loaded = load(model, quant=quant or prof.quant)
     served = ServedModel(model, loaded, backend, warmup=False)
     if emulate:  # the router's own rule on what this agent advertises: it paces to what the hub predicts
         served.pacer = profile_pacer(prof, served_model_cost(loaded.config, served.info["weight_bytes"]))

@@ -138,6 +138,14 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
+def rows_in_model_order(gguf_name: str, rows: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    """`rows` (O, ...) of GGUF tensor `gguf_name` (its weight, or any per-row data such as
+    quantization scales) in our model's row order: llama's Q and K rows unpermuted, others as they are."""
+    if cfg.arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+        return unpermute_qk(rows, cfg.n_heads if gguf_name.endswith("attn_q.weight") else cfg.n_kv_heads)
+    return rows
+
+
 def load_state_dict(file: GGUFFile, cfg: ModelConfig, layers: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
     """Dequantized parameters by our names. `layers` limits which blocks are read (all by default)."""
     wanted = set(range(cfg.n_layers)) if layers is None else set(layers)
@@ -146,12 +154,8 @@ def load_state_dict(file: GGUFFile, cfg: ModelConfig, layers: Iterable[int] | No
         m = _BLOCK.match(tensor.name)
         if m and int(m.group(1)) not in wanted:
             continue
-        name = parameter_name(tensor.name)
-        data = dequantize_tensor(tensor)
-        if cfg.arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = cfg.n_heads if tensor.name.endswith("attn_q.weight") else cfg.n_kv_heads
-            data = unpermute_qk(data, heads)
-        state[name] = torch.from_numpy(data)
+        data = rows_in_model_order(tensor.name, dequantize_tensor(tensor), cfg)
+        state[parameter_name(tensor.name)] = torch.from_numpy(data)
     return state
 
 

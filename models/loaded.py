@@ -25,6 +25,9 @@ class LoadedModel:
     model: Transformer
     tokenizer: GGUFTokenizer
     path: Path
+    quant: str | None = None
+    """The precision served, as describe() reports it (e.g. "source(q4_1->int4,q8_0->int8)");
+    None: read off the model ("int4", "int8" or "fp32")."""
 
     @property
     def config(self) -> ModelConfig:
@@ -37,7 +40,8 @@ class LoadedModel:
         """What a server advertises about this model (the fields of the protocol's ModelInfo):
         sizes for the hub's cost model (stored weight bytes, so the hub knows a 4-bit model reads
         an eighth of an fp32 one), the config itself, and whether it takes chat messages. `quant`
-        defaults to what the model holds: "int4", "int8" or "fp32"."""
+        defaults to the loader's `quant`, else to what the model holds: "int4", "int8" or "fp32"."""
+        quant = quant or self.quant
         if quant is None:
             layer = next((m for m in self.model.layers.modules() if isinstance(m, QuantLinear)), None)
             quant = f"int{layer.bits}" if layer is not None else "fp32"

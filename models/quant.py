@@ -99,6 +99,26 @@ class QuantLinear(nn.Module):
         """A layer of the right shapes, to load a saved state dict into."""
         return cls((out_features, in_features), bits, group_size)
 
+    @classmethod
+    def from_codes(cls, codes: Tensor, scale: Tensor, minimum: Tensor | None = None) -> QuantLinear:
+        """A layer holding exactly these codes (a GGUF's own: models.source_quant). `codes` (O, I):
+        int8 codes in [-128, 127] when `minimum` is None, else int4 codes in [0, 15]; `scale` and
+        `minimum` (O, G) or (O, G, 1), one per group of I/G inputs, stored as fp16 (rounded here).
+        Raises InvalidRequest for codes out of range or groups the layer cannot hold."""
+        out_f, in_f = codes.shape
+        groups = scale.shape[1]  # (O, G) or (O, G, 1)
+        bits = 8 if minimum is None else 4
+        lo, hi = (-128, 127) if bits == 8 else (0, 15)
+        if codes.numel() and not (lo <= int(codes.min()) and int(codes.max()) <= hi):
+            raise InvalidRequest(f"int{bits} codes must lie in [{lo}, {hi}]")
+        group = in_f // groups if groups and in_f % groups == 0 else 0  # 0: refused by the constructor
+        with torch.device("meta"):  # shapes checked, no zeros allocated: every buffer is replaced below
+            layer = cls((out_f, in_f), bits, group)
+        layer.q = codes.to(torch.int8) if bits == 8 else _pack4(codes.to(torch.uint8))
+        layer.scale = scale.reshape(out_f, groups, 1).half()
+        layer.minimum = torch.zeros(0) if minimum is None else minimum.reshape(out_f, groups, 1).half()
+        return layer
+
     def codes(self) -> Tensor:
         """(O, I) integer codes, unpacked: int8 in [-127, 127], or uint8 in [0, 15] for int4.
         Weight = code * scale (+ minimum for int4), scale and minimum per (row, group): (O, G, 1)."""
@@ -188,6 +208,17 @@ class QuantEmbedding(nn.Module):
         if width % 32:
             raise InvalidRequest(f"embedding width {width} is not a multiple of 32")
         self.linear = QuantLinear(weight, 8, 32)
+
+    @classmethod
+    def from_linear(cls, linear: QuantLinear) -> QuantEmbedding:
+        """The table `linear` holds (int8, groups of 32: a GGUF's own Q8_0 codes, say) as an
+        embedding. Raises InvalidRequest for another format."""
+        if linear.bits != 8 or linear.group_size != 32:
+            raise InvalidRequest(f"a quantized embedding is int8 g32, not int{linear.bits} g{linear.group_size}")
+        with torch.device("meta"):
+            table = cls(linear.shape)
+        table.linear = linear
+        return table
 
     def forward(self, tokens: Tensor) -> Tensor:
         """(B, T) ids -> (B, T, D) float32 rows."""

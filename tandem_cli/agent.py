@@ -33,11 +33,12 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
             tls_ca=Path(args.tls_ca) if args.tls_ca else None,
             engine=args.engine,
             device=args.device,
+            quant=args.quant,
         )
     except (EngineUnavailable, ValueError) as exc:  # a backend or device this machine cannot run
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    on = f" on {args.engine} ({args.device})" if args.engine else ""
+    on = f" on {args.engine} ({args.device})" if args.engine else f" at {agent.engine.info['quant']}"
     print(f"agent {args.name}: {args.model} as {args.profile}{' (emulated)' if args.emulate else ''}{on}", flush=True)
     try:
         asyncio.run(run_until_signalled(agent))
@@ -65,4 +66,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="inference engine that computes the tokens (default: the model's own generator, on cpu)",
     )
     p.add_argument("--device", default="cpu", help="the engine's device: cpu, or cuda[:n] (default cpu)")
+    p.add_argument(
+        "--quant",
+        choices=("source", "fp32", "int8", "int4"),  # models.runtime.QUANTS
+        help="precision the model is served at without --engine: source (each tensor at its GGUF's own, "
+        "on the int4/int8 CPU kernels), fp32, or int8/int4 re-quantized (default: the profile's quant, source)",
+    )
     p.set_defaults(func=cmd_agent_run)
