@@ -78,6 +78,9 @@ class HubConfig:
     """Largest HTTP request body; larger ones get 413."""
     tls_dir: Path | None = None
     """Serve gRPC over TLS with hub.pem / hub.key from this directory (`tandem hub init`)."""
+    cloud_quant: str = "source"
+    """Precision the local cloud model is served at (models.runtime.QUANTS): "source" keeps each tensor
+    at its GGUF's own precision on the CPU kernels."""
     calibrate: bool = True
     """Predict from devices' calibrations and admit on quantiles; False: the profiles' roofline alone and
     mean admission (what the hub did before; for comparison)."""
@@ -119,6 +122,8 @@ class Hub:
                 "upstream_model": cfg.cloud_upstream_model,
                 "prompt_format": cfg.cloud_upstream_prompt,
             }
+        if cfg.cloud_backend == "local":
+            options = {"quant": cfg.cloud_quant}
         cloud = None
         if cfg.cloud_model:
             cloud = await asyncio.to_thread(make_backend, cfg.cloud_backend, cfg.cloud_model, **options)

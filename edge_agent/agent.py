@@ -142,6 +142,8 @@ class Agent:
         """Works run at once: advertised in the Hello (the hub sends no more) and enforced here too."""
         self._slots = asyncio.Semaphore(self.max_concurrency)
         self._waiting: dict[str, asyncio.Task] = {}  # works waiting for a slot, by id
+        self.notes: list[str] = []
+        """What start-up found out (precision, calibration, emulation limits, power sensor), for people."""
 
     async def enroll(self, channel: grpc.aio.Channel) -> Credentials:
         """Saved credentials, or enroll with the token and save them."""

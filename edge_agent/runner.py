@@ -9,10 +9,13 @@ from pathlib import Path
 
 from device_profiles import load_profile
 from edge_agent.agent import Agent, AgentConfig
+from edge_agent.calibrate import agent_calibration
 from edge_agent.pacing import floor_pacer, profile_pacer
+from edge_agent.power import detect
 from models.runtime import load
 from models.serving import ServedModel
 from partitioner.cost import served_model_cost
+from partitioner.predict import faster_than_host
 
 log = logging.getLogger("tandem.agent")
 
@@ -50,23 +53,36 @@ def build_agent(
     else:  # prepared for the CPU kernels as it loads (models.cpu.prepare_cpu)
         loaded = load(model, quant=quant or prof.quant)
     served = ServedModel(model, loaded, backend, warmup=False)
+    served.warmup()
+    notes = [f"at {served.info['quant']}"]
+    if engine is None:  # the model's own generator: calibrated (engines are not profiled yet)
+        cal, how = agent_calibration(served, model, quant or prof.quant, "cpu", prof)  # unpaced: the host's speed
+        served.info["calibration_json"] = cal.to_json()
+        notes.append(how)
+        cost = served_model_cost(loaded.config, served.info["weight_bytes"])
+        if emulate and (gap := faster_than_host(prof, cost, cal)):
+            notes.append(gap)
     if emulate:  # the router's own rule on what this agent advertises: it paces to what the hub predicts
         served.pacer = profile_pacer(prof, served_model_cost(loaded.config, served.info["weight_bytes"]))
     if pace_tpot_ms > 0:  # a fixed floor per token, on top of any profile pacing (demos and failover tests)
         served.pacer = floor_pacer(served.pacer, pace_tpot_ms)
-    served.warmup()
+    sensors = detect()
+    notes.append(f"energy measured by {sensors[0].name}" if sensors else "energy estimated (no power sensor)")
     private_state_dir(state_dir)
     config = AgentConfig(
         hub=hub,
-        profile=profile,
+        profile=prof.name,  # a measured profile file keeps its class's name: the hub knows the class
         state_dir=state_dir,
         name=name,
         token=token,
         emulated=emulate,
         power_active_w=prof.power_active_w,
         tls_ca=tls_ca,
+        power_sensor=sensors[0] if sensors else None,
     )
-    return Agent(config, served)
+    agent = Agent(config, served)
+    agent.notes = notes
+    return agent
 
 
 def private_state_dir(state_dir: Path) -> None:

@@ -35,11 +35,13 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
             device=args.device,
             quant=args.quant,
         )
-    except (EngineUnavailable, ValueError) as exc:  # a backend or device this machine cannot run
+    except (EngineUnavailable, ValueError) as exc:  # a backend or device this machine cannot run; a bad profile
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    on = f" on {args.engine} ({args.device})" if args.engine else f" at {agent.engine.info['quant']}"
-    print(f"agent {args.name}: {args.model} as {args.profile}{' (emulated)' if args.emulate else ''}{on}", flush=True)
+    on = f" on {args.engine} ({args.device})" if args.engine else ""
+    notes = "".join(f"; {n}" for n in agent.notes)
+    emulated = " (emulated)" if args.emulate else ""
+    print(f"agent {args.name}: {args.model} as {agent.config.profile}{emulated}{on}{notes}", flush=True)
     try:
         asyncio.run(run_until_signalled(agent))
     except EnrollmentRejected as exc:

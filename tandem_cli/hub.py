@@ -40,7 +40,10 @@ def _hub_config(args: argparse.Namespace) -> HubConfig:
         listen=args.listen,
         cloud_model=args.cloud_model,
         cloud_profile=args.cloud_profile,
+        cloud_quant=args.cloud_quant,
         mqtt=args.mqtt,
+        calibrate=not args.no_calibration,
+        admission_quantile=args.admission_quantile,
     )
 
 
@@ -124,12 +127,32 @@ def _rate(text: str) -> float:
     return value
 
 
+def _quantile(text: str) -> float:
+    try:
+        q = float(text)
+    except ValueError:
+        q = -1.0
+    if not 0.5 <= q < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0.5, 1), got {text!r}")
+    return q
+
+
 def _register_up(hub: argparse._SubParsersAction) -> None:
     p = hub.add_parser("up", help="start the hub (and a managed Mosquitto) until interrupted")
     p.add_argument("--data-dir", help="registry and broker files (default: XDG data dir)")
     p.add_argument("--listen", default="127.0.0.1:50051")
     p.add_argument("--cloud-model", help="zoo model the hub serves itself (default: none)")
-    p.add_argument("--cloud-profile", default="cpu-2core", help="device profile of the hub's hardware")
+    p.add_argument(
+        "--cloud-profile",
+        default="cpu-2core",
+        help="device profile of the hub's hardware: a name, or a file `tandem profile` measured (calibrated)",
+    )
+    p.add_argument(
+        "--cloud-quant",
+        default="source",
+        choices=("source", "fp32", "int8", "int4"),  # models.runtime.QUANTS
+        help="precision of the local cloud model (default source: each tensor at its GGUF's own)",
+    )
     p.add_argument("--cloud-backend", default="local", help="local | openai (an OpenAI-compatible server)")
     p.add_argument(
         "--upstream-url", help="with --cloud-backend openai: the server's base URL (key: $TANDEM_UPSTREAM_API_KEY)"
@@ -165,6 +188,19 @@ def _register_up(hub: argparse._SubParsersAction) -> None:
         default=0,
         metavar="B",
         help="requests a key may start at once (default: one second's worth of --rate-limit)",
+    )
+    p.add_argument(
+        "--admission-quantile",
+        type=_quantile,
+        default=0.95,
+        metavar="Q",
+        help="admit a request when this quantile of the device's measured/predicted ratios still fits its budget "
+        "(default 0.95)",
+    )
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="route on the profiles' roofline alone and admit on the mean (what hubs did before; for comparison)",
     )
     p.set_defaults(func=cmd_hub_up)
 

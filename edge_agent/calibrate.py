@@ -1,0 +1,72 @@
+"""An agent's calibration: what its hub predicts it by.
+
+A device profiled with `tandem profile` carries its measured calibration in its profile file; an
+agent started with that file uses it, and refuses to start if the file was measured for another
+model, precision or engine (device_profiles.DeviceProfile.calibration_for). An agent with a shipped
+profile, which holds no measurements, calibrates itself at start-up: the eight quick samples of
+edge_agent.profiler (a few seconds), fitted by partitioner.calibration.fit against the profile's
+roofline, then anchored to one real request through the serving path (`anchor`): the profiler times
+the model's layers, a request also pays for tokenizing, detokenizing and the generator's own Python
+per token, which is what the hub will measure. Either way the calibration travels to the hub in
+the Hello (ModelInfo.calibration_json), which then refits it online from every request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+
+from device_profiles import Calibration, DeviceProfile
+from edge_agent import profiler
+from models.sampling import SamplingParams
+from models.serving import ServedModel
+from partitioner import calibration as calib
+from partitioner.cost import ModelCost
+
+log = logging.getLogger("tandem.agent")
+
+PROBE_TOKENS = (96, 32)
+"""The anchoring request: prompt tokens, generated tokens."""
+
+
+def agent_calibration(
+    served: ServedModel, model: str, quant: str, engine: str, profile: DeviceProfile
+) -> tuple[Calibration, str]:
+    """(calibration, how it was obtained) for `served` (unpaced: the host's own speed) as `model` at
+    `quant` on `engine`. Raises device_profiles.ProfileError when `profile` holds calibrations, none of
+    them for this."""
+    held = profile.calibration_for(model, quant, engine)
+    if held is not None:
+        return held, f"calibrated by its profile ({len(held.samples)} samples measured)"
+    start = time.perf_counter()
+    samples = profiler.quick_samples(served.loaded)
+    cost = profiler.model_cost(served.loaded)
+    cal = anchor(calib.fit(samples, profile, cost, model, quant, engine), cost, served)
+    took = time.perf_counter() - start
+    log.info("calibrated itself from %d samples and one request in %.1f s", len(samples), took)
+    return cal, f"calibrated itself ({len(samples)} samples and one request, {took:.1f} s)"
+
+
+def anchor(cal: Calibration, cost: ModelCost, served: ServedModel) -> Calibration:
+    """`cal` adjusted to one real request through `served` (the second of two; the first warms up).
+
+    Its first token's time beyond the calibrated prefill becomes the fixed request overhead (or, when
+    the prefill is over-predicted, the prefill coefficients shrink by the ratio); its time per token
+    rescales the decode coefficients. Both keep the fit's shape over lengths."""
+    prompt, new = PROBE_TOKENS
+    ids = [(7 + 13 * i) % max(2, served.loaded.config.vocab_size - 1) + 1 for i in range(prompt)]
+    params = SamplingParams(max_tokens=new, ignore_eos=True)
+    for _ in range(2):
+        t0 = time.perf_counter()
+        times = [time.perf_counter() for _ in served.stream(ids, params, threading.Event())]
+    ttft = (times[0] - t0) * 1000
+    tpot = (times[-1] - times[0]) * 1000 / (len(times) - 1)
+    prefill = calib.prefill_ms(cal, cost, prompt) + cal.request_ms
+    step = calib.decode_ms(cal, cost, prompt + new / 2)
+    if ttft >= prefill:
+        cal = dataclasses.replace(cal, request_ms=cal.request_ms + ttft - prefill)
+    else:
+        cal = dataclasses.replace(cal, prefill=tuple(c * ttft / prefill for c in cal.prefill))
+    return dataclasses.replace(cal, decode=tuple(c * tpot / step for c in cal.decode))
