@@ -41,12 +41,26 @@ def agent_calibration(
     if held is not None:
         return held, f"calibrated by its profile ({len(held.samples)} samples measured)"
     start = time.perf_counter()
-    samples = profiler.quick_samples(served.loaded)
+    samples = profiler.quick_samples(served.loaded, quick_grid(served.loaded.config.context_length))
     cost = profiler.model_cost(served.loaded)
     cal = anchor(calib.fit(samples, profile, cost, model, quant, engine), cost, served)
     took = time.perf_counter() - start
     log.info("calibrated itself from %d samples and one request in %.1f s", len(samples), took)
     return cal, f"calibrated itself ({len(samples)} samples and one request, {took:.1f} s)"
+
+
+def quick_grid(context: int) -> profiler.Grid:
+    """The quick grid within a model's context: its points that fit (a decode sample needs room for its
+    steps), or, for a model whose context is shorter than most of them, four points spread over it."""
+    g = profiler.QUICK
+    room = context - 2 * g.decode_steps - 4
+    prefill = tuple(n for n in g.prefill if n <= room)
+    decode = tuple(c for c in g.decode if c <= room)
+    if len(prefill) < 3:
+        prefill = tuple(max(1, room * k // 8) for k in (1, 2, 4, 8))
+    if len(decode) < 3:
+        decode = tuple(max(1, room * k // 8) for k in (1, 2, 4, 8))
+    return dataclasses.replace(g, prefill=prefill, decode=decode)
 
 
 def anchor(cal: Calibration, cost: ModelCost, served: ServedModel) -> Calibration:

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from cloud_hub.calibrations import Calibrations
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.placements import Placements, SourceContext, make_sources
 from cloud_hub.router import Budget, BudgetRouter
 from cloud_hub.store import DeviceRecord
-from device_profiles import load_profile
+from device_profiles import Calibration, load_profile
 from edge_agent.pacing import profile_pacer
 from edge_agent.runner import build_agent
 from models.bundle import save_bundle
@@ -27,6 +28,7 @@ from models.loaded import LoadedModel
 from models.quant import quantize_model
 from models.sampling import SamplingParams
 from partitioner.cost import ModelCost, served_model_cost
+from partitioner.predict import compute_ms
 from tandem.v1 import tandem_pb2 as pb
 from tests.test_cost import SMOLLM2
 
@@ -44,16 +46,28 @@ def test_an_emulated_int4_agent_paces_to_the_routers_prediction(int4_bundle: Pat
     served = agent.engine
     info = pb.ModelInfo(**served.info)
     assert info.quant == "int4"
-    # The hub's view: this agent online with what it advertises, costed by the placement layer.
-    fleet = Fleet()
-    fleet.attach(AgentSession(DeviceRecord("dev-a", "a", PROFILE, "x", emulated=True), (info,)))
-    placements = Placements(make_sources(("edge",), SourceContext(fleet)))
-    (candidate,) = placements.candidates(info.name, chat=False)
-    assert 4.5 <= candidate.cost.bits_per_weight <= 8.5  # int4 layers with scales, int8 table: never fp32
-    for prompt_tokens, max_tokens in ((7, 5), (100, 32), (1000, 128)):
-        est = BudgetRouter().choose([candidate], prompt_tokens, max_tokens, Budget()).estimate
-        pace = served.pacer(prompt_tokens, max_tokens)
-        assert (pace.ttft_ms, pace.tpot_ms) == (est.prefill_ms, est.decode_ms)  # exactly, not approximately
+    assert info.calibration_json  # it calibrated itself, unpaced, at start-up
+    # The hub's view: this agent online with what it advertises, costed by the placement layer. Without
+    # calibrations, the router predicts exactly what the agent paces to; with its calibration, the
+    # slower of that and the host's measured speed (pacing cannot make the host faster).
+    for calibrate in (False, True):
+        fleet = Fleet(calibrations=Calibrations(enabled=calibrate))
+        fleet.attach(AgentSession(DeviceRecord("dev-a", "a", PROFILE, "x", emulated=True), (info,)))
+        placements = Placements(make_sources(("edge",), SourceContext(fleet)))
+        (candidate,) = placements.candidates(info.name, chat=False)
+        assert 4.5 <= candidate.cost.bits_per_weight <= 8.5  # int4 layers with scales, int8 table: never fp32
+        host = Calibration.from_json(info.calibration_json)
+        for prompt_tokens, max_tokens in ((7, 5), (100, 32), (1000, 128)):
+            est = BudgetRouter().choose([candidate], prompt_tokens, max_tokens, Budget()).estimate
+            pace = served.pacer(prompt_tokens, max_tokens)
+            if not calibrate:
+                assert (pace.ttft_ms, pace.tpot_ms) == (est.prefill_ms, est.decode_ms)  # exactly, not approximately
+                continue
+            p_host, d_host = compute_ms(
+                candidate.profile, candidate.cost, host, prompt_tokens, prompt_tokens + max_tokens / 2
+            )
+            assert est.prefill_ms == pytest.approx(max(pace.ttft_ms, p_host))
+            assert est.decode_ms == pytest.approx(max(pace.tpot_ms, d_host))
     # The old rule (fp32 pacing for every model) would have paced the same agent otherwise.
     fp32 = profile_pacer(load_profile(PROFILE), ModelCost.from_config(served.loaded.config, bits_per_weight=32.0))
     assert fp32(100, 32).tpot_ms > served.pacer(100, 32).tpot_ms
