@@ -134,9 +134,9 @@ class CloudModel(PlacementSource):
         if c is None:
             cost = model_cost(info.config_json, info.weight_bytes)
             tracker = self.calibrations.routing("cloud", self.cloud.model)
-            c = self._candidate = Candidate(
-                "cloud", "", self.profile, self.cloud.model, cost, self.inflight, False, tracker
-            )
+            tokens = info.chat_template_tokens
+            c = Candidate("cloud", "", self.profile, self.cloud.model, cost, self.inflight, False, tracker, tokens)
+            self._candidate = c
         if c.queued != self.inflight:
             c = self._candidate = dataclasses.replace(c, queued=self.inflight)
         return [c]
@@ -197,7 +197,8 @@ def _offers(s: AgentSession, calibrations: Calibrations) -> list[tuple[str, bool
     for m in s.models:
         cost = model_cost(m.config_json, m.weight_bytes)
         tracker = calibrations.routing(s.device_id, m.name)
-        c = Candidate("edge", s.device_id, profile, m.name, cost, 0, s.record.emulated, tracker)
+        tokens = m.chat_template_tokens
+        c = Candidate("edge", s.device_id, profile, m.name, cost, 0, s.record.emulated, tracker, tokens)
         out.append((m.name, m.chat, c))
     return out
 

@@ -46,6 +46,9 @@ class Candidate:
     """The device is paced to its profile."""
     tracker: Tracker | None = None
     """The device's calibration and measured corrections (None: the profile's roofline alone)."""
+    chat_tokens: int = 0
+    """Tokens its model's chat template adds (ModelInfo.chat_template_tokens); 0: unknown, the hub's
+    default (cloud_hub.prompt.CHAT_TEMPLATE_TOKENS) stands."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,12 @@ class Choice:
 
 class Router(ABC):
     @abstractmethod
-    def choose(self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget) -> Choice:
-        """The placement for one request. Raises BudgetUnsatisfiable when none meets the budget."""
+    def choose(
+        self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget, template_tokens: int = 0
+    ) -> Choice:
+        """The placement for one request. Raises BudgetUnsatisfiable when none meets the budget.
+        `template_tokens`: the chat template's tokens counted in prompt_tokens by default, which a
+        candidate knowing its own (Candidate.chat_tokens) replaces with those."""
 
 
 def _violations(est: Estimate, budget: Budget) -> dict[str, float]:
@@ -121,21 +128,28 @@ class BudgetRouter(Router):
         self.quantile = quantile
         """Which quantile of measured/predicted ratios admission multiplies predictions by (HubConfig)."""
 
-    def choose(self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget) -> Choice:
+    def choose(
+        self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget, template_tokens: int = 0
+    ) -> Choice:
         if not candidates:
             raise BudgetUnsatisfiable("no device is online and the hub has no cloud model", binding="availability")
         # Candidates alike in kind, device class, model and queue get the same estimate: a fleet of
         # like devices needs one prediction, not one per device (the cost model is most of routing's
         # time). Keyed by identity, which is stable while `candidates` holds them; equal copies miss.
-        memo: dict[tuple[int, int, int, str, int, bool], tuple] = {}
+        memo: dict[tuple[int, int, int, str, int, bool, int], tuple] = {}
         scored = []
         best = None  # (rank, candidate, estimate, admitted) of the best that fits; the first of equals wins
         steps = max_tokens - 1
         for c in candidates:
-            key = (id(c.profile), id(c.cost), c.queued, c.kind, id(c.tracker), c.emulated)
+            key = (id(c.profile), id(c.cost), c.queued, c.kind, id(c.tracker), c.emulated, c.chat_tokens)
             hit = memo.get(key)
             if hit is None:
-                alone = estimate(c, prompt_tokens, max_tokens)
+                tokens = (
+                    prompt_tokens - template_tokens + c.chat_tokens
+                    if template_tokens and c.chat_tokens
+                    else prompt_tokens
+                )
+                alone = estimate(c, max(1, tokens), max_tokens)
                 est = queued_estimate(alone, c.queued)
                 adm = est
                 if c.tracker is not None:

@@ -24,7 +24,7 @@ from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, Rat
 from cloud_hub.fleet import Fleet
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.placements import Placements
-from cloud_hub.prompt import RequestPrompt
+from cloud_hub.prompt import CHAT_TEMPLATE_TOKENS, RequestPrompt
 from cloud_hub.ratelimit import RateLimiter
 from cloud_hub.router import Budget, Candidate, Router
 from models.errors import InvalidRequest as ModelInvalidRequest
@@ -185,7 +185,11 @@ class HubService:
             )
         remaining = spec.params.max_tokens - progress.tokens
         budget = spec.budget if not progress.placements else Budget(best_effort=True)
-        choice = self.router.choose(candidates, spec.prompt.routing_tokens + progress.tokens, remaining, budget)
+        # routing_tokens counts the hub's default template size for chat; a model that knows its own
+        # (ModelInfo.chat_template_tokens) replaces it.
+        template = CHAT_TEMPLATE_TOKENS if chat else 0
+        tokens = spec.prompt.routing_tokens + progress.tokens
+        choice = self.router.choose(candidates, tokens, remaining, budget, template)
         c, est = choice.candidate, choice.estimate
         adm = choice.admitted or est
         placement = pb.Placement(

@@ -53,4 +53,12 @@ class LoadedModel:
             "weight_bytes": weight_bytes(self.model),
             "config_json": json.dumps(dataclasses.asdict(self.config)),
             "chat": self.tokenizer.info.chat_template is not None,
+            "chat_template_tokens": self._template_tokens(),
         }
+
+    def _template_tokens(self) -> int:
+        """Tokens the chat template adds around one empty user message (its system prompt, role
+        markers): what a chat prompt costs beyond its text, for the hub's routing. 0 without one."""
+        if self.tokenizer.info.chat_template is None:
+            return 0
+        return len(self.generator().encode_prompt([{"role": "user", "content": ""}]))

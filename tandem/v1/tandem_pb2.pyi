@@ -65,7 +65,7 @@ class Input(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "arch", "n_layers", "quant", "weight_bytes", "layers", "config_json", "chat", "calibration_json", "engine")
+    __slots__ = ("name", "arch", "n_layers", "quant", "weight_bytes", "layers", "config_json", "chat", "calibration_json", "engine", "chat_template_tokens")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class ModelInfo(_message.Message):
     CHAT_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_JSON_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     name: str
     arch: str
     n_layers: int
@@ -86,7 +87,8 @@ class ModelInfo(_message.Message):
     chat: bool
     calibration_json: str
     engine: str
-    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., chat: _Optional[bool] = ..., calibration_json: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
+    chat_template_tokens: int
+    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., chat: _Optional[bool] = ..., calibration_json: _Optional[str] = ..., engine: _Optional[str] = ..., chat_template_tokens: _Optional[int] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("kind", "device_id", "profile", "model", "layer_start", "layer_end", "emulated", "predicted_ttft_ms", "predicted_tpot_ms", "predicted_energy_j", "admitted_ttft_ms", "admitted_tpot_ms", "quantile", "calibrated")
