@@ -79,7 +79,7 @@ def _errors(results: list) -> list[tuple[float, float]]:
 async def test_predictions_follow_an_agent_slowed_down_two_times(tmp_path: Path, served: ServedModel) -> None:
     async with running_hub(tmp_path / "hub", cloud_model=None, mqtt="none") as hub:
         key = hub.registry.create_api_key("recal")
-        agent, (stop, task) = await _agent(hub, served, tmp_path / "agent")
+        _agent_obj, (stop, task) = await _agent(hub, served, tmp_path / "agent")
         try:
             async with AsyncClient(hub.address, api_key=key) as client:
 
@@ -111,7 +111,7 @@ async def test_predictions_follow_an_agent_slowed_down_two_times(tmp_path: Path,
 async def test_an_agent_with_a_power_sensor_reports_measured_energy(tmp_path: Path, served: ServedModel) -> None:
     async with running_hub(tmp_path / "hub", cloud_model=None, mqtt="none") as hub:
         key = hub.registry.create_api_key("energy")
-        agent, (stop, task) = await _agent(hub, served, tmp_path / "agent", FakeRapl())
+        _agent_obj, (stop, task) = await _agent(hub, served, tmp_path / "agent", FakeRapl())
         try:
             async with AsyncClient(hub.address, api_key=key) as client:
                 r = await client.generate(PROMPT, model=MODEL, max_tokens=16, budget=Budget())
