@@ -215,11 +215,13 @@ class OnlineGain:
     Recursive least squares of y = g x yhat with forgetting factor `forget`, each observation
     weighted by 1 / yhat^2 so that a long request and a short one count alike: g is then the
     exponentially weighted mean of measured / predicted, starting from 1 (the calibration is right)
-    with the weight of `prior_weight` observations. A device that slows down 2x is predicted within
+    with the weight of `prior_weight` observations: half of one, since a calibration timed alone on
+    the host misses what serving costs beside the other processes (the work channel, the hub), and
+    the first request served says so. A device that slows down 2x is predicted within
     15% of its new speed after about ten requests at the default forgetting of 0.8."""
 
     forget: float = 0.8
-    prior_weight: float = 1.0
+    prior_weight: float = 0.5
     num: float = 0.0
     den: float = 0.0
 
