@@ -14,27 +14,13 @@ from cloud_hub.errors import BudgetUnsatisfiable
 from cloud_hub.router import Budget, BudgetRouter, Candidate
 from cloud_hub.store import SQLiteStore
 from device_profiles import Calibration, CalibrationError, ProfileError, Sample, load_profile
-from models.config import ModelConfig
 from partitioner import calibration as cal
 from partitioner.cost import ModelCost
 from partitioner.predict import Corrections, faster_than_host, predict
 from tandem.v1 import tandem_pb2 as pb
+from tests.test_cost import SMOLLM2
 
-CFG = ModelConfig(
-    arch="llama",
-    n_layers=30,
-    dim=576,
-    ffn_dim=1536,
-    n_heads=9,
-    n_kv_heads=3,
-    head_dim=64,
-    vocab_size=49152,
-    context_length=8192,
-    norm_eps=1e-5,
-    rope_base=100000.0,
-    rope_local_base=100000.0,
-    tied_embeddings=True,
-)
+CFG = SMOLLM2
 COST = ModelCost.from_config(CFG, bits_per_weight=5.0)
 PROFILE = load_profile("cpu-2core")
 # A made-up device the fit has never seen: overheads and efficiencies unlike the profile's prior.
