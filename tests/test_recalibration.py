@@ -99,8 +99,10 @@ async def test_predictions_follow_an_agent_slowed_down_two_times(tmp_path: Path,
             stop.set()
             await task
     slowed = _errors(after)
-    tpot_before = statistics.median(r.tpot_ms for r in before[3:])
-    assert statistics.median(r.tpot_ms for r in after) > 1.7 * tpot_before  # the slowdown is real
+    # The slowdown is real: the engine's own decode step (what ServedModel.slowdown stretches 2x; the
+    # hub's relay in this one process is not stretched, so the TPOT it measures grows less).
+    decode_before = statistics.median(r.decode_ms for r in before[3:])
+    assert statistics.median(r.decode_ms for r in after) > 1.6 * decode_before
     # Within ten requests the predictions are within 15% of measured again (the last three, by median,
     # so that one noisy request on a shared 2-core host does not decide it).
     last = slowed[-3:]
