@@ -72,7 +72,7 @@ from cloud_hub.broker_process import (
     spawn_tied,
     wait_gone,
 )
-from cloud_hub.files import private_dir, private_file
+from tandem.files import private_dir, private_file
 
 __all__ = ["BrokerConfig", "BrokerError", "ManagedBroker", "find_mosquitto"]
 

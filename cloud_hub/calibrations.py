@@ -94,10 +94,7 @@ class Tracker:
         the engine's own prefill_ms, decode_ms and queue_ms, `placement` as predicted."""
         prompt = max(1, metrics.prompt_tokens)
         context = prompt + max(1, new_tokens) / 2
-        prefill, step = compute_ms(profile, cost, self.calibration, prompt, context)
-        if emulated and self.calibration is not None:
-            p_prof, d_prof = compute_ms(profile, cost, None, prompt, context)
-            prefill, step = max(prefill, p_prof), max(step, d_prof)
+        prefill, step = compute_ms(profile, cost, self.calibration, prompt, context, emulated)
         # Ratios first, against the queue-free TTFT predicted with the corrections of the time.
         queue = metrics.queue_ms
         link = self.link()

@@ -73,7 +73,7 @@ class HubMetrics:
         if placement.predicted_tpot_ms > 0 and metrics.tpot_ms > 0:
             self._series(self.prediction_ratio, device, "tpot").observe(metrics.tpot_ms / placement.predicted_tpot_ms)
 
-    def observe_budget(self, placement: str, budget: Any, metrics: Any, last: Any) -> None:
+    def observe_budget(self, placement: str, budget: Any, metrics: Any) -> None:
         """Whether a served request kept every limit its budget set (tandem.types.Budget, pb.Metrics):
         TTFT and TPOT as the hub measured them, energy as the answer reports it."""
         limits = (

@@ -242,7 +242,7 @@ class HubService:
                 else:
                     outcome = "ok"
                     self.metrics.observe_request(placement, outcome, ev.metrics.ttft_ms, ev.metrics.tpot_ms)
-                    self.metrics.observe_budget(placement, spec.budget, ev.metrics, ev.placements[-1])
+                    self.metrics.observe_budget(placement, spec.budget, ev.metrics)
                     progress.handed_off()  # the WorkDone, relayed as this Final
                     ev.metrics.hub_route_ms, ev.metrics.hub_relay_ms = progress.route_s * 1000, progress.relay_s * 1000
                     yield encode(ev)
@@ -265,6 +265,7 @@ class HubService:
         """
         self.validate(spec)
         excluded = set[str]()
+        learn: tuple[Candidate, pb.Placement] | None = None  # the one placement that served it all, if any
         while True:
             c, placement = self._route(spec, excluded, progress)
             progress.placements.append(placement)
@@ -274,7 +275,7 @@ class HubService:
                 async for item in self._run(c, spec, progress):
                     yield item
                 if len(progress.placements) == 1 and c.tracker is not None:  # what it measured refits its device
-                    self._learn(c, placement, progress, spec.params.max_tokens)
+                    learn = (c, placement)
                 break
             except Unavailable as exc:
                 if progress.finish or progress.tokens >= spec.params.max_tokens:
@@ -291,13 +292,15 @@ class HubService:
                 progress.mark = time.perf_counter()  # routing the next placement is hub time too
             finally:
                 release()
-        yield Final(progress.finish or "length", tuple(progress.placements), progress.metrics())
+        metrics = progress.metrics()
+        if learn is not None:
+            self._learn(*learn, metrics, spec.params.max_tokens)
+        yield Final(progress.finish or "length", tuple(progress.placements), metrics)
 
-    def _learn(self, c: Candidate, placement: pb.Placement, progress: _Progress, max_tokens: int) -> None:
+    def _learn(self, c: Candidate, placement: pb.Placement, m: pb.Metrics, max_tokens: int) -> None:
         """Refit the device's corrections and ratios from one finished request (cloud_hub.calibrations),
         and count its prediction error by device in the metrics."""
         assert c.tracker is not None
-        m = progress.metrics()
         c.tracker.observe(c.profile, c.cost, c.emulated, placement, m, max_tokens)
         self.fleet.calibrations.save(c.device_id, c.model)
         self.metrics.observe_prediction(c.device_id or "cloud", placement, m)

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from cloud_hub.files import private_dir, private_file
+from tandem.files import private_dir, private_file
 
 
 @dataclass(frozen=True)

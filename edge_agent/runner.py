@@ -16,6 +16,7 @@ from models.runtime import load
 from models.serving import ServedModel
 from partitioner.cost import served_model_cost
 from partitioner.predict import faster_than_host
+from tandem.files import private_dir
 
 log = logging.getLogger("tandem.agent")
 
@@ -52,18 +53,17 @@ def build_agent(
         raise ValueError(f"device {device!r} needs an engine (--engine torch): the default generator runs on cpu")
     else:  # prepared for the CPU kernels as it loads (models.cpu.prepare_cpu)
         loaded = load(model, quant=quant or prof.quant)
-    served = ServedModel(model, loaded, backend, warmup=False)
-    served.warmup()
+    served = ServedModel(model, loaded, backend)  # warmed up, unpaced
+    cost = served_model_cost(loaded.config, served.info["weight_bytes"])  # the router's own rule on what it advertises
     notes = [f"at {served.info['quant']}"]
     if engine is None:  # the model's own generator: calibrated (engines are not profiled yet)
         cal, how = agent_calibration(served, model, quant or prof.quant, "cpu", prof)  # unpaced: the host's speed
         served.info["calibration_json"] = cal.to_json()
         notes.append(how)
-        cost = served_model_cost(loaded.config, served.info["weight_bytes"])
         if emulate and (gap := faster_than_host(prof, cost, cal)):
             notes.append(gap)
-    if emulate:  # the router's own rule on what this agent advertises: it paces to what the hub predicts
-        served.pacer = profile_pacer(prof, served_model_cost(loaded.config, served.info["weight_bytes"]))
+    if emulate:  # paced to what the hub predicts from its profile
+        served.pacer = profile_pacer(prof, cost)
     if pace_tpot_ms > 0:  # a fixed floor per token, on top of any profile pacing (demos and failover tests)
         served.pacer = floor_pacer(served.pacer, pace_tpot_ms)
     sensors = detect()
@@ -88,8 +88,8 @@ def build_agent(
 def private_state_dir(state_dir: Path) -> None:
     """Make the agent's state directory (its credential, its telemetry spool) 0700; one an earlier
     version left readable is tightened, 0700 and its files 0600."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for path in (state_dir, *state_dir.iterdir()):
+    private_dir(state_dir)
+    for path in state_dir.iterdir():  # chmod, not private_file: a read-only file is tightened, not opened
         if path.stat().st_mode & 0o077:
             path.chmod(0o700 if path.is_dir() else 0o600)
 

@@ -12,11 +12,12 @@ database's mode, so the database is made 0600 before SQLite opens it.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
+
+from tandem.files import private_dir, private_file
 
 
 class Spool:
@@ -68,22 +69,7 @@ class Spool:
 
 def _connect_private(path: Path) -> sqlite3.Connection:
     """Connect to the spool at `path`, its directory 0700 and its files 0600 (see the module docstring)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.parent.stat().st_mode & 0o077:
-        path.parent.chmod(0o700)
+    private_dir(path.parent)
     for f in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        _private_file(f, create=f == path)
+        private_file(f, create=f == path)
     return sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-
-
-def _private_file(path: Path, create: bool) -> None:
-    """Make `path` an empty 0600 file if `create` and it is missing; tighten it to 0600 if it exists."""
-    try:
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o600)
-    except FileNotFoundError:
-        return
-    try:
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)

@@ -208,6 +208,32 @@ def decode_ms(profile: DeviceProfile, cost: ModelCost, context: float) -> float:
     return max(memory, flops)
 
 
+def link_ms(profile: DeviceProfile, bytes_in: float) -> float:
+    """The profile's link before the first token: one round trip and `bytes_in` hub to device (the
+    first token's trip back is inside the round trip)."""
+    return profile.link.rtt_ms + _ms(8 * bytes_in, profile.link.downlink_mbps * 1e6)
+
+
+def assemble(
+    profile: DeviceProfile, link: float, prefill: float, decode: float, max_new_tokens: int, power_w: float
+) -> Estimate:
+    """The Estimate of a request whose link before the first token takes `link`, whose prefill takes
+    `prefill` and each decode step `decode` (ms), on a device drawing `power_w` while computing."""
+    ttft = link + prefill
+    tpot = decode + _ms(8 * BYTES_PER_STREAMED_TOKEN, profile.link.uplink_mbps * 1e6)
+    steps = max_new_tokens - 1  # the first token comes out of prefill
+    energy = power_w * (prefill + steps * decode) / 1e3
+    return Estimate(
+        ttft_ms=ttft,
+        tpot_ms=tpot,
+        total_ms=ttft + steps * tpot,
+        energy_j=energy,
+        edge_energy_j=energy if profile.kind == "edge" else 0.0,
+        prefill_ms=prefill,
+        decode_ms=decode,
+    )
+
+
 def predict(
     profile: DeviceProfile,
     model_cost: ModelCost,
@@ -227,24 +253,11 @@ def predict(
         context_bytes_in = prompt_tokens * BYTES_PER_PROMPT_TOKEN
     if context_bytes_in < 0:
         raise ValueError(f"context_bytes_in must be >= 0, got {context_bytes_in}")
-    link = profile.link
     prefill = prefill_ms(profile, model_cost, prompt_tokens)
-    # The prompt rides the hub-to-device link; the first token's trip back is inside the round trip.
-    ttft = link.rtt_ms + _ms(8 * context_bytes_in, link.downlink_mbps * 1e6) + prefill
-    steps = max_new_tokens - 1  # the first token comes out of prefill
     # Mean context over the decode steps: the prompt plus half the new tokens.
     decode = decode_ms(profile, model_cost, prompt_tokens + max_new_tokens / 2)
-    tpot = decode + _ms(8 * BYTES_PER_STREAMED_TOKEN, link.uplink_mbps * 1e6)
-    energy = profile.power_active_w * (prefill + steps * decode) / 1e3
-    return Estimate(
-        ttft_ms=ttft,
-        tpot_ms=tpot,
-        total_ms=ttft + steps * tpot,
-        energy_j=energy,
-        edge_energy_j=energy if profile.kind == "edge" else 0.0,
-        prefill_ms=prefill,
-        decode_ms=decode,
-    )
+    link = link_ms(profile, context_bytes_in)
+    return assemble(profile, link, prefill, decode, max_new_tokens, profile.power_active_w)
 
 
 def fits(profile: DeviceProfile, model_cost: ModelCost, context_tokens: int) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from device_profiles import Calibration, DeviceProfile
 from partitioner import calibration as cal
-from partitioner.cost import BYTES_PER_PROMPT_TOKEN, BYTES_PER_STREAMED_TOKEN, Estimate, ModelCost
+from partitioner.cost import BYTES_PER_PROMPT_TOKEN, Estimate, ModelCost, assemble, link_ms
 from partitioner.cost import decode_ms as roofline_decode_ms
 from partitioner.cost import prefill_ms as roofline_prefill_ms
 
@@ -39,14 +39,25 @@ class Corrections:
 
 
 def compute_ms(
-    profile: DeviceProfile, cost: ModelCost, calibration: Calibration | None, prompt_tokens: int, context: float
+    profile: DeviceProfile,
+    cost: ModelCost,
+    calibration: Calibration | None,
+    prompt_tokens: int,
+    context: float,
+    emulated: bool = False,
 ) -> tuple[float, float]:
     """(prefill ms, one decode step ms) of the engine alone, before online corrections: calibrated
-    when a calibration is given (its fixed request overhead in the prefill), else the roofline."""
-    if calibration is None:
-        return roofline_prefill_ms(profile, cost, prompt_tokens), roofline_decode_ms(profile, cost, context)
+    when a calibration is given (its fixed request overhead in the prefill), else the roofline. An
+    emulated device runs each at the slower of its profile's roofline and the calibrated host."""
+    if calibration is None or emulated:
+        roofline = roofline_prefill_ms(profile, cost, prompt_tokens), roofline_decode_ms(profile, cost, context)
+        if calibration is None:
+            return roofline
     prefill = calibration.request_ms + cal.prefill_ms(calibration, cost, prompt_tokens)
-    return prefill, cal.decode_ms(calibration, cost, context)
+    step = cal.decode_ms(calibration, cost, context)
+    if emulated:
+        return max(prefill, roofline[0]), max(step, roofline[1])
+    return prefill, step
 
 
 def faster_than_host(
@@ -83,29 +94,13 @@ def predict(
     if prompt_tokens < 1 or max_new_tokens < 1:
         raise ValueError(f"prompt_tokens and max_new_tokens must be >= 1, got {prompt_tokens}, {max_new_tokens}")
     context = prompt_tokens + max_new_tokens / 2  # mean context over the decode steps
-    prefill, step = compute_ms(profile, cost, calibration, prompt_tokens, context)
-    if emulated and calibration is not None:
-        p_prof, d_prof = compute_ms(profile, cost, None, prompt_tokens, context)
-        prefill, step = max(prefill, p_prof), max(step, d_prof)
+    prefill, step = compute_ms(profile, cost, calibration, prompt_tokens, context, emulated)
     prefill *= corrections.prefill_gain
     step *= corrections.decode_gain
-    link = profile.link
-    if corrections.link_ms is not None:
-        link_ms = corrections.link_ms
-    else:
-        bytes_in = prompt_tokens * BYTES_PER_PROMPT_TOKEN if context_bytes_in is None else context_bytes_in
-        link_ms = link.rtt_ms + 8e3 * bytes_in / (link.downlink_mbps * 1e6)
-    ttft = link_ms + prefill
-    tpot = step + 8e3 * BYTES_PER_STREAMED_TOKEN / (link.uplink_mbps * 1e6)
-    steps = max_new_tokens - 1  # the first token comes out of prefill
+    link = corrections.link_ms
+    if link is None:
+        link = link_ms(
+            profile, prompt_tokens * BYTES_PER_PROMPT_TOKEN if context_bytes_in is None else context_bytes_in
+        )
     power = calibration.power_w if calibration is not None and calibration.power_w > 0 else profile.power_active_w
-    energy = power * (prefill + steps * step) / 1e3
-    return Estimate(
-        ttft_ms=ttft,
-        tpot_ms=tpot,
-        total_ms=ttft + steps * tpot,
-        energy_j=energy,
-        edge_energy_j=energy if profile.kind == "edge" else 0.0,
-        prefill_ms=prefill,
-        decode_ms=step,
-    )
+    return assemble(profile, link, prefill, step, max_new_tokens, power)

@@ -1,4 +1,6 @@
-"""Files that hold the hub's state or secrets: 0600 in 0700 directories, tightened when found looser."""
+"""Files that hold state or secrets (the hub's registry and broker files, the agent's spool): 0600 in
+0700 directories, tightened when found looser. Here, beside tandem.wire, because the hub and the agent
+share it and never import each other; the standard library only, like the rest of the SDK."""
 
 from __future__ import annotations
 
