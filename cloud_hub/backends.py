@@ -13,11 +13,12 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from models.generate import Continuation, Prompt
+from models.generate import Continuation, Prompt, plain
 from models.sampling import SamplingParams
 from models.serving import ServedModel
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
+from tandem.wire import Logprob
 
 BACKENDS: dict[str, str] = {
     "local": "cloud_hub.backends:LocalModelBackend",
@@ -34,6 +35,11 @@ class Piece:
     finish_reason: str | None = None
     tokens: int = 1
     """Tokens this piece stands for (0 for a closing frame that only carries the finish reason)."""
+    index: int = 0
+    """The choice (SamplingParams.n)."""
+    logprobs: tuple[Logprob, ...] = ()
+    prompt_logprobs: tuple[Logprob | None, ...] = ()
+    prompt_ids: tuple[int, ...] = ()
 
 
 class ServingBackend(ABC):
@@ -78,7 +84,15 @@ class LocalModelBackend(ServingBackend):
     ) -> AsyncIterator[Piece]:
         cancel = threading.Event()
         async for ev in iterate_in_thread(lambda: self.served.stream(ids, params, cancel, continuation), cancel):
-            yield Piece(ev.text, (ev.token_id,), ev.finish_reason)
+            if ev.logprob is None and not ev.prompt and not ev.row:
+                yield Piece(ev.text, (ev.token_id,), ev.finish_reason)
+                continue
+            logprobs = (plain(ev.logprob),) if ev.logprob is not None else ()
+            prompt = tuple(plain(p) for p in ev.prompt)
+            yield Piece(
+                ev.text, (ev.token_id,), ev.finish_reason, 1, ev.row, logprobs, prompt,  # type: ignore[arg-type]
+                tuple(ids) if prompt else (),
+            )  # fmt: skip
 
 
 def make_backend(kind: str, model: str, **options: object) -> ServingBackend:

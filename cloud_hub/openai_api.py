@@ -19,21 +19,26 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import jsonschema
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloud_hub.errors import HubError, Overloaded
+from cloud_hub.errors import HubError, InvalidRequest, Overloaded
 from cloud_hub.prompt import prompt_from_value, utf8_size
 from cloud_hub.registry import Registry
 from cloud_hub.router import Budget
-from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started
+from cloud_hub.service import Chunk, Final, GenerateSpec, HubService
+from cloud_hub.tokenizers import tokenizer_for
 from models.errors import InvalidRequest as ModelInvalidRequest
-from models.sampling import SamplingParams
+from models.sampling import MAX_CHOICES, MAX_LOGPROBS, SamplingParams
+from tandem.v1 import tandem_pb2 as pb
+from tandem.wire import Logprob
 
 log = logging.getLogger("tandem.hub")
 
@@ -48,6 +53,12 @@ HTTP_STATUS = {
     "unavailable": 503,
     "internal": 500,
 }
+
+
+MAX_COMPLETION_LOGPROBS = 5
+"""OpenAI's limit on /v1/completions' logprobs."""
+MAX_PROMPTS = 64
+"""Prompts one /v1/completions request may batch."""
 
 
 class _Strict(BaseModel):
@@ -73,6 +84,22 @@ class Message(_Strict):
     name: str | None = None
 
 
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class _Common(_Strict):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -81,19 +108,29 @@ class _Common(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # the wire's int64, as gRPC callers have it
     stream: bool = False
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # the hub's own limit (Limits.max_n) is checked as it validates
     user: str | None = None
     tandem: TandemExtension = TandemExtension()
-    stream_options: dict[str, bool] | None = None
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    return_tokens_as_token_ids: bool = False
+    """vLLM's extension: logprobs name tokens "token_id:N" (exact where a token is part of a character)."""
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] = Field(min_length=1)  # text, or token ids (as vLLM and llama.cpp accept)
+    # text, token ids (as vLLM and llama.cpp accept), or a batch of either: one choice (n) each
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
 
 
 def _error(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -111,23 +148,35 @@ def _hub_error(exc: HubError) -> JSONResponse:
     return response
 
 
-def _spec(body: ChatRequest | CompletionRequest) -> GenerateSpec:
-    """The request as the hub's request path takes it. Raises InvalidRequest naming the field for text
-    UTF-8 cannot carry (the prompt's own fields are checked by prompt_from_value)."""
+def _spec(body: ChatRequest | CompletionRequest, prompt: Any, served: list[pb.ModelInfo]) -> GenerateSpec:
+    """The request (one prompt of it) as the hub's request path takes it. Raises InvalidRequest
+    naming the field for text UTF-8 cannot carry, a schema that is not JSON Schema, or tools for a
+    model whose chat template takes none (the prompt's own fields are checked by prompt_from_value)."""
     max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens) or 256
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     utf8_size(body.model, "model")
     for i, s in enumerate(stop):
         utf8_size(s, "stop" if isinstance(body.stop, str) else f"stop[{i}]")
+    if isinstance(body, ChatRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidRequest("top_logprobs: needs logprobs: true")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt_logprobs = None
+    else:
+        logprobs = body.logprobs
+        prompt_logprobs = body.logprobs if body.echo else None
     params = SamplingParams(
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=stop,
+        n=body.n,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        constraint=_constraint(body, served),
     )
     b = body.tandem.budget
-    prompt: Any = (
-        body.prompt
-        if isinstance(body, CompletionRequest)
-        else [{"role": m.role, "content": m.content} for m in body.messages]
-    )
     model = "" if body.model in ("", "auto", "tandem") else body.model
     return GenerateSpec(
         prompt_from_value(prompt),
@@ -136,6 +185,37 @@ def _spec(body: ChatRequest | CompletionRequest) -> GenerateSpec:
         model,
         device=body.tandem.device,
     )
+
+
+def _constraint(body: ChatRequest | CompletionRequest, served: list[pb.ModelInfo]) -> str:
+    """SamplingParams.constraint for response_format or tools ("" for free text). The schema is
+    checked here, before routing, so that a bad one is a 400 whichever device would have run it."""
+    tools = getattr(body, "tools", None)
+    choice = getattr(body, "tool_choice", None)
+    if tools is not None:
+        names = [m.name for m in served if m.chat and (m.name == body.model or body.model in ("", "auto", "tandem"))]
+        without = [n for n in names if not next(m for m in served if m.name == n).tools]
+        if not names or without:
+            raise InvalidRequest(
+                f"tools: model {', '.join(repr(n) for n in without or [body.model])} has no tool support "
+                "(its chat template does not take tool definitions)"
+            )
+        if choice not in (None, "none", "auto"):  # required, or a named function: constrained to a call
+            return json.dumps({"tools": tools, "tool_choice": choice}, sort_keys=True)
+    rf = body.response_format
+    if rf is None or rf.type == "text":
+        return ""
+    if rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise InvalidRequest("response_format.json_schema: required when type is json_schema")
+        try:
+            jsonschema.Draft202012Validator.check_schema(rf.json_schema.schema_)
+        except jsonschema.SchemaError as exc:
+            where = "".join(f"[{p!r}]" for p in exc.path)
+            raise InvalidRequest(
+                f"response_format.json_schema.schema{where}: not valid JSON Schema: {exc.message}"
+            ) from exc
+    return json.dumps({"response_format": rf.model_dump(by_alias=True, exclude_none=True)}, sort_keys=True)
 
 
 _UNION_TAG = re.compile(r"[a-z-]+\[.*\]|str|int|float|bool")
@@ -257,41 +337,228 @@ def create_app(registry: Registry, service: HubService, max_body_bytes: int = 1 
 
 
 async def _answer(service: HubService, body: ChatRequest | CompletionRequest, chat: bool) -> Response:
-    events = service.generate(_spec(body))
+    prompts = _prompts(body)
+    served = service.placements.models()
+    specs = [_spec(body, p, served) for p in prompts]  # every prompt checked before any runs
+    events = service.generate(specs[0])
     first = await anext(events)  # errors before the first token become a plain HTTP error, not a broken stream
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
+    answer = _Answer(body, chat, rid, created, prompts)
     if body.stream:
-        return StreamingResponse(_sse(first, events, rid, created, body.model, chat), media_type="text/event-stream")
-    text, final = "", None
-    async for ev in _prepend(first, events):
-        if isinstance(ev, Chunk):
-            text += ev.text
-        elif isinstance(ev, Final):
-            final = ev
-    assert final is not None
-    usage = {
-        "prompt_tokens": final.metrics.prompt_tokens,
-        "completion_tokens": final.metrics.completion_tokens,
-        "total_tokens": final.metrics.prompt_tokens + final.metrics.completion_tokens,
-    }
-    model = final.placements[-1].model if final.placements else body.model
-    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(final.finish_reason), "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return JSONResponse(
-        {
-            "id": rid,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-            "usage": usage,
-            "tandem": _tandem_info(final),
+        return StreamingResponse(_sse(answer, service, specs, first, events), media_type="text/event-stream")
+    for i, spec in enumerate(specs):
+        stream = _prepend(first, events) if i == 0 else service.generate(spec)
+        async for ev in stream:
+            answer.take(i, ev)
+    return JSONResponse(answer.whole())
+
+
+def _prompts(body: ChatRequest | CompletionRequest) -> list[Any]:
+    """The prompts of a request: a chat's messages, or each prompt of a completion's batch."""
+    if isinstance(body, ChatRequest):
+        return [[{"role": m.role, "content": m.content} for m in body.messages]]
+    p = body.prompt
+    if isinstance(p, str) or all(isinstance(t, int) for t in p):
+        return [p]
+    if len(p) > MAX_PROMPTS:
+        raise InvalidRequest(f"prompt: {len(p)} prompts in one request; at most {MAX_PROMPTS}")
+    return list(p)
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    prompt_logprobs: tuple[Logprob | None, ...] = ()
+    prompt_ids: tuple[int, ...] = ()
+    finish: str = ""
+
+
+class _Answer:
+    """One request's answer as it arrives: its choices (prompt i's choice j at index i x n + j), the
+    last Final of each prompt, and OpenAI's shapes of all of it, whole or a frame at a time."""
+
+    def __init__(
+        self, body: ChatRequest | CompletionRequest, chat: bool, rid: str, created: int, prompts: list
+    ) -> None:
+        self.body, self.chat, self.rid, self.created, self.prompts = body, chat, rid, created, prompts
+        self.choices: dict[int, _Choice] = {}
+        self.finals: list[Final] = []
+        self.top = body.top_logprobs if isinstance(body, ChatRequest) else body.logprobs
+        self.echo = isinstance(body, CompletionRequest) and body.echo
+        self.model = body.model
+
+    def take(self, prompt: int, ev: Any) -> tuple[int, _Choice, Chunk] | None:
+        """Record one event of prompt `prompt`; returns (index, its choice, the chunk) for a Chunk."""
+        if isinstance(ev, Final):
+            self.finals.append(ev)
+            if ev.placements:
+                self.model = ev.placements[-1].model
+            for j, reason in enumerate(ev.finish_reasons or (ev.finish_reason,)):
+                c = self.choices.setdefault(prompt * self.body.n + j, _Choice())
+                c.finish = c.finish or reason
+            return None
+        if not isinstance(ev, Chunk):
+            return None
+        index = prompt * self.body.n + ev.index
+        c = self.choices.setdefault(index, _Choice())
+        c.text += ev.text
+        c.ids += ev.token_ids
+        c.logprobs += ev.logprobs
+        if ev.prompt_logprobs:
+            c.prompt_logprobs, c.prompt_ids = ev.prompt_logprobs, ev.prompt_ids
+        c.finish = ev.finish_reason or c.finish
+        return index, c, ev
+
+    def usage(self) -> dict:
+        prompt = sum(f.metrics.prompt_tokens for f in self.finals)
+        completion = sum(f.metrics.completion_tokens for f in self.finals)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def tokenizer(self) -> Any:
+        return tokenizer_for(self.model)
+
+    def whole(self) -> dict:
+        choices = []
+        for index in sorted(self.choices):
+            c = self.choices[index]
+            choice: dict[str, Any] = {"index": index, "finish_reason": _finish(c.finish), "logprobs": None}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+                if self.top is not None or getattr(self.body, "logprobs", False):
+                    choice["logprobs"] = {"content": self._chat_entries(c.logprobs)}
+            else:
+                prefix = self._prompt_text(index) if self.echo else ""
+                choice["text"] = prefix + c.text
+                if self.top is not None:
+                    choice["logprobs"] = self._completion_logprobs(c, 0)
+            choices.append(choice)
+        return {
+            "id": self.rid,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": self.usage(),
+            "tandem": _tandem_info(self.finals[0]) if len(self.finals) == 1 else [_tandem_info(f) for f in self.finals],
         }
-    )
+
+    def _prompt_text(self, index: int) -> str:
+        p = self.prompts[index // self.body.n]
+        return p if isinstance(p, str) else self.tokenizer().decode(p, skip_special_tokens=False)
+
+    # -- logprobs in OpenAI's two shapes --------------------------------------------------------------
+
+    def _token(self, token_id: int) -> tuple[str, bytes]:
+        raw = self.tokenizer().token_bytes(token_id)
+        name = f"token_id:{token_id}" if self.body.return_tokens_as_token_ids else raw.decode("utf-8", "replace")
+        return name, raw
+
+    def _chat_entries(self, logprobs: list[Logprob] | tuple[Logprob, ...]) -> list[dict]:
+        """Chat's `logprobs.content`: one entry a token, with its top_logprobs."""
+        out = []
+        for token_id, lp, top in logprobs:
+            name, raw = self._token(token_id)
+            alts = []
+            for t, p in top:
+                tname, traw = self._token(t)
+                alts.append({"token": tname, "logprob": p, "bytes": list(traw)})
+            out.append({"token": name, "logprob": lp, "bytes": list(raw), "top_logprobs": alts})
+        return out
+
+    def _completion_logprobs(self, c: _Choice, offset: int, new: tuple[Logprob, ...] | None = None) -> dict:
+        """Completions' `logprobs`: tokens, token_logprobs, top_logprobs (the chosen token and the k
+        most likely, as vLLM gives them) and text_offset, from character `offset` on. With echo the
+        prompt's tokens come first, the first with null logprob (nothing predicts it)."""
+        tokens: list[str] = []
+        values: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
+        offsets: list[int] = []
+        entries: list[tuple[int, Logprob | None]] = []
+        if self.echo and new is None:
+            entries += list(zip(c.prompt_ids, c.prompt_logprobs, strict=False))
+        entries += [(lp[0], lp) for lp in (c.logprobs if new is None else new)]
+        for token_id, lp in entries:
+            name, raw = self._token(token_id)
+            tokens.append(name)
+            offsets.append(offset)
+            offset += len(raw.decode("utf-8", "replace"))
+            if lp is None:
+                values.append(None)
+                tops.append(None)
+                continue
+            values.append(lp[1])
+            top = {name: lp[1]}
+            for t, p in lp[2]:
+                top.setdefault(self._token(t)[0], p)
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    # -- streaming ----------------------------------------------------------------------------------
+
+    def frame(self, index: int, delta: dict | str, finish: str | None, logprobs: Any = None, extra: dict | None = None):
+        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": logprobs}
+        choice["delta" if self.chat else "text"] = delta
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        payload = {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+        return f"data: {json.dumps({**payload, **(extra or {})})}\n\n"
+
+    def chunk_frame(self, index: int, c: _Choice, ev: Chunk) -> str:
+        """One chunk of a choice as its frame (text, logprobs of its tokens; an echo's prompt first).
+        Its finish reason comes in the choice's closing frame."""
+        finish = None
+        if self.chat:
+            logprobs = {"content": self._chat_entries(ev.logprobs)} if ev.logprobs else None
+            return self.frame(index, {"content": ev.text}, finish, logprobs)
+        text, offset = ev.text, len(c.text) - len(ev.text)
+        if self.echo and ev.prompt_ids:  # the first chunk: the prompt, then this token
+            prompt = self._prompt_text(index)
+            text, offset = prompt + text, 0
+            logprobs = self._completion_logprobs(c, 0) if self.top is not None else None
+            if logprobs is not None:  # only what has arrived: the prompt and this chunk's tokens
+                keep = len(c.prompt_ids) + len(ev.logprobs)
+                logprobs = {k: v[:keep] for k, v in logprobs.items()}
+        else:
+            if self.echo:
+                offset += len(self._prompt_text(index))
+            logprobs = self._completion_logprobs(c, offset, ev.logprobs) if self.top is not None else None
+        return self.frame(index, text, finish, logprobs)
+
+
+async def _sse(answer: _Answer, service: HubService, specs: list[GenerateSpec], first: Any, events: Any):
+    chat = answer.chat
+    try:
+        for i, spec in enumerate(specs):
+            stream = _prepend(first, events) if i == 0 else service.generate(spec)
+            if chat:  # each choice opens with the role, as OpenAI's stream does
+                for j in range(answer.body.n):
+                    yield answer.frame(i * answer.body.n + j, {"role": "assistant", "content": ""}, None)
+            async for ev in stream:
+                taken = answer.take(i, ev)
+                if taken is not None:  # one frame per token, even one whose text is held back for now
+                    yield answer.chunk_frame(*taken)
+                elif isinstance(ev, Final):  # each choice closes with its finish reason
+                    info = {"tandem": _tandem_info(ev)}
+                    for j in range(answer.body.n):
+                        index = i * answer.body.n + j
+                        reason = _finish(answer.choices.get(index, _Choice()).finish or ev.finish_reason)
+                        yield answer.frame(index, {} if chat else "", reason, None, info)
+        if answer.body.stream_options is not None and answer.body.stream_options.include_usage:
+            payload = {
+                "id": answer.rid,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": answer.created,
+                "model": answer.model,
+                "choices": [],
+                "usage": answer.usage(),
+            }
+            yield f"data: {json.dumps(payload)}\n\n"
+    except HubError as exc:  # after the first byte the status is sent: report the error in the stream
+        err = {"message": str(exc), "type": exc.kind, "param": None, "code": exc.kind}
+        yield f"data: {json.dumps({'error': err})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 def _finish(reason: str) -> str:
@@ -302,28 +569,3 @@ async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     yield first
     async for item in rest:
         yield item
-
-
-async def _sse(first: Any, events: AsyncIterator[Any], rid: str, created: int, model: str, chat: bool):
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def frame(delta: dict | str, finish: str | None, extra: dict | None = None) -> str:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-        choice["delta" if chat else "text"] = delta
-        payload = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], **(extra or {})}
-        return f"data: {json.dumps(payload)}\n\n"
-
-    try:
-        if chat:
-            yield frame({"role": "assistant", "content": ""}, None)
-        async for ev in _prepend(first, events):
-            if isinstance(ev, Chunk):  # one frame per token, even one whose text is held back for now
-                yield frame({"content": ev.text} if chat else ev.text, None)
-            elif isinstance(ev, Final):
-                yield frame({} if chat else "", _finish(ev.finish_reason), {"tandem": _tandem_info(ev)})
-            elif isinstance(ev, Started):
-                continue
-    except HubError as exc:  # after the first byte the status is sent: report the error in the stream
-        err = {"message": str(exc), "type": exc.kind, "param": None, "code": exc.kind}
-        yield f"data: {json.dumps({'error': err})}\n\n"
-    yield "data: [DONE]\n\n"

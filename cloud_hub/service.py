@@ -31,6 +31,7 @@ from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
 from models.sampling import SamplingParams
 from tandem.v1 import tandem_pb2 as pb
+from tandem.wire import Logprob, logprob_of, sampling_message
 
 log = logging.getLogger("tandem.hub")
 
@@ -41,6 +42,8 @@ class Limits:
     """Largest prompt (text, or all chat contents together) the hub accepts."""
     max_tokens: int = 4096
     """Largest max_tokens a request may ask for."""
+    max_n: int = 8
+    """Most choices (n) one request may ask for."""
     token_ttl_s: float = 3600.0
     """Default lifetime of an enrollment token."""
     max_inflight: int = 512
@@ -52,7 +55,7 @@ class Limits:
     """Requests a key may start at once from a full bucket; 0: one second's worth (at least 1)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_bytes", "max_tokens", "max_inflight", "rate_per_s", "rate_burst"):
+        for name in ("max_prompt_bytes", "max_tokens", "max_n", "max_inflight", "rate_per_s", "rate_burst"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"Limits.{name} must be a non-negative number, got {getattr(self, name)}")
 
@@ -80,6 +83,16 @@ class GenerateSpec:
 class Chunk:
     text: str
     token_ids: tuple[int, ...]
+    index: int = 0
+    """The choice (SamplingParams.n) these tokens belong to."""
+    logprobs: tuple[Logprob, ...] = ()
+    """One a token, when the request asked for logprobs."""
+    prompt_logprobs: tuple[Logprob | None, ...] = ()
+    """On a choice's first chunk, when the request asked for prompt logprobs (echo)."""
+    prompt_ids: tuple[int, ...] = ()
+    """With prompt_logprobs: the prompt's token ids."""
+    finish_reason: str = ""
+    """Set on a choice's last chunk."""
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,8 @@ class Final:
     finish_reason: str
     placements: tuple[pb.Placement, ...]
     metrics: pb.Metrics
+    finish_reasons: tuple[str, ...] = ()
+    """Each choice's, by index (one for n = 1: finish_reason)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +162,8 @@ class HubService:
             raise InvalidRequest(
                 f"max_tokens: {spec.params.max_tokens} exceeds the hub's limit of {self.limits.max_tokens}"
             )
+        if spec.params.n > self.limits.max_n:
+            raise InvalidRequest(f"n: {spec.params.n} exceeds the hub's limit of {self.limits.max_n} choices")
         b = spec.budget
         for name in ("ttft_ms", "tpot_ms", "energy_j"):
             value = getattr(b, name)
@@ -183,7 +200,7 @@ class HubService:
             raise Unavailable(
                 f"no online device or cloud model can serve this {'chat' if chat else 'completion'} request now"
             )
-        remaining = spec.params.max_tokens - progress.tokens
+        remaining = spec.params.max_tokens * spec.params.n - progress.tokens  # n choices: n answers' energy
         budget = spec.budget if not progress.placements else Budget(best_effort=True)
         # routing_tokens counts the hub's default template size for chat; a model that knows its own
         # (ModelInfo.chat_template_tokens) replaces it.
@@ -274,12 +291,18 @@ class HubService:
                 yield Started(tuple(progress.placements))
                 async for item in self._run(c, spec, progress):
                     yield item
-                if len(progress.placements) == 1 and c.tracker is not None:  # what it measured refits its device
+                if len(progress.placements) == 1 and c.tracker is not None and spec.params.n == 1:
+                    # what it measured refits its device (n choices' timings are not one answer's)
                     learn = (c, placement)
                 break
             except Unavailable as exc:
-                if progress.finish or progress.tokens >= spec.params.max_tokens:
+                if progress.done(spec.params):
                     break  # it failed after its last token: nothing is missing
+                if spec.params.n > 1 and progress.tokens:
+                    raise Unavailable(
+                        f"{c.device_id or 'cloud'} failed after {progress.tokens} tokens of a request with n > 1, "
+                        "whose choices cannot go on elsewhere"
+                    ) from exc
                 excluded.add(c.device_id or "cloud")
                 progress.failures.append(f"{c.device_id or 'cloud'}: {exc}")
                 self.metrics.failovers.inc()
@@ -295,7 +318,8 @@ class HubService:
         metrics = progress.metrics()
         if learn is not None:
             self._learn(*learn, metrics, spec.params.max_tokens)
-        yield Final(progress.finish or "length", tuple(progress.placements), metrics)
+        finishes = tuple(progress.finishes.get(i, progress.finish or "length") for i in range(spec.params.n))
+        yield Final(progress.finish or "length", tuple(progress.placements), metrics, finishes)
 
     def _learn(self, c: Candidate, placement: pb.Placement, m: pb.Metrics, max_tokens: int) -> None:
         """Refit the device's corrections and ratios from one finished request (cloud_hub.calibrations),
@@ -326,7 +350,10 @@ class HubService:
             async for piece in self.cloud.stream(ids, params, cont):
                 progress.received = time.perf_counter()
                 first, n = first or progress.received, n + 1
-                yield progress.add(piece.text, piece.token_ids, piece.finish_reason, tokens=piece.tokens)
+                yield progress.add(
+                    piece.text, piece.token_ids, piece.finish_reason, piece.tokens, piece.index, piece.logprobs,
+                    piece.prompt_logprobs, piece.prompt_ids,
+                )  # fmt: skip
             progress.received = time.perf_counter()  # the stream's end, relayed as the Final
             progress.engine_ttft_ms = (first - start) * 1000 if first else 0.0
             progress.engine_tpot_ms = (progress.received - first) * 1000 / (n - 1) if n > 1 else 0.0
@@ -342,7 +369,14 @@ class HubService:
             progress.received = received
             if type(item) is pb.TokenChunk:
                 ids = tuple(item.token_ids)
-                yield progress.add(item.text, ids, None, tokens=len(ids))
+                if not (item.logprobs or item.prompt_logprobs or item.index or item.finish_reason):
+                    yield progress.add(item.text, ids, None, tokens=len(ids))  # the plain hot path
+                    continue
+                yield progress.add(
+                    item.text, ids, item.finish_reason or None, len(ids), item.index,
+                    tuple(logprob_of(m) for m in item.logprobs),  # type: ignore[misc]
+                    tuple(logprob_of(m) for m in item.prompt_logprobs), tuple(item.prompt_token_ids),
+                )  # fmt: skip
             else:
                 progress.finish = item.finish_reason
                 progress.energy_j += item.metrics.energy_j
@@ -367,6 +401,8 @@ class _Progress:
     prompt_tokens: int = 0
     placements: list[pb.Placement] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    finishes: dict[int, str] = field(default_factory=dict)
+    """Each finished choice's finish reason, by index."""
     first: float = 0.0
     last: float = 0.0
     engine_ttft_ms: float = 0.0
@@ -399,7 +435,17 @@ class _Progress:
             self.relay_s += time.perf_counter() - self.received
             self.received = 0.0
 
-    def add(self, text: str, ids: tuple[int, ...], finish: str | None, tokens: int) -> Chunk:
+    def add(
+        self,
+        text: str,
+        ids: tuple[int, ...],
+        finish: str | None,
+        tokens: int,
+        index: int = 0,
+        logprobs: tuple[Logprob, ...] = (),
+        prompt_logprobs: tuple[Logprob | None, ...] = (),
+        prompt_ids: tuple[int, ...] = (),
+    ) -> Chunk:
         now = time.perf_counter()
         self.first = self.first or now
         self.last = now
@@ -407,7 +453,17 @@ class _Progress:
         self.tokens += tokens
         self.chars += len(text)
         self.finish = finish or self.finish
+        if finish:
+            self.finishes[index] = finish
+        if index or logprobs or prompt_logprobs or finish:
+            return Chunk(text, ids, index, logprobs, prompt_logprobs, prompt_ids, finish or "")
         return Chunk(text, ids)
+
+    def done(self, params: SamplingParams) -> bool:
+        """Every choice has finished (a failure after that loses nothing)."""
+        if params.n > 1:
+            return len(self.finishes) >= params.n
+        return bool(self.finish) or self.tokens >= params.max_tokens
 
     def metrics(self) -> pb.Metrics:
         """The answer's metrics; the hub's own times are filled in at its hand-off."""
@@ -430,9 +486,7 @@ class _Progress:
 
 
 def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: _Progress) -> pb.Work:
-    sampling = pb.Sampling(
-        max_tokens=p.max_tokens, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, stop=list(p.stop), seed=p.seed
-    )
+    sampling = sampling_message(**vars(p))
     return pb.Work(
         work_id=os.urandom(16).hex(),  # random like a uuid4, a few times cheaper
         model=model,

@@ -24,7 +24,7 @@ from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started
 from models.sampling import SamplingParams
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tandem.wire import sampling_kwargs
+from tandem.wire import logprob_message, sampling_kwargs
 
 log = logging.getLogger("tandem.hub")
 
@@ -57,7 +57,17 @@ def _sampling(raw: bytes) -> SamplingParams:
 def response(request_id: str, ev: Started | Chunk | Final) -> pb.GenerateResponse:
     """One event of HubService.generate as the message the caller receives."""
     if type(ev) is Chunk:
-        return pb.GenerateResponse(text=ev.text, token_ids=ev.token_ids)
+        if not (ev.index or ev.logprobs or ev.prompt_logprobs or ev.finish_reason):
+            return pb.GenerateResponse(text=ev.text, token_ids=ev.token_ids)  # the plain hot path
+        return pb.GenerateResponse(
+            text=ev.text,
+            token_ids=ev.token_ids,
+            index=ev.index,
+            logprobs=[logprob_message(lp) for lp in ev.logprobs],
+            prompt_logprobs=[logprob_message(lp) for lp in ev.prompt_logprobs],
+            prompt_token_ids=ev.prompt_ids,
+            choice_finish_reason=ev.finish_reason,
+        )
     if type(ev) is Started:
         return pb.GenerateResponse(placements=ev.placements, request_id=request_id)
     return pb.GenerateResponse(

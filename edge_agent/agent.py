@@ -25,13 +25,13 @@ from edge_agent.power import EnergyMeter, PowerSensor, SensorError
 from edge_agent.spool import Spool
 from edge_agent.telemetry import MqttSettings, TelemetryPublisher
 from models.errors import InvalidRequest
-from models.generate import Continuation
+from models.generate import Continuation, TokenEvent, plain
 from models.sampling import SamplingParams
 from models.serving import ServedModel
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tandem.wire import prompt_of, sampling_kwargs
+from tandem.wire import logprob_message, prompt_of, sampling_kwargs
 
 log = logging.getLogger("tandem.agent")
 VERSION = "0.1.0"
@@ -39,8 +39,9 @@ COALESCE_MAX = 64  # queued messages the writer merges at once
 
 
 def coalesce(messages: list[pb.AgentMessage]) -> list[pb.AgentMessage]:
-    """The same replies in fewer messages: each work's queued TokenChunks become one (its ids
-    and text concatenated, at the place of its first), so a busy agent sends what it has ready
+    """The same replies in fewer messages: each work's queued TokenChunks of one choice become one
+    (ids, text and logprobs concatenated, at the place of the first; a choice's last chunk, which
+    carries its finish reason, closes it), so a busy agent sends what it has ready
     together and the hub relays one message where it would relay several. Nothing waits for
     this: it merges only what is already queued. Order within a work is kept (its WorkDone or
     WorkError follows all of its tokens); across works it does not matter.
@@ -55,12 +56,14 @@ def coalesce(messages: list[pb.AgentMessage]) -> list[pb.AgentMessage]:
             out.append(msg)
             continue
         chunk = open_chunks.get(msg.tokens.work_id)
-        if chunk is None:
+        if chunk is None or chunk.index != msg.tokens.index or chunk.finish_reason:  # another choice, or its end
             open_chunks[msg.tokens.work_id] = msg.tokens
             out.append(msg)
         else:
             chunk.token_ids.extend(msg.tokens.token_ids)
             chunk.text += msg.tokens.text
+            chunk.logprobs.extend(msg.tokens.logprobs)
+            chunk.finish_reason = msg.tokens.finish_reason
     return out
 
 
@@ -356,9 +359,7 @@ class Agent:
                 last = now
                 count += 1
                 finish = ev.finish_reason or finish
-                outbox.put_nowait(
-                    pb.AgentMessage(tokens=pb.TokenChunk(work_id=work.work_id, token_ids=[ev.token_id], text=ev.text))
-                )
+                outbox.put_nowait(pb.AgentMessage(tokens=token_chunk(work.work_id, ev, ids)))
         finally:  # a cancelled or failed request stops its meter too
             energy = _stopped(meter)
         tpot = ((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0
@@ -381,6 +382,20 @@ class Agent:
         if prompt is None:
             raise InvalidRequest("work has no input")
         return params, self.engine.encode(prompt)
+
+
+def token_chunk(work_id: str, ev: TokenEvent, prompt_ids: list[int]) -> pb.TokenChunk:
+    """One generated token as its TokenChunk: its choice, text, finish and any logprobs (the
+    prompt's, with its ids, on the first)."""
+    chunk = pb.TokenChunk(
+        work_id=work_id, token_ids=[ev.token_id], text=ev.text, index=ev.row, finish_reason=ev.finish_reason or ""
+    )
+    if ev.logprob is not None:
+        chunk.logprobs.append(logprob_message(plain(ev.logprob)))
+    if ev.prompt:
+        chunk.prompt_logprobs.extend(logprob_message(plain(p)) for p in ev.prompt)
+        chunk.prompt_token_ids.extend(prompt_ids)
+    return chunk
 
 
 def _started(meter: EnergyMeter) -> EnergyMeter | None:

@@ -7,30 +7,55 @@ riding along (its tokens are discarded) until the whole batch is done.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+from torch import Tensor
 
 from models.chat import render_chat
 from models.errors import ContextLengthExceeded, InvalidRequest
-from models.sampling import SamplingParams, sample
+from models.sampling import SamplingParams, sample, token_logprobs
 from models.tokenizer import GGUFTokenizer
 from models.transformer import Step, Transformer
 
+if TYPE_CHECKING:
+    from models.grammar import Constraint, Grammar
+
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+SCORE_CHUNK = 128
+"""Positions whose logits are computed at once when scoring a prompt."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution, and the most likely tokens'."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-probability) of the k most likely tokens, most likely first."""
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """One generated token of one row, with the text it made printable (may be "")."""
+    """One generated token of one row, with the text it made printable (may be "").
+
+    A row is a prompt of the batch, or one of a prompt's `n` choices (SamplingParams.n)."""
 
     row: int
     token_id: int
     text: str
     finish_reason: str | None = None
     """None while generating; "eos", "stop" or "length" on the row's last event."""
+    logprob: TokenLogprob | None = None
+    """With SamplingParams.logprobs: this token's."""
+    prompt: tuple[TokenLogprob | None, ...] = ()
+    """With SamplingParams.prompt_logprobs, on a prompt's first event only: each prompt token's
+    (None for the first, which nothing predicts)."""
 
 
 @dataclass(frozen=True)
@@ -163,16 +188,22 @@ class Generator:
         only supplies the configuration. The engine's request is released at the end."""
         ids = self._fits(0, self.encode_prompt(prompt) + list(continuation.ids if continuation else ()))
         budget = min(params.max_tokens, self.model.cfg.context_length - len(ids))
-        generators, (detok,), eos = self._decoding(params, [continuation])
+        grammar = self._grammar(params)
+        scored = self.score(ids, params.prompt_logprobs) if params.prompt_logprobs is not None else ()
+        generators, _, eos = self._decoding(params, [continuation])
         try:
-            logits = engine.prefill(request_id, ids, len(ids) + budget)  # (V,), on the engine's device
-            for t in range(budget):
-                tok = int(sample(logits[None].float().cpu(), params, generators)[0])
-                ev = self._event(0, tok, detok, eos, last=t == budget - 1)
-                yield ev
-                if ev.finish_reason is not None:
-                    return
-                logits = engine.decode(request_id, tok)
+            for choice in range(params.n):  # the engine keeps one state a request: each choice prefills
+                detok = _Detokenizer(self.tokenizer, params.stop, continuation)
+                constraint = grammar.start() if grammar is not None else None
+                logits = engine.prefill(request_id, ids, len(ids) + budget)[None].float().cpu()  # (1, V)
+                for t in range(budget):
+                    ev = self._next(choice, logits, params, generators, detok, eos, constraint, t == budget - 1)
+                    if t == 0 and choice == 0 and scored:
+                        ev = dataclasses.replace(ev, prompt=scored)
+                    yield ev
+                    if ev.finish_reason is not None:
+                        break
+                    logits = engine.decode(request_id, ev.token_id)[None].float().cpu()
         finally:
             engine.release(request_id)
 
@@ -187,32 +218,122 @@ class Generator:
         return out
 
     @torch.inference_mode()
+    def score(self, ids: Sequence[int], k: int = 0) -> tuple[TokenLogprob | None, ...]:
+        """Each token of `ids` scored teacher-forced by this generator's model: its log-probability
+        given the ones before it, and the k most likely tokens there (None for the first token).
+        Runs the model's own torch forward over the whole sequence, in its own caches."""
+        ids = self._fits(0, list(ids))
+        self.model.setup_cache(1, len(ids))
+        h = self.model.forward_layers(self.model.embed(torch.tensor([ids])), Step.at(0, len(ids)))
+        return (None, *self._scores(h[0, :-1], torch.tensor(ids[1:]), k))
+
+    def _scores(self, h: Tensor, targets: Tensor, k: int) -> list[TokenLogprob]:
+        """(T, D) hidden states predicting (T,) targets -> their TokenLogprobs; the head runs over
+        SCORE_CHUNK positions at a time (Gemma's 262k-token vocabulary: 1 GiB of logits a 1k prompt)."""
+        out: list[TokenLogprob] = []
+        for i in range(0, h.shape[0], SCORE_CHUNK):
+            logits = self.model.head(h[i : i + SCORE_CHUNK])
+            out += _logprobs(logits, targets[i : i + SCORE_CHUNK], k)
+        return out
+
+    def _grammar(self, params: SamplingParams) -> Grammar | None:
+        """The compiled grammar `params.constraint` names (None: free text); raises InvalidRequest."""
+        if not params.constraint:
+            return None
+        # the grammar library loads only for such requests
+        from models.grammar import compile_response_format, compile_tool_call
+
+        try:
+            spec = json.loads(params.constraint)
+        except ValueError as exc:
+            raise InvalidRequest(f"constraint: not JSON: {exc}") from exc
+        vocab = self.model.cfg.vocab_size
+        if isinstance(spec, dict) and "response_format" in spec:
+            return compile_response_format(self.tokenizer, vocab, spec["response_format"])
+        if isinstance(spec, dict) and "tools" in spec:
+            return compile_tool_call(self.tokenizer, vocab, spec["tools"], spec.get("tool_choice", "required"))
+        raise InvalidRequest('constraint: expected {"response_format": ...} or {"tools": ..., "tool_choice": ...}')
+
+    @torch.inference_mode()
     def _run(
         self, encoded: list[list[int]], params: SamplingParams, primed: list[Continuation | None]
     ) -> Iterator[TokenEvent]:
         batch, longest = len(encoded), max(len(ids) for ids in encoded)
+        if params.n > 1 and batch > 1:
+            raise InvalidRequest("n > 1 takes a single prompt")
         budget = min(params.max_tokens, self.model.cfg.context_length - longest)
         self.model.setup_cache(batch, longest + budget)
         pad = torch.tensor([longest - len(ids) for ids in encoded], dtype=torch.long)
         tokens = torch.tensor([[0] * (longest - len(ids)) + ids for ids in encoded], dtype=torch.long)
-        generators, detok, eos = self._decoding(params, primed)
-        done = [False] * batch
+        grammar = self._grammar(params)
+        generators, _, eos = self._decoding(params, primed)
 
         h = self.model.forward_layers(self.model.embed(tokens), Step.at(0, longest, batch, pad))
-        logits = self.model.head(h[:, -1])  # (B, V): only the last position is needed
-        for t in range(budget):
-            next_ids = sample(logits, params, generators)
-            for row, tok in enumerate(next_ids.tolist()):
-                if done[row]:
-                    continue
-                ev = self._event(row, tok, detok[row], eos, last=t == budget - 1)
-                done[row] = ev.finish_reason is not None
-                yield ev
-            if all(done):
-                return
-            h = self.model.embed(next_ids[:, None])
-            h = self.model.forward_layers(h, Step.at(longest + t, 1, batch, pad))
-            logits = self.model.head(h[:, -1])
+        scored: list[tuple[TokenLogprob | None, ...]] = [()] * batch
+        if params.prompt_logprobs is not None:
+            scored = [
+                (None, *self._scores(h[b, int(pad[b]) : -1], tokens[b, int(pad[b]) + 1 :], params.prompt_logprobs))
+                for b in range(batch)
+            ]
+        first = self.model.head(h[:, -1])  # (B, V): only the last position is needed
+        # n choices of one prompt share its prefill: each after the first restores the prompt's
+        # cache slots (in place: the CPU decoder binds to the buffers) and decodes from its logits.
+        caches = [c for c in self.model.caches if c is not None]
+        saved = [(c.k[:, :, :longest].clone(), c.v[:, :, :longest].clone()) for c in caches] if params.n > 1 else []
+        for choice in range(params.n):
+            if choice:
+                for c, (k, v) in zip(caches, saved, strict=True):
+                    c.k[:, :, :longest] = k
+                    c.v[:, :, :longest] = v
+            detok = [_Detokenizer(self.tokenizer, params.stop, c) for c in primed]
+            constraints = [grammar.start() if grammar is not None else None for _ in range(batch)]
+            done = [False] * batch
+            logits = first
+            for t in range(budget):
+                events = [
+                    None
+                    if done[b]
+                    else self._next(
+                        b + choice, logits[b : b + 1], params, generators and generators[b : b + 1], detok[b], eos,
+                        constraints[b], t == budget - 1,
+                    )
+                    for b in range(batch)
+                ]  # fmt: skip
+                for b, ev in enumerate(events):
+                    if ev is not None:
+                        done[b] = ev.finish_reason is not None
+                        yield dataclasses.replace(ev, prompt=scored[b]) if t == 0 and choice == 0 and scored[b] else ev
+                if all(done):
+                    break
+                next_ids = torch.tensor([ev.token_id if ev is not None else 0 for ev in events])
+                h = self.model.embed(next_ids[:, None])
+                h = self.model.forward_layers(h, Step.at(longest + t, 1, batch, pad))
+                logits = self.model.head(h[:, -1])
+
+    def _next(
+        self,
+        row: int,
+        logits: Tensor,
+        params: SamplingParams,
+        generators: list[torch.Generator] | None,
+        detok: _Detokenizer,
+        eos: set[int],
+        constraint: Constraint | None,
+        last: bool,
+    ) -> TokenEvent:
+        """The next token of one row from its (1, V) logits: masked by its grammar, sampled, scored
+        under the raw logits, and turned into its event. A grammar that has ended stops the row."""
+        raw = logits
+        if constraint is not None:
+            logits = constraint.mask(logits.clone())
+        tok = int(sample(logits, params, generators)[0])
+        lp = _logprobs(raw, torch.tensor([tok]), params.logprobs)[0] if params.logprobs is not None else None
+        if constraint is not None and tok not in eos:
+            constraint.accept(tok)
+        ev = self._event(row, tok, detok, eos, last)
+        if constraint is not None and constraint.done and ev.finish_reason is None:
+            ev = TokenEvent(row, tok, ev.text + detok.flush(), "stop")
+        return dataclasses.replace(ev, logprob=lp) if lp is not None else ev
 
     def _decoding(
         self, params: SamplingParams, primed: list[Continuation | None]
@@ -234,3 +355,17 @@ class Generator:
         if last:
             return TokenEvent(row, tok, text + detok.flush(), "length")
         return TokenEvent(row, tok, text)
+
+
+def plain(lp: TokenLogprob | None) -> tuple[int, float, tuple[tuple[int, float], ...]] | None:
+    """(token id, log-probability, top) of a TokenLogprob: what the wire (tandem.wire) carries."""
+    return None if lp is None else (lp.token_id, lp.logprob, lp.top)
+
+
+def _logprobs(logits: Tensor, chosen: Tensor, k: int) -> list[TokenLogprob]:
+    """TokenLogprobs of `chosen` (T,) under (T, V) raw logits, with the top k of each position."""
+    picked, ids, values = token_logprobs(logits, chosen, k)
+    return [
+        TokenLogprob(int(t), float(p), tuple(zip(i, v, strict=True)))
+        for t, p, i, v in zip(chosen.tolist(), picked.tolist(), ids.tolist(), values.tolist(), strict=True)
+    ]

@@ -53,6 +53,7 @@ class LoadedModel:
             "weight_bytes": weight_bytes(self.model),
             "config_json": json.dumps(dataclasses.asdict(self.config)),
             "chat": self.tokenizer.info.chat_template is not None,
+            "tools": "tools" in (self.tokenizer.info.chat_template or ""),  # the template renders tool definitions
             "chat_template_tokens": self._template_tokens(),
         }
 

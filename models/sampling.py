@@ -10,6 +10,10 @@ from torch import Tensor
 from models.errors import InvalidRequest
 
 MAX_TOKENS_LIMIT = 1 << 20  # far beyond any context we run; rejects absurd requests early
+MAX_LOGPROBS = 20
+"""Most alternatives a token's logprobs may list (OpenAI's top_logprobs limit, vLLM's default)."""
+MAX_CHOICES = 128
+"""Most choices one request may ask for; a hub sets its own lower limit (cloud_hub.service.Limits.max_n)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,17 @@ class SamplingParams:
     """Strings that end generation; the text returned stops before them."""
     ignore_eos: bool = False
     """Keep generating past end-of-sequence tokens (for benchmarks)."""
+    n: int = 1
+    """Choices to generate for the prompt; they share its prefill (models.generate)."""
+    logprobs: int | None = None
+    """None: no logprobs. k >= 0: each generated token's log-probability under the model (its raw
+    distribution: before temperature, top-k/top-p and any grammar mask) and the k most likely tokens'."""
+    prompt_logprobs: int | None = None
+    """The same for the prompt's tokens, teacher-forced (OpenAI's `echo` with `logprobs`); the first
+    token has none."""
+    constraint: str = ""
+    """A grammar the output must follow, as JSON (models.grammar.compile_constraint): OpenAI's
+    `{"response_format": {...}}` or `{"tools": [...], "tool_choice": ...}`; "" = free text."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, str)):
@@ -50,6 +65,16 @@ class SamplingParams:
             (_finite(self.top_p) and 0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p!r}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (
+                isinstance(self.n, int) and 1 <= self.n <= MAX_CHOICES,
+                f"n must be an integer in [1, {MAX_CHOICES}], got {self.n!r}",
+            ),
+            (_count(self.logprobs), f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
+            (
+                _count(self.prompt_logprobs),
+                f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
+            ),
+            (isinstance(self.constraint, str), "constraint must be a JSON string"),
         ]
         for ok, message in checks:
             if not ok:
@@ -58,6 +83,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _count(k: object) -> bool:
+    """None, or a logprobs count in [0, MAX_LOGPROBS]."""
+    return k is None or (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= MAX_LOGPROBS)
 
 
 def _finite(x: object) -> bool:
@@ -90,3 +120,15 @@ def sample(logits: Tensor, params: SamplingParams, generators: list[torch.Genera
     return torch.cat(
         [torch.multinomial(p[None], 1, generator=g).squeeze(-1) for p, g in zip(probs, generators, strict=True)]
     )
+
+
+def token_logprobs(logits: Tensor, chosen: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probabilities under the raw (T, V) logits: of `chosen` (T,) ids, (T,); and the k most
+    likely ids and their log-probabilities, each (T, k). In float32 whatever the logits' dtype."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, chosen[:, None].long())[:, 0]
+    if k:
+        top = torch.topk(logp, k, dim=-1)
+        return picked, top.indices, top.values
+    empty = torch.empty(logits.shape[0], 0)
+    return picked, empty.long(), empty

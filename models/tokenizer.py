@@ -9,6 +9,7 @@ Two kinds, chosen by `tokenizer.ggml.model` through `TOKENIZER_BUILDERS`:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,40 @@ class GGUFTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's logprobs `bytes`: a token may hold part of a
+        UTF-8 character, which its decoded text cannot show). Special tokens: their text."""
+        table = self.__dict__.get("_bytes")
+        if table is None:
+            table = self.__dict__["_bytes"] = _token_byte_table(self.backend)
+        if not 0 <= token_id < len(table):
+            raise ValueError(f"token id {token_id} is outside the vocabulary of {len(table)}")
+        return table[token_id]
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_byte_table(tok: Tokenizer) -> list[bytes]:
+    """Each id's bytes: byte-level BPE spells bytes in GPT-2's alphabet; SentencePiece spells spaces
+    as U+2581 and falls back to <0xNN> tokens for single bytes."""
+    size = tok.get_vocab_size(with_added_tokens=True)
+    special = {t.content for t in tok.get_added_tokens_decoder().values()}
+    byte_level = isinstance(tok.decoder, decoders.ByteLevel)
+    inverse = {c: b for b, c in _byte_alphabet().items()}
+    out = []
+    for i in range(size):
+        t = tok.id_to_token(i) or ""
+        if t in special:
+            out.append(t.encode())
+        elif byte_level:
+            out.append(bytes(inverse[c] for c in t) if all(c in inverse for c in t) else t.encode())
+        elif m := _BYTE_TOKEN.fullmatch(t):
+            out.append(bytes([int(m.group(1), 16)]))
+        else:
+            out.append(t.replace(SPIECE_SPACE, " ").encode())
+    return out
 
 
 def _byte_alphabet() -> dict[int, str]:

@@ -4,9 +4,10 @@
 
 - the device's own calibration (`device_profiles.Calibration`, measured by the agent at start-up or
   by `tandem profile`) where there is one, the profile's roofline where there is not;
-- the online corrections the hub refits from every request's measured times (`Corrections`: a gain
-  on prefill and one on decode, partitioner.calibration.OnlineGain) and the link as measured (the
-  work channel's round trips and what each request spent outside the engine);
+- the online corrections the hub refits from every request's measured times (`Corrections`: an
+  affine correction a + b x on prefill and one on decode, partitioner.calibration.OnlineAffine) and
+  the link as measured (the work channel's round trips and what each request spent outside the
+  engine);
 - for an emulated device, whichever is slower of its profile and this host's calibrated speed: an
   agent paces to its profile and can only slow down, so a profile faster than the host is not a
   speed it can deliver (`emulation_floor` says so).
@@ -16,7 +17,7 @@ Units: milliseconds, joules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from device_profiles import Calibration, DeviceProfile
 from partitioner import calibration as cal
@@ -29,10 +30,10 @@ from partitioner.cost import prefill_ms as roofline_prefill_ms
 class Corrections:
     """What the hub has learnt about a device since its calibration."""
 
-    prefill_gain: float = 1.0
-    """Measured over predicted prefill, refitted online (1: the calibration holds)."""
-    decode_gain: float = 1.0
-    """Measured over predicted decode step, refitted online."""
+    prefill: cal.Affine = field(default_factory=cal.Affine)
+    """Measured prefill as a + b x predicted, refitted online (a = 0, b = 1: the calibration holds)."""
+    decode: cal.Affine = field(default_factory=cal.Affine)
+    """Measured decode step as a + b x predicted, refitted online."""
     link_ms: float | None = None
     """Time outside the engine before the first token (round trip, prompt transfer, the hub's own
     handling), as measured; None: the profile's link figures."""
@@ -95,8 +96,8 @@ def predict(
         raise ValueError(f"prompt_tokens and max_new_tokens must be >= 1, got {prompt_tokens}, {max_new_tokens}")
     context = prompt_tokens + max_new_tokens / 2  # mean context over the decode steps
     prefill, step = compute_ms(profile, cost, calibration, prompt_tokens, context, emulated)
-    prefill *= corrections.prefill_gain
-    step *= corrections.decode_gain
+    prefill = corrections.prefill.apply(prefill)
+    step = corrections.decode.apply(step)
     link = corrections.link_ms
     if link is None:
         link = link_ms(

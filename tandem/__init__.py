@@ -14,13 +14,14 @@ from tandem.errors import (
     Unauthenticated,
     Unavailable,
 )
-from tandem.types import Budget, Chunk, GenerateResult, Placement
+from tandem.types import Budget, Choice, Chunk, GenerateResult, Placement, TokenLogprob
 
 __version__ = "0.1.0"
 __all__ = [
     "AsyncClient",
     "Budget",
     "BudgetUnsatisfiable",
+    "Choice",
     "Chunk",
     "Client",
     "DeadlineExceeded",
@@ -29,6 +30,7 @@ __all__ = [
     "Overloaded",
     "Placement",
     "TandemError",
+    "TokenLogprob",
     "Unauthenticated",
     "Unavailable",
 ]

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from tandem.errors import InvalidRequest, from_rpc_error
-from tandem.types import Budget, Chunk, GenerateResult, Placement
+from tandem.types import Budget, Choice, Chunk, GenerateResult, Placement, TokenLogprob
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
@@ -41,8 +41,13 @@ def build_request(
     budget: Budget | None = None,
     request_id: str = "",
     device: str = "",
+    n: int = 1,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
 ) -> pb.GenerateRequest:
-    """The wire request; raises InvalidRequest for what can be caught before sending."""
+    """The wire request; raises InvalidRequest for what can be caught before sending. n: choices for
+    the prompt; logprobs=k: each token's log-probability and the k most likely tokens' (k <= 20);
+    prompt_logprobs=k: the same for the prompt's tokens."""
     if isinstance(prompt, str):
         inp = pb.Input(prompt=prompt)
     elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
@@ -54,7 +59,15 @@ def build_request(
         raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}", "INVALID_ARGUMENT")
     b = budget or Budget()
     sampling = pb.Sampling(
-        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=list(stop), seed=seed
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=list(stop),
+        seed=seed,
+        n=n if n != 1 else 0,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
     return pb.GenerateRequest(
         model=model,
@@ -89,6 +102,8 @@ def _fold(result: GenerateResult, msg: pb.GenerateResponse) -> Chunk | None:
         result.placements = [_placement(p) for p in msg.placements]
     if msg.finish_reason:
         result.finish_reason = msg.finish_reason
+        for c in result.choices:
+            c.finish_reason = c.finish_reason or msg.finish_reason
         m = msg.metrics
         result.ttft_ms, result.tpot_ms, result.energy_j = m.ttft_ms, m.tpot_ms, m.energy_j
         result.prompt_tokens, result.completion_tokens = m.prompt_tokens, m.completion_tokens
@@ -96,11 +111,29 @@ def _fold(result: GenerateResult, msg: pb.GenerateResponse) -> Chunk | None:
         result.hub_route_ms, result.hub_relay_ms = m.hub_route_ms, m.hub_relay_ms
         result.prefill_ms, result.decode_ms, result.queue_ms = m.prefill_ms, m.decode_ms, m.queue_ms
         result.energy_measured = m.energy_measured
-    if msg.text or msg.token_ids:
-        result.text += msg.text
-        result.token_ids += list(msg.token_ids)
-        return Chunk(msg.text, tuple(msg.token_ids))
+    if msg.prompt_logprobs:
+        result.prompt_logprobs = [_logprob(m) for m in msg.prompt_logprobs]
+    if msg.text or msg.token_ids or msg.choice_finish_reason:
+        logprobs = tuple(_logprob(m) for m in msg.logprobs)
+        while len(result.choices) <= msg.index:
+            result.choices.append(Choice(len(result.choices)))
+        choice = result.choices[msg.index]
+        choice.text += msg.text
+        choice.token_ids += msg.token_ids
+        choice.logprobs += logprobs  # type: ignore[arg-type]
+        choice.finish_reason = msg.choice_finish_reason or choice.finish_reason
+        if msg.index == 0:
+            result.text += msg.text
+            result.token_ids += list(msg.token_ids)
+            result.logprobs += logprobs  # type: ignore[arg-type]
+        return Chunk(msg.text, tuple(msg.token_ids), msg.index, logprobs)  # type: ignore[arg-type]
     return None
+
+
+def _logprob(m: pb.TokenLogprob) -> TokenLogprob | None:
+    if m.none:
+        return None
+    return TokenLogprob(m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top))
 
 
 class _Base:

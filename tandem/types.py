@@ -42,11 +42,37 @@ class Placement:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model (its raw distribution, before sampling
+    settings), and the most likely tokens' at that position."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log-probability) of the k most likely tokens, most likely first."""
+
+
+@dataclass(frozen=True)
 class Chunk:
     """A piece of a streamed answer."""
 
     text: str
     token_ids: tuple[int, ...] = ()
+    index: int = 0
+    """The choice it belongs to (generate's n)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One a token of token_ids, when generate was asked for logprobs."""
+
+
+@dataclass
+class Choice:
+    """One of several answers to the same prompt (generate's n)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str = ""
 
 
 @dataclass
@@ -79,6 +105,12 @@ class GenerateResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Choice 0's tokens' log-probabilities, when asked for (generate's logprobs=k)."""
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    """The prompt's tokens', teacher-forced (generate's prompt_logprobs=k; None for the first)."""
+    choices: list[Choice] = field(default_factory=list)
+    """Every choice by index, choice 0 included (text, token_ids and logprobs above are choice 0's)."""
 
     @property
     def placement(self) -> Placement | None:

@@ -32,4 +32,58 @@ def sampling_kwargs(s: pb.Sampling) -> dict:
         "top_p": s.top_p or 1.0,
         "seed": s.seed if s.HasField("seed") else None,
         "stop": tuple(s.stop),
+        "n": s.n or 1,
+        "logprobs": s.logprobs if s.HasField("logprobs") else None,
+        "prompt_logprobs": s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
+        "constraint": s.constraint,
     }
+
+
+def sampling_message(
+    max_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: tuple[str, ...] = (),
+    n: int = 1,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    constraint: str = "",
+    **_: object,
+) -> pb.Sampling:
+    """The wire's Sampling from SamplingParams' fields (`Sampling(**vars(params))` in spirit): the
+    inverse of sampling_kwargs."""
+    return pb.Sampling(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=list(stop),
+        n=n if n != 1 else 0,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        constraint=constraint,
+    )
+
+
+Logprob = tuple[int, float, tuple[tuple[int, float], ...]]
+"""(token id, log-probability, ((id, log-probability) of the most likely tokens, ...))."""
+
+
+def logprob_message(lp: Logprob | None) -> pb.TokenLogprob:
+    """A TokenLogprob message; None (a prompt's first token) -> one marked `none`."""
+    if lp is None:
+        return pb.TokenLogprob(none=True)
+    token_id, logprob, top = lp
+    return pb.TokenLogprob(
+        token_id=token_id, logprob=logprob, top=[pb.TopLogprob(token_id=i, logprob=p) for i, p in top]
+    )
+
+
+def logprob_of(m: pb.TokenLogprob) -> Logprob | None:
+    """The plain value of a TokenLogprob message (None for a prompt's first token)."""
+    if m.none:
+        return None
+    return m.token_id, m.logprob, tuple((t.token_id, t.logprob) for t in m.top)

@@ -113,7 +113,7 @@ def test_emulation_predicts_the_slower_of_profile_and_host() -> None:
 
 def test_corrections_scale_prediction_and_measured_link_replaces_profile() -> None:
     base = predict(PROFILE, COST, 100, 16, _cal())
-    slow = predict(PROFILE, COST, 100, 16, _cal(), Corrections(2.0, 3.0, link_ms=7.0))
+    slow = predict(PROFILE, COST, 100, 16, _cal(), Corrections(cal.Affine(0, 2.0), cal.Affine(0, 3.0), link_ms=7.0))
     assert slow.prefill_ms == pytest.approx(2 * base.prefill_ms)
     assert slow.decode_ms == pytest.approx(3 * base.decode_ms)
     assert slow.ttft_ms == pytest.approx(7.0 + slow.prefill_ms)
@@ -181,10 +181,10 @@ def test_tracker_learns_from_requests_and_the_registry_keeps_it(tmp_path) -> Non
     assert abs(now.prefill_ms / (2 * est.prefill_ms) - 1) < 0.15
     cals.save("d1", "m", force=True)
     again = Calibrations(SQLiteStore(tmp_path / "registry.db")).get("d1", "m")  # a restarted hub
-    assert again.prefill.gain == pytest.approx(t.prefill.gain) and list(again.ttft.ratios) == list(t.ttft.ratios)
+    assert again.corrections() == t.corrections() and list(again.ttft.ratios) == list(t.ttft.ratios)
     # The device re-profiled: a new calibration starts its tracker afresh.
     cals.attach("d1", [pb.ModelInfo(name="m", calibration_json=_cal(1.5).to_json())])
-    assert cals.get("d1", "m").prefill.gain == 1.0
+    assert cals.get("d1", "m").corrections().prefill == cal.Affine()
 
 
 def test_malformed_calibration_json_is_named_and_ignored_by_the_hub() -> None:
