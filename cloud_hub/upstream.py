@@ -24,6 +24,7 @@ from cloud_hub.errors import InvalidRequest, Unavailable
 from models.generate import Continuation, Prompt
 from models.sampling import SamplingParams
 from tandem.v1 import tandem_pb2 as pb
+from tandem.wire import Logprob
 
 FINISH = {"stop": "stop", "length": "length", "eos": "eos"}
 
@@ -59,6 +60,7 @@ class OpenAIUpstreamBackend(ServingBackend):
     async def stream(
         self, ids: list[int], params: SamplingParams, continuation: Continuation | None = None
     ) -> AsyncIterator[Piece]:
+        _check_supported(params, self.model)
         keep, redo, skip = _resume_point(self.loaded.tokenizer, continuation)
         body = {
             "model": self.upstream_model,
@@ -74,15 +76,26 @@ class OpenAIUpstreamBackend(ServingBackend):
             body["seed"] = params.seed
         if params.top_k:
             body["top_k"] = params.top_k  # vLLM and llama.cpp accept it; OpenAI itself ignores unknowns
+        if params.logprobs is not None:  # passed through; vLLM names tokens by id when asked (exact ids)
+            body["logprobs"] = params.logprobs
+            body["return_tokens_as_token_ids"] = True
         tok = self.loaded.tokenizer
+        checked = params.logprobs is None
         try:
             async with self._http.stream("POST", "/v1/completions", json=body) as response:
                 if response.status_code >= 400:
                     await _raise_for(response)
                 async for line in response.aiter_lines():
-                    piece = _piece(line, tok)
+                    piece = _piece(line, tok, params.logprobs is not None)
                     if piece is None:
                         continue
+                    if not checked and piece.tokens:  # the first token says whether logprobs come back
+                        if not piece.logprobs:
+                            raise InvalidRequest(
+                                f"logprobs: the upstream {self._http.base_url} serving {self.model} returned none; "
+                                "it cannot answer requests for logprobs"
+                            )
+                        checked = True
                     if redo > 0 and piece.tokens:  # a token we already have: only its undelivered text counts
                         redo -= 1
                         piece = Piece(piece.text, (), piece.finish_reason, 0)
@@ -130,9 +143,44 @@ def _resume_point(tok: object, cont: Continuation | None) -> tuple[list[int], in
     return ids[:k], len(ids) - k, cont.chars - len(decode(ids[:k]))
 
 
-def _piece(line: str, tok: object) -> Piece | None:
+def _check_supported(params: SamplingParams, model: str) -> None:
+    """Refuse, naming the field and the model, what this backend cannot carry to an OpenAI server."""
+    if params.n > 1:
+        raise InvalidRequest(f"n: {model} is served by an upstream server here, which answers one choice a request")
+    if params.prompt_logprobs is not None:
+        raise InvalidRequest(f"echo: {model} is served by an upstream server here, which does not score prompts")
+    if params.constraint:
+        raise InvalidRequest(f"response_format: {model} is served by an upstream server here, without grammars")
+    if params.logprobs is not None and params.logprobs > 5:
+        raise InvalidRequest(f"top_logprobs: {model}'s upstream server gives at most 5, got {params.logprobs}")
+
+
+def _logprobs(frame: dict, tok: object) -> tuple[Logprob, ...]:
+    """A completions frame's logprobs as (id, logprob, top): tokens named "token_id:N" (vLLM's
+    return_tokens_as_token_ids) are exact; others are taken as the single token their text encodes
+    to, else skipped."""
+
+    def token_id(name: str) -> int | None:
+        if name.startswith("token_id:") and name[9:].isdigit():
+            return int(name[9:])
+        ids = tok.encode(name, add_bos=False)  # type: ignore[attr-defined]
+        return ids[0] if len(ids) == 1 else None
+
+    lp = frame.get("logprobs") or {}
+    out = []
+    for i, (name, value) in enumerate(zip(lp.get("tokens") or [], lp.get("token_logprobs") or [], strict=False)):
+        tid = token_id(name)
+        if tid is None or value is None:
+            continue
+        alts = (lp.get("top_logprobs") or [None] * (i + 1))[i] or {}
+        top = sorted(((t, float(v)) for n, v in alts.items() if (t := token_id(n)) is not None), key=lambda x: -x[1])
+        out.append((tid, float(value), tuple(top)))
+    return tuple(out)
+
+
+def _piece(line: str, tok: object, logprobs: bool = False) -> Piece | None:
     """One SSE line -> a Piece (one token, its text possibly held back), or None for keep-alives,
-    frames without choices and [DONE]."""
+    frames without choices and [DONE]. With `logprobs`, the frame's logprobs come along."""
     if not line.startswith("data:"):
         return None
     data = line[5:].strip()
@@ -148,7 +196,8 @@ def _piece(line: str, tok: object) -> Piece | None:
     ids = tuple(tok.encode(text, add_bos=False)) if text else ()  # type: ignore[attr-defined]
     # OpenAI-style servers close with a frame that carries only the finish reason: not a token.
     tokens = 0 if finish and not text else 1
-    return Piece(text, ids, FINISH.get(finish, finish) if finish else None, tokens)
+    found = _logprobs(choice, tok) if logprobs and tokens else ()
+    return Piece(text, ids, FINISH.get(finish, finish) if finish else None, tokens, logprobs=found)
 
 
 async def _raise_for(response: httpx.Response) -> None:

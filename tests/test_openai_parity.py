@@ -17,6 +17,7 @@ from tandem import Client
 from tests.hubkit import running_hub, start_agent, tiny_llama
 
 CHAT = [{"role": "user", "content": "the cat sat in a hat"}]
+BAD_SCHEMA = {"type": "nope"}
 
 
 @pytest.fixture
@@ -134,8 +135,8 @@ async def test_n_choices_share_the_prefill_and_stream_agrees(tmp_path: Path, mod
                     stream_options={"include_usage": True}, extra_body=pin,
                 ))
             )  # fmt: skip
-            streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
-                        for i in range(3)]  # fmt: skip
+            deltas = [(c.choices[0].index, c.choices[0].delta.content or "") for c in chunks if c.choices]
+            streamed = ["".join(text for index, text in deltas if index == i) for i in range(3)]
             assert streamed == texts  # seeded: the stream gives the same choices
             assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == sampled.usage.completion_tokens
             finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -175,8 +176,10 @@ async def test_bad_inputs_name_their_field(tmp_path: Path, model: str) -> None:
             (dict(top_logprobs=2), "top_logprobs"),
             (dict(n=9), "n"),
             (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-            (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}),
-             "response_format.json_schema.schema"),  # fmt: skip
+            (
+                dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": BAD_SCHEMA}}),
+                "response_format.json_schema.schema",
+            ),
             (dict(response_format={"type": "yaml"}), "response_format.type"),
             (dict(extra_body={"best_of": 2}), "best_of"),
         ]
@@ -184,9 +187,72 @@ async def test_bad_inputs_name_their_field(tmp_path: Path, model: str) -> None:
             with pytest.raises(openai.BadRequestError) as info:
                 await asyncio.to_thread(chat, **kw)
             assert field in str(info.value), (kw, str(info.value))
-        with pytest.raises(openai.BadRequestError, match="tools: model .* no tool support"):
+        with pytest.raises(openai.BadRequestError, match=r"tools: model .* no tool support"):
             await asyncio.to_thread(chat, tools=[{"type": "function", "function": {"name": "f"}}])
         with pytest.raises(openai.BadRequestError, match="logprobs"):
-            await asyncio.to_thread(
-                client.completions.create, model=model, prompt="the cat", max_tokens=2, logprobs=6
-            )
+            await asyncio.to_thread(client.completions.create, model=model, prompt="the cat", max_tokens=2, logprobs=6)
+
+
+async def test_upstream_passes_logprobs_through_and_refuses_without_them(tmp_path: Path, model: str) -> None:
+    """Another hub as an OpenAI upstream gives logprobs (tokens named by id, exact); a server that
+    answers without them makes a request for logprobs a 400 naming the field."""
+    async with running_hub(tmp_path / "up", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0") as up:
+        async with running_hub(
+            tmp_path / "hub", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0", cloud_backend="openai",
+            cloud_upstream_url=f"http://{up.http_address}", cloud_upstream_key=up.registry.create_api_key("down"),
+        ) as hub:  # fmt: skip
+            direct = _client(up, up.registry.create_api_key("t"))
+            via = _client(hub, hub.registry.create_api_key("t"))
+            ask = dict(model=model, prompt="the cat sat", max_tokens=5, temperature=0, logprobs=2)
+            a = await asyncio.to_thread(direct.completions.create, **ask)
+            b = await asyncio.to_thread(via.completions.create, **ask)
+            assert b.choices[0].text == a.choices[0].text
+            assert b.choices[0].logprobs.token_logprobs == pytest.approx(a.choices[0].logprobs.token_logprobs, abs=1e-6)
+            with pytest.raises(openai.BadRequestError, match=r"n: .*upstream"):
+                await asyncio.to_thread(via.completions.create, model=model, prompt="x", max_tokens=2, n=2)
+
+    silent = _SilentUpstream()  # a server that streams text and never logprobs (as TGI's legacy API)
+    try:
+        async with running_hub(
+            tmp_path / "hub2", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0", cloud_backend="openai",
+            cloud_upstream_url=silent.url,
+        ) as hub:  # fmt: skip
+            via = _client(hub, hub.registry.create_api_key("t"))
+            ok = await asyncio.to_thread(via.completions.create, model=model, prompt="x", max_tokens=2)
+            assert ok.choices[0].text == "ab"
+            with pytest.raises(openai.BadRequestError, match=r"logprobs: the upstream .* returned none"):
+                await asyncio.to_thread(via.completions.create, model=model, prompt="x", max_tokens=2, logprobs=1)
+    finally:
+        silent.close()
+
+
+class _SilentUpstream:
+    """A minimal OpenAI-style completions server on loopback that never returns logprobs."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        frames = [{"choices": [{"index": 0, "text": t, "finish_reason": f}]} for t, f in (("a", None), ("b", "length"))]
+        body = "".join(f"data: {json.dumps(f)}\n\n" for f in frames) + "data: [DONE]\n\n"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
