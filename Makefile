@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml scripts/install_system.sh
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: 2.13.0 is a local CPU build here; any other pick pulls GBs of CUDA wheels.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[reference,dev,onnx]'
+	$(BIN)/python -m pip install -q -e '.[reference,dev,onnx,embeddings,eval]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -3,6 +3,12 @@
     /v1/chat/completions   chat messages; `stream: true` answers with server-sent events
     /v1/completions        plain prompt
     /v1/models             models served now (the cloud's and every online device's)
+    /v1/embeddings, /tokenize, /detokenize, /tokenizer_info   (cloud_hub.openai_extras)
+
+Beyond plain chat: logprobs and top_logprobs (chat), logprobs with echo (completions, scoring the
+prompt), n choices, usage in the stream (`stream_options.include_usage`), batched completion
+prompts, `response_format` (json_object, json_schema) by grammar, tools where a model's template
+takes them (a 400 naming the model where it does not).
 
 Budgets travel as an extension field, `"tandem": {"budget": {"ttft_ms": …, "tpot_ms": …,
 "energy_j": …, "best_effort": …}}` (the openai client passes it with `extra_body`); answers carry
@@ -30,6 +36,7 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_hub.errors import HubError, InvalidRequest, Overloaded
+from cloud_hub.openai_extras import add_routes
 from cloud_hub.prompt import prompt_from_value, utf8_size
 from cloud_hub.registry import Registry
 from cloud_hub.router import Budget
@@ -137,7 +144,7 @@ def _error(status: int, message: str, kind: str, param: str | None = None) -> JS
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": kind}}, status_code=status)
 
 
-_GENERATING = frozenset(("/v1/chat/completions", "/v1/completions"))
+_GENERATING = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings"))
 
 
 def _hub_error(exc: HubError) -> JSONResponse:
@@ -333,6 +340,7 @@ def create_app(registry: Registry, service: HubService, max_body_bytes: int = 1 
         authorize(request)
         return await _answer(service, body, chat=False)
 
+    add_routes(app, service, authorize)  # /v1/embeddings, /tokenize, /detokenize, /tokenizer_info
     return app
 
 
