@@ -65,7 +65,7 @@ def write_tasks(folder: Path, tokenizer, items: int, seed: int = 0) -> list[dict
     (folder / "complete.yaml").write_text(
         "task: tandem_pydoc_complete\n" + common + "output_type: generate_until\n"
         'doc_to_text: "{{context}}"\ndoc_to_target: "{{target}}"\ntarget_delimiter: ""\n'
-        "generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 8\n  do_sample: false\n  temperature: 0\n"
+        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8\n  do_sample: false\n  temperature: 0\n'
         "metric_list:\n  - metric: exact_match\n"
     )
     return out
@@ -103,8 +103,14 @@ def compare(results: dict, tokenizer, generator) -> dict:
     worst, pairs, tokens = 0.0, 0, 0
     for sample in results["samples"]["tandem_pydoc_choice"]:
         for (context, continuation), resp in zip(sample["arguments"], sample["resps"], strict=True):
+            # lm-eval's own pairing (api/model.py _encode_pair): the context's trailing spaces move to
+            # the continuation, the whole is encoded, and the context's ids are cut off its front.
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            whole = tokenizer.encode(context + continuation, add_bos=False)
             ctx = tokenizer.encode(context, add_bos=False)
-            cont = tokenizer.encode(continuation, add_bos=False)
+            cont = whole[len(ctx) :]
             scored = generator.score(ctx + cont, 0)[len(ctx) :]
             ours = sum(s.logprob for s in scored if s is not None)
             theirs = resp[0][0]
@@ -176,7 +182,8 @@ def main() -> None:
                     "## lm-evaluation-harness through the hub (issue 23)",
                     "",
                     f"`{command_line()}` on {cpu_model()}: lm-eval {_version()} `local-completions` against a hub "
-                    f"serving {args.model} (source precision) itself; tokenized by the hub (`tokenizer_backend=remote`), "
+                    f"serving {args.model} (source precision) itself; tokenized by the hub "
+                    "(`tokenizer_backend=remote`), "
                     f"{args.items} items of held-out Python documentation a task, {seconds:.0f} s.",
                     "",
                     *table,
