@@ -208,8 +208,8 @@ class Generator:
             engine.release(request_id)
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[Completion]:
-        """Complete every prompt; returns one Completion per prompt, in order."""
-        out = [Completion() for _ in prompts]
+        """Complete every prompt; returns one Completion per prompt (per choice: n of a single prompt), in order."""
+        out = [Completion() for _ in range(len(prompts) * params.n)]
         for ev in self.stream(prompts, params):
             c = out[ev.row]
             c.text += ev.text
