@@ -24,6 +24,7 @@ from tandem.errors import InvalidRequest, from_rpc_error
 from tandem.types import Budget, Choice, Chunk, GenerateResult, Placement, TokenLogprob
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
+from tandem.wire import sampling_message
 
 Prompt = str | Sequence[Mapping[str, str]]
 
@@ -58,16 +59,8 @@ def build_request(
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}", "INVALID_ARGUMENT")
     b = budget or Budget()
-    sampling = pb.Sampling(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        stop=list(stop),
-        seed=seed,
-        n=n if n != 1 else 0,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
+    sampling = sampling_message(
+        max_tokens, temperature, top_k, top_p, seed, tuple(stop), n, logprobs=logprobs, prompt_logprobs=prompt_logprobs
     )
     return pb.GenerateRequest(
         model=model,
