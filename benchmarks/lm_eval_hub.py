@@ -97,6 +97,28 @@ def evaluate(base_url: str, api_key: str, model: str, folder: Path, limit: int |
     )
 
 
+def evaluate_in_subprocess(base_url: str, api_key: str, model: str, folder: Path, limit: int | None = None) -> dict:
+    """evaluate() in a child process (lm-eval's imports, logging and open files stay there), reduced
+    to what compare() and the table read: {"results": {task: metrics}, "samples": {task: [{arguments,
+    resps}]}}."""
+    import subprocess
+
+    out = folder / "lm_eval_results.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--evaluate", base_url, "--model", model,
+           "--tasks", str(folder), "--out", str(out)] + (["--limit", str(limit)] if limit else [])  # fmt: skip
+    subprocess.run(cmd, check=True, env={**os.environ, "TANDEM_LM_EVAL_KEY": api_key}, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def _reduced(results: dict) -> dict:
+    return {
+        "results": {t: {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+                    for t, m in results["results"].items()},
+        "samples": {t: [{"arguments": [list(a) for a in s["arguments"]], "resps": s["resps"]} for s in samples]
+                    for t, samples in results["samples"].items()},
+    }  # fmt: skip
+
+
 def compare(results: dict, tokenizer, generator) -> dict:
     """Each log-likelihood lm-eval reported against our teacher-forced score of the same tokens:
     the largest difference per token, in nats, over every (context, continuation) pair."""
@@ -125,7 +147,17 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument(
+        "--evaluate", metavar="URL", help="only run lm-eval against the hub at URL (key in $TANDEM_LM_EVAL_KEY)"
+    )
+    ap.add_argument("--tasks", type=Path, help="with --evaluate: the folder write_tasks wrote")
+    ap.add_argument("--out", type=Path, help="with --evaluate: where to write the reduced results (JSON)")
+    ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args()
+    if args.evaluate:
+        done = evaluate(args.evaluate, os.environ["TANDEM_LM_EVAL_KEY"], args.model, args.tasks, args.limit)
+        args.out.write_text(json.dumps(_reduced(done), default=str))
+        return
 
     import asyncio
 
@@ -145,7 +177,9 @@ def main() -> None:
         try:
             key = hub.registry.create_api_key("lm-eval")
             started = time.perf_counter()
-            results = await asyncio.to_thread(evaluate, f"http://{hub.http_address}", key, args.model, folder)
+            results = await asyncio.to_thread(
+                evaluate_in_subprocess, f"http://{hub.http_address}", key, args.model, folder
+            )
             return results, time.perf_counter() - started
         finally:
             await hub.stop(grace=0.5)

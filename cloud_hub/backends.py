@@ -50,8 +50,8 @@ class ServingBackend(ABC):
     def model_info(self) -> pb.ModelInfo: ...
 
     @abstractmethod
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt; raises models.errors.InvalidRequest."""
+    def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a prompt (a chat with its tool definitions); raises models.errors.InvalidRequest."""
 
     @abstractmethod
     def stream(
@@ -76,8 +76,8 @@ class LocalModelBackend(ServingBackend):
     def model_info(self) -> pb.ModelInfo:
         return self._info
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        return self.served.encode(prompt)
+    def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
+        return self.served.encode(prompt, tools)
 
     async def stream(
         self, ids: list[int], params: SamplingParams, continuation: Continuation | None = None

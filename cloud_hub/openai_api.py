@@ -185,8 +185,9 @@ def _spec(body: ChatRequest | CompletionRequest, prompt: Any, served: list[pb.Mo
     )
     b = body.tandem.budget
     model = "" if body.model in ("", "auto", "tandem") else body.model
+    tools = getattr(body, "tools", None) if getattr(body, "tool_choice", None) != "none" else None
     return GenerateSpec(
-        prompt_from_value(prompt),
+        prompt_from_value(prompt, tools),
         params,
         Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort),
         model,
@@ -208,7 +209,7 @@ def _constraint(body: ChatRequest | CompletionRequest, served: list[pb.ModelInfo
                 "(its chat template does not take tool definitions)"
             )
         if choice not in (None, "none", "auto"):  # required, or a named function: constrained to a call
-            return json.dumps({"tools": tools, "tool_choice": choice}, sort_keys=True)
+            return _checked(json.dumps({"tools": tools, "tool_choice": choice}))
     rf = body.response_format
     if rf is None or rf.type == "text":
         return ""
@@ -222,7 +223,17 @@ def _constraint(body: ChatRequest | CompletionRequest, served: list[pb.ModelInfo
             raise InvalidRequest(
                 f"response_format.json_schema.schema{where}: not valid JSON Schema: {exc.message}"
             ) from exc
-    return json.dumps({"response_format": rf.model_dump(by_alias=True, exclude_none=True)}, sort_keys=True)
+    # keys in the caller's order: the grammar writes properties in the schema's order, as OpenAI does
+    return _checked(json.dumps({"response_format": rf.model_dump(by_alias=True, exclude_none=True)}))
+
+
+def _checked(constraint: str) -> str:
+    """`constraint` once its grammar is known to compile (models.grammar.constraint_grammar: no
+    tokenizer needed, cached), so that what a device would refuse is a 400 before routing."""
+    from models.grammar import constraint_grammar  # the grammar library: only for such requests
+
+    constraint_grammar(constraint)
+    return constraint
 
 
 _UNION_TAG = re.compile(r"[a-z-]+\[.*\]|str|int|float|bool")
@@ -395,6 +406,9 @@ class _Answer:
         self.choices: dict[int, _Choice] = {}
         self.finals: list[Final] = []
         self.top = body.top_logprobs if isinstance(body, ChatRequest) else body.logprobs
+        choice = getattr(body, "tool_choice", None)
+        self.forced_call = bool(getattr(body, "tools", None)) and choice not in (None, "none", "auto")
+        """The answer is a tool call (tool_choice required or named): its JSON becomes `tool_calls`."""
         self.echo = isinstance(body, CompletionRequest) and body.echo
         self.model = body.model
 
@@ -433,7 +447,10 @@ class _Answer:
         for index in sorted(self.choices):
             c = self.choices[index]
             choice: dict[str, Any] = {"index": index, "finish_reason": _finish(c.finish), "logprobs": None}
-            if self.chat:
+            if self.chat and self.forced_call:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [_tool_call(c.text)]}
+                choice["finish_reason"] = "tool_calls" if c.finish in ("stop", "eos") else _finish(c.finish)
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": c.text}
                 if self.top is not None or getattr(self.body, "logprobs", False):
                     choice["logprobs"] = {"content": self._chat_entries(c.logprobs)}
@@ -519,6 +536,8 @@ class _Answer:
         finish = None
         if self.chat:
             logprobs = {"content": self._chat_entries(ev.logprobs)} if ev.logprobs else None
+            if self.forced_call:  # the call is sent whole when its choice closes (it must parse first)
+                return self.frame(index, {}, finish, logprobs)
             return self.frame(index, {"content": ev.text}, finish, logprobs)
         text, offset = ev.text, len(c.text) - len(ev.text)
         if self.echo and ev.prompt_ids:  # the first chunk: the prompt, then this token
@@ -551,7 +570,12 @@ async def _sse(answer: _Answer, service: HubService, specs: list[GenerateSpec], 
                     info = {"tandem": _tandem_info(ev)}
                     for j in range(answer.body.n):
                         index = i * answer.body.n + j
-                        reason = _finish(answer.choices.get(index, _Choice()).finish or ev.finish_reason)
+                        c = answer.choices.get(index, _Choice())
+                        reason = _finish(c.finish or ev.finish_reason)
+                        if answer.forced_call:
+                            call = {"index": 0, **_tool_call(c.text)}
+                            yield answer.frame(index, {"tool_calls": [call]}, None)
+                            reason = "tool_calls" if reason == "stop" else reason
                         yield answer.frame(index, {} if chat else "", reason, None, info)
         if answer.body.stream_options is not None and answer.body.stream_options.include_usage:
             payload = {
@@ -567,6 +591,18 @@ async def _sse(answer: _Answer, service: HubService, specs: list[GenerateSpec], 
         err = {"message": str(exc), "type": exc.kind, "param": None, "code": exc.kind}
         yield f"data: {json.dumps({'error': err})}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def _tool_call(text: str) -> dict:
+    """A forced call's output (the grammar's {"name": ..., "arguments": {...}}) in OpenAI's shape,
+    its arguments a JSON string; an answer cut short by max_tokens keeps its text as the arguments."""
+    try:
+        call = json.loads(text)
+        name, arguments = call["name"], json.dumps(call["arguments"])
+    except (ValueError, KeyError, TypeError):
+        name, arguments = "", text
+    function = {"name": name, "arguments": arguments}
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}
 
 
 def _finish(reason: str) -> str:

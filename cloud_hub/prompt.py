@@ -9,6 +9,7 @@ kind and routing token count are computed here once, not by a helper per questio
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -91,8 +92,9 @@ def prompt_from_wire(inp: pb.Input) -> RequestPrompt:
     return RequestPrompt(inp, text, "text", len(text.encode()))
 
 
-def prompt_from_value(prompt: Prompt) -> RequestPrompt:
-    """The prompt of a JSON request: text, token ids, or chat messages.
+def prompt_from_value(prompt: Prompt, tools: list[dict] | None = None) -> RequestPrompt:
+    """The prompt of a JSON request: text, token ids, or chat messages (with the tool definitions
+    its chat template is to render).
 
     Raises InvalidRequest naming the field for text that is not valid Unicode (a lone surrogate
     cannot be sent as UTF-8) and for ids outside the wire's range."""
@@ -107,7 +109,10 @@ def prompt_from_value(prompt: Prompt) -> RequestPrompt:
     messages = [_message(m, i) for i, m in enumerate(prompt)]
     size = sum(utf8_size(m["content"], f"messages[{i}].content") for i, m in enumerate(messages))
     wire = pb.Input(
-        chat=pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+        chat=pb.ChatMessages(
+            messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+            tools_json=json.dumps(tools) if tools else "",
+        )
     )
     return RequestPrompt(wire, messages, "chat", size)
 

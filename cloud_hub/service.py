@@ -31,7 +31,7 @@ from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
 from models.sampling import SamplingParams
 from tandem.v1 import tandem_pb2 as pb
-from tandem.wire import Logprob, logprob_of, sampling_message
+from tandem.wire import Logprob, logprob_of, sampling_message, tools_of
 
 log = logging.getLogger("tandem.hub")
 
@@ -340,7 +340,7 @@ class HubService:
         if c.kind == "cloud":
             assert self.cloud is not None
             try:
-                ids = self.cloud.encode(spec.prompt.value)
+                ids = self.cloud.encode(spec.prompt.value, tools_of(spec.prompt.wire))
             except ModelInvalidRequest as exc:
                 raise InvalidRequest(str(exc)) from exc
             cont = Continuation(tuple(progress.ids), progress.chars) if progress.ids else None

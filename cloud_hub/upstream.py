@@ -54,8 +54,8 @@ class OpenAIUpstreamBackend(ServingBackend):
     def model_info(self) -> pb.ModelInfo:
         return self._info
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        return self.loaded.generator().encode_prompt(prompt)
+    def encode(self, prompt: Prompt, tools: list[dict] | None = None) -> list[int]:
+        return self.loaded.generator().encode_prompt(prompt, tools)
 
     async def stream(
         self, ids: list[int], params: SamplingParams, continuation: Continuation | None = None

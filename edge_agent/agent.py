@@ -31,7 +31,7 @@ from models.serving import ServedModel
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tandem.wire import logprob_message, prompt_of, sampling_kwargs
+from tandem.wire import logprob_message, prompt_of, sampling_kwargs, tools_of
 
 log = logging.getLogger("tandem.agent")
 VERSION = "0.1.0"
@@ -381,7 +381,7 @@ class Agent:
         prompt = prompt_of(work.input)
         if prompt is None:
             raise InvalidRequest("work has no input")
-        return params, self.engine.encode(prompt)
+        return params, self.engine.encode(prompt, tools_of(work.input))
 
 
 def token_chunk(work_id: str, ev: TokenEvent, prompt_ids: list[int]) -> pb.TokenChunk:

@@ -8,10 +8,9 @@ riding along (its tokens are discarded) until the whole batch is done.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -129,8 +128,9 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Ids for a text prompt, a list of ids, or chat messages (rendered with the chat template)."""
+    def encode_prompt(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Ids for a text prompt, a list of ids, or chat messages (rendered with the chat template, with
+        `tools`, OpenAI tool definitions, where the template takes them)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequest("prompt must not be empty")
@@ -144,7 +144,7 @@ class Generator:
             return ids
         info = self.tokenizer.info
         bos = self.tokenizer.decode([info.bos_id], skip_special_tokens=False) if info.bos_id is not None else ""
-        text = render_chat(info.chat_template, prompt, bos_token=bos)  # type: ignore[arg-type]
+        text = render_chat(info.chat_template, prompt, bos_token=bos, tools=tools)  # type: ignore[arg-type]
         # The template writes BOS itself where the model wants one.
         return self.tokenizer.encode(text, add_bos=False)
 
@@ -240,19 +240,9 @@ class Generator:
         """The compiled grammar `params.constraint` names (None: free text); raises InvalidRequest."""
         if not params.constraint:
             return None
-        # the grammar library loads only for such requests
-        from models.grammar import compile_response_format, compile_tool_call
+        from models.grammar import compile_constraint  # its grammar library loads only for such requests
 
-        try:
-            spec = json.loads(params.constraint)
-        except ValueError as exc:
-            raise InvalidRequest(f"constraint: not JSON: {exc}") from exc
-        vocab = self.model.cfg.vocab_size
-        if isinstance(spec, dict) and "response_format" in spec:
-            return compile_response_format(self.tokenizer, vocab, spec["response_format"])
-        if isinstance(spec, dict) and "tools" in spec:
-            return compile_tool_call(self.tokenizer, vocab, spec["tools"], spec.get("tool_choice", "required"))
-        raise InvalidRequest('constraint: expected {"response_format": ...} or {"tools": ..., "tool_choice": ...}')
+        return compile_constraint(self.tokenizer, self.model.cfg.vocab_size, params.constraint)
 
     @torch.inference_mode()
     def _run(

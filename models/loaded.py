@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.chat import takes_tools
 from models.config import ModelConfig
 from models.generate import Generator
 from models.quant import QuantLinear, weight_bytes
@@ -53,7 +54,7 @@ class LoadedModel:
             "weight_bytes": weight_bytes(self.model),
             "config_json": json.dumps(dataclasses.asdict(self.config)),
             "chat": self.tokenizer.info.chat_template is not None,
-            "tools": "tools" in (self.tokenizer.info.chat_template or ""),  # the template renders tool definitions
+            "tools": takes_tools(self.tokenizer.info.chat_template),
             "chat_template_tokens": self._template_tokens(),
         }
 

@@ -17,8 +17,9 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from models.generate import Continuation, Prompt, StepEngine, TokenEvent
 from models.loaded import LoadedModel
@@ -74,9 +75,10 @@ class ServedModel:
         for _ in self.stream([1, 2, 3, 4], SamplingParams(max_tokens=2, ignore_eos=True), threading.Event()):
             pass
 
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt (text, chat messages or ids); raises models.errors.InvalidRequest."""
-        return self.loaded.generator().encode_prompt(prompt)
+    def encode(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
+        """Token ids of a prompt (text, chat messages or ids; a chat with its `tools`); raises
+        models.errors.InvalidRequest."""
+        return self.loaded.generator().encode_prompt(prompt, tools)
 
     def stream(
         self,

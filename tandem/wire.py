@@ -6,9 +6,18 @@ protocol's zero values meaning "unset" (max_tokens 0 -> 64, top_p 0 -> 1).
 
 from __future__ import annotations
 
+import json
+
 from tandem.v1 import tandem_pb2 as pb
 
 DEFAULT_MAX_TOKENS = 64
+
+
+def tools_of(inp: pb.Input) -> list[dict] | None:
+    """The tool definitions a chat Input carries for its template (None: none)."""
+    if inp.WhichOneof("kind") != "chat" or not inp.chat.tools_json:
+        return None
+    return json.loads(inp.chat.tools_json)
 
 
 def prompt_of(inp: pb.Input) -> str | list[int] | list[dict[str, str]] | None:

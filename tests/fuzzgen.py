@@ -121,7 +121,7 @@ def _http_plant(rng: random.Random, path: str, body: dict, vocab: int) -> str:
         body["tandem"] = {"budget": {name: rng.choice((-1, -1e308, float("-inf"), float("nan"), "x"))}}
         return f"tandem.budget.{name}"
     if kind == 10:
-        body["n"] = rng.choice((0, 2, -1, 10**30))
+        body["n"] = rng.choice((0, 9, -1, 10**30))  # 9: over the hub's default limit of 8 choices
         return "n"
     field = rng.choice(("extra", "\x00", "logit_bias", "functions"))
     body[field] = rng.choice(JUNK)

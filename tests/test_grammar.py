@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 import threading
 from functools import cache
 
@@ -19,7 +20,16 @@ import pytest
 import torch
 
 from models.errors import InvalidRequest, ModelNotPulled
-from models.grammar import Constraint, Grammar, compile_response_format, compile_tool_call, token_bytes
+from models.grammar import (
+    Constraint,
+    Grammar,
+    compile_constraint,
+    compile_response_format,
+    compile_tool_call,
+    response_format_grammar,
+    token_bytes,
+    tool_call_grammar,
+)
 from models.loaded import LoadedModel
 from models.runtime import load
 from models.tokenizer import GGUFTokenizer
@@ -61,7 +71,7 @@ FRUITS = {
     "additionalProperties": False,
 }
 CASES = {  # name -> (question, schema or None for json_object)
-    "object": ("Describe a cat as a JSON object.", None),
+    "object": ("Give a JSON object with the name and colour of a cat.", None),
     "person": ("Give the name and age of a person called Alice who is 30 years old, as JSON.", PERSON),
     "weather": ("What is the weather in Paris? Answer as JSON.", WEATHER),
     "fruits": ("List three fruits as JSON.", FRUITS),
@@ -233,6 +243,7 @@ def test_one_grammar_serves_threads_and_is_cached(tiny: LoadedModel) -> None:
 
 def test_text_format_takes_no_grammar(tiny: LoadedModel) -> None:
     assert compile_response_format(tiny.tokenizer, tiny.tokenizer.vocab_size, {"type": "text"}) is None
+    assert response_format_grammar({"type": "text"}) is None
 
 
 BAD_FORMATS = [
@@ -253,6 +264,23 @@ def test_bad_response_formats_name_the_field(tiny: LoadedModel, response_format:
     with pytest.raises(InvalidRequest) as err:
         compile_response_format(tiny.tokenizer, tiny.tokenizer.vocab_size, response_format)
     assert str(err.value).startswith(field)
+    with pytest.raises(InvalidRequest) as early:  # the hub's check before routing: no tokenizer
+        response_format_grammar(response_format)
+    assert str(early.value) == str(err.value)
+
+
+def test_constraint_json_is_either_spec(tiny: LoadedModel) -> None:
+    """SamplingParams.constraint: the same grammars as the OpenAI fields, from one JSON text."""
+    tok, v = tiny.tokenizer, tiny.tokenizer.vocab_size
+    rf = json_schema({"enum": ["the"]})
+    assert compile_constraint(tok, v, "") is None
+    assert compile_constraint(tok, v, json.dumps({"response_format": rf})) is compile_response_format(tok, v, rf)
+    required = compile_constraint(tok, v, json.dumps({"tools": TOOLS}))
+    assert required is compile_tool_call(tok, v, TOOLS, "required")
+    for bad, field in [("{", "constraint: not JSON"), ("[]", "constraint: expected"),
+                       (json.dumps({"response_format": {"type": "xml"}}), "response_format.type")]:  # fmt: skip
+        with pytest.raises(InvalidRequest, match=f"^{re.escape(field)}"):
+            compile_constraint(tok, v, bad)
 
 
 BAD_TOOLS = [
@@ -272,6 +300,9 @@ def test_bad_tool_calls_name_the_field(tiny: LoadedModel, tools: list, choice: o
     with pytest.raises(InvalidRequest) as err:
         compile_tool_call(tiny.tokenizer, tiny.tokenizer.vocab_size, tools, choice)
     assert str(err.value).startswith(field)
+    with pytest.raises(InvalidRequest) as early:
+        tool_call_grammar(tools, choice)
+    assert str(early.value) == str(err.value)
 
 
 # --- the real models, greedy ------------------------------------------------------------------
@@ -337,8 +368,8 @@ def test_smollm2_output_parses_and_validates(case: str) -> None:
 
 
 def test_gemma_output_parses_and_validates() -> None:
-    lm = source_model(GEMMA)
-    question, schema = CASES["weather"]
+    lm = source_model(GEMMA)  # SentencePiece with byte fallback, 262k ids, a base model
+    question, schema = CASES["fruits"]
     grammar = compile_response_format(lm.tokenizer, lm.config.vocab_size, json_schema(schema))
     jsonschema.validate(json.loads(constrained_greedy(lm, prompt_ids(lm, question), grammar)), schema)
 

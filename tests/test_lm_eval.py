@@ -13,18 +13,18 @@ import pytest
 from models.runtime import load
 from tests.hubkit import running_hub, tiny_llama
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is installed by `make test` (the eval extra)")
+pytest.importorskip("lm_eval", reason="lm-eval is installed by `make test` (the eval extra)")
 
 
 async def test_lm_eval_local_completions_matches_our_scores(tmp_path: Path) -> None:
-    from benchmarks.lm_eval_hub import compare, evaluate, write_tasks
+    from benchmarks.lm_eval_hub import compare, evaluate_in_subprocess, write_tasks
 
     model = str(tiny_llama(tmp_path))
     served = load(model, quant="source", use_cache=False)
     items = write_tasks(tmp_path, served.tokenizer, items=4)
     async with running_hub(tmp_path / "hub", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0") as hub:
         key = hub.registry.create_api_key("lm-eval")
-        results = await asyncio.to_thread(evaluate, f"http://{hub.http_address}", key, model, tmp_path)
+        results = await asyncio.to_thread(evaluate_in_subprocess, f"http://{hub.http_address}", key, model, tmp_path)
     r = results["results"]
     assert set(r) == {"tandem_pydoc_choice", "tandem_pydoc_complete"}
     assert 0.0 <= r["tandem_pydoc_choice"]["acc,none"] <= 1.0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -25,8 +26,22 @@ def model(tmp_path: Path) -> str:
     return str(tiny_llama(tmp_path))
 
 
+_OPEN: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Each test's openai clients closed after it (their pooled sockets would otherwise be found
+    unclosed by a later test's garbage collection)."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def _client(hub, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://{hub.http_address}/v1", api_key=key, max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"http://{hub.http_address}/v1", api_key=key, max_retries=0, timeout=60)
+    _OPEN.append(client)
+    return client
 
 
 def _reference(model: str, prompt_ids: list[int], k: int):
@@ -296,3 +311,78 @@ async def test_json_schema_answers_validate_through_the_openai_client(tmp_path: 
             client.chat.completions.create, **{**ask, "response_format": {"type": "json_object"}}
         )
         assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+TOOL_TEMPLATE = (  # ChatML with a tools block, as Hugging Face's tool-calling templates write one
+    "{% if tools %}{{ '<|im_start|>system\\nTools: ' + (tools | tojson) + '<|im_end|>\\n' }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"unit": {"enum": ["c", "f"]}, "tomorrow": {"type": "boolean"}},
+            "required": ["unit", "tomorrow"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {"name": "clock", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
+}
+
+
+async def test_forced_tool_calls_parse_for_a_model_whose_template_takes_tools(tmp_path: Path) -> None:
+    """A model whose chat template renders tools: the tools reach the prompt, and with tool_choice
+    required or a named function the call is grammar-constrained, so it parses into OpenAI's
+    tool_calls (arguments valid against the function's parameters), whole and streamed."""
+    import json
+
+    import jsonschema
+
+    from tests.tiny import TinySpec, write_tiny_gguf
+
+    model = str(write_tiny_gguf(tmp_path / "tools.gguf", TinySpec(context_length=1024, chat_template=TOOL_TEMPLATE)))
+    gen = load(model, use_cache=False).generator()
+    with_tools = gen.encode_prompt(CHAT, [WEATHER])
+    assert len(with_tools) > len(gen.encode_prompt(CHAT)) and "weather" in gen.tokenizer.decode(with_tools)
+    async with running_hub(tmp_path / "hub", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0") as hub:
+        agent = await start_agent(hub, Path(model), tmp_path / "agent", "edge", model_name=model)
+        client = _client(hub, hub.registry.create_api_key("t"))
+        for device, choice in (
+            ("cloud", "required"),
+            (agent.device_id, {"type": "function", "function": {"name": "weather"}}),
+        ):
+            ask = dict(model=model, messages=CHAT, max_tokens=120, temperature=0, tools=[WEATHER, CLOCK],
+                       tool_choice=choice, extra_body={"tandem": {"device": device}})  # fmt: skip
+            whole = await asyncio.to_thread(client.chat.completions.create, **ask)
+            c = whole.choices[0]
+            assert c.finish_reason == "tool_calls" and c.message.content is None, (device, c)
+            call = c.message.tool_calls[0]
+            assert call.type == "function" and call.function.name in ("weather", "clock")
+            if call.function.name == "weather" or choice != "required":
+                assert call.function.name == "weather"
+                jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+            chunks = await asyncio.to_thread(lambda ask=ask: list(client.chat.completions.create(stream=True, **ask)))
+            calls = [
+                tc
+                for ch in chunks
+                if ch.choices and ch.choices[0].delta.tool_calls
+                for tc in ch.choices[0].delta.tool_calls
+            ]
+            assert [(t.function.name, t.function.arguments) for t in calls] == [
+                (call.function.name, call.function.arguments)
+            ]
+            assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [
+                "tool_calls"
+            ]
+        with pytest.raises(openai.BadRequestError, match=r"tool_choice\.function\.name"):
+            await asyncio.to_thread(
+                client.chat.completions.create, model=model, messages=CHAT, max_tokens=8, tools=[WEATHER],
+                tool_choice={"type": "function", "function": {"name": "nope"}},
+            )  # fmt: skip
+        await agent.close()

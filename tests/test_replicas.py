@@ -49,8 +49,10 @@ async def test_two_hubs_share_one_postgres_registry(tmp_path: Path, pg_server: s
         async with running_hub(tmp_path / "a", cloud_model=None, mqtt="none", registry=url) as hub_a:
             key = hub_a.registry.create_api_key("shared")  # stored in PostgreSQL: valid on both replicas
             agent = await start_agent(hub_a, tiny_llama(tmp_path), tmp_path / "agent", "via-a")
-            line = await asyncio.to_thread(hub_b.stdout.readline)
-            assert "hub ready" in line, line
+            lines = []  # log lines may come first (asyncio's slow-callback warnings on a loaded host)
+            while not lines or ("hub ready" not in lines[-1] and lines[-1] and len(lines) < 50):
+                lines.append(await asyncio.to_thread(hub_b.stdout.readline))
+            assert "hub ready" in lines[-1], "".join(lines)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port_b}") as channel:
                 enrolled = await pb_grpc.RegistryStub(channel).Enroll(
                     pb.EnrollRequest(token=hub_a.registry.create_token(), name="via-b", profile="cpu-2core")

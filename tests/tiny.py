@@ -30,6 +30,8 @@ class TinySpec:
     quantize: bool = True
     """Store the MLP weights as Q8_0 (exercises dequantization); the rest stay F32."""
     seed: int = 0
+    chat_template: str = ""
+    """The llama vocabulary's chat template ("": CHATML)."""
 
 
 def _byte_chars() -> list[str]:
@@ -50,7 +52,7 @@ CHATML = (
 )
 
 
-def _gpt2_vocab(w: gguf.GGUFWriter) -> int:
+def _gpt2_vocab(w: gguf.GGUFWriter, chat_template: str = "") -> int:
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a"]
     tokens = specials + _byte_chars() + ["Ġt", "he", "Ġthe", "in", "Ġa"]
@@ -62,7 +64,7 @@ def _gpt2_vocab(w: gguf.GGUFWriter) -> int:
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
+    w.add_chat_template(chat_template or CHATML)
     return len(tokens)
 
 
@@ -94,7 +96,7 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
     """Write a random model of `spec` to `path`; returns the path."""
     rng = np.random.default_rng(spec.seed)
     w = gguf.GGUFWriter(str(path), spec.arch)
-    vocab = _gpt2_vocab(w) if spec.arch == "llama" else _spm_vocab(w)
+    vocab = _gpt2_vocab(w, spec.chat_template) if spec.arch == "llama" else _spm_vocab(w)
     w.add_block_count(spec.n_layers)
     w.add_context_length(spec.context_length)
     w.add_embedding_length(spec.dim)
