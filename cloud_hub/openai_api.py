@@ -357,7 +357,7 @@ def create_app(registry: Registry, service: HubService, max_body_bytes: int = 1 
 
 async def _answer(service: HubService, body: ChatRequest | CompletionRequest, chat: bool) -> Response:
     prompts = _prompts(body)
-    served = service.placements.models()
+    served = service.placements.models() if getattr(body, "tools", None) is not None else []  # walks the fleet
     specs = [_spec(body, p, served) for p in prompts]  # every prompt checked before any runs
     events = service.generate(specs[0])
     first = await anext(events)  # errors before the first token become a plain HTTP error, not a broken stream
@@ -393,6 +393,8 @@ class _Choice:
     prompt_logprobs: tuple[Logprob | None, ...] = ()
     prompt_ids: tuple[int, ...] = ()
     finish: str = ""
+    streamed_chars: int = 0
+    """Characters of the generated tokens streamed so far (their text_offset goes on from here)."""
 
 
 class _Answer:
@@ -458,7 +460,7 @@ class _Answer:
                 prefix = self._prompt_text(index) if self.echo else ""
                 choice["text"] = prefix + c.text
                 if self.top is not None:
-                    choice["logprobs"] = self._completion_logprobs(c, 0)
+                    choice["logprobs"] = self._completion_logprobs(c, index)
             choices.append(choice)
         return {
             "id": self.rid,
@@ -493,19 +495,25 @@ class _Answer:
             out.append({"token": name, "logprob": lp, "bytes": list(raw), "top_logprobs": alts})
         return out
 
-    def _completion_logprobs(self, c: _Choice, offset: int, new: tuple[Logprob, ...] | None = None) -> dict:
+    def _completion_logprobs(self, c: _Choice, index: int, new: tuple[Logprob, ...] | None = None) -> dict:
         """Completions' `logprobs`: tokens, token_logprobs, top_logprobs (the chosen token and the k
-        most likely, as vLLM gives them) and text_offset, from character `offset` on. With echo the
-        prompt's tokens come first, the first with null logprob (nothing predicts it)."""
+        most likely, as vLLM gives them) and text_offset into the choice's text. With echo the
+        prompt's tokens come first (the first with null logprob: nothing predicts it) and the
+        generated ones count from the prompt text's end. `new`: only these tokens (a stream's chunk),
+        counted on from the tokens the choice streamed before them (_Choice.streamed_chars)."""
         tokens: list[str] = []
         values: list[float | None] = []
         tops: list[dict[str, float] | None] = []
         offsets: list[int] = []
-        entries: list[tuple[int, Logprob | None]] = []
+        prompt: list[tuple[int, Logprob | None]] = []
         if self.echo and new is None:
-            entries += list(zip(c.prompt_ids, c.prompt_logprobs, strict=False))
-        entries += [(lp[0], lp) for lp in (c.logprobs if new is None else new)]
-        for token_id, lp in entries:
+            prompt = list(zip(c.prompt_ids, c.prompt_logprobs, strict=False))
+        generated = [(lp[0], lp) for lp in (c.logprobs if new is None else new)]
+        base = len(self._prompt_text(index)) if self.echo else 0
+        offset = 0
+        for i, (token_id, lp) in enumerate(prompt + generated):
+            if i == len(prompt):  # the generated tokens: after the prompt text (and a stream's earlier tokens)
+                offset = base + (c.streamed_chars if new is not None else 0)
             name, raw = self._token(token_id)
             tokens.append(name)
             offsets.append(offset)
@@ -519,6 +527,8 @@ class _Answer:
             for t, p in lp[2]:
                 top.setdefault(self._token(t)[0], p)
             tops.append(top)
+        if new is not None:
+            c.streamed_chars = offset - base
         return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
     # -- streaming ----------------------------------------------------------------------------------
@@ -539,18 +549,16 @@ class _Answer:
             if self.forced_call:  # the call is sent whole when its choice closes (it must parse first)
                 return self.frame(index, {}, finish, logprobs)
             return self.frame(index, {"content": ev.text}, finish, logprobs)
-        text, offset = ev.text, len(c.text) - len(ev.text)
-        if self.echo and ev.prompt_ids:  # the first chunk: the prompt, then this token
-            prompt = self._prompt_text(index)
-            text, offset = prompt + text, 0
-            logprobs = self._completion_logprobs(c, 0) if self.top is not None else None
-            if logprobs is not None:  # only what has arrived: the prompt and this chunk's tokens
-                keep = len(c.prompt_ids) + len(ev.logprobs)
-                logprobs = {k: v[:keep] for k, v in logprobs.items()}
-        else:
-            if self.echo:
-                offset += len(self._prompt_text(index))
-            logprobs = self._completion_logprobs(c, offset, ev.logprobs) if self.top is not None else None
+        text, logprobs = ev.text, None
+        if self.echo and ev.prompt_ids:  # the first chunk: the prompt first
+            text = self._prompt_text(index) + text
+            if self.top is not None:  # the prompt's tokens, then this chunk's
+                only = _Choice(prompt_logprobs=c.prompt_logprobs, prompt_ids=c.prompt_ids)
+                prompt = self._completion_logprobs(only, index)
+                mine = self._completion_logprobs(c, index, ev.logprobs)
+                logprobs = {k: prompt[k] + mine[k] for k in prompt}
+        elif self.top is not None:
+            logprobs = self._completion_logprobs(c, index, ev.logprobs)
         return self.frame(index, text, finish, logprobs)
 
 

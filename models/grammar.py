@@ -61,12 +61,10 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from models.errors import InvalidRequest
-from models.tokenizer import GGUFTokenizer, _byte_alphabet
+from models.tokenizer import GGUFTokenizer
 
 GRAMMAR_CACHE_SIZE = 128  # grammars (and schema checks) kept, least recently used dropped: 5-15 ms each to redo
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
-BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # byte-fallback pieces
-SPIECE_SPACE = "\u2581"
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
@@ -100,24 +98,8 @@ def token_bytes(tokenizer: GGUFTokenizer) -> tuple[list[bytes], frozenset[int]]:
     ones (Gemma) write a space as U+2581 and a lone byte as `<0xNN>`. Added non-special tokens
     are literal text. Concatenating the bytes of `encode(text)` gives back `text` exactly.
     """
-    backend = tokenizer.backend
-    vocab = backend.get_vocab(with_added_tokens=True)  # token -> id
-    added = backend.get_added_tokens_decoder()  # id -> AddedToken
-    special = frozenset(i for i, a in added.items() if a.special)
-    byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
-    alphabet = {ch: b for b, ch in _byte_alphabet().items()}
-    out = [b""] * (max(vocab.values()) + 1)
-    for text, i in vocab.items():
-        if i in special:
-            continue
-        if byte_fallback and (m := BYTE_TOKEN.fullmatch(text)) and i not in added:
-            out[i] = bytes([int(m.group(1), 16)])
-        elif byte_fallback:
-            out[i] = text.replace(SPIECE_SPACE, " ").encode()
-        elif i in added or any(ch not in alphabet for ch in text):
-            out[i] = text.encode()
-        else:
-            out[i] = bytes(alphabet[ch] for ch in text)
+    special = frozenset(i for i, a in tokenizer.backend.get_added_tokens_decoder().items() if a.special)
+    out = [b"" if i in special else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
     return out, special
 
 

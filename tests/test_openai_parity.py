@@ -386,3 +386,19 @@ async def test_forced_tool_calls_parse_for_a_model_whose_template_takes_tools(tm
                 tool_choice={"type": "function", "function": {"name": "nope"}},
             )  # fmt: skip
         await agent.close()
+
+
+async def test_completions_stream_with_echo_and_logprobs_agrees_with_whole(tmp_path: Path, model: str) -> None:
+    async with running_hub(tmp_path / "hub", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0") as hub:
+        client = _client(hub, hub.registry.create_api_key("t"))
+        ask = dict(model=model, prompt="the cat sat in a hat", max_tokens=5, temperature=0, logprobs=2, echo=True)
+        whole = await asyncio.to_thread(client.completions.create, **ask)
+        chunks = await asyncio.to_thread(lambda: list(client.completions.create(stream=True, **ask)))
+        parts = [c.choices[0] for c in chunks if c.choices]
+        assert "".join(p.text for p in parts) == whole.choices[0].text
+        lp = whole.choices[0].logprobs
+        pairs = [zip(p.logprobs.tokens, p.logprobs.token_logprobs, strict=True) for p in parts if p.logprobs]
+        streamed = [pair for chunk in pairs for pair in chunk]
+        assert streamed == list(zip(lp.tokens, lp.token_logprobs, strict=True))
+        offsets = [o for p in parts if p.logprobs for o in p.logprobs.text_offset]
+        assert offsets == lp.text_offset
