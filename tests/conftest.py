@@ -55,14 +55,15 @@ def pg_server() -> Iterator[str]:
 
 
 @cache
-def _real(name: str) -> LoadedModel:
-    return load(name)
+def _real(name: str, quant: str) -> LoadedModel:
+    return load(name, quant=quant)
 
 
-def real_model(name: str) -> LoadedModel:
-    """A pulled zoo model; skipped when absent, failed instead under TANDEM_REQUIRE_MODELS=1 (make test)."""
+def real_model(name: str, quant: str = "fp32") -> LoadedModel:
+    """A pulled zoo model at `quant` ("source": as agents serve it); skipped when absent, failed
+    instead under TANDEM_REQUIRE_MODELS=1 (make test)."""
     try:
-        return _real(name)
+        return _real(name, quant)
     except ModelNotPulled as exc:
         if os.environ.get("TANDEM_REQUIRE_MODELS") == "1":
             raise

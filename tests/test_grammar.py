@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import re
 import threading
-from functools import cache
 
 import jsonschema
 import pytest
 import torch
 
-from models.errors import InvalidRequest, ModelNotPulled
+from models.errors import InvalidRequest
 from models.grammar import (
     Constraint,
     Grammar,
@@ -31,9 +29,9 @@ from models.grammar import (
     tool_call_grammar,
 )
 from models.loaded import LoadedModel
-from models.runtime import load
 from models.tokenizer import GGUFTokenizer
 from models.transformer import Step
+from tests.conftest import real_model
 
 SMOLLM2, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
 
@@ -308,20 +306,9 @@ def test_bad_tool_calls_name_the_field(tiny: LoadedModel, tools: list, choice: o
 # --- the real models, greedy ------------------------------------------------------------------
 
 
-@cache
-def _source(name: str) -> LoadedModel:
-    return load(name, quant="source")
-
-
 def source_model(name: str) -> LoadedModel:
-    """The zoo model as served (its GGUF's precision); skipped when not pulled (conftest's rule)."""
-    try:
-        return _source(name)
-    except ModelNotPulled as exc:
-        if os.environ.get("TANDEM_REQUIRE_MODELS") == "1":
-            raise
-        pytest.skip(f"{exc} (make test pulls it)")
-        raise  # unreachable: skip raises
+    """The zoo model as served (its GGUF's precision): conftest's real_model at "source"."""
+    return real_model(name, "source")
 
 
 def prompt_ids(lm: LoadedModel, question: str) -> list[int]:

@@ -9,7 +9,6 @@ TANDEM_REQUIRE_MODELS=1, as tests/conftest.py:real_model does).
 from __future__ import annotations
 
 import copy
-import os
 import threading
 from functools import cache
 from pathlib import Path
@@ -25,7 +24,7 @@ from device_profiles import ProfileError, load_profile, profile_from_dict
 from models import zoo
 from models.bundle import save_bundle
 from models.corpus import documents
-from models.errors import InvalidRequest, ModelNotPulled
+from models.errors import InvalidRequest
 from models.eval import agreement, windows
 from models.fast_decode import CpuDecoder
 from models.gguf_loader import parameter_name
@@ -40,20 +39,9 @@ from tests.conftest import real_model
 SMOLLM2, GEMMA = "smollm2-135m-instruct", "gemma3-270m"
 
 
-@cache
-def _source(name: str) -> LoadedModel:
-    return load(name, quant="source")
-
-
 def source_model(name: str) -> LoadedModel:
-    """The zoo model served at its source precision; skipped when not pulled (conftest's rule)."""
-    try:
-        return _source(name)
-    except ModelNotPulled as exc:
-        if os.environ.get("TANDEM_REQUIRE_MODELS") == "1":
-            raise
-        pytest.skip(f"{exc} (make test pulls it)")
-        raise  # unreachable: skip raises
+    """The zoo model as served (its GGUF's precision): conftest's real_model at "source"."""
+    return real_model(name, "source")
 
 
 @cache
