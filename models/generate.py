@@ -190,7 +190,7 @@ class Generator:
         budget = min(params.max_tokens, self.model.cfg.context_length - len(ids))
         grammar = self._grammar(params)
         scored = self.score(ids, params.prompt_logprobs) if params.prompt_logprobs is not None else ()
-        generators, _, eos = self._decoding(params, [continuation])
+        generators, eos = self._decoding(params, [continuation])
         try:
             for choice in range(params.n):  # the engine keeps one state a request: each choice prefills
                 detok = _Detokenizer(self.tokenizer, params.stop, continuation)
@@ -256,7 +256,7 @@ class Generator:
         pad = torch.tensor([longest - len(ids) for ids in encoded], dtype=torch.long)
         tokens = torch.tensor([[0] * (longest - len(ids)) + ids for ids in encoded], dtype=torch.long)
         grammar = self._grammar(params)
-        generators, _, eos = self._decoding(params, primed)
+        generators, eos = self._decoding(params, primed)
 
         h = self.model.forward_layers(self.model.embed(tokens), Step.at(0, longest, batch, pad))
         scored: list[tuple[TokenLogprob | None, ...]] = [()] * batch
@@ -327,13 +327,13 @@ class Generator:
 
     def _decoding(
         self, params: SamplingParams, primed: list[Continuation | None]
-    ) -> tuple[list[torch.Generator] | None, list[_Detokenizer], set[int]]:
-        """Per row: the seeded sampler (None: unseeded or greedy) and the detokenizer; the eos ids."""
+    ) -> tuple[list[torch.Generator] | None, set[int]]:
+        """Per row, the seeded sampler (None: unseeded or greedy; n choices of a row draw from it in
+        turn); the eos ids. Each choice takes its own detokenizer."""
         generators = None
         if not params.greedy and params.seed is not None:
             generators = [torch.Generator().manual_seed(params.seed) for _ in primed]
-        detok = [_Detokenizer(self.tokenizer, params.stop, c) for c in primed]
-        return generators, detok, set() if params.ignore_eos else set(self.tokenizer.info.eos_ids)
+        return generators, set() if params.ignore_eos else set(self.tokenizer.info.eos_ids)
 
     @staticmethod
     def _event(row: int, tok: int, detok: _Detokenizer, eos: set[int], last: bool) -> TokenEvent:

@@ -1,0 +1,87 @@
+"""The OpenAI-compatible API's request bodies (pydantic, unknown fields refused): chat and
+completions with their budget extension, logprobs, n, response formats and tools."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.sampling import MAX_CHOICES, MAX_LOGPROBS
+
+MAX_COMPLETION_LOGPROBS = 5
+"""OpenAI's limit on /v1/completions' logprobs."""
+MAX_PROMPTS = 64
+"""Prompts one /v1/completions request may batch."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetBody(_Strict):
+    ttft_ms: float = Field(0.0, ge=0)
+    tpot_ms: float = Field(0.0, ge=0)
+    energy_j: float = Field(0.0, ge=0)
+    best_effort: bool = False
+
+
+class TandemExtension(_Strict):
+    budget: BudgetBody = BudgetBody()
+    device: str = Field("", max_length=128)
+    """Pin the request to one device id ("cloud": the hub's own model); empty: the hub chooses."""
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _Common(_Strict):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # the wire's int64, as gRPC callers have it
+    stream: bool = False
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # the hub's own limit (Limits.max_n) is checked as it validates
+    user: str | None = None
+    tandem: TandemExtension = TandemExtension()
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    return_tokens_as_token_ids: bool = False
+    """vLLM's extension: logprobs name tokens "token_id:N" (exact where a token is part of a character)."""
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+
+
+class CompletionRequest(_Common):
+    # text, token ids (as vLLM and llama.cpp accept), or a batch of either: one choice (n) each
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
