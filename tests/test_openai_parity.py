@@ -204,6 +204,8 @@ async def test_bad_inputs_name_their_field(tmp_path: Path, model: str) -> None:
             assert field in str(info.value), (kw, str(info.value))
         with pytest.raises(openai.BadRequestError, match=r"tools: model .* no tool support"):
             await asyncio.to_thread(chat, tools=[{"type": "function", "function": {"name": "f"}}])
+        with pytest.raises(openai.BadRequestError, match=r"prompt: 65 prompts in one request; at most 64"):
+            await asyncio.to_thread(client.completions.create, model=model, prompt=["x"] * 65, max_tokens=1)
         with pytest.raises(openai.BadRequestError, match="logprobs"):
             await asyncio.to_thread(client.completions.create, model=model, prompt="the cat", max_tokens=2, logprobs=6)
 
@@ -225,6 +227,16 @@ async def test_upstream_passes_logprobs_through_and_refuses_without_them(tmp_pat
             assert b.choices[0].logprobs.token_logprobs == pytest.approx(a.choices[0].logprobs.token_logprobs, abs=1e-6)
             with pytest.raises(openai.BadRequestError, match=r"n: .*upstream"):
                 await asyncio.to_thread(via.completions.create, model=model, prompt="x", max_tokens=2, n=2)
+            with pytest.raises(openai.BadRequestError, match=r"echo: .*upstream"):
+                await asyncio.to_thread(via.completions.create, **{**ask, "echo": True})
+            with pytest.raises(openai.BadRequestError, match=r"response_format: .*upstream"):
+                await asyncio.to_thread(
+                    via.completions.create, **ask, extra_body={"response_format": {"type": "json_object"}}
+                )
+            with pytest.raises(openai.BadRequestError, match=r"top_logprobs: .*at most 5"):
+                await asyncio.to_thread(
+                    via.chat.completions.create, model=model, messages=CHAT, max_tokens=2, logprobs=True, top_logprobs=6
+                )
 
     silent = _SilentUpstream()  # a server that streams text and never logprobs (as TGI's legacy API)
     try:
