@@ -72,6 +72,10 @@ class BudgetUnsatisfiable(HubError):
     def __init__(self, message: str, binding: str) -> None:
         super().__init__(message)
         self.binding = binding
+        self.considered: tuple = ()
+        """What the router weighed (cloud_hub.router.Scored each), for the hub's journal."""
+        self.quantile = 0.0
+        """The admission quantile it weighed them at (0: the mean prediction)."""
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (*super().metadata(), ("x-tandem-binding", self.binding))

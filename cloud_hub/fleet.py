@@ -75,6 +75,8 @@ class Telemetry:
     power_w: float = 0.0
     temperature_c: float | None = None
     queue_depth: int = 0
+    power_sensor: str = ""
+    """The sensor its power_w was read from ("": estimated from its profile)."""
     at: float = 0.0
 
 
@@ -251,4 +253,6 @@ class Fleet:
         for key in ("load", "memory_mb", "power_w", "temperature_c", "queue_depth"):
             if key in data and (data[key] is None or isinstance(data[key], (int, float))):
                 setattr(t, key, data[key])
+        sensor = data.get("power_sensor", "")
+        t.power_sensor = sensor[:64] if isinstance(sensor, str) else ""
         t.at = time.time()

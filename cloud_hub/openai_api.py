@@ -4,6 +4,7 @@
     /v1/completions        plain prompt
     /v1/models             models served now (the cloud's and every online device's)
     /v1/embeddings, /tokenize, /detokenize, /tokenizer_info   (cloud_hub.openai_extras)
+    /ui                    the fleet page (cloud_hub.ui): devices, recent requests, the router's decisions
 
 Beyond plain chat: logprobs and top_logprobs (chat), logprobs with echo (completions, scoring the
 prompt), n choices, usage in the stream (`stream_options.include_usage`), batched completion
@@ -159,8 +160,13 @@ def _field(loc: tuple) -> str:
     return out
 
 
-def create_app(registry: Registry, service: HubService, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(
+    registry: Registry, service: HubService, max_body_bytes: int = 1 << 20, ui: bool = True, hub_address: str = ""
+) -> FastAPI:
+    """The hub's HTTP app; with `ui`, the fleet page too (cloud_hub.ui, kept in app.state.ui), whose
+    enrollment tokens name `hub_address` (the gRPC address agents dial)."""
     app = FastAPI(title="Tandem hub", docs_url=None, redoc_url=None)
+    app.state.ui = None
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -249,6 +255,10 @@ def create_app(registry: Registry, service: HubService, max_body_bytes: int = 1 
         return await _answer(service, body, chat=False)
 
     add_routes(app, service, authorize)  # /v1/embeddings, /tokenize, /detokenize, /tokenizer_info
+    if ui:
+        from cloud_hub.ui import add_ui
+
+        app.state.ui = add_ui(app, registry, service, hub_address)
     return app
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cloud_hub import auth
-from cloud_hub.errors import InvalidRequest, Unauthenticated
+from cloud_hub.errors import InvalidRequest, NotFound, Unauthenticated
 from cloud_hub.fleet import Fleet
 from cloud_hub.store import DeviceRecord, SecretStore, SQLStore
 from device_profiles import ProfileError, load_profile
@@ -33,6 +33,8 @@ class MqttAccess:
     port: int
     add_user: Callable[[str, str], None] | None = field(repr=False, default=None)
     """Registers (username, password) with the broker; None for an external broker."""
+    remove_user: Callable[[str], object] | None = field(repr=False, default=None)
+    """Removes a username from the broker (closing its session); None for an external broker."""
 
 
 def create_token(store: SecretStore, ttl_s: float) -> str:
@@ -88,6 +90,16 @@ class Registry:
             raise Unauthenticated("invalid API key")
         self._api_keys.add(lookup)
 
+    def known_api_key(self, lookup: str) -> bool:
+        """Whether an API key's lookup digest (auth.lookup_key) is one of this hub's (the fleet page
+        keeps only the digest of the key it logged in with)."""
+        if lookup in self._api_keys:
+            return True
+        if not lookup or not self.store.has_api_key(lookup):
+            return False
+        self._api_keys.add(lookup)
+        return True
+
     # -- devices ---------------------------------------------------------------------------------
 
     def enroll(
@@ -140,6 +152,18 @@ class Registry:
             self.fleet.detach(session)
         self.store.remove_device(record.device_id)
 
+    def revoke(self, device_id: str) -> None:
+        """An operator's revocation: the device's work channel ends, its credential and broker login are
+        gone, so it can neither reconnect nor publish. Raises NotFound for an unknown device. Blocks
+        while the managed broker reloads its users (call it off the event loop)."""
+        record = self.store.get_device(device_id)
+        if record is None:
+            raise NotFound(f"device {device_id!r} is not registered")
+        self.deregister(record)
+        if self.mqtt is not None and self.mqtt.remove_user is not None:
+            self.mqtt.remove_user(device_id)
+        log.info("revoked %s (%s)", device_id, record.name)
+
     def devices(self) -> list[pb.Device]:
         out = []
         for r in self.store.list_devices():
@@ -169,6 +193,7 @@ def _model_dict(m: pb.ModelInfo) -> dict:
         "arch": m.arch,
         "n_layers": m.n_layers,
         "quant": m.quant,
+        "engine": m.engine,
         "weight_bytes": m.weight_bytes,
         "config_json": m.config_json,
     }

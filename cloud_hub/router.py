@@ -25,7 +25,7 @@ from partitioner import predict as calibrated
 from partitioner.cost import Estimate, ModelCost, predict
 from tandem.types import Budget  # the SDK's own value: what the caller states is what the router reads
 
-__all__ = ["Budget", "BudgetRouter", "Candidate", "Choice", "Router", "queued_estimate"]
+__all__ = ["Budget", "BudgetRouter", "Candidate", "Choice", "Router", "Scored", "queued_estimate"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,12 @@ class Choice:
     estimate itself)."""
     quantile: float = 0.0
     """The quantile of measured/predicted ratios admission used (0: none, the mean prediction)."""
+    considered: tuple[Scored, ...] = ()
+    """Every candidate the router weighed, for the fleet page's account of the decision."""
+
+
+Scored = tuple[Candidate, Estimate, Estimate, dict[str, float]]
+"""(candidate, mean estimate, admitted estimate, constraint -> ratio to its limit) as the router weighed it."""
 
 
 class Router(ABC):
@@ -137,7 +143,7 @@ class BudgetRouter(Router):
         # like devices needs one prediction, not one per device (the cost model is most of routing's
         # time). Keyed by identity, which is stable while `candidates` holds them; equal copies miss.
         memo: dict[tuple[int, int, int, str, int, bool, int], tuple] = {}
-        scored = []
+        scored: list[Scored] = []
         best = None  # (rank, candidate, estimate, admitted) of the best that fits; the first of equals wins
         steps = max_tokens - 1
         for c in candidates:
@@ -164,22 +170,25 @@ class BudgetRouter(Router):
             if fits and (best is None or rank < best[0]):
                 best = (rank, c, est, adm)
         if best is not None:
-            return self._choice(best[1], best[2], best[3], True)
+            return self._choice(best[1], best[2], best[3], True, scored)
         c, est, adm, v = min(scored, key=lambda s: max(s[3].values()))
         binding = max(v, key=v.get)
         if budget.best_effort:
-            return self._choice(c, est, adm, False)
+            return self._choice(c, est, adm, False, scored)
         value = {"ttft_ms": adm.ttft_ms, "tpot_ms": adm.tpot_ms, "energy_j": adm.edge_energy_j}[binding]
         limit = {"ttft_ms": budget.ttft_ms, "tpot_ms": budget.tpot_ms, "energy_j": budget.energy_j}[binding]
         where = c.device_id or "the cloud"
         how = f"at the {self.quantile:g} quantile of its measured/predicted ratios " if c.tracker is not None else ""
-        raise BudgetUnsatisfiable(
+        exc = BudgetUnsatisfiable(
             f"no placement meets the budget: binding constraint {binding} — the closest placement ({c.model} on "
             f"{where}, {c.profile.name}) predicts {binding} = {value:.1f} {how}against a budget of {limit:.1f}",
             binding=binding,
         )
+        exc.considered = tuple(scored)  # the hub's journal shows what ruled each one out
+        exc.quantile = self.quantile if any(s[0].tracker is not None for s in scored) else 0.0
+        raise exc
 
-    def _choice(self, c: Candidate, est: Estimate, adm: Estimate, fits: bool) -> Choice:
+    def _choice(self, c: Candidate, est: Estimate, adm: Estimate, fits: bool, scored: list[Scored]) -> Choice:
         if c.tracker is None:
-            return Choice(c, est, fits)
-        return Choice(c, est, fits, adm, self.quantile)
+            return Choice(c, est, fits, considered=tuple(scored))
+        return Choice(c, est, fits, adm, self.quantile, tuple(scored))

@@ -76,6 +76,8 @@ class HubConfig:
     """host:port of the OpenAI-compatible HTTP API and /metrics; None = no HTTP server."""
     max_body_bytes: int = 1 << 20
     """Largest HTTP request body; larger ones get 413."""
+    ui: bool = True
+    """Serve the fleet page (cloud_hub.ui) under /ui on the HTTP server."""
     tls_dir: Path | None = None
     """Serve gRPC over TLS with hub.pem / hub.key from this directory (`tandem hub init`)."""
     cloud_quant: str = "source"
@@ -177,7 +179,7 @@ class Hub:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, int(port)))
         self.http_port = sock.getsockname()[1]
-        app = create_app(self.registry, self.service, self.config.max_body_bytes)
+        app = create_app(self.registry, self.service, self.config.max_body_bytes, self.config.ui, self.address)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
         self._http = uvicorn.Server(config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]))
@@ -216,7 +218,7 @@ class Hub:
             self.broker = ManagedBroker(BrokerConfig(data_dir=cfg.data_dir / "mqtt"))
             self.broker.start(hold_devices=True)
             self._mqtt_login = (self.broker.hub_username, self.broker.hub_password)
-            return MqttAccess(self.broker.host, self.broker.port, self.broker.add_user)
+            return MqttAccess(self.broker.host, self.broker.port, self.broker.add_user, self.broker.remove_user)
         host, _, port = cfg.mqtt.rpartition(":")
         self._mqtt_login = (cfg.mqtt_username, cfg.mqtt_password)
         return MqttAccess(host, int(port), None)
@@ -249,6 +251,8 @@ class Hub:
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._http is not None:
+            if self._http.config.app.state.ui is not None:
+                self._http.config.app.state.ui.closing.set()  # its event streams end now, not at the grace's end
             self._http.should_exit = True
             await self._http_task
         for session in list(self.fleet.sessions.values()):

@@ -22,6 +22,7 @@ from typing import Any
 from cloud_hub.backends import ServingBackend
 from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, RateLimited, Unavailable
 from cloud_hub.fleet import Fleet
+from cloud_hub.journal import Journal, RequestRecord
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.placements import Placements
 from cloud_hub.prompt import CHAT_TEMPLATE_TOKENS, RequestPrompt
@@ -122,8 +123,11 @@ class HubService:
         cloud: ServingBackend | None,
         limits: Limits = Limits(),
         metrics: HubMetrics | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.fleet, self.placements, self.router, self.cloud = fleet, placements, router, cloud
+        self.journal = journal or Journal()
+        """The recent requests, with the router's decision for each (the fleet page reads it)."""
         self.limits = limits
         self.inflight = 0
         self.metrics = metrics or HubMetrics()
@@ -207,6 +211,8 @@ class HubService:
         template = CHAT_TEMPLATE_TOKENS if chat else 0
         tokens = spec.prompt.routing_tokens + progress.tokens
         choice = self.router.choose(candidates, tokens, remaining, budget, template)
+        if not progress.placements and progress.record is not None:
+            self.journal.routed(progress.record, choice, tokens)
         c, est = choice.candidate, choice.estimate
         adm = choice.admitted or est
         placement = pb.Placement(
@@ -242,7 +248,9 @@ class HubService:
             raise Overloaded(f"the hub is serving {self.inflight} requests, its limit; retry later", retry_after_s=1.0)
         self.inflight += 1
         self.metrics.inflight.inc()
-        progress = _Progress(arrived=spec.arrived or time.perf_counter())
+        p = spec.params
+        rec = self.journal.open(spec.model, spec.prompt.chat, p.max_tokens, p.n, spec.budget, spec.device)
+        progress = _Progress(arrived=spec.arrived or time.perf_counter(), record=rec)
         placement, outcome = "none", "cancelled"
         try:
             async for ev in self._generate(spec, progress):
@@ -252,6 +260,7 @@ class HubService:
                     yield out
                 elif isinstance(ev, Started):
                     placement = ev.placements[-1].kind
+                    self.journal.placed(rec, ev.placements)
                     out = encode(ev)
                     progress.routed()
                     yield out
@@ -262,15 +271,22 @@ class HubService:
                     self.metrics.observe_budget(placement, spec.budget, ev.metrics)
                     progress.handed_off()  # the WorkDone, relayed as this Final
                     ev.metrics.hub_route_ms, ev.metrics.hub_relay_ms = progress.route_s * 1000, progress.relay_s * 1000
+                    self.journal.close(rec, outcome, ev.metrics)
                     yield encode(ev)
         except HubError as exc:
             outcome = exc.kind
+            considered = getattr(exc, "considered", ())
+            if considered:
+                self.journal.refused(rec, considered, getattr(exc, "quantile", 0.0), spec.prompt.routing_tokens)
+            self.journal.close(rec, outcome, error=str(exc))
             raise
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
             if outcome != "ok":
                 self.metrics.observe_request(placement, outcome)
+                if outcome == "cancelled":
+                    self.journal.close(rec, outcome)
 
     async def _generate(self, spec: GenerateSpec, progress: _Progress) -> AsyncIterator[Event]:
         """Route and run one request, yielding Started, Chunks and Final (its metrics' hub times left
@@ -412,6 +428,8 @@ class _Progress:
     queue_ms: float = 0.0
     energy_measured: bool = False
     arrived: float = field(default_factory=time.perf_counter)
+    record: RequestRecord | None = None
+    """Its entry in the hub's journal."""
     route_s: float = 0.0
     """Hub time routing and dispatching, over all placements (see HubService.generate)."""
     relay_s: float = 0.0

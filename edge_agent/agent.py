@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from edge_agent.power import EnergyMeter, PowerSensor, SensorError
+from edge_agent.power import EnergyMeter, PowerGauge, PowerSensor, SensorError
 from edge_agent.spool import Spool
 from edge_agent.telemetry import MqttSettings, TelemetryPublisher
 from models.errors import InvalidRequest
@@ -210,12 +210,18 @@ class Agent:
         if self.creds is None or self.creds.mqtt is None or self.telemetry is not None:
             return
 
+        sensor = self.config.power_sensor
+        gauge = PowerGauge(sensor) if sensor is not None else None
+
         def sample() -> dict:
             busy = self.pending > 0
+            watts = gauge.read() if gauge is not None else None
             return {
                 "load": min(1.0, self.pending),
                 "queue_depth": max(0, self.pending - 1),
-                "power_w": self.config.power_active_w if busy else 0.0,
+                # a sensor's reading where there is one; else the profile's active power while busy
+                "power_w": watts if watts is not None else (self.config.power_active_w if busy else 0.0),
+                "power_sensor": sensor.name if watts is not None else "",
             }
 
         spool = Spool(self.config.state_dir / "telemetry-spool.db", self.config.spool_max_records)

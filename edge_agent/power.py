@@ -501,3 +501,27 @@ class EnergyMeter:
 def trapezoid(samples: Sequence[tuple[float, float]]) -> float:
     """Integral (J) of (time s, power W) samples, in time order, by the trapezoid rule."""
     return sum((t1 - t0) * (p0 + p1) / 2 for (t0, p0), (t1, p1) in pairwise(samples))
+
+
+class PowerGauge:
+    """Average power since the last reading, for telemetry: a counter sensor's energy difference over
+    the time between two calls, or a power-only sensor's instantaneous reading. None when the sensor
+    cannot be read now, or for a counter's first call (there is no interval yet)."""
+
+    def __init__(self, sensor: PowerSensor, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.sensor, self.clock = sensor, clock
+        self._last: tuple[float, float] | None = None  # (time s, counter J)
+
+    def read(self) -> float | None:
+        try:
+            if not self.sensor.has_counter:
+                return self.sensor.power_w()
+            now, joules = self.clock(), self.sensor.energy_j()
+        except SensorError as exc:
+            log.warning("power sensor %s unreadable for telemetry: %s", self.sensor.name, exc)
+            self._last = None
+            return None
+        last, self._last = self._last, (now, joules)
+        if last is None or now <= last[0] or joules < last[1]:
+            return None
+        return (joules - last[1]) / (now - last[0])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System packages Tandem needs on Debian/Ubuntu: real English text for calibration and evaluation
-# (python3.11-doc), the Mosquitto MQTT broker and PostgreSQL. Installs only what is missing; uses sudo when not root.
+# (python3.11-doc), the Mosquitto MQTT broker, PostgreSQL and Chromium. Installs only what is missing; uses sudo when not root.
 set -euo pipefail
 need=()
 [ -d /usr/share/doc/python3.11/html/_sources ] || need+=(python3.11-doc)
@@ -8,6 +8,9 @@ need=()
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 # PostgreSQL for the multi-replica registry tests (the tests run their own throwaway cluster).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+# Headless Chromium for the fleet page's browser tests (Playwright drives it by executable_path: browsers
+# cannot be downloaded here).
+command -v chromium >/dev/null || need+=(chromium)
 for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then

@@ -37,7 +37,7 @@ def lint(root: Path) -> subprocess.CompletedProcess[str]:
 def test_the_project_keeps_its_contracts(tree: Path) -> None:
     out = lint(tree)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "4 kept, 0 broken" in out.stdout
+    assert "5 kept, 0 broken" in out.stdout
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,14 @@ def test_a_forbidden_import_breaks_its_contract(tree: Path, module: str, source:
     assert out.returncode != 0
     broken = out.stdout.split("Broken contracts", 1)[-1]
     assert contract in broken, out.stdout
+
+
+def test_the_request_path_may_not_import_the_fleet_page(tree: Path) -> None:
+    router = tree / "cloud_hub/router.py"
+    router.write_text(router.read_text() + "\nfrom cloud_hub.ui import views\n")
+    try:
+        out = lint(tree)
+    finally:
+        shutil.copy(ROOT / "cloud_hub/router.py", router)
+    assert out.returncode != 0
+    assert "never imports its fleet page" in out.stdout.split("Broken contracts", 1)[-1], out.stdout

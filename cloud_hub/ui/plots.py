@@ -1,0 +1,79 @@
+"""Small SVG line charts, drawn on the server: no charting library, no script, nothing fetched.
+
+Every label is escaped (device names are the devices' own words). Colours are attributes, not
+inline styles, so the page's Content-Security-Policy can forbid inline styles.
+"""
+
+from __future__ import annotations
+
+import time
+
+from markupsafe import Markup, escape
+
+PALETTE = ("#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
+W, H = 560, 200
+LEFT, RIGHT, TOP, BOTTOM = 56, 12, 28, 46
+
+
+def _ticks(lo: float, hi: float) -> list[float]:
+    return [lo + (hi - lo) * i / 3 for i in range(4)]
+
+
+def _num(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 10 or v == 0 else f"{v:.2g}"
+
+
+def line_chart(title: str, unit: str, data: dict[str, list[tuple[float, float]]], zero_line: bool = False) -> Markup:
+    """One chart: a line per series (label -> [(unix time, value)], oldest first), time across."""
+    head = (
+        f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}" '
+        f'xmlns="http://www.w3.org/2000/svg"><text x="{LEFT}" y="16" font-size="13" font-weight="600" '
+        f'fill="#111827">{escape(title)} ({escape(unit)})</text>'
+    )
+    points = [p for pts in data.values() for p in pts]
+    if not points:
+        return Markup(
+            head + f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle" fill="#6b7280" '
+            'font-size="12">no requests yet</text></svg>'
+        )
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(0.0, min(p[1] for p in points)), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 * 1.1 if y1 > y0 else y0 + 1)
+    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
+
+    def sx(x: float) -> float:
+        return LEFT + (x - x0) / (x1 - x0) * pw
+
+    def sy(y: float) -> float:
+        return TOP + ph - (y - y0) / (y1 - y0) * ph
+
+    out = [head]
+    for v in _ticks(y0, y1):
+        y = sy(v)
+        out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>')
+        out.append(
+            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#374151">{_num(v)}</text>'
+        )
+    if zero_line and y0 < 0:
+        out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{sy(0):.1f}" y2="{sy(0):.1f}" stroke="#9ca3af"/>')
+    for v, anchor in ((x0, "start"), (x1, "end")):
+        out.append(
+            f'<text x="{sx(v):.1f}" y="{TOP + ph + 16}" text-anchor="{anchor}" font-size="11" '
+            f'fill="#374151">{time.strftime("%H:%M:%S", time.localtime(v))}</text>'
+        )
+    legend_x = LEFT
+    for i, (label, pts) in enumerate(sorted(data.items())):
+        colour = PALETTE[i % len(PALETTE)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2.2" fill="{colour}"/>' for x, y in pts[-60:]]
+        text = label if len(label) <= 24 else label[:23] + "…"
+        out.append(
+            f'<rect x="{legend_x}" y="{H - 16}" width="10" height="10" fill="{colour}"/>'
+            f'<text x="{legend_x + 14}" y="{H - 7}" font-size="11" fill="#111827">{escape(text)}</text>'
+        )
+        legend_x += 24 + 7 * len(text)
+        if legend_x > W - 60:
+            break
+    out.append("</svg>")
+    return Markup("".join(out))
