@@ -35,6 +35,7 @@ def _hub_config(args: argparse.Namespace) -> HubConfig:
         cloud_upstream_model=args.upstream_model,
         cloud_upstream_prompt=args.upstream_prompt,
         http_listen=args.http_listen,
+        ui=not args.no_ui,
         tls_dir=(data_dir(args.data_dir, "hub") / "tls") if args.tls else None,
         data_dir=data_dir(args.data_dir, "hub"),
         listen=args.listen,
@@ -167,7 +168,8 @@ def _register_up(hub: argparse._SubParsersAction) -> None:
     p.add_argument("--mqtt", default="managed", help="managed | none | host:port of an external broker")
     p.add_argument("--api-key-file", help="write a fresh API key here (0600) at start-up")
     p.add_argument("--registry", default="sqlite", help="sqlite | sqlite:///path | postgresql://… (replicas)")
-    p.add_argument("--http-listen", help="host:port for the OpenAI-compatible API and /metrics")
+    p.add_argument("--http-listen", help="host:port for the OpenAI-compatible API, /metrics and the fleet page (/ui)")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the fleet page under /ui")
     p.add_argument("--tls", action="store_true", help="serve gRPC over TLS with the certificate from `hub init`")
     p.add_argument(
         "--max-inflight",

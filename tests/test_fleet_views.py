@@ -164,3 +164,20 @@ def test_power_gauge_turns_a_counter_into_watts() -> None:
     assert gauge.read() == pytest.approx(3.0)  # 12 J over 4 s
     assert gauge.read() is None  # the counter went backwards (a reset): no figure rather than a wrong one
     assert gauge.read() is None  # unreadable: None, logged
+
+
+def test_series_group_served_requests_by_device_and_kind() -> None:
+    j = Journal()
+    edge = pb.Placement(kind="edge", device_id="dev-a", predicted_ttft_ms=50.0)
+    cloud = pb.Placement(kind="cloud", predicted_ttft_ms=20.0)
+    for placements, ttft in (((edge,), 60.0), ((cloud,), 10.0), ((edge, cloud), 90.0)):
+        rec = _open(j)
+        j.placed(rec, placements)
+        j.close(rec, "ok", pb.Metrics(ttft_ms=ttft, energy_j=1.0))
+    j.close(_open(j), "unavailable", error="gone")  # not served: in no plot
+    data = views.series(list(j.records), {"dev-a": "alpha"})
+    assert [v for _, v in data["ttft"]["alpha"]] == [60.0]
+    assert [v for _, v in data["ttft"]["cloud"]] == [10.0, 90.0]  # a failover counts where it ended
+    assert [v for _, v in data["ttft_kind"]["cloud"]] == [10.0, 90.0]
+    assert data["error"]["alpha"][0][1] == pytest.approx(20.0) and data["error"]["cloud"][0][1] == pytest.approx(-50.0)
+    assert len(data["error"]["cloud"]) == 1  # the failover's prediction was of another placement

@@ -108,9 +108,11 @@ class FleetPage:
         if include_plots:
             data = views.series(records, names)
             charts = [
-                plots.line_chart("Time to first token, by placement", "ms", data["ttft"]),
-                plots.line_chart("Energy per request, by placement kind", "J", data["energy"]),
-                plots.line_chart("TTFT prediction error, by placement", "% of predicted", data["error"], True),
+                plots.line_chart("Time to first token, by device", "ms", data["ttft"]),
+                plots.line_chart("Time to first token, by placement kind", "ms", data["ttft_kind"]),
+                plots.line_chart("TTFT prediction error, by device", "% of predicted", data["error"], True),
+                plots.line_chart("Energy per request, by device", "J", data["energy"]),
+                plots.line_chart("Energy per request, by placement kind", "J", data["energy_kind"]),
             ]
             out["plots"] = self.render("_plots.html", plots=charts)
         return out

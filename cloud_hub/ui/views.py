@@ -244,18 +244,21 @@ def decision_rows(rec: RequestRecord, names: dict[str, str]) -> list[CandidateRo
 
 
 def series(records: list[RequestRecord], names: dict[str, str]) -> dict[str, dict[str, list[tuple[float, float]]]]:
-    """Points (end time, value) for the page's plots, oldest first, from the served requests:
-    measured TTFT by placement, energy by placement kind, and TTFT prediction error by placement."""
-    ttft: dict[str, list[tuple[float, float]]] = {}
-    energy: dict[str, list[tuple[float, float]]] = {}
-    error: dict[str, list[tuple[float, float]]] = {}
+    """Points (end time, value) for the page's plots, oldest first, from the served requests: measured
+    TTFT and energy by placement (the device, or "cloud") and by placement kind, and the TTFT
+    prediction error by placement (requests that ran on one placement only)."""
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {
+        k: {} for k in ("ttft", "ttft_kind", "energy", "energy_kind", "error")
+    }
     for r in sorted(records, key=lambda r: r.ended):
         if r.outcome != "ok" or r.metrics is None or not r.placements:
             continue
-        p = r.placements[-1]
+        p, m = r.placements[-1], r.metrics
         where = names.get(p.device_id, p.device_id) if p.device_id else "cloud"
-        ttft.setdefault(where, []).append((r.ended, r.metrics.ttft_ms))
-        energy.setdefault(p.kind, []).append((r.ended, r.metrics.energy_j))
+        out["ttft"].setdefault(where, []).append((r.ended, m.ttft_ms))
+        out["ttft_kind"].setdefault(p.kind, []).append((r.ended, m.ttft_ms))
+        out["energy"].setdefault(where, []).append((r.ended, m.energy_j))
+        out["energy_kind"].setdefault(p.kind, []).append((r.ended, m.energy_j))
         if len(r.placements) == 1 and p.predicted_ttft_ms > 0:
-            error.setdefault(where, []).append((r.ended, 100 * (r.metrics.ttft_ms / p.predicted_ttft_ms - 1)))
-    return {"ttft": ttft, "energy": energy, "error": error}
+            out["error"].setdefault(where, []).append((r.ended, 100 * (m.ttft_ms / p.predicted_ttft_ms - 1)))
+    return out
