@@ -18,13 +18,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 
@@ -47,9 +48,11 @@ __all__ = [
 BACKENDS = frozenset({"torch", "onnxruntime", "tensorrt", "cuda"})
 """Inference backends a profile may list."""
 
+_T = TypeVar("_T")
+
 
 class ProfileError(ValueError):
-    """A device profile is missing, unreadable, or breaks the schema; the message names file and field."""
+    """A device or link profile is missing, unreadable, or breaks the schema; the message names file and field."""
 
 
 def _require(obj: object, bound: str, *names: str) -> None:
@@ -166,6 +169,11 @@ class DeviceProfile:
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check `value` against annotation `tp` and convert it (lists to tuples, ints to floats)."""
     origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union) and type(None) in typing.get_args(tp):
+        if value is None:  # `X | None`: YAML's null (or `~`) is the explicit "not known"
+            return None
+        (inner,) = (a for a in typing.get_args(tp) if a is not type(None))
+        return _convert(value, inner, where)
     if is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ProfileError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -223,13 +231,34 @@ def profile_from_dict(data: Mapping[str, Any]) -> DeviceProfile:
 # -- files ----------------------------------------------------------------------------------------------
 
 
-def _shipped() -> dict[str, Traversable]:
-    """Shipped profile files by name."""
+def _shipped(folder: str = "") -> dict[str, Traversable]:
+    """Shipped profile files by name: device profiles, or those in the package's subfolder `folder`."""
     root = resources.files(__name__)
+    if folder:
+        root = root.joinpath(folder)
     return {p.name.removesuffix(".yaml"): p for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
-def _parse(text: str, source: str) -> DeviceProfile:
+def _path_of(name_or_path: str | os.PathLike[str]) -> Path | None:
+    """The argument as a file path, or None when it names a shipped profile: an existing file, a name ending
+    in `.yaml`/`.yml`, or one containing a path separator is a path."""
+    arg = os.fspath(name_or_path)
+    path = Path(arg)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or os.sep in arg or "/" in arg:
+        return path
+    return None
+
+
+def _read(path: Path, what: str) -> str:
+    """The text of `path`; ProfileError naming the file (and `what` it should hold) if it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+
+
+def _parse(text: str, source: str, build: Callable[[Mapping[str, Any]], _T]) -> _T:
+    """Parse YAML `text` into what `build` makes of its mapping; errors are prefixed with `source`."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -237,7 +266,7 @@ def _parse(text: str, source: str) -> DeviceProfile:
     if not isinstance(data, Mapping):
         raise ProfileError(f"{source}: expected a mapping of profile fields, got {type(data).__name__}")
     try:
-        return profile_from_dict(data)
+        return build(data)
     except ProfileError as exc:
         raise ProfileError(f"{source}: {exc}") from None
 
@@ -249,15 +278,10 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> DeviceProfile:
     a path; anything else is a shipped profile name. Raises ProfileError for an unknown name, a file that
     cannot be read, or contents that break the schema; the message names the file and the field.
     """
-    arg = os.fspath(name_or_path)
-    path = Path(arg)
-    if path.is_file() or path.suffix in (".yaml", ".yml") or os.sep in arg or "/" in arg:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ProfileError(f"{path}: cannot read device profile: {exc.strerror or exc}") from None
-        return _parse(text, str(path))
-    return _load_shipped(arg)
+    path = _path_of(name_or_path)
+    if path is not None:
+        return _parse(_read(path, "device profile"), str(path), profile_from_dict)
+    return _load_shipped(os.fspath(name_or_path))
 
 
 @functools.lru_cache(maxsize=64)
@@ -267,7 +291,7 @@ def _load_shipped(name: str) -> DeviceProfile:
     shipped = _shipped()
     if name not in shipped:
         raise ProfileError(f"unknown device profile {name!r}; shipped profiles: {', '.join(sorted(shipped))}")
-    return _parse(shipped[name].read_text(encoding="utf-8"), f"device_profiles/{name}.yaml")
+    return _parse(shipped[name].read_text(encoding="utf-8"), f"device_profiles/{name}.yaml", profile_from_dict)
 
 
 def list_profiles() -> list[str]:

@@ -10,13 +10,18 @@ import yaml
 from device_profiles import DeviceProfile, Efficiency, ProfileError, all_profiles, list_profiles, load_profile
 
 SHIPPED = [
+    "cloud-a100-80gb",
     "cloud-cpu-2core",
     "cloud-h100",
+    "cloud-l4",
     "cpu-2core",
     "jetson-agx-orin",
     "jetson-orin-nano",
+    "jetson-orin-nx-16gb",
     "raspberry-pi-5",
+    "rtx-3060",
     "rtx-4090-desktop",
+    "x86-laptop-cpu",
 ]
 
 
