@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from models.generate import Continuation, Prompt, plain
+from models.generate import Continuation, Prompt, StepEngine, plain
 from models.sampling import SamplingParams
 from models.serving import ServedModel
 from models.streaming import iterate_in_thread
@@ -80,10 +80,18 @@ class LocalModelBackend(ServingBackend):
         return self.served.encode(prompt, tools)
 
     async def stream(
-        self, ids: list[int], params: SamplingParams, continuation: Continuation | None = None
+        self,
+        ids: list[int],
+        params: SamplingParams,
+        continuation: Continuation | None = None,
+        engine: StepEngine | None = None,
     ) -> AsyncIterator[Piece]:
+        """Pieces for prompt ids; `engine` computes them instead of this model (a split request's
+        cloud_hub.split.SplitEngine, which runs this model's share of the layers): the sampling,
+        stop strings and detokenizing are this model's either way."""
         cancel = threading.Event()
-        async for ev in iterate_in_thread(lambda: self.served.stream(ids, params, cancel, continuation), cancel):
+        run = lambda: self.served.stream(ids, params, cancel, continuation, engine)  # noqa: E731
+        async for ev in iterate_in_thread(run, cancel):
             if ev.logprob is None and not ev.prompt and not ev.row:
                 yield Piece(ev.text, (ev.token_id,), ev.finish_reason)
                 continue

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from cloud_hub.router import Candidate
 
 _CLOSED = object()  # sentinel in a work queue: the session ended
-_REPLIES = frozenset(("tokens", "done", "error"))
+_REPLIES = frozenset(("tokens", "done", "error", "hidden"))
 
 
 class WorkQueue:
@@ -115,7 +115,8 @@ class AgentSession:
 
     def run(self, work: pb.Work) -> AsyncIterator[tuple[float, pb.TokenChunk | pb.WorkDone]]:
         """Send `work` down now, or hold it until the agent has a free slot; the iterator returned
-        yields (arrival time, message): the agent's TokenChunks, then its WorkDone. Iterate it at once:
+        yields (arrival time, message): the agent's TokenChunks (a split stage's HiddenStates), then
+        its WorkDone. Iterate it at once:
         closing it early cancels the work (a held one is never sent).
 
         Raises Unavailable if the session has ended; the iterator raises Unavailable if it ends
@@ -188,8 +189,15 @@ class AgentSession:
         queue = self.works.get(item.work_id)
         if queue is not None:  # replies to cancelled work are dropped
             queue.put((received, item))
-        if kind != "tokens" and item.work_id in self.running:  # the agent is done with it: a slot is free
+        if kind in ("done", "error") and item.work_id in self.running:  # the agent is done with it: a slot is free
             self._free(item.work_id)
+
+    def send_input(self, stage: pb.StageInput) -> None:
+        """The next input of a split stage this session runs (cloud_hub.split); its reply comes as the
+        work's next item."""
+        if self.closed:
+            raise Unavailable(f"device {self.device_id} disconnected")
+        self.outbox.put_nowait(pb.HubMessage(stage=stage))
 
     def close(self) -> None:
         """End the session: pending works (held ones too) fail with Unavailable, the stream's writer stops."""

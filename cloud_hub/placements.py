@@ -28,7 +28,7 @@ from cloud_hub.backends import ServingBackend
 from cloud_hub.calibrations import Calibrations
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.registry import model_config
-from cloud_hub.router import Candidate
+from cloud_hub.router import Candidate, SplitSpec
 from device_profiles import DeviceProfile, load_profile
 from partitioner.cost import ModelCost, served_model_cost
 from tandem.v1 import tandem_pb2 as pb
@@ -36,6 +36,7 @@ from tandem.v1 import tandem_pb2 as pb
 SOURCES: dict[str, str] = {
     "edge": "cloud_hub.placements:EdgeModels",
     "cloud": "cloud_hub.placements:CloudModel",
+    "split": "cloud_hub.placements:SplitPlans",
 }
 """Placement source name -> "module:Class", imported when used."""
 
@@ -153,12 +154,68 @@ class CloudModel(PlacementSource):
         return release
 
 
+class SplitPlans(PlacementSource):
+    """Each online agent serving the hub's own model at the same precision, split with the hub: the
+    agent runs the first layers, the hub the rest (cloud_hub.split). The cut is the partitioner's
+    (router.split_plan), chosen per request. Only a local cloud model can run a layer range."""
+
+    kind = "split"
+
+    def __init__(self, ctx: SourceContext) -> None:
+        self.fleet, self.cloud, self.profile = ctx.fleet, ctx.cloud, ctx.cloud_profile
+        self._offers: dict[int, Candidate] = {}  # by id of the session: rebuilt when it reconnects
+
+    def candidates(self, model: str, chat: bool) -> list[Candidate]:
+        if self.cloud is None or self.profile is None or not hasattr(self.cloud, "served"):
+            return []
+        info = self.cloud.model_info()
+        if (model and model != info.name) or (chat and not info.chat):
+            return []
+        out = []
+        for s in self.fleet.online():
+            if not any(m.name == info.name and m.quant == info.quant for m in s.models):
+                continue
+            c = self._offers.get(id(s))
+            if c is None or c.device_id != s.device_id:
+                profile = _profile(s.record.profile)
+                spec = SplitSpec(((s.device_id, profile),), self.profile)
+                cost = model_cost(info.config_json, info.weight_bytes)
+                c = Candidate("split", s.device_id, profile, info.name, cost, 0, s.record.emulated, None,
+                              info.chat_template_tokens, spec)  # fmt: skip
+                self._offers[id(s)] = c
+            queued = s.inflight // s.max_concurrency
+            out.append(c if c.queued == queued else dataclasses.replace(c, queued=queued))
+        return out
+
+    def models(self) -> list[pb.ModelInfo]:
+        return []  # the cloud's and the agents' own sources list what is served
+
+    def claim(self, candidate: Candidate) -> Release:
+        return claim_split(self.fleet, candidate)
+
+
+def claim_split(fleet: Fleet, candidate: Candidate) -> Release:
+    """A split holds its agents' slots: count it on each agent's session (Placements adds the cloud's)."""
+    sessions = [fleet.sessions.get(d) for d, _ in candidate.split.agents] if candidate.split else []
+    held = [s for s in sessions if s is not None]
+    for s in held:
+        s.inflight += 1
+
+    def release() -> None:
+        for s in held:
+            s.inflight -= 1
+
+    return release
+
+
 class Placements:
     """Every configured source's candidates, and the models served now."""
 
-    def __init__(self, sources: Sequence[PlacementSource]) -> None:
+    def __init__(self, sources: Sequence[PlacementSource], fleet: Fleet | None = None) -> None:
         self.sources = tuple(sources)
         self._by_kind = {s.kind: s for s in self.sources}
+        self.fleet = fleet
+        """For claiming a split the caller pinned when no "split" source is configured."""
 
     def candidates(self, model: str, chat: bool) -> list[Candidate]:
         return [c for s in self.sources for c in s.candidates(model, chat)]
@@ -172,7 +229,23 @@ class Placements:
         return list(seen.values())
 
     def claim(self, candidate: Candidate) -> Release:
-        return self._by_kind[candidate.kind].claim(candidate)
+        source = self._by_kind.get(candidate.kind)
+        if source is not None:
+            release = source.claim(candidate)
+        elif candidate.kind == "split" and self.fleet is not None:
+            release = claim_split(self.fleet, candidate)
+        else:
+            raise KeyError(f"no placement source of kind {candidate.kind!r}")
+        cloud = self._by_kind.get("cloud")
+        if candidate.kind != "split" or cloud is None:
+            return release
+        also = cloud.claim(candidate)  # a split holds the hub's own model too
+
+        def both() -> None:
+            release()
+            also()
+
+        return both
 
 
 def make_sources(names: Sequence[str], ctx: SourceContext) -> list[PlacementSource]:

@@ -15,23 +15,38 @@ names the constraint that rules out the placement closest to fitting.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from cloud_hub.calibrations import Tracker
 from cloud_hub.errors import BudgetUnsatisfiable
-from device_profiles import DeviceProfile
+from device_profiles import DeviceProfile, LinkSpec
 from partitioner import predict as calibrated
 from partitioner.cost import Estimate, ModelCost, predict
+from partitioner.split import Plan, PlanError, evaluate, single_cut
 from tandem.types import Budget  # the SDK's own value: what the caller states is what the router reads
 
 __all__ = ["Budget", "BudgetRouter", "Candidate", "Choice", "Router", "Scored", "queued_estimate"]
 
 
 @dataclass(frozen=True)
+class SplitSpec:
+    """A split placement: agents' stages in pipeline order, then the hub's own model."""
+
+    agents: tuple[tuple[str, DeviceProfile], ...]
+    """(device id, profile) of each agent stage, the first embedding the prompt."""
+    cloud: DeviceProfile
+    """The hub's hardware, which runs the last layers and the head."""
+    cuts: tuple[int, ...] = ()
+    """Pinned boundaries, one per agent (agent i ends at cuts[i]); empty: the partitioner's single cut."""
+
+
+@dataclass(frozen=True)
 class Candidate:
     kind: str
-    """"edge" or "cloud"."""
+    """One of "edge", "cloud" or "split"."""
     device_id: str
     """Empty for the cloud."""
     profile: DeviceProfile
@@ -49,6 +64,8 @@ class Candidate:
     chat_tokens: int = 0
     """Tokens its model's chat template adds (ModelInfo.chat_template_tokens); 0: unknown, the hub's
     default (cloud_hub.prompt.CHAT_TEMPLATE_TOKENS) stands."""
+    split: SplitSpec | None = None
+    """A split placement's stages (kind "split")."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +107,32 @@ def _violations(est: Estimate, budget: Budget) -> dict[str, float]:
     return {name: value / limit for name, (value, limit) in pairs.items() if limit > 0}
 
 
+def _relayed(a: LinkSpec, b: LinkSpec) -> LinkSpec:
+    """Agent a to agent b through the hub (which relays between stages): both round trips, the
+    slower of a's uplink and b's downlink each way."""
+    return LinkSpec(a.rtt_ms + b.rtt_ms, min(a.uplink_mbps, b.downlink_mbps), min(b.uplink_mbps, a.downlink_mbps))
+
+
+@functools.lru_cache(maxsize=1024)
+def split_plan(spec: SplitSpec, cost: ModelCost, prompt_tokens: int, max_tokens: int) -> Plan:
+    """The plan a split candidate runs for this request: its pinned cuts, or the partitioner's
+    interior single cut of least TTFT (partitioner.split). Raises PlanError (binding "memory") when
+    no cut fits, ValueError for pinned cuts that are not a plan."""
+    profiles = [p for _, p in spec.agents]
+    links = [_relayed(a.link, b.link) for a, b in itertools.pairwise(profiles)] + [profiles[-1].link]
+    devices = [*spec.agents, ("cloud", spec.cloud)]
+    if spec.cuts:
+        return evaluate(devices, links, cost, prompt_tokens, max_tokens, spec.cuts)
+    return single_cut(profiles[0], spec.cloud, cost, prompt_tokens, max_tokens, link=links[0], interior=True)
+
+
 def estimate(c: Candidate, prompt_tokens: int, max_tokens: int) -> Estimate:
-    """The mean prediction for `c`, before its queue."""
+    """The mean prediction for `c`, before its queue. Raises PlanError for a split that fits nowhere."""
+    if c.split is not None:
+        plan = split_plan(c.split, c.cost, prompt_tokens, max_tokens)
+        total = plan.ttft_ms + (max_tokens - 1) * plan.tpot_ms
+        return Estimate(plan.ttft_ms, plan.tpot_ms, total, plan.edge_energy_j, plan.edge_energy_j, plan.ttft_ms,
+                        plan.tpot_ms)  # fmt: skip
     t = c.tracker
     if t is None:
         return predict(c.profile, c.cost, prompt_tokens, max_tokens)
@@ -127,6 +168,13 @@ def queued_estimate(est: Estimate, queued: int) -> Estimate:
     return type(est)(**{**est.__dict__, "ttft_ms": est.ttft_ms + wait, "total_ms": est.total_ms + wait})
 
 
+_KIND_RANK = {"edge": 0, "split": 1, "cloud": 2}
+"""The router's first preference: the edge alone, then a split (part of the work in the cloud), then
+the cloud alone (the cloud costs the operator money)."""
+_NOWHERE = Estimate(float("inf"), float("inf"), float("inf"), 0.0, 0.0, 0.0, 0.0)
+"""What a split that fits in no memory is weighed at."""
+
+
 class BudgetRouter(Router):
     def __init__(self, quantile: float = 0.95) -> None:
         if not 0.5 <= quantile < 1:
@@ -142,12 +190,12 @@ class BudgetRouter(Router):
         # Candidates alike in kind, device class, model and queue get the same estimate: a fleet of
         # like devices needs one prediction, not one per device (the cost model is most of routing's
         # time). Keyed by identity, which is stable while `candidates` holds them; equal copies miss.
-        memo: dict[tuple[int, int, int, str, int, bool, int], tuple] = {}
+        memo: dict[tuple, tuple] = {}
         scored: list[Scored] = []
         best = None  # (rank, candidate, estimate, admitted) of the best that fits; the first of equals wins
         steps = max_tokens - 1
         for c in candidates:
-            key = (id(c.profile), id(c.cost), c.queued, c.kind, id(c.tracker), c.emulated, c.chat_tokens)
+            key = (id(c.profile), id(c.cost), c.queued, c.kind, id(c.tracker), c.emulated, c.chat_tokens, id(c.split))
             hit = memo.get(key)
             if hit is None:
                 tokens = (
@@ -155,7 +203,12 @@ class BudgetRouter(Router):
                     if template_tokens and c.chat_tokens
                     else prompt_tokens
                 )
-                alone = estimate(c, max(1, tokens), max_tokens)
+                try:
+                    alone = estimate(c, max(1, tokens), max_tokens)
+                except PlanError as exc:  # a split whose stages hold the model nowhere: ruled out by it
+                    hit = memo[key] = (None, None, {exc.binding: float("inf")}, False, ())
+                    scored.append((c, _NOWHERE, _NOWHERE, hit[2]))
+                    continue
                 est = queued_estimate(alone, c.queued)
                 adm = est
                 if c.tracker is not None:
@@ -163,9 +216,12 @@ class BudgetRouter(Router):
                         admitted_estimate(alone, c.tracker.multipliers(self.quantile), steps), c.queued
                     )
                 v = _violations(adm, budget)
-                rank = (c.kind != "edge", est.edge_energy_j, est.total_ms)
+                rank = (_KIND_RANK.get(c.kind, 2), est.edge_energy_j, est.total_ms)
                 hit = memo[key] = (est, adm, v, all(r <= 1.0 for r in v.values()), rank)
             est, adm, v, fits, rank = hit
+            if est is None:  # a split that fits nowhere, met again in this loop
+                scored.append((c, _NOWHERE, _NOWHERE, v))
+                continue
             scored.append((c, est, adm, v))
             if fits and (best is None or rank < best[0]):
                 best = (rank, c, est, adm)
@@ -175,6 +231,14 @@ class BudgetRouter(Router):
         binding = max(v, key=v.get)
         if budget.best_effort:
             return self._choice(c, est, adm, False, scored)
+        if binding == "memory":
+            exc = BudgetUnsatisfiable(
+                f"no placement fits: binding constraint memory — the closest placement ({c.model} split over "
+                f"{c.device_id} and the cloud) fits in no device's memory",
+                binding=binding,
+            )
+            exc.considered = tuple(scored)
+            raise exc
         value = {"ttft_ms": adm.ttft_ms, "tpot_ms": adm.tpot_ms, "energy_j": adm.edge_energy_j}[binding]
         limit = {"ttft_ms": budget.ttft_ms, "tpot_ms": budget.tpot_ms, "energy_j": budget.energy_j}[binding]
         where = c.device_id or "the cloud"

@@ -86,6 +86,8 @@ class HubConfig:
     calibrate: bool = True
     """Predict from devices' calibrations and admit on quantiles; False: the profiles' roofline alone and
     mean admission (what the hub did before; for comparison)."""
+    split_dtype: str = "float16"
+    """How split stages send hidden states: "float32", "float16" or "int8" (models.stage.DTYPES)."""
     admission_quantile: float = 0.95
     """Admission multiplies each device's prediction by this quantile of its measured/predicted ratios
     (cloud_hub.calibrations); answers report it. In [0.5, 1)."""
@@ -137,7 +139,8 @@ class Hub:
             self.fleet.calibrations.set_calibration("cloud", cloud.model, cal)
         sources = make_sources(cfg.placement_sources, SourceContext(self.fleet, cloud, profile))
         router = BudgetRouter(cfg.admission_quantile)
-        self.service = HubService(self.fleet, Placements(sources), router, cloud, cfg.limits)
+        self.service = HubService(self.fleet, Placements(sources, self.fleet), router, cloud, cfg.limits)
+        self.service.split_dtype = cfg.split_dtype
         if self.ingest is not None:
             self.ingest.on_message_count = self.service.metrics.telemetry_messages.inc
         options = [

@@ -10,6 +10,7 @@ status codes at the server's edge. Enrollment and credentials are `cloud_hub.reg
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -27,10 +28,12 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.placements import Placements
 from cloud_hub.prompt import CHAT_TEMPLATE_TOKENS, RequestPrompt
 from cloud_hub.ratelimit import RateLimiter
-from cloud_hub.router import Budget, Candidate, Router
+from cloud_hub.router import Budget, Candidate, Router, SplitSpec, split_plan
+from cloud_hub.split import SplitEngine
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
 from models.sampling import SamplingParams
+from partitioner.split import Plan
 from tandem.v1 import tandem_pb2 as pb
 from tandem.wire import Logprob, logprob_of, sampling_message, tools_of
 
@@ -67,6 +70,10 @@ class Limits:
         return RateLimiter(self.rate_per_s, self.rate_burst or max(1.0, math.ceil(self.rate_per_s)))
 
 
+SPLIT_PIN = "split:"
+"""GenerateSpec.device naming a split plan: "split:DEVICE:END[,DEVICE:END…]" (HubService._pinned_split)."""
+
+
 @dataclass(frozen=True)
 class GenerateSpec:
     prompt: RequestPrompt
@@ -77,7 +84,8 @@ class GenerateSpec:
     """time.perf_counter() when the request reached the hub (0: when generate() starts); the hub's own
     time counts from here, so that authenticating and parsing the request are in it."""
     device: str = ""
-    """Run only on this device id ("cloud": the hub's own model); empty: the router chooses."""
+    """Run only on this device id ("cloud": the hub's own model), or on a pinned split plan
+    ("split:DEVICE:END[,DEVICE:END…]"); empty: the router chooses."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,8 @@ class HubService:
     ) -> None:
         self.fleet, self.placements, self.router, self.cloud = fleet, placements, router, cloud
         self.journal = journal or Journal()
+        self.split_dtype = "float16"
+        """How split stages send hidden states (models.stage.DTYPES; HubConfig.split_dtype)."""
         """The recent requests, with the router's decision for each (the fleet page reads it)."""
         self.limits = limits
         self.inflight = 0
@@ -176,14 +186,22 @@ class HubService:
         if spec.prompt.kind == "tokens":  # models() walks the fleet: not for every text request
             spec.prompt.check_vocabulary(spec.model, self.placements.models())
 
-    def _route(self, spec: GenerateSpec, excluded: set[str], progress: _Progress) -> tuple[Candidate, pb.Placement]:
-        """The next placement. The first honours the budget; a failover takes the best that is left,
-        since the caller is already being answered and finishing beats failing."""
+    def _route(
+        self, spec: GenerateSpec, excluded: set[str], progress: _Progress
+    ) -> tuple[Candidate, list[pb.Placement]]:
+        """The next placement, and its Placement messages (a split's: one per stage). The first honours
+        the budget; a failover takes the best that is left, since the caller is already being answered
+        and finishing beats failing (a pinned split's failover goes anywhere)."""
         chat = spec.prompt.chat
         candidates = [
             c for c in self.placements.candidates(spec.model, chat) if (c.device_id or "cloud") not in excluded
         ]
-        if spec.device:
+        pinned_split = spec.device.startswith(SPLIT_PIN)
+        if pinned_split and not progress.placements:
+            candidates = [self._pinned_split(spec)]
+        elif pinned_split:
+            candidates = [c for c in candidates if not (c.split and set(dict(c.split.agents)) & excluded)]
+        elif spec.device:
             candidates = [c for c in candidates if (c.device_id or "cloud") == spec.device]
             if not candidates and not progress.placements:
                 raise NotFound(
@@ -215,6 +233,8 @@ class HubService:
             self.journal.routed(progress.record, choice, tokens)
         c, est = choice.candidate, choice.estimate
         adm = choice.admitted or est
+        if c.split is not None:
+            return c, self._split_placements(c, est, tokens, remaining, progress)
         placement = pb.Placement(
             kind=c.kind,
             device_id=c.device_id,
@@ -229,7 +249,83 @@ class HubService:
             quantile=choice.quantile,
             calibrated=c.tracker is not None and c.tracker.calibration is not None,
         )
-        return c, placement
+        return c, [placement]
+
+    def _split_engine(self, c: Candidate, progress: _Progress) -> SplitEngine:
+        """The engine that runs `c`'s plan (kept by _split_placements): the agents' stages over their
+        work channels, the last layers on the hub's own model."""
+        plan = progress.plan
+        assert plan is not None and self.cloud is not None
+        remotes = []
+        for stage in plan.stages[:-1]:
+            session = self.fleet.sessions.get(stage.device)
+            if session is None or session.closed:
+                raise Unavailable(f"split stage device {stage.device} went offline")
+            remotes.append((session, stage.start, stage.end))
+        model = self.cloud.served.loaded.model  # type: ignore[attr-defined]
+        loop = asyncio.get_running_loop()
+        return SplitEngine(loop, remotes, model, c.model, plan.stages[-1].start, self.split_dtype)
+
+    def _pinned_split(self, spec: GenerateSpec) -> Candidate:
+        """The split a caller pinned with device "split:DEV:END[,DEV:END…]": agent DEV runs layers up to
+        END (the first from 0, each next from the previous END), the hub's own model the rest. Raises
+        InvalidRequest or NotFound naming what does not hold."""
+        cloud = next((s for s in self.placements.sources if s.kind == "cloud"), None)
+        backend, profile = self.cloud, getattr(cloud, "profile", None)
+        if backend is None or profile is None or not hasattr(backend, "served"):
+            raise InvalidRequest("device: a split needs the hub to serve the model itself, locally")
+        info = backend.model_info()
+        if spec.model and spec.model != info.name:
+            raise InvalidRequest(f"device: a split runs the hub's own model {info.name!r}, not {spec.model!r}")
+        agents, cuts = [], []
+        for part in spec.device[len(SPLIT_PIN) :].split(","):
+            device, _, end = part.rpartition(":")
+            if not device or not end.isdigit():
+                raise InvalidRequest(f"device: {spec.device!r} is not split:DEVICE:END[,DEVICE:END…]")
+            session = self.fleet.sessions.get(device)
+            if session is None or session.closed:
+                raise NotFound(f"device: {device!r} is not online")
+            if not any(m.name == info.name and m.quant == info.quant for m in session.models):
+                raise InvalidRequest(f"device: {device!r} does not serve {info.name} at {info.quant}, as the hub does")
+            agents.append((device, session.record.profile))
+            cuts.append(int(end))
+        n = info.n_layers
+        if not all(a < b for a, b in zip([0, *cuts], [*cuts, n], strict=True)):
+            raise InvalidRequest(f"device: layer boundaries {cuts} must rise within (0, {n}) for {info.name}")
+        from cloud_hub.placements import _profile, model_cost  # the sources' caches
+
+        spec_ = SplitSpec(tuple((d, _profile(p)) for d, p in agents), profile, tuple(cuts))
+        first = self.fleet.sessions[agents[0][0]]
+        cost = model_cost(info.config_json, info.weight_bytes)
+        return Candidate("split", agents[0][0], spec_.agents[0][1], info.name, cost, 0, first.record.emulated,
+                         None, info.chat_template_tokens, spec_)  # fmt: skip
+
+    def _split_placements(
+        self, c: Candidate, est: Any, tokens: int, remaining: int, progress: _Progress
+    ) -> list[pb.Placement]:
+        """One Placement per stage of the split `c` runs for this request, each with its layer range and
+        the plan's predicted figures; the plan is kept for _run."""
+        assert c.split is not None
+        plan = split_plan(c.split, c.cost, tokens, remaining)
+        progress.plan = plan
+        names = [d for d, _ in c.split.agents] + [""]
+        return [
+            pb.Placement(
+                kind="split",
+                device_id=names[i] if i < len(names) - 1 else "",
+                profile=stage.profile.name,
+                model=c.model,
+                layer_start=stage.start,
+                layer_end=stage.end,
+                emulated=c.emulated and i == 0,
+                predicted_ttft_ms=est.ttft_ms,
+                predicted_tpot_ms=est.tpot_ms,
+                predicted_energy_j=est.edge_energy_j,
+                admitted_ttft_ms=est.ttft_ms,
+                admitted_tpot_ms=est.tpot_ms,
+            )
+            for i, stage in enumerate(plan.stages)
+        ]
 
     async def generate(self, spec: GenerateSpec, encode: Callable[[Event], Any] = lambda ev: ev) -> AsyncIterator[Any]:
         """Admit, route and run one request (see _generate), counting it in the metrics.
@@ -300,8 +396,9 @@ class HubService:
         excluded = set[str]()
         learn: tuple[Candidate, pb.Placement] | None = None  # the one placement that served it all, if any
         while True:
-            c, placement = self._route(spec, excluded, progress)
-            progress.placements.append(placement)
+            c, placed = self._route(spec, excluded, progress)
+            progress.placements += placed
+            placement = placed[0]
             release = self.placements.claim(c)  # no await since choose(): the next request's routing sees it
             try:
                 yield Started(tuple(progress.placements))
@@ -353,8 +450,9 @@ class HubService:
             if remaining == spec.params.max_tokens
             else dataclasses.replace(spec.params, max_tokens=remaining)
         )
-        if c.kind == "cloud":
+        if c.kind in ("cloud", "split"):
             assert self.cloud is not None
+            engine = self._split_engine(c, progress) if c.kind == "split" else None
             try:
                 ids = self.cloud.encode(spec.prompt.value, tools_of(spec.prompt.wire))
             except ModelInvalidRequest as exc:
@@ -363,7 +461,8 @@ class HubService:
             progress.prompt_tokens = len(ids)
             progress.dispatched()
             start, first, n = time.perf_counter(), 0.0, 0
-            async for piece in self.cloud.stream(ids, params, cont):
+            stream = self.cloud.stream(ids, params, cont, engine) if engine else self.cloud.stream(ids, params, cont)
+            async for piece in stream:
                 progress.received = time.perf_counter()
                 first, n = first or progress.received, n + 1
                 yield progress.add(
@@ -371,6 +470,8 @@ class HubService:
                     piece.prompt_logprobs, piece.prompt_ids,
                 )  # fmt: skip
             progress.received = time.perf_counter()  # the stream's end, relayed as the Final
+            if engine is not None:
+                progress.energy_j += engine.energy_j  # the agents' stages (the hub's own share is cloud)
             progress.engine_ttft_ms = (first - start) * 1000 if first else 0.0
             progress.engine_tpot_ms = (progress.received - first) * 1000 / (n - 1) if n > 1 else 0.0
             if c.queued == 0:  # nothing ahead of it in the backend: its first token's time is its prefill
@@ -430,6 +531,8 @@ class _Progress:
     arrived: float = field(default_factory=time.perf_counter)
     record: RequestRecord | None = None
     """Its entry in the hub's journal."""
+    plan: Plan | None = None
+    """The split plan of the placement under way (kind "split")."""
     route_s: float = 0.0
     """Hub time routing and dispatching, over all placements (see HubService.generate)."""
     relay_s: float = 0.0

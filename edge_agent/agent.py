@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import random
 import threading
 import time
@@ -23,6 +24,7 @@ import grpc
 
 from edge_agent.power import EnergyMeter, PowerGauge, PowerSensor, SensorError
 from edge_agent.spool import Spool
+from edge_agent.stage import serve_stage
 from edge_agent.telemetry import MqttSettings, TelemetryPublisher
 from models.errors import InvalidRequest
 from models.generate import Continuation, TokenEvent, plain
@@ -141,6 +143,8 @@ class Agent:
         self.connected = asyncio.Event()
         self.pending = 0  # works received and not finished: the queue depth
         self._cancels: dict[str, threading.Event] = {}
+        self._stage_inputs: dict[str, queue.Queue] = {}
+        """Split stages running here: each one's StageInputs from the hub (edge_agent.stage)."""
         self.max_concurrency = engine.max_concurrency
         """Works run at once: advertised in the Hello (the hub sends no more) and enforced here too."""
         self._slots = asyncio.Semaphore(self.max_concurrency)
@@ -308,6 +312,10 @@ class Agent:
             task.add_done_callback(lambda _: self._waiting.pop(work_id, None))
         elif kind == "cancel":
             self._cancel(msg.cancel.work_id)
+        elif kind == "stage":
+            inputs = self._stage_inputs.get(msg.stage.work_id)
+            if inputs is not None:  # None: a stage that has ended (its late inputs are dropped)
+                inputs.put(msg.stage)
         elif kind == "ping":
             outbox.put_nowait(pb.AgentMessage(pong=pb.Pong(sent_unix=msg.ping.sent_unix)))
         elif kind == "welcome":
@@ -322,6 +330,9 @@ class Agent:
         cancel = self._cancels.get(work_id)
         if cancel is not None:
             cancel.set()
+        inputs = self._stage_inputs.get(work_id)
+        if inputs is not None:
+            inputs.put(None)  # wakes a stage waiting for its next input
 
     async def _work(self, work: pb.Work, outbox: asyncio.Queue) -> None:
         """Run one work when a slot is free, and report it. At most max_concurrency works run at once;
@@ -334,7 +345,12 @@ class Agent:
             async with self._slots:
                 self._waiting.pop(work.work_id, None)  # running now: a Cancel stops it between steps
                 if not cancel.is_set():  # set while it waited: the session ended
-                    outbox.put_nowait(await self._compute(work, cancel, outbox, received))
+                    if work.layer_end:  # one stage of a split request
+                        done = await self._stage(work, cancel, outbox)
+                        if done is not None:
+                            outbox.put_nowait(done)
+                    else:
+                        outbox.put_nowait(await self._compute(work, cancel, outbox, received))
         except InvalidRequest as exc:
             err = pb.WorkError(work_id=work.work_id, code="INVALID_ARGUMENT", message=str(exc))
             outbox.put_nowait(pb.AgentMessage(error=err))
@@ -345,6 +361,22 @@ class Agent:
         finally:
             self.pending -= 1
             self._cancels.pop(work.work_id, None)
+
+    async def _stage(self, work: pb.Work, cancel: threading.Event, outbox: asyncio.Queue) -> pb.AgentMessage | None:
+        """Serve one split stage (edge_agent.stage) in a thread; its StageInputs arrive by _dispatch."""
+        inputs: queue.Queue = queue.Queue()
+        self._stage_inputs[work.work_id] = inputs
+        loop = asyncio.get_running_loop()
+
+        def send(msg: pb.AgentMessage) -> None:
+            loop.call_soon_threadsafe(outbox.put_nowait, msg)
+
+        try:
+            return await asyncio.to_thread(
+                serve_stage, self.engine, work, inputs, cancel, send, self.config.power_active_w
+            )
+        finally:
+            self._stage_inputs.pop(work.work_id, None)
 
     async def _compute(
         self, work: pb.Work, cancel: threading.Event, outbox: asyncio.Queue, received: float

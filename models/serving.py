@@ -70,6 +70,11 @@ class ServedModel:
         if warmup:
             self.warmup()
 
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock that lets one request at a time use the model (a split stage holds it too)."""
+        return self._lock
+
     def warmup(self) -> None:
         """One short generation, so the first real request does not pay for lazy initialisation."""
         for _ in self.stream([1, 2, 3, 4], SamplingParams(max_tokens=2, ignore_eos=True), threading.Event()):
@@ -86,19 +91,22 @@ class ServedModel:
         params: SamplingParams,
         cancel: threading.Event,
         continuation: Continuation | None = None,
+        engine: StepEngine | None = None,
     ) -> Iterator[TokenEvent]:
         """Tokens for prompt `ids` (going on from `continuation`), one request at a time, paced.
 
         Stops without a final event when `cancel` is set (see the module docstring); raises
-        models.errors.InvalidRequest for a prompt the model cannot take (too long for its context)."""
+        models.errors.InvalidRequest for a prompt the model cannot take (too long for its context).
+        `engine` computes this request instead of the one it was built with (a split request's)."""
         with self._lock:
             if cancel.is_set():  # cancelled while it waited: nothing computed
                 return
             start = time.perf_counter()
             pace = self.pacer(len(ids), params.max_tokens) if self.pacer else None
             gen = self.loaded.generator()
-            if self.engine is not None:
-                events = gen.stream_engine(self.engine, f"r{next(self._requests)}", ids, params, continuation)
+            engine = engine or self.engine  # a split request's engine (cloud_hub.split) stands in for this one's
+            if engine is not None:
+                events = gen.stream_engine(engine, f"r{next(self._requests)}", ids, params, continuation)
             else:
                 events = gen.stream([ids], params, [continuation] if continuation is not None else None)
             with contextlib.closing(events):  # a cancelled request releases its engine state under the lock

@@ -367,9 +367,11 @@ def single_cut(
     energy_j: float = 0.0,
     link: LinkSpec | None = None,
     wire: Wire = "fp16",
+    interior: bool = False,
 ) -> Plan:
     """The cut k minimising `objective` within the budgets (0: no limit) and both devices' memory; the
     smallest k among equals. `link` joins edge and cloud (default: the edge's link to the hub).
+    `interior`: only 0 < k < N, a real split (the hub lists edge-only and cloud-only apart).
 
     Raises ValueError for bad inputs, PlanError when no cut fits: binding "memory" if no cut fits in
     memory, else the worst-violated budget of the cut that comes closest (the hub router's rule: the
@@ -382,7 +384,8 @@ def single_cut(
         _check_limit(name, value)
     c = _chain((("edge", edge), ("cloud", cloud)), (link or edge.link,), cost, prompt_tokens, max_new_tokens, wire)
     n = cost.n_layers
-    rows = [((k,), _figures(c, (k,))) for k in range(n + 1) if _fits(c, 0, 0, k) and _fits(c, 1, k, n)]
+    ks = range(1, n) if interior else range(n + 1)
+    rows = [((k,), _figures(c, (k,))) for k in ks if _fits(c, 0, 0, k) and _fits(c, 1, k, n)]
     if not rows:
         raise PlanError(
             f"no cut of {n} layers between {edge.name} ({edge.memory_gb:g} GB) and {cloud.name} "
@@ -403,6 +406,25 @@ def single_cut(
         f"predicts {binding} = {rows[at][1][binding]:.4g} against a budget of {limits[binding]:.4g}",
         binding=binding,
     )
+
+
+def evaluate(
+    devices: Sequence[tuple[str, DeviceProfile]],
+    links: Sequence[LinkSpec],
+    cost: ModelCost,
+    prompt_tokens: int,
+    max_new_tokens: int,
+    cuts: Sequence[int],
+    wire: Wire = "fp16",
+) -> Plan:
+    """The plan of given boundaries (one per link, non-decreasing in [0, N]): what a caller who pinned
+    the cuts gets predicted. Memory is not checked (the figures say what it holds); raises ValueError
+    for bad inputs or boundaries."""
+    c = _chain(devices, links, cost, prompt_tokens, max_new_tokens, wire)
+    bounds = (0, *cuts, cost.n_layers)
+    if len(cuts) != len(links) or any(b > a for a, b in zip(bounds[1:], bounds, strict=False)):
+        raise ValueError(f"cuts must be {len(links)} non-decreasing boundaries in [0, {cost.n_layers}], got {cuts}")
+    return _plan(c, tuple(cuts), "fixed")
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------

@@ -86,6 +86,8 @@ def _placement(p: pb.Placement) -> Placement:
         p.admitted_tpot_ms,
         p.quantile,
         p.calibrated,
+        p.layer_start,
+        p.layer_end,
     )
 
 

@@ -39,6 +39,10 @@ class Placement:
     """Which quantile admission used (the hub's setting); 0 when none was."""
     calibrated: bool = False
     """Predicted from the device's measured calibration rather than its profile's roofline."""
+    layer_start: int = 0
+    """A split's stage: the first layer it ran (both 0: the whole model)."""
+    layer_end: int = 0
+    """One past its last layer."""
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,7 @@ def decision_rows(rec: RequestRecord, names: dict[str, str]) -> list[CandidateRo
     """Every candidate of the request's first routing, the chosen one first, then those that fit, then
     those ruled out by how far over budget they were."""
     chosen = rec.considered[rec.chosen] if rec.chosen >= 0 else None
-    labels = {"ttft_ms": "TTFT", "tpot_ms": "time per token", "energy_j": "energy"}
+    labels = {"ttft_ms": "TTFT", "tpot_ms": "time per token", "energy_j": "energy", "memory": "memory"}
     rows = []
     for i, s in enumerate(rec.considered):
         c, est, adm, v = s
@@ -223,7 +223,10 @@ def decision_rows(rec: RequestRecord, names: dict[str, str]) -> list[CandidateRo
         else:
             verdict = "ruled out"
             worst = sorted(over.items(), key=lambda kv: -kv[1])
-            reason = "; ".join(f"{labels[k]} {r:.2f}× its limit" for k, r in worst)
+            reason = "; ".join(
+                "fits in no device's memory" if k == "memory" else f"{labels.get(k, k)} {r:.2f}× its limit"
+                for k, r in worst
+            )
         rows.append(
             (
                 (0 if verdict == "chosen" else 1 if verdict == "fits" else 2, max(v.values(), default=0.0)),

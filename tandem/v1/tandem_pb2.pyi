@@ -317,7 +317,7 @@ class ListDevicesResponse(_message.Message):
     def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
 
 class Work(_message.Message):
-    __slots__ = ("work_id", "model", "input", "continue_ids", "sampling", "layer_start", "layer_end", "hidden", "deadline_unix", "experts", "continue_chars")
+    __slots__ = ("work_id", "model", "input", "continue_ids", "sampling", "layer_start", "layer_end", "hidden", "deadline_unix", "experts", "continue_chars", "hidden_dtype")
     WORK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
@@ -329,6 +329,7 @@ class Work(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     CONTINUE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_DTYPE_FIELD_NUMBER: _ClassVar[int]
     work_id: str
     model: str
     input: Input
@@ -340,13 +341,26 @@ class Work(_message.Message):
     deadline_unix: float
     experts: _containers.RepeatedScalarFieldContainer[str]
     continue_chars: int
-    def __init__(self, work_id: _Optional[str] = ..., model: _Optional[str] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., continue_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., hidden: _Optional[_Union[HiddenStates, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., continue_chars: _Optional[int] = ...) -> None: ...
+    hidden_dtype: str
+    def __init__(self, work_id: _Optional[str] = ..., model: _Optional[str] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., continue_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., hidden: _Optional[_Union[HiddenStates, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., continue_chars: _Optional[int] = ..., hidden_dtype: _Optional[str] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("work_id",)
     WORK_ID_FIELD_NUMBER: _ClassVar[int]
     work_id: str
     def __init__(self, work_id: _Optional[str] = ...) -> None: ...
+
+class StageInput(_message.Message):
+    __slots__ = ("work_id", "token_ids", "hidden", "end")
+    WORK_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    work_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    hidden: HiddenStates
+    end: bool
+    def __init__(self, work_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[HiddenStates, _Mapping]] = ..., end: _Optional[bool] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("mqtt",)
@@ -355,16 +369,18 @@ class Welcome(_message.Message):
     def __init__(self, mqtt: _Optional[_Union[MqttInfo, _Mapping]] = ...) -> None: ...
 
 class HubMessage(_message.Message):
-    __slots__ = ("work", "cancel", "ping", "welcome")
+    __slots__ = ("work", "cancel", "ping", "welcome", "stage")
     WORK_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     work: Work
     cancel: Cancel
     ping: Ping
     welcome: Welcome
-    def __init__(self, work: _Optional[_Union[Work, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ...) -> None: ...
+    stage: StageInput
+    def __init__(self, work: _Optional[_Union[Work, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., stage: _Optional[_Union[StageInput, _Mapping]] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ("sent_unix",)

@@ -1,0 +1,171 @@
+"""The hub's side of split inference: a request whose first layers run on agents, the rest here.
+
+A split plan is an ordered list of stages, each a contiguous layer range: agents' ranges first (in
+pipeline order), then the hub's own model's, which ends the model and applies the head. To the
+hub's generator the whole pipeline is one `models.generate.StepEngine`: `SplitEngine.prefill`
+sends the prompt's ids to the first stage, relays each stage's hidden states to the next, runs its
+own layers and returns the logits; `decode` does the same for one token. Sampling, stop strings,
+logprobs and detokenizing stay the hub model's own (`LocalModelBackend.stream(engine=...)`), so a
+split answer is made exactly as an unsplit one, from the same weights.
+
+The generator runs in a worker thread; every touch of an agent's session goes through the hub's
+event loop (`asyncio.run_coroutine_threadsafe`). A stage that drops, times out, or sends hidden
+states of the wrong shape or dtype raises `Unavailable`, and the request fails over like any other
+(`HubService`: the next placement re-prefills the prompt and the tokens so far, which rebuilds the
+KV of every layer it holds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cloud_hub.errors import HubError, Unavailable
+from cloud_hub.fleet import AgentSession
+from models.errors import InvalidRequest
+from models.stage import Stage, pack, unpack
+from models.transformer import Transformer
+from tandem.v1 import tandem_pb2 as pb
+
+STEP_TIMEOUT_S = 30.0
+"""How long the hub waits for one stage's answer to one input before it counts the stage as lost."""
+
+
+@dataclass
+class _Remote:
+    """One agent's stage of one request: its session, its layers, and its replies as they come."""
+
+    session: AgentSession
+    start: int
+    end: int
+    work_id: str = field(default_factory=lambda: os.urandom(16).hex())
+    replies: AsyncIterator | None = None
+    done: pb.WorkDone | None = None
+
+
+class SplitEngine:
+    """A StepEngine over agents' stages and this hub's own layers [local_start, N)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        remotes: Sequence[tuple[AgentSession, int, int]],
+        model: Transformer,
+        model_name: str,
+        local_start: int,
+        dtype: str = "float16",
+    ) -> None:
+        ends = [0] + [e for _, _, e in remotes]
+        if [s for _, s, _ in remotes] != ends[:-1] or ends[-1] != local_start:
+            ranges = [(s, e) for _, s, e in remotes]
+            raise ValueError(f"stages must be contiguous from layer 0 to {local_start}: {ranges}")
+        self.loop, self.model, self.model_name, self.dtype = loop, model, model_name, dtype
+        self.remotes = [_Remote(session, start, end) for session, start, end in remotes]
+        self.local_start = local_start
+        self.local: Stage | None = None
+        self.energy_j = 0.0
+        """Energy the agents' stages reported (their WorkDone), once released."""
+
+    # -- StepEngine ------------------------------------------------------------------------------
+
+    def prefill(self, request_id: str, ids: Sequence[int], max_len: int) -> torch.Tensor:
+        self.local = Stage(self.model, self.local_start, self.model.cfg.n_layers, max_len)
+        h = self._call(self._open(list(ids), max_len - len(ids)))
+        return self._finish(h)
+
+    def decode(self, request_id: str, token: int) -> torch.Tensor:
+        return self._finish(self._call(self._step(token)))
+
+    def release(self, request_id: str) -> None:
+        """Ends every stage: a clean end collects their WorkDones (energy); a failed request cancels
+        them (closing their replies sends Cancel)."""
+        self._call(self._close())
+
+    # -- the relay, on the event loop ----------------------------------------------------------------
+
+    def _call(self, coro: object) -> torch.Tensor | None:
+        """Run `coro` on the hub's loop from this worker thread and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()  # type: ignore[arg-type]
+
+    def _finish(self, h: torch.Tensor | None) -> torch.Tensor:
+        """The hub's own layers on the last stage's output, then the head: (V,) logits."""
+        assert self.local is not None
+        if h is None:  # no agent stage: the hub runs the whole model (not a split; kept for completeness)
+            raise InvalidRequest("a split plan needs at least one agent stage")
+        return self.local.logits(self.local.run(hidden=h))
+
+    async def _open(self, ids: list[int], max_new: int) -> torch.Tensor | None:
+        h: torch.Tensor | None = None
+        for r in self.remotes:
+            work = pb.Work(
+                work_id=r.work_id,
+                model=self.model_name,
+                layer_start=r.start,
+                layer_end=r.end,
+                hidden_dtype=self.dtype,
+                sampling=pb.Sampling(max_tokens=max(1, max_new)),
+            )
+            if r.start == 0:
+                work.input.tokens.ids.extend(ids)
+            else:
+                work.hidden.CopyFrom(self._message(r, h))
+            r.replies = r.session.run(work)
+            h = await self._hidden(r)
+        return h
+
+    async def _step(self, token: int) -> torch.Tensor | None:
+        h: torch.Tensor | None = None
+        for r in self.remotes:
+            try:
+                if r.start == 0:
+                    r.session.send_input(pb.StageInput(work_id=r.work_id, token_ids=[token]))
+                else:
+                    r.session.send_input(pb.StageInput(work_id=r.work_id, hidden=self._message(r, h)))
+            except HubError as exc:
+                raise Unavailable(f"split stage on {r.session.device_id} lost: {exc}") from exc
+            h = await self._hidden(r)
+        return h
+
+    def _message(self, r: _Remote, h: torch.Tensor | None) -> pb.HiddenStates:
+        assert h is not None
+        shape, data = pack(h, self.dtype)
+        return pb.HiddenStates(work_id=r.work_id, layer_end=r.start, shape=shape, dtype=self.dtype, data=data)
+
+    async def _hidden(self, r: _Remote) -> torch.Tensor:
+        """The stage's next answer, as (1, T, D) float32. Raises Unavailable when the stage is lost,
+        slow past STEP_TIMEOUT_S, or answers with something other than hidden states of its width."""
+        assert r.replies is not None
+        where = f"split stage [{r.start}, {r.end}) on {r.session.device_id}"
+        try:
+            _, item = await asyncio.wait_for(anext(r.replies), STEP_TIMEOUT_S)
+        except TimeoutError:
+            raise Unavailable(f"{where}: no answer within {STEP_TIMEOUT_S:g} s") from None
+        except StopAsyncIteration:
+            raise Unavailable(f"{where}: ended early") from None
+        except HubError as exc:
+            raise Unavailable(f"{where}: {exc}") from exc
+        if type(item) is not pb.HiddenStates:
+            raise Unavailable(f"{where}: sent {type(item).__name__}, not hidden states")
+        try:
+            return unpack(item.shape, item.dtype, item.data, self.model.cfg.dim)
+        except InvalidRequest as exc:  # refused; the request fails over, the hub keeps serving
+            raise Unavailable(f"{where} sent malformed hidden states: {exc}") from exc
+
+    async def _close(self) -> None:
+        for r in self.remotes:
+            if r.replies is None:
+                continue
+            try:
+                r.session.send_input(pb.StageInput(work_id=r.work_id, end=True))
+                _, item = await asyncio.wait_for(anext(r.replies), STEP_TIMEOUT_S)
+                if type(item) is pb.WorkDone:
+                    r.done = item
+                    self.energy_j += item.metrics.energy_j
+            except (HubError, TimeoutError, StopAsyncIteration):
+                pass  # the answer is complete; a stage that cannot say goodbye is cancelled below
+            finally:
+                await r.replies.aclose()  # sends Cancel if it had not finished
