@@ -121,9 +121,11 @@ def split_plan(spec: SplitSpec, cost: ModelCost, prompt_tokens: int, max_tokens:
     profiles = [p for _, p in spec.agents]
     links = [_relayed(a.link, b.link) for a, b in itertools.pairwise(profiles)] + [profiles[-1].link]
     devices = [*spec.agents, ("cloud", spec.cloud)]
-    if spec.cuts:
-        return evaluate(devices, links, cost, prompt_tokens, max_tokens, spec.cuts)
-    return single_cut(profiles[0], spec.cloud, cost, prompt_tokens, max_tokens, link=links[0], interior=True)
+    cuts = (
+        spec.cuts
+        or single_cut(profiles[0], spec.cloud, cost, prompt_tokens, max_tokens, link=links[0], interior=True).cuts
+    )
+    return evaluate(devices, links, cost, prompt_tokens, max_tokens, cuts)  # the stages named by device id
 
 
 def estimate(c: Candidate, prompt_tokens: int, max_tokens: int) -> Estimate:

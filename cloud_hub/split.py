@@ -89,7 +89,12 @@ class SplitEngine:
 
     def _call(self, coro: object) -> torch.Tensor | None:
         """Run `coro` on the hub's loop from this worker thread and wait for it."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()  # type: ignore[arg-type]
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
+        try:  # bounded: a loop that stops (the hub shutting down) must not strand this thread
+            return future.result(timeout=len(self.remotes) * STEP_TIMEOUT_S + 5)
+        except TimeoutError:
+            future.cancel()
+            raise Unavailable("split stages: the hub's event loop did not answer") from None
 
     def _finish(self, h: torch.Tensor | None) -> torch.Tensor:
         """The hub's own layers on the last stage's output, then the head: (V,) logits."""

@@ -10,9 +10,10 @@ import pytest
 import edge_agent.stage
 from models.runtime import load
 from models.serving import ServedModel
-from tandem import AsyncClient
+from tandem import AsyncClient, Budget
+from tandem.types import GenerateResult
 from tests.conftest import real_model
-from tests.hubkit import running_hub, start_served_agent
+from tests.hubkit import kill, running_hub, spawn_agent, start_served_agent, wait_for
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The history of the Python programming language begins in"
@@ -95,3 +96,57 @@ async def test_malformed_hidden_states_fail_over_and_the_hub_keeps_serving(
                 assert hub.service.metrics.failovers._value.get() == 3
         finally:
             await agent.close()
+
+
+async def test_the_router_picks_a_split_and_names_every_stage(tmp_path: Path) -> None:
+    sources = ("cloud", "split")  # a split is preferred to the cloud alone when both fit
+    async with running_hub(tmp_path / "hub", cloud_model=MODEL, mqtt="none", placement_sources=sources) as hub:
+        agent = await start_served_agent(hub, ServedModel(MODEL, real_model(MODEL, "source")), tmp_path / "a", "a")
+        key = hub.registry.create_api_key("t")
+        try:
+            async with AsyncClient(hub.address, api_key=key) as client:
+                whole = await client.generate(PROMPT, model=MODEL, max_tokens=16, device="cloud")
+                routed = await client.generate(PROMPT, model=MODEL, max_tokens=16, budget=Budget(ttft_ms=60_000))
+            stages = [(p.kind, p.device_id, p.layer_start, p.layer_end) for p in routed.placements]
+            k = stages[0][3]
+            assert stages == [("split", agent.device_id, 0, k), ("split", "", k, 30)] and 0 < k < 30
+            assert routed.text == whole.text
+            record = hub.service.journal.recent(1)[0]  # the decision shows both candidates and why
+            assert sorted(s[0].kind for s in record.considered) == ["cloud", "split"]
+            assert record.considered[record.chosen][0].kind == "split"
+        finally:
+            await agent.close()
+
+
+@pytest.mark.parametrize("drops", [1, pytest.param(10, marks=pytest.mark.slow)])
+async def test_a_dropped_stage_fails_over_and_the_answer_is_the_uninterrupted_one(tmp_path: Path, drops: int) -> None:
+    real_model(MODEL, "source")
+    async with running_hub(tmp_path / "hub", cloud_model=MODEL, mqtt="none") as hub:
+        second = await start_served_agent(hub, ServedModel(MODEL, load(MODEL, quant="source")), tmp_path / "b", "b")
+        key = hub.registry.create_api_key("t")
+        try:
+            async with AsyncClient(hub.address, api_key=key) as client:
+                whole = await client.generate(PROMPT, model=MODEL, max_tokens=40, device="cloud")
+                for i in range(drops):
+                    proc = spawn_agent(hub, MODEL, tmp_path / f"a{i}", f"first{i}")
+                    try:
+                        await wait_for(lambda: len(hub.fleet.online()) == 2, timeout=60)
+                        first = next(s.device_id for s in hub.fleet.online() if s.device_id != second.device_id)
+                        result = GenerateResult()
+                        seen = 0
+                        async for _ in client.stream(
+                            PROMPT, model=MODEL, max_tokens=40, device=f"split:{first}:8,{second.device_id}:20",
+                            result=result,
+                        ):  # fmt: skip
+                            seen += 1
+                            if seen == 5:
+                                kill(proc)  # the first stage's agent dies mid-stream
+                        assert result.text == whole.text, i
+                        kinds = [(p.kind, p.device_id) for p in result.placements]
+                        assert kinds[:3] == [("split", first), ("split", second.device_id), ("split", "")]
+                        assert len(kinds) == 4 and first not in (p.device_id for p in result.placements[3:])
+                    finally:
+                        kill(proc)
+                    await wait_for(lambda: len(hub.fleet.online()) == 1, timeout=10)
+        finally:
+            await second.close()
