@@ -61,3 +61,23 @@ def test_a_busy_device_loses_to_an_idle_one() -> None:
 def test_no_candidates_is_unsatisfiable() -> None:
     with pytest.raises(BudgetUnsatisfiable, match="no device is online"):
         BudgetRouter().choose([], 10, 10, Budget())
+
+
+def test_a_split_that_fits_no_memory_is_ruled_out_by_memory() -> None:
+    from dataclasses import replace
+
+    from cloud_hub.router import SplitSpec, split_plan
+
+    tiny = replace(load_profile("raspberry-pi-5"), name="tiny-board", memory_gb=0.001)
+    split = Candidate("split", "pi", tiny, "smollm2", COST, split=SplitSpec((("pi", tiny),), CLOUD.profile))
+    with pytest.raises(BudgetUnsatisfiable, match="binding constraint memory") as info:
+        BudgetRouter().choose([split], 50, 32, Budget())
+    assert info.value.binding == "memory" and len(info.value.considered) == 1
+    # beside a placement that fits, the split is weighed and loses on memory alone
+    choice = BudgetRouter().choose([split, CLOUD], 50, 32, Budget())
+    assert choice.candidate is CLOUD
+    assert [s[3] for s in choice.considered if s[0] is split] == [{"memory": float("inf")}]
+    # one that fits is planned per request: an interior cut, its stages named by device id
+    roomy = Candidate("split", "pi", PI.profile, "smollm2", COST, split=SplitSpec((("pi", PI.profile),), CLOUD.profile))
+    plan = split_plan(roomy.split, COST, 400, 32)
+    assert [s.device for s in plan.stages] == ["pi", "cloud"] and 0 < plan.cuts[0] < COST.n_layers

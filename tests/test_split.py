@@ -3,6 +3,7 @@ edge_agent.stage), and the answer is the unsplit model's, token for token."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import edge_agent.stage
 from models.runtime import load
 from models.serving import ServedModel
 from tandem import AsyncClient, Budget
+from tandem.errors import InvalidRequest
 from tandem.types import GenerateResult
 from tests.conftest import real_model
 from tests.hubkit import kill, running_hub, spawn_agent, start_served_agent, wait_for
@@ -19,12 +21,16 @@ MODEL = "smollm2-135m-instruct"
 PROMPT = "The history of the Python programming language begins in"
 
 
-async def test_split_over_grpc_equals_unsplit(tmp_path: Path) -> None:
-    async with running_hub(tmp_path / "hub", cloud_model=MODEL, mqtt="none") as hub:
-        real_model(MODEL, "source")  # skips (or fails under make test) without the weights
+@pytest.mark.parametrize(
+    ("model", "n_layers", "cuts"),
+    [(MODEL, 30, (1, 8, 15, 29)), pytest.param("gemma3-270m", 18, (1, 8, 15, 17), marks=pytest.mark.slow)],
+)
+async def test_split_over_grpc_equals_unsplit(tmp_path: Path, model: str, n_layers: int, cuts: tuple) -> None:
+    real_model(model, "source")  # skips (or fails under make test) without the weights
+    async with running_hub(tmp_path / "hub", cloud_model=model, mqtt="none") as hub:
         # each agent its own copy: a stage owns its model's KV caches while it runs
         agents = [
-            await start_served_agent(hub, ServedModel(MODEL, load(MODEL, quant="source")), tmp_path / n, n)
+            await start_served_agent(hub, ServedModel(model, load(model, quant="source")), tmp_path / n, n)
             for n in ("a", "b")
         ]
         a, b = (x.device_id for x in agents)
@@ -33,18 +39,14 @@ async def test_split_over_grpc_equals_unsplit(tmp_path: Path) -> None:
             async with AsyncClient(hub.address, api_key=key) as client:
 
                 async def run(device: str):  # type: ignore[no-untyped-def]
-                    return await client.generate(PROMPT, model=MODEL, max_tokens=24, device=device)
+                    return await client.generate(PROMPT, model=model, max_tokens=24, device=device)
 
                 whole = await run("cloud")
                 assert [p.kind for p in whole.placements] == ["cloud"]
-                n_layers = 30
-                for device, ranges in [
-                    (f"split:{a}:1", [(0, 1), (1, n_layers)]),
-                    (f"split:{a}:8", [(0, 8), (8, n_layers)]),
-                    (f"split:{a}:15", [(0, 15), (15, n_layers)]),
-                    (f"split:{a}:29", [(0, 29), (29, n_layers)]),
-                    (f"split:{a}:8,{b}:20", [(0, 8), (8, 20), (20, n_layers)]),  # two agents and the hub
-                ]:
+                plans = [(f"split:{a}:{k}", [(0, k), (k, n_layers)]) for k in cuts]
+                mid = n_layers * 2 // 3
+                plans.append((f"split:{a}:8,{b}:{mid}", [(0, 8), (8, mid), (mid, n_layers)]))  # two agents and the hub
+                for device, ranges in plans:
                     split = await run(device)
                     assert split.text == whole.text, device
                     assert split.finish_reason == whole.finish_reason
@@ -94,6 +96,15 @@ async def test_malformed_hidden_states_fail_over_and_the_hub_keeps_serving(
                 again = await client.generate(PROMPT, model=MODEL, max_tokens=12, device=f"split:{agent.device_id}:8")
                 assert again.text == whole.text and all(p.kind == "split" for p in again.placements)
                 assert hub.service.metrics.failovers._value.get() == 3
+                # pins that are not a plan: refused before anything runs, naming what is wrong
+                for pin, error, words in [
+                    ("split:nonsense", InvalidRequest, "split:DEVICE:END"),
+                    ("split:dev-000000000000:8", InvalidRequest, "not online"),  # NOT_FOUND
+                    (f"split:{agent.device_id}:30", InvalidRequest, "must rise within (0, 30)"),
+                    (f"split:{agent.device_id}:0", InvalidRequest, "must rise"),
+                ]:
+                    with pytest.raises(error, match=re.escape(words)):
+                        await client.generate(PROMPT, model=MODEL, max_tokens=4, device=pin)
         finally:
             await agent.close()
 
