@@ -4,8 +4,8 @@ the wire.
 A split request runs the same model on several machines, each a contiguous layer range: the first
 stage embeds tokens, the last applies the head. Each stage keeps the KV cache of its own layers,
 so after the prompt every decode step moves one (1, 1, D) hidden state per stage boundary. Hidden
-states travel as raw little-endian bytes of one of `DTYPES`; fp16 halves fp32's bytes, and int8
-(one fp32 scale per position, absmax) halves them again, at a small cost in exactness.
+states travel as little-endian bytes of one of `DTYPES`: fp32 as it is; fp16 (half the bytes) and
+int8 (a quarter, at a small cost in exactness) scaled by one fp32 per position (see _TOP).
 
     stage = Stage(model, 0, k, max_len)      # agent: layers [0, k)
     h = stage.run(tokens=ids)                # (1, T, D) after layer k - 1
@@ -28,18 +28,25 @@ DTYPES = ("float32", "float16", "int8")
 """Wire formats of hidden states: raw values, or int8 with a float32 scale per position first."""
 
 
+_TOP = {"float16": 32768.0, "int8": 127.0}
+"""What each scaled format maps a position's absmax to: int8's largest value; 2**15 for fp16, whose
+range (6e-5 to 65504) then holds the small components too. Scaled because Gemma 3's residual stream
+grows past 65504 (1e5 by its middle layers): plain fp16 turns it into inf."""
+
+
 def pack(h: Tensor, dtype: str) -> tuple[list[int], bytes]:
-    """(B, T, D) hidden states -> (shape, bytes) in `dtype` (DTYPES). int8: B*T float32 scales
-    (absmax / 127 of each position), then the B*T*D int8 values."""
+    """(B, T, D) hidden states -> (shape, bytes) in `dtype` (DTYPES). float16 and int8 are scaled:
+    B*T float32 scales (a position's absmax / _TOP), then the B*T*D values divided by them."""
     if dtype not in DTYPES:
         raise InvalidRequest(f"hidden-state dtype {dtype!r}: must be one of {', '.join(DTYPES)}")
     x = h.detach().to("cpu", torch.float32).contiguous()
     shape = list(x.shape)
-    if dtype == "int8":
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0  # (B, T, 1)
-        q = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
-        return shape, scale.numpy().astype("<f4").tobytes() + q.numpy().tobytes()
-    return shape, x.numpy().astype("<f2" if dtype == "float16" else "<f4").tobytes()
+    if dtype == "float32":
+        return shape, x.numpy().astype("<f4").tobytes()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / _TOP[dtype]  # (B, T, 1)
+    scaled = x / scale
+    values = torch.round(scaled).clamp(-127, 127).to(torch.int8) if dtype == "int8" else scaled.to(torch.float16)
+    return shape, scale.numpy().astype("<f4").tobytes() + values.numpy().tobytes()
 
 
 def unpack(shape: Sequence[int], dtype: str, data: bytes, dim: int) -> Tensor:
@@ -50,15 +57,14 @@ def unpack(shape: Sequence[int], dtype: str, data: bytes, dim: int) -> Tensor:
     if len(shape) != 3 or shape[0] != 1 or shape[1] < 1 or shape[2] != dim:
         raise InvalidRequest(f"hidden.shape: expected (1, T, {dim}) with T >= 1, got {tuple(shape)}")
     n = shape[1] * dim
-    want = {"float32": 4 * n, "float16": 2 * n, "int8": 4 * shape[1] + n}[dtype]
+    want = {"float32": 4 * n, "float16": 4 * shape[1] + 2 * n, "int8": 4 * shape[1] + n}[dtype]
     if len(data) != want:
         raise InvalidRequest(f"hidden.data: {len(data)} bytes for shape {tuple(shape)} in {dtype}; expected {want}")
-    if dtype == "int8":
-        scale = np.frombuffer(data, "<f4", shape[1]).reshape(1, shape[1], 1)
-        q = np.frombuffer(data, np.int8, n, offset=4 * shape[1]).reshape(shape)
-        return torch.from_numpy(q.astype(np.float32) * scale)
-    values = np.frombuffer(data, "<f2" if dtype == "float16" else "<f4").reshape(shape)
-    return torch.from_numpy(values.astype(np.float32))
+    if dtype == "float32":
+        return torch.from_numpy(np.frombuffer(data, "<f4").reshape(shape).copy())
+    scale = np.frombuffer(data, "<f4", shape[1]).reshape(1, shape[1], 1)
+    values = np.frombuffer(data, "<f2" if dtype == "float16" else np.int8, n, offset=4 * shape[1]).reshape(shape)
+    return torch.from_numpy(values.astype(np.float32) * scale)
 
 
 class Stage:

@@ -478,7 +478,9 @@ def search(
             trial.suggest_categorical("pruned", g.pruned),
             n,
         )
-        c = seen.get(point) or seen.setdefault(point, prob.score(point))
+        if point in seen:  # known figures; a repeat in the population would crowd out the others
+            raise optuna.TrialPruned(f"{point} already visited")
+        c = seen[point] = prob.score(point)
         for name, value in constraints(c.figures, budgets, with_quality).items():
             trial.set_constraint(name, value)
         values = c.objectives

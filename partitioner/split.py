@@ -167,11 +167,12 @@ def head_decode_ms(profile: DeviceProfile, cost: ModelCost, context: float) -> f
 
 
 def hidden_bytes(cost: ModelCost, wire: Wire = "fp16") -> float:
-    """Bytes of one position's hidden state on the wire: dim x 2 (fp16), or dim x 1 + one fp32 scale
-    (int8). The hidden width is the final norm's length (one weight per element)."""
+    """Bytes of one position's hidden state on the wire (models.stage): dim x 2 (fp16) or dim x 1
+    (int8), each with one fp32 scale (Gemma's residual stream outgrows fp16's range unscaled). The
+    hidden width is the final norm's length (one weight per element)."""
     dim = cost.final_norm_params
     if wire == "fp16":
-        return 2.0 * dim
+        return 2.0 * dim + 4.0
     if wire == "int8":
         return dim + 4.0
     raise ValueError(f"wire must be 'fp16' or 'int8', got {wire!r}")

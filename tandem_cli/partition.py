@@ -100,9 +100,11 @@ def _card_file(path: Path) -> Path:
 
 @functools.lru_cache(maxsize=16)
 def _card_at(path: Path, cache_file: Path) -> ModelCard:
-    if cache_file.is_file():
+    try:
         raw = json.loads(cache_file.read_text())
         return ModelCard(ModelConfig(**raw["config"]), int(raw["weight_bytes"]))
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or written by another version: read again
+        pass
     card = _read_card(path)
     try:  # a cache that cannot be written costs the next call time, nothing else
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,8 @@ def _chain(edge: DeviceProfile, cloud: DeviceProfile) -> list[tuple[str, DeviceP
 def fits_memory(plan: Plan) -> bool:
     """Every stage of `plan` fits its device with MEMORY_HEADROOM free (the rule single_cut applies)."""
     return all(
-        m <= (1 - MEMORY_HEADROOM) * s.profile.memory_gb * 1e9 for s, m in zip(plan.stages, plan.memory_bytes, strict=True)
+        m <= (1 - MEMORY_HEADROOM) * s.profile.memory_gb * 1e9
+        for s, m in zip(plan.stages, plan.memory_bytes, strict=True)
     )
 
 
@@ -267,7 +270,7 @@ def _devices(args: argparse.Namespace) -> tuple[DeviceProfile, DeviceProfile, Li
     edge, cloud = load_profile(args.edge), load_profile(args.cloud)
     for flag, p, kind in (("--edge", edge, "edge"), ("--cloud", cloud, "cloud")):
         if p.kind != kind:
-            raise ProfileError(f"{flag} {p.name} is a {p.kind} profile; {flag} needs kind {kind}")
+            raise ProfileError(f"{flag} {p.name} has kind {p.kind}; {flag} needs a profile of kind {kind}")
     if args.link is None:
         return edge, cloud, edge.link, f"{edge.name}'s own link"
     link = load_link(args.link)
@@ -297,7 +300,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
     n = cost.n_layers
     if args.plot:
         try:
-            plot_front(cuts, chosen, Path(args.plot), f"{args.model}: {edge.name} - {link_name} - {cloud.name}", budgets)
+            plot_front(
+                cuts, chosen, Path(args.plot), f"{args.model}: {edge.name} - {link_name} - {cloud.name}", budgets
+            )
         except (ImportError, OSError) as exc:
             print(f"error: --plot: {exc}", file=sys.stderr)
             return 2
@@ -349,4 +354,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", help="write a PNG of every cut's TTFT, time per token and edge energy")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_partition)
-

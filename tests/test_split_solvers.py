@@ -113,7 +113,7 @@ def figures(devices, links, cost, prompt, new, wire, cuts) -> dict:
     bounds = (0, *cuts, n)
     held = [i for i in range(d) if bounds[i + 1] > bounds[i]]
     f, last = held[0], held[-1]
-    hidden = {"fp16": 2 * cost.final_norm_params, "int8": cost.final_norm_params + 4}[wire]
+    hidden = {"fp16": 2 * cost.final_norm_params + 4, "int8": cost.final_norm_params + 4}[wire]
     context, mean = prompt + new, prompt + new / 2
     pre, dec = [0.0] * d, [0.0] * d
     fits, energy = True, 0.0
@@ -218,7 +218,7 @@ def test_memory_wire_and_link_figures_by_hand() -> None:
     cost = ModelCost.from_config(SMOLLM2, 16)  # tied: the head's device holds the table again when apart
     split = stage_memory_bytes(cost, 0, 10, 1000) + stage_memory_bytes(cost, 10, 30, 1000)
     assert split == pytest.approx(cost.memory_bytes(1000) + cost.head_params * 2, rel=REL)
-    assert hidden_bytes(cost) == 576 * 2 and hidden_bytes(cost, "int8") == 576 + 4
+    assert hidden_bytes(cost) == 576 * 2 + 4 and hidden_bytes(cost, "int8") == 576 + 4
     assert transfer_ms(LinkSpec(100, 5, 50), 1e6, "up") == pytest.approx(50 + 1600)
     assert transfer_ms(LinkSpec(100, 5, 50), 1e6, "down") == pytest.approx(50 + 160)
 
