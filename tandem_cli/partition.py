@@ -307,18 +307,28 @@ def cmd_partition(args: argparse.Namespace) -> int:
             print(f"error: --plot: {exc}", file=sys.stderr)
             return 2
     if args.json:
-        doc = {"model": str(args.model), "n_layers": n, "weight_bytes": card.weight_bytes, "edge": edge.name,
-               "cloud": cloud.name, "link": link_name, "objective": args.objective, "budgets": budgets,
-               "chosen": None if chosen is None else plan_json(chosen, n, budgets),
-               "edge_only": plan_json(cuts[n].plan, n, budgets), "cloud_only": plan_json(cuts[0].plan, n, budgets),
-               "error": None if error is None else {"binding": error.binding, "message": str(error)}}  # fmt: skip
-        print(json.dumps(doc))
+        print(json.dumps(_json_doc(args, card, edge, cloud, link_name, budgets, chosen, cuts, error)))
     else:
         print(report(_title(args, card, edge, cloud, link, link_name), chosen, cuts[n].plan, cuts[0].plan, n, budgets))
     if error is not None:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _json_doc(
+    args: argparse.Namespace, card: ModelCard, edge: DeviceProfile, cloud: DeviceProfile, link_name: str,
+    budgets: Mapping[str, float], chosen: Plan | None, cuts: Sequence[Cut], error: PlanError | None,
+) -> dict:  # fmt: skip
+    """What `--json` prints: the inputs, the chosen plan (None when no cut fits), both ends, and the error."""
+    n = card.config.n_layers
+    return {
+        "model": str(args.model), "n_layers": n, "weight_bytes": card.weight_bytes, "edge": edge.name,
+        "cloud": cloud.name, "link": link_name, "objective": args.objective, "budgets": dict(budgets),
+        "chosen": None if chosen is None else plan_json(chosen, n, budgets),
+        "edge_only": plan_json(cuts[n].plan, n, budgets), "cloud_only": plan_json(cuts[0].plan, n, budgets),
+        "error": None if error is None else {"binding": error.binding, "message": str(error)},
+    }  # fmt: skip
 
 
 def _title(

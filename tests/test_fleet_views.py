@@ -181,3 +181,16 @@ def test_series_group_served_requests_by_device_and_kind() -> None:
     assert [v for _, v in data["ttft_kind"]["cloud"]] == [10.0, 90.0]
     assert data["error"]["alpha"][0][1] == pytest.approx(20.0) and data["error"]["cloud"][0][1] == pytest.approx(-50.0)
     assert len(data["error"]["cloud"]) == 1  # the failover's prediction was of another placement
+
+
+def test_a_split_is_one_line_and_a_failover_starts_the_next() -> None:
+    stages = [
+        pb.Placement(kind="split", device_id="dev-a", profile="cpu-2core", layer_start=0, layer_end=8),
+        pb.Placement(kind="split", profile="cloud-cpu-2core", layer_start=8, layer_end=30),
+        pb.Placement(kind="edge", device_id="dev-b", profile="cpu-2core"),
+    ]
+    lines = views.attempts(stages, {"dev-a": "alpha"})
+    assert lines == (
+        "split: alpha (cpu-2core, layers 0–8) + cloud (cloud-cpu-2core, layers 8–30)",
+        "edge: dev-b (cpu-2core)",
+    )

@@ -4,6 +4,7 @@ fleet and the hub's journal. The templates only lay these out (and Jinja escapes
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cloud_hub.fleet import Fleet, Telemetry
@@ -162,6 +163,21 @@ def placement_text(p: pb.Placement, names: dict[str, str]) -> str:
     return f"{p.kind}: {where} ({p.profile}{', emulated' if p.emulated else ''}{layers})"
 
 
+def attempts(placements: Sequence[pb.Placement], names: dict[str, str]) -> tuple[str, ...]:
+    """One line per placement the request ran on, in order (a failover starts the next): a split's
+    stages, which continue each other's layers, share one line."""
+    out: list[list[str]] = []
+    for i, p in enumerate(placements):
+        prev = placements[i - 1] if i else None
+        joined = prev is not None and p.kind == prev.kind == "split" and p.layer_start == prev.layer_end > 0
+        text = placement_text(p, names)
+        if joined:
+            out[-1].append(text.removeprefix("split: "))
+        else:
+            out.append([text])
+    return tuple(" + ".join(parts) for parts in out)
+
+
 def request_rows(records: list[RequestRecord], names: dict[str, str]) -> list[RequestRow]:
     out = []
     for r in records:
@@ -179,7 +195,7 @@ def request_rows(records: list[RequestRecord], names: dict[str, str]) -> list[Re
                 time.strftime("%H:%M:%S", time.localtime(r.at)),
                 r.model or "any",
                 budget_text(r),
-                tuple(placement_text(p, names) for p in r.placements),
+                attempts(r.placements, names),
                 predicted,
                 measured,
                 r.kept,
