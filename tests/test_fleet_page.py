@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tandem import AsyncClient, Budget
-from tests.hubkit import ROOT, kill, needs_mosquitto, running_hub, spawn_agent, tiny_llama, wait_for
+from tests.hubkit import ROOT, kill, needs_mosquitto, running_hub, spawn_agent, start_agent, tiny_llama, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -52,7 +52,9 @@ async def test_fleet_page_live_in_chromium(tmp_path: Path) -> None:
     async with running_hub(tmp_path / "hub", cloud_model=model, http_listen="127.0.0.1:0") as hub:
         key = hub.registry.create_api_key("operator")
         base = f"http://{hub.http_address}"
-        procs = [spawn_agent(hub, model, tmp_path / "a", "edge-a"), spawn_agent(hub, model, tmp_path / "b", XSS)]
+        # one agent a child process (to be killed), the other in this process (cheaper to start)
+        procs = [spawn_agent(hub, model, tmp_path / "a", "edge-a")]
+        second = await start_agent(hub, Path(model), tmp_path / "b", XSS, model_name=model)
         try:
             await wait_for(lambda: len(hub.fleet.online()) == 2, timeout=60)
             ids = {s.record.name: s.device_id for s in hub.fleet.online()}
@@ -116,6 +118,7 @@ async def test_fleet_page_live_in_chromium(tmp_path: Path) -> None:
         finally:
             for proc in procs:
                 kill(proc)
+            await second.close()
 
 
 async def test_fleet_page_refuses_without_login_and_csrf(tmp_path: Path) -> None:
@@ -123,10 +126,9 @@ async def test_fleet_page_refuses_without_login_and_csrf(tmp_path: Path) -> None
     async with running_hub(tmp_path / "hub", cloud_model=model, http_listen="127.0.0.1:0") as hub:
         key = hub.registry.create_api_key("operator")
         base = f"http://{hub.http_address}"
-        proc = spawn_agent(hub, model, tmp_path / "a", "secret-device")
+        agent = await start_agent(hub, Path(model), tmp_path / "a", "secret-device", model_name=model)
         try:
-            await wait_for(lambda: len(hub.fleet.online()) == 1, timeout=60)
-            device = hub.fleet.online()[0].device_id
+            device = agent.device_id
             async with httpx.AsyncClient(base_url=base, timeout=10) as anon:
                 # no session, or a made-up one: the login form (401) and no data, the event stream included
                 for cookies in ({}, {"tandem_session": "forged"}):
@@ -180,4 +182,4 @@ async def test_fleet_page_refuses_without_login_and_csrf(tmp_path: Path) -> None
                 assert (await user.post("/ui/logout", data={"csrf": token})).status_code == 303
                 assert (await user.get("/ui/events")).status_code == 401
         finally:
-            kill(proc)
+            await agent.close()
