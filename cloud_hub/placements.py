@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import logging
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,10 +30,13 @@ from cloud_hub.backends import ServingBackend
 from cloud_hub.calibrations import Calibrations
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.registry import model_config
-from cloud_hub.router import Candidate, SplitSpec
+from cloud_hub.router import Candidate, SplitSpec, split_plan
 from device_profiles import DeviceProfile, load_profile
 from partitioner.cost import ModelCost, served_model_cost
+from partitioner.predict import stage_parts
 from tandem.v1 import tandem_pb2 as pb
+
+log = logging.getLogger("tandem.hub")
 
 SOURCES: dict[str, str] = {
     "edge": "cloud_hub.placements:EdgeModels",
@@ -154,16 +159,39 @@ class CloudModel(PlacementSource):
         return release
 
 
+@dataclass(frozen=True)
+class Rebalance:
+    """A split plan that moved: new requests get the new cut, in-flight ones finish on theirs."""
+
+    device_id: str
+    old: tuple[int, ...]
+    new: tuple[int, ...]
+    gain: float
+    """Predicted total time of the reference request under the old plan over the new one, less 1."""
+    at: float
+
+
 class SplitPlans(PlacementSource):
     """Each online agent serving the hub's own model at the same precision, split with the hub: the
-    agent runs the first layers, the hub the rest (cloud_hub.split). The cut is the partitioner's
-    (router.split_plan), chosen per request. Only a local cloud model can run a layer range."""
+    agent runs the first layers, the hub the rest (cloud_hub.split). Only a local cloud model can run
+    a layer range.
+
+    The cut is the partitioner's interior single cut (router.split_plan) for a reference request
+    (REFERENCE), predicted from what the hub has measured: the agent's and the hub's calibrations
+    (partitioner.predict.stage_parts) and the agent's round trip from the work channel's pings. When
+    those move, the plan is solved again; it changes only when the new cut is predicted faster by more
+    than REBALANCE_MARGIN (hysteresis), and the switch is logged with its gain (`rebalances`). New
+    requests get the new cut; one in flight keeps the plan it started with."""
 
     kind = "split"
+    REFERENCE = (256, 64)
+    """(prompt tokens, new tokens) the plan is chosen for."""
+    REBALANCE_MARGIN = 0.10
 
     def __init__(self, ctx: SourceContext) -> None:
         self.fleet, self.cloud, self.profile = ctx.fleet, ctx.cloud, ctx.cloud_profile
-        self._offers: dict[int, Candidate] = {}  # by id of the session: rebuilt when it reconnects
+        self._offers: dict[str, tuple[tuple, Candidate]] = {}  # device id -> (what it was planned from, candidate)
+        self.rebalances: list[Rebalance] = []
 
     def candidates(self, model: str, chat: bool) -> list[Candidate]:
         if self.cloud is None or self.profile is None or not hasattr(self.cloud, "served"):
@@ -175,23 +203,66 @@ class SplitPlans(PlacementSource):
         for s in self.fleet.online():
             if not any(m.name == info.name and m.quant == info.quant for m in s.models):
                 continue
-            c = self._offers.get(id(s))
-            if c is None or c.device_id != s.device_id:
-                profile = _profile(s.record.profile)
-                spec = SplitSpec(((s.device_id, profile),), self.profile)
-                cost = model_cost(info.config_json, info.weight_bytes)
-                c = Candidate("split", s.device_id, profile, info.name, cost, 0, s.record.emulated, None,
-                              info.chat_template_tokens, spec)  # fmt: skip
-                self._offers[id(s)] = c
+            c = self._offer(s, info)
             queued = s.inflight // s.max_concurrency
             out.append(c if c.queued == queued else dataclasses.replace(c, queued=queued))
         return out
+
+    def _offer(self, s: AgentSession, info: pb.ModelInfo) -> Candidate:
+        """The session's split candidate, planned again when what it is predicted from has moved."""
+        assert self.profile is not None
+        free, inputs = split_spec(self.fleet, [s], info, self.profile)
+        held = self._offers.get(s.device_id)
+        if held is not None and held[0] == inputs:
+            return held[1]
+        profile = free.agents[0][1]
+        cost = model_cost(info.config_json, info.weight_bytes)
+        best = split_plan(free, cost, *self.REFERENCE).cuts
+        cuts = best
+        if held is not None and held[1].split is not None and held[1].split.cuts != best:
+            old = held[1].split.cuts
+            was, now = (split_plan(dataclasses.replace(free, cuts=k), cost, *self.REFERENCE) for k in (old, best))
+            steps = self.REFERENCE[1] - 1
+            gain = (was.ttft_ms + steps * was.tpot_ms) / (now.ttft_ms + steps * now.tpot_ms) - 1
+            if gain > self.REBALANCE_MARGIN:
+                self.rebalances.append(Rebalance(s.device_id, old, best, gain, time.time()))
+                log.info("split plan for %s rebalanced: cut %s -> %s, predicted %.0f%% faster", s.device_id, old,
+                         best, 100 * gain)  # fmt: skip
+            else:
+                cuts = old  # within the hysteresis margin: keep the plan
+        spec = dataclasses.replace(free, cuts=cuts)
+        c = Candidate("split", s.device_id, profile, info.name, cost, 0, s.record.emulated, None,
+                      info.chat_template_tokens, spec)  # fmt: skip
+        self._offers[s.device_id] = (inputs, c)
+        return c
 
     def models(self) -> list[pb.ModelInfo]:
         return []  # the cloud's and the agents' own sources list what is served
 
     def claim(self, candidate: Candidate) -> Release:
         return claim_split(self.fleet, candidate)
+
+
+def split_spec(
+    fleet: Fleet, sessions: Sequence[AgentSession], info: pb.ModelInfo, cloud: DeviceProfile, cuts: tuple[int, ...] = ()
+) -> tuple[SplitSpec, tuple]:
+    """A split over `sessions` (in pipeline order) and the hub, predicted from what the hub measured:
+    each side's calibration (partitioner.predict.stage_parts; the roofline where there is none) and
+    each agent's round trip from the work channel's pings. Also returns what it was built from (the
+    round trips in 0.5 ms steps, so that noise does not re-plan), to tell when to build it again."""
+    agents, timings, links, inputs = [], [], [], []
+    for s in sessions:
+        tracker = fleet.calibrations.routing(s.device_id, info.name)
+        profile = _profile(s.record.profile)
+        rtt = round(s.rtt_ms * 2) / 2 if s.rtt_ms is not None else None
+        agents.append((s.device_id, profile))
+        timings.append(stage_parts(tracker.calibration if tracker else None, s.record.emulated))
+        links.append(profile.link if rtt is None else dataclasses.replace(profile.link, rtt_ms=rtt))
+        inputs += [id(s), rtt, id(tracker and tracker.calibration)]
+    hub = fleet.calibrations.routing("cloud", info.name)
+    timings.append(stage_parts(hub.calibration if hub else None))
+    inputs.append(id(hub and hub.calibration))
+    return SplitSpec(tuple(agents), cloud, cuts, tuple(timings), tuple(links)), tuple(inputs)
 
 
 def claim_split(fleet: Fleet, candidate: Candidate) -> Release:

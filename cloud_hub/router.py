@@ -25,7 +25,7 @@ from cloud_hub.errors import BudgetUnsatisfiable
 from device_profiles import DeviceProfile, LinkSpec
 from partitioner import predict as calibrated
 from partitioner.cost import Estimate, ModelCost, predict
-from partitioner.split import Plan, PlanError, evaluate, single_cut
+from partitioner.split import Plan, PlanError, Timings, evaluate, single_cut
 from tandem.types import Budget  # the SDK's own value: what the caller states is what the router reads
 
 __all__ = ["Budget", "BudgetRouter", "Candidate", "Choice", "Router", "Scored", "queued_estimate"]
@@ -41,6 +41,11 @@ class SplitSpec:
     """The hub's hardware, which runs the last layers and the head."""
     cuts: tuple[int, ...] = ()
     """Pinned boundaries, one per agent (agent i ends at cuts[i]); empty: the partitioner's single cut."""
+    timings: tuple[Timings | None, ...] = ()
+    """Per agent, then the cloud: measured per-block times (partitioner.predict.stage_parts); None or
+    empty: the profile's roofline."""
+    links: tuple[LinkSpec, ...] = ()
+    """Per agent, its link to the hub as measured (the work channel's round trips); empty: its profile's."""
 
 
 @dataclass(frozen=True)
@@ -119,13 +124,18 @@ def split_plan(spec: SplitSpec, cost: ModelCost, prompt_tokens: int, max_tokens:
     interior single cut of least TTFT (partitioner.split). Raises PlanError (binding "memory") when
     no cut fits, ValueError for pinned cuts that are not a plan."""
     profiles = [p for _, p in spec.agents]
-    links = [_relayed(a.link, b.link) for a, b in itertools.pairwise(profiles)] + [profiles[-1].link]
+    own = spec.links or tuple(p.link for p in profiles)
+    links = [_relayed(a, b) for a, b in itertools.pairwise(own)] + [own[-1]]
     devices = [*spec.agents, ("cloud", spec.cloud)]
-    cuts = (
-        spec.cuts
-        or single_cut(profiles[0], spec.cloud, cost, prompt_tokens, max_tokens, link=links[0], interior=True).cuts
-    )
-    return evaluate(devices, links, cost, prompt_tokens, max_tokens, cuts)  # the stages named by device id
+    names = [d for d, _ in devices]
+    timings = {n: t for n, t in zip(names, spec.timings, strict=True) if t is not None} if spec.timings else {}
+    cuts = spec.cuts
+    if not cuts:
+        pair = {k: timings[n] for k, n in (("edge", names[0]), ("cloud", "cloud")) if n in timings}
+        cuts = single_cut(
+            profiles[0], spec.cloud, cost, prompt_tokens, max_tokens, link=links[0], interior=True, timings=pair
+        ).cuts
+    return evaluate(devices, links, cost, prompt_tokens, max_tokens, cuts, timings=timings)  # stages by device id
 
 
 def estimate(c: Candidate, prompt_tokens: int, max_tokens: int) -> Estimate:

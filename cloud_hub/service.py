@@ -28,7 +28,7 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.placements import Placements
 from cloud_hub.prompt import CHAT_TEMPLATE_TOKENS, RequestPrompt
 from cloud_hub.ratelimit import RateLimiter
-from cloud_hub.router import Budget, Candidate, Router, SplitSpec, split_plan
+from cloud_hub.router import Budget, Candidate, Router, split_plan
 from cloud_hub.split import SplitEngine
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
@@ -277,7 +277,7 @@ class HubService:
         info = backend.model_info()
         if spec.model and spec.model != info.name:
             raise InvalidRequest(f"device: a split runs the hub's own model {info.name!r}, not {spec.model!r}")
-        agents, cuts = [], []
+        sessions, cuts = [], []
         for part in spec.device[len(SPLIT_PIN) :].split(","):
             device, _, end = part.rpartition(":")
             if not device or not end.isdigit():
@@ -287,18 +287,17 @@ class HubService:
                 raise NotFound(f"device: {device!r} is not online")
             if not any(m.name == info.name and m.quant == info.quant for m in session.models):
                 raise InvalidRequest(f"device: {device!r} does not serve {info.name} at {info.quant}, as the hub does")
-            agents.append((device, session.record.profile))
+            sessions.append(session)
             cuts.append(int(end))
         n = info.n_layers
         if not all(a < b for a, b in zip([0, *cuts], [*cuts, n], strict=True)):
             raise InvalidRequest(f"device: layer boundaries {cuts} must rise within (0, {n}) for {info.name}")
-        from cloud_hub.placements import _profile, model_cost  # the sources' caches
+        from cloud_hub.placements import model_cost, split_spec  # placements imports this module's router
 
-        spec_ = SplitSpec(tuple((d, _profile(p)) for d, p in agents), profile, tuple(cuts))
-        first = self.fleet.sessions[agents[0][0]]
+        spec_, _ = split_spec(self.fleet, sessions, info, profile, tuple(cuts))
         cost = model_cost(info.config_json, info.weight_bytes)
-        return Candidate("split", agents[0][0], spec_.agents[0][1], info.name, cost, 0, first.record.emulated,
-                         None, info.chat_template_tokens, spec_)  # fmt: skip
+        return Candidate("split", sessions[0].device_id, spec_.agents[0][1], info.name, cost, 0,
+                         sessions[0].record.emulated, None, info.chat_template_tokens, spec_)  # fmt: skip
 
     def _split_placements(
         self, c: Candidate, est: Any, tokens: int, remaining: int, progress: _Progress

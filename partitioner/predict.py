@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from device_profiles import Calibration, DeviceProfile
 from partitioner import calibration as cal
+from partitioner import split
 from partitioner.cost import BYTES_PER_PROMPT_TOKEN, Estimate, ModelCost, assemble, link_ms
 from partitioner.cost import decode_ms as roofline_decode_ms
 from partitioner.cost import prefill_ms as roofline_prefill_ms
@@ -105,3 +106,36 @@ def predict(
         )
     power = calibration.power_w if calibration is not None and calibration.power_w > 0 else profile.power_active_w
     return assemble(profile, link, prefill, step, max_new_tokens, power)
+
+
+def stage_parts(calibration: Calibration | None, emulated: bool = False) -> split.Timings | None:
+    """A device's per-block times for split plans (partitioner.split's `timings`), from its calibration:
+    a block's prefill as calibrated, the head's with the request's fixed overhead; a decode step as
+    calibrated, shared between blocks and head as the roofline shares it (the calibration measures
+    whole steps). An emulated device takes the slower of each and the roofline's. None without a
+    calibration: the roofline stands."""
+    if calibration is None:
+        return None
+
+    def parts(
+        profile: DeviceProfile, cost: ModelCost, prompt_tokens: int, context: float
+    ) -> tuple[tuple[float, float], tuple[float, float]]:
+        n = cost.n_layers
+        roof_block, roof_head = (
+            split.layer_decode_ms(profile, cost, context),
+            split.head_decode_ms(profile, cost, context),
+        )
+        head_share = roof_head / (n * roof_block + roof_head)
+        step = cal.decode_ms(calibration, cost, context)
+        prefill = (cal.layer_prefill_ms(calibration, cost, prompt_tokens), calibration.head_ms + calibration.request_ms)
+        decode = (step * (1 - head_share) / n, step * head_share)
+        if emulated:
+            roof_p = (
+                split.layer_prefill_ms(profile, cost, prompt_tokens),
+                split.head_prefill_ms(profile, cost, prompt_tokens),
+            )
+            prefill = (max(prefill[0], roof_p[0]), max(prefill[1], roof_p[1]))
+            decode = (max(decode[0], roof_block), max(decode[1], roof_head))
+        return prefill, decode
+
+    return parts

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -245,6 +245,11 @@ def _check_limit(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number >= 0 (0: no limit), got {value!r}")
 
 
+Timings = Callable[[DeviceProfile, ModelCost, int, float], tuple[tuple[float, float], tuple[float, float]]]
+"""(profile, cost, prompt tokens, mean context) -> ((one block, head) of prefill, (one block, head) of a
+decode step), ms: a device's own measured speed in place of the roofline (partitioner.predict.stage_parts)."""
+
+
 def _chain(
     devices: Sequence[tuple[str, DeviceProfile]],
     links: Sequence[LinkSpec],
@@ -252,8 +257,10 @@ def _chain(
     prompt_tokens: int,
     max_new_tokens: int,
     wire: Wire,
+    timings: Mapping[str, Timings] | None = None,
 ) -> _Chain:
-    """Raises ValueError for an empty chain, repeated names or a link count other than devices - 1."""
+    """Raises ValueError for an empty chain, repeated names or a link count other than devices - 1.
+    `timings` (by device name) replaces the roofline's per-block times of those devices."""
     _check_request(cost, prompt_tokens, max_new_tokens, wire)
     if not devices:
         raise ValueError("the device list is empty: a plan needs at least one device")
@@ -263,16 +270,14 @@ def _chain(
     if len(links) != len(devices) - 1:
         raise ValueError(f"{len(devices)} devices need {len(devices) - 1} links between them, got {len(links)}")
     mean_context = prompt_tokens + max_new_tokens / 2
-    devs = tuple(
-        _Device(
-            name,
-            p,
-            _prefill_parts(p, cost, prompt_tokens),
-            _decode_parts(p, cost, mean_context),
-            (1 - MEMORY_HEADROOM) * p.memory_gb * 1e9,
-        )
-        for name, p in devices
-    )
+    timings = timings or {}
+
+    def parts(name: str, p: DeviceProfile) -> tuple[tuple[float, float], tuple[float, float]]:
+        if name in timings:
+            return timings[name](p, cost, prompt_tokens, mean_context)
+        return _prefill_parts(p, cost, prompt_tokens), _decode_parts(p, cost, mean_context)
+
+    devs = tuple(_Device(name, p, *parts(name, p), (1 - MEMORY_HEADROOM) * p.memory_gb * 1e9) for name, p in devices)
     hidden = hidden_bytes(cost, wire)
     text = prompt_tokens * BYTES_PER_PROMPT_TOKEN
     lks = tuple(
@@ -369,10 +374,12 @@ def single_cut(
     link: LinkSpec | None = None,
     wire: Wire = "fp16",
     interior: bool = False,
+    timings: Mapping[str, Timings] | None = None,
 ) -> Plan:
     """The cut k minimising `objective` within the budgets (0: no limit) and both devices' memory; the
     smallest k among equals. `link` joins edge and cloud (default: the edge's link to the hub).
     `interior`: only 0 < k < N, a real split (the hub lists edge-only and cloud-only apart).
+    `timings` ("edge", "cloud"): measured per-block times in place of the roofline's.
 
     Raises ValueError for bad inputs, PlanError when no cut fits: binding "memory" if no cut fits in
     memory, else the worst-violated budget of the cut that comes closest (the hub router's rule: the
@@ -383,7 +390,9 @@ def single_cut(
     limits = {"ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "energy_j": energy_j}
     for name, value in limits.items():
         _check_limit(name, value)
-    c = _chain((("edge", edge), ("cloud", cloud)), (link or edge.link,), cost, prompt_tokens, max_new_tokens, wire)
+    c = _chain(
+        (("edge", edge), ("cloud", cloud)), (link or edge.link,), cost, prompt_tokens, max_new_tokens, wire, timings
+    )
     n = cost.n_layers
     ks = range(1, n) if interior else range(n + 1)
     rows = [((k,), _figures(c, (k,))) for k in ks if _fits(c, 0, 0, k) and _fits(c, 1, k, n)]
@@ -417,11 +426,12 @@ def evaluate(
     max_new_tokens: int,
     cuts: Sequence[int],
     wire: Wire = "fp16",
+    timings: Mapping[str, Timings] | None = None,
 ) -> Plan:
     """The plan of given boundaries (one per link, non-decreasing in [0, N]): what a caller who pinned
     the cuts gets predicted. Memory is not checked (the figures say what it holds); raises ValueError
-    for bad inputs or boundaries."""
-    c = _chain(devices, links, cost, prompt_tokens, max_new_tokens, wire)
+    for bad inputs or boundaries. `timings` (by device name): measured per-block times."""
+    c = _chain(devices, links, cost, prompt_tokens, max_new_tokens, wire, timings)
     bounds = (0, *cuts, cost.n_layers)
     if len(cuts) != len(links) or any(b > a for a, b in zip(bounds[1:], bounds, strict=False)):
         raise ValueError(f"cuts must be {len(links)} non-decreasing boundaries in [0, {cost.n_layers}], got {cuts}")

@@ -81,3 +81,26 @@ def test_a_split_that_fits_no_memory_is_ruled_out_by_memory() -> None:
     roomy = Candidate("split", "pi", PI.profile, "smollm2", COST, split=SplitSpec((("pi", PI.profile),), CLOUD.profile))
     plan = split_plan(roomy.split, COST, 400, 32)
     assert [s.device for s in plan.stages] == ["pi", "cloud"] and 0 < plan.cuts[0] < COST.n_layers
+
+
+def test_calibrated_stage_parts_add_up_to_the_calibrated_prediction() -> None:
+    from device_profiles import Calibration
+    from partitioner.calibration import prior
+    from partitioner.predict import compute_ms, stage_parts
+
+    profile = load_profile("cpu-2core")
+    p, d = prior(profile)
+    cal = Calibration("smollm2", "fp32", "cpu", (0.01, p[1] * 1.7, p[2]), (0.3, d[1] * 0.8, d[2]), 2.0, 5.0)
+    parts = stage_parts(cal)
+    assert stage_parts(None) is None
+    (block_p, head_p), (block_d, head_d) = parts(profile, COST, 300, 316.0)
+    prefill, step = compute_ms(profile, COST, cal, 300, 316.0)
+    assert COST.n_layers * block_p + head_p == pytest.approx(prefill, rel=1e-12)
+    assert COST.n_layers * block_d + head_d == pytest.approx(step, rel=1e-12)
+    # emulated: never faster than the profile's roofline, block by block
+    slow = Calibration("smollm2", "fp32", "cpu", tuple(x / 100 for x in p), tuple(x / 100 for x in d))
+    (eb, eh), (db, dh) = stage_parts(slow, emulated=True)(profile, COST, 300, 316.0)
+    from partitioner import split
+
+    assert eb >= split.layer_prefill_ms(profile, COST, 300) and db >= split.layer_decode_ms(profile, COST, 316.0)
+    assert eh >= split.head_prefill_ms(profile, COST, 300) and dh >= split.head_decode_ms(profile, COST, 316.0)

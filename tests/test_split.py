@@ -161,3 +161,45 @@ async def test_a_dropped_stage_fails_over_and_the_answer_is_the_uninterrupted_on
                     await wait_for(lambda: len(hub.fleet.online()) == 1, timeout=10)
         finally:
             await second.close()
+
+
+async def test_the_split_plan_rebalances_when_a_side_speeds_up_with_hysteresis(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from device_profiles import Calibration, load_profile
+    from partitioner.calibration import prior
+
+    sources = ("cloud", "split")
+    async with running_hub(tmp_path / "hub", cloud_model=MODEL, mqtt="none", placement_sources=sources) as hub:
+        agent = await start_served_agent(hub, ServedModel(MODEL, real_model(MODEL, "source")), tmp_path / "a", "a")
+        source = next(s for s in hub.service.placements.sources if s.kind == "split")
+        tracker = hub.fleet.calibrations.routing(agent.device_id, MODEL)
+        key = hub.registry.create_api_key("t")
+        try:
+            (before,) = source.candidates(MODEL, False)
+            assert tracker.calibration is None and before.split.cuts  # the roofline: the agent alone
+
+            def calibrated(speedup: float) -> Calibration:  # the profile's roofline, `speedup` times faster
+                p, d = prior(load_profile("cpu-2core"))
+                return Calibration(MODEL, "source", "cpu", tuple(x / speedup for x in p), tuple(x / speedup for x in d))
+
+            tracker.calibration = calibrated(1.05)  # moves the plan less than the margin: kept
+            (kept,) = source.candidates(MODEL, False)
+            assert kept.split.cuts == before.split.cuts and source.rebalances == []
+            with caplog.at_level("INFO", logger="tandem.hub"):
+                async with AsyncClient(hub.address, api_key=key) as client:
+                    stream = client.stream(PROMPT, model=MODEL, max_tokens=24, result=(inflight := GenerateResult()))
+                    await anext(stream)  # a request in flight on the old plan
+                    tracker.calibration = calibrated(20.0)  # the agent is now far faster: most layers go to it
+                    (after,) = source.candidates(MODEL, False)
+                    async for _ in stream:
+                        pass
+                    fresh = await client.generate(PROMPT, model=MODEL, max_tokens=24)
+            assert after.split.cuts[0] > before.split.cuts[0]
+            (switch,) = source.rebalances
+            assert switch.old == before.split.cuts and switch.new == after.split.cuts and switch.gain > 0.10
+            assert f"cut {before.split.cuts} -> {after.split.cuts}" in caplog.text
+            assert inflight.placements[0].layer_end == before.split.cuts[0]  # finished on its own plan
+            assert fresh.placements[0].layer_end == after.split.cuts[0] and fresh.text == inflight.text
+        finally:
+            await agent.close()
