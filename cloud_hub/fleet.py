@@ -97,6 +97,8 @@ class AgentSession:
     """Works waiting at the hub for a slot, oldest first; one whose caller went away is skipped."""
     rtt_ms: float | None = None
     """Moving average of the work channel's round trip, from the hub's pings and the agent's pongs."""
+    uplink_mbps: float | None = None
+    """Moving average of the agent's uplink as split stages' prompt transfers measured it (None: none yet)."""
     offers: list[tuple[str, bool, Candidate]] | None = field(default=None, repr=False)
     """(model name, chat, routing candidate) per model served, built by the hub on first use and
     kept with the session: a reconnect (a new session) starts afresh."""

@@ -247,18 +247,21 @@ def split_spec(
     fleet: Fleet, sessions: Sequence[AgentSession], info: pb.ModelInfo, cloud: DeviceProfile, cuts: tuple[int, ...] = ()
 ) -> tuple[SplitSpec, tuple]:
     """A split over `sessions` (in pipeline order) and the hub, predicted from what the hub measured:
-    each side's calibration (partitioner.predict.stage_parts; the roofline where there is none) and
-    each agent's round trip from the work channel's pings. Also returns what it was built from (the
-    round trips in 0.5 ms steps, so that noise does not re-plan), to tell when to build it again."""
+    each side's calibration (partitioner.predict.stage_parts; the roofline where there is none), each
+    agent's round trip from the work channel's pings and its uplink from split prompts' transfers
+    (cloud_hub.split.measure_uplink). Also returns what it was built from (round trips in 0.5 ms
+    steps, uplinks to two digits, so that noise does not re-plan), to tell when to build it again."""
     agents, timings, links, inputs = [], [], [], []
     for s in sessions:
         tracker = fleet.calibrations.routing(s.device_id, info.name)
         profile = _profile(s.record.profile)
         rtt = round(s.rtt_ms * 2) / 2 if s.rtt_ms is not None else None
+        up = float(f"{s.uplink_mbps:.2g}") if s.uplink_mbps else None  # two significant digits
         agents.append((s.device_id, profile))
         timings.append(stage_parts(tracker.calibration if tracker else None, s.record.emulated))
-        links.append(profile.link if rtt is None else dataclasses.replace(profile.link, rtt_ms=rtt))
-        inputs += [id(s), rtt, id(tracker and tracker.calibration)]
+        link = profile.link if rtt is None else dataclasses.replace(profile.link, rtt_ms=rtt)
+        links.append(link if up is None else dataclasses.replace(link, uplink_mbps=up))
+        inputs += [id(s), rtt, up, id(tracker and tracker.calibration)]
     hub = fleet.calibrations.routing("cloud", info.name)
     timings.append(stage_parts(hub.calibration if hub else None))
     inputs.append(id(hub and hub.calibration))

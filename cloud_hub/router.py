@@ -25,7 +25,7 @@ from cloud_hub.errors import BudgetUnsatisfiable
 from device_profiles import DeviceProfile, LinkSpec
 from partitioner import predict as calibrated
 from partitioner.cost import Estimate, ModelCost, predict
-from partitioner.split import Plan, PlanError, Timings, evaluate, single_cut
+from partitioner.split import TOKEN_ID_BYTES, Plan, PlanError, Timings, evaluate, single_cut, transfer_ms
 from tandem.types import Budget  # the SDK's own value: what the caller states is what the router reads
 
 __all__ = ["Budget", "BudgetRouter", "Candidate", "Choice", "Router", "Scored", "queued_estimate"]
@@ -142,9 +142,11 @@ def estimate(c: Candidate, prompt_tokens: int, max_tokens: int) -> Estimate:
     """The mean prediction for `c`, before its queue. Raises PlanError for a split that fits nowhere."""
     if c.split is not None:
         plan = split_plan(c.split, c.cost, prompt_tokens, max_tokens)
-        total = plan.ttft_ms + (max_tokens - 1) * plan.tpot_ms
-        return Estimate(plan.ttft_ms, plan.tpot_ms, total, plan.edge_energy_j, plan.edge_energy_j, plan.ttft_ms,
-                        plan.tpot_ms)  # fmt: skip
+        first = c.split.links[0] if c.split.links else c.split.agents[0][1].link
+        # the plan starts at its first device; the prompt's ids go there from the hub first
+        ttft = plan.ttft_ms + transfer_ms(first, prompt_tokens * TOKEN_ID_BYTES, "down")
+        total = ttft + (max_tokens - 1) * plan.tpot_ms
+        return Estimate(ttft, plan.tpot_ms, total, plan.edge_energy_j, plan.edge_energy_j, ttft, plan.tpot_ms)
     t = c.tracker
     if t is None:
         return predict(c.profile, c.cost, prompt_tokens, max_tokens)

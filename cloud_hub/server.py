@@ -86,6 +86,8 @@ class HubConfig:
     calibrate: bool = True
     """Predict from devices' calibrations and admit on quantiles; False: the profiles' roofline alone and
     mean admission (what the hub did before; for comparison)."""
+    ping_every_s: float = 5.0
+    """How often the hub pings each agent's work channel to measure its round trip."""
     split_dtype: str = "float16"
     """How split stages send hidden states: "float32", "float16" or "int8" (models.stage.DTYPES)."""
     admission_quantile: float = 0.95
@@ -153,7 +155,8 @@ class Hub:
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.registry, self.service), self.server)
         pb_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry), self.server)
-        pb_grpc.add_WorkChannelServicer_to_server(WorkChannelServicer(self.registry), self.server)
+        channel = WorkChannelServicer(self.registry, ping_every_s=cfg.ping_every_s)
+        pb_grpc.add_WorkChannelServicer_to_server(channel, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         if cfg.tls_dir is not None:
             key, cert = (cfg.tls_dir / "hub.key").read_bytes(), (cfg.tls_dir / "hub.pem").read_bytes()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +36,24 @@ STEP_TIMEOUT_S = 30.0
 """How long the hub waits for one stage's answer to one input before it counts the stage as lost."""
 
 
+MEASURABLE_MS = 2.0
+"""A prompt transfer shorter than this (after the round trip and the stage's prefill) says nothing
+reliable about the link's bandwidth: the measurement is skipped."""
+
+
+def measure_uplink(session: AgentSession, n_bytes: int, elapsed_ms: float, prefill_ms: float) -> float | None:
+    """Fold one prompt transfer into the session's measured uplink (a moving average): the time from
+    sending a stage its input to its prompt's hidden states arriving, less the round trip and the
+    stage's own prefill, carried `n_bytes`. Returns the sample in Mbit/s (None: too short to tell)."""
+    rtt = session.rtt_ms or 0.0
+    transfer_ms = elapsed_ms - rtt - prefill_ms
+    if transfer_ms < MEASURABLE_MS or n_bytes <= 0:
+        return None
+    mbps = 8 * n_bytes / (transfer_ms * 1000)
+    session.uplink_mbps = mbps if session.uplink_mbps is None else 0.5 * session.uplink_mbps + 0.5 * mbps
+    return mbps
+
+
 @dataclass
 class _Remote:
     """One agent's stage of one request: its session, its layers, and its replies as they come."""
@@ -45,6 +64,10 @@ class _Remote:
     work_id: str = field(default_factory=lambda: os.urandom(16).hex())
     replies: AsyncIterator | None = None
     done: pb.WorkDone | None = None
+    prompt_s: float = 0.0
+    """From sending its first input to its prompt's hidden states arriving."""
+    prompt_bytes: int = 0
+    """What those hidden states took on the wire."""
 
 
 class SplitEngine:
@@ -67,6 +90,7 @@ class SplitEngine:
         self.remotes = [_Remote(session, start, end) for session, start, end in remotes]
         self.local_start = local_start
         self.local: Stage | None = None
+        self._last_bytes = 0
         self.energy_j = 0.0
         """Energy the agents' stages reported (their WorkDone), once released."""
 
@@ -118,8 +142,10 @@ class SplitEngine:
                 work.input.tokens.ids.extend(ids)
             else:
                 work.hidden.CopyFrom(self._message(r, h))
+            sent = time.perf_counter()
             r.replies = r.session.run(work)
             h = await self._hidden(r)
+            r.prompt_s, r.prompt_bytes = time.perf_counter() - sent, self._last_bytes
         return h
 
     async def _step(self, token: int) -> torch.Tensor | None:
@@ -155,6 +181,7 @@ class SplitEngine:
             raise Unavailable(f"{where}: {exc}") from exc
         if type(item) is not pb.HiddenStates:
             raise Unavailable(f"{where}: sent {type(item).__name__}, not hidden states")
+        self._last_bytes = len(item.data)
         try:
             return unpack(item.shape, item.dtype, item.data, self.model.cfg.dim)
         except InvalidRequest as exc:  # refused; the request fails over, the hub keeps serving
@@ -170,6 +197,7 @@ class SplitEngine:
                 if type(item) is pb.WorkDone:
                     r.done = item
                     self.energy_j += item.metrics.energy_j
+                    measure_uplink(r.session, r.prompt_bytes, r.prompt_s * 1000, item.metrics.prefill_ms)
             except (HubError, TimeoutError, StopAsyncIteration):
                 pass  # the answer is complete; a stage that cannot say goodbye is cancelled below
             finally:

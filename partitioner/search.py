@@ -22,7 +22,10 @@ precision each side stores its weights at, and how many of the edge's layers are
 A side that holds no layers has no precision that matters: `canonical` gives it the other side's, so
 points that cost the same are the same point. Budgets (0: no limit) and memory are constraints, not
 penalties: optuna's NSGA-II ranks feasible trials by the objectives and infeasible ones by how far
-they miss. Units: milliseconds, joules, bytes, bits per byte.
+they miss. Each trial sets them with `Trial.set_constraint`: optuna 5.0 deprecates the sampler's
+`constraints_func` (removal in 7.0) for it, with the same constrained domination. A point already
+visited is pruned rather than scored again: repeats would crowd the population on this discrete grid.
+Units: milliseconds, joules, bytes, bits per byte.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ from partitioner.split import (
 
 PRECISION_BITS: Mapping[str, float] = {"fp32": 32.0, "int8": 8.5, "int4": 5.0}
 """Stored bits per weight of each precision, scales included (as cost.served_model_cost counts a bundle)."""
+MUTATION_PROB = 0.4
+"""Chance NSGA-II resamples each coordinate of a child. Optuna's default, 1 / 4 coordinates, left one run in 80
+short of the exhaustive front on tests/test_split_search.py's grid (600 trials, 50 per generation); 0.4
+left none in 240 (seeds 0-29)."""
 BUDGET_NAMES = ("ttft_ms", "tpot_ms", "energy_j", "bpb")
 """The budgets, in the order a tie between binding constraints is broken."""
 
@@ -310,6 +317,12 @@ def pareto(candidates: Sequence[Candidate]) -> list[Candidate]:
     return front
 
 
+def _value(f: Figures, name: str) -> float:
+    """Figure `name` of `f`; an unknown BPB counts as infinitely bad."""
+    value = getattr(f, name)
+    return math.inf if value is None else value
+
+
 def constraints(f: Figures, budgets: Budgets, with_quality: bool) -> dict[str, float]:
     """Named constraint values, feasible when <= 0: "memory" (the fuller side's share of its memory
     over 1), each set budget (value / limit - 1), and with a quality "measured" (1 where BPB is unknown)."""
@@ -320,12 +333,6 @@ def constraints(f: Figures, budgets: Budgets, with_quality: bool) -> dict[str, f
     if with_quality:
         out["measured"] = 0.0 if f.bpb is not None else 1.0
     return out
-
-
-def _value(f: Figures, name: str) -> float:
-    """Figure `name` of `f`; an unknown BPB counts as infinitely bad."""
-    value = getattr(f, name)
-    return math.inf if value is None else value
 
 
 def refuse(candidates: Sequence[Candidate], budgets: Budgets, where: str) -> NoReturn:
@@ -342,7 +349,7 @@ def refuse(candidates: Sequence[Candidate], budgets: Budgets, where: str) -> NoR
     closest = fitting[at]
     raise PlanError(
         f"no plan {where} meets the budget: binding constraint {binding} — the closest ({closest.point}) "
-        f"predicts {binding} = {getattr(closest.figures, binding):.4g} against a budget of {limits[binding]:.4g}",
+        f"predicts {binding} = {_value(closest.figures, binding):.4g} against a budget of {limits[binding]:.4g}",
         binding=binding,
     )
 
@@ -352,6 +359,8 @@ def refuse(candidates: Sequence[Candidate], budgets: Budgets, where: str) -> NoR
 
 @dataclass(frozen=True)
 class _Problem:
+    """One request's inputs, shared by `search` and `exhaustive`."""
+
     edge: DeviceProfile
     cloud: DeviceProfile
     cfg: ModelConfig
@@ -364,6 +373,7 @@ class _Problem:
     wire: Wire
 
     def score(self, point: Point) -> Candidate:
+        """`point` with its figures."""
         f = figures(
             point,
             self.edge,
@@ -378,6 +388,7 @@ class _Problem:
         return Candidate(point, f)
 
     def feasible(self, c: Candidate) -> bool:
+        """Whether `c` fits in memory, meets every budget and (with a quality) has a known BPB."""
         return all(v <= 0 for v in constraints(c.figures, self.budgets, self.quality is not None).values())
 
     def grid_candidates(self) -> list[Candidate]:
@@ -449,8 +460,8 @@ def search(
     quality: Quality | None = None,
     link: LinkSpec | None = None,
     wire: Wire = "fp16",
-    n_trials: int = 200,
-    population_size: int = 40,
+    n_trials: int = 600,
+    population_size: int = 50,
     seed: int = 0,
 ) -> list[Candidate]:
     """The Pareto front of the feasible points optuna's NSGA-II visits in `n_trials` trials over `grid`
@@ -461,12 +472,13 @@ def search(
     Raises ValueError for bad inputs, PlanError when no trial is feasible: binding "memory" or a budget's
     name, from the whole grid when nothing there fits, else from the trials (more trials may find one).
     """
-    import optuna  # a heavy import, needed by this solver only
+    import optuna  # about 0.36 s to import (this machine), three times partitioner.search: this solver only
 
     if n_trials < 1:
         raise ValueError(f"n_trials must be >= 1, got {n_trials}")
     prob = _problem(edge, cloud, cfg, prompt_tokens, max_new_tokens, budgets, grid, quality, link, wire)
     seen: dict[Point, Candidate] = {}
+    size = len(prob.grid.points(cfg.n_layers))
     with_quality = quality is not None
 
     def objective(trial: optuna.Trial) -> tuple[float, ...]:
@@ -481,13 +493,15 @@ def search(
         if point in seen:  # known figures; a repeat in the population would crowd out the others
             raise optuna.TrialPruned(f"{point} already visited")
         c = seen[point] = prob.score(point)
+        if len(seen) == size:  # the whole grid visited: the front is exhaustive's
+            trial.study.stop()
         for name, value in constraints(c.figures, budgets, with_quality).items():
             trial.set_constraint(name, value)
         values = c.objectives
         return values if len(values) == 3 + with_quality else (*values, math.inf)  # unknown BPB: worst
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
+    sampler = optuna.samplers.NSGAIISampler(population_size=population_size, mutation_prob=MUTATION_PROB, seed=seed)
     study = optuna.create_study(directions=["minimize"] * (3 + with_quality), sampler=sampler)
     study.optimize(objective, n_trials=n_trials)
     feasible = [c for c in seen.values() if prob.feasible(c)]
@@ -497,4 +511,6 @@ def search(
     if not any(prob.feasible(c) for c in everything):
         refuse(everything, budgets, "of the grid")
     visited = [c for c in seen.values() if not with_quality or c.figures.bpb is not None]
-    refuse(visited or list(seen.values()), budgets, f"among {n_trials} trials (the grid has some: raise n_trials)")
+    if not visited:
+        raise PlanError(f"none of {n_trials} trials met a point with a measured BPB: raise n_trials", "measured")
+    refuse(visited, budgets, f"among {n_trials} trials (the grid has one that does: raise n_trials)")

@@ -71,10 +71,11 @@ async def start_agent(hub: Hub, model_path: Path, state_dir: Path, name: str, pr
 
 
 async def start_served_agent(
-    hub: Hub, served: ServedModel, state_dir: Path, name: str, profile: str = "cpu-2core"
+    hub: Hub, served: ServedModel, state_dir: Path, name: str, profile: str = "cpu-2core", address: str = ""
 ) -> RunningAgent:
-    """An in-process agent serving `served` (a counting or paced model, say); returns once it is online."""
-    config = AgentConfig(hub=hub.address, profile=profile, state_dir=state_dir, name=name,
+    """An in-process agent serving `served` (a counting or paced model, say), dialling `address`
+    (default the hub's); returns once it is online."""
+    config = AgentConfig(hub=address or hub.address, profile=profile, state_dir=state_dir, name=name,
                          token=hub.registry.create_token(), telemetry_interval_s=0.2)  # fmt: skip
     agent = Agent(config, served)
     stop = asyncio.Event()
@@ -95,11 +96,17 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> 
 
 
 def spawn_agent(
-    hub: Hub, model: str, state_dir: Path, name: str, profile: str = "cpu-2core", extra: tuple[str, ...] = ()
+    hub: Hub,
+    model: str,
+    state_dir: Path,
+    name: str,
+    profile: str = "cpu-2core",
+    extra: tuple[str, ...] = (),
+    address: str = "",
 ) -> subprocess.Popen:
-    """`tandem agent run` as a real child process (for kill tests)."""
+    """`tandem agent run` as a real child process (for kill tests), dialling `address` (default the hub's)."""
     token = hub.registry.create_token()
-    cmd = [sys.executable, "-m", "tandem_cli", "agent", "run", "--hub", hub.address, "--token", token,
+    cmd = [sys.executable, "-m", "tandem_cli", "agent", "run", "--hub", address or hub.address, "--token", token,
            "--profile", profile, "--model", model, "--name", name, "--state-dir", str(state_dir), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)

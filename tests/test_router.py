@@ -104,3 +104,18 @@ def test_calibrated_stage_parts_add_up_to_the_calibrated_prediction() -> None:
 
     assert eb >= split.layer_prefill_ms(profile, COST, 300) and db >= split.layer_decode_ms(profile, COST, 316.0)
     assert eh >= split.head_prefill_ms(profile, COST, 300) and dh >= split.head_decode_ms(profile, COST, 316.0)
+
+
+def test_measure_uplink_subtracts_the_round_trip_and_the_prefill() -> None:
+    from types import SimpleNamespace
+
+    from cloud_hub.split import measure_uplink
+
+    session = SimpleNamespace(rtt_ms=40.0, uplink_mbps=None)
+    # 100 kB in 40 ms of transfer after a 40 ms round trip and a 20 ms prefill: 20 Mbit/s
+    assert measure_uplink(session, 100_000, 100.0, 20.0) == pytest.approx(20.0)  # type: ignore[arg-type]
+    assert session.uplink_mbps == pytest.approx(20.0)
+    assert measure_uplink(session, 100_000, 180.0, 20.0) == pytest.approx(6.67, rel=1e-2)  # type: ignore[arg-type]
+    assert session.uplink_mbps == pytest.approx((20.0 + 6.667) / 2, rel=1e-3)  # a moving average
+    assert measure_uplink(session, 100_000, 61.0, 20.0) is None  # too short a transfer to tell: kept
+    assert session.uplink_mbps == pytest.approx(13.33, rel=1e-3)
