@@ -194,3 +194,13 @@ def test_a_split_is_one_line_and_a_failover_starts_the_next() -> None:
         "split: alpha (cpu-2core, layers 0–8) + cloud (cloud-cpu-2core, layers 8–30)",
         "edge: dev-b (cpu-2core)",
     )
+
+
+def test_the_front_keeps_the_points_nothing_beats() -> None:
+    pts = [(1.0, 5.0), (2.0, 2.0), (3.0, 3.0), (4.0, 1.0), (2.0, 2.0)]
+    assert plots.front(pts) == [True, True, False, True, True]  # (3, 3) is beaten by (2, 2); ties stay
+    svg = str(plots.scatter("x", "ms", "J", [(f"k={i}", a, b) for i, (a, b) in enumerate(pts)], "k=2"))
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    assert [c.get("class") for c in root.findall(f"{ns}circle")].count("front") == 4
+    assert len([c for c in root.findall(f"{ns}circle") if c.get("class") == "marked"]) == 1

@@ -6,9 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
 import edge_agent.stage
+from cloud_hub import auth
+from cloud_hub.ui import plots
 from models.runtime import load
 from models.serving import ServedModel
 from tandem import AsyncClient, Budget
@@ -111,7 +114,9 @@ async def test_malformed_hidden_states_fail_over_and_the_hub_keeps_serving(
 
 async def test_the_router_picks_a_split_and_names_every_stage(tmp_path: Path) -> None:
     sources = ("cloud", "split")  # a split is preferred to the cloud alone when both fit
-    async with running_hub(tmp_path / "hub", cloud_model=MODEL, mqtt="none", placement_sources=sources) as hub:
+    async with running_hub(
+        tmp_path / "hub", cloud_model=MODEL, mqtt="none", placement_sources=sources, http_listen="127.0.0.1:0"
+    ) as hub:
         agent = await start_served_agent(hub, ServedModel(MODEL, real_model(MODEL, "source")), tmp_path / "a", "a")
         key = hub.registry.create_api_key("t")
         try:
@@ -125,6 +130,19 @@ async def test_the_router_picks_a_split_and_names_every_stage(tmp_path: Path) ->
             record = hub.service.journal.recent(1)[0]  # the decision shows both candidates and why
             assert sorted(s[0].kind for s in record.considered) == ["cloud", "split"]
             assert record.considered[record.chosen][0].kind == "split"
+            # the fleet page's front of every cut for this device, the split source's cut ringed
+            ui = hub._http.config.app.state.ui if hub._http is not None else None
+            if ui is not None:
+                cuts, chosen, info = ui.plans(agent.device_id)
+                assert [k for k, _ in cuts] == list(range(31)) and chosen is not None and info.name == MODEL
+                svg = str(plots.scatter("t", "ms", "J", [(f"k={k}", p.ttft_ms, p.edge_energy_j) for k, p in cuts],
+                                        f"k={chosen}"))  # fmt: skip
+                assert svg.count('class="marked"') == 1 and 'class="front"' in svg
+                login = ui.sessions.create(auth.lookup_key(key))
+                async with httpx.AsyncClient(base_url=f"http://{hub.http_address}") as web:
+                    page = await web.get(f"/ui/devices/{agent.device_id}/plans", cookies={"tandem_session": login.sid})
+                assert page.status_code == 200 and page.text.count('<tr class="plan') == 31
+                assert f"k = {chosen}" in page.text and page.text.count('class="plan chosen"') == 1
         finally:
             await agent.close()
 

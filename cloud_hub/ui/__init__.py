@@ -5,6 +5,7 @@
     POST /ui/logout           ends it
     GET  /ui/events           server-sent events: each part of the page as HTML, when it changes
     GET  /ui/requests/{id}    one request and the router's decision: every candidate, why it lost
+    GET  /ui/devices/{id}/plans   the Pareto front of splitting the hub's model with that device
     POST /ui/devices/{id}/revoke   revoke a device (its credential and broker login)
     POST /ui/tokens           a new enrollment token, as a file download (never rendered into a page)
     GET  /ui/static/…         the style sheet and the script
@@ -26,6 +27,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -37,10 +39,14 @@ from markupsafe import Markup
 
 from cloud_hub import auth
 from cloud_hub.errors import HubError, NotFound
+from cloud_hub.placements import SplitPlans, model_cost, split_spec
 from cloud_hub.registry import Registry
+from cloud_hub.router import split_plan
 from cloud_hub.service import HubService
 from cloud_hub.ui import plots, views
 from cloud_hub.ui.sessions import LOGIN_COOKIE, SESSION_COOKIE, Sessions, UiSession, same_secret
+from partitioner.split import Plan
+from tandem.v1 import tandem_pb2 as pb
 
 HERE = Path(__file__).parent
 HEADERS = {
@@ -68,8 +74,8 @@ class FleetPage:
             loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True), auto_reload=False
         )
 
-    def render(self, name: str, **context: object) -> str:
-        return self.env.get_template(name).render(**context)
+    def render(self, template: str, /, **context: object) -> str:
+        return self.env.get_template(template).render(**context)
 
     # -- the parts ---------------------------------------------------------------------------------
 
@@ -143,6 +149,33 @@ class FleetPage:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.closing.wait(), self.refresh_s / 4)
+
+    def plans(self, device_id: str) -> tuple[list[tuple[int, Plan]], int | None, pb.ModelInfo]:
+        """(k, plan) for every cut k = 0..N of the hub's own model between `device_id` and the hub, for
+        SplitPlans.REFERENCE, and the cut the split source holds now (None: none). Raises LookupError
+        when the device is offline, or the hub serves no model the device serves at its precision."""
+        cloud, backend = self.cloud_source(), self.service.cloud
+        s = self.service.fleet.sessions.get(device_id)
+        if s is None or s.closed:
+            raise LookupError(f"device {device_id!r} is not online")
+        profile = getattr(cloud, "profile", None)
+        if backend is None or profile is None:
+            raise LookupError("the hub serves no model of its own: nothing to split with")
+        info = backend.model_info()
+        if not any(m.name == info.name and m.quant == info.quant for m in s.models):
+            raise LookupError(f"device {device_id!r} does not serve {info.name} at {info.quant}, as the hub does")
+        spec, _ = split_spec(self.service.fleet, [s], info, profile)
+        cost = model_cost(info.config_json, info.weight_bytes)
+        plans = [
+            (k, split_plan(replace(spec, cuts=(k,)), cost, *SplitPlans.REFERENCE)) for k in range(info.n_layers + 1)
+        ]
+        source = next((x for x in self.service.placements.sources if isinstance(x, SplitPlans)), None)
+        held = source._offers.get(device_id) if source is not None else None
+        chosen = held[1].split.cuts[0] if held is not None and held[1].split is not None else None
+        return plans, chosen, info
+
+    def cloud_source(self) -> object:
+        return next((s for s in self.service.placements.sources if s.kind == "cloud"), None)
 
     # -- auth --------------------------------------------------------------------------------------
 
@@ -276,6 +309,29 @@ def add_ui(app: FastAPI, registry: Registry, service: HubService, hub_address: s
                 taken=time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(record.at)),
             )
         )
+
+    @app.get("/ui/devices/{device_id}/plans", response_class=HTMLResponse)
+    async def plans_page(device_id: str, request: Request) -> Response:
+        """Every cut of the hub's model between this device and the hub, predicted for the split
+        source's reference request from what the hub measured: the front of TTFT against edge energy."""
+        session = page.session_of(request)
+        if session is None:
+            return _login_page(page)
+        try:
+            cuts, chosen, info = page.plans(device_id)
+        except LookupError as exc:
+            return Response(str(exc), status_code=404, media_type="text/plain")
+        names = page.names()
+        chart = plots.scatter(
+            f"{info.name}: {names.get(device_id, device_id)} then the hub, every cut", "TTFT ms", "edge energy J",
+            [(f"k={k}", p.ttft_ms, p.edge_energy_j) for k, p in cuts], f"k={chosen}" if chosen is not None else "",
+        )  # fmt: skip
+        on = plots.front([(p.ttft_ms, p.edge_energy_j) for _, p in cuts])
+        rows = [(k, p, f) for (k, p), f in zip(cuts, on, strict=True)]
+        return HTMLResponse(
+            page.render("plans.html", csrf=session.csrf, name=names.get(device_id, device_id), device=device_id,
+                        model=info.name, chart=chart, rows=rows, chosen=chosen, reference=SplitPlans.REFERENCE)
+        )  # fmt: skip
 
     @app.post("/ui/devices/{device_id}/revoke")
     async def revoke(device_id: str, request: Request) -> Response:

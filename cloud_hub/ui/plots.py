@@ -77,3 +77,55 @@ def line_chart(title: str, unit: str, data: dict[str, list[tuple[float, float]]]
             break
     out.append("</svg>")
     return Markup("".join(out))
+
+
+def front(points: list[tuple[float, float]]) -> list[bool]:
+    """Which points no other point beats on both coordinates (both minimised): the Pareto front."""
+    return [not any(a2 <= a and b2 <= b and (a2, b2) != (a, b) for a2, b2 in points) for a, b in points]
+
+
+def scatter(title: str, x_unit: str, y_unit: str, points: list[tuple[str, float, float]], marked: str = "") -> Markup:
+    """Labelled points (label, x, y), the Pareto front (least x and y) filled and joined, the rest hollow;
+    the point labelled `marked` ringed in red."""
+    head = (
+        f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}" '
+        f'xmlns="http://www.w3.org/2000/svg"><text x="{LEFT}" y="16" font-size="13" font-weight="600" '
+        f'fill="#111827">{escape(title)}</text>'
+    )
+    if not points:
+        return Markup(head + "</svg>")
+    xs, ys = [p[1] for p in points], [p[2] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(0.0, min(ys)), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 * 1.1 if y1 > y0 else y0 + 1)
+    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
+
+    def sx(x: float) -> float:
+        return LEFT + (x - x0) / (x1 - x0) * pw
+
+    def sy(y: float) -> float:
+        return TOP + ph - (y - y0) / (y1 - y0) * ph
+
+    out = [head]
+    for v in _ticks(y0, y1):
+        out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#e5e7eb"/>')
+        out.append(f'<text x="{LEFT - 6}" y="{sy(v) + 4:.1f}" text-anchor="end" font-size="11" fill="#374151">'
+                   f"{_num(v)}</text>")  # fmt: skip
+    for v in _ticks(x0, x1):
+        out.append(f'<text x="{sx(v):.1f}" y="{TOP + ph + 16}" text-anchor="middle" font-size="11" '
+                   f'fill="#374151">{_num(v)}</text>')  # fmt: skip
+    out.append(f'<text x="{W - RIGHT}" y="{H - 8}" text-anchor="end" font-size="11" fill="#374151">'
+               f"{escape(x_unit)} →</text>")  # fmt: skip
+    out.append(f'<text x="8" y="{TOP - 6}" font-size="11" fill="#374151">↑ {escape(y_unit)}</text>')
+    on = front([(x, y) for _, x, y in points])
+    line = sorted((x, y) for (_, x, y), f in zip(points, on, strict=True) if f)
+    out.append('<polyline points="' + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line)
+               + '" fill="none" stroke="#2563eb" stroke-width="1.5"/>')  # fmt: skip
+    for (label, x, y), f in zip(points, on, strict=True):
+        fill = "#2563eb" if f else "#ffffff"
+        out.append(f'<circle class="{"front" if f else "behind"}" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" '
+                   f'fill="{fill}" stroke="#2563eb"><title>{escape(label)}</title></circle>')  # fmt: skip
+        if label == marked:
+            out.append(f'<circle class="marked" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="7" fill="none" stroke="#dc2626" '
+                       'stroke-width="2"/>')  # fmt: skip
+    out.append("</svg>")
+    return Markup("".join(out))
