@@ -23,37 +23,50 @@ def _num(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 10 or v == 0 else f"{v:.2g}"
 
 
-def line_chart(title: str, unit: str, data: dict[str, list[tuple[float, float]]], zero_line: bool = False) -> Markup:
-    """One chart: a line per series (label -> [(unix time, value)], oldest first), time across."""
-    head = (
+class _Frame:
+    """A chart's axes over [x0, x1] x [y0, y1] (y from 0 when all are positive, 10% headroom above):
+    the title, horizontal grid lines with their values, and the scale functions."""
+
+    def __init__(self, title: str, xs: list[float], ys: list[float]) -> None:
+        x0, x1, y0, y1 = min(xs), max(xs), min(0.0, min(ys)), max(ys)
+        self.x0, self.y0 = x0, y0
+        self.x1, self.y1 = (x1 if x1 > x0 else x0 + 1), (y1 * 1.1 if y1 > y0 else y0 + 1)
+        self.out = [_head(title)]
+        for v in _ticks(self.y0, self.y1):
+            y = self.sy(v)
+            self.out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>')
+            self.out.append(
+                f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#374151">{_num(v)}</text>'
+            )
+
+    def sx(self, x: float) -> float:
+        return LEFT + (x - self.x0) / (self.x1 - self.x0) * (W - LEFT - RIGHT)
+
+    def sy(self, y: float) -> float:
+        ph = H - TOP - BOTTOM
+        return TOP + ph - (y - self.y0) / (self.y1 - self.y0) * ph
+
+
+def _head(title: str) -> str:
+    return (
         f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}" '
         f'xmlns="http://www.w3.org/2000/svg"><text x="{LEFT}" y="16" font-size="13" font-weight="600" '
-        f'fill="#111827">{escape(title)} ({escape(unit)})</text>'
+        f'fill="#111827">{escape(title)}</text>'
     )
+
+
+def line_chart(title: str, unit: str, data: dict[str, list[tuple[float, float]]], zero_line: bool = False) -> Markup:
+    """One chart: a line per series (label -> [(unix time, value)], oldest first), time across."""
+    title = f"{title} ({unit})"
     points = [p for pts in data.values() for p in pts]
     if not points:
         return Markup(
-            head + f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle" fill="#6b7280" '
+            _head(title) + f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle" fill="#6b7280" '
             'font-size="12">no requests yet</text></svg>'
         )
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(0.0, min(p[1] for p in points)), max(p[1] for p in points)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 * 1.1 if y1 > y0 else y0 + 1)
-    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
-
-    def sx(x: float) -> float:
-        return LEFT + (x - x0) / (x1 - x0) * pw
-
-    def sy(y: float) -> float:
-        return TOP + ph - (y - y0) / (y1 - y0) * ph
-
-    out = [head]
-    for v in _ticks(y0, y1):
-        y = sy(v)
-        out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e7eb"/>')
-        out.append(
-            f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="11" fill="#374151">{_num(v)}</text>'
-        )
+    frame = _Frame(title, [p[0] for p in points], [p[1] for p in points])
+    sx, sy, out, ph = frame.sx, frame.sy, frame.out, H - TOP - BOTTOM
+    x0, x1, y0 = frame.x0, frame.x1, frame.y0
     if zero_line and y0 < 0:
         out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{sy(0):.1f}" y2="{sy(0):.1f}" stroke="#9ca3af"/>')
     for v, anchor in ((x0, "start"), (x1, "end")):
@@ -87,30 +100,11 @@ def front(points: list[tuple[float, float]]) -> list[bool]:
 def scatter(title: str, x_unit: str, y_unit: str, points: list[tuple[str, float, float]], marked: str = "") -> Markup:
     """Labelled points (label, x, y), the Pareto front (least x and y) filled and joined, the rest hollow;
     the point labelled `marked` ringed in red."""
-    head = (
-        f'<svg class="chart" viewBox="0 0 {W} {H}" role="img" aria-label="{escape(title)}" '
-        f'xmlns="http://www.w3.org/2000/svg"><text x="{LEFT}" y="16" font-size="13" font-weight="600" '
-        f'fill="#111827">{escape(title)}</text>'
-    )
     if not points:
-        return Markup(head + "</svg>")
-    xs, ys = [p[1] for p in points], [p[2] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs), min(0.0, min(ys)), max(ys)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 * 1.1 if y1 > y0 else y0 + 1)
-    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
-
-    def sx(x: float) -> float:
-        return LEFT + (x - x0) / (x1 - x0) * pw
-
-    def sy(y: float) -> float:
-        return TOP + ph - (y - y0) / (y1 - y0) * ph
-
-    out = [head]
-    for v in _ticks(y0, y1):
-        out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#e5e7eb"/>')
-        out.append(f'<text x="{LEFT - 6}" y="{sy(v) + 4:.1f}" text-anchor="end" font-size="11" fill="#374151">'
-                   f"{_num(v)}</text>")  # fmt: skip
-    for v in _ticks(x0, x1):
+        return Markup(_head(title) + "</svg>")
+    frame = _Frame(title, [p[1] for p in points], [p[2] for p in points])
+    sx, sy, out, ph = frame.sx, frame.sy, frame.out, H - TOP - BOTTOM
+    for v in _ticks(frame.x0, frame.x1):
         out.append(f'<text x="{sx(v):.1f}" y="{TOP + ph + 16}" text-anchor="middle" font-size="11" '
                    f'fill="#374151">{_num(v)}</text>')  # fmt: skip
     out.append(f'<text x="{W - RIGHT}" y="{H - 8}" text-anchor="end" font-size="11" fill="#374151">'
