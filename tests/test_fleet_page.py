@@ -90,7 +90,7 @@ async def test_fleet_page_live_in_chromium(tmp_path: Path) -> None:
                     )
                 placement = result.placements[0]
                 record = hub.service.journal.recent(1)[0]
-                row = page.locator(f"tr[data-request='{record.id}']")
+                row = page.locator(f"tr[data-request='{record.id}'].ok")  # shown finished (it may show running first)
                 await row.wait_for(timeout=5000)
                 text = await row.inner_text()
                 where = "cloud" if placement.kind == "cloud" else XSS
