@@ -236,6 +236,11 @@ class SplitPlans(PlacementSource):
         self._offers[s.device_id] = (inputs, c)
         return c
 
+    def current_cut(self, device_id: str) -> int | None:
+        """The cut new split requests with `device_id` get now (None: not planned yet)."""
+        held = self._offers.get(device_id)
+        return held[1].split.cuts[0] if held is not None and held[1].split is not None else None
+
     def models(self) -> list[pb.ModelInfo]:
         return []  # the cloud's and the agents' own sources list what is served
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -170,9 +171,7 @@ class FleetPage:
             (k, split_plan(replace(spec, cuts=(k,)), cost, *SplitPlans.REFERENCE)) for k in range(info.n_layers + 1)
         ]
         source = next((x for x in self.service.placements.sources if isinstance(x, SplitPlans)), None)
-        held = source._offers.get(device_id) if source is not None else None
-        chosen = held[1].split.cuts[0] if held is not None and held[1].split is not None else None
-        return plans, chosen, info
+        return plans, source.current_cut(device_id) if source is not None else None, info
 
     def cloud_source(self) -> object:
         return next((s for s in self.service.placements.sources if s.kind == "cloud"), None)
@@ -189,8 +188,6 @@ class FleetPage:
 
 def _login_page(page: FleetPage, status: int = 401, error: str = "") -> HTMLResponse:
     """The login form with a fresh double-submit CSRF value (cookie and field)."""
-    import secrets
-
     csrf = secrets.token_urlsafe(24)
     response = HTMLResponse(page.render("login.html", csrf=csrf, error=error), status_code=status)
     response.set_cookie(LOGIN_COOKIE, csrf, httponly=True, samesite="strict", path="/ui", max_age=3600)
