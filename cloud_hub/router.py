@@ -255,7 +255,7 @@ class BudgetRouter(Router):
             raise exc
         value = {"ttft_ms": adm.ttft_ms, "tpot_ms": adm.tpot_ms, "energy_j": adm.edge_energy_j}[binding]
         limit = {"ttft_ms": budget.ttft_ms, "tpot_ms": budget.tpot_ms, "energy_j": budget.energy_j}[binding]
-        where = c.device_id or "the cloud"
+        where = f"a split over {c.device_id} and the cloud" if c.split is not None else c.device_id or "the cloud"
         how = f"at the {self.quantile:g} quantile of its measured/predicted ratios " if c.tracker is not None else ""
         exc = BudgetUnsatisfiable(
             f"no placement meets the budget: binding constraint {binding} — the closest placement ({c.model} on "

@@ -181,6 +181,15 @@ def test_series_group_served_requests_by_device_and_kind() -> None:
     assert [v for _, v in data["ttft_kind"]["cloud"]] == [10.0, 90.0]
     assert data["error"]["alpha"][0][1] == pytest.approx(20.0) and data["error"]["cloud"][0][1] == pytest.approx(-50.0)
     assert len(data["error"]["cloud"]) == 1  # the failover's prediction was of another placement
+    split = _open(j)
+    j.placed(split, (pb.Placement(kind="split", device_id="dev-a", layer_start=0, layer_end=8, predicted_ttft_ms=40.0),
+                     pb.Placement(kind="split", layer_start=8, layer_end=30, predicted_ttft_ms=40.0)))  # fmt: skip
+    j.close(split, "ok", pb.Metrics(ttft_ms=50.0, energy_j=0.5))
+    data = views.series(list(j.records), {"dev-a": "alpha"})
+    assert [v for _, v in data["ttft"]["alpha + cloud"]] == [50.0] and [v for _, v in data["ttft_kind"]["split"]] == [
+        50.0
+    ]
+    assert data["error"]["alpha + cloud"][0][1] == pytest.approx(25.0)
 
 
 def test_a_split_is_one_line_and_a_failover_starts_the_next() -> None:

@@ -102,14 +102,13 @@ def scatter(title: str, x_unit: str, y_unit: str, points: list[tuple[str, float,
     the point labelled `marked` ringed in red."""
     if not points:
         return Markup(_head(title) + "</svg>")
-    frame = _Frame(title, [p[1] for p in points], [p[2] for p in points])
+    frame = _Frame(f"{title} ({y_unit} against {x_unit})", [p[1] for p in points], [p[2] for p in points])
     sx, sy, out, ph = frame.sx, frame.sy, frame.out, H - TOP - BOTTOM
     for v in _ticks(frame.x0, frame.x1):
         out.append(f'<text x="{sx(v):.1f}" y="{TOP + ph + 16}" text-anchor="middle" font-size="11" '
                    f'fill="#374151">{_num(v)}</text>')  # fmt: skip
     out.append(f'<text x="{W - RIGHT}" y="{H - 8}" text-anchor="end" font-size="11" fill="#374151">'
                f"{escape(x_unit)} →</text>")  # fmt: skip
-    out.append(f'<text x="8" y="{TOP - 6}" font-size="11" fill="#374151">↑ {escape(y_unit)}</text>')
     on = front([(x, y) for _, x, y in points])
     line = sorted((x, y) for (_, x, y), f in zip(points, on, strict=True) if f)
     out.append('<polyline points="' + " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in line)

@@ -222,6 +222,16 @@ def _why_not(s: Scored, chosen: Scored) -> str:
     return f"fits; slower ({est.total_ms:.0f} ms in all against {est0.total_ms:.0f} ms)"
 
 
+def _where(c: object, names: dict[str, str]) -> str:
+    """A candidate's place: a device's name, "cloud", or a split's devices then the hub."""
+    split = getattr(c, "split", None)
+    if split is not None:
+        cuts = f" at layer {', '.join(map(str, split.cuts))}" if split.cuts else ""
+        return "split: " + " + ".join(names.get(d, d) for d, _ in split.agents) + " + cloud" + cuts
+    device = getattr(c, "device_id", "")
+    return names.get(device, device) if device else "cloud"
+
+
 def decision_rows(rec: RequestRecord, names: dict[str, str]) -> list[CandidateRow]:
     """Every candidate of the request's first routing, the chosen one first, then those that fit, then
     those ruled out by how far over budget they were."""
@@ -247,7 +257,7 @@ def decision_rows(rec: RequestRecord, names: dict[str, str]) -> list[CandidateRo
             (
                 (0 if verdict == "chosen" else 1 if verdict == "fits" else 2, max(v.values(), default=0.0)),
                 CandidateRow(
-                    names.get(c.device_id, c.device_id) if c.device_id else "cloud",
+                    _where(c, names),
                     c.profile.name,
                     c.model,
                     c.queued,
@@ -272,12 +282,23 @@ def series(records: list[RequestRecord], names: dict[str, str]) -> dict[str, dic
     for r in sorted(records, key=lambda r: r.ended):
         if r.outcome != "ok" or r.metrics is None or not r.placements:
             continue
-        p, m = r.placements[-1], r.metrics
-        where = names.get(p.device_id, p.device_id) if p.device_id else "cloud"
+        stages = _last_attempt(r.placements)
+        p, m = stages[0], r.metrics
+        where = " + ".join(names.get(s.device_id, s.device_id) if s.device_id else "cloud" for s in stages)
         out["ttft"].setdefault(where, []).append((r.ended, m.ttft_ms))
         out["ttft_kind"].setdefault(p.kind, []).append((r.ended, m.ttft_ms))
         out["energy"].setdefault(where, []).append((r.ended, m.energy_j))
         out["energy_kind"].setdefault(p.kind, []).append((r.ended, m.energy_j))
-        if len(r.placements) == 1 and p.predicted_ttft_ms > 0:
+        if len(stages) == len(r.placements) and p.predicted_ttft_ms > 0:  # no failover: one prediction held
             out["error"].setdefault(where, []).append((r.ended, 100 * (m.ttft_ms / p.predicted_ttft_ms - 1)))
+    return out
+
+
+def _last_attempt(placements: Sequence[pb.Placement]) -> list[pb.Placement]:
+    """The placement a request ended on: its last, with the stages before it when it is a split's."""
+    out = [placements[-1]]
+    for p in reversed(placements[:-1]):
+        if not (p.kind == out[0].kind == "split" and p.layer_end == out[0].layer_start > 0):
+            break
+        out.insert(0, p)
     return out
