@@ -294,6 +294,8 @@ class Agent:
             outbox.put_nowait(None)  # ends outgoing(), which a call that ended already no longer reads
             for ev in self._cancels.values():
                 ev.set()
+            for inputs in self._stage_inputs.values():
+                inputs.put(None)  # a split stage waiting for its next input sees the cancel now
             pending = [t for t in (stopper, nxt, *tasks) if t is not None]
             for t in pending:
                 t.cancel()

@@ -3,7 +3,9 @@ edge_agent.stage), and the answer is the unsplit model's, token for token."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -219,5 +221,28 @@ async def test_the_split_plan_rebalances_when_a_side_speeds_up_with_hysteresis(
             assert f"cut {before.split.cuts} -> {after.split.cuts}" in caplog.text
             assert inflight.placements[0].layer_end == before.split.cuts[0]  # finished on its own plan
             assert fresh.placements[0].layer_end == after.split.cuts[0] and fresh.text == inflight.text
+        finally:
+            await agent.close()
+
+
+async def test_a_stage_lets_go_of_its_model_when_the_channel_ends(tmp_path: Path) -> None:
+    async with running_hub(tmp_path / "hub", cloud_model=MODEL, mqtt="none") as hub:
+        served = ServedModel(MODEL, real_model(MODEL, "source"))
+        agent = await start_served_agent(hub, served, tmp_path / "a", "a")
+        key = hub.registry.create_api_key("t")
+        try:
+            async with AsyncClient(hub.address, api_key=key) as client:
+                stream = client.stream(PROMPT, model=MODEL, max_tokens=200, device=f"split:{agent.device_id}:8")
+                await anext(stream)  # the stage is open, holding the agent's model between inputs
+                assert served.lock.locked()
+                hub.fleet.detach(hub.fleet.sessions[agent.device_id])  # the work channel ends mid-request
+                start = time.monotonic()
+                got = await asyncio.to_thread(served.lock.acquire, True, 10)
+                took = time.monotonic() - start
+                if got:
+                    served.lock.release()
+                async for _ in stream:  # the answer goes on elsewhere (failover), complete
+                    pass
+            assert got and took < 5, f"the stage held the model {took:.1f} s after its channel ended"
         finally:
             await agent.close()
