@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from cloud_hub.backends import ServingBackend
 from cloud_hub.calibrations import Calibrations
+from cloud_hub.errors import InvalidRequest, NotFound
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.registry import model_config
 from cloud_hub.router import Candidate, SplitSpec, split_plan
@@ -201,7 +202,7 @@ class SplitPlans(PlacementSource):
             return []
         out = []
         for s in self.fleet.online():
-            if not any(m.name == info.name and m.quant == info.quant for m in s.models):
+            if not serves(s, info):
                 continue
             c = self._offer(s, info)
             queued = s.inflight // s.max_concurrency
@@ -215,7 +216,6 @@ class SplitPlans(PlacementSource):
         held = self._offers.get(s.device_id)
         if held is not None and held[0] == inputs:
             return held[1]
-        profile = free.agents[0][1]
         cost = model_cost(info.config_json, info.weight_bytes)
         best = split_plan(free, cost, *self.REFERENCE).cuts
         cuts = best
@@ -230,9 +230,7 @@ class SplitPlans(PlacementSource):
                          best, 100 * gain)  # fmt: skip
             else:
                 cuts = old  # within the hysteresis margin: keep the plan
-        spec = dataclasses.replace(free, cuts=cuts)
-        c = Candidate("split", s.device_id, profile, info.name, cost, 0, s.record.emulated, None,
-                      info.chat_template_tokens, spec)  # fmt: skip
+        c = split_candidate(dataclasses.replace(free, cuts=cuts), info, s.record.emulated)
         self._offers[s.device_id] = (inputs, c)
         return c
 
@@ -246,6 +244,51 @@ class SplitPlans(PlacementSource):
 
     def claim(self, candidate: Candidate) -> Release:
         return claim_split(self.fleet, candidate)
+
+
+def serves(session: AgentSession, info: pb.ModelInfo) -> bool:
+    """The agent serves the model `info` describes at its precision: it can hold a split's layers of it."""
+    return any(m.name == info.name and m.quant == info.quant for m in session.models)
+
+
+def split_candidate(spec: SplitSpec, info: pb.ModelInfo, emulated: bool) -> Candidate:
+    """The routing candidate of split `spec` of the hub's model `info` (its first agent names it)."""
+    device, profile = spec.agents[0]
+    cost = model_cost(info.config_json, info.weight_bytes)
+    return Candidate("split", device, profile, info.name, cost, 0, emulated, None, info.chat_template_tokens, spec)
+
+
+SPLIT_PIN = "split:"
+"""A request's device naming a split plan: "split:DEVICE:END[,DEVICE:END…]" (pinned_split)."""
+
+
+def pinned_split(fleet: Fleet, cloud: ServingBackend | None, profile: DeviceProfile | None, pin: str,
+                 model: str) -> Candidate:  # fmt: skip
+    """The split a caller pinned with device "split:DEV:END[,DEV:END…]": agent DEV runs layers up to
+    END (the first from 0, each next from the previous END), the hub's own model `cloud` (on
+    `profile`) the rest. Raises InvalidRequest or NotFound naming what does not hold."""
+    if cloud is None or profile is None or not hasattr(cloud, "served"):
+        raise InvalidRequest("device: a split needs the hub to serve the model itself, locally")
+    info = cloud.model_info()
+    if model and model != info.name:
+        raise InvalidRequest(f"device: a split runs the hub's own model {info.name!r}, not {model!r}")
+    sessions, cuts = [], []
+    for part in pin[len(SPLIT_PIN) :].split(","):
+        device, _, end = part.rpartition(":")
+        if not device or not end.isdigit():
+            raise InvalidRequest(f"device: {pin!r} is not split:DEVICE:END[,DEVICE:END…]")
+        session = fleet.sessions.get(device)
+        if session is None or session.closed:
+            raise NotFound(f"device: {device!r} is not online")
+        if not serves(session, info):
+            raise InvalidRequest(f"device: {device!r} does not serve {info.name} at {info.quant}, as the hub does")
+        sessions.append(session)
+        cuts.append(int(end))
+    n = info.n_layers
+    if not all(a < b for a, b in zip([0, *cuts], [*cuts, n], strict=True)):
+        raise InvalidRequest(f"device: layer boundaries {cuts} must rise within (0, {n}) for {info.name}")
+    spec, _ = split_spec(fleet, sessions, info, profile, tuple(cuts))
+    return split_candidate(spec, info, sessions[0].record.emulated)
 
 
 def split_spec(
@@ -298,6 +341,10 @@ class Placements:
 
     def candidates(self, model: str, chat: bool) -> list[Candidate]:
         return [c for s in self.sources for c in s.candidates(model, chat)]
+
+    def source(self, kind: str) -> PlacementSource | None:
+        """The configured source of `kind` ("edge", "cloud", "split"), if any."""
+        return self._by_kind.get(kind)
 
     def models(self) -> list[pb.ModelInfo]:
         """One ModelInfo per model name: the hub's own model first, then each source's in order."""

@@ -25,7 +25,7 @@ from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, Rat
 from cloud_hub.fleet import Fleet
 from cloud_hub.journal import Journal, RequestRecord
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.placements import Placements
+from cloud_hub.placements import SPLIT_PIN, Placements, pinned_split
 from cloud_hub.prompt import CHAT_TEMPLATE_TOKENS, RequestPrompt
 from cloud_hub.ratelimit import RateLimiter
 from cloud_hub.router import Budget, Candidate, Router, split_plan
@@ -70,10 +70,6 @@ class Limits:
         return RateLimiter(self.rate_per_s, self.rate_burst or max(1.0, math.ceil(self.rate_per_s)))
 
 
-SPLIT_PIN = "split:"
-"""GenerateSpec.device naming a split plan: "split:DEVICE:END[,DEVICE:END…]" (HubService._pinned_split)."""
-
-
 @dataclass(frozen=True)
 class GenerateSpec:
     prompt: RequestPrompt
@@ -85,7 +81,7 @@ class GenerateSpec:
     time counts from here, so that authenticating and parsing the request are in it."""
     device: str = ""
     """Run only on this device id ("cloud": the hub's own model), or on a pinned split plan
-    ("split:DEVICE:END[,DEVICE:END…]"); empty: the router chooses."""
+    ("split:DEVICE:END[,DEVICE:END…]", placements.pinned_split); empty: the router chooses."""
 
 
 @dataclass(frozen=True)
@@ -196,10 +192,13 @@ class HubService:
         candidates = [
             c for c in self.placements.candidates(spec.model, chat) if (c.device_id or "cloud") not in excluded
         ]
-        pinned_split = spec.device.startswith(SPLIT_PIN)
-        if pinned_split and not progress.placements:
-            candidates = [self._pinned_split(spec)]
-        elif pinned_split:
+        pinned = spec.device.startswith(SPLIT_PIN)
+        if pinned and not progress.placements:
+            cloud = self.placements.source("cloud")
+            candidates = [
+                pinned_split(self.fleet, self.cloud, getattr(cloud, "profile", None), spec.device, spec.model)
+            ]
+        elif pinned:
             candidates = [c for c in candidates if not (c.split and set(dict(c.split.agents)) & excluded)]
         elif spec.device:
             candidates = [c for c in candidates if (c.device_id or "cloud") == spec.device]
@@ -265,39 +264,6 @@ class HubService:
         model = self.cloud.served.loaded.model  # type: ignore[attr-defined]
         loop = asyncio.get_running_loop()
         return SplitEngine(loop, remotes, model, c.model, plan.stages[-1].start, self.split_dtype)
-
-    def _pinned_split(self, spec: GenerateSpec) -> Candidate:
-        """The split a caller pinned with device "split:DEV:END[,DEV:END…]": agent DEV runs layers up to
-        END (the first from 0, each next from the previous END), the hub's own model the rest. Raises
-        InvalidRequest or NotFound naming what does not hold."""
-        cloud = next((s for s in self.placements.sources if s.kind == "cloud"), None)
-        backend, profile = self.cloud, getattr(cloud, "profile", None)
-        if backend is None or profile is None or not hasattr(backend, "served"):
-            raise InvalidRequest("device: a split needs the hub to serve the model itself, locally")
-        info = backend.model_info()
-        if spec.model and spec.model != info.name:
-            raise InvalidRequest(f"device: a split runs the hub's own model {info.name!r}, not {spec.model!r}")
-        sessions, cuts = [], []
-        for part in spec.device[len(SPLIT_PIN) :].split(","):
-            device, _, end = part.rpartition(":")
-            if not device or not end.isdigit():
-                raise InvalidRequest(f"device: {spec.device!r} is not split:DEVICE:END[,DEVICE:END…]")
-            session = self.fleet.sessions.get(device)
-            if session is None or session.closed:
-                raise NotFound(f"device: {device!r} is not online")
-            if not any(m.name == info.name and m.quant == info.quant for m in session.models):
-                raise InvalidRequest(f"device: {device!r} does not serve {info.name} at {info.quant}, as the hub does")
-            sessions.append(session)
-            cuts.append(int(end))
-        n = info.n_layers
-        if not all(a < b for a, b in zip([0, *cuts], [*cuts, n], strict=True)):
-            raise InvalidRequest(f"device: layer boundaries {cuts} must rise within (0, {n}) for {info.name}")
-        from cloud_hub.placements import model_cost, split_spec  # placements imports this module's router
-
-        spec_, _ = split_spec(self.fleet, sessions, info, profile, tuple(cuts))
-        cost = model_cost(info.config_json, info.weight_bytes)
-        return Candidate("split", sessions[0].device_id, spec_.agents[0][1], info.name, cost, 0,
-                         sessions[0].record.emulated, None, info.chat_template_tokens, spec_)  # fmt: skip
 
     def _split_placements(
         self, c: Candidate, est: Any, tokens: int, remaining: int, progress: _Progress

@@ -82,6 +82,8 @@ class SplitEngine:
         local_start: int,
         dtype: str = "float16",
     ) -> None:
+        if not remotes:
+            raise ValueError("a split needs at least one agent stage")
         ends = [0] + [e for _, _, e in remotes]
         if [s for _, s, _ in remotes] != ends[:-1] or ends[-1] != local_start:
             ranges = [(s, e) for _, s, e in remotes]
@@ -122,9 +124,7 @@ class SplitEngine:
 
     def _finish(self, h: torch.Tensor | None) -> torch.Tensor:
         """The hub's own layers on the last stage's output, then the head: (V,) logits."""
-        assert self.local is not None
-        if h is None:  # no agent stage: the hub runs the whole model (not a split; kept for completeness)
-            raise InvalidRequest("a split plan needs at least one agent stage")
+        assert self.local is not None and h is not None  # the constructor holds one agent stage at least
         return self.local.logits(self.local.run(hidden=h))
 
     async def _open(self, ids: list[int], max_new: int) -> torch.Tensor | None:

@@ -40,7 +40,7 @@ from markupsafe import Markup
 
 from cloud_hub import auth
 from cloud_hub.errors import HubError, NotFound
-from cloud_hub.placements import SplitPlans, model_cost, split_spec
+from cloud_hub.placements import SplitPlans, model_cost, serves, split_spec
 from cloud_hub.registry import Registry
 from cloud_hub.router import split_plan
 from cloud_hub.service import HubService
@@ -89,7 +89,7 @@ class FleetPage:
         service = self.service
         devices = self.registry.devices()
         names = {d.device_id: d.name for d in devices}
-        cloud = next((s for s in service.placements.sources if s.kind == "cloud"), None)
+        cloud = service.placements.source("cloud")
         info = service.cloud.model_info() if service.cloud is not None else None
         profile = getattr(getattr(cloud, "profile", None), "name", "")
         fleet = views.fleet_rows(devices, service.fleet, info, profile, getattr(cloud, "inflight", 0))
@@ -155,7 +155,7 @@ class FleetPage:
         """(k, plan) for every cut k = 0..N of the hub's own model between `device_id` and the hub, for
         SplitPlans.REFERENCE, and the cut the split source holds now (None: none). Raises LookupError
         when the device is offline, or the hub serves no model the device serves at its precision."""
-        cloud, backend = self.cloud_source(), self.service.cloud
+        cloud, backend = self.service.placements.source("cloud"), self.service.cloud
         s = self.service.fleet.sessions.get(device_id)
         if s is None or s.closed:
             raise LookupError(f"device {device_id!r} is not online")
@@ -163,18 +163,15 @@ class FleetPage:
         if backend is None or profile is None:
             raise LookupError("the hub serves no model of its own: nothing to split with")
         info = backend.model_info()
-        if not any(m.name == info.name and m.quant == info.quant for m in s.models):
+        if not serves(s, info):
             raise LookupError(f"device {device_id!r} does not serve {info.name} at {info.quant}, as the hub does")
         spec, _ = split_spec(self.service.fleet, [s], info, profile)
         cost = model_cost(info.config_json, info.weight_bytes)
         plans = [
             (k, split_plan(replace(spec, cuts=(k,)), cost, *SplitPlans.REFERENCE)) for k in range(info.n_layers + 1)
         ]
-        source = next((x for x in self.service.placements.sources if isinstance(x, SplitPlans)), None)
-        return plans, source.current_cut(device_id) if source is not None else None, info
-
-    def cloud_source(self) -> object:
-        return next((s for s in self.service.placements.sources if s.kind == "cloud"), None)
+        source = self.service.placements.source("split")
+        return plans, source.current_cut(device_id) if isinstance(source, SplitPlans) else None, info
 
     # -- auth --------------------------------------------------------------------------------------
 
