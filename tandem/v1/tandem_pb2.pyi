@@ -95,7 +95,7 @@ class Input(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "arch", "n_layers", "quant", "weight_bytes", "layers", "config_json", "chat", "calibration_json", "engine", "chat_template_tokens", "tools")
+    __slots__ = ("name", "arch", "n_layers", "quant", "weight_bytes", "layers", "config_json", "chat", "calibration_json", "engine", "chat_template_tokens", "tools", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class ModelInfo(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     CHAT_TEMPLATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     arch: str
     n_layers: int
@@ -120,7 +121,8 @@ class ModelInfo(_message.Message):
     engine: str
     chat_template_tokens: int
     tools: bool
-    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., chat: _Optional[bool] = ..., calibration_json: _Optional[str] = ..., engine: _Optional[str] = ..., chat_template_tokens: _Optional[int] = ..., tools: _Optional[bool] = ...) -> None: ...
+    version: str
+    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., chat: _Optional[bool] = ..., calibration_json: _Optional[str] = ..., engine: _Optional[str] = ..., chat_template_tokens: _Optional[int] = ..., tools: _Optional[bool] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Placement(_message.Message):
     __slots__ = ("kind", "device_id", "profile", "model", "layer_start", "layer_end", "emulated", "predicted_ttft_ms", "predicted_tpot_ms", "predicted_energy_j", "admitted_ttft_ms", "admitted_tpot_ms", "quantile", "calibrated")
@@ -237,42 +239,100 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class MqttInfo(_message.Message):
-    __slots__ = ("host", "port", "username", "password", "topic_prefix")
+    __slots__ = ("host", "port", "username", "password", "topic_prefix", "tls_port")
     HOST_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     USERNAME_FIELD_NUMBER: _ClassVar[int]
     PASSWORD_FIELD_NUMBER: _ClassVar[int]
     TOPIC_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    TLS_PORT_FIELD_NUMBER: _ClassVar[int]
     host: str
     port: int
     username: str
     password: str
     topic_prefix: str
-    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., username: _Optional[str] = ..., password: _Optional[str] = ..., topic_prefix: _Optional[str] = ...) -> None: ...
+    tls_port: int
+    def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ..., username: _Optional[str] = ..., password: _Optional[str] = ..., topic_prefix: _Optional[str] = ..., tls_port: _Optional[int] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
-    __slots__ = ("token", "name", "profile", "models", "emulated")
+    __slots__ = ("token", "name", "profile", "models", "emulated", "csr")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     EMULATED_FIELD_NUMBER: _ClassVar[int]
+    CSR_FIELD_NUMBER: _ClassVar[int]
     token: str
     name: str
     profile: str
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     emulated: bool
-    def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., profile: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., emulated: _Optional[bool] = ...) -> None: ...
+    csr: bytes
+    def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., profile: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., emulated: _Optional[bool] = ..., csr: _Optional[bytes] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("device_id", "credential", "mqtt")
+    __slots__ = ("device_id", "credential", "mqtt", "certificate", "ca_certificate")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     MQTT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    CA_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     credential: str
     mqtt: MqttInfo
-    def __init__(self, device_id: _Optional[str] = ..., credential: _Optional[str] = ..., mqtt: _Optional[_Union[MqttInfo, _Mapping]] = ...) -> None: ...
+    certificate: bytes
+    ca_certificate: bytes
+    def __init__(self, device_id: _Optional[str] = ..., credential: _Optional[str] = ..., mqtt: _Optional[_Union[MqttInfo, _Mapping]] = ..., certificate: _Optional[bytes] = ..., ca_certificate: _Optional[bytes] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("ttl_s",)
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    ttl_s: float
+    def __init__(self, ttl_s: _Optional[float] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("token", "expires_unix")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expires_unix: float
+    def __init__(self, token: _Optional[str] = ..., expires_unix: _Optional[float] = ...) -> None: ...
+
+class UpdateDeviceRequest(_message.Message):
+    __slots__ = ("device_id", "model", "quant")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    QUANT_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    model: str
+    quant: str
+    def __init__(self, device_id: _Optional[str] = ..., model: _Optional[str] = ..., quant: _Optional[str] = ...) -> None: ...
+
+class UpdateDeviceResponse(_message.Message):
+    __slots__ = ("command_id",)
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    def __init__(self, command_id: _Optional[str] = ...) -> None: ...
+
+class FetchBundleRequest(_message.Message):
+    __slots__ = ("command_id",)
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    def __init__(self, command_id: _Optional[str] = ...) -> None: ...
+
+class BundleChunk(_message.Message):
+    __slots__ = ("path", "offset", "data", "size", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    offset: int
+    data: bytes
+    size: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ()
@@ -283,7 +343,7 @@ class DeregisterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("device_id", "name", "profile", "status", "models", "last_seen_unix", "load", "queue_depth", "emulated", "connected")
+    __slots__ = ("device_id", "name", "profile", "status", "models", "last_seen_unix", "load", "queue_depth", "emulated", "connected", "agent_version", "update")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +354,8 @@ class Device(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     EMULATED_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     name: str
     profile: str
@@ -304,7 +366,9 @@ class Device(_message.Message):
     queue_depth: int
     emulated: bool
     connected: bool
-    def __init__(self, device_id: _Optional[str] = ..., name: _Optional[str] = ..., profile: _Optional[str] = ..., status: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., last_seen_unix: _Optional[float] = ..., load: _Optional[float] = ..., queue_depth: _Optional[int] = ..., emulated: _Optional[bool] = ..., connected: _Optional[bool] = ...) -> None: ...
+    agent_version: str
+    update: str
+    def __init__(self, device_id: _Optional[str] = ..., name: _Optional[str] = ..., profile: _Optional[str] = ..., status: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., last_seen_unix: _Optional[float] = ..., load: _Optional[float] = ..., queue_depth: _Optional[int] = ..., emulated: _Optional[bool] = ..., connected: _Optional[bool] = ..., agent_version: _Optional[str] = ..., update: _Optional[str] = ...) -> None: ...
 
 class ListDevicesRequest(_message.Message):
     __slots__ = ()
@@ -476,8 +540,22 @@ class Pong(_message.Message):
     sent_unix: float
     def __init__(self, sent_unix: _Optional[float] = ...) -> None: ...
 
+class UpdateResult(_message.Message):
+    __slots__ = ("command_id", "ok", "message", "model", "version")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    ok: bool
+    message: str
+    model: str
+    version: str
+    def __init__(self, command_id: _Optional[str] = ..., ok: _Optional[bool] = ..., message: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
 class AgentMessage(_message.Message):
-    __slots__ = ("hello", "tokens", "done", "error", "hidden", "kv", "pong")
+    __slots__ = ("hello", "tokens", "done", "error", "hidden", "kv", "pong", "update")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -485,6 +563,7 @@ class AgentMessage(_message.Message):
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     tokens: TokenChunk
     done: WorkDone
@@ -492,4 +571,5 @@ class AgentMessage(_message.Message):
     hidden: HiddenStates
     kv: KVBlock
     pong: Pong
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., tokens: _Optional[_Union[TokenChunk, _Mapping]] = ..., done: _Optional[_Union[WorkDone, _Mapping]] = ..., error: _Optional[_Union[WorkError, _Mapping]] = ..., hidden: _Optional[_Union[HiddenStates, _Mapping]] = ..., kv: _Optional[_Union[KVBlock, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ...) -> None: ...
+    update: UpdateResult
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., tokens: _Optional[_Union[TokenChunk, _Mapping]] = ..., done: _Optional[_Union[WorkDone, _Mapping]] = ..., error: _Optional[_Union[WorkError, _Mapping]] = ..., hidden: _Optional[_Union[HiddenStates, _Mapping]] = ..., kv: _Optional[_Union[KVBlock, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., update: _Optional[_Union[UpdateResult, _Mapping]] = ...) -> None: ...

@@ -164,6 +164,21 @@ class RegistryStub:
                 request_serializer=tandem_dot_v1_dot_tandem__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_tandem__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/tandem.v1.Registry/CreateToken',
+                request_serializer=tandem_dot_v1_dot_tandem__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_tandem__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.UpdateDevice = channel.unary_unary(
+                '/tandem.v1.Registry/UpdateDevice',
+                request_serializer=tandem_dot_v1_dot_tandem__pb2.UpdateDeviceRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_tandem__pb2.UpdateDeviceResponse.FromString,
+                _registered_method=True)
+        self.FetchBundle = channel.unary_stream(
+                '/tandem.v1.Registry/FetchBundle',
+                request_serializer=tandem_dot_v1_dot_tandem__pb2.FetchBundleRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_tandem__pb2.BundleChunk.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -188,6 +203,27 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """API key
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateDevice(self, request, context):
+        """API key
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchBundle(self, request, context):
+        """device credential
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +241,21 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ListDevices,
                     request_deserializer=tandem_dot_v1_dot_tandem__pb2.ListDevicesRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_tandem__pb2.ListDevicesResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=tandem_dot_v1_dot_tandem__pb2.CreateTokenRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_tandem__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'UpdateDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDevice,
+                    request_deserializer=tandem_dot_v1_dot_tandem__pb2.UpdateDeviceRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_tandem__pb2.UpdateDeviceResponse.SerializeToString,
+            ),
+            'FetchBundle': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchBundle,
+                    request_deserializer=tandem_dot_v1_dot_tandem__pb2.FetchBundleRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_tandem__pb2.BundleChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -288,6 +339,87 @@ class Registry:
             '/tandem.v1.Registry/ListDevices',
             tandem_dot_v1_dot_tandem__pb2.ListDevicesRequest.SerializeToString,
             tandem_dot_v1_dot_tandem__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Registry/CreateToken',
+            tandem_dot_v1_dot_tandem__pb2.CreateTokenRequest.SerializeToString,
+            tandem_dot_v1_dot_tandem__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Registry/UpdateDevice',
+            tandem_dot_v1_dot_tandem__pb2.UpdateDeviceRequest.SerializeToString,
+            tandem_dot_v1_dot_tandem__pb2.UpdateDeviceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.Registry/FetchBundle',
+            tandem_dot_v1_dot_tandem__pb2.FetchBundleRequest.SerializeToString,
+            tandem_dot_v1_dot_tandem__pb2.BundleChunk.FromString,
             options,
             channel_credentials,
             insecure,
