@@ -11,6 +11,9 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # Headless Chromium for the fleet page's browser tests (Playwright drives it by executable_path: browsers
 # cannot be downloaded here).
 command -v chromium >/dev/null || need+=(chromium)
+# OpenSSH server for the flash tests (`tandem agent flash --target ssh://`): the tests start their own sshd on a
+# loopback port with keys they make; the package's own service is not used.
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
 for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg"); done
 [ ${#need[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then
