@@ -6,6 +6,11 @@ ACL file in `BrokerConfig.data_dir`. The hub connects as a superuser (`hub_usern
 drawn fresh at every `start()`); each device connects with its device id as username and may only
 touch topics under its own id, which Mosquitto enforces with a `pattern ... %u` ACL line.
 
+With `BrokerConfig.tls` the broker also has a TLS listener for devices on other machines: a client
+must present a certificate from the deployment's CA and still log in with its own account (the ACL
+above holds there too); the plaintext listener then binds loopback only, for the hub's own ingest.
+Its port is kept in `data_dir/tls-port` as the plaintext one is in `data_dir/port`.
+
 Device accounts live in the password file and survive a restart of the broker: the hub stores only
 hashes of device credentials, so it could not re-add them itself.
 
@@ -49,13 +54,17 @@ from types import TracebackType
 
 from cloud_hub.broker_files import (
     HUB_USERNAME,
+    TLS_FILES,
     BrokerError,
+    BrokerTls,
     RunAs,
     give_to,
     hash_password,
+    is_loopback,
     popen_account,
     render_acl,
     render_passwd,
+    render_tls_listener,
     run_as_owner,
     validate_username,
 )
@@ -74,7 +83,7 @@ from cloud_hub.broker_process import (
 )
 from tandem.files import private_dir, private_file
 
-__all__ = ["BrokerConfig", "BrokerError", "ManagedBroker", "find_mosquitto"]
+__all__ = ["BrokerConfig", "BrokerError", "BrokerTls", "ManagedBroker", "find_mosquitto"]
 
 log = logging.getLogger("tandem.hub.broker")
 
@@ -106,9 +115,15 @@ class BrokerConfig:
     """Address the listener binds to."""
     port: int = 0
     """TCP port of the listener; 0 reuses the port saved in data_dir when it is free, else picks a free one."""
+    tls: BrokerTls | None = None
+    """A TLS listener for devices (client certificates from the deployment's CA); None: plaintext only."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        # Devices' passwords must not cross a network in the clear: beside a TLS listener, the
+        # plaintext one is for this machine (the hub's own ingest) only.
+        if self.tls is not None and not is_loopback(self.host):
+            raise ValueError(f"with a TLS listener the plaintext one must bind loopback, not {self.host!r}")
         # Both values are written into mosquitto.conf, where whitespace and newlines split lines and tokens.
         if not self.host or any(c.isspace() for c in self.host):
             raise ValueError(f"invalid broker host {self.host!r}")
@@ -132,8 +147,10 @@ class ManagedBroker:
         self._log = self._dir / "mosquitto.log"
         self._pid_file = self._dir / "mosquitto.pid"
         self._port_file = self._dir / "port"
+        self._tls_port_file = self._dir / "tls-port"
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
+        self._tls_port: int | None = None
         self._hub_password: str | None = None
         self._run_as: RunAs | None = None
         self._admitting = True  # devices may connect (False between start(hold_devices=True) and admit_devices())
@@ -151,6 +168,17 @@ class ManagedBroker:
         port = self._port if self._port is not None else self.config.port
         if port == 0:
             raise BrokerError("the broker's port is chosen at start(); it has not been started")
+        return port
+
+    @property
+    def tls_port(self) -> int:
+        """The TLS listener's port; 0 without one, BrokerError before start() when it is chosen then."""
+        tls = self.config.tls
+        if tls is None:
+            return 0
+        port = self._tls_port if self._tls_port is not None else tls.port
+        if port == 0:
+            raise BrokerError("the broker's TLS port is chosen at start(); it has not been started")
         return port
 
     @property
@@ -200,7 +228,13 @@ class ManagedBroker:
         self._end_stale()
         # A restart of the same ManagedBroker keeps its port and hub password, so clients that are
         # already configured (the hub's ingest, the agents) reconnect by themselves.
-        self._port = self._port or self.config.port or self._saved_port() or free_port(self.config.host)
+        self._port = self._port or self.config.port or self._saved_port(self._port_file, self.config.host)
+        self._port = self._port or free_port(self.config.host)
+        tls = self.config.tls
+        if tls is not None:
+            self._tls_port = self._tls_port or tls.port or self._saved_port(self._tls_port_file, tls.host)
+            self._tls_port = self._tls_port or free_port(tls.host)
+            self._copy_tls_files(tls)
         self._hub_password = self._hub_password or secrets.token_urlsafe(32)
         with self._lock:
             self._admitting = not hold_devices
@@ -211,6 +245,8 @@ class ManagedBroker:
         self._spawn(binary)
         self._wait_listening(log_offset)
         self._write_private(self._port_file, f"{self._port}\n")
+        if self._tls_port is not None:
+            self._write_private(self._tls_port_file, f"{self._tls_port}\n")
 
     def admit_devices(self) -> None:
         """Let device accounts connect after start(hold_devices=True); the broker has reloaded on return."""
@@ -304,7 +340,14 @@ class ManagedBroker:
         ]
         if self._run_as.name is not None:
             lines.append(f"user {self._run_as.name}")
+        if self.config.tls is not None and self._tls_port is not None:  # listener options follow their line
+            lines += render_tls_listener(self._dir, self.config.tls.host, self._tls_port)
         return "\n".join(lines) + "\n"
+
+    def _copy_tls_files(self, tls: BrokerTls) -> None:
+        """The CA, certificate and key, into the data directory and given to the broker's account."""
+        for name, source in zip(TLS_FILES, (tls.ca_file, tls.cert_file, tls.key_file), strict=True):
+            self._write_private(self._dir / name, Path(source).read_text())
 
     def _read_passwd(self) -> dict[str, str]:
         if not self._passwd.exists():
@@ -350,10 +393,11 @@ class ManagedBroker:
             )
         self._write_private(self._pid_file, f"{self._proc.pid}\n")
 
-    def _saved_port(self) -> int | None:
-        """The port the last start() on this data_dir used, if it can be bound now."""
-        port = read_int(self._port_file)
-        return port if port and 0 < port <= 65535 and bindable(self.config.host, port) else None
+    @staticmethod
+    def _saved_port(path: Path, host: str) -> int | None:
+        """The port the last start() on this data_dir used (from `path`), if it can be bound now."""
+        port = read_int(path)
+        return port if port and 0 < port <= 65535 and bindable(host, port) else None
 
     def _end_stale(self) -> None:
         """End the broker named by the pidfile if it is this data_dir's mosquitto (see the module docstring)."""
@@ -380,13 +424,20 @@ class ManagedBroker:
                 code = self._proc.returncode
                 self.stop()
                 raise BrokerError(f"mosquitto exited with status {code} while starting{self._diagnosis()}")
-            if _RUNNING_RE.search(read_from(self._log, log_offset)) and accepts(self.config.host, self._port):
+            if _RUNNING_RE.search(read_from(self._log, log_offset)) and self._accepting():
                 return
             time.sleep(0.02)
         self.stop()
         raise BrokerError(
             f"mosquitto did not listen on port {self._port} within {_START_TIMEOUT_S} s{self._diagnosis()}"
         )
+
+    def _accepting(self) -> bool:
+        assert self._port is not None
+        if not accepts(self.config.host, self._port):
+            return False
+        tls = self.config.tls
+        return tls is None or self._tls_port is None or accepts(_reachable(tls.host), self._tls_port)
 
     def _reload(self) -> None:
         """SIGHUP the broker (if running) and wait for it to log that it is re-reading its files."""
@@ -410,3 +461,8 @@ class ManagedBroker:
                 "every parent directory must be searchable by that account)"
             )
         return f"{hint}\nlast lines of {self._log}:\n{log_tail(self._log)}"
+
+
+def _reachable(host: str) -> str:
+    """An address of this machine's listener bound to `host` (a wildcard is reached on loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)

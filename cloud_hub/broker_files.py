@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import os
 import pwd
 import re
@@ -65,6 +66,60 @@ def hash_password(password: str, salt: bytes | None = None) -> str:
 def render_passwd(users: dict[str, str]) -> str:
     """A Mosquitto password file: one `name:hash` line per account."""
     return "".join(f"{name}:{entry}\n" for name, entry in users.items())
+
+
+@dataclass(frozen=True)
+class BrokerTls:
+    """The broker's TLS listener: devices on other machines connect here with the deployment's CA.
+
+    With it, the plaintext listener must bind loopback only (the hub's own ingest uses it)."""
+
+    ca_file: Path
+    """The deployment's CA (ca.pem): the only issuer of client certificates the listener accepts."""
+    cert_file: Path
+    """The broker's certificate, signed by that CA for the names devices dial (hub.pem serves)."""
+    key_file: Path
+    """Its private key (hub.key)."""
+    host: str = "0.0.0.0"
+    """Address the TLS listener binds to (the hub's gRPC listen host)."""
+    port: int = 0
+    """Its TCP port; 0 reuses the one saved in the data directory when free, else picks a free one."""
+
+    def __post_init__(self) -> None:
+        if not self.host or any(c.isspace() for c in self.host):  # written into mosquitto.conf
+            raise ValueError(f"invalid broker TLS host {self.host!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"broker TLS port {self.port} is outside 0-65535")
+
+
+TLS_FILES = ("tls-ca.pem", "tls-cert.pem", "tls-key.pem")
+"""The TLS listener's files, copied into the broker's data directory: mosquitto may run as that
+directory's owner (see run_as_owner), who need not be able to read the hub's TLS directory."""
+
+
+def render_tls_listener(data_dir: Path, host: str, port: int) -> list[str]:
+    """mosquitto.conf lines for the TLS listener. Every client must present a certificate from our CA
+    (require_certificate) and still log in with its own user and password: the password file is what
+    revocation edits, and the ACL's %u is that username, so a device reaches only its own topics."""
+    ca, cert, key = (data_dir / name for name in TLS_FILES)
+    return [
+        f"listener {port} {host}",
+        f"cafile {ca}",
+        f"certfile {cert}",
+        f"keyfile {key}",
+        "require_certificate true",
+        "use_identity_as_username false",
+    ]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a broker bind address) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

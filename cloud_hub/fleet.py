@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 _CLOSED = object()  # sentinel in a work queue: the session ended
 _REPLIES = frozenset(("tokens", "done", "error", "hidden"))
+_CONTROL = frozenset(("hello", "update"))  # about the device, not a work: see AgentSession.on_control
 
 
 class WorkQueue:
@@ -102,6 +103,10 @@ class AgentSession:
     offers: list[tuple[str, bool, Candidate]] | None = field(default=None, repr=False)
     """(model name, chat, routing candidate) per model served, built by the hub on first use and
     kept with the session: a reconnect (a new session) starts afresh."""
+    on_control: Callable[[AgentSession, pb.AgentMessage], None] | None = field(default=None, repr=False)
+    """Takes the agent's messages about the device rather than a work: a Hello after the first (it
+    swapped its models: cloud_hub.updates replaces `models` and clears `offers`) and an UpdateResult.
+    None: such a message is malformed."""
 
     def __post_init__(self) -> None:
         self.max_concurrency = max(1, self.max_concurrency)  # 0 (an unset Hello field) means one at a time
@@ -181,6 +186,9 @@ class AgentSession:
         are dropped. Raises InvalidRequest for a malformed message."""
         kind = msg.WhichOneof("kind")
         if kind not in _REPLIES:
+            if kind in _CONTROL and self.on_control is not None:
+                self.on_control(self, msg)
+                return
             if kind == "pong":  # the hub's own clock both ways: no skew
                 rtt = (time.time() - msg.pong.sent_unix) * 1000
                 if 0 <= rtt < 60_000:

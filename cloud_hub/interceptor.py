@@ -12,6 +12,9 @@ and per streamed message one more async-generator step (what a decorator per met
 
 `AdmissionInterceptor`, first in the server's list, admits calls before any handler runs (the per-key
 rate limit): a refused call ends with its error's status and metadata, and no servicer sees it.
+
+`DeviceCertInterceptor`, with mutual TLS, refuses a call that names a device unless the connection's
+verified client certificate is that device's.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 import grpc
 from google.protobuf.message import DecodeError
 
-from cloud_hub.errors import HubError, InvalidRequest
+from cloud_hub.errors import HubError, InvalidRequest, Unauthenticated
 from models.errors import InvalidRequest as ModelInvalidRequest
 
 log = logging.getLogger("tandem.hub")
@@ -204,3 +207,94 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         except HubError as exc:
             return refusal(handler, exc)
         return handler
+
+
+DEVICE_ID_HEADER = "x-tandem-device-id"
+DEVICE_PORT_HEADER = "x-tandem-device-port"
+"""Initial metadata of the Enroll answer under mutual TLS: the port where devices dial with their
+certificate (edge_agent.identity reads it; the two never import each other)."""
+
+REENROLL_HINT = (
+    "an agent dials the hub's device port with the certificate it got at enrollment; one enrolled "
+    "before the hub required certificates must re-enroll: remove credentials.json from its state "
+    "directory and run it again with a new --token"
+)
+
+
+def certified_device(context: grpc.aio.ServicerContext) -> str | None:
+    """The CN of the call's verified client certificate (the device id the CA signed it for), or None
+    when the connection presented none."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if len(names) == 1 else None
+
+
+def device_refusal(context: grpc.aio.ServicerContext, device_ids: list[str]) -> Unauthenticated | None:
+    """Why a call naming `device_ids` (its x-tandem-device-id values) may not go on; None when its
+    connection's certificate is that device's."""
+    certified = certified_device(context)
+    if certified is None:
+        return Unauthenticated(
+            f"device {device_ids[0]!r}: this hub requires the device's client certificate (mutual TLS) "
+            f"and the call presented none; {REENROLL_HINT}"
+        )
+    if set(device_ids) != {certified}:
+        return Unauthenticated(f"the client certificate is device {certified!r}'s, not {device_ids[0]!r}'s")
+    return None
+
+
+def _guarded(handler: grpc.RpcMethodHandler, device_ids: list[str]) -> grpc.RpcMethodHandler:
+    """`handler`, first refusing the call unless its client certificate is for `device_ids`."""
+
+    async def check(context: grpc.aio.ServicerContext) -> None:
+        refused = device_refusal(context, device_ids)
+        if refused is not None:
+            await context.abort(refused.code, str(refused), trailing_metadata=refused.metadata())
+
+    def once(inner: Callable) -> Callable:
+        async def call(request, context):
+            await check(context)
+            return await inner(request, context)
+
+        return call
+
+    def streaming(inner: Callable) -> Callable:
+        if not inspect.isasyncgenfunction(inner):  # writes with context.write
+            return once(inner)
+
+        async def stream(request, context):
+            await check(context)
+            async for item in inner(request, context):
+                yield item
+
+        return stream
+
+    codec = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(once(handler.unary_unary), **codec)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), **codec)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(once(handler.stream_unary), **codec)
+    return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **codec)
+
+
+class DeviceCertInterceptor(grpc.aio.ServerInterceptor):
+    """Mutual TLS for devices: a call that names a device (x-tandem-device-id: the work channel,
+    Deregister, any device RPC) must come over a connection whose verified client certificate is that
+    device's (CN = its id), or it is refused UNAUTHENTICATED before its handler runs. The servicer
+    still checks the device credential: a call needs both. Calls naming no device (SDK calls with an
+    API key, Enroll with its token) pass untouched.
+
+    Only the hub's device port asks for client certificates (gRPC Python can require one on a port or
+    not ask at all), so a device call on the main port, which has none, is refused too."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        named = [v for k, v in handler_call_details.invocation_metadata or () if k == DEVICE_ID_HEADER]
+        if handler is None or not named:
+            return handler
+        return _guarded(handler, [str(v) for v in named])

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from cloud_hub import auth
 from cloud_hub.errors import InvalidRequest, NotFound, Unauthenticated
 from cloud_hub.fleet import Fleet
+from cloud_hub.pki import DeviceCA, admit_csr, sign_device_csr
 from cloud_hub.store import DeviceRecord, SecretStore, SQLStore
 from device_profiles import ProfileError, load_profile
 from models.config import ModelConfig
@@ -35,6 +36,8 @@ class MqttAccess:
     """Registers (username, password) with the broker; None for an external broker."""
     remove_user: Callable[[str], object] | None = field(repr=False, default=None)
     """Removes a username from the broker (closing its session); None for an external broker."""
+    tls_port: int = 0
+    """The broker's TLS listener for devices (client certificates); 0: none, `port` is for everyone."""
 
 
 def create_token(store: SecretStore, ttl_s: float) -> str:
@@ -63,9 +66,18 @@ def model_config(m: pb.ModelInfo) -> ModelConfig:
 
 
 class Registry:
-    def __init__(self, store: SQLStore, fleet: Fleet, mqtt: MqttAccess | None, token_ttl_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        store: SQLStore,
+        fleet: Fleet,
+        mqtt: MqttAccess | None,
+        token_ttl_s: float = 3600.0,
+        device_ca: DeviceCA | None = None,
+    ) -> None:
         self.store, self.fleet, self.mqtt = store, fleet, mqtt
         self.token_ttl_s = token_ttl_s
+        self.device_ca = device_ca
+        """Signs each enrolled device's certificate (mutual TLS); None: devices get none."""
         # API keys (lookup digests) the store has confirmed. Keys are never revoked (the store cannot
         # delete one), so a confirmed key stays valid and later requests skip the database (a round
         # trip to PostgreSQL for replicas, on the event loop). Were revocation added, it must clear this.
@@ -75,6 +87,12 @@ class Registry:
 
     def create_token(self, ttl_s: float | None = None) -> str:
         return create_token(self.store, ttl_s or self.token_ttl_s)
+
+    def issue_token(self, ttl_s: float = 0.0) -> tuple[str, float]:
+        """An operator's enrollment token (Registry.CreateToken) and when it expires (Unix time); a
+        lifetime of 0 is the hub's default. Raises InvalidRequest for a negative lifetime."""
+        ttl_s = ttl_s or self.token_ttl_s
+        return create_token(self.store, ttl_s), time.time() + ttl_s
 
     def create_api_key(self, name: str) -> str:
         return create_api_key(self.store, name)
@@ -103,12 +121,15 @@ class Registry:
     # -- devices ---------------------------------------------------------------------------------
 
     def enroll(
-        self, token: str, name: str, profile: str, models: list[pb.ModelInfo], emulated: bool
+        self, token: str, name: str, profile: str, models: list[pb.ModelInfo], emulated: bool, csr: bytes = b""
     ) -> pb.EnrollResponse:
-        """Register a device with a one-time token: its id, credential and broker login.
+        """Register a device with a one-time token: its id, credential and broker login, and with a
+        device CA its certificate for `csr` (CN = its id) and the CA.
 
-        Raises InvalidRequest for an unknown profile, a bad name or a model config the cost model
-        cannot read (refused now, not at routing time), Unauthenticated for a spent or wrong token."""
+        Raises InvalidRequest for an unknown profile, a bad name, a model config the cost model
+        cannot read (refused now, not at routing time) or, with a device CA, a missing or bad CSR;
+        PermissionDenied when the hub cannot sign (no ca.key); Unauthenticated for a spent or wrong
+        token. Every refusal but the last leaves the token unspent."""
         try:
             load_profile(profile)
         except ProfileError as exc:
@@ -117,13 +138,17 @@ class Registry:
             raise InvalidRequest("device name must be 1-128 characters")
         for m in models:
             model_config(m)
+        admit_csr(self.device_ca, csr)
         status = self.store.consume_token(auth.lookup_key(token or ""), time.time())
         if status != "ok":
             raise Unauthenticated(f"enrollment token {status}")
         device_id = "dev-" + secrets.token_hex(6)
         credential = auth.new_secret("credential")
-        models_json = tuple(_model_dict(m) for m in models)
+        models_json = tuple(model_record(m) for m in models)
         record = DeviceRecord(device_id, name, profile, auth.hash_secret(credential), models_json, emulated)
+        certificate, ca = b"", b""
+        if self.device_ca is not None:  # the CSR passed admit_csr above
+            certificate, ca = sign_device_csr(self.device_ca, csr, device_id), self.device_ca.certificate
         self.store.add_device(record)
         mqtt = pb.MqttInfo(topic_prefix=f"tandem/v1/devices/{device_id}")
         if self.mqtt is not None:
@@ -136,9 +161,12 @@ class Registry:
                 username=device_id,
                 password=password,
                 topic_prefix=mqtt.topic_prefix,
+                tls_port=self.mqtt.tls_port,
             )
         log.info("enrolled %s (%s, profile %s)", device_id, name, profile)
-        return pb.EnrollResponse(device_id=device_id, credential=credential, mqtt=mqtt)
+        return pb.EnrollResponse(
+            device_id=device_id, credential=credential, mqtt=mqtt, certificate=certificate, ca_certificate=ca
+        )
 
     def authenticate_device(self, device_id: str | None, credential: str | None) -> DeviceRecord:
         record = self.store.get_device(device_id or "")
@@ -166,7 +194,9 @@ class Registry:
 
     def devices(self) -> list[pb.Device]:
         out = []
+        agents, updates = self.store.agent_versions(), self.store.latest_updates()
         for r in self.store.list_devices():
+            update = updates.get(r.device_id)
             t = self.fleet.telemetry.get(r.device_id)
             session = self.fleet.sessions.get(r.device_id)
             out.append(
@@ -182,12 +212,15 @@ class Registry:
                     queue_depth=t.queue_depth if t else 0,
                     emulated=r.emulated,
                     connected=session is not None,
+                    agent_version=agents.get(r.device_id, ""),
+                    update=update.summary() if update is not None else "",
                 )
             )
         return out
 
 
-def _model_dict(m: pb.ModelInfo) -> dict:
+def model_record(m: pb.ModelInfo) -> dict:
+    """What the registry keeps of a model a device serves (from its enrollment, then its latest Hello)."""
     return {
         "name": m.name,
         "arch": m.arch,
@@ -196,4 +229,5 @@ def _model_dict(m: pb.ModelInfo) -> dict:
         "engine": m.engine,
         "weight_bytes": m.weight_bytes,
         "config_json": m.config_json,
+        "version": m.version,
     }

@@ -20,10 +20,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from cloud_hub.backends import make_backend
-from cloud_hub.broker import BrokerConfig, ManagedBroker
+from cloud_hub.broker import BrokerConfig, BrokerTls, ManagedBroker
+from cloud_hub.broker_process import bindable, read_int
 from cloud_hub.calibrations import Calibrations, served_calibration
 from cloud_hub.fleet import Fleet
-from cloud_hub.interceptor import AdmissionInterceptor, ErrorInterceptor
+from cloud_hub.interceptor import AdmissionInterceptor, DeviceCertInterceptor, ErrorInterceptor
+from cloud_hub.pki import DeviceCA, load_device_ca
 from cloud_hub.placements import Placements, SourceContext, make_sources
 from cloud_hub.registry import MqttAccess, Registry
 from cloud_hub.router import BudgetRouter
@@ -31,7 +33,9 @@ from cloud_hub.service import HubService, Limits
 from cloud_hub.servicers import InferenceServicer, RegistryServicer, WorkChannelServicer
 from cloud_hub.store import open_store
 from cloud_hub.telemetry import TelemetryIngest
+from cloud_hub.updates import BundleCache, MqttLogin, Updates
 from device_profiles import load_profile
+from tandem.files import private_file
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tandem.hub")
@@ -79,7 +83,11 @@ class HubConfig:
     ui: bool = True
     """Serve the fleet page (cloud_hub.ui) under /ui on the HTTP server."""
     tls_dir: Path | None = None
-    """Serve gRPC over TLS with hub.pem / hub.key from this directory (`tandem hub init`)."""
+    """Serve gRPC over TLS with hub.pem / hub.key from this directory (`tandem hub init`). With its ca.pem
+    devices need their own certificates (mutual TLS on the device port and the broker's TLS listener)."""
+    device_listen: str | None = None
+    """With mutual TLS, host:port of the device port; None: the listen host, at the port kept in
+    data_dir/device-port (reused when free, else a free one)."""
     cloud_quant: str = "source"
     """Precision the local cloud model is served at (models.runtime.QUANTS): "source" keeps each tensor
     at its GGUF's own precision on the CPU kernels."""
@@ -105,8 +113,13 @@ class Hub:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.device_ca: DeviceCA | None = load_device_ca(config.tls_dir) if config.tls_dir is not None else None
+        """The deployment's CA when devices need certificates (tls_dir has ca.pem); None: they do not."""
+        self.device_port = 0
+        """The port where devices dial with their certificate (mutual TLS); 0 without it."""
         self.service: HubService | None = None
         self.registry: Registry | None = None
+        self.updates: Updates | None = None
         self._mqtt_login: tuple[str, str] = ("", "")
         self._health_task: asyncio.Task | None = None
         self._http = None
@@ -134,7 +147,9 @@ class Hub:
         if cfg.cloud_model:
             cloud = await asyncio.to_thread(make_backend, cfg.cloud_backend, cfg.cloud_model, **options)
         profile = load_profile(cfg.cloud_profile) if cloud else None
-        self.registry = Registry(self.store, self.fleet, mqtt, cfg.limits.token_ttl_s)
+        self.registry = Registry(self.store, self.fleet, mqtt, cfg.limits.token_ttl_s, device_ca=self.device_ca)
+        login = MqttLogin(*self._mqtt_access(), *self._mqtt_login) if mqtt is not None else None
+        self.updates = Updates(self.store, self.fleet, login, BundleCache(cfg.data_dir / "bundles"))
         self.fleet.calibrations = Calibrations(self.store, cfg.admission_quantile, cfg.calibrate)
         if cloud is not None and profile is not None:  # a profiled cloud (`tandem profile`) is predicted by it
             cal = served_calibration(profile, cloud.model_info())
@@ -152,24 +167,58 @@ class Hub:
         interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
         if self.service.rate is not None:  # the per-key rate limit, before any handler runs
             interceptors.insert(0, AdmissionInterceptor(self.service.admit, ("/tandem.v1.Inference/Generate",)))
+        if self.device_ca is not None:  # outermost: a call naming a device needs that device's certificate
+            interceptors.insert(0, DeviceCertInterceptor())
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
+        self._bind()  # before the servicers: the Enroll answer names the device port
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.registry, self.service), self.server)
-        pb_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry), self.server)
-        channel = WorkChannelServicer(self.registry, ping_every_s=cfg.ping_every_s)
+        registry = RegistryServicer(self.registry, self.updates, device_port=self.device_port)
+        pb_grpc.add_RegistryServicer_to_server(registry, self.server)
+        channel = WorkChannelServicer(self.registry, ping_every_s=cfg.ping_every_s, updates=self.updates)
         pb_grpc.add_WorkChannelServicer_to_server(channel, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if cfg.tls_dir is not None:
-            key, cert = (cfg.tls_dir / "hub.key").read_bytes(), (cfg.tls_dir / "hub.pem").read_bytes()
-            self.port = self.server.add_secure_port(cfg.listen, grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            self.port = self.server.add_insecure_port(cfg.listen)
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {cfg.listen}")
         await self.server.start()
         if cfg.http_listen:
             await self._start_http(cfg.http_listen)
         self._health_task = asyncio.create_task(self._track_health())
         log.info("hub listening on port %d", self.port)
+
+    def _bind(self) -> None:
+        """The gRPC port (TLS with tls_dir) and, with the deployment's CA, the device port, which
+        requires a client certificate from that CA. Two ports because gRPC Python can require a client
+        certificate on a port or not ask for one at all: Enroll (its token is its credential) and SDK
+        calls (API keys) stay on the first. Raises RuntimeError when a port cannot be bound."""
+        cfg, server = self.config, self.server
+        assert server is not None
+        if cfg.tls_dir is None:
+            self.port = server.add_insecure_port(cfg.listen)
+        else:
+            key, cert = (cfg.tls_dir / "hub.key").read_bytes(), (cfg.tls_dir / "hub.pem").read_bytes()
+            self.port = server.add_secure_port(cfg.listen, grpc.ssl_server_credentials([(key, cert)]))
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {cfg.listen}")
+        if self.device_ca is None:
+            return
+        if self.device_ca.key is None:
+            log.warning("%s has no ca.key: enrolled devices connect, new ones are refused", cfg.tls_dir)
+        mutual = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=self.device_ca.certificate, require_client_auth=True
+        )
+        listen = cfg.device_listen or self._saved_device_listen()
+        self.device_port = server.add_secure_port(listen, mutual)
+        if self.device_port == 0:
+            raise RuntimeError(f"could not bind the device port {listen}")
+        path = cfg.data_dir / "device-port"
+        private_file(path, create=True)
+        path.write_text(f"{self.device_port}\n")
+
+    def _saved_device_listen(self) -> str:
+        """The listen host at the device port the last start on this data_dir used, if it is free now
+        (agents saved it), else at a free one."""
+        host = self.config.listen.rsplit(":", 1)[0]
+        saved = read_int(self.config.data_dir / "device-port")
+        free = saved is not None and 0 < saved <= 65535 and bindable(host.strip("[]"), saved)
+        return f"{host}:{saved if free else 0}"
 
     async def _start_http(self, listen: str) -> None:
         import socket
@@ -221,13 +270,23 @@ class Hub:
         if cfg.mqtt == "managed":
             # Its port is kept in its data directory and it dies with this process (cloud_hub.broker),
             # so a hub restarted after a crash serves the same address. Devices wait for the ingest.
-            self.broker = ManagedBroker(BrokerConfig(data_dir=cfg.data_dir / "mqtt"))
+            self.broker = ManagedBroker(BrokerConfig(data_dir=cfg.data_dir / "mqtt", tls=self._broker_tls()))
             self.broker.start(hold_devices=True)
             self._mqtt_login = (self.broker.hub_username, self.broker.hub_password)
-            return MqttAccess(self.broker.host, self.broker.port, self.broker.add_user, self.broker.remove_user)
+            b = self.broker
+            return MqttAccess(b.host, b.port, b.add_user, b.remove_user, tls_port=b.tls_port)
         host, _, port = cfg.mqtt.rpartition(":")
         self._mqtt_login = (cfg.mqtt_username, cfg.mqtt_password)
         return MqttAccess(host, int(port), None)
+
+    def _broker_tls(self) -> BrokerTls | None:
+        """With the deployment's CA, the broker's TLS listener for devices: hub.pem serves as its
+        certificate (devices dial it at the name they dial the hub at), on the hub's listen host."""
+        tls = self.config.tls_dir
+        if tls is None or self.device_ca is None:
+            return None
+        host = self.config.listen.rsplit(":", 1)[0].strip("[]")
+        return BrokerTls(tls / "ca.pem", tls / "hub.pem", tls / "hub.key", host=host)
 
     async def _start_ingest(self) -> None:
         """Subscribe to all devices' telemetry; the client runs in this loop and calls back directly."""

@@ -17,10 +17,12 @@ import grpc
 
 from cloud_hub.errors import InvalidRequest
 from cloud_hub.fleet import AgentSession
+from cloud_hub.interceptor import DEVICE_PORT_HEADER
 from cloud_hub.prompt import prompt_from_wire
 from cloud_hub.registry import Registry
 from cloud_hub.router import Budget
 from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started
+from cloud_hub.updates import UpdateRefused, Updates
 from models.sampling import SamplingParams
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
@@ -94,13 +96,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
+    def __init__(self, registry: Registry, updates: Updates | None = None, device_port: int = 0) -> None:
+        self.registry, self._updates = registry, updates
+        self.device_port = device_port
+        """Where devices dial with their certificates (mutual TLS), told in each Enroll answer; 0: none."""
+
+    @property
+    def updates(self) -> Updates:
+        if self._updates is None:
+            raise UpdateRefused("this hub does not carry over-the-air updates")
+        return self._updates
 
     async def Enroll(self, request: pb.EnrollRequest, context: grpc.aio.ServicerContext) -> pb.EnrollResponse:
-        return self.registry.enroll(
-            request.token, request.name, request.profile, list(request.models), request.emulated
+        answer = self.registry.enroll(
+            request.token, request.name, request.profile, list(request.models), request.emulated, request.csr
         )
+        if self.device_port:  # the protocol has no field for it: initial metadata the agent reads
+            await context.send_initial_metadata(((DEVICE_PORT_HEADER, str(self.device_port)),))
+        return answer
 
     async def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
@@ -116,14 +129,42 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self.registry.check_api_key(api_key(context))
         return pb.ListDevicesResponse(devices=self.registry.devices())
 
+    async def CreateToken(
+        self, request: pb.CreateTokenRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateTokenResponse:
+        self.registry.check_api_key(api_key(context))
+        token, expires = self.registry.issue_token(request.ttl_s)
+        return pb.CreateTokenResponse(token=token, expires_unix=expires)
+
+    async def UpdateDevice(
+        self, request: pb.UpdateDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateDeviceResponse:
+        self.registry.check_api_key(api_key(context))
+        command_id = await self.updates.update_device(request.device_id, request.model, request.quant)
+        return pb.UpdateDeviceResponse(command_id=command_id)
+
+    async def FetchBundle(self, request: pb.FetchBundleRequest, context: grpc.aio.ServicerContext) -> AsyncIterator:
+        md = _metadata(context)
+        record = self.registry.authenticate_device(md.get("x-tandem-device-id"), md.get("x-tandem-credential"))
+        async for chunk in self.updates.bundle_chunks(record.device_id, request.command_id):
+            yield chunk
+
 
 class WorkChannelServicer(pb_grpc.WorkChannelServicer):
     """Holds each agent's stream open: work goes down from the session outbox, replies come up."""
 
-    def __init__(self, registry: Registry, hello_timeout_s: float = 10.0, ping_every_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        hello_timeout_s: float = 10.0,
+        ping_every_s: float = 5.0,
+        updates: Updates | None = None,
+    ) -> None:
         self.registry = registry
         self.hello_timeout_s = hello_timeout_s
         self.ping_every_s = ping_every_s
+        self.updates = updates
+        """Records what each agent reports (its version, its models, its updates' outcomes); None: nothing is."""
 
     async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext):
         md = _metadata(context)
@@ -139,10 +180,14 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
         # First on every channel, ahead of any work: where the broker is now (its port can change
         # across hub restarts). Agents follow this, not the address they saved at enrollment.
         mqtt = self.registry.mqtt
-        welcome = pb.Welcome(mqtt=pb.MqttInfo(host=mqtt.host, port=mqtt.port) if mqtt is not None else None)
+        info = pb.MqttInfo(host=mqtt.host, port=mqtt.port, tls_port=mqtt.tls_port) if mqtt is not None else None
+        welcome = pb.Welcome(mqtt=info)
         session.outbox.put_nowait(pb.HubMessage(welcome=welcome))
         fleet, store = self.registry.fleet, self.registry.store
         fleet.attach(session)
+        if self.updates is not None:
+            session.on_control = self.updates.on_agent_message
+            self.updates.connected(session, first.hello)
         store.set_status(record.device_id, "online", time.time())
         log.info("work channel open: %s", record.device_id)
         reader = asyncio.create_task(self._read(stream, session))

@@ -41,6 +41,34 @@ class DeviceRecord:
     """Unix time of enrollment."""
 
 
+@dataclass(frozen=True)
+class UpdateRecord:
+    """One over-the-air update command (cloud_hub.updates) and how it ended."""
+
+    command_id: str
+    """Hub-assigned id; the device fetches the bundle by it."""
+    device_id: str
+    """The device it was sent to: the only one that may fetch its bundle."""
+    model: str
+    """Zoo name (or GGUF path) the device is to serve."""
+    quant: str
+    """Precision of the bundle: fp32, int8 or int4."""
+    version: str
+    """SHA-256 of the bundle's manifest.json: the new model's ModelInfo.version."""
+    bundle: str
+    """Where the hub keeps the bundle directory."""
+    status: str = "pending"
+    """pending | ok | failed."""
+    message: str = ""
+    """What the device reported (why it failed, or what it serves now)."""
+    created: float = 0.0
+    """Unix time the command was issued."""
+
+    def summary(self) -> str:
+        """As ListDevices shows it: "<command_id> <status>: <message>"."""
+        return f"{self.command_id} {self.status}: {self.message}"
+
+
 class DeviceStore(ABC):
     @abstractmethod
     def add_device(self, record: DeviceRecord) -> None: ...
@@ -56,6 +84,10 @@ class DeviceStore(ABC):
 
     @abstractmethod
     def remove_device(self, device_id: str) -> bool: ...
+
+    @abstractmethod
+    def set_models(self, device_id: str, models: tuple[dict, ...]) -> None:
+        """What the device serves now (its latest Hello), replacing what it enrolled with."""
 
 
 class SecretStore(ABC):
@@ -83,6 +115,31 @@ class CalibrationStore(ABC):
     def load_calibration(self, device_id: str, model: str) -> str | None: ...
 
 
+class UpdateStore(ABC):
+    """Over-the-air update commands and the agent versions devices report (cloud_hub.updates)."""
+
+    @abstractmethod
+    def add_update(self, record: UpdateRecord) -> None: ...
+
+    @abstractmethod
+    def get_update(self, command_id: str) -> UpdateRecord | None: ...
+
+    @abstractmethod
+    def finish_update(self, command_id: str, device_id: str, status: str, message: str) -> bool:
+        """Record a pending command's outcome; False when no pending command of that id is the device's."""
+
+    @abstractmethod
+    def latest_updates(self) -> dict[str, UpdateRecord]:
+        """Each device's most recent command, by device id."""
+
+    @abstractmethod
+    def set_agent_version(self, device_id: str, version: str) -> None: ...
+
+    @abstractmethod
+    def agent_versions(self) -> dict[str, str]:
+        """What each device's agent reported at its last connect, by device id."""
+
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, name TEXT NOT NULL, profile TEXT NOT NULL,"
     " credential_hash TEXT NOT NULL, models TEXT NOT NULL, emulated INTEGER NOT NULL, status TEXT NOT NULL,"
@@ -92,10 +149,18 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS api_keys (lookup TEXT PRIMARY KEY, name TEXT NOT NULL, created {real} NOT NULL)",
     "CREATE TABLE IF NOT EXISTS calibrations (device_id TEXT NOT NULL, model TEXT NOT NULL, state TEXT NOT NULL,"
     " updated {real} NOT NULL, PRIMARY KEY (device_id, model))",
+    # Over-the-air updates (added with them): new tables rather than new columns of `devices`, so a
+    # registry made before them gains them by the same CREATE ... IF NOT EXISTS, in both dialects.
+    "CREATE TABLE IF NOT EXISTS updates (command_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, model TEXT NOT NULL,"
+    " quant TEXT NOT NULL, version TEXT NOT NULL, bundle TEXT NOT NULL, status TEXT NOT NULL, message TEXT NOT NULL,"
+    " created {real} NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS updates_by_device ON updates (device_id, created)",
+    "CREATE TABLE IF NOT EXISTS agent_versions (device_id TEXT PRIMARY KEY, version TEXT NOT NULL,"
+    " updated {real} NOT NULL)",
 )
 
 
-class SQLStore(DeviceStore, SecretStore, CalibrationStore):
+class SQLStore(DeviceStore, SecretStore, CalibrationStore, UpdateStore):
     """Both interfaces over one DB-API connection in autocommit mode, guarded by a lock.
 
     Subclasses open the connection and name their dialect: the placeholder and the float type.
@@ -159,7 +224,12 @@ class SQLStore(DeviceStore, SecretStore, CalibrationStore):
 
     def remove_device(self, device_id: str) -> bool:
         self._exec("DELETE FROM calibrations WHERE device_id = ?", (device_id,))
+        self._exec("DELETE FROM updates WHERE device_id = ?", (device_id,))
+        self._exec("DELETE FROM agent_versions WHERE device_id = ?", (device_id,))
         return self._count("DELETE FROM devices WHERE device_id = ?", (device_id,)) > 0
+
+    def set_models(self, device_id: str, models: tuple[dict, ...]) -> None:
+        self._exec("UPDATE devices SET models = ? WHERE device_id = ?", (json.dumps(list(models)), device_id))
 
     # -- secrets ---------------------------------------------------------------------------------
 
@@ -198,6 +268,47 @@ class SQLStore(DeviceStore, SecretStore, CalibrationStore):
     def load_calibration(self, device_id: str, model: str) -> str | None:
         rows = self._run("SELECT state FROM calibrations WHERE device_id = ? AND model = ?", (device_id, model))
         return rows[0][0] if rows else None
+
+    # -- over-the-air updates ------------------------------------------------------------------
+
+    def add_update(self, record: UpdateRecord) -> None:
+        r = replace(record, created=record.created or time.time())
+        self._exec(
+            "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?)",
+            (r.command_id, r.device_id, r.model, r.quant, r.version, r.bundle, r.status, r.message, r.created),
+        )
+
+    def get_update(self, command_id: str) -> UpdateRecord | None:
+        rows = self._run("SELECT * FROM updates WHERE command_id = ?", (command_id,))
+        return UpdateRecord(*rows[0]) if rows else None
+
+    def finish_update(self, command_id: str, device_id: str, status: str, message: str) -> bool:
+        # Conditional, as consume_token: a late or repeated result never overwrites the first outcome.
+        return (
+            self._count(
+                "UPDATE updates SET status = ?, message = ? WHERE command_id = ? AND device_id = ?"
+                " AND status = 'pending'",
+                (status, message, command_id, device_id),
+            )
+            > 0
+        )
+
+    def latest_updates(self) -> dict[str, UpdateRecord]:
+        rows = self._run(
+            "SELECT * FROM updates u WHERE created = (SELECT MAX(created) FROM updates WHERE device_id = u.device_id)"
+            " ORDER BY created, command_id"
+        )
+        return {row[1]: UpdateRecord(*row) for row in rows}  # of two at the same instant, the later id wins
+
+    def set_agent_version(self, device_id: str, version: str) -> None:
+        self._exec(
+            "INSERT INTO agent_versions VALUES (?,?,?) ON CONFLICT (device_id)"
+            " DO UPDATE SET version = excluded.version, updated = excluded.updated",
+            (device_id, version, time.time()),
+        )
+
+    def agent_versions(self) -> dict[str, str]:
+        return dict(self._run("SELECT device_id, version FROM agent_versions"))
 
 
 class SQLiteStore(SQLStore):

@@ -22,6 +22,24 @@ from pathlib import Path
 
 import grpc
 
+from edge_agent.identity import (
+    DeviceIdentity,
+    device_address,
+    device_port,
+    hub_host,
+    load_identity,
+    new_key_request,
+    save_identity,
+)
+from edge_agent.ota import (
+    ServedLoader,
+    UpdateCommand,
+    UpdateFailed,
+    bundle_served,
+    fetch_bundle,
+    load_update,
+    save_served,
+)
 from edge_agent.power import EnergyMeter, PowerGauge, PowerSensor, SensorError
 from edge_agent.spool import Spool
 from edge_agent.stage import serve_stage
@@ -95,6 +113,8 @@ class AgentConfig:
     """Telemetry kept on disk while the broker is unreachable (oldest dropped beyond it)."""
     power_sensor: PowerSensor | None = None
     """Measures each request's energy (edge_agent.power.detect); None: estimated from power_active_w."""
+    agent_version: str = ""
+    """What the agent reports in its Hello ("": the package's VERSION); a flashed image may name its build."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,9 @@ class Credentials:
     credential: str
     hub: str
     mqtt: MqttSettings | None
+    device_hub: str = ""
+    """host:port of the hub's device port, dialled with this device's certificate (mutual TLS); empty:
+    the hub address serves this device (plaintext, or TLS without device certificates)."""
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return (("x-tandem-device-id", self.device_id), ("x-tandem-credential", self.credential))
@@ -132,12 +155,22 @@ def load_credentials(state_dir: Path) -> Credentials | None:
         return None
     data = json.loads(path.read_text())
     mqtt = MqttSettings(**data["mqtt"]) if data.get("mqtt") else None
-    return Credentials(data["device_id"], data["credential"], data["hub"], mqtt)
+    return Credentials(data["device_id"], data["credential"], data["hub"], mqtt, data.get("device_hub", ""))
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, engine: ServedModel) -> None:
+    def __init__(self, config: AgentConfig, engine: ServedModel, loader: ServedLoader | None = None) -> None:
         self.config, self.engine = config, engine
+        self.loader = loader or bundle_served(engine)
+        """Loads an over-the-air update's bundle to serve (edge_agent.ota); the default keeps `engine`'s pacing."""
+        self.channel: grpc.aio.Channel | None = None
+        """The channel to the hub while run() runs (an update fetches its bundle over it)."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: asyncio.Queue | None = None  # the open work channel's, None between channels
+        self._unsent: list[pb.AgentMessage] = []  # update results that found no open channel
+        self._commands: set[str] = set()  # update commands taken (QoS 1 delivers at least once)
+        self._update_lock = asyncio.Lock()
+        self._updates: set[asyncio.Task] = set()
         self.creds: Credentials | None = None
         self.telemetry: TelemetryPublisher | None = None
         self.connected = asyncio.Event()
@@ -159,22 +192,34 @@ class Agent:
             return saved
         if not self.config.token:
             raise EnrollmentRejected("no saved credential for this hub and no enrollment token given (--token)")
+        # Over TLS, a key of our own for mutual TLS: only its signing request leaves the device.
+        key, csr = new_key_request(self.config.name) if self.config.tls_ca is not None else (None, b"")
         req = pb.EnrollRequest(
             token=self.config.token,
             name=self.config.name,
             profile=self.config.profile,
             models=[pb.ModelInfo(**self.engine.info)],
             emulated=self.config.emulated,
+            csr=csr,
         )
         try:
-            resp = await pb_grpc.RegistryStub(channel).Enroll(req, timeout=30)
+            call = pb_grpc.RegistryStub(channel).Enroll(req, timeout=30)
+            resp = await call
+            port = device_port(await call.initial_metadata())
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+            if exc.code() in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ):
                 raise EnrollmentRejected(f"enrollment refused: {exc.details()}") from exc
             raise
-        m = resp.mqtt
-        mqtt = MqttSettings(m.host, m.port, m.username, m.password, m.topic_prefix) if m.host else None
-        creds = Credentials(resp.device_id, resp.credential, self.config.hub, mqtt)
+        identity = None
+        if resp.certificate and key is not None:  # the hub signed it: from now on we dial with it
+            identity = save_identity(self.config.state_dir, key, resp.certificate, resp.ca_certificate)
+        device_hub = device_address(self.config.hub, port) if identity is not None and port else ""
+        mqtt = mqtt_settings(resp.mqtt, self.config.hub, identity)
+        creds = Credentials(resp.device_id, resp.credential, self.config.hub, mqtt, device_hub)
         save_credentials(self.config.state_dir, creds)
         log.info("enrolled as %s", creds.device_id)
         return creds
@@ -182,18 +227,23 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, reconnecting after any disconnect."""
         attempt = 0
+        self._loop = asyncio.get_running_loop()
         if self.config.tls_ca is not None:
             creds = grpc.ssl_channel_credentials(self.config.tls_ca.read_bytes())
             channel_cm = grpc.aio.secure_channel(self.config.hub, creds)
         else:
             channel_cm = grpc.aio.insecure_channel(self.config.hub)
-        async with channel_cm as channel:
+        async with channel_cm as channel, contextlib.AsyncExitStack() as exits:
+            self.channel = channel
+            work: grpc.aio.Channel | None = None  # where the device's own calls go (_work_channel)
             while not stop.is_set():
                 try:
                     if self.creds is None:
                         self.creds = await self.enroll(channel)
                         self._start_telemetry()
-                    await self._serve(channel, stop)
+                    if work is None:
+                        work = self.channel = await exits.enter_async_context(self._work_channel(channel))
+                    await self._serve(work, stop)
                     attempt = 0
                 except EnrollmentRejected:
                     raise
@@ -207,8 +257,27 @@ class Agent:
                 delay = min(self.config.backoff_max_s, 0.25 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
+        for task in self._updates:
+            task.cancel()
+        await asyncio.gather(*self._updates, return_exceptions=True)
+        self.channel = None
         if self.telemetry is not None:
             self.telemetry.stop()
+
+    def _work_channel(self, channel: grpc.aio.Channel) -> contextlib.AbstractAsyncContextManager[grpc.aio.Channel]:
+        """The channel for this device's own calls (the work channel, and any call naming the device):
+        with a certificate from enrollment, one to the hub's device port presenting it (mutual TLS);
+        else the hub channel itself. EnrollmentRejected when the certificate files have gone."""
+        assert self.creds is not None
+        if not self.creds.device_hub:
+            return contextlib.nullcontext(channel)
+        identity = load_identity(self.config.state_dir)
+        if identity is None:
+            raise EnrollmentRejected(
+                f"this device enrolled with a certificate, but its key or certificate is missing from "
+                f"{self.config.state_dir}; re-enroll: remove credentials.json there and run with a new --token"
+            )
+        return grpc.aio.secure_channel(self.creds.device_hub, identity.channel_credentials())
 
     def _start_telemetry(self) -> None:
         if self.creds is None or self.creds.mqtt is None or self.telemetry is not None:
@@ -229,7 +298,9 @@ class Agent:
             }
 
         spool = Spool(self.config.state_dir / "telemetry-spool.db", self.config.spool_max_records)
-        self.telemetry = TelemetryPublisher(self.creds.mqtt, sample, self.config.telemetry_interval_s, spool=spool)
+        self.telemetry = TelemetryPublisher(
+            self.creds.mqtt, sample, self.config.telemetry_interval_s, spool=spool, on_command=self._command_arrived
+        )
         self.telemetry.start()
 
     def _follow_broker(self, welcome: pb.Welcome) -> None:
@@ -237,7 +308,7 @@ class Agent:
         telemetry publisher follows it (reconnecting now if it was down). The login stays our own."""
         if self.creds is None or self.creds.mqtt is None or not welcome.mqtt.host:
             return
-        mqtt = replace(self.creds.mqtt, host=welcome.mqtt.host, port=welcome.mqtt.port)
+        mqtt = followed_broker(self.creds.mqtt, welcome.mqtt, self.config.hub)
         if mqtt != self.creds.mqtt:
             log.info("the hub's broker is now at %s:%d", mqtt.host, mqtt.port)
             self.creds = replace(self.creds, mqtt=mqtt)
@@ -248,15 +319,11 @@ class Agent:
     async def _serve(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
         assert self.creds is not None
         outbox: asyncio.Queue = asyncio.Queue()
-        outbox.put_nowait(
-            pb.AgentMessage(
-                hello=pb.Hello(
-                    models=[pb.ModelInfo(**self.engine.info)],
-                    max_concurrency=self.max_concurrency,
-                    agent_version=VERSION,
-                )
-            )
-        )
+        outbox.put_nowait(self.hello())
+        for msg in self._unsent:  # update results from while no channel was open
+            outbox.put_nowait(msg)
+        self._unsent.clear()
+        self._outbox = outbox
 
         async def outgoing():
             # None in the outbox ends it (put there when _serve ends): once the call has ended, nothing
@@ -290,6 +357,7 @@ class Agent:
                     return
                 self._dispatch(msg, outbox, tasks)
         finally:
+            self._outbox = None
             call.cancel()  # a no-op once the call has ended
             outbox.put_nowait(None)  # ends outgoing(), which a call that ended already no longer reads
             for ev in self._cancels.values():
@@ -322,6 +390,69 @@ class Agent:
             outbox.put_nowait(pb.AgentMessage(pong=pb.Pong(sent_unix=msg.ping.sent_unix)))
         elif kind == "welcome":
             self._follow_broker(msg.welcome)
+
+    def hello(self) -> pb.AgentMessage:
+        """What this agent serves, as it tells the hub: first on each work channel, again after an update."""
+        hello = pb.Hello(
+            models=[pb.ModelInfo(**self.engine.info)],
+            max_concurrency=self.max_concurrency,
+            agent_version=self.config.agent_version or VERSION,
+        )
+        return pb.AgentMessage(hello=hello)
+
+    def _command_arrived(self, payload: bytes) -> None:
+        """A message on the device's commands topic, in paho's thread: handled on the agent's loop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._on_command, payload)
+
+    def _on_command(self, payload: bytes) -> None:
+        try:
+            command = UpdateCommand.from_payload(payload)
+        except ValueError as exc:
+            log.warning("ignoring a malformed command: %s", exc)
+            return
+        if command.command_id in self._commands:
+            return
+        self._commands.add(command.command_id)
+        task = asyncio.create_task(self.update(command))
+        self._updates.add(task)
+        task.add_done_callback(self._updates.discard)
+
+    async def update(self, command: UpdateCommand) -> pb.UpdateResult:
+        """Fetch, verify and load `command`'s bundle and serve it from the next request on: requests
+        running now finish on the model they started with (each takes `self.engine` once, at its
+        start). Reports an UpdateResult to the hub, then, on success, a fresh Hello. A failure leaves
+        the model served as it was. One update at a time."""
+        async with self._update_lock:
+            try:
+                if self.channel is None or self.creds is None:
+                    raise UpdateFailed("not connected to the hub")
+                bundles = self.config.state_dir / "bundles"
+                bundle = await fetch_bundle(self.channel, self.creds.metadata(), command, bundles)
+                served = await asyncio.to_thread(load_update, self.loader, command, bundle)
+            except UpdateFailed as exc:
+                log.warning("update %s failed: %s", command.command_id, exc)
+                result = pb.UpdateResult(command_id=command.command_id, ok=False, message=str(exc), model=command.model)
+            else:
+                self.engine = served
+                save_served(self.config.state_dir, command.model, bundle)  # a restart serves it too
+                message = f"serving {command.model} ({served.info['quant']}, version {command.version[:12]})"
+                result = pb.UpdateResult(command_id=command.command_id, ok=True, message=message,
+                                         model=command.model, version=command.version)  # fmt: skip
+                log.info("update %s: %s", command.command_id, message)
+            self._report(pb.AgentMessage(update=result))
+            if result.ok:
+                self._report(self.hello())
+            return result
+
+    def _report(self, msg: pb.AgentMessage) -> None:
+        """Send `msg` on the open work channel; an UpdateResult waits for the next one if none is open
+        (a Hello needs no keeping: each channel opens with a fresh one)."""
+        if self._outbox is not None:
+            self._outbox.put_nowait(msg)
+        elif msg.WhichOneof("kind") == "update":
+            self._unsent.append(msg)
 
     def _cancel(self, work_id: str) -> None:
         """Stop a work at once: one waiting for a slot is dropped before it computes anything; a running
@@ -373,10 +504,9 @@ class Agent:
         def send(msg: pb.AgentMessage) -> None:
             loop.call_soon_threadsafe(outbox.put_nowait, msg)
 
+        engine = self.engine  # the model this stage started on, whatever an update swaps in meanwhile
         try:
-            return await asyncio.to_thread(
-                serve_stage, self.engine, work, inputs, cancel, send, self.config.power_active_w
-            )
+            return await asyncio.to_thread(serve_stage, engine, work, inputs, cancel, send, self.config.power_active_w)
         finally:
             self._stage_inputs.pop(work.work_id, None)
 
@@ -386,14 +516,15 @@ class Agent:
         """Stream `work`'s tokens into `outbox`; returns its WorkDone (TTFT from `received`, the energy
         of the time computing)."""
         start = time.perf_counter()  # tokenizing the prompt is engine work: counted from here
-        params, ids = self._prepare(work)
+        engine = self.engine  # the model this request runs on to its end, whatever an update swaps in meanwhile
+        params, ids = self._prepare(work, engine)
         cont = Continuation(tuple(work.continue_ids), work.continue_chars) if work.continue_ids else None
         first = last = None
         count, finish = 0, "length"
         sensor = self.config.power_sensor
         meter = _started(EnergyMeter(sensor)) if sensor is not None else None
         try:
-            async for ev in iterate_in_thread(lambda: self.engine.stream(ids, params, cancel, cont), cancel):
+            async for ev in iterate_in_thread(lambda: engine.stream(ids, params, cancel, cont), cancel):
                 now = time.perf_counter()
                 first = first or now
                 last = now
@@ -416,12 +547,33 @@ class Agent:
         )
         return pb.AgentMessage(done=pb.WorkDone(work_id=work.work_id, finish_reason=finish, metrics=metrics))
 
-    def _prepare(self, work: pb.Work) -> tuple[SamplingParams, list[int]]:
+    def _prepare(self, work: pb.Work, engine: ServedModel) -> tuple[SamplingParams, list[int]]:
         params = SamplingParams(**sampling_kwargs(work.sampling))
         prompt = prompt_of(work.input)
         if prompt is None:
             raise InvalidRequest("work has no input")
-        return params, self.engine.encode(prompt, tools_of(work.input))
+        return params, engine.encode(prompt, tools_of(work.input))
+
+
+def mqtt_settings(info: pb.MqttInfo, hub: str, identity: DeviceIdentity | None) -> MqttSettings | None:
+    """How telemetry reaches the broker the hub named (None: it has none). With a TLS listener and
+    our certificate: over TLS, at the host we dial the hub at (edge_agent.identity.hub_host); its
+    plaintext listener is then for the hub's own machine only."""
+    if not info.host:
+        return None
+    plain = MqttSettings(info.host, info.port, info.username, info.password, info.topic_prefix)
+    if not info.tls_port or identity is None:
+        return plain
+    files = {"ca_file": str(identity.ca_file), "cert_file": str(identity.cert_file), "key_file": str(identity.key_file)}
+    return replace(plain, host=hub_host(hub), port=info.tls_port, **files)
+
+
+def followed_broker(current: MqttSettings, info: pb.MqttInfo, hub: str) -> MqttSettings:
+    """`current` moved to the broker address a Welcome gives: its TLS port when we speak TLS to it,
+    else its host and port. The login and the TLS files stay our own."""
+    if current.ca_file and info.tls_port:
+        return replace(current, host=hub_host(hub), port=info.tls_port)
+    return replace(current, host=info.host, port=info.port)
 
 
 def token_chunk(work_id: str, ev: TokenEvent, prompt_ids: list[int]) -> pb.TokenChunk:

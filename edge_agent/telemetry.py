@@ -32,6 +32,12 @@ class MqttSettings:
     password: str
     topic_prefix: str
     """tandem/v1/devices/{device_id}"""
+    ca_file: str = ""
+    """TLS: the deployment's CA, the only issuer trusted for the broker; empty: plaintext."""
+    cert_file: str = ""
+    """TLS: this device's certificate, which the broker's TLS listener requires."""
+    key_file: str = ""
+    """TLS: its private key."""
 
 
 def rss_mb() -> float:
@@ -77,9 +83,13 @@ class TelemetryPublisher:
         interval_s: float = 1.0,
         keepalive_s: int = 5,
         spool: Spool | None = None,
+        on_command: Callable[[bytes], None] | None = None,
     ) -> None:
         self.settings, self.sample, self.interval_s = settings, sample, interval_s
         self.spool = spool
+        self.on_command = on_command
+        """Called, in paho's network thread, with each message on the device's `commands` topic (the
+        hub's over-the-air updates: edge_agent.ota); None: the topic is not subscribed."""
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._keepalive = keepalive_s
@@ -95,8 +105,13 @@ class TelemetryPublisher:
             protocol=mqtt.MQTTv5,
         )
         client.username_pw_set(settings.username, settings.password)
+        if settings.ca_file:  # verifies the broker's certificate and name; presents ours
+            client.tls_set(
+                ca_certs=settings.ca_file, certfile=settings.cert_file or None, keyfile=settings.key_file or None
+            )
         client.will_set(f"{settings.topic_prefix}/status", "offline", qos=1, retain=True)
         client.on_connect = self._on_connect
+        client.on_message = self._on_message
         client.on_disconnect = lambda *a: self.connected.clear()
         # At most 5 s between tries: a restarted hub's broker (same address) hears from us that soon.
         client.reconnect_delay_set(min_delay=1, max_delay=5)
@@ -143,8 +158,17 @@ class TelemetryPublisher:
         if getattr(reason, "is_failure", False):  # paho retries; a hub that is starting admits devices last
             log.warning("MQTT connect refused: %s", reason)
             return
+        if self.on_command is not None:  # before "online": the hub sends commands to devices it sees online
+            client.subscribe(self.topic("commands"), qos=1)
         client.publish(self.topic("status"), "online", qos=1, retain=True)
         self.connected.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        if self.on_command is not None and message.topic == self.topic("commands"):
+            try:
+                self.on_command(message.payload)
+            except Exception:  # paho's network thread must go on
+                log.exception("command handler failed")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -89,6 +89,12 @@ def save_bundle(loaded: LoadedModel, out: Path, source: str) -> Path:
     return out
 
 
+def bundle_version(path: str | Path) -> str:
+    """A bundle's version: the SHA-256 of its manifest.json, which holds every other file's checksum
+    (what ModelInfo.version reports and an over-the-air update names). Raises OSError without one."""
+    return _sha256(Path(path) / "manifest.json")
+
+
 def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((path / "manifest.json").read_text())

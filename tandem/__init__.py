@@ -14,7 +14,7 @@ from tandem.errors import (
     Unauthenticated,
     Unavailable,
 )
-from tandem.types import Budget, Choice, Chunk, GenerateResult, Placement, TokenLogprob
+from tandem.types import Budget, Choice, Chunk, EnrollmentToken, GenerateResult, Placement, TokenLogprob
 
 __version__ = "0.1.0"
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "Chunk",
     "Client",
     "DeadlineExceeded",
+    "EnrollmentToken",
     "GenerateResult",
     "InvalidRequest",
     "Overloaded",

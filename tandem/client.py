@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from tandem.errors import InvalidRequest, from_rpc_error
-from tandem.types import Budget, Choice, Chunk, GenerateResult, Placement, TokenLogprob
+from tandem.types import Budget, Choice, Chunk, EnrollmentToken, GenerateResult, Placement, TokenLogprob
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 from tandem.wire import sampling_message
@@ -172,11 +172,26 @@ class Client(_Base):
         return result
 
     def devices(self, timeout: float | None = None) -> list[pb.Device]:
+        """The devices the hub knows, with their status, models (and versions), agent version and last update."""
+        return list(self._call(self._registry.ListDevices, pb.ListDevicesRequest(), timeout).devices)
+
+    def create_enrollment_token(self, ttl_s: float = 0.0, timeout: float | None = None) -> EnrollmentToken:
+        """A one-time token for enrolling one device, valid `ttl_s` seconds (0: the hub's default)."""
+        resp = self._call(self._registry.CreateToken, pb.CreateTokenRequest(ttl_s=ttl_s), timeout)
+        return EnrollmentToken(resp.token, resp.expires_unix)
+
+    def update_device(self, device_id: str, model: str, quant: str = "", timeout: float | None = None) -> str:
+        """Ask a device to serve `model` (a zoo name) at `quant` (fp32, int8, int4; empty: its profile's)
+        over the air; returns the command's id. Its outcome shows in devices()' `update` field.
+        The hub prepares the bundle before answering: give a first update of a large model time."""
+        req = pb.UpdateDeviceRequest(device_id=device_id, model=model, quant=quant)
+        return self._call(self._registry.UpdateDevice, req, timeout or self.timeout).command_id
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            resp = self._registry.ListDevices(pb.ListDevicesRequest(), timeout=timeout or 10, metadata=self._metadata)
+            return method(request, timeout=timeout or 10, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        return list(resp.devices)
 
 
 class _SyncStream:
@@ -240,10 +255,21 @@ class AsyncClient(_Base):
             raise from_rpc_error(exc) from None
 
     async def devices(self, timeout: float | None = None) -> list[pb.Device]:
+        """As Client.devices."""
+        return list((await self._call(self._registry.ListDevices, pb.ListDevicesRequest(), timeout)).devices)
+
+    async def create_enrollment_token(self, ttl_s: float = 0.0, timeout: float | None = None) -> EnrollmentToken:
+        """As Client.create_enrollment_token."""
+        resp = await self._call(self._registry.CreateToken, pb.CreateTokenRequest(ttl_s=ttl_s), timeout)
+        return EnrollmentToken(resp.token, resp.expires_unix)
+
+    async def update_device(self, device_id: str, model: str, quant: str = "", timeout: float | None = None) -> str:
+        """As Client.update_device."""
+        req = pb.UpdateDeviceRequest(device_id=device_id, model=model, quant=quant)
+        return (await self._call(self._registry.UpdateDevice, req, timeout or self.timeout)).command_id
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            resp = await self._registry.ListDevices(
-                pb.ListDevicesRequest(), timeout=timeout or 10, metadata=self._metadata
-            )
+            return await method(request, timeout=timeout or 10, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        return list(resp.devices)

@@ -20,6 +20,16 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class EnrollmentToken:
+    """A one-time enrollment token a hub issued (Client.create_enrollment_token)."""
+
+    token: str
+    """The secret a new device enrolls with, once (`tandem agent run --token`)."""
+    expires_unix: float
+    """When the hub stops accepting it (Unix time)."""
+
+
+@dataclass(frozen=True)
 class Placement:
     """Where (part of) a request ran, and what the hub predicted for it."""
 
