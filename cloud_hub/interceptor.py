@@ -210,9 +210,9 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
 
 DEVICE_ID_HEADER = "x-tandem-device-id"
-DEVICE_PORT_HEADER = "x-tandem-device-port"
-"""Initial metadata of the Enroll answer under mutual TLS: the port where devices dial with their
-certificate (edge_agent.identity reads it; the two never import each other)."""
+WORK_CHANNEL = "/tandem.v1.WorkChannel/Connect"
+"""The one device call that may come without a certificate: its servicer answers it with the
+Welcome (which names the device port) before refusing it (cloud_hub.servicers.WorkChannelServicer)."""
 
 REENROLL_HINT = (
     "an agent dials the hub's device port with the certificate it got at enrollment; one enrolled "
@@ -242,12 +242,13 @@ def device_refusal(context: grpc.aio.ServicerContext, device_ids: list[str]) -> 
     return None
 
 
-def _guarded(handler: grpc.RpcMethodHandler, device_ids: list[str]) -> grpc.RpcMethodHandler:
-    """`handler`, first refusing the call unless its client certificate is for `device_ids`."""
+def _guarded(handler: grpc.RpcMethodHandler, device_ids: list[str], uncertified: bool = False) -> grpc.RpcMethodHandler:
+    """`handler`, first refusing the call unless its client certificate is for `device_ids`; with
+    `uncertified`, a call presenting no certificate at all goes on to the handler, which refuses it."""
 
     async def check(context: grpc.aio.ServicerContext) -> None:
         refused = device_refusal(context, device_ids)
-        if refused is not None:
+        if refused is not None and not (uncertified and certified_device(context) is None):
             await context.abort(refused.code, str(refused), trailing_metadata=refused.metadata())
 
     def once(inner: Callable) -> Callable:
@@ -286,7 +287,9 @@ class DeviceCertInterceptor(grpc.aio.ServerInterceptor):
     API key, Enroll with its token) pass untouched.
 
     Only the hub's device port asks for client certificates (gRPC Python can require one on a port or
-    not ask at all), so a device call on the main port, which has none, is refused too."""
+    not ask at all), so a device call on the main port, which has none, is refused too. One exception:
+    the work channel (WORK_CHANNEL) without a certificate reaches its servicer, which refuses it
+    after one Welcome, so that an agent whose device port moved finds the new one on the main port."""
 
     async def intercept_service(
         self,
@@ -297,4 +300,4 @@ class DeviceCertInterceptor(grpc.aio.ServerInterceptor):
         named = [v for k, v in handler_call_details.invocation_metadata or () if k == DEVICE_ID_HEADER]
         if handler is None or not named:
             return handler
-        return _guarded(handler, [str(v) for v in named])
+        return _guarded(handler, [str(v) for v in named], handler_call_details.method == WORK_CHANNEL)

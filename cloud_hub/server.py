@@ -170,11 +170,13 @@ class Hub:
         if self.device_ca is not None:  # outermost: a call naming a device needs that device's certificate
             interceptors.insert(0, DeviceCertInterceptor())
         self.server = grpc.aio.server(options=options, interceptors=interceptors)
-        self._bind()  # before the servicers: the Enroll answer names the device port
+        self._bind()  # before the servicers: the Enroll answer and each Welcome name the device port
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.registry, self.service), self.server)
         registry = RegistryServicer(self.registry, self.updates, device_port=self.device_port)
         pb_grpc.add_RegistryServicer_to_server(registry, self.server)
-        channel = WorkChannelServicer(self.registry, ping_every_s=cfg.ping_every_s, updates=self.updates)
+        channel = WorkChannelServicer(
+            self.registry, ping_every_s=cfg.ping_every_s, updates=self.updates, device_port=self.device_port
+        )
         pb_grpc.add_WorkChannelServicer_to_server(channel, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self.server.start()

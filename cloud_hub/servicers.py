@@ -17,7 +17,7 @@ import grpc
 
 from cloud_hub.errors import InvalidRequest
 from cloud_hub.fleet import AgentSession
-from cloud_hub.interceptor import DEVICE_PORT_HEADER
+from cloud_hub.interceptor import certified_device, device_refusal
 from cloud_hub.prompt import prompt_from_wire
 from cloud_hub.registry import Registry
 from cloud_hub.router import Budget
@@ -111,8 +111,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         answer = self.registry.enroll(
             request.token, request.name, request.profile, list(request.models), request.emulated, request.csr
         )
-        if self.device_port:  # the protocol has no field for it: initial metadata the agent reads
-            await context.send_initial_metadata(((DEVICE_PORT_HEADER, str(self.device_port)),))
+        answer.device_port = self.device_port
         return answer
 
     async def Deregister(
@@ -159,16 +158,34 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
         hello_timeout_s: float = 10.0,
         ping_every_s: float = 5.0,
         updates: Updates | None = None,
+        device_port: int = 0,
     ) -> None:
         self.registry = registry
         self.hello_timeout_s = hello_timeout_s
         self.ping_every_s = ping_every_s
         self.updates = updates
         """Records what each agent reports (its version, its models, its updates' outcomes); None: nothing is."""
+        self.device_port = device_port
+        """Where devices dial with their certificates (mutual TLS), told in each Welcome; 0: none."""
+
+    def _welcome(self) -> pb.HubMessage:
+        """First on every channel, ahead of any work: where the broker and the device port are now
+        (either can change across hub restarts). Agents follow these, not what they saved at enrollment."""
+        mqtt = self.registry.mqtt
+        info = pb.MqttInfo(host=mqtt.host, port=mqtt.port, tls_port=mqtt.tls_port) if mqtt is not None else None
+        return pb.HubMessage(welcome=pb.Welcome(mqtt=info, device_port=self.device_port))
 
     async def Connect(self, request_iterator: AsyncIterator[pb.AgentMessage], context: grpc.aio.ServicerContext):
         md = _metadata(context)
         record = self.registry.authenticate_device(md.get("x-tandem-device-id"), md.get("x-tandem-credential"))
+        if self.device_port and certified_device(context) is None:
+            # Mutual TLS, and the main port (no certificate; the interceptor refuses any other
+            # mismatch): the device's credential earns the Welcome, then the refusal. An agent whose
+            # device port refused it (the hub restarted on another) reads the new port here.
+            yield self._welcome()
+            refused = device_refusal(context, [record.device_id])
+            assert refused is not None  # no certificate
+            raise refused
         stream = request_iterator.__aiter__()
         try:
             first = await asyncio.wait_for(stream.__anext__(), self.hello_timeout_s)
@@ -177,12 +194,7 @@ class WorkChannelServicer(pb_grpc.WorkChannelServicer):
         if first.WhichOneof("kind") != "hello":
             raise InvalidRequest(f"the work channel must open with a Hello message, got {first.WhichOneof('kind')!r}")
         session = AgentSession(record, tuple(first.hello.models), max(1, first.hello.max_concurrency))
-        # First on every channel, ahead of any work: where the broker is now (its port can change
-        # across hub restarts). Agents follow this, not the address they saved at enrollment.
-        mqtt = self.registry.mqtt
-        info = pb.MqttInfo(host=mqtt.host, port=mqtt.port, tls_port=mqtt.tls_port) if mqtt is not None else None
-        welcome = pb.Welcome(mqtt=info)
-        session.outbox.put_nowait(pb.HubMessage(welcome=welcome))
+        session.outbox.put_nowait(self._welcome())
         fleet, store = self.registry.fleet, self.registry.store
         fleet.attach(session)
         if self.updates is not None:

@@ -51,8 +51,8 @@ log = logging.getLogger("tandem.hub.updates")
 
 CHUNK_BYTES = 1 << 20
 """Bytes of a file a BundleChunk carries (well under the hub's 4 MiB message limit)."""
-BUNDLE_QUANTS = ("fp32", "int8", "int4")
-"""Precisions a bundle holds (models.bundle); "source" has no bundle form yet."""
+BUNDLE_QUANTS = ("fp32", "int8", "int4", "source")
+"""Precisions a bundle holds (models.bundle; "source": each layer at its GGUF's own, bit widths mixed)."""
 
 
 class UpdateRefused(HubError):
@@ -224,10 +224,7 @@ def _bundle_quant(quant: str, profile: str) -> str:
         except ProfileError as exc:
             raise InvalidRequest(f"quant: empty, and the device's profile {profile!r} cannot be read ({exc})") from exc
     if quant not in BUNDLE_QUANTS:
-        raise InvalidRequest(
-            f"quant: {quant!r} has no bundle form; an update ships {', '.join(BUNDLE_QUANTS)} weights"
-            + (" (the device profile's default is 'source': name one of them)" if quant == "source" else "")
-        )
+        raise InvalidRequest(f"quant: {quant!r} has no bundle form; an update ships {', '.join(BUNDLE_QUANTS)} weights")
     return quant
 
 

@@ -25,7 +25,6 @@ import grpc
 from edge_agent.identity import (
     DeviceIdentity,
     device_address,
-    device_port,
     hub_host,
     load_identity,
     new_key_request,
@@ -164,7 +163,9 @@ class Agent:
         self.loader = loader or bundle_served(engine)
         """Loads an over-the-air update's bundle to serve (edge_agent.ota); the default keeps `engine`'s pacing."""
         self.channel: grpc.aio.Channel | None = None
-        """The channel to the hub while run() runs (an update fetches its bundle over it)."""
+        """The channel for this device's own calls while run() runs (the work channel; an update
+        fetches its bundle over it): to the device port, or the hub channel itself (_work_channel)."""
+        self._dialled = ""  # the device port address self.channel dials ("": the hub channel)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: asyncio.Queue | None = None  # the open work channel's, None between channels
         self._unsent: list[pb.AgentMessage] = []  # update results that found no open channel
@@ -203,9 +204,7 @@ class Agent:
             csr=csr,
         )
         try:
-            call = pb_grpc.RegistryStub(channel).Enroll(req, timeout=30)
-            resp = await call
-            port = device_port(await call.initial_metadata())
+            resp = await pb_grpc.RegistryStub(channel).Enroll(req, timeout=30)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -217,6 +216,7 @@ class Agent:
         identity = None
         if resp.certificate and key is not None:  # the hub signed it: from now on we dial with it
             identity = save_identity(self.config.state_dir, key, resp.certificate, resp.ca_certificate)
+        port = resp.device_port
         device_hub = device_address(self.config.hub, port) if identity is not None and port else ""
         mqtt = mqtt_settings(resp.mqtt, self.config.hub, identity)
         creds = Credentials(resp.device_id, resp.credential, self.config.hub, mqtt, device_hub)
@@ -233,44 +233,64 @@ class Agent:
             channel_cm = grpc.aio.secure_channel(self.config.hub, creds)
         else:
             channel_cm = grpc.aio.insecure_channel(self.config.hub)
-        async with channel_cm as channel, contextlib.AsyncExitStack() as exits:
-            self.channel = channel
-            work: grpc.aio.Channel | None = None  # where the device's own calls go (_work_channel)
-            while not stop.is_set():
-                try:
-                    if self.creds is None:
-                        self.creds = await self.enroll(channel)
-                        self._start_telemetry()
-                    if work is None:
-                        work = self.channel = await exits.enter_async_context(self._work_channel(channel))
-                    await self._serve(work, stop)
-                    attempt = 0
-                except EnrollmentRejected:
-                    raise
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                        raise EnrollmentRejected(f"the hub rejected this device's credential: {exc.details()}") from exc
-                    log.warning("work channel lost (%s); reconnecting", exc.code().name)
-                finally:
-                    self.connected.clear()
-                attempt += 1
-                delay = min(self.config.backoff_max_s, 0.25 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+        async with channel_cm as channel:
+            try:
+                while not stop.is_set():
+                    try:
+                        await self._connect(channel, stop)
+                        attempt = 0
+                    except EnrollmentRejected:
+                        raise
+                    except grpc.aio.AioRpcError as exc:
+                        if await self._lost(exc, channel):
+                            continue  # the device port moved: dial the new one now
+                    finally:
+                        self.connected.clear()
+                    attempt += 1
+                    delay = min(self.config.backoff_max_s, 0.25 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.0)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+            finally:
+                await self._close_work_channel(channel)
         for task in self._updates:
             task.cancel()
         await asyncio.gather(*self._updates, return_exceptions=True)
-        self.channel = None
         if self.telemetry is not None:
             self.telemetry.stop()
 
-    def _work_channel(self, channel: grpc.aio.Channel) -> contextlib.AbstractAsyncContextManager[grpc.aio.Channel]:
+    async def _connect(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
+        """Enroll unless saved credentials say we have, then serve one work channel until it ends,
+        over the device port the credentials name now (a new channel when it moved) or `channel`."""
+        if self.creds is None:
+            self.creds = await self.enroll(channel)
+            self._start_telemetry()
+        if self.channel is None or self._dialled != self.creds.device_hub:
+            await self._close_work_channel(channel)
+            self.channel, self._dialled = self._work_channel(channel), self.creds.device_hub
+        await self._serve(self.channel, stop)
+
+    async def _lost(self, exc: grpc.aio.AioRpcError, channel: grpc.aio.Channel) -> bool:
+        """After the work channel ended with `exc`: whether to reconnect at once (the device port
+        moved), else after a backoff. EnrollmentRejected when the hub rejected our credential."""
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise EnrollmentRejected(f"the hub rejected this device's credential: {exc.details()}") from exc
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and await self._device_port_moved(channel):
+            return True
+        log.warning("work channel lost (%s); reconnecting", exc.code().name)
+        return False
+
+    async def _close_work_channel(self, channel: grpc.aio.Channel) -> None:
+        work, self.channel = self.channel, None
+        if work is not None and work is not channel:
+            await work.close()
+
+    def _work_channel(self, channel: grpc.aio.Channel) -> grpc.aio.Channel:
         """The channel for this device's own calls (the work channel, and any call naming the device):
         with a certificate from enrollment, one to the hub's device port presenting it (mutual TLS);
         else the hub channel itself. EnrollmentRejected when the certificate files have gone."""
         assert self.creds is not None
         if not self.creds.device_hub:
-            return contextlib.nullcontext(channel)
+            return channel
         identity = load_identity(self.config.state_dir)
         if identity is None:
             raise EnrollmentRejected(
@@ -278,6 +298,40 @@ class Agent:
                 f"{self.config.state_dir}; re-enroll: remove credentials.json there and run with a new --token"
             )
         return grpc.aio.secure_channel(self.creds.device_hub, identity.channel_credentials())
+
+    async def _device_port_moved(self, channel: grpc.aio.Channel) -> bool:
+        """After the device port refused us: whether the hub now has it elsewhere (followed, saved).
+
+        Only the Welcome says where it is, and the port we know is the one that refused, so we ask
+        the main port (`channel`), which needs no certificate: a hub with mutual TLS answers a work
+        channel opened there with our credential by one Welcome, then refuses it
+        (cloud_hub.servicers.WorkChannelServicer.Connect). Any other answer: it has not moved."""
+        if self.creds is None or not self.creds.device_hub:
+            return False
+        stub = pb_grpc.WorkChannelStub(channel)
+        call = stub.Connect(iter([self.hello()]), metadata=self.creds.metadata(), timeout=10)
+        try:
+            msg = await call.read()
+        except grpc.aio.AioRpcError:
+            return False
+        finally:
+            call.cancel()
+        welcome = msg is not grpc.aio.EOF and msg.WhichOneof("kind") == "welcome"
+        return welcome and self._follow_device_port(msg.welcome)
+
+    def _follow_device_port(self, welcome: pb.Welcome) -> bool:
+        """The hub's device port, sent in every Welcome: saved when it moved (the next work channel
+        dials it; the one open now, over the old port, serves on). Whether it moved. Only an agent
+        enrolled with a certificate follows it: one without must re-enroll to use it."""
+        if self.creds is None or not self.creds.device_hub or not welcome.device_port:
+            return False
+        address = device_address(self.config.hub, welcome.device_port)
+        if address == self.creds.device_hub:
+            return False
+        log.info("the hub's device port is now %s", address)
+        self.creds = replace(self.creds, device_hub=address)
+        save_credentials(self.config.state_dir, self.creds)
+        return True
 
     def _start_telemetry(self) -> None:
         if self.creds is None or self.creds.mqtt is None or self.telemetry is not None:
@@ -390,6 +444,7 @@ class Agent:
             outbox.put_nowait(pb.AgentMessage(pong=pb.Pong(sent_unix=msg.ping.sent_unix)))
         elif kind == "welcome":
             self._follow_broker(msg.welcome)
+            self._follow_device_port(msg.welcome)
 
     def hello(self) -> pb.AgentMessage:
         """What this agent serves, as it tells the hub: first on each work channel, again after an update."""

@@ -14,11 +14,16 @@ the Hello (ModelInfo.calibration_json), which then refits it online from every r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
+import platform
 import threading
 import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
-from device_profiles import Calibration, DeviceProfile
+from device_profiles import Calibration, CalibrationError, DeviceProfile
 from edge_agent import profiler
 from models.sampling import SamplingParams
 from models.serving import ServedModel
@@ -47,6 +52,60 @@ def agent_calibration(
     took = time.perf_counter() - start
     log.info("calibrated itself from %d samples and one request in %.1f s", len(samples), took)
     return cal, f"calibrated itself ({len(samples)} samples and one request, {took:.1f} s)"
+
+
+CACHE_MAX_AGE_S = 7 * 86400.0
+"""How long a start-up calibration is reused by a restarted agent. The hub refits every device online
+from its requests' measured times, so a calibration a few days old is a fine starting point; a week
+bounds how far a drifting machine (a new neighbour, a BIOS update) starts from."""
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def cache_key(served: ServedModel, model: str, quant: str, engine: str, profile: DeviceProfile) -> str:
+    """What a calibration was measured for: the model as served (name, precision, weights' bytes and
+    config), the engine, the profile, this machine's CPU and core count, and this agent's version."""
+    try:
+        agent = version("tandem")
+    except PackageNotFoundError:
+        agent = ""
+    parts = [model, quant, engine, profile.name, str(served.info.get("weight_bytes")),
+             str(served.info.get("config_json")), _cpu_name(), str(os.cpu_count()), agent]  # fmt: skip
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def cached_calibration(
+    cache: Path | None, served: ServedModel, model: str, quant: str, engine: str, profile: DeviceProfile
+) -> tuple[Calibration, str]:
+    """agent_calibration, reusing one this agent measured for the same model and machine in the last
+    CACHE_MAX_AGE_S (kept in `cache`, e.g. its state dir's calibrations/): a restarted, reflashed or
+    rolled-back agent is online in seconds instead of re-measuring (a minute and more on a busy host,
+    where the profiler waits out other processes). A cache file that cannot be read is measured over."""
+    if cache is None or profile.calibration_for(model, quant, engine) is not None:
+        return agent_calibration(served, model, quant, engine, profile)
+    path = cache / f"{cache_key(served, model, quant, engine, profile)}.json"
+    try:
+        age = time.time() - path.stat().st_mtime
+        if age < CACHE_MAX_AGE_S:
+            cal = Calibration.from_json(path.read_text())
+            return cal, f"calibration reused from {age / 3600:.1f} h ago (same model and machine)"
+    except (OSError, ValueError, CalibrationError):
+        pass
+    cal, how = agent_calibration(served, model, quant, engine, profile)
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(cal.to_json(samples=True))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only state dir costs the next start its calibration, nothing more
+        log.warning("could not keep the calibration in %s: %s", cache, exc)
+    return cal, how
 
 
 def quick_grid(context: int) -> profiler.Grid:

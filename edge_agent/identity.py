@@ -28,8 +28,6 @@ from cryptography.x509.oid import NameOID
 from tandem.files import private_dir
 
 KEY_FILE, CERT_FILE, CA_FILE = "device.key", "device.pem", "ca.pem"
-DEVICE_PORT_HEADER = "x-tandem-device-port"
-"""Initial metadata of the hub's Enroll answer: the port where devices dial it with their certificate."""
 
 
 @dataclass(frozen=True)
@@ -92,17 +90,6 @@ def load_identity(state_dir: Path) -> DeviceIdentity | None:
     if all(p.is_file() for p in (identity.key_file, identity.cert_file, identity.ca_file)):
         return identity
     return None
-
-
-def device_port(metadata: object) -> int:
-    """The device port named in an Enroll answer's initial metadata ((key, value) pairs); 0 if none."""
-    for key, value in metadata or ():  # type: ignore[attr-defined]
-        if key == DEVICE_PORT_HEADER:
-            try:
-                return int(value)
-            except ValueError:
-                return 0
-    return 0
 
 
 def hub_host(hub: str) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 from device_profiles import DeviceProfile, load_profile
 from edge_agent import sdnotify
 from edge_agent.agent import Agent, AgentConfig
-from edge_agent.calibrate import agent_calibration
+from edge_agent.calibrate import cached_calibration
 from edge_agent.ota import ServedLoader
 from edge_agent.pacing import floor_pacer, profile_pacer
 from edge_agent.power import detect
@@ -65,7 +65,8 @@ def build_agent(
     else:  # prepared for the CPU kernels as it loads (models.cpu.prepare_cpu)
         loaded = load(source, quant=quant or prof.quant)
     held = None if bundle is not None else quant or prof.quant  # a bundle holds its own precision
-    served, notes = serve_model(model, loaded, backend, prof, held, emulate, pace_tpot_ms)
+    cache = state_dir / "calibrations"
+    served, notes = serve_model(model, loaded, backend, prof, held, emulate, pace_tpot_ms, cache)
     if bundle is not None:
         served.info["version"] = bundle_version(bundle)
     sensors = detect()
@@ -83,18 +84,20 @@ def build_agent(
         power_sensor=sensors[0] if sensors else None,
         agent_version=agent_version,
     )
-    agent = Agent(config, served, update_loader(engine, prof, emulate, pace_tpot_ms))
+    agent = Agent(config, served, update_loader(engine, prof, emulate, pace_tpot_ms, cache))
     agent.notes = notes
     return agent
 
 
-def update_loader(engine: str | None, prof: DeviceProfile, emulate: bool, pace_tpot_ms: float) -> ServedLoader:
+def update_loader(
+    engine: str | None, prof: DeviceProfile, emulate: bool, pace_tpot_ms: float, cache: Path | None = None
+) -> ServedLoader:
     """How an over-the-air update's bundle is served: as build_agent serves its model."""
 
     def load_update(name: str, bundle: Path) -> ServedModel:
         if engine is not None:
             raise ValueError(f"this agent computes on the {engine} engine; updates serve on the model's own generator")
-        return serve_model(name, load_bundle(bundle), None, prof, None, emulate, pace_tpot_ms)[0]
+        return serve_model(name, load_bundle(bundle), None, prof, None, emulate, pace_tpot_ms, cache)[0]
 
     return load_update
 
@@ -107,16 +110,17 @@ def serve_model(
     quant: str | None,
     emulate: bool,
     pace_tpot_ms: float,
+    cache: Path | None = None,
 ) -> tuple[ServedModel, list[str]]:
     """`loaded` served as `model`: warmed up, calibrated (without an engine) as precision `quant`
     (None: what it holds, as a bundle's) and paced as asked; with notes for people on what start-up
-    found."""
+    found. `cache`: where start-up calibrations are kept and reused (edge_agent.calibrate)."""
     served = ServedModel(model, loaded, backend)  # warmed up, unpaced
     cost = served_model_cost(loaded.config, served.info["weight_bytes"])  # the router's own rule on what it advertises
     notes = [f"at {served.info['quant']}"]
     if backend is None:  # the model's own generator: calibrated (engines are not profiled yet)
         held = quant or served.info["quant"]
-        cal, how = agent_calibration(served, model, held, "cpu", prof)  # unpaced: the host's speed
+        cal, how = cached_calibration(cache, served, model, held, "cpu", prof)  # unpaced: the host's speed
         served.info["calibration_json"] = cal.to_json()
         notes.append(how)
         if emulate and (gap := faster_than_host(prof, cost, cal)):

@@ -2,13 +2,20 @@
 
 A bundle is a directory:
 
-    manifest.json        format, architecture, config, quantization, kept layers, checksums
+    manifest.json        format, architecture, config, quantization layout, kept layers, checksums
     weights.pt           the state dict (quantized layers as their packed buffers)
     tokenizer.json       the tokenizer (tokenizers library format)
     tokenizer_info.json  BOS/EOS ids, BOS policy, chat template
 
 `load_bundle` checks the manifest and the SHA-256 of every file before building anything, so a
 damaged or mismatched bundle is refused at load time with BundleError, never run.
+
+The manifest's "quant" (format 3) is null for an fp32 model, else {"label", "layout"}: the label
+LoadedModel.describe reports (e.g. "source(q4_k->int4,q6_k->int8)") and the layout of every
+quantized module, models.source_quant.quant_layout's {name: [bits, group_size] | "embedding"}.
+Per module, because a model served at its GGUF's precision mixes grids (Gemma 3's Q4_K_M: int4
+beside int8, dense fp32 in a small GGUF); a module the layout does not name is dense. Format 2
+bundles (one {bits, group_size, embeddings} for every block layer) still load.
 """
 
 from __future__ import annotations
@@ -28,11 +35,14 @@ from models.config import ModelConfig
 from models.cpu import prepare_cpu
 from models.errors import TandemModelError
 from models.loaded import LoadedModel
-from models.quant import QuantEmbedding, QuantLinear, quantize_model
+from models.quant import quantize_model
+from models.source_quant import apply_layout, quant_layout
 from models.tokenizer import GGUFTokenizer, TokenizerInfo
 from models.transformer import Transformer
 
-FORMAT = "tandem-bundle/2"  # 2: int4 codes packed in GGUF's block order; int8 embedding
+FORMAT = "tandem-bundle/3"  # 3: a per-module quantization layout (mixed bit widths)
+FORMAT_2 = "tandem-bundle/2"  # int4 codes packed in GGUF's block order; one quantization for all layers
+READS = (FORMAT, FORMAT_2)
 FILES = ("weights.pt", "tokenizer.json", "tokenizer_info.json")
 
 
@@ -48,17 +58,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _quant_of(model: Transformer) -> dict | None:
-    layers = [m for m in model.layers.modules() if isinstance(m, QuantLinear)]
-    if not layers:
-        return None
-    # group_size None: one group a row (int8 per channel), whatever each layer's width.
-    per_channel = all(m.group_size == m.shape[1] for m in layers)
-    return {
-        "bits": layers[0].bits,
-        "group_size": None if per_channel else layers[0].group_size,
-        "embeddings": isinstance(model.tok_embeddings, QuantEmbedding),
-    }
+def _quant_of(loaded: LoadedModel) -> dict | None:
+    """The manifest's "quant": None for a model with no quantized module, else its label and layout."""
+    layout = quant_layout(loaded.model)
+    return {"label": loaded.served_quant, "layout": layout} if layout else None
 
 
 def save_bundle(loaded: LoadedModel, out: Path, source: str) -> Path:
@@ -75,7 +78,7 @@ def save_bundle(loaded: LoadedModel, out: Path, source: str) -> Path:
             "source": source,
             "arch": model.cfg.arch,
             "config": dataclasses.asdict(model.cfg),
-            "quant": _quant_of(model),
+            "quant": _quant_of(loaded),
             "layers": [block.layer for block in model.layers],
             "sha256": {name: _sha256(tmp / name) for name in FILES},
         }
@@ -100,14 +103,71 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError) as exc:
         raise BundleError(f"{path}: no readable manifest.json ({exc})") from exc
-    if manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: bundle format {manifest.get('format')!r}, this runtime reads {FORMAT!r}")
+    if manifest.get("format") not in READS:
+        raise BundleError(f"{path}: bundle format {manifest.get('format')!r}, this runtime reads {', '.join(READS)}")
     return manifest
+
+
+def _build(path: Path, manifest: dict, cfg: ModelConfig) -> Transformer:
+    """The manifest's model, empty on the meta device. Raises BundleError for a quantization this
+    runtime cannot build, naming the module for a format-3 layout."""
+    quant = manifest.get("quant")
+    # On the meta device: the fp32 weights a quantized bundle replaces, and the empty quantized
+    # buffers the state dict replaces, are never allocated (they would count in peak RSS).
+    with torch.device("meta"):
+        model = Transformer(cfg, manifest["layers"])
+        if quant is None:
+            return model
+        if manifest["format"] == FORMAT_2:
+            return _build_format_2(path, model, quant)
+        layout = quant.get("layout") if isinstance(quant, dict) else None
+        if not isinstance(layout, dict):
+            raise BundleError(f"{path}: quantization {quant} is not one this engine runs (a layout of int8, int4)")
+        for name, spec in layout.items():
+            _check_spec(path, name, spec)
+            try:
+                apply_layout(model, {name: spec})
+            except (AttributeError, TypeError, ValueError, TandemModelError) as exc:
+                raise BundleError(f"{path}: layout entry {name}: {spec} cannot be built ({exc})") from exc
+    return model
+
+
+def _check_spec(path: Path, name: str, spec: object) -> None:
+    """A layout entry is "embedding" or [bits, group_size], bits 4 or 8. Raises BundleError."""
+    if spec == "embedding":
+        return
+    fits = isinstance(spec, list) and len(spec) == 2 and all(type(v) is int for v in spec)
+    if not fits or spec[0] not in (4, 8):
+        raise BundleError(f"{path}: layout entry {name}: {spec} is not one this engine runs (int8, int4)")
+
+
+def _build_format_2(path: Path, model: Transformer, quant: dict) -> Transformer:
+    """A format-2 manifest's one quantization for every block layer, applied to `model`."""
+    if quant.get("bits") not in (4, 8):
+        raise BundleError(f"{path}: quantization {quant} is not one this engine runs (int8, int4)")
+    try:
+        embeddings = quant.get("embeddings", False)
+        return quantize_model(model, quant["bits"], quant["group_size"], empty=True, embeddings=embeddings)
+    except (KeyError, TypeError, TandemModelError) as exc:
+        raise BundleError(f"{path}: quantization {quant} is not one this runtime can build ({exc})") from exc
+
+
+def _misfit(model: Transformer, state: dict[str, torch.Tensor]) -> str | None:
+    """The first module (in the model's order) whose saved tensors differ in name or shape from
+    the empty model the manifest built (what load_state_dict checks: int4 codes are packed two a
+    byte, so a layer's bits or group size show in its shapes); None when every tensor fits."""
+    want = model.state_dict()
+    for key in [*want, *(k for k in state if k not in want)]:
+        a, b = want.get(key), state.get(key)
+        if a is None or b is None or a.shape != b.shape:
+            return key.rpartition(".")[0]
+    return None
 
 
 def load_bundle(path: str | Path, prepare: bool = True) -> LoadedModel:
     """Verify and load a bundle on the CPU and, with `prepare`, prepare it to serve there
-    (models.cpu.prepare_cpu). Raises BundleError for any mismatch."""
+    (models.cpu.prepare_cpu). Raises BundleError for any mismatch; one between the manifest's
+    layout and the saved weights names the module."""
     path = Path(path)
     manifest = read_manifest(path)
     for name in FILES:
@@ -120,20 +180,14 @@ def load_bundle(path: str | Path, prepare: bool = True) -> LoadedModel:
         raise BundleError(f"{path}: manifest config is not a valid model config ({exc})") from exc
     if manifest.get("arch") != cfg.arch or len(manifest.get("layers", [])) != cfg.n_layers:
         raise BundleError(f"{path}: manifest arch/layers disagree with its config")
-    quant = manifest.get("quant")
-    if quant is not None and quant.get("bits") not in (4, 8):
-        raise BundleError(f"{path}: quantization {quant} is not one this engine runs (int8, int4)")
-    # On the meta device: the fp32 weights a quantized bundle replaces, and the empty quantized
-    # buffers the state dict replaces, are never allocated (they would count in peak RSS).
-    with torch.device("meta"):
-        model = Transformer(cfg, manifest["layers"])
-        if quant is not None:
-            try:
-                embeddings = quant.get("embeddings", False)
-                quantize_model(model, quant["bits"], quant["group_size"], empty=True, embeddings=embeddings)
-            except (KeyError, TypeError, TandemModelError) as exc:
-                raise BundleError(f"{path}: quantization {quant} is not one this runtime can build ({exc})") from exc
+    model = _build(path, manifest, cfg)
     state = torch.load(path / "weights.pt", weights_only=True, mmap=True)
+    # Checked before loading: load_state_dict's own message lists every mismatch, cut to fit.
+    if (module := _misfit(model, state)) is not None:
+        spec = manifest["quant"]  # format 2: one quantization for all
+        if manifest["format"] == FORMAT:
+            spec = (spec or {}).get("layout", {}).get(module.removesuffix(".linear"), "dense")
+        raise BundleError(f"{path}: the weights of {module} do not fit the manifest's quantization of it ({spec})")
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -142,4 +196,11 @@ def load_bundle(path: str | Path, prepare: bool = True) -> LoadedModel:
     info = json.loads((path / "tokenizer_info.json").read_text())
     info["eos_ids"] = tuple(info["eos_ids"])
     tok = GGUFTokenizer(Tokenizer.from_file(str(path / "tokenizer.json")), TokenizerInfo(**info))
-    return LoadedModel(prepare_cpu(model) if prepare else model, tok, path)
+    return LoadedModel(prepare_cpu(model) if prepare else model, tok, path, quant=_label(manifest))
+
+
+def _label(manifest: dict) -> str | None:
+    """The precision a format-3 manifest says its model serves at (None: read off the model)."""
+    quant = manifest.get("quant")
+    label = quant.get("label") if manifest["format"] == FORMAT and isinstance(quant, dict) else None
+    return label if isinstance(label, str) else None

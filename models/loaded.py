@@ -37,15 +37,21 @@ class LoadedModel:
     def generator(self) -> Generator:
         return Generator(self.model, self.tokenizer)
 
+    @property
+    def served_quant(self) -> str:
+        """The precision served: the loader's `quant`, else read off the model's first quantized
+        block layer ("int4", "int8") or "fp32"."""
+        if self.quant is not None:
+            return self.quant
+        layer = next((m for m in self.model.layers.modules() if isinstance(m, QuantLinear)), None)
+        return f"int{layer.bits}" if layer is not None else "fp32"
+
     def describe(self, name: str, quant: str | None = None) -> dict:
         """What a server advertises about this model (the fields of the protocol's ModelInfo):
         sizes for the hub's cost model (stored weight bytes, so the hub knows a 4-bit model reads
         an eighth of an fp32 one), the config itself, and whether it takes chat messages. `quant`
         defaults to the loader's `quant`, else to what the model holds: "int4", "int8" or "fp32"."""
-        quant = quant or self.quant
-        if quant is None:
-            layer = next((m for m in self.model.layers.modules() if isinstance(m, QuantLinear)), None)
-            quant = f"int{layer.bits}" if layer is not None else "fp32"
+        quant = quant or self.served_quant
         return {
             "name": name,
             "arch": self.config.arch,

@@ -16,6 +16,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from tandem_cli import flash
 from tandem_cli.common import data_dir
 
 QUANTS = ("source", "fp32", "int8", "int4")  # models.runtime.QUANTS
@@ -119,3 +120,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         "on the int4/int8 CPU kernels), fp32, or int8/int4 re-quantized (default: the profile's quant, source)",
     )
     p.set_defaults(func=cmd_agent_run)
+    flash.register(agent)

@@ -37,6 +37,7 @@ def _hub_config(args: argparse.Namespace) -> HubConfig:
         http_listen=args.http_listen,
         ui=not args.no_ui,
         tls_dir=(data_dir(args.data_dir, "hub") / "tls") if args.tls else None,
+        device_listen=args.device_listen,
         data_dir=data_dir(args.data_dir, "hub"),
         listen=args.listen,
         cloud_model=args.cloud_model,
@@ -171,6 +172,12 @@ def _register_up(hub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-listen", help="host:port for the OpenAI-compatible API, /metrics and the fleet page (/ui)")
     p.add_argument("--no-ui", action="store_true", help="do not serve the fleet page under /ui")
     p.add_argument("--tls", action="store_true", help="serve gRPC over TLS with the certificate from `hub init`")
+    p.add_argument(
+        "--device-listen",
+        metavar="HOST:PORT",
+        help="with --tls and the CA from `hub init`: where devices dial with their certificates (mutual TLS); "
+        "default the --listen host at the port the last start used (agents follow a change)",
+    )
     p.add_argument(
         "--max-inflight",
         type=_count,

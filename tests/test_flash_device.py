@@ -430,17 +430,19 @@ async def test_real_wheelhouse_installs_offline_and_imports(tmp_path: Path) -> N
 # ---- the model bundle --------------------------------------------------------------------
 
 
-def test_bundle_source_falls_back_when_it_cannot_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tiny GGUF stores its MLP as Q8_0 and attention as F32: at "source" that is int8 beside
-    fp32, which a bundle's manifest (one bit width) cannot describe, so int8 is shipped, said so."""
+def test_bundle_source_round_trips_mixed_bit_widths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At "source" the tiny GGUF is int8 (its Q8_0 MLP) beside fp32 (its F32 attention), and the
+    mixed one int4 (Q4_0 attention) beside int8 (MLP, embedding): each is shipped as it is, its
+    bundle's manifest recording every layer's layout, and loads back the same (the flasher checks)."""
     from models.bundle import load_bundle
-    from tests.tiny import write_tiny_gguf
+    from models.source_quant import quant_layout
+    from tests.tiny import TinySpec, write_tiny_gguf
 
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
     source = payload_mod.build_bundle(str(gguf), "source", tmp_path / "flash")
-    assert source.quant == "int8" and "mixes bit widths" in source.notes[0]
-    assert load_bundle(source.dir, prepare=False).describe("t")["quant"] == "int8"
+    assert (source.quant, source.notes) == ("source", ())
+    assert load_bundle(source.dir, prepare=False).describe("t")["quant"] == "source(f32->fp32,q8_0->int8)"
     record = source.dir.parent / "record.json"
     mtime = record.stat().st_mtime_ns
     assert payload_mod.build_bundle(str(gguf), "source", tmp_path / "flash") == source
@@ -448,6 +450,25 @@ def test_bundle_source_falls_back_when_it_cannot_round_trip(tmp_path: Path, monk
     int4 = payload_mod.build_bundle(str(gguf), "int4", tmp_path / "flash")
     assert (int4.quant, int4.notes) == ("int4", ()) and int4.key != source.key
     assert {f.path.name for f in int4.files} == {"manifest.json", "weights.pt", "tokenizer.json", "tokenizer_info.json"}
+    mixed = write_tiny_gguf(tmp_path / "mixed.gguf", TinySpec(attn_quant="Q4_0", embd_quant="Q8_0"))
+    bundle = payload_mod.build_bundle(str(mixed), "source", tmp_path / "flash")
+    assert (bundle.quant, bundle.notes) == ("source", ())
+    layout = quant_layout(load_bundle(bundle.dir, prepare=False).model)
+    assert {spec[0] for spec in layout.values() if spec != "embedding"} == {4, 8}
+
+
+def test_bundle_that_does_not_load_back_is_a_payload_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.bundle import BundleError
+    from tests.tiny import write_tiny_gguf
+
+    def refuse(path: Path, prepare: bool = True) -> None:
+        raise BundleError(f"{path}: refused")
+
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("models.bundle.load_bundle", refuse)
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    with pytest.raises(payload_mod.PayloadError, match="does not load back"):
+        payload_mod.build_bundle(str(gguf), "source", tmp_path / "flash")
 
 
 @pytest.mark.real

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloud_hub.broker import BrokerConfig, BrokerTls
+from cloud_hub.broker_process import free_port
 from cloud_hub.errors import InvalidRequest
 from cloud_hub.pki import init_pki, load_device_ca, sign_device_csr
 from cloud_hub.server import Hub
@@ -27,6 +28,8 @@ from models.serving import ServedModel
 from tandem import AsyncClient
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
+from tandem_cli import hub as hub_cli
+from tandem_cli.main import build_parser
 from tests.hubkit import needs_mosquitto, running_hub, tiny_llama, wait_for
 from tests.netns import veth_namespace
 
@@ -44,17 +47,32 @@ def enroll_device(hub: Hub, state_dir: Path, name: str) -> tuple[pb.EnrollRespon
 
 async def connect_status(address: str, creds: grpc.ChannelCredentials, device_id: str, credential: str):
     """How the hub answers a work channel opened with these TLS credentials and this device login:
-    (status code, details); OK when it sent its Welcome (the channel was accepted)."""
+    (status code, details); OK when it sent its Welcome and then its first Ping (the channel was
+    accepted: a refusal on the main port comes after one Welcome, cloud_hub.servicers)."""
     metadata = (("x-tandem-device-id", device_id), ("x-tandem-credential", credential))
     hello = pb.AgentMessage(hello=pb.Hello(max_concurrency=1))
     async with grpc.aio.secure_channel(address, creds) as channel:
         call = pb_grpc.WorkChannelStub(channel).Connect(iter([hello]), metadata=metadata, timeout=10)
         try:
-            first = await call.read()
+            first, second = await call.read(), await call.read()
         except grpc.aio.AioRpcError as exc:
             return exc.code(), exc.details() or ""
         call.cancel()
+        assert second is not grpc.aio.EOF and second.WhichOneof("kind") == "ping"
         return grpc.StatusCode.OK, first.WhichOneof("kind")
+
+
+async def welcome_then_status(address: str, creds: grpc.ChannelCredentials, device_id: str, credential: str):
+    """(the messages, the status code) of a work channel read to its end: what the main port answers."""
+    metadata = (("x-tandem-device-id", device_id), ("x-tandem-credential", credential))
+    hello = pb.AgentMessage(hello=pb.Hello(max_concurrency=1))
+    async with grpc.aio.secure_channel(address, creds) as channel:
+        call = pb_grpc.WorkChannelStub(channel).Connect(iter([hello]), metadata=metadata, timeout=10)
+        messages = []
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            while (msg := await call.read()) is not grpc.aio.EOF:
+                messages.append(msg)
+        return messages, refused.value.code()
 
 
 async def test_enroll_without_a_csr_is_refused_and_the_token_stays_unspent(tmp_path: Path) -> None:
@@ -110,9 +128,16 @@ async def test_mtls_agent_serves_and_devices_without_their_certificate_are_refus
             ca = paths["ca.pem"].read_bytes()
             server_only = grpc.ssl_channel_credentials(ca)
             device_addr = f"127.0.0.1:{hub.device_port}"
-            # The right credential without the certificate: refused on the main port, saying what to do ...
+            # The right credential without the certificate: refused on the main port, saying what to do,
+            # after one Welcome that names the device port (how an agent finds a port that moved) ...
             code, details = await connect_status(hub.address, server_only, device, creds.credential)
             assert code == grpc.StatusCode.UNAUTHENTICATED and "re-enroll" in details
+            messages, code = await welcome_then_status(hub.address, server_only, device, creds.credential)
+            assert [m.welcome.device_port for m in messages] == [hub.device_port]
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+            # ... and a wrong credential gets no Welcome at all.
+            messages, code = await welcome_then_status(hub.address, server_only, device, "wrong")
+            assert (messages, code) == ([], grpc.StatusCode.UNAUTHENTICATED)
             # ... and the device port does not even finish the handshake.
             code, _ = await connect_status(device_addr, server_only, device, creds.credential)
             assert code == grpc.StatusCode.UNAVAILABLE
@@ -143,6 +168,46 @@ async def test_mtls_agent_serves_and_devices_without_their_certificate_are_refus
         stale = Agent(config, ServedModel("tiny", load(model, use_cache=False)))
         with pytest.raises(EnrollmentRejected, match="re-enroll"):
             await asyncio.wait_for(stale.run(asyncio.Event()), 20)
+
+
+async def test_an_enrolled_agent_follows_the_device_port_to_a_new_one(tmp_path: Path) -> None:
+    """The hub restarts with another device port (`tandem hub up --device-listen`): the agent, whose
+    saved port now refuses it, reads the new one from the main port's Welcome, saves it, and serves."""
+    paths = init_pki(tmp_path / "hub" / "tls", ["127.0.0.1"])
+    model = tiny_llama(tmp_path)
+    state = tmp_path / "agent"
+    hub_cfg = {"cloud_model": None, "mqtt": "none", "tls_dir": paths["ca.pem"].parent}
+    async with running_hub(tmp_path / "hub", **hub_cfg) as hub:
+        assert hub.registry is not None
+        address, old_port = hub.address, hub.device_port
+        config = AgentConfig(hub=address, profile="cpu-2core", state_dir=state, name="mover", backoff_max_s=0.5,
+                             token=hub.registry.create_token(), tls_ca=paths["ca.pem"])  # fmt: skip
+        agent, stop = Agent(config, ServedModel("tiny", load(model, use_cache=False))), asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        await wait_for(lambda: len(hub.fleet.online()) == 1, timeout=20)
+        assert agent.creds is not None and agent.creds.device_hub == f"127.0.0.1:{old_port}"
+    new_port = free_port("127.0.0.1")
+    assert new_port != old_port
+    device_listen = f"127.0.0.1:{new_port}"
+    async with running_hub(tmp_path / "hub", listen=address, device_listen=device_listen, **hub_cfg) as hub:
+        assert hub.device_port == new_port
+        await wait_for(lambda: len(hub.fleet.online()) == 1, timeout=20)
+        saved = load_credentials(state)
+        assert saved is not None and saved.device_hub == agent.creds.device_hub == device_listen
+        assert hub.registry is not None
+        key = hub.registry.create_api_key("t")
+        local = load(model, use_cache=False).generator().generate([CHAT], SamplingParams(max_tokens=8))[0]
+        async with AsyncClient(hub.address, api_key=key, timeout=20, tls_ca=str(paths["ca.pem"])) as client:
+            result = await client.generate(CHAT, model="tiny", max_tokens=8)
+        assert result.token_ids == local.token_ids
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def test_hub_up_takes_the_device_port(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["hub", "up", "--data-dir", str(tmp_path), "--device-listen", "0.0.0.0:50052"])
+    assert hub_cli._hub_config(args).device_listen == "0.0.0.0:50052"
+    assert hub_cli._hub_config(build_parser().parse_args(["hub", "up"])).device_listen is None
 
 
 def test_a_broker_with_tls_keeps_its_plaintext_listener_on_loopback(tmp_path: Path) -> None:

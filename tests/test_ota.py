@@ -194,9 +194,10 @@ async def test_bad_updates_are_refused_clearly(tmp_path, tmp_cache, models) -> N
             with pytest.raises(InvalidRequest, match="quant: 'int3'") as exc:
                 await client.update_device(dev_a, str(new), "int3")
             assert exc.value.code == "INVALID_ARGUMENT"
-            with pytest.raises(TandemError, match="is offline") as exc:  # enrolled, never connected
-                await client.update_device(dev_a, str(new), "fp32")
-            assert exc.value.code == "FAILED_PRECONDITION"
+            for quant in ("fp32", "source", ""):  # "": the profile's, "source" for cpu-2core: all have bundles
+                with pytest.raises(TandemError, match="is offline") as exc:  # enrolled, never connected
+                    await client.update_device(dev_a, str(new), quant)
+                assert exc.value.code == "FAILED_PRECONDITION"
         async with AsyncClient(hub.address, timeout=10) as anonymous:
             with pytest.raises(Unauthenticated):
                 await anonymous.update_device(dev_a, str(new), "fp32")
@@ -205,7 +206,10 @@ async def test_bad_updates_are_refused_clearly(tmp_path, tmp_cache, models) -> N
         ra = await start_served_agent(hub, served, tmp_path / "agent", "edge-a")
         await wait_for(lambda: hub.fleet.mqtt_status.get(ra.device_id) == "online")
         async with AsyncClient(hub.address, api_key=key, timeout=60) as client:
-            command = await client.update_device(ra.device_id, str(new), "fp32")
+            command = await client.update_device(ra.device_id, str(new), "")  # the profile's: a source bundle
+        record = hub.store.get_update(command)
+        assert record is not None and record.quant == "source"
+        assert json.loads((Path(record.bundle) / "manifest.json").read_text())["quant"]["label"].startswith("source(")
         async with grpc.aio.insecure_channel(hub.address) as channel:
             stub = pb_grpc.RegistryStub(channel)
 

@@ -29,6 +29,11 @@ class TinySpec:
     sliding_window: int = 8
     quantize: bool = True
     """Store the MLP weights as Q8_0 (exercises dequantization); the rest stay F32."""
+    attn_quant: str = ""
+    """GGUF type of the attention projections ("": F32), e.g. "Q4_0": at quant "source" the
+    model then mixes int4 with the MLP's int8 (models.source_quant)."""
+    embd_quant: str = ""
+    """GGUF type of the token embedding ("": F32), e.g. "Q8_0" (a QuantEmbedding at "source")."""
     seed: int = 0
     chat_template: str = ""
     """The llama vocabulary's chat template ("": CHATML)."""
@@ -120,28 +125,26 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec()) -> Path:
     def norm(n: int) -> np.ndarray:
         return (1.0 + rng.standard_normal(n) * 0.1).astype(np.float32)
 
-    def add(name: str, data: np.ndarray, quantize: bool = False) -> None:
-        if quantize and spec.quantize:
-            w.add_tensor(
-                name,
-                gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                raw_dtype=gguf.GGMLQuantizationType.Q8_0,
-            )
+    def add(name: str, data: np.ndarray, quantize: bool = False, as_type: str = "") -> None:
+        kind = "Q8_0" if quantize and spec.quantize else as_type
+        if kind:
+            raw = gguf.GGMLQuantizationType[kind]
+            w.add_tensor(name, gguf.quants.quantize(data, raw), raw_dtype=raw)
         else:
             w.add_tensor(name, data)
 
     q_out, kv_out = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    add("token_embd.weight", rand(vocab, spec.dim, scale=0.5))
+    add("token_embd.weight", rand(vocab, spec.dim, scale=0.5), as_type=spec.embd_quant)
     add("output_norm.weight", norm(spec.dim))
     for i in range(spec.n_layers):
         wq, wk = rand(q_out, spec.dim), rand(kv_out, spec.dim)
         if spec.arch == "llama":
             wq, wk = _permute(wq, spec.n_heads), _permute(wk, spec.n_kv_heads)
         add(f"blk.{i}.attn_norm.weight", norm(spec.dim))
-        add(f"blk.{i}.attn_q.weight", wq)
-        add(f"blk.{i}.attn_k.weight", wk)
-        add(f"blk.{i}.attn_v.weight", rand(kv_out, spec.dim))
-        add(f"blk.{i}.attn_output.weight", rand(spec.dim, q_out))
+        add(f"blk.{i}.attn_q.weight", wq, as_type=spec.attn_quant)
+        add(f"blk.{i}.attn_k.weight", wk, as_type=spec.attn_quant)
+        add(f"blk.{i}.attn_v.weight", rand(kv_out, spec.dim), as_type=spec.attn_quant)
+        add(f"blk.{i}.attn_output.weight", rand(spec.dim, q_out), as_type=spec.attn_quant)
         add(f"blk.{i}.ffn_norm.weight", norm(spec.dim))
         add(f"blk.{i}.ffn_gate.weight", rand(spec.ffn_dim, spec.dim), quantize=True)
         add(f"blk.{i}.ffn_up.weight", rand(spec.ffn_dim, spec.dim), quantize=True)

@@ -271,18 +271,20 @@ class EnrollRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., profile: _Optional[str] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., emulated: _Optional[bool] = ..., csr: _Optional[bytes] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("device_id", "credential", "mqtt", "certificate", "ca_certificate")
+    __slots__ = ("device_id", "credential", "mqtt", "certificate", "ca_certificate", "device_port")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     MQTT_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     CA_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_PORT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     credential: str
     mqtt: MqttInfo
     certificate: bytes
     ca_certificate: bytes
-    def __init__(self, device_id: _Optional[str] = ..., credential: _Optional[str] = ..., mqtt: _Optional[_Union[MqttInfo, _Mapping]] = ..., certificate: _Optional[bytes] = ..., ca_certificate: _Optional[bytes] = ...) -> None: ...
+    device_port: int
+    def __init__(self, device_id: _Optional[str] = ..., credential: _Optional[str] = ..., mqtt: _Optional[_Union[MqttInfo, _Mapping]] = ..., certificate: _Optional[bytes] = ..., ca_certificate: _Optional[bytes] = ..., device_port: _Optional[int] = ...) -> None: ...
 
 class CreateTokenRequest(_message.Message):
     __slots__ = ("ttl_s",)
@@ -427,10 +429,12 @@ class StageInput(_message.Message):
     def __init__(self, work_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[HiddenStates, _Mapping]] = ..., end: _Optional[bool] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("mqtt",)
+    __slots__ = ("mqtt", "device_port")
     MQTT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_PORT_FIELD_NUMBER: _ClassVar[int]
     mqtt: MqttInfo
-    def __init__(self, mqtt: _Optional[_Union[MqttInfo, _Mapping]] = ...) -> None: ...
+    device_port: int
+    def __init__(self, mqtt: _Optional[_Union[MqttInfo, _Mapping]] = ..., device_port: _Optional[int] = ...) -> None: ...
 
 class HubMessage(_message.Message):
     __slots__ = ("work", "cancel", "ping", "welcome", "stage")
