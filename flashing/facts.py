@@ -90,6 +90,7 @@ print(json.dumps({
     "arch": platform.machine(),
     "os": os_name(),
     "python": platform.python_version(),
+    "libc": "%s %s" % platform.libc_ver(),
     "mem_total": mem.get("MemTotal", 0),
     "mem_available": mem.get("MemAvailable", mem.get("MemFree", 0)),
     "disk_path": disk_path,
@@ -125,6 +126,8 @@ class DeviceFacts:
     """PRETTY_NAME from /etc/os-release."""
     python: str
     """Version of the device's python3, e.g. "3.11.2"."""
+    libc: str
+    """The C library python3 runs on, e.g. "glibc 2.36" (musl: " "): which manylinux wheels run there."""
     mem_total: int
     """MemTotal, bytes."""
     mem_available: int
@@ -148,6 +151,12 @@ class DeviceFacts:
     def from_probe(cls, data: dict) -> DeviceFacts:
         """Raises KeyError/TypeError for output that is not PROBE's."""
         return cls(**{**data, "gpus": tuple(GpuFacts(**g) for g in data["gpus"])})
+
+    @property
+    def glibc(self) -> str | None:
+        """ "2.36" for glibc 2.36; None for another C library."""
+        name, _, version = self.libc.partition(" ")
+        return ".".join(version.split(".")[:2]) if name == "glibc" and version else None
 
     @property
     def python_minor(self) -> str:

@@ -78,7 +78,7 @@ class Bundle:
 
     dir: Path
     quant: str
-    """The precision the bundle holds ("int4", "int8", "fp32", or "source" when it round-trips)."""
+    """The precision the bundle holds ("int4", "int8", "fp32" or "source")."""
     key: str
     """Cache key: SHA-256 of (model, quant, GGUF digest, bundle format), 24 hex digits."""
     files: tuple[WheelFile, ...]
@@ -195,13 +195,11 @@ def _same_model(a: LoadedModel, b: LoadedModel) -> bool:
     return same_tensors and layout(a.model) == layout(b.model)
 
 
-def _save_checked(model: str, quant: str, out: Path) -> tuple[int, tuple[str, ...]]:
-    """Save `model` at `quant` as a bundle at `out`, and check it loads back as the same model.
-
-    A "source" model whose linear layers sit on more than one grid (e.g. Gemma's Q4_K_M: q4_k ->
-    int4 beside q6_k -> int8) cannot be a bundle today: the manifest records one bit width for all
-    layers, so load_bundle refuses it. It is bundled at int8 instead, with a note: int8 keeps every
-    tensor at least at its source precision (int4 would lose the q6_k/q8_0 ones)."""
+def _save_checked(model: str, quant: str, out: Path) -> int:
+    """Save `model` at `quant` as a bundle at `out`, check it loads back as the same model, and
+    return its resident weight bytes. A "source" model whose layers sit on several grids (Gemma's
+    Q4_K_M: q4_k -> int4 beside q6_k -> int8) is a bundle as it is: the manifest records each
+    layer's layout (models.bundle). Raises PayloadError for a bundle that does not load back the same."""
     from models.bundle import BundleError, load_bundle, save_bundle  # lazy: torch, ~2 s (tandem_cli.optimize)
     from models.loaded import weight_bytes
     from models.runtime import load
@@ -210,18 +208,11 @@ def _save_checked(model: str, quant: str, out: Path) -> tuple[int, tuple[str, ..
     save_bundle(loaded, out, source=model)
     try:
         same = _same_model(loaded, load_bundle(out, prepare=False))
-    except BundleError:
-        same = False
-    if same:
-        return weight_bytes(loaded.model), ()
-    if quant != "source":
+    except BundleError as exc:
+        raise PayloadError(f"{model} at {quant}: the bundle does not load back ({exc})") from exc
+    if not same:
         raise PayloadError(f"{model} at {quant}: the bundle does not load back as the same model")
-    note = (
-        f"{model}: quant 'source' ({loaded.quant}) mixes bit widths, which a bundle cannot hold "
-        "(its manifest records one); shipping int8 instead"
-    )
-    resident, _ = _save_checked(model, "int8", out)
-    return resident, (note,)
+    return weight_bytes(loaded.model)
 
 
 def build_bundle(model: str, quant: str, cache: Path | None = None, log: Log | None = None) -> Bundle:
@@ -238,9 +229,8 @@ def build_bundle(model: str, quant: str, cache: Path | None = None, log: Log | N
             log(f"building the {quant} bundle of {model}")
         shutil.rmtree(entry, ignore_errors=True)  # an entry without its record is half-built
         entry.mkdir(parents=True)
-        resident, notes = _save_checked(model, quant, entry / "bundle")
-        held = json.loads((entry / "bundle/manifest.json").read_text())["quant"]
-        record = {"quant": quant if not notes else f"int{held['bits']}", "resident_bytes": resident, "notes": notes}
+        resident = _save_checked(model, quant, entry / "bundle")
+        record = {"quant": quant, "resident_bytes": resident, "notes": []}
         tmp = entry / "record.json.tmp"
         tmp.write_text(json.dumps(record))
         os.replace(tmp, record_path)  # written last: the entry is complete
