@@ -37,6 +37,10 @@ class BrokerError(RuntimeError):
     """Mosquitto is missing, failed to start or reload, or was used before `start()`."""
 
 
+class StartCrash(BrokerError):
+    """mosquitto died of a signal while starting (not a refusal of its config): start() tries once more."""
+
+
 def device_topic(device_id: str, channel: str) -> str:
     """`tandem/v1/devices/<device_id>/<channel>`; ValueError for a bad id or an unknown channel."""
     if channel not in DEVICE_CHANNELS:

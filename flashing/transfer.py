@@ -105,7 +105,17 @@ async def sync(target: Target, files: Sequence[FileSpec], progress: Progress | N
     OSError before anything is sent."""
     plan = [_local(target, *spec) for spec in files]
     meter = _Meter(sum(f.size for f in plan), progress)
-    return TransferReport(tuple([await _sync_one(target, f, meter) for f in plan]))
+    there = await _already_there(target, plan)
+    return TransferReport(tuple([await _sync_one(target, f, meter, f.remote in there) for f in plan]))
+
+
+async def _already_there(target: Target, plan: Sequence[_Local]) -> set[PurePosixPath]:
+    """The remote files whose size and SHA-256 already match: sizes one by one (cheap over SFTP),
+    then the candidates' hashes in one command."""
+    sizes = [await target.size(f.remote) for f in plan]
+    candidates = [f for f, size in zip(plan, sizes, strict=True) if size == f.size]
+    digests = await target.sha256_many([f.remote for f in candidates])
+    return {f.remote for f in candidates if digests[f.remote] == f.sha256}
 
 
 def _local(target: Target, path: Path, remote: PurePosixPath | str, sha256: str | None) -> _Local:
@@ -113,9 +123,9 @@ def _local(target: Target, path: Path, remote: PurePosixPath | str, sha256: str 
     return _Local(path, target.path(remote), path.stat().st_size, sha256 or file_sha256(path))
 
 
-async def _sync_one(target: Target, f: _Local, meter: _Meter) -> FileReport:
+async def _sync_one(target: Target, f: _Local, meter: _Meter, there: bool) -> FileReport:
     name = f.remote.name
-    if await target.size(f.remote) == f.size and await target.sha256(f.remote) == f.sha256:
+    if there:
         meter.add(f.size, name)
         return FileReport(f.remote, f.size, 0, "skipped")
     part = f.remote.with_name(f.remote.name + ".part")
