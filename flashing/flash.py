@@ -387,8 +387,11 @@ async def rollback(request: FlashRequest, progress: Progress | None = None) -> F
                 result.device_id = await _wait_online(
                     target, client, request.model, result.agent_version, request.health_timeout_s
                 )
-            except TimeoutError as exc:
-                raise FlashError("health", f"slot {result.slot} did not come online: {exc}") from exc
+            except TimeoutError as exc:  # the slot we left was running: go back to it
+                why = f"slot {result.slot} (agent {result.agent_version}) did not come online: {exc}"
+                raise FlashError(
+                    "health", await _roll_back(target, client, request.model, request.health_timeout_s, why)
+                ) from exc
     except TargetError as exc:
         raise FlashError(clock.current or "rollback", str(exc)) from exc
     finally:

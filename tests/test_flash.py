@@ -3,9 +3,11 @@ directory as the device, the real payload (SmolLM2's bundle, this checkout's whe
 wheelhouse), the agent installed, started under the device-side supervisor, enrolled and answering.
 
 One device is flashed over SSH once for the module; the tests after the first build on it in
-order (a second flash copies nothing; a broken agent rolls back; --rollback by hand). Each flash
-installs and starts a real agent (about a minute here), so the module is `slow`; the pre-flight
-refusal, which copies nothing, runs in the default suite.
+order (a second flash copies nothing; --rollback by hand; a broken agent rolls back by itself).
+Each flash builds the real payload and installs and starts a real agent (minutes on a fresh
+machine), so these are `slow`; the default suite keeps the checks that need no payload (bad
+targets, unknown profiles) and the parts' own tests (tests/test_flash_transport.py,
+tests/test_flash_device.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import ClassVar
 import pytest
 
 from flashing.flash import FlashError, FlashRequest, flash, rollback
+from flashing.payload import flash_cache
 from flashing.target import DirTarget
+from flashing.wheels import build_agent_wheel
 from tandem import Client
 from tandem_cli.main import main as cli
 from tests.sshkit import SSHKit, ssh_server, sshd_missing
@@ -93,6 +97,7 @@ def _stop(root: Path) -> None:
         subprocess.run([sys.executable, str(script), "--root", str(root), "stop"], capture_output=True, timeout=60)
 
 
+@pytest.mark.slow  # builds the whole payload first (a fresh machine downloads the 280 MB wheelhouse)
 @real
 def test_preflight_refuses_a_model_that_does_not_fit_and_copies_nothing(hub: HubProcess, tmp_path: Path) -> None:
     root = tmp_path / "device"
@@ -132,8 +137,8 @@ def _broken_wheel(good: Path, out_dir: Path) -> Path:
 @pytest.mark.slow
 @real
 class TestFlashOverSSH:
-    """In order, on one device: flash, reflash (nothing copied), a broken release (rolled back),
-    rollback by hand."""
+    """In order, on one device: flash, reflash (nothing copied), rollback by hand, a broken release
+    (rolled back by itself)."""
 
     state: ClassVar[dict] = {}
 
@@ -141,13 +146,19 @@ class TestFlashOverSSH:
     @classmethod
     def _device(cls, sshd: SSHKit, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         root = tmp_path_factory.mktemp("ssh-device") / "tandem"
-        cls.state = {"root": root, "url": sshd.url("root", str(root)), "sshd": sshd}
+        # One release for the class, built from this checkout once: the source may change while the
+        # tests run (a new wheel is a new release, which a reflash rightly copies).
+        release = tmp_path_factory.mktemp("release")
+        built = build_agent_wheel(flash_cache()).file.path
+        wheel = Path(shutil.copy(built, release / built.name))
+        cls.state = {"root": root, "url": sshd.url("root", str(root)), "sshd": sshd, "wheel": wheel}
         yield
         _stop(root)
 
     def _req(self, hub: HubProcess, **kw: object) -> FlashRequest:
         s = self.state
-        return _request(hub, s["url"], identity=str(s["sshd"].identity), known_hosts=str(s["sshd"].known_hosts), **kw)
+        options = {"wheel": s["wheel"], **kw}
+        return _request(hub, s["url"], identity=s["sshd"].identity, known_hosts=s["sshd"].known_hosts, **options)
 
     def test_1_flash_enrolls_and_answers(self, hub: HubProcess) -> None:
         result = asyncio.run(flash(self._req(hub)))
@@ -167,9 +178,13 @@ class TestFlashOverSSH:
         assert result.bytes_sent <= 4096, f"a second flash of the same bundle copied {result.bytes_sent} bytes"
         assert result.device_id == first.device_id and result.slot != first.slot  # A/B: the other slot
 
-    def test_3_broken_release_rolls_back(self, hub: HubProcess, tmp_path: Path) -> None:
-        good = next((self.state["root"] / "agents").rglob("tandem-*.whl"))
-        bad = _broken_wheel(good, tmp_path / "bad")
+    def test_3_rollback_by_hand(self, hub: HubProcess) -> None:
+        result = asyncio.run(rollback(self._req(hub)))  # to the first flash's slot (the same release)
+        first = self.state["first"]
+        assert result.device_id == first.device_id and result.rolled_back and result.slot == first.slot
+
+    def test_4_broken_release_rolls_back(self, hub: HubProcess, tmp_path: Path) -> None:
+        bad = _broken_wheel(self.state["wheel"], tmp_path / "bad")
         with pytest.raises(FlashError) as err:
             asyncio.run(flash(self._req(hub, wheel=bad, health_timeout_s=120)))
         assert err.value.step == "health" and "rolled back" in str(err.value) and "online again" in str(err.value)
@@ -178,10 +193,6 @@ class TestFlashOverSSH:
             (device,) = [d for d in client.devices() if d.device_id == device_id]
             assert device.status == "online" and device.agent_version == self.state["first"].agent_version
             assert client.generate("Hello", model=MODEL, device=device_id, max_tokens=2).completion_tokens == 2
-
-    def test_4_rollback_by_hand(self, hub: HubProcess) -> None:
-        result = asyncio.run(rollback(self._req(hub)))
-        assert result.device_id == self.state["first"].device_id and result.rolled_back
 
 
 @pytest.mark.slow
