@@ -23,6 +23,17 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 
+def file_sha256(path: Path, length: int | None = None) -> str:
+    """SHA-256 hex of a local file (of its first `length` bytes), read a MiB at a time."""
+    h = hashlib.sha256()
+    left = -1 if length is None else length
+    with Path(path).open("rb") as fh:
+        while left != 0 and (block := fh.read(1 << 20 if left < 0 else min(left, 1 << 20))):
+            h.update(block)
+            left = left - len(block) if left > 0 else left
+    return h.hexdigest()
+
+
 class TargetError(Exception):
     """The device cannot be reached, refused us, or a command or file operation on it failed."""
 
@@ -184,18 +195,12 @@ class DirTarget(Target):
             raise TargetError(f"{self.url}: cannot read {path}: {exc.strerror or exc}") from exc
 
     async def sha256(self, path: PurePosixPath, length: int | None = None) -> str | None:
-        h = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
-                left = -1 if length is None else length
-                while left != 0 and (block := f.read(1 << 20 if left < 0 else min(left, 1 << 20))):
-                    h.update(block)
-                    left = left - len(block) if left > 0 else left
+            return file_sha256(Path(path), length)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise TargetError(f"{self.url}: cannot read {path}: {exc.strerror or exc}") from exc
-        return h.hexdigest()
 
 
 def _free_bytes(folder: Path) -> int:

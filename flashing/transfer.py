@@ -20,13 +20,12 @@ and nothing half-written passes for done).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from flashing.target import DiskFull, Target, TargetError
+from flashing.target import DiskFull, Target, TargetError, file_sha256
 
 CHUNK = 1 << 20
 """Bytes per write, and the granularity at which an interrupted copy resumes."""
@@ -163,14 +162,3 @@ def _chunks(path: Path, start: int, sent: Callable[[int], None]) -> Iterator[byt
         while block := fh.read(CHUNK):
             yield block
             sent(len(block))
-
-
-def file_sha256(path: Path, length: int | None = None) -> str:
-    """SHA-256 hex of a local file (of its first `length` bytes)."""
-    h = hashlib.sha256()
-    left = -1 if length is None else length
-    with Path(path).open("rb") as fh:
-        while left != 0 and (block := fh.read(CHUNK if left < 0 else min(left, CHUNK))):
-            h.update(block)
-            left = left - len(block) if left > 0 else left
-    return h.hexdigest()

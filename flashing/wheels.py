@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flashing.lock import DevicePlatform, Lock, LockError, resolve, wheel_metadata
+from flashing.target import file_sha256
 
 UV_VERSION = "0.13.9"
 """uv installs the device's venv from local wheels in seconds (pip takes a minute for torch)."""
@@ -75,14 +76,6 @@ class Wheelhouse:
     lock: Lock
     lock_file: WheelFile
     wheels: tuple[WheelFile, ...]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def wheel_file(path: Path) -> WheelFile:
