@@ -91,6 +91,7 @@ def test_a_tampered_layout_is_refused_naming_the_layer(mixed: LoadedModel, tmp_p
     assert_same_model(mixed, load_bundle(path, prepare=False))
 
 
+@pytest.mark.slow  # 25 s: loads Gemma twice and builds its bundle; the mixed tiny model covers the logic
 @pytest.mark.real
 def test_gemma3_at_source_round_trips(tmp_path: Path) -> None:
     """Gemma 3 270M's Q4_K_M at "source" (q4_k -> int4 beside q6_k/q5_0/q8_0 -> int8): its bundle
