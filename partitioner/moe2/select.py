@@ -141,22 +141,8 @@ def select(problem: Problem, budget: Budget) -> Selection:
             if rest:
                 branch(child, child_tops, rest)
 
-    consider(_greedy_start(order, energy))
     branch([], {}, order)
     return selection(problem, best[1], k, evaluated, best[0][0])
-
-
-def _greedy_start(order: list[int], energy: _Energy) -> list[int]:
-    """A first incumbent: the candidates, best quality first, each kept while the energy budget holds
-    (at k = 1 that is all of them: each fits alone, and the subset's costs are its worst expert's).
-    Any feasible subset keeps the search exact; a good one lets the bound prune from the first branch
-    instead of after the search has worked its way up to large subsets."""
-    kept: list[int] = []
-    tops: dict[str, tuple[float, ...]] = {}
-    for j in order:
-        if energy.fits(tops, j):
-            kept, tops = [*kept, j], energy.add(tops, j)
-    return kept
 
 
 def brute_force(problem: Problem, budget: Budget) -> Selection:
