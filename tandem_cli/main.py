@@ -11,11 +11,11 @@ import sys
 from collections.abc import Sequence
 
 from models.errors import TandemModelError
-from tandem_cli import agent, devices, generate, hub, optimize, partition, profile
+from tandem_cli import agent, devices, experts, generate, hub, optimize, partition, profile
 from tandem_cli import models as zoo_commands
 
 # Each group's `register(subparsers)` adds its sub-commands; this order is the order of `--help`.
-GROUPS = (zoo_commands, optimize, profile, partition, hub, agent, devices, generate)
+GROUPS = (zoo_commands, optimize, profile, partition, hub, agent, devices, generate, experts)
 
 
 def build_parser() -> argparse.ArgumentParser:
