@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,18 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloud_hub.errors import InvalidRequest, PermissionDenied
+from tandem.files import write_private
 
 
 def _name(common: str) -> x509.Name:
     return x509.Name(
         [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tandem"), x509.NameAttribute(NameOID.COMMON_NAME, common)]
     )
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -86,8 +80,8 @@ def init_pki(directory: Path, hosts: list[str]) -> dict[str, Path]:
     paths = {name: directory / name for name in ("ca.pem", "ca.key", "hub.pem", "hub.key")}
     paths["ca.pem"].write_bytes(ca.public_bytes(pem))
     paths["hub.pem"].write_bytes(hub.public_bytes(pem))
-    _write_private(paths["ca.key"], ca_key.private_bytes(pem, *key_format))
-    _write_private(paths["hub.key"], hub_key.private_bytes(pem, *key_format))
+    write_private(paths["ca.key"], ca_key.private_bytes(pem, *key_format))
+    write_private(paths["hub.key"], hub_key.private_bytes(pem, *key_format))
     return paths
 
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import queue
 import random
 import threading
@@ -48,6 +47,7 @@ from models.generate import Continuation, TokenEvent, plain
 from models.sampling import SamplingParams
 from models.serving import ServedModel
 from models.streaming import iterate_in_thread
+from tandem.files import write_private
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 from tandem.wire import logprob_message, prompt_of, sampling_kwargs, tools_of
@@ -141,11 +141,9 @@ def credentials_path(state_dir: Path) -> Path:
 def save_credentials(state_dir: Path, creds: Credentials) -> None:
     """Write the credential file readable by the owner only (0600), atomically."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = state_dir / ".credentials.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({**asdict(creds), "mqtt": asdict(creds.mqtt) if creds.mqtt else None}, f)
-    os.replace(tmp, credentials_path(state_dir))
+    write_private(
+        credentials_path(state_dir), json.dumps({**asdict(creds), "mqtt": asdict(creds.mqtt) if creds.mqtt else None})
+    )
 
 
 def load_credentials(state_dir: Path) -> Credentials | None:

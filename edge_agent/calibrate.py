@@ -29,6 +29,7 @@ from models.sampling import SamplingParams
 from models.serving import ServedModel
 from partitioner import calibration as calib
 from partitioner.cost import ModelCost
+from tandem.files import private_dir, write_private
 
 log = logging.getLogger("tandem.agent")
 
@@ -99,10 +100,8 @@ def cached_calibration(
         pass
     cal, how = agent_calibration(served, model, quant, engine, profile)
     try:
-        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(cal.to_json(samples=True))
-        os.replace(tmp, path)
+        private_dir(cache)  # beside the credential: the agent's state dir is private, its files too
+        write_private(path, cal.to_json(samples=True))
     except OSError as exc:  # a read-only state dir costs the next start its calibration, nothing more
         log.warning("could not keep the calibration in %s: %s", cache, exc)
     return cal, how

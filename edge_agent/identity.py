@@ -15,7 +15,6 @@ before the hub required mutual TLS) must re-enroll; the hub's refusal says so.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tandem.files import private_dir
+from tandem.files import private_dir, write_private
 
 KEY_FILE, CERT_FILE, CA_FILE = "device.key", "device.pem", "ca.pem"
 
@@ -54,15 +53,6 @@ def new_key_request(name: str) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     return key, csr.public_bytes(serialization.Encoding.PEM)
 
 
-def _write(path: Path, data: bytes) -> None:
-    """Atomically replace `path` with a 0600 file: a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def save_identity(
     state_dir: Path, key: ec.EllipticCurvePrivateKey, certificate: bytes, ca_certificate: bytes
 ) -> DeviceIdentity:
@@ -74,9 +64,9 @@ def save_identity(
     private_dir(state_dir)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     identity = identity_paths(state_dir)
-    _write(identity.key_file, pem)
-    _write(identity.cert_file, certificate)
-    _write(identity.ca_file, ca_certificate)
+    write_private(identity.key_file, pem)
+    write_private(identity.cert_file, certificate)
+    write_private(identity.ca_file, ca_certificate)
     return identity
 
 

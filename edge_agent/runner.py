@@ -133,11 +133,11 @@ def serve_model(
 
 
 def private_state_dir(state_dir: Path) -> None:
-    """Make the agent's state directory (its credential, its telemetry spool) 0700; one an earlier
-    version left readable is tightened, 0700 and its files 0600."""
+    """Make the agent's state directory (its credential, its telemetry spool, its calibrations)
+    0700; one an earlier version left readable is tightened, its directories 0700 and files 0600."""
     private_dir(state_dir)
-    for path in state_dir.iterdir():  # chmod, not private_file: a read-only file is tightened, not opened
-        if path.stat().st_mode & 0o077:
+    for path in state_dir.rglob("*"):  # chmod, not private_file: a read-only file is tightened, not opened
+        if not path.is_symlink() and path.stat().st_mode & 0o077:  # a link's target is not ours to change
             path.chmod(0o700 if path.is_dir() else 0o600)
 
 

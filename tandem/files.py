@@ -26,3 +26,13 @@ def private_file(path: Path, create: bool) -> None:
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+def write_private(path: Path, data: bytes | str) -> None:
+    """Atomically replace `path` with a 0600 file holding `data` (str: UTF-8): a crash leaves the
+    old file or the new one, and the secret is never readable by others, not even while written."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)

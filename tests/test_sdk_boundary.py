@@ -51,4 +51,4 @@ def test_python_m_tandem_cli_help_exits_zero() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: tandem ")
-    assert "{models,optimize,profile,partition,hub,agent,devices,generate}" in done.stdout
+    assert "{models,optimize,profile,partition,hub,agent,devices,generate,experts}" in done.stdout
