@@ -118,6 +118,8 @@ class CpuDecoder:
         # released request's cache is not kept alive, and one freed is never mistaken for a new
         # one at the same address). Checking them costs ~0.5 us a layer; the pointers, 4.5.
         self.bound: list[tuple[weakref.ref, weakref.ref] | None] = []
+        self.masks: dict[frozenset[int], ctypes.Array] = {}
+        """Skip set -> its C mask (`_mask`)."""
 
     def __deepcopy__(self, memo: dict) -> CpuDecoder:
         # A copied model's decoder points at the copy's weights, built afresh (a built C array
@@ -147,9 +149,10 @@ class CpuDecoder:
         self.bound = [None] * len(model.layers)
         self.steps, self.declined = steps, ""
 
-    def run(self, h: Tensor, position: int, start: int, end: int) -> Tensor | None:
-        """Layers [start, end) on h (1, 1, D) for the token in cache slot `position`; None when the
-        model is declined. Raises ValueError for a slot or range outside the caches."""
+    def run(self, h: Tensor, position: int, start: int, end: int, skip: frozenset[int] = frozenset()) -> Tensor | None:
+        """Layers [start, end) on h (1, 1, D) for the token in cache slot `position`, less those
+        in `skip` (they neither run nor touch their caches); None when the model is declined.
+        Raises ValueError for a slot or range outside the caches."""
         if self.steps is None:
             if self.declined is None:
                 self._build()
@@ -157,6 +160,8 @@ class CpuDecoder:
                 return None
         caches, rope, bound = self.model.caches, self.model.rope, self.bound
         for i in range(start, end):
+            if i in skip:
+                continue
             cache: KVCache | None = caches[i]
             if cache is None:  # before the check below: a dead reference also reads as None
                 raise ValueError(f"layer {i} has no KV cache; setup_cache covered other layers")
@@ -173,8 +178,20 @@ class CpuDecoder:
                 step.kv_half = int(cache.k.dtype == torch.float16)
                 bound[i] = (weakref.ref(cache), weakref.ref(cos))
         x = h.reshape(-1).to(torch.float32).clone()  # (D,), updated in place by each layer
-        kernels.layers(self.steps, start, end, x, position)
+        kernels.layers(self.steps, start, end, x, position, self._mask(skip) if skip else None)
         return x.view(1, 1, -1)
+
+    def _mask(self, skip: frozenset[int]) -> ctypes.Array:
+        """One c_uint8 flag a layer, set for the layers in `skip`; kept per skip set (a request
+        decodes every token with the same one)."""
+        mask = self.masks.get(skip)
+        if mask is None:
+            n = len(self.model.layers)
+            mask = (ctypes.c_uint8 * n)(*(int(i in skip) for i in range(n)))
+            if len(self.masks) >= 64:  # many requests' sets: keep the newest
+                self.masks.pop(next(iter(self.masks)))
+            self.masks[skip] = mask
+        return mask
 
 
 __all__ = ["CpuDecoder", "unsupported"]

@@ -82,8 +82,8 @@ class StepDecoder(Protocol):
     """Another route than torch's ops for one token of one sequence through a layer range, over the
     model's bound caches (models.fast_decode.CpuDecoder: one C call a token on CPU)."""
 
-    def run(self, h: Tensor, position: int, start: int, end: int) -> Tensor | None:
-        """Layers [start, end) on h (1, 1, D) for the token in cache slot `position`: (1, 1, D).
+    def run(self, h: Tensor, position: int, start: int, end: int, skip: frozenset[int] = frozenset()) -> Tensor | None:
+        """Layers [start, end) less `skip` on h (1, 1, D) for the token in cache slot `position`: (1, 1, D).
         None when this route cannot run the model as it now is (the caller runs torch's ops);
         raises ValueError for a slot or range outside the caches, before writing anything."""
 
@@ -312,11 +312,19 @@ class Transformer(nn.Module):
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
         return h
 
-    def forward_layers(self, h: Tensor, step: Step, start: int = 0, end: int | None = None) -> Tensor:
-        """Run layers [start, end) on (B, T, D) hidden states, writing their KV caches."""
+    def forward_layers(
+        self, h: Tensor, step: Step, start: int = 0, end: int | None = None, skip: frozenset[int] = frozenset()
+    ) -> Tensor:
+        """Run layers [start, end) on (B, T, D) hidden states, writing their KV caches.
+
+        skip: layers that neither run nor read or write their caches (early layer skipping: a
+        request decodes with one skip set after a full-depth prefill, so a skipped layer's cache
+        holds the prompt only and nothing ever reads it)."""
         end = self.cfg.n_layers if end is None else end
         if not 0 <= start <= end <= self.cfg.n_layers:
             raise ValueError(f"layer range [{start}, {end}) outside [0, {self.cfg.n_layers})")
+        if skip and not all(isinstance(i, int) and 0 <= i < self.cfg.n_layers for i in skip):
+            raise ValueError(f"skip names layers outside [0, {self.cfg.n_layers}): {sorted(skip)}")
         if start == end:
             return h
         device = self.norm.weight.device
@@ -326,7 +334,7 @@ class Transformer(nn.Module):
         if last > self.max_len:
             raise ValueError(f"cache slot {last - 1} beyond the cache of {self.max_len} slots; call setup_cache")
         if h.shape[0] == 1 and h.shape[1] == 1 and self.fast_decode and self.decoder is not None:
-            out = self.decoder.run(h, last - 1, start, end) if int(step.pad[0]) == 0 else None
+            out = self.decoder.run(h, last - 1, start, end, skip) if int(step.pad[0]) == 0 else None
             if out is not None:  # one token of one sequence, by the decoder's route
                 return out
         causal_from = _causal_start(step)
@@ -336,7 +344,7 @@ class Transformer(nn.Module):
             # memory stays that of PREFILL_CHUNK tokens, and GEMMs of that many rows run as fast.
             pieces = [
                 self.forward_layers(
-                    h[:, i : i + PREFILL_CHUNK], Step(step.cache_pos[i : i + PREFILL_CHUNK], step.pad), start, end
+                    h[:, i : i + PREFILL_CHUNK], Step(step.cache_pos[i : i + PREFILL_CHUNK], step.pad), start, end, skip
                 )
                 for i in range(0, T, PREFILL_CHUNK)
             ]
@@ -353,12 +361,16 @@ class Transformer(nn.Module):
         }
         positions = step.positions.clamp(min=0)  # (B, T); padding slots get position 0, never attended
         ropes = {base: (cos[positions][:, None], sin[positions][:, None]) for base, (cos, sin) in self.rope.items()}
-        return self._blocks(h, step, ropes, masks, start, end)
+        return self._blocks(h, step, ropes, masks, start, end, skip)
 
-    def _blocks(self, h: Tensor, step: Step, ropes: dict, masks: dict, start: int, end: int) -> Tensor:
-        """Layers [start, end) on h. ropes: RoPE base -> (cos, sin) rows (B, 1, T, hd); masks:
-        sliding -> (B, 1, T, S) or None (plain causal)."""
+    def _blocks(
+        self, h: Tensor, step: Step, ropes: dict, masks: dict, start: int, end: int, skip: frozenset[int] = frozenset()
+    ) -> Tensor:
+        """Layers [start, end) less `skip` on h. ropes: RoPE base -> (cos, sin) rows (B, 1, T, hd);
+        masks: sliding -> (B, 1, T, S) or None (plain causal)."""
         for i in range(start, end):
+            if i in skip:
+                continue
             block, cache = self.layers[i], self.caches[i]
             if cache is None:
                 raise ValueError(f"layer {i} has no KV cache; setup_cache covered other layers")

@@ -97,7 +97,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tandem_qmatvec.argtypes = [i, p, p, p, i, i, i, i]
     lib.tandem_dequant.argtypes = [i, p, p, i, i, i]
     lib.tandem_qgemm.argtypes = [i, p, p, p, i, i, i, i]
-    lib.tandem_layers.argtypes = [p, i, p, i, i]
+    lib.tandem_layers.argtypes = [p, i, p, p, i, i]
     lib.tandem_rope_rows.argtypes = [p, p, p, i, i, i, i]
     lib.tandem_glu.argtypes = [p, p, ctypes.c_long, i, i]
     lib.tandem_dequant_rows.argtypes = [i, p, p, i, p, i, i]
@@ -151,15 +151,22 @@ class LayerStep(ctypes.Structure):
     ]
 
 
-def layers(steps: ctypes.Array, start: int, end: int, h: Tensor, position: int) -> None:
+def layers(
+    steps: ctypes.Array, start: int, end: int, h: Tensor, position: int, skip: ctypes.Array | None = None
+) -> None:
     """Run layers steps[start:end] (a ctypes array of LayerStep) on h (D,) float32 in place, for
-    the token at `position` (its cache slot): one C call, one OpenMP region for all of them."""
+    the token at `position` (its cache slot): one C call, one OpenMP region for all of them.
+    skip: None, or one c_uint8 flag a layer of the whole array (len(steps)); flagged layers in
+    the range neither run nor touch their caches (early layer skipping)."""
     if not 0 <= start <= end <= len(steps):
         raise ValueError(f"layer range [{start}, {end}) outside [0, {len(steps)})")
+    if skip is not None and len(skip) != len(steps):
+        raise ValueError(f"a skip mask of {len(skip)} flags for {len(steps)} layers")
     if start == end:
         return
     first = ctypes.addressof(steps) + start * ctypes.sizeof(LayerStep)
-    rc = _lib().tandem_layers(first, end - start, h.data_ptr(), position, torch.get_num_threads())
+    mask = None if skip is None else ctypes.addressof(skip) + start
+    rc = _lib().tandem_layers(first, end - start, mask, h.data_ptr(), position, torch.get_num_threads())
     if rc == -2:
         raise MemoryError("the kernels could not allocate their scratch")
     if rc:

@@ -982,13 +982,16 @@ static void layer_team(const LayerStep* L, float* h, int pos, const Shared* sh, 
 
 // Layers steps[0 .. n) on h (dim,) in place, for the token in cache slot `pos`: one parallel
 // region for all of them. Every layer must share dim, heads and widths (one model's layers do).
+// skip: NULL, or n flags; a layer whose flag is set neither runs nor reads or writes its cache
+// (early layer skipping: its caches need not even be bound).
 // Returns 0; -1 for a position outside a cache or widths the kernels cannot run; -2 out of memory.
-int tandem_layers(const LayerStep* steps, int n, float* h, int pos, int nthreads) {
+int tandem_layers(const LayerStep* steps, int n, const uint8_t* skip, float* h, int pos, int nthreads) {
     if (n <= 0) return 0;
     const LayerStep* L0 = steps;
     int D = L0->dim, H = L0->n_heads, K = L0->n_kv_heads, hd = L0->head_dim, F = L0->ffn_dim, qd = H * hd;
     if (D % 32 || qd % 32 || F % 32 || hd % 4 || K <= 0 || H % K) return -1;  // rows go in groups of 4
     for (int l = 0; l < n; l++) {
+        if (skip && skip[l]) continue;
         const LayerStep* L = steps + l;
         if (pos < 0 || pos >= L->max_len || L->dim != D || L->n_heads != H || L->n_kv_heads != K ||
             L->head_dim != hd || L->ffn_dim != F)
@@ -1019,7 +1022,8 @@ int tandem_layers(const LayerStep* steps, int n, float* h, int pos, int nthreads
         float* mine = pbuf + private_floats * id;
         float* act_s = mine + 2 * wide + qd;
         Private me = {mine, mine + wide, mine + 2 * wide, {xqbuf + F + (size_t)wide * id, act_s, act_s + wide / 32}};
-        for (int l = 0; l < n; l++) layer_team(steps + l, h, pos, &sh, &me);  // ends on a barrier
+        for (int l = 0; l < n; l++)  // each layer_team ends on a barrier; every thread skips alike
+            if (!skip || !skip[l]) layer_team(steps + l, h, pos, &sh, &me);
         FLUSH_DENORMALS_END();
     }
     free(sbuf), free(pbuf), free(xqbuf);

@@ -1,0 +1,392 @@
+"""Early layer skipping, FiRST-style: per-request routers choose at prefill which layers decode skips.
+
+Prefill always runs every layer, so every layer's KV cache holds the prompt. A router per layer l
+reads the hidden state entering layer l, mean-pooled over the prompt and scaled to unit RMS
+(x_l, (D,)), and scores it: keep logit s_l = w_l . x_l + b_l. A request skips the layers it scores
+lowest: `ratio * n_layers` of them (`Routers.choose`), never a `protected` one (the first and the
+last by default). The set is fixed for the whole decode; a skipped layer neither runs nor writes
+its cache during decode, and nothing reads it (Transformer.forward_layers(skip=...), one C call a
+token on the kernels' route).
+
+Training uses calibration documents only: a prompt of P tokens and its true continuation of C.
+The teacher is the unskipped model's next-token distribution over the continuation. The student
+reads the continuation teacher-forced through soft gates, h <- h + g_l (block_l(h) - h) with
+g_l = sigmoid(s_l): at g in {0, 1} that is exactly decode with a skip set (teacher-forcing the
+continuation as one chunk computes what decoding it token by token does). Loss: KL(teacher ||
+student) per predicted token, plus `penalty` * mean_l g_l, the push towards skipping. The
+gradient flows through a dense copy of the served model (the kernels' quantized matmuls have no
+backward), whose weights are the served ones dequantized. Deterministic for a seed.
+
+Shapes: L layers, D model width, P prompt tokens, C continuation tokens, B prompts a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.errors import InvalidRequest
+from models.transformer import Step, Transformer
+
+FORMAT = 1
+MAX_RATIO = 0.75
+"""The largest share of layers a request may skip."""
+
+
+class RouterMismatch(InvalidRequest):
+    """Routers trained for another model, precision or layer count than the one they would steer."""
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """What routers were trained for; `Routers.load` refuses any other model."""
+
+    model: str
+    """The zoo name (or label) of the base model."""
+    quant: str
+    """The precision it is served at (models.runtime: "source", "int4", "fp32", ...)."""
+    n_layers: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class SkipTraining:
+    """How routers are trained (`train`)."""
+
+    seed: int = 0
+    ratio: float = 0.2
+    """The share of layers the routers learn to skip: the loss charges `penalty` for each unit of
+    mean keep gate above 1 - ratio (of the unprotected layers), so the gates settle at that share
+    and the KL decides which layers, for each prompt."""
+    penalty: float = 5.0
+    """Nats a token for each unit of mean keep gate above the target (against the KL)."""
+    prompt_tokens: int = 96
+    continuation_tokens: int = 32
+    epochs: int = 3
+    batch: int = 8
+    lr: float = 0.05
+    weight_decay: float = 0.01
+    protected: tuple[int, ...] | None = None
+    """Layers never skipped; None: the first and the last."""
+
+
+@dataclass(frozen=True)
+class Routers:
+    """Trained routers for one model: weight (L, D), bias (L,)."""
+
+    spec: RouterSpec
+    weight: Tensor
+    bias: Tensor
+    protected: frozenset[int]
+    static_order: tuple[int, ...] = ()
+    """Layers from least to most important for every input alike (each one's KL when it alone is
+    skipped, over calibration text): the static-skipping baseline (`static`)."""
+    training: dict = field(default_factory=dict)
+    """The SkipTraining used and the final loss terms, for the record."""
+
+    def scores(self, pooled: Tensor) -> Tensor:
+        """Keep logits (L,) for one prompt's pooled layer inputs (L, D) (`pool`)."""
+        if pooled.shape != self.weight.shape:
+            raise ValueError(f"pooled inputs {tuple(pooled.shape)} for routers of {tuple(self.weight.shape)}")
+        return (self.weight * pooled.float()).sum(-1) + self.bias
+
+    def choose(self, pooled: Tensor, ratio: float) -> frozenset[int]:
+        """The `round(ratio * L)` unprotected layers this prompt scores lowest."""
+        count = skip_count(self.spec.n_layers, ratio, len(self.protected))
+        order = [i for i in torch.argsort(self.scores(pooled)).tolist() if i not in self.protected]
+        return frozenset(order[:count])
+
+    def static(self, ratio: float) -> frozenset[int]:
+        """The same `round(ratio * L)` least important layers for every prompt."""
+        count = skip_count(self.spec.n_layers, ratio, len(self.protected))
+        return frozenset([i for i in self.static_order if i not in self.protected][:count])
+
+    def save(self, path: Path) -> None:
+        """routers.pt (tensors) and routers.json (what they are for) in directory `path`."""
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save({"weight": self.weight, "bias": self.bias}, path / "routers.pt")
+        meta = {
+            "format": FORMAT,
+            "spec": asdict(self.spec),
+            "protected": sorted(self.protected),
+            "static_order": list(self.static_order),
+            "training": self.training,
+        }
+        (path / "routers.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    @staticmethod
+    def load(path: Path, expect: RouterSpec) -> Routers:
+        """Routers saved in `path`, refused (RouterMismatch) when trained for another model,
+        precision or layer count than `expect`; InvalidRequest for a missing or corrupt file."""
+        try:
+            meta = json.loads((path / "routers.json").read_text())
+            tensors = torch.load(path / "routers.pt", weights_only=True)
+            spec = RouterSpec(**meta["spec"])
+            weight, bias = tensors["weight"], tensors["bias"]
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise InvalidRequest(f"{path}: not readable routers ({exc})") from exc
+        if meta.get("format") != FORMAT:
+            raise InvalidRequest(f"{path}/routers.json: format {meta.get('format')!r}, this build reads {FORMAT}")
+        if spec != expect:
+            diff = ", ".join(
+                f"{k} {getattr(spec, k)!r} (not {getattr(expect, k)!r})"
+                for k in ("model", "quant", "n_layers", "dim")
+                if getattr(spec, k) != getattr(expect, k)
+            )
+            raise RouterMismatch(f"{path}: routers trained for another model: {diff}")
+        if weight.shape != (spec.n_layers, spec.dim) or bias.shape != (spec.n_layers,):
+            raise InvalidRequest(
+                f"{path}/routers.pt: tensors {tuple(weight.shape)}, {tuple(bias.shape)} do not match its spec"
+            )
+        return Routers(
+            spec, weight, bias, frozenset(meta["protected"]), tuple(meta["static_order"]), meta.get("training", {})
+        )
+
+
+def skip_count(n_layers: int, ratio: float, protected: int = 0) -> int:
+    """Layers a skip ratio means; InvalidRequest outside [0, MAX_RATIO] or beyond the unprotected ones."""
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0.0 <= ratio <= MAX_RATIO):
+        raise InvalidRequest(f"skip ratio must be in [0, {MAX_RATIO}], got {ratio!r}")
+    count = round(ratio * n_layers)
+    if count > n_layers - protected:
+        raise InvalidRequest(
+            f"skip ratio {ratio} asks for {count} of the {n_layers - protected} layers that may be skipped"
+        )
+    return count
+
+
+def default_protected(n_layers: int) -> frozenset[int]:
+    return frozenset({0, n_layers - 1})
+
+
+# -- Pooled layer inputs ---------------------------------------------------------------------------
+
+
+def _unit_rms(x: Tensor) -> Tensor:
+    return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+
+def prefill(model: Transformer, h: Tensor, step: Step) -> tuple[Tensor, Tensor]:
+    """A full-depth prefill of h (B, T, D) at `step` (no padding), layer by layer: the output
+    (B, T, D) and each layer's input mean-pooled over the T tokens at unit RMS, (B, L, D)."""
+    pools = []
+    for i in range(model.cfg.n_layers):
+        pools.append(_unit_rms(h.float().mean(1)))
+        h = model.forward_layers(h, step, i, i + 1)
+    return h, torch.stack(pools, 1)
+
+
+# -- Training --------------------------------------------------------------------------------------
+
+
+def dense_copy(model: Transformer) -> Transformer:
+    """`models.quant.dequantized(model)` with no decoder and frozen weights: the served weights'
+    values in plain fp32 modules, through which gradients flow (the kernels' matmuls have none)."""
+    from models.quant import dequantized
+
+    dense = dequantized(model)
+    dense.decoder = None
+    for p in dense.parameters():
+        p.requires_grad_(False)
+    return dense
+
+
+def calibration_windows(
+    tokenize: Callable[[str], list[int]], texts: Sequence[str], length: int, limit: int
+) -> list[list[int]]:
+    """Up to `limit` windows of exactly `length` token ids, at most two from each text, in order."""
+    out: list[list[int]] = []
+    for text in texts:
+        ids = tokenize(text)
+        for start in (0, length) if len(ids) >= 2 * length else (0,):
+            if len(ids) >= start + length:
+                out.append(ids[start : start + length])
+        if len(out) >= limit:
+            break
+    return out[:limit]
+
+
+def _gated_continuation(model: Transformer, h: Tensor, step: Step, gates: Tensor | None) -> Tensor:
+    """The continuation h (B, C, D) through every layer, each layer's change scaled by its gate
+    (B, L) (None: the unskipped model), after a prefill has filled the caches: logits (B, C, V)."""
+    for i in range(model.cfg.n_layers):
+        out = model.forward_layers(h, step, i, i + 1)
+        h = out if gates is None else h + gates[:, i, None, None] * (out - h)
+    return model.head(h)
+
+
+def _batch_pass(model: Transformer, windows: Tensor, prompt: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Prefill the prompts (B, P) and embed the continuations: (pooled (B, L, D), continuation
+    embeddings (B, C-1, D), their step); the caches hold the prompts."""
+    B, T = windows.shape
+    model.setup_cache(B, T)
+    _, pooled = prefill(model, model.embed(windows[:, :prompt]), Step.at(0, prompt, B))
+    cont = model.embed(windows[:, prompt : T - 1])  # inputs c_0 .. c_{C-2}; they predict c_1 .. c_{C-1}
+    return pooled, cont, Step.at(prompt, T - 1 - prompt, B)
+
+
+def train(
+    model: Transformer,
+    spec: RouterSpec,
+    windows: Sequence[Sequence[int]],
+    config: SkipTraining = SkipTraining(),
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Routers:
+    """Routers for `model` from calibration `windows` (each prompt_tokens + continuation_tokens ids).
+
+    progress(step, steps, loss) after each optimiser step. Deterministic for config.seed: the
+    batches' order and the initial weights come from it, and each step's arithmetic is fixed."""
+    P, C = config.prompt_tokens, config.continuation_tokens
+    if C < 2 or P < 1:
+        raise InvalidRequest("training needs a prompt and a continuation of at least 2 tokens")
+    data = torch.tensor([list(w) for w in windows if len(w) == P + C], dtype=torch.long)
+    if len(data) < config.batch:
+        raise InvalidRequest(f"{len(data)} calibration windows of {P + C} tokens; need at least {config.batch}")
+    L, D = model.cfg.n_layers, model.cfg.dim
+    if (spec.n_layers, spec.dim) != (L, D):
+        raise RouterMismatch(f"routers for {spec.n_layers} layers of width {spec.dim}, model has {L} of {D}")
+    protected = frozenset(config.protected) if config.protected is not None else default_protected(L)
+    dense = dense_copy(model)
+    generator = torch.Generator().manual_seed(config.seed)
+    weight = torch.zeros(L, D, requires_grad=True)
+    # Keep gates start at the target share: the KL lifts the layers each prompt needs, the
+    # penalty holds their mean there, and the rest sink.
+    bias = torch.full((L,), math.log((1.0 - config.ratio) / max(config.ratio, 1e-3)), requires_grad=True)
+    fixed = torch.tensor([i in protected for i in range(L)])
+    opt = torch.optim.AdamW([weight, bias], lr=config.lr, weight_decay=config.weight_decay)
+    batches = [
+        perm[i : i + config.batch]
+        for _ in range(config.epochs)
+        for perm in [torch.randperm(len(data), generator=generator)]
+        for i in range(0, len(data) - config.batch + 1, config.batch)
+    ]
+    kl = keep = torch.tensor(0.0)
+    for n, idx in enumerate(batches):
+        batch = data[idx]
+        with torch.no_grad():
+            pooled, cont, step = _batch_pass(dense, batch, P)
+            state = dense.request_state()
+            teacher = F.log_softmax(_gated_continuation(dense, cont, step, None).float(), -1)
+        dense.bind(state)  # the student rewrites the continuation's slots; the prompt's stay
+        scores = (weight[None] * pooled).sum(-1) + bias  # (B, L)
+        gates = torch.where(fixed, torch.ones(()), torch.sigmoid(scores))
+        student = F.log_softmax(_gated_continuation(dense, cont, step, gates).float(), -1)
+        kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
+        keep = gates[:, ~fixed].mean()
+        loss = kl + config.penalty * torch.relu(keep - (1.0 - config.ratio))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            progress(n + 1, len(batches), float(loss.detach()))
+    routers = Routers(
+        spec,
+        weight.detach().clone(),
+        bias.detach().clone(),
+        protected,
+        training={
+            **asdict(config),
+            "windows": len(data),
+            "final_kl": float(kl.detach()),
+            "final_keep": float(keep.detach()),
+        },
+    )
+    return routers
+
+
+@torch.no_grad()
+def static_order(
+    model: Transformer, windows: Sequence[Sequence[int]], prompt: int, protected: frozenset[int]
+) -> tuple[int, ...]:
+    """Layers from least to most important for every input alike: the mean KL to the unskipped
+    model over each window's continuation when that layer alone is skipped in decode."""
+    L = model.cfg.n_layers
+    totals = torch.zeros(L, dtype=torch.float64)
+    for ids in windows:
+        batch = torch.tensor([list(ids)])
+        _, cont, step = _batch_pass(model, batch, prompt)
+        state = model.request_state()
+        base = F.log_softmax(_gated_continuation(model, cont, step, None).float(), -1)
+        for i in range(L):
+            if i in protected:
+                continue
+            model.bind(state)
+            logits = model.head(model.forward_layers(cont, step, skip=frozenset({i})))
+            logp = F.log_softmax(logits.float(), -1)
+            totals[i] += float(F.kl_div(logp, base, log_target=True, reduction="none").sum(-1).mean())
+    order = sorted((i for i in range(L) if i not in protected), key=lambda i: (float(totals[i]), i))
+    return tuple(order)
+
+
+@dataclass(frozen=True)
+class SkipQuality:
+    """Quality of decoding with skip sets over held-out windows (`quality`)."""
+
+    bpb: float
+    """Bits per UTF-8 byte of the true continuation's tokens that decode predicts (c_1 onward)."""
+    agreement: float
+    """Share of those positions whose top-1 token equals the unskipped model's (teacher-forced)."""
+    skipped: float
+    """Mean number of layers skipped a window."""
+
+
+@torch.no_grad()
+def quality(
+    model: Transformer,
+    decode_bytes: Callable[[list[int]], bytes],
+    windows: Sequence[Sequence[int]],
+    prompt: int,
+    choose: Callable[[Tensor], frozenset[int]],
+    base: Transformer | None = None,
+) -> SkipQuality:
+    """Each window's first `prompt` ids prefilled at full depth, the rest teacher-forced with the
+    skip set choose(pooled (L, D)) returns for that prompt; agreement with `base` (default: the
+    same model unskipped; another model, e.g. the unpruned one, for a pruned model)."""
+    bits = same = total = n_bytes = 0.0
+    skipped = 0
+    for ids in windows:
+        batch = torch.tensor([list(ids)])
+        pooled, cont, step = _batch_pass(model, batch, prompt)
+        state = model.request_state()
+        if base is None:
+            reference = _gated_continuation(model, cont, step, None)[0]
+        else:
+            _, ref_cont, ref_step = _batch_pass(base, batch, prompt)
+            reference = _gated_continuation(base, ref_cont, ref_step, None)[0]
+        skip = choose(pooled[0])
+        skipped += len(skip)
+        model.bind(state)
+        logits = model.head(model.forward_layers(cont, step, skip=skip))[0]  # (C-1, V)
+        target = batch[0, prompt + 1 :]
+        logp = F.log_softmax(logits.float(), -1)
+        bits += float(-logp[torch.arange(len(target)), target].sum()) / math.log(2)
+        same += int((logits.argmax(-1) == reference.argmax(-1)).sum())
+        total += len(target)
+        cont_ids = list(ids[prompt:])
+        n_bytes += len(decode_bytes(cont_ids)) - len(decode_bytes(cont_ids[:1]))
+    return SkipQuality(bits / max(n_bytes, 1), same / max(total, 1), skipped / max(len(windows), 1))
+
+
+__all__ = [
+    "MAX_RATIO",
+    "RouterMismatch",
+    "RouterSpec",
+    "Routers",
+    "SkipQuality",
+    "SkipTraining",
+    "calibration_windows",
+    "default_protected",
+    "dense_copy",
+    "prefill",
+    "quality",
+    "skip_count",
+    "static_order",
+    "train",
+]

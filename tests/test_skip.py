@@ -1,0 +1,170 @@
+"""Early layer skipping (models.skip, issue 21): the engine's skip mask, cache consistency, routers."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.cpu import prepare_cpu
+from models.errors import InvalidRequest
+from models.loaded import LoadedModel
+from models.quant import quantize_model
+from models.runtime import load
+from models.skip import (
+    MAX_RATIO,
+    RouterMismatch,
+    Routers,
+    RouterSpec,
+    SkipTraining,
+    prefill,
+    skip_count,
+    train,
+)
+from models.transformer import Step, Transformer
+from tests.tiny import TinySpec, write_tiny_gguf
+
+
+def _decode(model: Transformer, ids: torch.Tensor, prompt: int, skip: frozenset[int], fast: bool) -> torch.Tensor:
+    """Prefill ids[:, :prompt] at full depth, then feed the rest one token at a time with `skip`:
+    (T - prompt + 1, V) logits (the prefill's last, then each step's)."""
+    model.fast_decode = fast
+    model.setup_cache(1, ids.shape[1] + 1)
+    out = [model(ids[:, :prompt], Step.at(0, prompt))[0, -1]]
+    for t in range(prompt, ids.shape[1]):
+        h = model.forward_layers(model.embed(ids[:, t : t + 1]), Step.at(t, 1), skip=skip)
+        out.append(model.head(h)[0, -1])
+    return torch.stack(out)
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    """A tiny llama of six layers: routers have four unprotected layers to choose from."""
+    path = write_tiny_gguf(tmp_path_factory.mktemp("skip") / "six.gguf", TinySpec(arch="llama", n_layers=6))
+    return load(path, use_cache=False)
+
+
+@torch.no_grad()
+def test_an_empty_skip_set_is_the_base_model_exactly(tiny: LoadedModel) -> None:
+    model = prepare_cpu(quantize_model(copy.deepcopy(tiny.model), 4))
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    plain = []
+    model.setup_cache(1, 21)
+    plain.append(model(ids[:, :8], Step.at(0, 8))[0, -1])
+    for t in range(8, 20):
+        plain.append(model(ids[:, t : t + 1], Step.at(t, 1))[0, -1])
+    assert torch.equal(_decode(model, ids, 8, frozenset(), fast=True), torch.stack(plain))
+
+
+@torch.no_grad()
+def test_the_kernels_skip_the_layers_torch_skips(tiny: LoadedModel) -> None:
+    """The C decode path takes the mask: its logits equal torch's with the same layers skipped,
+    and differ from the unskipped model's; a skipped layer never writes its cache in decode."""
+    model = prepare_cpu(quantize_model(copy.deepcopy(tiny.model), 4))
+    n = tiny.config.n_layers
+    skip = frozenset({n - 1}) if n == 2 else frozenset({1, 3, 4})
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
+    slow = _decode(model, ids, 10, skip, fast=False)
+    fast = _decode(model, ids, 10, skip, fast=True)
+    assert model.decoder is not None and model.decoder.built, "the kernels did not run"
+    torch.testing.assert_close(fast, slow, atol=5e-4 * float(slow.abs().max()), rtol=1e-3)
+    for i in range(n):  # the prompt's slots written by prefill; the decode's only where a layer ran
+        cache = model.caches[i]
+        assert cache is not None and cache.k[0, :, :10].abs().sum() > 0
+        decoded = cache.k[0, :, 10:24].abs().sum() + cache.v[0, :, 10:24].abs().sum()
+        assert (decoded == 0) == (i in skip), i
+    base = _decode(model, ids, 10, frozenset(), fast=True)
+    assert not torch.allclose(base[1:], fast[1:], atol=1e-3)
+    torch.testing.assert_close(base[0], fast[0])  # the prefill's logits: full depth either way
+
+
+@torch.no_grad()
+def test_the_cache_stays_consistent_over_a_1024_token_decode(tmp_path: Path) -> None:
+    """1,024 tokens decoded one at a time by the kernels with a skip set give the logits that
+    the same tokens teacher-forced in one chunk through torch's ops with that set give."""
+    path = write_tiny_gguf(tmp_path / "long.gguf", TinySpec(arch="llama", n_layers=4, context_length=1200))
+    model = prepare_cpu(quantize_model(load(path, use_cache=False).model, 4))
+    skip = frozenset({1, 2})
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 1040), generator=torch.Generator().manual_seed(3))
+    stepped = _decode(model, ids, 16, skip, fast=True)[1:]  # (1024, V)
+    model.setup_cache(1, 1041)
+    model.forward_layers(model.embed(ids[:, :16]), Step.at(0, 16))
+    chunk = model.head(model.forward_layers(model.embed(ids[:, 16:]), Step.at(16, 1024), skip=skip))[0]
+    torch.testing.assert_close(stepped, chunk, atol=2e-3 * float(chunk.abs().max()), rtol=1e-3)
+    assert torch.equal(stepped[-64:].argmax(-1), chunk[-64:].argmax(-1))
+
+
+def test_skip_sets_and_ratios_out_of_range_are_clear_errors(tiny: LoadedModel) -> None:
+    model = tiny.model
+    model.setup_cache(1, 4)
+    h = model.embed(torch.tensor([[1]]))
+    with pytest.raises(ValueError, match="skip names layers outside"):
+        model.forward_layers(h, Step.at(0, 1), skip=frozenset({model.cfg.n_layers}))
+    with pytest.raises(InvalidRequest, match=r"skip ratio must be in \[0, 0.75\]"):
+        skip_count(30, MAX_RATIO + 0.01)
+    with pytest.raises(InvalidRequest, match="skip ratio"):
+        skip_count(30, float("nan"))
+    with pytest.raises(InvalidRequest, match="asks for 3 of the 2 layers"):
+        skip_count(4, 0.75, protected=2)
+    assert skip_count(30, 0.2, 2) == 6
+
+
+def _windows(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+def test_router_training_is_deterministic_for_a_seed(six: LoadedModel) -> None:
+    spec = RouterSpec("six", "fp32", 6, six.config.dim)
+    config = SkipTraining(seed=7, ratio=0.5, prompt_tokens=12, continuation_tokens=6, epochs=2, batch=4)
+    windows = _windows(six.config.vocab_size, 8, 18, 0)
+    a, b = train(six.model, spec, windows, config), train(six.model, spec, windows, config)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert a.weight.abs().sum() > 0, "training did not move the routers"
+    c = train(six.model, spec, windows, SkipTraining(**{**config.__dict__, "seed": 8}))
+    assert not torch.equal(a.weight, c.weight)
+    # The penalty holds the mean keep gate of the unprotected layers near the target share.
+    assert abs(a.training["final_keep"] - 0.5) < 0.1
+
+
+@torch.no_grad()
+def test_routers_choose_per_prompt_and_never_a_protected_layer(six: LoadedModel) -> None:
+    spec = RouterSpec("six", "fp32", 6, six.config.dim)
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(6, six.config.dim, generator=g)
+    routers = Routers(spec, weight, torch.zeros(6), frozenset({0, 5}), (3, 1, 2, 4))
+    chosen = set()
+    for seed in range(12):
+        ids = torch.tensor(_windows(six.config.vocab_size, 1, 10, seed))
+        six.model.setup_cache(1, 10)
+        _, pooled = prefill(six.model, six.model.embed(ids), Step.at(0, 10))
+        assert pooled.shape == (1, 6, six.config.dim)
+        skip = routers.choose(pooled[0], 0.34)  # round(0.34 * 6) = 2 layers
+        assert len(skip) == 2 and not skip & routers.protected
+        lowest = torch.argsort(routers.scores(pooled[0])).tolist()
+        assert skip == frozenset([i for i in lowest if i not in routers.protected][:2])
+        chosen.add(skip)
+    assert len(chosen) > 1, "every prompt got the same layers: nothing per request"
+    assert routers.static(0.34) == frozenset({3, 1})
+
+
+def test_routers_for_another_model_are_refused_at_load(tmp_path: Path, six: LoadedModel) -> None:
+    spec = RouterSpec("smollm2-135m-instruct", "source", 30, 576)
+    routers = Routers(spec, torch.zeros(30, 576), torch.ones(30), frozenset({0, 29}), tuple(range(1, 29)))
+    routers.save(tmp_path / "r")
+    again = Routers.load(tmp_path / "r", spec)
+    assert torch.equal(again.bias, routers.bias) and again.static_order == routers.static_order
+    for other, named in (
+        (RouterSpec("smollm2-135m-instruct", "int4", 30, 576), "quant 'source' (not 'int4')"),
+        (RouterSpec("gemma3-270m", "source", 18, 640), "model 'smollm2-135m-instruct' (not 'gemma3-270m')"),
+        (RouterSpec("smollm2-135m-instruct", "source", 24, 576), "n_layers 30 (not 24)"),
+    ):
+        with pytest.raises(RouterMismatch, match=named.replace("(", r"\(").replace(")", r"\)")):
+            Routers.load(tmp_path / "r", other)
+    meta = json.loads((tmp_path / "r" / "routers.json").read_text())
+    (tmp_path / "r" / "routers.json").write_text(json.dumps(meta)[:40])
+    with pytest.raises(InvalidRequest, match="not readable routers"):
+        Routers.load(tmp_path / "r", spec)
