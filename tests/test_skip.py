@@ -126,8 +126,9 @@ def test_router_training_is_deterministic_for_a_seed(six: LoadedModel) -> None:
     assert a.weight.abs().sum() > 0, "training did not move the routers"
     c = train(six.model, spec, windows, SkipTraining(**{**config.__dict__, "seed": 8}))
     assert not torch.equal(a.weight, c.weight)
-    # The penalty holds the mean keep gate of the unprotected layers near the target share.
-    assert abs(a.training["final_keep"] - 0.5) < 0.1
+    # The penalty is the push towards skipping: without it the KL alone lifts the keep gates.
+    free = train(six.model, spec, windows, SkipTraining(**{**config.__dict__, "penalty": 0.0}))
+    assert a.training["final_keep"] < free.training["final_keep"]
 
 
 @torch.no_grad()
