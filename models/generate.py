@@ -18,6 +18,7 @@ from torch import Tensor
 from models.chat import render_chat
 from models.errors import ContextLengthExceeded, InvalidRequest
 from models.sampling import SamplingParams, sample, token_logprobs
+from models.skip import RouterSet, SkipReport, prefill
 from models.tokenizer import GGUFTokenizer
 from models.transformer import Step, Transformer
 
@@ -55,6 +56,8 @@ class TokenEvent:
     prompt: tuple[TokenLogprob | None, ...] = ()
     """With SamplingParams.prompt_logprobs, on a prompt's first event only: each prompt token's
     (None for the first, which nothing predicts)."""
+    skipping: SkipReport | None = None
+    """With SamplingParams.skip_ratio, on the row's last event: the layers skipped (models.skip)."""
 
 
 @dataclass(frozen=True)
@@ -124,9 +127,11 @@ class StepEngine(Protocol):
 class Generator:
     """Generates text with one model and its tokenizer."""
 
-    def __init__(self, model: Transformer, tokenizer: GGUFTokenizer) -> None:
+    def __init__(self, model: Transformer, tokenizer: GGUFTokenizer, routers: RouterSet | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.routers = routers
+        """The model's layer-skipping routers (models.skip), for requests with a skip_ratio."""
 
     def encode_prompt(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Ids for a text prompt, a list of ids, or chat messages (rendered with the chat template, with
@@ -165,7 +170,48 @@ class Generator:
             self._fits(i, self.encode_prompt(p) + list(c.ids if c else ()))
             for i, (p, c) in enumerate(zip(prompts, primed, strict=True))
         ]
+        if params.skip_ratio:
+            self._check_skipping(len(encoded), params)
+            if params.lossless:
+                yield from self._run_lossless(encoded[0], params, primed[0])
+                return
         yield from self._run(encoded, params, primed)
+
+    def _check_skipping(self, prompts: int, params: SamplingParams) -> None:
+        """InvalidRequest unless this generator can skip layers for this request."""
+        if self.routers is None:
+            raise InvalidRequest(
+                "this model has no layer-skipping routers (train them: tandem models train-routers); send skip_ratio 0"
+            )
+        if prompts != 1 or params.n != 1:
+            raise InvalidRequest("layer skipping decodes one prompt and one choice (n = 1)")
+        if params.lossless and (params.logprobs is not None or params.prompt_logprobs is not None or params.constraint):
+            raise InvalidRequest("the lossless mode returns tokens only: no logprobs or grammar with it")
+        count = round(params.skip_ratio * self.model.cfg.n_layers)
+        free = self.model.cfg.n_layers - len(self.routers.for_ratio(params.skip_ratio).protected)
+        if count > free:
+            raise InvalidRequest(f"skip_ratio {params.skip_ratio} asks for {count} layers; {free} may be skipped")
+
+    def _run_lossless(
+        self, ids: list[int], params: SamplingParams, primed: Continuation | None
+    ) -> Iterator[TokenEvent]:
+        """One prompt decoded by self-speculation (models.speculative): the routed skip set drafts,
+        the whole model verifies; the tokens are the whole model's."""
+        from models.speculative import SelfSpeculative  # loaded only for such requests
+
+        routers = self.routers
+        assert routers is not None  # _check_skipping
+        budget = min(params.max_tokens, self.model.cfg.context_length - len(ids))
+        spec = SelfSpeculative(self.model, lambda pooled: routers.choose(pooled, params.skip_ratio), params)
+        detok = _Detokenizer(self.tokenizer, params.stop, primed)
+        eos = set() if params.ignore_eos else set(self.tokenizer.info.eos_ids)
+        for produced, tok in enumerate(spec.run(ids, budget), start=1):
+            ev = self._event(0, tok, detok, eos, produced == budget)
+            if ev.finish_reason is not None:
+                report = SkipReport(tuple(sorted(spec.skip)), True, spec.stats.drafted, spec.stats.accepted)
+                yield dataclasses.replace(ev, skipping=report)
+                return
+            yield ev
 
     def _fits(self, row: int, ids: list[int]) -> list[int]:
         ctx = self.model.cfg.context_length
@@ -186,6 +232,11 @@ class Generator:
         """What stream() yields for one prompt, computed by an InferenceEngine (edge_agent.engines:
         any object with prefill, decode and release) instead of this generator's model, which
         only supplies the configuration. The engine's request is released at the end."""
+        if params.skip_ratio:
+            raise InvalidRequest(
+                f"layer skipping runs on the model's own route (the kernels), not on {type(engine).__name__}; "
+                "send skip_ratio 0 or serve with the default engine"
+            )
         ids = self._fits(0, self.encode_prompt(prompt) + list(continuation.ids if continuation else ()))
         budget = min(params.max_tokens, self.model.cfg.context_length - len(ids))
         grammar = self._grammar(params)
@@ -258,7 +309,13 @@ class Generator:
         grammar = self._grammar(params)
         generators, eos = self._decoding(params, primed)
 
-        h = self.model.forward_layers(self.model.embed(tokens), Step.at(0, longest, batch, pad))
+        skip: frozenset[int] = frozenset()
+        if params.skip_ratio and self.routers is not None:  # one prompt (_check_skipping): no padding
+            h, pooled = prefill(self.model, self.model.embed(tokens), Step.at(0, longest, batch, pad))
+            skip = self.routers.choose(pooled[0], params.skip_ratio)
+        else:
+            h = self.model.forward_layers(self.model.embed(tokens), Step.at(0, longest, batch, pad))
+        report = SkipReport(tuple(sorted(skip)), False) if params.skip_ratio else None
         scored: list[tuple[TokenLogprob | None, ...]] = [()] * batch
         if params.prompt_logprobs is not None:
             scored = [
@@ -292,12 +349,14 @@ class Generator:
                 for b, ev in enumerate(events):
                     if ev is not None:
                         done[b] = ev.finish_reason is not None
+                        if done[b] and report is not None:
+                            ev = dataclasses.replace(ev, skipping=report)
                         yield dataclasses.replace(ev, prompt=scored[b]) if t == 0 and choice == 0 and scored[b] else ev
                 if all(done):
                     break
                 next_ids = torch.tensor([ev.token_id if ev is not None else 0 for ev in events])
                 h = self.model.embed(next_ids[:, None])
-                h = self.model.forward_layers(h, Step.at(longest + t, 1, batch, pad))
+                h = self.model.forward_layers(h, Step.at(longest + t, 1, batch, pad), skip=skip)
                 logits = self.model.head(h[:, -1])
 
     def _next(

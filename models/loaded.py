@@ -15,6 +15,7 @@ from models.chat import takes_tools
 from models.config import ModelConfig
 from models.generate import Generator
 from models.quant import QuantLinear, weight_bytes
+from models.skip import RouterSet
 from models.tokenizer import GGUFTokenizer
 from models.transformer import Transformer
 
@@ -29,13 +30,15 @@ class LoadedModel:
     quant: str | None = None
     """The precision served, as describe() reports it (e.g. "source(q4_1->int4,q8_0->int8)");
     None: read off the model ("int4", "int8" or "fp32")."""
+    routers: RouterSet | None = None
+    """Its layer-skipping routers (models.skip.find_routers), when trained for it as served."""
 
     @property
     def config(self) -> ModelConfig:
         return self.model.cfg
 
     def generator(self) -> Generator:
-        return Generator(self.model, self.tokenizer)
+        return Generator(self.model, self.tokenizer, self.routers)
 
     @property
     def served_quant(self) -> str:

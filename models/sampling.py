@@ -12,6 +12,8 @@ from models.errors import InvalidRequest
 MAX_TOKENS_LIMIT = 1 << 20  # far beyond any context we run; rejects absurd requests early
 MAX_LOGPROBS = 20
 """Most alternatives a token's logprobs may list (OpenAI's top_logprobs limit, vLLM's default)."""
+MAX_SKIP_RATIO = 0.75
+"""The largest share of a model's layers a request's decode may skip (models.skip)."""
 MAX_CHOICES = 128
 """Most choices one request may ask for; a hub sets its own lower limit (cloud_hub.service.Limits.max_n)."""
 
@@ -45,6 +47,12 @@ class SamplingParams:
     constraint: str = ""
     """A grammar the output must follow, as JSON (models.grammar.compile_constraint): OpenAI's
     `{"response_format": {...}}` or `{"tools": [...], "tool_choice": ...}`; "" = free text."""
+    skip_ratio: float = 0.0
+    """Early layer skipping (models.skip): the share of layers decode skips, chosen per request by
+    the model's routers from the prompt's full-depth prefill; 0 = every layer."""
+    lossless: bool = False
+    """With skip_ratio: the skipping model only drafts, and the whole model verifies every token
+    (models.speculative): the output is the whole model's."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, str)):
@@ -75,6 +83,14 @@ class SamplingParams:
                 f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
             ),
             (isinstance(self.constraint, str), "constraint must be a JSON string"),
+            (
+                _finite(self.skip_ratio) and 0.0 <= self.skip_ratio <= MAX_SKIP_RATIO,
+                f"skip_ratio must be in [0, {MAX_SKIP_RATIO}], got {self.skip_ratio!r}",
+            ),
+            (
+                not self.lossless or self.skip_ratio > 0,
+                "lossless drafts with the layers skip_ratio skips: set skip_ratio > 0 with it",
+            ),
         ]
         for ok, message in checks:
             if not ok:

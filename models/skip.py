@@ -22,6 +22,7 @@ Shapes: L layers, D model width, P prompt tokens, C continuation tokens, B promp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -33,10 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.errors import InvalidRequest
+from models.sampling import MAX_SKIP_RATIO
 from models.transformer import Step, Transformer
 
 FORMAT = 1
-MAX_RATIO = 0.75
+MAX_RATIO = MAX_SKIP_RATIO
 """The largest share of layers a request may skip."""
 
 
@@ -148,6 +150,80 @@ class Routers:
         return Routers(
             spec, weight, bias, frozenset(meta["protected"]), tuple(meta["static_order"]), meta.get("training", {})
         )
+
+
+@dataclass(frozen=True)
+class SkipReport:
+    """What a request's decode skipped: on its last TokenEvent, and in the answer's metadata."""
+
+    layers: tuple[int, ...]
+    """The layers decode skipped (sorted); in the lossless mode, those the drafts skipped."""
+    lossless: bool
+    drafted: int = 0
+    """Lossless mode: tokens drafted, and of them accepted by the whole model."""
+    accepted: int = 0
+
+
+@dataclass(frozen=True)
+class RouterSet:
+    """One model's routers, one set a trained skip ratio: a request uses the set trained nearest
+    its ratio, and skips round(ratio * L) layers."""
+
+    by_ratio: dict[float, Routers]
+
+    def __post_init__(self) -> None:
+        if not self.by_ratio:
+            raise InvalidRequest("a router set needs routers for at least one ratio")
+        specs = {r.spec for r in self.by_ratio.values()}
+        if len(specs) > 1:
+            raise RouterMismatch(f"routers for several models in one set: {sorted(map(str, specs))}")
+
+    @property
+    def spec(self) -> RouterSpec:
+        return next(iter(self.by_ratio.values())).spec
+
+    def for_ratio(self, ratio: float) -> Routers:
+        return self.by_ratio[min(self.by_ratio, key=lambda r: (abs(r - ratio), r))]
+
+    def choose(self, pooled: Tensor, ratio: float) -> frozenset[int]:
+        return self.for_ratio(ratio).choose(pooled, ratio)
+
+    def save(self, directory: Path) -> None:
+        for ratio, routers in self.by_ratio.items():
+            routers.save(directory / f"r{ratio:g}")
+
+    @staticmethod
+    def load(directory: Path, expect: RouterSpec) -> RouterSet:
+        """Every r<ratio>/ under `directory`; RouterMismatch for routers of another model, InvalidRequest
+        for none or a corrupt one (naming the file)."""
+        subdirs = sorted(p for p in directory.glob("r*") if (p / "routers.json").is_file())
+        if not subdirs:
+            raise InvalidRequest(f"{directory}: no routers (train them: tandem models train-routers)")
+        by_ratio: dict[float, Routers] = {}
+        for sub in subdirs:
+            routers = Routers.load(sub, expect)
+            ratio = routers.training.get("ratio")
+            if not isinstance(ratio, (int, float)):
+                raise InvalidRequest(f"{sub}/routers.json: no training ratio recorded")
+            by_ratio[float(ratio)] = routers
+        return RouterSet(by_ratio)
+
+
+def routers_dir(name: str, quant: str) -> Path:
+    """Where a zoo model's routers live: beside the pulled models, one directory a served precision."""
+    from models import zoo
+
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{name}-{quant}")
+    return zoo.cache_dir() / "routers" / slug
+
+
+def find_routers(name: str, quant: str, n_layers: int, dim: int) -> RouterSet | None:
+    """The routers trained for this model as served, or None when none were trained; raises
+    RouterMismatch (another model's, another precision's) or InvalidRequest (a corrupt file)."""
+    directory = routers_dir(name, quant)
+    if not directory.is_dir():
+        return None
+    return RouterSet.load(directory, RouterSpec(name, quant, n_layers, dim))
 
 
 def skip_count(n_layers: int, ratio: float, protected: int = 0) -> int:
@@ -301,6 +377,33 @@ def train(
     return routers
 
 
+def train_set(
+    model: Transformer,
+    spec: RouterSpec,
+    windows: Sequence[Sequence[int]],
+    ratios: Sequence[float],
+    config: SkipTraining = SkipTraining(),
+    order_windows: int = 8,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> RouterSet:
+    """Routers for each ratio (one training each, `config` with that ratio) and the static order
+    from the first `order_windows` windows: what `tandem models train-routers` saves.
+    progress(what, step, steps) as it goes."""
+    protected = frozenset(config.protected) if config.protected is not None else default_protected(spec.n_layers)
+    order = static_order(model, windows[:order_windows], config.prompt_tokens, protected)
+    by_ratio = {}
+    for ratio in ratios:
+        skip_count(spec.n_layers, ratio, len(protected))  # a clear error before any training
+
+        def step(n: int, steps: int, loss: float, ratio: float = ratio) -> None:
+            if progress is not None:
+                progress(f"ratio {ratio:g}", n, steps)
+
+        r = train(model, spec, windows, dataclasses.replace(config, ratio=ratio), step)
+        by_ratio[float(ratio)] = Routers(spec, r.weight, r.bias, r.protected, order, r.training)
+    return RouterSet(by_ratio)
+
+
 @torch.no_grad()
 def static_order(
     model: Transformer, windows: Sequence[Sequence[int]], prompt: int, protected: frozenset[int]
@@ -377,16 +480,21 @@ def quality(
 __all__ = [
     "MAX_RATIO",
     "RouterMismatch",
+    "RouterSet",
     "RouterSpec",
     "Routers",
     "SkipQuality",
+    "SkipReport",
     "SkipTraining",
     "calibration_windows",
     "default_protected",
     "dense_copy",
+    "find_routers",
     "prefill",
     "quality",
+    "routers_dir",
     "skip_count",
     "static_order",
     "train",
+    "train_set",
 ]

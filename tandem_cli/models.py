@@ -1,4 +1,4 @@
-"""`tandem models list|pull`: the model zoo."""
+"""`tandem models list|pull|train-routers`: the model zoo, and the routers that let agents skip layers."""
 
 from __future__ import annotations
 
@@ -34,6 +34,55 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_train_routers(args: argparse.Namespace) -> int:
+    """Train a zoo model's layer-skipping routers (models.skip) on calibration text, one set a
+    ratio, and save them where agents serving it at that precision find them."""
+    # Lazy: torch and the corpus, which `list` and `pull` never need.
+    from tqdm import tqdm
+
+    from models import skip
+    from models.corpus import documents
+    from models.runtime import load
+
+    loaded = load(args.name, quant=args.quant)
+    cfg = loaded.config
+    spec = skip.RouterSpec(args.name, loaded.served_quant, cfg.n_layers, cfg.dim)
+    config = skip.SkipTraining(seed=args.seed, epochs=args.epochs)
+    texts = [d.text for d in documents("calibration")]
+    windows = skip.calibration_windows(
+        loaded.tokenizer.encode, texts, config.prompt_tokens + config.continuation_tokens, args.windows
+    )
+    print(f"{args.name} as {spec.quant}: {len(windows)} calibration windows, ratios {args.ratios}", file=sys.stderr)
+    bars: dict[str, tqdm] = {}
+
+    def progress(what: str, n: int, steps: int) -> None:
+        bar = bars.get(what) or bars.setdefault(what, tqdm(total=steps, desc=what, file=sys.stderr))
+        bar.update(n - bar.n)
+
+    routers = skip.train_set(loaded.model, spec, windows, args.ratios, config, progress=progress)
+    for bar in bars.values():
+        bar.close()
+    directory = skip.routers_dir(args.name, spec.quant)
+    routers.save(directory)
+    held_out = skip.calibration_windows(
+        loaded.tokenizer.encode, [d.text for d in documents("eval")], config.prompt_tokens + 64, args.eval_windows
+    )
+    if held_out:
+
+        def to_bytes(ids: list[int]) -> bytes:
+            return loaded.tokenizer.decode(ids, skip_special_tokens=False).encode()
+
+        base = skip.quality(loaded.model, to_bytes, held_out, config.prompt_tokens, lambda p: frozenset())
+        print(f"held-out ({len(held_out)} windows): every layer {base.bpb:.4f} bits/byte")
+        for ratio in args.ratios:
+            q = skip.quality(
+                loaded.model, to_bytes, held_out, config.prompt_tokens, lambda p, r=ratio: routers.choose(p, r)
+            )
+            print(f"  skip {ratio:g} ({q.skipped:.0f} layers): {q.bpb:.4f} bits/byte, agreement {q.agreement:.3f}")
+    print(f"routers: {directory}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="the model zoo").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("list", help="list zoo models and whether they are pulled")
@@ -45,3 +94,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.add_argument("--prepare", action="store_true", help="also dequantize into the prepared-weights cache")
     p.set_defaults(func=cmd_models_pull)
+    p = models.add_parser(
+        "train-routers", help="train a model's layer-skipping routers on calibration text (requests' skip_ratio)"
+    )
+    p.add_argument("name", help="a zoo model, pulled")
+    p.add_argument("--quant", default="source", help="the precision agents serve it at (default: source)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3], help="skip ratios to train for")
+    p.add_argument("--windows", type=int, default=96, help="calibration windows of 128 tokens")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-windows", type=int, default=16, help="held-out windows to report quality on (0: none)")
+    p.set_defaults(func=cmd_models_train_routers)

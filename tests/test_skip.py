@@ -11,16 +11,20 @@ import torch
 
 from models.cpu import prepare_cpu
 from models.errors import InvalidRequest
+from models.generate import Generator
 from models.loaded import LoadedModel
 from models.quant import quantize_model
 from models.runtime import load
+from models.sampling import SamplingParams
 from models.skip import (
     MAX_RATIO,
     RouterMismatch,
     Routers,
+    RouterSet,
     RouterSpec,
     SkipTraining,
     prefill,
+    routers_dir,
     skip_count,
     train,
 )
@@ -169,3 +173,71 @@ def test_routers_for_another_model_are_refused_at_load(tmp_path: Path, six: Load
     (tmp_path / "r" / "routers.json").write_text(json.dumps(meta)[:40])
     with pytest.raises(InvalidRequest, match="not readable routers"):
         Routers.load(tmp_path / "r", spec)
+
+
+def _router_set(
+    model: Transformer, name: str, quant: str, ratio: float = 0.34, protected: frozenset[int] = frozenset({0, 5})
+) -> RouterSet:
+    L, D = model.cfg.n_layers, model.cfg.dim
+    weight = torch.randn(L, D, generator=torch.Generator().manual_seed(9))
+    routers = Routers(RouterSpec(name, quant, L, D), weight, torch.zeros(L), protected, (1, 2, 3, 4), {"ratio": ratio})
+    return RouterSet({ratio: routers})
+
+
+def test_a_request_skips_the_layers_its_routers_choose(six: LoadedModel) -> None:
+    """Generator: a skip_ratio request decodes with the routed set (the same tokens as decoding by
+    hand with that set) and reports it on its last event; lossless greedy is the base's output."""
+    gen = Generator(six.model, six.tokenizer, _router_set(six.model, "six", six.served_quant))
+    ids = [5, 17, 40, 99, 3, 250, 7, 11]
+    events = list(gen.stream([ids], SamplingParams(max_tokens=12, ignore_eos=True, skip_ratio=0.34)))
+    report = events[-1].skipping
+    assert report is not None and len(report.layers) == 2 and not {0, 5} & set(report.layers)
+    assert all(ev.skipping is None for ev in events[:-1])
+    model = six.model
+    model.setup_cache(1, 21)
+    h = model.forward_layers(model.embed(torch.tensor([ids])), Step.at(0, 8))
+    want = [int(model.head(h[0, -1]).argmax())]
+    for t in range(11):
+        h = model.forward_layers(
+            model.embed(torch.tensor([[want[-1]]])), Step.at(8 + t, 1), skip=frozenset(report.layers)
+        )
+        want.append(int(model.head(h[0, -1]).argmax()))
+    assert [ev.token_id for ev in events] == want
+    plain = [ev.token_id for ev in gen.stream([ids], SamplingParams(max_tokens=12, ignore_eos=True))]
+    lossless = list(gen.stream([ids], SamplingParams(max_tokens=12, ignore_eos=True, skip_ratio=0.34, lossless=True)))
+    assert [ev.token_id for ev in lossless] == plain
+    done = lossless[-1].skipping
+    assert done is not None and done.lossless and done.layers == report.layers and done.drafted >= done.accepted
+
+
+def test_skipping_requests_that_cannot_run_are_clear_errors(six: LoadedModel) -> None:
+    with pytest.raises(InvalidRequest, match="skip_ratio must be in"):
+        SamplingParams(skip_ratio=0.8)
+    with pytest.raises(InvalidRequest, match="set skip_ratio > 0 with it"):
+        SamplingParams(lossless=True)
+    bare = Generator(six.model, six.tokenizer)
+    with pytest.raises(InvalidRequest, match="no layer-skipping routers"):
+        list(bare.stream(["the cat"], SamplingParams(skip_ratio=0.2)))
+    gen = Generator(six.model, six.tokenizer, _router_set(six.model, "six", six.served_quant))
+    with pytest.raises(InvalidRequest, match="one prompt and one choice"):
+        list(gen.stream(["the cat"], SamplingParams(skip_ratio=0.2, n=2, temperature=1.0)))
+    with pytest.raises(InvalidRequest, match="no logprobs or grammar"):
+        list(gen.stream(["the cat"], SamplingParams(skip_ratio=0.2, lossless=True, logprobs=2)))
+    narrow = Generator(six.model, six.tokenizer, _router_set(six.model, "six", "q", protected=frozenset({0, 1, 4, 5})))
+    with pytest.raises(InvalidRequest, match="3 layers; 2 may be skipped"):
+        list(narrow.stream(["the cat"], SamplingParams(skip_ratio=0.5)))
+
+
+def test_the_agent_refuses_routers_trained_for_another_precision(
+    six: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edge_agent.runner import attach_routers
+
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    assert "no layer skipping" in attach_routers("six", six) and six.routers is None
+    _router_set(six.model, "six", "int8").save(routers_dir("six", six.served_quant))
+    with pytest.raises(RouterMismatch, match="quant 'int8'"):
+        attach_routers("six", six)
+    _router_set(six.model, "six", six.served_quant).save(routers_dir("six", six.served_quant))
+    assert attach_routers("six", six) == "layer skipping at ratios 0.34" and six.routers is not None
+    six.routers = None
