@@ -9,7 +9,8 @@ kernels: `models.runtime.load(..., quant="source")`), unskipped, measured in the
   continuation tokens teacher-forced as decode would see them): bits per byte of the
   continuation tokens decode predicts, and top-1 agreement with the unskipped model;
 - three ways to drop the same number of layers from decode: FiRST-style routers (trained here on
-  calibration text for each ratio, `models.skip.train`), static skipping (the same least
+  calibration text for each ratio, `models.skip.train_set`: kept only where they beat static
+  skipping on calibration windows held out of training), static skipping (the same least
   important layers for every input, by each layer's own KL when skipped alone), and a layer-pruned
   model (`models.prune`, block influence; its prompt runs the fewer layers too).
 
@@ -84,23 +85,29 @@ def run(args: argparse.Namespace) -> dict:
     eval_windows = skip.calibration_windows(
         encode, [d.text for d in documents("eval")], PROMPT + CONTINUATION, args.eval_windows
     )
-    order = skip.static_order(model, train_windows[: args.order_windows], PROMPT, protected)
     influence = block_influence(model, [w[:PROMPT] for w in train_windows[: args.order_windows]])
+    t0 = time.time()
+    router_set = skip.train_set(
+        model,
+        spec,
+        train_windows,
+        sorted(set(args.ratios) | set(args.draft_ratios)),
+        skip.SkipTraining(epochs=args.epochs),
+        order_windows=args.order_windows,
+        select_windows=args.select_windows,
+    )
+    train_s = (time.time() - t0) / len(router_set.by_ratio)
+    router_set.save(Path(args.cache) / f"{args.model}-source")
+    order = next(iter(router_set.by_ratio.values())).static_order
     log(f"static order {order[:10]}...; {len(train_windows)} training, {len(eval_windows)} held-out windows")
 
     base_q = skip.quality(model, to_bytes, eval_windows, PROMPT, lambda p: frozenset())
     rows: list[dict] = []
-    trained: dict[float, skip.Routers] = {}
     speeds: dict[str, list[float]] = {"base": []}
     variants: dict[str, tuple[Transformer, frozenset[int]]] = {"base": (model, frozenset())}
     for ratio in args.ratios:
         count = skip.skip_count(L, ratio, len(protected))
-        t0 = time.time()
-        routers = skip.train(model, spec, train_windows, skip.SkipTraining(ratio=ratio, epochs=args.epochs))
-        routers = skip.Routers(spec, routers.weight, routers.bias, protected, order, routers.training)
-        routers.save(Path(args.cache) / f"{args.model}-source-r{ratio:g}")
-        trained[ratio] = routers
-        train_s = time.time() - t0
+        routers = router_set.by_ratio[ratio]
         sets: list[frozenset[int]] = []
 
         def choose(
@@ -125,17 +132,16 @@ def run(args: argparse.Namespace) -> dict:
                 "layers": count,
                 "train_s": round(train_s, 1),
                 "distinct_sets": len(set(sets)),
+                "selected": routers.training.get("selected", ""),
+                "held_out_kl": round(routers.training.get("held_out_kl", 0.0), 4),
+                "static_kl": round(routers.training.get("static_kl", 0.0), 4),
                 "routers": routed,
                 "static": static,
                 "pruned": pruned,
             }
         )
         log(f"ratio {ratio}: routers {routed.bpb:.4f}, static {static.bpb:.4f}, pruned {pruned.bpb:.4f} bpb")
-    trained_routers = dict(trained)
-    for ratio in args.draft_ratios:
-        if ratio not in trained_routers:
-            r = skip.train(model, spec, train_windows, skip.SkipTraining(ratio=ratio, epochs=args.epochs))
-            trained_routers[ratio] = skip.Routers(spec, r.weight, r.bias, protected, order, r.training)
+    trained_routers = router_set.by_ratio
     lossless_prompts = [w[:PROMPT] for w in skip.calibration_windows(
         encode, [d.text for d in documents("eval")], PROMPT, args.lossless_prompts
     )]  # fmt: skip
@@ -168,6 +174,9 @@ def run(args: argparse.Namespace) -> dict:
                 "pruned_bpb": round(pr.bpb, 4),
                 "pruned_agreement": round(pr.agreement, 4),
                 "distinct_sets": row["distinct_sets"],
+                "selected": row["selected"],
+                "calibration_kl_routers": row["held_out_kl"],
+                "calibration_kl_static": row["static_kl"],
                 "train_s": row["train_s"],
             }
         )
@@ -283,20 +292,22 @@ def write_docs(summary: dict, command: str) -> None:
         f"({summary['served_as']}, our kernels; the skip mask goes into the one C call a token). Unskipped: "
         f"{summary['base_ms_token']} ms a token, {summary['base_bpb']} bits per byte over "
         f"{summary['eval_windows']} held-out windows (96 prompt tokens at full depth, 64 continuation tokens).",
-        "Routers trained on calibration text only, one set a ratio; static: the same least important layers "
-        "(own KL when skipped alone) for every prompt; pruned: those layers removed (block influence), prompt "
-        "included. Speed of static and routed skipping is the same for the same number of layers.",
+        "Routers trained on calibration text only, one set a ratio, starting from static skipping, and kept only "
+        "where they beat it on calibration windows held out of training (else the set is static skipping: "
+        "`kept`); static: the same least important layers (own KL when skipped alone) for every prompt; pruned: "
+        "the least influential layers removed (block influence), prompt included. Static and routed skipping of "
+        "the same number of layers run at the same speed.",
         "",
         "| skip ratio | layers | ms / token | speed-up | routers BPB (+%) | agreement | static BPB | agreement "
-        "| pruned BPB | agreement | pruned speed-up | distinct sets |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pruned BPB | agreement | pruned speed-up | distinct sets | kept (calibration KL: routers / static) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
         lines.append(
             f"| {r['ratio']} | {r['layers']} | {r['ms_token']} | {r['speedup']}x | {r['routers_bpb']} "
             f"(+{100 * r['routers_bpb_increase']:.1f}%) | {r['routers_agreement']} | {r['static_bpb']} | "
             f"{r['static_agreement']} | {r['pruned_bpb']} | {r['pruned_agreement']} | {r['pruned_speedup']}x | "
-            f"{r['distinct_sets']} |"
+            f"{r['distinct_sets']} | {r['selected']} ({r['calibration_kl_routers']} / {r['calibration_kl_static']}) |"
         )
     spec = summary["lossless"]
     lines += [
@@ -338,6 +349,7 @@ def main() -> None:
     parser.add_argument("--train-windows", type=int, default=96)
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--order-windows", type=int, default=8)
+    parser.add_argument("--select-windows", type=int, default=16, help="calibration windows held out of training")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--draft-ratios", type=float, nargs="+", default=[0.3, 0.5])

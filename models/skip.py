@@ -314,9 +314,12 @@ def train(
     windows: Sequence[Sequence[int]],
     config: SkipTraining = SkipTraining(),
     progress: Callable[[int, int, float], None] | None = None,
+    prior: Sequence[float] | None = None,
 ) -> Routers:
     """Routers for `model` from calibration `windows` (each prompt_tokens + continuation_tokens ids).
 
+    prior: each layer's importance for every input (`importance`): the routers then start from
+    static skipping (their biases ordered by it, weights zero) and learn each prompt's departures.
     progress(step, steps, loss) after each optimiser step. Deterministic for config.seed: the
     batches' order and the initial weights come from it, and each step's arithmetic is fixed."""
     P, C = config.prompt_tokens, config.continuation_tokens
@@ -334,7 +337,15 @@ def train(
     weight = torch.zeros(L, D, requires_grad=True)
     # Keep gates start at the target share: the KL lifts the layers each prompt needs, the
     # penalty holds their mean there, and the rest sink.
-    bias = torch.full((L,), math.log((1.0 - config.ratio) / max(config.ratio, 1e-3)), requires_grad=True)
+    start = torch.full((L,), math.log((1.0 - config.ratio) / max(config.ratio, 1e-3)))
+    if prior is not None:  # standardised log importance: the least important layers start lowest
+        if len(prior) != L:
+            raise InvalidRequest(f"a prior of {len(prior)} layers for a model of {L}")
+        free = [i for i in range(L) if i not in protected and math.isfinite(prior[i])]
+        logs = torch.tensor([math.log(max(prior[i], 1e-9)) for i in free], dtype=torch.float64)
+        z = ((logs - logs.mean()) / logs.std().clamp(min=1e-9)).clamp(-3, 3).float()
+        start[free] += z
+    bias = start.clone().requires_grad_(True)
     fixed = torch.tensor([i in protected for i in range(L)])
     opt = torch.optim.AdamW([weight, bias], lr=config.lr, weight_decay=config.weight_decay)
     batches = [
@@ -384,32 +395,77 @@ def train_set(
     ratios: Sequence[float],
     config: SkipTraining = SkipTraining(),
     order_windows: int = 8,
+    select_windows: int = 16,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> RouterSet:
-    """Routers for each ratio (one training each, `config` with that ratio) and the static order
-    from the first `order_windows` windows: what `tandem models train-routers` saves.
-    progress(what, step, steps) as it goes."""
-    protected = frozenset(config.protected) if config.protected is not None else default_protected(spec.n_layers)
-    order = static_order(model, windows[:order_windows], config.prompt_tokens, protected)
+    """Routers for each ratio: what `tandem models train-routers` saves. progress(what, step, steps).
+
+    The last `select_windows` calibration windows are held out of training; the layers' importance
+    (`importance`, on the first `order_windows`) gives the static order and the routers' starting
+    point. A ratio's trained routers are kept only when they beat static skipping on the held-out
+    calibration windows (mean KL to the unskipped model); otherwise its routers are static skipping
+    itself (zero weights, biases in the static order), and `training["selected"]` says which."""
+    L = spec.n_layers
+    protected = frozenset(config.protected) if config.protected is not None else default_protected(L)
+    held, fit = list(windows[-select_windows:]), list(windows[:-select_windows])
+    prior = importance(model, fit[:order_windows], config.prompt_tokens, protected)
+    order = tuple(sorted((i for i in range(L) if i not in protected), key=lambda i: (prior[i], i)))
     by_ratio = {}
     for ratio in ratios:
-        skip_count(spec.n_layers, ratio, len(protected))  # a clear error before any training
+        skip_count(L, ratio, len(protected))  # a clear error before any training
 
         def step(n: int, steps: int, loss: float, ratio: float = ratio) -> None:
             if progress is not None:
                 progress(f"ratio {ratio:g}", n, steps)
 
-        r = train(model, spec, windows, dataclasses.replace(config, ratio=ratio), step)
-        by_ratio[float(ratio)] = Routers(spec, r.weight, r.bias, r.protected, order, r.training)
+        r = train(model, spec, fit, dataclasses.replace(config, ratio=ratio), step, prior=prior)
+        routed = Routers(spec, r.weight, r.bias, r.protected, order, r.training)
+        routed_kl = mean_kl(model, held, config.prompt_tokens, lambda p, r=routed, q=ratio: r.choose(p, q))
+        static_kl = mean_kl(model, held, config.prompt_tokens, lambda p, r=routed, q=ratio: r.static(q))
+        record = {**r.training, "held_out_kl": routed_kl, "static_kl": static_kl}
+        if routed_kl < static_kl:
+            by_ratio[float(ratio)] = dataclasses.replace(routed, training={**record, "selected": "routers"})
+        else:  # static skipping as routers: zero weights, biases in the static order
+            bias = torch.full((L,), float(L))
+            bias[list(order)] = torch.arange(len(order), dtype=torch.float32)
+            static = Routers(spec, torch.zeros(L, spec.dim), bias, protected, order, {**record, "selected": "static"})
+            by_ratio[float(ratio)] = static
     return RouterSet(by_ratio)
+
+
+@torch.no_grad()
+def mean_kl(
+    model: Transformer, windows: Sequence[Sequence[int]], prompt: int, choose: Callable[[Tensor], frozenset[int]]
+) -> float:
+    """Mean KL (nats a token) of decode with choose(pooled)'s skip set to the unskipped model over
+    each window's continuation (the prompt at full depth)."""
+    total = 0.0
+    for ids in windows:
+        pooled, cont, step = _batch_pass(model, torch.tensor([list(ids)]), prompt)
+        state = model.request_state()
+        base = F.log_softmax(_gated_continuation(model, cont, step, None).float(), -1)
+        model.bind(state)
+        logp = F.log_softmax(model.head(model.forward_layers(cont, step, skip=choose(pooled[0]))).float(), -1)
+        total += float(F.kl_div(logp, base, log_target=True, reduction="none").sum(-1).mean())
+    return total / max(len(windows), 1)
 
 
 @torch.no_grad()
 def static_order(
     model: Transformer, windows: Sequence[Sequence[int]], prompt: int, protected: frozenset[int]
 ) -> tuple[int, ...]:
-    """Layers from least to most important for every input alike: the mean KL to the unskipped
-    model over each window's continuation when that layer alone is skipped in decode."""
+    """Layers from least to most important for every input alike (`importance`), protected ones out."""
+    kl = importance(model, windows, prompt, protected)
+    return tuple(sorted((i for i in range(len(kl)) if i not in protected), key=lambda i: (kl[i], i)))
+
+
+@torch.no_grad()
+def importance(
+    model: Transformer, windows: Sequence[Sequence[int]], prompt: int, protected: frozenset[int]
+) -> tuple[float, ...]:
+    """Each layer's importance for every input alike: the mean KL (nats a token) to the unskipped
+    model over each window's continuation when that layer alone is skipped in decode; inf for a
+    protected layer."""
     L = model.cfg.n_layers
     totals = torch.zeros(L, dtype=torch.float64)
     for ids in windows:
@@ -424,8 +480,8 @@ def static_order(
             logits = model.head(model.forward_layers(cont, step, skip=frozenset({i})))
             logp = F.log_softmax(logits.float(), -1)
             totals[i] += float(F.kl_div(logp, base, log_target=True, reduction="none").sum(-1).mean())
-    order = sorted((i for i in range(L) if i not in protected), key=lambda i: (float(totals[i]), i))
-    return tuple(order)
+    n = max(len(windows), 1)
+    return tuple(math.inf if i in protected else float(totals[i]) / n for i in range(L))
 
 
 @dataclass(frozen=True)
@@ -490,6 +546,8 @@ __all__ = [
     "default_protected",
     "dense_copy",
     "find_routers",
+    "importance",
+    "mean_kl",
     "prefill",
     "quality",
     "routers_dir",

@@ -241,3 +241,22 @@ def test_the_agent_refuses_routers_trained_for_another_precision(
     _router_set(six.model, "six", six.served_quant).save(routers_dir("six", six.served_quant))
     assert attach_routers("six", six) == "layer skipping at ratios 0.34" and six.routers is not None
     six.routers = None
+
+
+def test_a_router_set_keeps_routers_only_where_they_beat_static_skipping(six: LoadedModel) -> None:
+    from models.skip import mean_kl, train_set
+
+    spec = RouterSpec("six", six.served_quant, 6, six.config.dim)
+    config = SkipTraining(prompt_tokens=12, continuation_tokens=6, epochs=1, batch=4)
+    windows = _windows(six.config.vocab_size, 16, 18, 1)
+    routers = train_set(six.model, spec, windows, [0.34, 0.5], config, order_windows=4, select_windows=8)
+    assert sorted(routers.by_ratio) == [0.34, 0.5]
+    held = windows[-8:]
+    for ratio, r in routers.by_ratio.items():
+        record = r.training
+        assert record["selected"] in ("routers", "static") and record["ratio"] == ratio
+        assert (record["selected"] == "routers") == (record["held_out_kl"] < record["static_kl"])
+        kept = mean_kl(six.model, held, 12, lambda p, r=r, q=ratio: r.choose(p, q))
+        assert kept == pytest.approx(min(record["held_out_kl"], record["static_kl"]), rel=1e-4)
+        if record["selected"] == "static":  # static skipping itself: the same set for every prompt
+            assert not r.weight.any()
