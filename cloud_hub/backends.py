@@ -8,17 +8,22 @@ llama.cpp server, TGI) is the production-hub issue's addition.
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from models.errors import InvalidRequest
 from models.generate import Continuation, Prompt, StepEngine, plain
 from models.sampling import SamplingParams
 from models.serving import ServedModel
+from models.skip import SkipReport
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
 from tandem.wire import Logprob
+
+log = logging.getLogger("tandem.hub")
 
 BACKENDS: dict[str, str] = {
     "local": "cloud_hub.backends:LocalModelBackend",
@@ -40,6 +45,8 @@ class Piece:
     logprobs: tuple[Logprob, ...] = ()
     prompt_logprobs: tuple[Logprob | None, ...] = ()
     prompt_ids: tuple[int, ...] = ()
+    skipping: SkipReport | None = None
+    """On the last piece of a request with SamplingParams.skip_ratio: the layers it skipped (models.skip)."""
 
 
 class ServingBackend(ABC):
@@ -70,8 +77,13 @@ class LocalModelBackend(ServingBackend):
         from models.runtime import load  # torch and the weights: only a hub serving a model itself pays
 
         self.model = model
-        self.served = ServedModel(model, load(model, quant=quant))  # warms up: the first request pays no lazy set-up
-        self._info = pb.ModelInfo(**self.served.info)  # constant; the router reads it per request
+        loaded = load(model, quant=quant)
+        try:  # routers trained for the model as served, as an agent finds its own
+            loaded.attach_routers(model)
+        except InvalidRequest as exc:  # unusable: served without layer skipping (and such requests refused)
+            log.warning("no layer skipping on the hub's %s: %s", model, exc)
+        self.served = ServedModel(model, loaded)  # warms up: the first request pays no lazy set-up
+        self._info = pb.ModelInfo(**self.served.info, skip_ratios=self.served.skip_ratios)  # the router reads it
 
     def model_info(self) -> pb.ModelInfo:
         return self._info
@@ -93,13 +105,13 @@ class LocalModelBackend(ServingBackend):
         run = lambda: self.served.stream(ids, params, cancel, continuation, engine)  # noqa: E731
         async for ev in iterate_in_thread(run, cancel):
             if ev.logprob is None and not ev.prompt and not ev.row:
-                yield Piece(ev.text, (ev.token_id,), ev.finish_reason)
+                yield Piece(ev.text, (ev.token_id,), ev.finish_reason, skipping=ev.skipping)
                 continue
             logprobs = (plain(ev.logprob),) if ev.logprob is not None else ()
             prompt = tuple(plain(p) for p in ev.prompt)
             yield Piece(
                 ev.text, (ev.token_id,), ev.finish_reason, 1, ev.row, logprobs, prompt,  # type: ignore[arg-type]
-                tuple(ids) if prompt else (),
+                tuple(ids) if prompt else (), ev.skipping,
             )  # fmt: skip
 
 

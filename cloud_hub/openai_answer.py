@@ -27,6 +27,10 @@ def tandem_info(final: Final) -> dict:
         "tpot_ms": m.tpot_ms,
         "energy_j": m.energy_j,
         "energy": "measured" if m.energy_measured else "estimated",
+        "skipped_layers": list(m.skipped_layers),  # the layer-skipping report (tandem.skip_ratio)
+        "lossless": m.lossless,
+        "drafted": m.drafted,
+        "accepted": m.accepted,
     }
 
 

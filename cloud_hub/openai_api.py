@@ -12,8 +12,10 @@ prompts, `response_format` (json_object, json_schema) by grammar, tools where a 
 takes them (a 400 naming the model where it does not).
 
 Budgets travel as an extension field, `"tandem": {"budget": {"ttft_ms": …, "tpot_ms": …,
-"energy_j": …, "best_effort": …}}` (the openai client passes it with `extra_body`); answers carry
-`"tandem": {"placements": […], "ttft_ms", "tpot_ms", "energy_j"}`. Errors use OpenAI's format,
+"energy_j": …, "best_effort": …}}` (the openai client passes it with `extra_body`), with the
+device pin (`"device"`) and layer skipping (`"skip_ratio"`, `"lossless"`) beside the budget; answers
+carry `"tandem": {"placements": […], "ttft_ms", "tpot_ms", "energy_j", "skipped_layers",
+"lossless", "drafted", "accepted"}`. Errors use OpenAI's format,
 `{"error": {"message", "type", "param", "code"}}`, with the matching HTTP status. Unknown request
 fields are refused (400), as are bodies over the configured limit (413).
 """
@@ -100,6 +102,8 @@ def _spec(body: ChatRequest | CompletionRequest, prompt: Any, served: list[pb.Mo
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         constraint=_constraint(body, served),
+        skip_ratio=body.tandem.skip_ratio,
+        lossless=body.tandem.lossless,
     )
     b = body.tandem.budget
     model = "" if body.model in ("", "auto", "tandem") else body.model

@@ -1,5 +1,5 @@
 """The OpenAI-compatible API's request bodies (pydantic, unknown fields refused): chat and
-completions with their budget extension, logprobs, n, response formats and tools."""
+completions with their extension (budget, device, layer skipping), logprobs, n, response formats and tools."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.sampling import MAX_CHOICES, MAX_LOGPROBS
+from models.sampling import MAX_CHOICES, MAX_LOGPROBS, MAX_SKIP_RATIO
 
 MAX_COMPLETION_LOGPROBS = 5
 """OpenAI's limit on /v1/completions' logprobs."""
@@ -30,6 +30,11 @@ class TandemExtension(_Strict):
     budget: BudgetBody = BudgetBody()
     device: str = Field("", max_length=128)
     """Pin the request to one device id ("cloud": the hub's own model); empty: the hub chooses."""
+    skip_ratio: float = Field(0.0, ge=0, le=MAX_SKIP_RATIO, allow_inf_nan=False)
+    """Early layer skipping (models.skip): the share of layers decode skips; only devices whose model
+    has trained routers serve it. 0: every layer."""
+    lossless: bool = False
+    """With skip_ratio: the skipping model drafts and the whole model verifies (its output exactly)."""
 
 
 class Message(_Strict):

@@ -141,8 +141,9 @@ class CloudModel(PlacementSource):
         if c is None:
             cost = model_cost(info.config_json, info.weight_bytes)
             tracker = self.calibrations.routing("cloud", self.cloud.model)
-            tokens = info.chat_template_tokens
-            c = Candidate("cloud", "", self.profile, self.cloud.model, cost, self.inflight, False, tracker, tokens)
+            tokens, ratios = info.chat_template_tokens, tuple(info.skip_ratios)
+            c = Candidate("cloud", "", self.profile, self.cloud.model, cost, self.inflight, False, tracker, tokens,
+                          skip_ratios=ratios)  # fmt: skip
             self._candidate = c
         if c.queued != self.inflight:
             c = self._candidate = dataclasses.replace(c, queued=self.inflight)
@@ -396,8 +397,9 @@ def _offers(s: AgentSession, calibrations: Calibrations) -> list[tuple[str, bool
     for m in s.models:
         cost = model_cost(m.config_json, m.weight_bytes)
         tracker = calibrations.routing(s.device_id, m.name)
-        tokens = m.chat_template_tokens
-        c = Candidate("edge", s.device_id, profile, m.name, cost, 0, s.record.emulated, tracker, tokens)
+        tokens, ratios = m.chat_template_tokens, tuple(m.skip_ratios)
+        c = Candidate("edge", s.device_id, profile, m.name, cost, 0, s.record.emulated, tracker, tokens,
+                      skip_ratios=ratios)  # fmt: skip
         out.append((m.name, m.chat, c))
     return out
 

@@ -230,4 +230,5 @@ def model_record(m: pb.ModelInfo) -> dict:
         "weight_bytes": m.weight_bytes,
         "config_json": m.config_json,
         "version": m.version,
+        "skip_ratios": list(m.skip_ratios),
     }

@@ -71,6 +71,9 @@ class Candidate:
     default (cloud_hub.prompt.CHAT_TEMPLATE_TOKENS) stands."""
     split: SplitSpec | None = None
     """A split placement's stages (kind "split")."""
+    skip_ratios: tuple[float, ...] = ()
+    """The skip ratios its model's layer-skipping routers were trained for (ModelInfo.skip_ratios);
+    empty: it cannot serve a request with a skip_ratio."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from cloud_hub.split import SplitEngine
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
 from models.sampling import SamplingParams
+from models.skip import SkipReport
 from partitioner.split import Plan
 from tandem.v1 import tandem_pb2 as pb
 from tandem.wire import Logprob, logprob_of, sampling_message, tools_of
@@ -207,6 +208,8 @@ class HubService:
                     f"device: {spec.device!r} is not online, or serves no {'chat ' if chat else ''}model "
                     f"{spec.model or 'at all'}"
                 )
+        if spec.params.skip_ratio > 0:
+            candidates = _skipping(candidates, spec, first=not progress.placements)
         served = {m.name: m for m in self.placements.models()} if spec.model and not candidates else {}
         if not candidates and spec.model in served and chat and not served[spec.model].chat:
             raise InvalidRequest(f"model {spec.model!r} is a base model without a chat template: send a plain prompt")
@@ -430,6 +433,7 @@ class HubService:
             async for piece in stream:
                 progress.received = time.perf_counter()
                 first, n = first or progress.received, n + 1
+                progress.skipping = piece.skipping or progress.skipping  # on the last piece
                 yield progress.add(
                     piece.text, piece.token_ids, piece.finish_reason, piece.tokens, piece.index, piece.logprobs,
                     piece.prompt_logprobs, piece.prompt_ids,
@@ -467,6 +471,7 @@ class HubService:
                 progress.prefill_ms, progress.decode_ms = item.metrics.prefill_ms, item.metrics.decode_ms
                 progress.queue_ms = item.metrics.queue_ms
                 progress.energy_measured = item.metrics.energy_measured
+                progress.skipping = skip_report(item.metrics)
 
 
 @dataclass
@@ -506,6 +511,9 @@ class _Progress:
     """Start of the routing stretch under way (0: the arrival)."""
     received: float = 0.0
     """Arrival of the item being relayed now (0: none)."""
+    skipping: SkipReport | None = None
+    """The layer-skipping report of the placement that finished the request (after a failover, the
+    last one's): what its decode skipped (models.skip)."""
 
     def routed(self) -> None:
         """Started is ready to hand off: routing since `mark` ends (dispatch comes after it)."""
@@ -556,7 +564,7 @@ class _Progress:
         count = self.tokens
         ttft = ((self.first or time.perf_counter()) - self.arrived) * 1000
         tpot = (self.last - self.first) * 1000 / (count - 1) if count > 1 else 0.0
-        return pb.Metrics(
+        metrics = pb.Metrics(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=count,
             ttft_ms=ttft,
@@ -569,6 +577,34 @@ class _Progress:
             queue_ms=self.queue_ms,
             energy_measured=self.energy_measured,
         )
+        s = self.skipping
+        if s is not None:
+            metrics.skipped_layers.extend(s.layers)
+            metrics.lossless, metrics.drafted, metrics.accepted = s.lossless, s.drafted, s.accepted
+        return metrics
+
+
+def skip_report(m: pb.Metrics) -> SkipReport | None:
+    """The layer-skipping report an agent's WorkDone metrics carry (None: it skipped nothing)."""
+    if not (m.skipped_layers or m.lossless):
+        return None
+    return SkipReport(tuple(m.skipped_layers), m.lossless, m.drafted, m.accepted)
+
+
+def _skipping(candidates: list[Candidate], spec: GenerateSpec, first: bool) -> list[Candidate]:
+    """The candidates that can serve a request with a skip_ratio: those whose model advertises
+    layer-skipping routers (ModelInfo.skip_ratios). On the first placement, InvalidRequest naming
+    skip_ratio when some could serve the request but none of them skips layers (none at all is left
+    to the errors that say the model or device serves nothing)."""
+    able = [c for c in candidates if c.skip_ratios]
+    if first and candidates and not able:
+        which = f"model {spec.model!r}" if spec.model else "any model"
+        where = f" on device {spec.device!r}" if spec.device else ""
+        raise InvalidRequest(
+            f"skip_ratio: no device serves layer skipping for {which}{where} (none has routers trained for "
+            "it: tandem models train-routers); send skip_ratio 0"
+        )
+    return able
 
 
 def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: _Progress) -> pb.Work:

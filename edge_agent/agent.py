@@ -46,6 +46,7 @@ from models.errors import InvalidRequest
 from models.generate import Continuation, TokenEvent, plain
 from models.sampling import SamplingParams
 from models.serving import ServedModel
+from models.skip import SkipReport
 from models.streaming import iterate_in_thread
 from tandem.files import write_private
 from tandem.v1 import tandem_pb2 as pb
@@ -197,7 +198,7 @@ class Agent:
             token=self.config.token,
             name=self.config.name,
             profile=self.config.profile,
-            models=[pb.ModelInfo(**self.engine.info)],
+            models=[model_info(self.engine)],
             emulated=self.config.emulated,
             csr=csr,
         )
@@ -447,7 +448,7 @@ class Agent:
     def hello(self) -> pb.AgentMessage:
         """What this agent serves, as it tells the hub: first on each work channel, again after an update."""
         hello = pb.Hello(
-            models=[pb.ModelInfo(**self.engine.info)],
+            models=[model_info(self.engine)],
             max_concurrency=self.max_concurrency,
             agent_version=self.config.agent_version or VERSION,
         )
@@ -574,6 +575,7 @@ class Agent:
         cont = Continuation(tuple(work.continue_ids), work.continue_chars) if work.continue_ids else None
         first = last = None
         count, finish = 0, "length"
+        skipping: SkipReport | None = None  # on the last event, with Sampling.skip_ratio
         sensor = self.config.power_sensor
         meter = _started(EnergyMeter(sensor)) if sensor is not None else None
         try:
@@ -583,6 +585,7 @@ class Agent:
                 last = now
                 count += 1
                 finish = ev.finish_reason or finish
+                skipping = ev.skipping or skipping
                 outbox.put_nowait(pb.AgentMessage(tokens=token_chunk(work.work_id, ev, ids)))
         finally:  # a cancelled or failed request stops its meter too
             energy = _stopped(meter)
@@ -598,6 +601,8 @@ class Agent:
             decode_ms=tpot,
             queue_ms=(start - received) * 1000,  # waiting here for a slot
         )
+        if skipping is not None:
+            skip_metrics(metrics, skipping)
         return pb.AgentMessage(done=pb.WorkDone(work_id=work.work_id, finish_reason=finish, metrics=metrics))
 
     def _prepare(self, work: pb.Work, engine: ServedModel) -> tuple[SamplingParams, list[int]]:
@@ -627,6 +632,22 @@ def followed_broker(current: MqttSettings, info: pb.MqttInfo, hub: str) -> MqttS
     if current.ca_file and info.tls_port:
         return replace(current, host=hub_host(hub), port=info.tls_port)
     return replace(current, host=info.host, port=info.port)
+
+
+def model_info(served: ServedModel) -> pb.ModelInfo:
+    """What this agent advertises about `served`: its ModelInfo fields, and the skip ratios its
+    layer-skipping routers were trained for, so that the hub sends requests with a skip_ratio only
+    where they can be served. None with a step engine (edge_agent.engines): skipping runs on the
+    model's own route only (models.generate refuses it elsewhere). Read at each Hello: an update
+    may bring routers or take them away."""
+    return pb.ModelInfo(**served.info, skip_ratios=served.skip_ratios)
+
+
+def skip_metrics(metrics: pb.Metrics, report: SkipReport) -> None:
+    """Write a request's layer-skipping report (models.skip.SkipReport) into its Metrics."""
+    metrics.skipped_layers.extend(report.layers)
+    metrics.lossless = report.lossless
+    metrics.drafted, metrics.accepted = report.drafted, report.accepted
 
 
 def token_chunk(work_id: str, ev: TokenEvent, prompt_ids: list[int]) -> pb.TokenChunk:

@@ -18,7 +18,6 @@ from models.bundle import bundle_version, load_bundle
 from models.loaded import LoadedModel
 from models.runtime import load
 from models.serving import ServedModel
-from models.skip import find_routers
 from partitioner.cost import served_model_cost
 from partitioner.predict import faster_than_host
 from tandem.files import private_dir
@@ -90,18 +89,6 @@ def build_agent(
     return agent
 
 
-def attach_routers(model: str, loaded: LoadedModel) -> str:
-    """Give `loaded` the layer-skipping routers trained for `model` as served (models.skip), if any;
-    a note for people. Routers trained for another model, precision or layer count are refused:
-    RouterMismatch (an InvalidRequest) names the file and the field."""
-    cfg = loaded.config
-    routers = find_routers(model, loaded.served_quant, cfg.n_layers, cfg.dim)
-    loaded.routers = routers
-    if routers is None:
-        return f"no layer skipping (train routers: tandem models train-routers {model})"
-    return "layer skipping at ratios " + ", ".join(f"{r:g}" for r in sorted(routers.by_ratio))
-
-
 def update_loader(
     engine: str | None, prof: DeviceProfile, emulate: bool, pace_tpot_ms: float, cache: Path | None = None
 ) -> ServedLoader:
@@ -132,7 +119,7 @@ def serve_model(
     cost = served_model_cost(loaded.config, served.info["weight_bytes"])  # the router's own rule on what it advertises
     notes = [f"at {served.info['quant']}"]
     if backend is None:  # layer skipping runs on the model's own route (the kernels' skip mask)
-        notes.append(attach_routers(model, loaded))
+        notes.append(loaded.attach_routers(model))
     if backend is None:  # the model's own generator: calibrated (engines are not profiled yet)
         held = quant or served.info["quant"]
         cal, how = cached_calibration(cache, served, model, held, "cpu", prof)  # unpaced: the host's speed

@@ -15,7 +15,7 @@ from models.chat import takes_tools
 from models.config import ModelConfig
 from models.generate import Generator
 from models.quant import QuantLinear, weight_bytes
-from models.skip import RouterSet
+from models.skip import RouterSet, find_routers
 from models.tokenizer import GGUFTokenizer
 from models.transformer import Transformer
 
@@ -36,6 +36,20 @@ class LoadedModel:
     @property
     def config(self) -> ModelConfig:
         return self.model.cfg
+
+    def attach_routers(self, name: str) -> str:
+        """Attach the layer-skipping routers trained for model `name` as this serves it
+        (models.skip.find_routers), or none; returns a note for people. Routers trained for another
+        model, precision or layer count raise RouterMismatch (an InvalidRequest naming the file)."""
+        self.routers = find_routers(name, self.served_quant, self.config.n_layers, self.config.dim)
+        if self.routers is None:
+            return f"no layer skipping (train routers: tandem models train-routers {name})"
+        return "layer skipping at ratios " + ", ".join(f"{r:g}" for r in self.skip_ratios)
+
+    @property
+    def skip_ratios(self) -> list[float]:
+        """The skip ratios its routers were trained for (empty: no layer skipping)."""
+        return sorted(self.routers.by_ratio) if self.routers is not None else []
 
     def generator(self) -> Generator:
         return Generator(self.model, self.tokenizer, self.routers)

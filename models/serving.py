@@ -71,6 +71,12 @@ class ServedModel:
             self.warmup()
 
     @property
+    def skip_ratios(self) -> list[float]:
+        """The skip ratios requests may ask of it (the routers' on the model's own route; none
+        through a step engine, which models.generate refuses skipping on)."""
+        return [] if self.engine is not None else self.loaded.skip_ratios
+
+    @property
     def lock(self) -> threading.Lock:
         """The lock that lets one request at a time use the model (a split stage holds it too)."""
         return self._lock

@@ -10,10 +10,13 @@ token on the kernels' route).
 
 Training uses calibration documents only: a prompt of P tokens and its true continuation of C.
 The teacher is the unskipped model's next-token distribution over the continuation. The student
-reads the continuation teacher-forced through soft gates, h <- h + g_l (block_l(h) - h) with
-g_l = sigmoid(s_l): at g in {0, 1} that is exactly decode with a skip set (teacher-forcing the
-continuation as one chunk computes what decoding it token by token does). Loss: KL(teacher ||
-student) per predicted token, plus `penalty` * mean_l g_l, the push towards skipping. The
+reads the continuation teacher-forced through gates, h <- h + g_l (block_l(h) - h): in the forward
+pass g is 0 for the round(ratio * L) layers the prompt scores lowest and 1 elsewhere, exactly
+decode with that skip set (teacher-forcing the continuation as one chunk computes what decoding it
+token by token does); the gradient reaches the scores through the soft gates sigmoid(s_l) (a
+straight-through estimator). Loss: KL(teacher || student) per predicted token, plus `penalty` x
+how far the mean soft keep gate sits above 1 - ratio, the push towards skipping. The routers start
+from static skipping (`importance`) and a set keeps them only where they beat it (`train_set`). The
 gradient flows through a dense copy of the served model (the kernels' quantized matmuls have no
 backward), whose weights are the served ones dequantized. Deterministic for a seed.
 
@@ -69,6 +72,11 @@ class SkipTraining:
     and the KL decides which layers, for each prompt."""
     penalty: float = 5.0
     """Nats a token for each unit of mean keep gate above the target (against the KL)."""
+    straight_through: bool = True
+    """The student's forward skips exactly the round(ratio * L) layers each prompt scores lowest (what
+    decode will do), and the gradient reaches the scores through the soft gates (a straight-through
+    estimator); False: the soft gates alone, which lets every layer run a little and learns to keep
+    them all."""
     prompt_tokens: int = 96
     continuation_tokens: int = 32
     epochs: int = 3
@@ -347,6 +355,7 @@ def train(
         start[free] += z
     bias = start.clone().requires_grad_(True)
     fixed = torch.tensor([i in protected for i in range(L)])
+    count = round(config.ratio * L)
     opt = torch.optim.AdamW([weight, bias], lr=config.lr, weight_decay=config.weight_decay)
     batches = [
         perm[i : i + config.batch]
@@ -363,10 +372,15 @@ def train(
             teacher = F.log_softmax(_gated_continuation(dense, cont, step, None).float(), -1)
         dense.bind(state)  # the student rewrites the continuation's slots; the prompt's stay
         scores = (weight[None] * pooled).sum(-1) + bias  # (B, L)
-        gates = torch.where(fixed, torch.ones(()), torch.sigmoid(scores))
+        soft = torch.where(fixed, torch.ones(()), torch.sigmoid(scores))
+        gates = soft
+        if config.straight_through and count:  # the forward skips exactly what choose() would
+            low = scores.masked_fill(fixed, math.inf).argsort(-1)[:, :count]  # (B, count)
+            hard = torch.ones_like(soft).scatter(1, low, 0.0)
+            gates = hard + soft - soft.detach()  # forward: hard; backward: the soft gates' gradient
         student = F.log_softmax(_gated_continuation(dense, cont, step, gates).float(), -1)
         kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
-        keep = gates[:, ~fixed].mean()
+        keep = soft[:, ~fixed].mean()
         loss = kl + config.penalty * torch.relu(keep - (1.0 - config.ratio))
         opt.zero_grad()
         loss.backward()

@@ -14,6 +14,7 @@ deployment's ca.pem from `tandem hub init`) to talk TLS to a hub serving it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ from tandem.v1 import tandem_pb2_grpc as pb_grpc
 from tandem.wire import sampling_message
 
 Prompt = str | Sequence[Mapping[str, str]]
+MAX_SKIP_RATIO = 0.75
+"""The largest share of layers a request may skip: models.sampling.MAX_SKIP_RATIO, which the SDK
+cannot import (it knows only its protocol); tests/test_skip_wire.py holds the two equal."""
 
 
 def build_request(
@@ -45,10 +49,15 @@ def build_request(
     n: int = 1,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
+    skip_ratio: float = 0.0,
+    lossless: bool = False,
 ) -> pb.GenerateRequest:
     """The wire request; raises InvalidRequest for what can be caught before sending. n: choices for
     the prompt; logprobs=k: each token's log-probability and the k most likely tokens' (k <= 20);
-    prompt_logprobs=k: the same for the prompt's tokens."""
+    prompt_logprobs=k: the same for the prompt's tokens; skip_ratio: the share of layers decode skips
+    (early layer skipping, on devices whose model has trained routers; 0 = every layer); lossless:
+    with skip_ratio, the skipping model only drafts and the whole model verifies every token, so the
+    answer is the whole model's."""
     if isinstance(prompt, str):
         inp = pb.Input(prompt=prompt)
     elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
@@ -58,10 +67,12 @@ def build_request(
         raise InvalidRequest("prompt must be a string or a list of {'role', 'content'} messages", "INVALID_ARGUMENT")
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}", "INVALID_ARGUMENT")
+    _check_skipping(skip_ratio, lossless)
     b = budget or Budget()
     sampling = sampling_message(
-        max_tokens, temperature, top_k, top_p, seed, tuple(stop), n, logprobs=logprobs, prompt_logprobs=prompt_logprobs
-    )
+        max_tokens, temperature, top_k, top_p, seed, tuple(stop), n, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs, skip_ratio=skip_ratio, lossless=lossless,
+    )  # fmt: skip
     return pb.GenerateRequest(
         model=model,
         input=inp,
@@ -70,6 +81,21 @@ def build_request(
         device=device,
         budget=pb.Budget(ttft_ms=b.ttft_ms, tpot_ms=b.tpot_ms, energy_j=b.energy_j, best_effort=b.best_effort),
     )
+
+
+def _check_skipping(skip_ratio: float, lossless: bool) -> None:
+    """InvalidRequest for layer-skipping options the hub would refuse: caught here, before a round trip."""
+    number = isinstance(skip_ratio, (int, float)) and not isinstance(skip_ratio, bool)
+    if not (number and math.isfinite(skip_ratio) and 0.0 <= skip_ratio <= MAX_SKIP_RATIO):
+        raise InvalidRequest(
+            f"skip_ratio must be a number in [0, {MAX_SKIP_RATIO}] (the share of layers decode skips), "
+            f"got {skip_ratio!r}",
+            "INVALID_ARGUMENT",
+        )
+    if lossless and not skip_ratio > 0:
+        raise InvalidRequest(
+            "lossless drafts with the layers skip_ratio skips: set skip_ratio > 0 with it", "INVALID_ARGUMENT"
+        )
 
 
 def _placement(p: pb.Placement) -> Placement:
@@ -106,6 +132,8 @@ def _fold(result: GenerateResult, msg: pb.GenerateResponse) -> Chunk | None:
         result.hub_route_ms, result.hub_relay_ms = m.hub_route_ms, m.hub_relay_ms
         result.prefill_ms, result.decode_ms, result.queue_ms = m.prefill_ms, m.decode_ms, m.queue_ms
         result.energy_measured = m.energy_measured
+        result.skipped_layers, result.lossless = list(m.skipped_layers), m.lossless
+        result.drafted, result.accepted = m.drafted, m.accepted
     if msg.prompt_logprobs:
         result.prompt_logprobs = [_logprob(m) for m in msg.prompt_logprobs]
     if msg.text or msg.token_ids or msg.choice_finish_reason:

@@ -125,6 +125,17 @@ class GenerateResult:
     """The prompt's tokens', teacher-forced (generate's prompt_logprobs=k; None for the first)."""
     choices: list[Choice] = field(default_factory=list)
     """Every choice by index, choice 0 included (text, token_ids and logprobs above are choice 0's)."""
+    skipped_layers: list[int] = field(default_factory=list)
+    """With generate's skip_ratio: the layers decode skipped, chosen for this prompt by the model's
+    routers (in the lossless mode, the layers the drafts skipped); empty without layer skipping."""
+    lossless: bool = False
+    """The answer came from the lossless mode: drafted with those layers skipped, verified by the
+    whole model, so its tokens are the whole model's."""
+    drafted: int = 0
+    """Lossless mode: tokens the skipping model drafted (speculation's cost)."""
+    accepted: int = 0
+    """Lossless mode: of those, tokens the whole model accepted (accepted / drafted: how well the
+    skipping model predicts the whole one)."""
 
     @property
     def placement(self) -> Placement | None:

@@ -45,6 +45,8 @@ def sampling_kwargs(s: pb.Sampling) -> dict:
         "logprobs": s.logprobs if s.HasField("logprobs") else None,
         "prompt_logprobs": s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
         "constraint": s.constraint,
+        "skip_ratio": s.skip_ratio,
+        "lossless": s.lossless,
     }
 
 
@@ -59,6 +61,8 @@ def sampling_message(
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
     constraint: str = "",
+    skip_ratio: float = 0.0,
+    lossless: bool = False,
     **_: object,
 ) -> pb.Sampling:
     """The wire's Sampling from SamplingParams' fields (`Sampling(**vars(params))` in spirit): the
@@ -74,6 +78,8 @@ def sampling_message(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         constraint=constraint,
+        skip_ratio=skip_ratio,
+        lossless=lossless,
     )
 
 

@@ -231,15 +231,13 @@ def test_skipping_requests_that_cannot_run_are_clear_errors(six: LoadedModel) ->
 def test_the_agent_refuses_routers_trained_for_another_precision(
     six: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edge_agent.runner import attach_routers
-
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
-    assert "no layer skipping" in attach_routers("six", six) and six.routers is None
+    assert "no layer skipping" in six.attach_routers("six") and six.routers is None
     _router_set(six.model, "six", "int8").save(routers_dir("six", six.served_quant))
     with pytest.raises(RouterMismatch, match="quant 'int8'"):
-        attach_routers("six", six)
+        six.attach_routers("six")
     _router_set(six.model, "six", six.served_quant).save(routers_dir("six", six.served_quant))
-    assert attach_routers("six", six) == "layer skipping at ratios 0.34" and six.routers is not None
+    assert six.attach_routers("six") == "layer skipping at ratios 0.34" and six.routers is not None
     six.routers = None
 
 
