@@ -150,9 +150,10 @@ class CpuDecoder:
         self.steps, self.declined = steps, ""
 
     def run(self, h: Tensor, position: int, start: int, end: int, skip: frozenset[int] = frozenset()) -> Tensor | None:
-        """Layers [start, end) on h (1, 1, D) for the token in cache slot `position`, less those
-        in `skip` (they neither run nor touch their caches); None when the model is declined.
-        Raises ValueError for a slot or range outside the caches."""
+        """Layers [start, end) on h (1, T, D) for T tokens in cache slots position .. position+T-1
+        (each exactly as if it came alone, in order), less those in `skip` (they neither run nor
+        touch their caches); None when the model is declined. Raises ValueError for a slot or range
+        outside the caches."""
         if self.steps is None:
             if self.declined is None:
                 self._build()
@@ -177,9 +178,9 @@ class CpuDecoder:
                 step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
                 step.kv_half = int(cache.k.dtype == torch.float16)
                 bound[i] = (weakref.ref(cache), weakref.ref(cos))
-        x = h.reshape(-1).to(torch.float32).clone()  # (D,), updated in place by each layer
-        kernels.layers(self.steps, start, end, x, position, self._mask(skip) if skip else None)
-        return x.view(1, 1, -1)
+        x = h.reshape(-1).to(torch.float32).clone()  # (T * D,), updated in place by each layer
+        kernels.layers(self.steps, start, end, x, position, self._mask(skip) if skip else None, h.shape[1])
+        return x.view(1, h.shape[1], -1)
 
     def _mask(self, skip: frozenset[int]) -> ctypes.Array:
         """One c_uint8 flag a layer, set for the layers in `skip`; kept per skip set (a request

@@ -8,8 +8,10 @@ drafted tokens (k chosen by `DraftLength` from the measured acceptance rate and 
           [0, s0), below the first skipped layer s0, compute exactly what the whole model computes:
           their output for each input is kept, and their KV at those slots is the whole model's.
   verify  dk through layers [0, s0), then the whole model's layers [s0, L) over the k+1 inputs x,
-          d1..dk at slots p..p+k in one batched pass from the kept hidden states: the whole model's
-          distributions p_0..p_k, and its KV at every layer for those slots.
+          d1..dk at slots p..p+k in one call from the kept hidden states (Transformer.forward_decode:
+          a layer's weights read once for all k+1, each position's arithmetic exactly plain
+          decode's): the whole model's distributions p_0..p_k, bit for bit, and its KV at every
+          layer for those slots.
   accept  greedy: d_i while d_i == argmax p_{i-1}, then the whole model's own token where they
           first differ (or from p_k when all k are accepted). Every round emits at least one token
           and each is what greedy decoding of the whole model emits.
@@ -224,8 +226,11 @@ class SelfSpeculative:
             qs.append(q)
         t1 = time.perf_counter()
         lowers.append(self._lower(drafts[-1], slot + k))
-        h = model.forward_layers(torch.cat(lowers, 1), Step.at(slot, k + 1), self.first, L)  # (1, k+1, D)
-        ps = [distribution(row, self.params) for row in model.head(h[0])]
+        # The whole model's layers from s0 on, over the k+1 positions in one call, each position's
+        # arithmetic exactly plain decode's (Transformer.forward_decode), and the head a row at a
+        # time as decode runs it: the verified tokens are bit for bit what plain decode emits.
+        h = model.forward_decode(torch.cat(lowers, 1), slot, self.first, L)  # (1, k+1, D)
+        ps = [distribution(model.head(h[:, t])[0], self.params) for t in range(k + 1)]
         t2 = time.perf_counter()
         out: list[int] = []
         for i, d in enumerate(drafts):

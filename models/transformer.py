@@ -83,7 +83,8 @@ class StepDecoder(Protocol):
     model's bound caches (models.fast_decode.CpuDecoder: one C call a token on CPU)."""
 
     def run(self, h: Tensor, position: int, start: int, end: int, skip: frozenset[int] = frozenset()) -> Tensor | None:
-        """Layers [start, end) less `skip` on h (1, 1, D) for the token in cache slot `position`: (1, 1, D).
+        """Layers [start, end) less `skip` on h (1, T, D) for T tokens in cache slots position ..
+        position+T-1, each computed exactly as if it came alone: (1, T, D).
         None when this route cannot run the model as it now is (the caller runs torch's ops);
         raises ValueError for a slot or range outside the caches, before writing anything."""
 
@@ -362,6 +363,28 @@ class Transformer(nn.Module):
         positions = step.positions.clamp(min=0)  # (B, T); padding slots get position 0, never attended
         ropes = {base: (cos[positions][:, None], sin[positions][:, None]) for base, (cos, sin) in self.rope.items()}
         return self._blocks(h, step, ropes, masks, start, end, skip)
+
+    def forward_decode(
+        self, h: Tensor, slot: int, start: int = 0, end: int | None = None, skip: frozenset[int] = frozenset()
+    ) -> Tensor:
+        """T tokens of one sequence, h (1, T, D), at consecutive cache slots from `slot`, through
+        layers [start, end) less `skip`, each computed exactly as decoding it alone would (a
+        self-speculative verify pass: its logits are the plain decode's, bit for bit). On the
+        decoder's route one call for all T (a layer's weights read once for them); else one
+        forward_layers a token."""
+        end = self.cfg.n_layers if end is None else end
+        if h.shape[0] != 1:
+            raise ValueError("forward_decode takes one sequence")
+        T = h.shape[1]
+        if slot + T > self.max_len:
+            raise ValueError(f"cache slot {slot + T - 1} beyond the cache of {self.max_len} slots; call setup_cache")
+        if self.fast_decode and self.decoder is not None and start < end:
+            out = self.decoder.run(h, slot, start, end, skip)
+            if out is not None:
+                return out
+        return torch.cat(
+            [self.forward_layers(h[:, t : t + 1], Step.at(slot + t, 1), start, end, skip) for t in range(T)], dim=1
+        )
 
     def _blocks(
         self, h: Tensor, step: Step, ropes: dict, masks: dict, start: int, end: int, skip: frozenset[int] = frozenset()

@@ -98,6 +98,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.tandem_dequant.argtypes = [i, p, p, i, i, i]
     lib.tandem_qgemm.argtypes = [i, p, p, p, i, i, i, i]
     lib.tandem_layers.argtypes = [p, i, p, p, i, i]
+    lib.tandem_layers_tokens.argtypes = [p, i, p, p, i, i, i]
     lib.tandem_rope_rows.argtypes = [p, p, p, i, i, i, i]
     lib.tandem_glu.argtypes = [p, p, ctypes.c_long, i, i]
     lib.tandem_dequant_rows.argtypes = [i, p, p, i, p, i, i]
@@ -108,6 +109,7 @@ def _load(path: Path) -> ctypes.CDLL:
         lib.tandem_dequant,
         lib.tandem_qgemm,
         lib.tandem_layers,
+        lib.tandem_layers_tokens,
         lib.tandem_rope_rows,
         lib.tandem_glu,
         lib.tandem_prefill_attention,
@@ -152,10 +154,17 @@ class LayerStep(ctypes.Structure):
 
 
 def layers(
-    steps: ctypes.Array, start: int, end: int, h: Tensor, position: int, skip: ctypes.Array | None = None
+    steps: ctypes.Array,
+    start: int,
+    end: int,
+    h: Tensor,
+    position: int,
+    skip: ctypes.Array | None = None,
+    tokens: int = 1,
 ) -> None:
-    """Run layers steps[start:end] (a ctypes array of LayerStep) on h (D,) float32 in place, for
-    the token at `position` (its cache slot): one C call, one OpenMP region for all of them.
+    """Run layers steps[start:end] (a ctypes array of LayerStep) on h (tokens * D,) float32 in
+    place, for tokens at cache slots position, position+1, ...: one C call, one OpenMP region for
+    all of them; each token's arithmetic is exactly what it gets alone (see kernels.c).
     skip: None, or one c_uint8 flag a layer of the whole array (len(steps)); flagged layers in
     the range neither run nor touch their caches (early layer skipping)."""
     if not 0 <= start <= end <= len(steps):
@@ -166,7 +175,9 @@ def layers(
         return
     first = ctypes.addressof(steps) + start * ctypes.sizeof(LayerStep)
     mask = None if skip is None else ctypes.addressof(skip) + start
-    rc = _lib().tandem_layers(first, end - start, mask, h.data_ptr(), position, torch.get_num_threads())
+    if tokens < 1 or h.numel() != tokens * steps[start].dim:
+        raise ValueError(f"{h.numel()} values for {tokens} tokens of width {steps[start].dim}")
+    rc = _lib().tandem_layers_tokens(first, end - start, mask, h.data_ptr(), tokens, position, torch.get_num_threads())
     if rc == -2:
         raise MemoryError("the kernels could not allocate their scratch")
     if rc:

@@ -980,24 +980,29 @@ static void layer_team(const LayerStep* L, float* h, int pos, const Shared* sh, 
     for (int i = 0; i < D; i++) h[i] = me->hres[i] + sh->p2[i] * inv * L->post_ffn_norm[i];
 }
 
-// Layers steps[0 .. n) on h (dim,) in place, for the token in cache slot `pos`: one parallel
-// region for all of them. Every layer must share dim, heads and widths (one model's layers do).
-// skip: NULL, or n flags; a layer whose flag is set neither runs nor reads or writes its cache
-// (early layer skipping: its caches need not even be bound).
+// Layers steps[0 .. n) on T tokens h (T, dim) in place, at cache slots pos, pos+1, ..., pos+T-1:
+// one parallel region for all of them. Every layer must share dim, heads and widths (one model's
+// layers do). skip: NULL, or n flags; a layer whose flag is set neither runs nor reads or writes
+// its cache (early layer skipping: its caches need not even be bound).
+// Layer by layer, token by token within a layer: each token's arithmetic is exactly what T = 1
+// computes for it alone (at layer l, token t reads the slots tokens before it wrote at that layer,
+// as one-token-at-a-time decode would), while a layer's weights are fetched from memory once and
+// re-read from cache for the next tokens (a self-speculative verify pass, bit-identical to decode).
 // Returns 0; -1 for a position outside a cache or widths the kernels cannot run; -2 out of memory.
-int tandem_layers(const LayerStep* steps, int n, const uint8_t* skip, float* h, int pos, int nthreads) {
-    if (n <= 0) return 0;
+int tandem_layers_tokens(const LayerStep* steps, int n, const uint8_t* skip, float* h, int T, int pos,
+                         int nthreads) {
+    if (n <= 0 || T <= 0) return 0;
     const LayerStep* L0 = steps;
     int D = L0->dim, H = L0->n_heads, K = L0->n_kv_heads, hd = L0->head_dim, F = L0->ffn_dim, qd = H * hd;
     if (D % 32 || qd % 32 || F % 32 || hd % 4 || K <= 0 || H % K) return -1;  // rows go in groups of 4
     for (int l = 0; l < n; l++) {
         if (skip && skip[l]) continue;
         const LayerStep* L = steps + l;
-        if (pos < 0 || pos >= L->max_len || L->dim != D || L->n_heads != H || L->n_kv_heads != K ||
+        if (pos < 0 || pos + T > L->max_len || L->dim != D || L->n_heads != H || L->n_kv_heads != K ||
             L->head_dim != hd || L->ffn_dim != F)
             return -1;
     }
-    int n_ctx = pos + 1, S = MAX_PARTS, wide = qd > D ? qd : D;
+    int n_ctx = pos + T, S = MAX_PARTS, wide = qd > D ? qd : D;  // the last token's context
     if (nthreads < 1) nthreads = 1;
     size_t shared_floats = (size_t)qd + 2 * (size_t)K * hd + D + 2 * (size_t)F + D + (size_t)H * n_ctx +
                            (size_t)H * S * (hd + 2) + (size_t)F / 32 * 2;
@@ -1023,11 +1028,17 @@ int tandem_layers(const LayerStep* steps, int n, const uint8_t* skip, float* h, 
         float* act_s = mine + 2 * wide + qd;
         Private me = {mine, mine + wide, mine + 2 * wide, {xqbuf + F + (size_t)wide * id, act_s, act_s + wide / 32}};
         for (int l = 0; l < n; l++)  // each layer_team ends on a barrier; every thread skips alike
-            if (!skip || !skip[l]) layer_team(steps + l, h, pos, &sh, &me);
+            if (!skip || !skip[l])
+                for (int t = 0; t < T; t++) layer_team(steps + l, h + (size_t)t * D, pos + t, &sh, &me);
         FLUSH_DENORMALS_END();
     }
     free(sbuf), free(pbuf), free(xqbuf);
     return 0;
+}
+
+// One token: tandem_layers_tokens with T = 1 (decode's one C call a token).
+int tandem_layers(const LayerStep* steps, int n, const uint8_t* skip, float* h, int pos, int nthreads) {
+    return tandem_layers_tokens(steps, n, skip, h, 1, pos, nthreads);
 }
 
 // ---- Elementwise pieces of prefill (many tokens), in place: one pass instead of several ops --
