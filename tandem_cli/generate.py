@@ -32,6 +32,8 @@ def cmd_generate_remote(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 stop=tuple(args.stop or ()),
                 budget=budget,
+                skip_ratio=args.skip_ratio,
+                lossless=args.lossless,
             )
             for chunk in stream:
                 sys.stdout.write(chunk.text)
@@ -43,10 +45,18 @@ def cmd_generate_remote(args: argparse.Namespace) -> int:
     p = r.placement
     where = f"{p.kind} {p.device_id or ''} {p.profile} {p.model}" if p else "?"
     print(
-        f"\n[{r.finish_reason}; {where}; TTFT {r.ttft_ms:.0f} ms, TPOT {r.tpot_ms:.1f} ms, {r.energy_j:.2f} J]",
+        f"\n[{r.finish_reason}; {where}; TTFT {r.ttft_ms:.0f} ms, TPOT {r.tpot_ms:.1f} ms, {r.energy_j:.2f} J"
+        f"{skipped(list(r.skipped_layers), r.lossless, r.drafted, r.accepted) if args.skip_ratio else ''}]",
         file=sys.stderr,
     )
     return 0
+
+
+def skipped(layers: list[int], lossless: bool, drafted: int, accepted: int) -> str:
+    """The skip report as the closing line shows it."""
+    if lossless:
+        return f"; lossless, drafts skipped layers {layers}, {accepted}/{drafted} accepted"
+    return f"; skipped layers {layers}"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -62,19 +72,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop or ()),
+        skip_ratio=args.skip_ratio,
+        lossless=args.lossless,
     )
     if not args.prompt:
         raise SystemExit("error: a prompt is required")
-    loaded = load(args.model or DEFAULT_MODEL)
+    name = args.model or DEFAULT_MODEL
+    # Layer skipping runs on the agents' fast path (the GGUF's own precision on our kernels), with
+    # the routers trained for it (tandem models train-routers); otherwise the fp32 model, as before.
+    loaded = load(name, quant="source" if args.skip_ratio else None)
+    if args.skip_ratio:
+        print(loaded.attach_routers(name), file=sys.stderr)
     chat = loaded.tokenizer.info.chat_template is not None and not args.raw
     prompt = [{"role": "user", "content": args.prompt}] if chat else args.prompt
-    finish = None
+    finish, report = None, None
     for ev in loaded.generator().stream([prompt], params):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
         finish = ev.finish_reason or finish
+        report = ev.skipping or report
     sys.stdout.write("\n")
-    print(f"[finish: {finish}]", file=sys.stderr)
+    extra = skipped(list(report.layers), report.lossless, report.drafted, report.accepted) if report else ""
+    print(f"[finish: {finish}{extra}]", file=sys.stderr)
     return 0
 
 
@@ -97,4 +116,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument(
+        "--skip-ratio", type=float, default=0.0, help="early layer skipping: the share of layers decode skips (<= 0.75)"
+    )
+    p.add_argument(
+        "--lossless", action="store_true", help="with --skip-ratio: the skipping model only drafts; output unchanged"
+    )
     p.set_defaults(func=cmd_generate)
