@@ -233,6 +233,7 @@ def lossless(args: argparse.Namespace, model: Transformer, routers: dict[float, 
     drafted = {m: 0 for m in modes}
     accepted = {m: 0 for m in modes}
     ks: dict[str, list[int]] = {m: [] for m in modes}
+    drafts: dict[str, DraftLength] = {}
     for prompt in prompts:
         want, base_ms = plain_tokens(model, prompt, n)
         ms["base"] += base_ms
@@ -242,7 +243,9 @@ def lossless(args: argparse.Namespace, model: Transformer, routers: dict[float, 
                 continue
             r = routers[ratio]
             route = functools.partial(r.choose, ratio=ratio)
-            spec = SelfSpeculative(model, route, SamplingParams(max_tokens=n), DraftLength(fixed=k))
+            # Adaptive: one DraftLength a mode across prompts, as a served model keeps it (LoadedModel.drafts).
+            draft = drafts.setdefault(name, DraftLength(fixed=k))
+            spec = SelfSpeculative(model, route, SamplingParams(max_tokens=n), draft)
             it = spec.run(prompt, n)
             got = [next(it)]
             start = time.perf_counter()
@@ -251,7 +254,7 @@ def lossless(args: argparse.Namespace, model: Transformer, routers: dict[float, 
             same[name] += int(got == want)
             drafted[name] += spec.stats.drafted
             accepted[name] += spec.stats.accepted
-            ks[name] += spec.draft.ks
+            ks[name] += spec.stats.ks
     rows = []
     for name in modes:
         if name == "base":

@@ -127,11 +127,21 @@ class StepEngine(Protocol):
 class Generator:
     """Generates text with one model and its tokenizer."""
 
-    def __init__(self, model: Transformer, tokenizer: GGUFTokenizer, routers: RouterSet | None = None) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: GGUFTokenizer,
+        routers: RouterSet | None = None,
+        drafts: dict[float, Any] | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.routers = routers
         """The model's layer-skipping routers (models.skip), for requests with a skip_ratio."""
+        self.drafts = drafts if drafts is not None else {}
+        """Skip ratio -> the lossless mode's draft-length state (models.speculative.DraftLength),
+        kept across requests by the model's owner: what drafting costs and how often it is
+        accepted carries over, so a request does not spend its first tokens measuring it."""
 
     def encode_prompt(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Ids for a text prompt, a list of ids, or chat messages (rendered with the chat template, with
@@ -197,12 +207,13 @@ class Generator:
     ) -> Iterator[TokenEvent]:
         """One prompt decoded by self-speculation (models.speculative): the routed skip set drafts,
         the whole model verifies; the tokens are the whole model's."""
-        from models.speculative import SelfSpeculative  # loaded only for such requests
+        from models.speculative import DraftLength, SelfSpeculative  # loaded only for such requests
 
         routers = self.routers
         assert routers is not None  # _check_skipping
         budget = min(params.max_tokens, self.model.cfg.context_length - len(ids))
-        spec = SelfSpeculative(self.model, lambda pooled: routers.choose(pooled, params.skip_ratio), params)
+        draft = self.drafts.setdefault(params.skip_ratio, DraftLength())
+        spec = SelfSpeculative(self.model, lambda pooled: routers.choose(pooled, params.skip_ratio), params, draft)
         detok = _Detokenizer(self.tokenizer, params.stop, primed)
         eos = set() if params.ignore_eos else set(self.tokenizer.info.eos_ids)
         for produced, tok in enumerate(spec.run(ids, budget), start=1):

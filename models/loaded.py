@@ -32,6 +32,8 @@ class LoadedModel:
     None: read off the model ("int4", "int8" or "fp32")."""
     routers: RouterSet | None = None
     """Its layer-skipping routers (models.skip.find_routers), when trained for it as served."""
+    drafts: dict = dataclasses.field(default_factory=dict)
+    """The lossless mode's draft-length state a skip ratio, kept across requests (models.generate)."""
 
     @property
     def config(self) -> ModelConfig:
@@ -52,7 +54,7 @@ class LoadedModel:
         return sorted(self.routers.by_ratio) if self.routers is not None else []
 
     def generator(self) -> Generator:
-        return Generator(self.model, self.tokenizer, self.routers)
+        return Generator(self.model, self.tokenizer, self.routers, self.drafts)
 
     @property
     def served_quant(self) -> str:

@@ -70,8 +70,6 @@ class DraftLength:
     """Positions -> running cost of a verify pass over that many."""
     probe: int = 32
     plain_since: int = 0
-    ks: list[int] = field(default_factory=list)
-    """Every round's k, in order."""
 
     def choose(self) -> int:
         if self.fixed is not None:
@@ -99,14 +97,12 @@ class DraftLength:
         return self.verify_ms[near] * (1 + 0.25 * (positions - near) / max(near, 1))
 
     def record(self, k: int, accepted: int, draft_ms: float, verify_ms: float) -> None:
-        self.ks.append(k)
         self.plain_since = 0
         self.acceptance = 0.8 * self.acceptance + 0.2 * (accepted / k)
         self.draft_ms = _ema(self.draft_ms, draft_ms / k)
         self.verify_ms[k + 1] = _ema(self.verify_ms.get(k + 1, 0.0), verify_ms)
 
     def record_plain(self, ms: float) -> None:
-        self.ks.append(0)
         self.plain_since += 1
         self.step_ms = _ema(self.step_ms, ms)
 
@@ -124,6 +120,8 @@ class SpecStats:
     rounds: int = 0
     plain: int = 0
     """Tokens decoded by a plain step (k = 0)."""
+    ks: list[int] = field(default_factory=list)
+    """Every step's k, in order (0: a plain step)."""
 
     @property
     def acceptance(self) -> float:
@@ -201,6 +199,7 @@ class SelfSpeculative:
                 x = self._draw(distribution(model.head(h[0, -1]), self.params))
                 self.draft.record_plain((time.perf_counter() - t0) * 1000)
                 self.stats.plain += 1
+                self.stats.ks.append(0)
                 slot, emitted = slot + 1, emitted + 1
                 yield x
                 continue
@@ -252,6 +251,7 @@ class SelfSpeculative:
         self.stats.drafted += k
         self.stats.accepted += accepted
         self.stats.rounds += 1
+        self.stats.ks.append(k)
         self.draft.record(k, accepted, (t1 - t0) * 1000, (t2 - t1) * 1000)
         return out
 

@@ -47,7 +47,7 @@ def test_greedy_output_is_the_base_models_exactly(six: Transformer, k: int | Non
     assert list(spec.run(prompt, 40)) == want
     assert spec.stats.rounds > 0 and spec.stats.drafted > 0
     if k is None:  # adaptive: a plain step, then a round of 2 to measure drafting, then what pays
-        assert spec.draft.ks[:2] == [0, 2] and spec.stats.plain > 0
+        assert spec.stats.ks[:2] == [0, 2] and spec.stats.plain > 0
     else:
         assert 0 < spec.stats.accepted < spec.stats.drafted, "a random model's drafts: neither all right nor all wrong"
 
