@@ -258,3 +258,29 @@ def test_a_router_set_keeps_routers_only_where_they_beat_static_skipping(six: Lo
         assert kept == pytest.approx(min(record["held_out_kl"], record["static_kl"]), rel=1e-4)
         if record["selected"] == "static":  # static skipping itself: the same set for every prompt
             assert not r.weight.any()
+
+
+@pytest.mark.slow  # trains on the real model: about two minutes on two cores
+def test_train_routers_saves_what_an_agent_then_attaches() -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import real_model
+
+    served = real_model("smollm2-135m-instruct", "source")
+    directory = routers_dir("smollm2-135m-instruct", served.served_quant)
+    if directory.exists():
+        pytest.skip(f"{directory} holds routers already; not overwriting them")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tandem_cli", "models", "train-routers", "smollm2-135m-instruct", "--ratios", "0.1",
+             "--windows", "40", "--epochs", "1", "--eval-windows", "2"],
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "skip 0.1 (3 layers)" in done.stdout and f"routers: {directory}" in done.stdout
+        loaded = copy.copy(served)
+        assert loaded.attach_routers("smollm2-135m-instruct") == "layer skipping at ratios 0.1"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
