@@ -342,7 +342,8 @@ def write_docs(summary: dict, command: str) -> None:
         json.dumps(summary),
         "```",
     ]
-    write_block("skip", "\n".join(lines))
+    # One section a model: SmolLM2's keeps the plain name it was first written under.
+    write_block("skip" if summary["model"] == "smollm2-135m-instruct" else f"skip-{summary['model']}", "\n".join(lines))
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ A bundle is a directory:
     weights.pt           the state dict (quantized layers as their packed buffers)
     tokenizer.json       the tokenizer (tokenizers library format)
     tokenizer_info.json  BOS/EOS ids, BOS policy, chat template
+    routers/r<ratio>/    optional: the model's layer-skipping routers (models.skip), checksummed
 
 `load_bundle` checks the manifest and the SHA-256 of every file before building anything, so a
 damaged or mismatched bundle is refused at load time with BundleError, never run.
@@ -36,6 +37,7 @@ from models.cpu import prepare_cpu
 from models.errors import TandemModelError
 from models.loaded import LoadedModel
 from models.quant import quantize_model
+from models.skip import RouterSet, RouterSpec
 from models.source_quant import apply_layout, quant_layout
 from models.tokenizer import GGUFTokenizer, TokenizerInfo
 from models.transformer import Transformer
@@ -82,6 +84,10 @@ def save_bundle(loaded: LoadedModel, out: Path, source: str) -> Path:
             "layers": [block.layer for block in model.layers],
             "sha256": {name: _sha256(tmp / name) for name in FILES},
         }
+        if loaded.routers is not None:  # trained for this model as served: they travel with it
+            loaded.routers.save(tmp / "routers")
+            files = sorted(p.relative_to(tmp).as_posix() for p in (tmp / "routers").rglob("*") if p.is_file())
+            manifest["routers"] = {"ratios": loaded.skip_ratios, "sha256": {f: _sha256(tmp / f) for f in files}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -196,7 +202,24 @@ def load_bundle(path: str | Path, prepare: bool = True) -> LoadedModel:
     info = json.loads((path / "tokenizer_info.json").read_text())
     info["eos_ids"] = tuple(info["eos_ids"])
     tok = GGUFTokenizer(Tokenizer.from_file(str(path / "tokenizer.json")), TokenizerInfo(**info))
-    return LoadedModel(prepare_cpu(model) if prepare else model, tok, path, quant=_label(manifest))
+    loaded = LoadedModel(prepare_cpu(model) if prepare else model, tok, path, quant=_label(manifest))
+    if manifest.get("routers"):
+        loaded.routers = _routers(path, manifest["routers"], loaded)
+    return loaded
+
+
+def _routers(path: Path, entry: dict, loaded: LoadedModel) -> RouterSet:
+    """The bundle's layer-skipping routers, checked against its manifest's checksums and its own
+    model (precision, layer count, width): BundleError naming what differs."""
+    for name, expected in entry.get("sha256", {}).items():
+        if not (path / name).is_file() or _sha256(path / name) != expected:
+            raise BundleError(f"{path}: {name} is missing or does not match the manifest's checksum")
+    try:
+        trained_for = json.loads(next((path / "routers").glob("r*/routers.json")).read_text())["spec"]["model"]
+        cfg = loaded.config
+        return RouterSet.load(path / "routers", RouterSpec(trained_for, loaded.served_quant, cfg.n_layers, cfg.dim))
+    except (StopIteration, OSError, ValueError, KeyError, TandemModelError) as exc:
+        raise BundleError(f"{path}: its routers do not fit its model: {exc}") from exc
 
 
 def _label(manifest: dict) -> str | None:

@@ -42,7 +42,10 @@ class LoadedModel:
     def attach_routers(self, name: str) -> str:
         """Attach the layer-skipping routers trained for model `name` as this serves it
         (models.skip.find_routers), or none; returns a note for people. Routers trained for another
-        model, precision or layer count raise RouterMismatch (an InvalidRequest naming the file)."""
+        model, precision or layer count raise RouterMismatch (an InvalidRequest naming the file).
+        A bundle's own routers (models.bundle, checked at load) are kept."""
+        if self.routers is not None:
+            return "layer skipping at ratios " + ", ".join(f"{r:g}" for r in self.skip_ratios) + " (its bundle's)"
         self.routers = find_routers(name, self.served_quant, self.config.n_layers, self.config.dim)
         if self.routers is None:
             return f"no layer skipping (train routers: tandem models train-routers {name})"

@@ -284,3 +284,30 @@ def test_train_routers_saves_what_an_agent_then_attaches() -> None:
         assert loaded.attach_routers("smollm2-135m-instruct") == "layer skipping at ratios 0.1"
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_bundle_carries_its_routers_and_refuses_them_for_another_model(six: LoadedModel, tmp_path: Path) -> None:
+    import hashlib
+
+    from models.bundle import BundleError, load_bundle, save_bundle
+
+    loaded = copy.copy(six)
+    loaded.routers = _router_set(six.model, "six", six.served_quant)
+    save_bundle(loaded, tmp_path / "b", "six")
+    back = load_bundle(tmp_path / "b", prepare=False)
+    assert back.routers is not None and back.skip_ratios == [0.34]
+    assert back.attach_routers("six") == "layer skipping at ratios 0.34 (its bundle's)"  # what an agent keeps
+    assert torch.equal(back.routers.for_ratio(0.34).weight, loaded.routers.for_ratio(0.34).weight)
+
+    meta_path = tmp_path / "b" / "routers" / "r0.34" / "routers.json"
+    meta = json.loads(meta_path.read_text())
+    meta["spec"]["quant"] = "int4"  # trained for another precision, checksum made to match
+    meta_path.write_text(json.dumps(meta))
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest["routers"]["sha256"]["routers/r0.34/routers.json"] = hashlib.sha256(meta_path.read_bytes()).hexdigest()
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"routers do not fit its model: .*quant 'int4'"):
+        load_bundle(tmp_path / "b", prepare=False)
+    meta_path.write_text(meta_path.read_text() + " ")  # and now not what the manifest says
+    with pytest.raises(BundleError, match=r"routers/r0\.34/routers\.json is missing or does not match"):
+        load_bundle(tmp_path / "b", prepare=False)
