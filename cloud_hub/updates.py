@@ -42,6 +42,7 @@ from cloud_hub.store import SQLStore, UpdateRecord
 from device_profiles import ProfileError, load_profile
 from models import zoo
 from models.bundle import bundle_version, save_bundle
+from models.errors import InvalidRequest as ModelInvalidRequest
 from models.errors import ModelNotPulled, UnknownModel
 from models.runtime import load
 from tandem.files import private_dir
@@ -117,7 +118,12 @@ class BundleCache:
         with lock:
             if not (out / "manifest.json").is_file():
                 private_dir(self.root)
-                save_bundle(load(gguf, quant=quant, prepare=False), out, source=model)
+                loaded = load(gguf, quant=quant, prepare=False)
+                try:  # its layer-skipping routers, where trained for it at this precision, go along
+                    loaded.attach_routers(model)
+                except ModelInvalidRequest as exc:
+                    log.warning("the %s bundle of %s goes without routers: %s", quant, model, exc)
+                save_bundle(loaded, out, source=model)
                 log.info("built the %s bundle of %s in %s", quant, model, out)
         return out
 

@@ -201,10 +201,15 @@ def _save_checked(model: str, quant: str, out: Path) -> int:
     Q4_K_M: q4_k -> int4 beside q6_k -> int8) is a bundle as it is: the manifest records each
     layer's layout (models.bundle). Raises PayloadError for a bundle that does not load back the same."""
     from models.bundle import BundleError, load_bundle, save_bundle  # lazy: torch, ~2 s (tandem_cli.optimize)
+    from models.errors import InvalidRequest
     from models.loaded import weight_bytes
     from models.runtime import load
 
     loaded = load(model, quant=quant, prepare=False)
+    try:  # the model's layer-skipping routers, where trained for it at this precision, travel with it
+        loaded.attach_routers(model)
+    except InvalidRequest:  # stale routers (another precision or layer count) never block a flash
+        loaded.routers = None
     save_bundle(loaded, out, source=model)
     try:
         same = _same_model(loaded, load_bundle(out, prepare=False))
