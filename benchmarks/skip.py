@@ -25,9 +25,7 @@ import copy
 import functools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.docs_block import command_line, write_block  # noqa: E402
+from benchmarks.edge_decode import cpu_model  # noqa: E402
 from models import runtime, skip  # noqa: E402
 from models.corpus import documents  # noqa: E402
 from models.prune import block_influence, prune_layers  # noqa: E402
@@ -45,14 +44,6 @@ from models.transformer import Step, Transformer  # noqa: E402
 
 TARGETS = {"speedup": 1.3, "bpb_increase": 0.05}
 PROMPT, CONTINUATION, TRAIN_CONTINUATION = 96, 64, 32
-
-
-def cpu_name() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    name = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "")
-    flags = next((ln for ln in out.splitlines() if ln.startswith("Flags")), "")
-    vec = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{name or platform.processor()}, {vec}, {os.cpu_count()} cores"
 
 
 @torch.inference_mode()
@@ -187,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "skip",
         "model": args.model,
         "served_as": served.quant,
-        "cpu": cpu_name(),
+        "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
         "base_ms_token": round(ms["base"], 3),
         "base_bpb": round(base_q.bpb, 4),
         "eval_windows": len(eval_windows),

@@ -18,7 +18,7 @@ from torch import Tensor
 from models.chat import render_chat
 from models.errors import ContextLengthExceeded, InvalidRequest
 from models.sampling import SamplingParams, sample, token_logprobs
-from models.skip import RouterSet, SkipReport, prefill
+from models.skip import RouterSet, SkipReport, prefill, skip_count
 from models.tokenizer import GGUFTokenizer
 from models.transformer import Step, Transformer
 
@@ -197,10 +197,8 @@ class Generator:
             raise InvalidRequest("layer skipping decodes one prompt and one choice (n = 1)")
         if params.lossless and (params.logprobs is not None or params.prompt_logprobs is not None or params.constraint):
             raise InvalidRequest("the lossless mode returns tokens only: no logprobs or grammar with it")
-        count = round(params.skip_ratio * self.model.cfg.n_layers)
-        free = self.model.cfg.n_layers - len(self.routers.for_ratio(params.skip_ratio).protected)
-        if count > free:
-            raise InvalidRequest(f"skip_ratio {params.skip_ratio} asks for {count} layers; {free} may be skipped")
+        protected = len(self.routers.for_ratio(params.skip_ratio).protected)
+        skip_count(self.model.cfg.n_layers, params.skip_ratio, protected)  # InvalidRequest beyond the free layers
 
     def _run_lossless(
         self, ids: list[int], params: SamplingParams, primed: Continuation | None
