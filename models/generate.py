@@ -17,6 +17,7 @@ from torch import Tensor
 
 from models.chat import render_chat
 from models.errors import ContextLengthExceeded, InvalidRequest
+from models.kvpred import KVReport, PredictorSet, Repair, predict_prompt
 from models.sampling import SamplingParams, sample, token_logprobs
 from models.skip import RouterSet, SkipReport, prefill, skip_count
 from models.tokenizer import GGUFTokenizer
@@ -58,6 +59,9 @@ class TokenEvent:
     (None for the first, which nothing predicts)."""
     skipping: SkipReport | None = None
     """With SamplingParams.skip_ratio, on the row's last event: the layers skipped (models.skip)."""
+    kv: KVReport | None = None
+    """With SamplingParams.kv_prediction, on the row's last event: what was predicted and when the
+    cache was repaired (models.kvpred)."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,7 @@ class Generator:
         tokenizer: GGUFTokenizer,
         routers: RouterSet | None = None,
         drafts: dict[float, Any] | None = None,
+        predictors: PredictorSet | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -142,6 +147,8 @@ class Generator:
         """Skip ratio -> the lossless mode's draft-length state (models.speculative.DraftLength),
         kept across requests by the model's owner: what drafting costs and how often it is
         accepted carries over, so a request does not spend its first tokens measuring it."""
+        self.predictors = predictors
+        """The model's KV predictors (models.kvpred), for requests with a kv_prediction."""
 
     def encode_prompt(self, prompt: Prompt, tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Ids for a text prompt, a list of ids, or chat messages (rendered with the chat template, with
@@ -180,6 +187,8 @@ class Generator:
             self._fits(i, self.encode_prompt(p) + list(c.ids if c else ()))
             for i, (p, c) in enumerate(zip(prompts, primed, strict=True))
         ]
+        if params.kv_prediction:
+            self._check_predicting(len(encoded), params)
         if params.skip_ratio:
             self._check_skipping(len(encoded), params)
             if params.lossless:
@@ -199,6 +208,18 @@ class Generator:
             raise InvalidRequest("the lossless mode returns tokens only: no logprobs or grammar with it")
         protected = len(self.routers.for_ratio(params.skip_ratio).protected)
         skip_count(self.model.cfg.n_layers, params.skip_ratio, protected)  # InvalidRequest beyond the free layers
+
+    def _check_predicting(self, prompts: int, params: SamplingParams) -> None:
+        """InvalidRequest unless this generator can predict this request's prompt cache."""
+        if self.predictors is None:
+            raise InvalidRequest(
+                "this model has no KV predictors (train them: tandem models train-kv); send kv_prediction 0"
+            )
+        self.predictors.for_depth(params.kv_prediction)  # InvalidRequest naming the trained depths
+        if prompts != 1 or params.n != 1:
+            raise InvalidRequest("KV prediction prefills one prompt for one choice (n = 1)")
+        if params.prompt_logprobs is not None:
+            raise InvalidRequest("prompt logprobs need the whole model's prefill: send kv_prediction 0 with them")
 
     def _run_lossless(
         self, ids: list[int], params: SamplingParams, primed: Continuation | None
@@ -245,6 +266,11 @@ class Generator:
             raise InvalidRequest(
                 f"layer skipping runs on the model's own route (the kernels), not on {type(engine).__name__}; "
                 "send skip_ratio 0 or serve with the default engine"
+            )
+        if params.kv_prediction:
+            raise InvalidRequest(
+                f"KV prediction runs on the model's own route (the kernels), not on {type(engine).__name__}; "
+                "send kv_prediction 0 or serve with the default engine"
             )
         ids = self._fits(0, self.encode_prompt(prompt) + list(continuation.ids if continuation else ()))
         budget = min(params.max_tokens, self.model.cfg.context_length - len(ids))
@@ -319,12 +345,19 @@ class Generator:
         generators, eos = self._decoding(params, primed)
 
         skip: frozenset[int] = frozenset()
+        kv: KVReport | None = None
+        repair: Repair | None = None
         if params.skip_ratio and self.routers is not None:  # one prompt (_check_skipping): no padding
             h, pooled = prefill(self.model, self.model.embed(tokens), Step.at(0, longest, batch, pad))
             skip = self.routers.choose(pooled[0], params.skip_ratio)
+        elif params.kv_prediction and self.predictors is not None:  # one prompt (_check_predicting)
+            h, predicted = predict_prompt(self.model, self.predictors.for_depth(params.kv_prediction), tokens)
+            kv = KVReport(params.kv_prediction, predicted)
+            repair = Repair(self.model) if params.kv_repair and predicted else None
         else:
             h = self.model.forward_layers(self.model.embed(tokens), Step.at(0, longest, batch, pad))
         report = SkipReport(tuple(sorted(skip)), False) if params.skip_ratio else None
+        sequence = list(encoded[0])  # what repair recomputes: the prompt, then each token decoded
         scored: list[tuple[TokenLogprob | None, ...]] = [()] * batch
         if params.prompt_logprobs is not None:
             scored = [
@@ -360,10 +393,16 @@ class Generator:
                         done[b] = ev.finish_reason is not None
                         if done[b] and report is not None:
                             ev = dataclasses.replace(ev, skipping=report)
+                        if done[b] and kv is not None:
+                            ev = dataclasses.replace(ev, kv=kv)
                         yield dataclasses.replace(ev, prompt=scored[b]) if t == 0 and choice == 0 and scored[b] else ev
                 if all(done):
                     break
                 next_ids = torch.tensor([ev.token_id if ev is not None else 0 for ev in events])
+                if repair is not None:  # one row: a piece of the true cache below the slot decoded next
+                    sequence.append(int(next_ids[0]))
+                    if repair.before_step(sequence, longest + t):
+                        kv, repair = dataclasses.replace(kv, repaired_at=t + 1), None  # type: ignore[arg-type]
                 h = self.model.embed(next_ids[:, None])
                 h = self.model.forward_layers(h, Step.at(longest + t, 1, batch, pad), skip=skip)
                 logits = self.model.head(h[:, -1])

@@ -14,6 +14,7 @@ from pathlib import Path
 from models.chat import takes_tools
 from models.config import ModelConfig
 from models.generate import Generator
+from models.kvpred import KVVariant, PredictorSet, PredictorSpec, find_predictors
 from models.quant import QuantLinear, weight_bytes
 from models.skip import RouterSet, find_routers
 from models.tokenizer import GGUFTokenizer
@@ -34,6 +35,8 @@ class LoadedModel:
     """Its layer-skipping routers (models.skip.find_routers), when trained for it as served."""
     drafts: dict = dataclasses.field(default_factory=dict)
     """The lossless mode's draft-length state a skip ratio, kept across requests (models.generate)."""
+    predictors: PredictorSet | None = None
+    """Its KV predictors (models.kvpred.find_predictors), when trained for it as served."""
 
     @property
     def config(self) -> ModelConfig:
@@ -51,13 +54,30 @@ class LoadedModel:
             return f"no layer skipping (train routers: tandem models train-routers {name})"
         return "layer skipping at ratios " + ", ".join(f"{r:g}" for r in self.skip_ratios)
 
+    def attach_predictors(self, name: str) -> str:
+        """Attach the KV predictors trained for model `name` as this serves it
+        (models.kvpred.find_predictors), or none; returns a note for people. Predictors trained
+        for another model, precision or shape raise KVMismatch (an InvalidRequest naming the file).
+        A bundle's own predictors (models.bundle, checked at load) are kept."""
+        own = " (its bundle's)" if self.predictors is not None else ""
+        if self.predictors is None:
+            self.predictors = find_predictors(PredictorSpec.of(self.model, name, self.served_quant))
+        if self.predictors is None:
+            return f"no KV prediction (train predictors: tandem models train-kv {name})"
+        return "KV prediction at depths " + ", ".join(f"{d:g}" for d in self.predictors.depths) + own
+
+    @property
+    def kv_variants(self) -> list[KVVariant]:
+        """Its KV-prediction variants as measured at training (empty: no predictors)."""
+        return self.predictors.variants() if self.predictors is not None else []
+
     @property
     def skip_ratios(self) -> list[float]:
         """The skip ratios its routers were trained for (empty: no layer skipping)."""
         return sorted(self.routers.by_ratio) if self.routers is not None else []
 
     def generator(self) -> Generator:
-        return Generator(self.model, self.tokenizer, self.routers, self.drafts)
+        return Generator(self.model, self.tokenizer, self.routers, self.drafts, self.predictors)
 
     @property
     def served_quant(self) -> str:

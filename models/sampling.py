@@ -15,6 +15,8 @@ MAX_LOGPROBS = 20
 MAX_SKIP_RATIO = 0.75
 """The largest share of a model's layers a request's decode may skip (models.skip)."""
 MAX_CHOICES = 128
+KV_DEPTHS = (0.25, 0.5, 0.75)
+"""The auxiliary depths KV prediction trains for (models.kvpred): shares of the base's layers."""
 """Most choices one request may ask for; a hub sets its own lower limit (cloud_hub.service.Limits.max_n)."""
 
 
@@ -53,6 +55,13 @@ class SamplingParams:
     lossless: bool = False
     """With skip_ratio: the skipping model only drafts, and the whole model verifies every token
     (models.speculative): the output is the whole model's."""
+    kv_prediction: float = 0.0
+    """KV prediction (models.kvpred): the prompt runs through an auxiliary model of this share of
+    the layers (KV_DEPTHS), linear predictors fill every layer's cache from it, and the whole model
+    takes only the prompt's last token; 0 = the whole model prefills the prompt."""
+    kv_repair: bool = False
+    """With kv_prediction: between decode steps the whole model recomputes the true cache a piece at
+    a time and swaps it in, so the answer converges to the whole model's."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, (list, str)):
@@ -90,6 +99,15 @@ class SamplingParams:
             (
                 not self.lossless or self.skip_ratio > 0,
                 "lossless drafts with the layers skip_ratio skips: set skip_ratio > 0 with it",
+            ),
+            (
+                self.kv_prediction == 0 or (_finite(self.kv_prediction) and self.kv_prediction in KV_DEPTHS),
+                f"kv_prediction must be 0 or an auxiliary depth in {list(KV_DEPTHS)}, got {self.kv_prediction!r}",
+            ),
+            (not self.kv_repair or self.kv_prediction > 0, "kv_repair repairs a predicted cache: set kv_prediction"),
+            (
+                not (self.kv_prediction and self.skip_ratio),
+                "kv_prediction and skip_ratio are one at a time: send one of them",
             ),
         ]
         for ok, message in checks:

@@ -77,6 +77,12 @@ class ServedModel:
         return [] if self.engine is not None else self.loaded.skip_ratios
 
     @property
+    def kv_variants(self) -> list:
+        """The KV-prediction variants requests may ask of it (models.kvpred.KVVariant; none
+        through a step engine, which models.generate refuses KV prediction on)."""
+        return [] if self.engine is not None else self.loaded.kv_variants
+
+    @property
     def lock(self) -> threading.Lock:
         """The lock that lets one request at a time use the model (a split stage holds it too)."""
         return self._lock

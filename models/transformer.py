@@ -142,6 +142,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.window = 0  # keys a query sees on a sliding layer (Block sets it); 0: all earlier ones
+        self.capture: list[tuple[Tensor, Tensor]] | None = None
+        """When a list: each forward appends its keys before RoPE and its values, each (B, T, K, hd)
+        (KV prediction, models.kvpred, reads a layer's this way; torch's route only)."""
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
@@ -155,6 +158,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.capture is not None:  # k copied: RoPE below rotates it in place
+            self.capture.append((k.clone(), v))
         # One pass in C on the (T, H, hd) rows when it can take them, else five torch ops.
         roped = B == 1 and x.device.type == "cpu" and kernels.rope_((q[0], k[0]), cos[0, 0], sin[0, 0])
         rows = q[0]  # (T, H, hd), contiguous when roped in place
