@@ -16,12 +16,13 @@ from dataclasses import dataclass
 
 from models.errors import InvalidRequest
 from models.generate import Continuation, Prompt, StepEngine, plain
+from models.kvpred import KVReport
 from models.sampling import SamplingParams
 from models.serving import ServedModel
 from models.skip import SkipReport
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
-from tandem.wire import Logprob
+from tandem.wire import Logprob, kv_variant_message
 
 log = logging.getLogger("tandem.hub")
 
@@ -47,6 +48,8 @@ class Piece:
     prompt_ids: tuple[int, ...] = ()
     skipping: SkipReport | None = None
     """On the last piece of a request with SamplingParams.skip_ratio: the layers it skipped (models.skip)."""
+    kv: KVReport | None = None
+    """On the last piece of a request with SamplingParams.kv_prediction: what was predicted (models.kvpred)."""
 
 
 class ServingBackend(ABC):
@@ -82,8 +85,16 @@ class LocalModelBackend(ServingBackend):
             loaded.attach_routers(model)
         except InvalidRequest as exc:  # unusable: served without layer skipping (and such requests refused)
             log.warning("no layer skipping on the hub's %s: %s", model, exc)
+        try:  # likewise its KV predictors (models.kvpred)
+            log.info("the hub's %s: %s", model, loaded.attach_predictors(model))
+        except InvalidRequest as exc:
+            log.warning("no KV prediction on the hub's %s: %s", model, exc)
         self.served = ServedModel(model, loaded)  # warms up: the first request pays no lazy set-up
-        self._info = pb.ModelInfo(**self.served.info, skip_ratios=self.served.skip_ratios)  # the router reads it
+        self._info = pb.ModelInfo(  # the router reads it
+            **self.served.info,
+            skip_ratios=self.served.skip_ratios,
+            kv_variants=[kv_variant_message(**vars(v)) for v in self.served.kv_variants],
+        )
 
     def model_info(self) -> pb.ModelInfo:
         return self._info
@@ -105,13 +116,13 @@ class LocalModelBackend(ServingBackend):
         run = lambda: self.served.stream(ids, params, cancel, continuation, engine)  # noqa: E731
         async for ev in iterate_in_thread(run, cancel):
             if ev.logprob is None and not ev.prompt and not ev.row:
-                yield Piece(ev.text, (ev.token_id,), ev.finish_reason, skipping=ev.skipping)
+                yield Piece(ev.text, (ev.token_id,), ev.finish_reason, skipping=ev.skipping, kv=ev.kv)
                 continue
             logprobs = (plain(ev.logprob),) if ev.logprob is not None else ()
             prompt = tuple(plain(p) for p in ev.prompt)
             yield Piece(
                 ev.text, (ev.token_id,), ev.finish_reason, 1, ev.row, logprobs, prompt,  # type: ignore[arg-type]
-                tuple(ids) if prompt else (), ev.skipping,
+                tuple(ids) if prompt else (), ev.skipping, ev.kv,
             )  # fmt: skip
 
 

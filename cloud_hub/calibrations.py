@@ -94,12 +94,14 @@ class Tracker:
         placement: pb.Placement,
         metrics: pb.Metrics,
         new_tokens: int,
+        kv_layers: int | None = None,
     ) -> None:
         """Learn from one finished request: `metrics` as the hub measured it (ttft_ms, tpot_ms) with
-        the engine's own prefill_ms, decode_ms and queue_ms, `placement` as predicted."""
+        the engine's own prefill_ms, decode_ms and queue_ms, `placement` as predicted. `kv_layers`:
+        it ran with KV prediction through an auxiliary model of that many layers (compute_ms)."""
         prompt = max(1, metrics.prompt_tokens)
         context = prompt + max(1, new_tokens) / 2
-        prefill, step = compute_ms(profile, cost, self.calibration, prompt, context, emulated)
+        prefill, step = compute_ms(profile, cost, self.calibration, prompt, context, emulated, kv_layers)
         # Ratios first, against the queue-free TTFT predicted with the corrections of the time.
         queue = metrics.queue_ms
         link = self.link()

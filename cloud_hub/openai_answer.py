@@ -31,6 +31,9 @@ def tandem_info(final: Final) -> dict:
         "lossless": m.lossless,
         "drafted": m.drafted,
         "accepted": m.accepted,
+        "kv_depth": m.kv_depth,  # the KV-prediction report (tandem.kv_prediction, or the hub's choice)
+        "kv_predicted": m.kv_predicted,
+        "kv_repaired_at": m.kv_repaired_at if m.HasField("kv_repaired_at") else None,
     }
 
 

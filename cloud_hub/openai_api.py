@@ -12,10 +12,12 @@ prompts, `response_format` (json_object, json_schema) by grammar, tools where a 
 takes them (a 400 naming the model where it does not).
 
 Budgets travel as an extension field, `"tandem": {"budget": {"ttft_ms": …, "tpot_ms": …,
-"energy_j": …, "best_effort": …}}` (the openai client passes it with `extra_body`), with the
-device pin (`"device"`) and layer skipping (`"skip_ratio"`, `"lossless"`) beside the budget; answers
-carry `"tandem": {"placements": […], "ttft_ms", "tpot_ms", "energy_j", "skipped_layers",
-"lossless", "drafted", "accepted"}`. Errors use OpenAI's format,
+"energy_j": …, "best_effort": …, "quality_floor": …}}` (the openai client passes it with
+`extra_body`), with the device pin (`"device"`), layer skipping (`"skip_ratio"`, `"lossless"`) and
+KV prediction (`"kv_prediction"`, `"kv_repair"`) beside the budget; answers carry `"tandem":
+{"placements": […], "ttft_ms", "tpot_ms", "energy_j", "skipped_layers", "lossless", "drafted",
+"accepted", "kv_depth", "kv_predicted", "kv_repaired_at"}` (a placement's `kv_prediction`: the
+hub turned KV prediction on there, under the budget's quality_floor). Errors use OpenAI's format,
 `{"error": {"message", "type", "param", "code"}}`, with the matching HTTP status. Unknown request
 fields are refused (400), as are bodies over the configured limit (413).
 """
@@ -104,6 +106,8 @@ def _spec(body: ChatRequest | CompletionRequest, prompt: Any, served: list[pb.Mo
         constraint=_constraint(body, served),
         skip_ratio=body.tandem.skip_ratio,
         lossless=body.tandem.lossless,
+        kv_prediction=body.tandem.kv_prediction,
+        kv_repair=body.tandem.kv_repair,
     )
     b = body.tandem.budget
     model = "" if body.model in ("", "auto", "tandem") else body.model
@@ -111,7 +115,7 @@ def _spec(body: ChatRequest | CompletionRequest, prompt: Any, served: list[pb.Mo
     return GenerateSpec(
         prompt_from_value(prompt, tools),
         params,
-        Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort),
+        Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort, b.quality_floor),
         model,
         device=body.tandem.device,
     )

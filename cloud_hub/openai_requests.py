@@ -1,13 +1,14 @@
 """The OpenAI-compatible API's request bodies (pydantic, unknown fields refused): chat and
-completions with their extension (budget, device, layer skipping), logprobs, n, response formats and tools."""
+completions with their extension (budget, device, layer skipping, KV prediction), logprobs, n, response
+formats and tools."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models.sampling import MAX_CHOICES, MAX_LOGPROBS, MAX_SKIP_RATIO
+from models.sampling import KV_DEPTHS, MAX_CHOICES, MAX_LOGPROBS, MAX_SKIP_RATIO
 
 MAX_COMPLETION_LOGPROBS = 5
 """OpenAI's limit on /v1/completions' logprobs."""
@@ -24,6 +25,9 @@ class BudgetBody(_Strict):
     tpot_ms: float = Field(0.0, ge=0)
     energy_j: float = Field(0.0, ge=0)
     best_effort: bool = False
+    quality_floor: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    """The lowest measured greedy agreement with the unmodified model accepted for a faster variant:
+    the hub may turn KV prediction on where the unmodified model misses the budget. 0: never."""
 
 
 class TandemExtension(_Strict):
@@ -35,6 +39,18 @@ class TandemExtension(_Strict):
     has trained routers serve it. 0: every layer."""
     lossless: bool = False
     """With skip_ratio: the skipping model drafts and the whole model verifies (its output exactly)."""
+    kv_prediction: float = Field(0.0, allow_inf_nan=False)
+    """KV prediction (models.kvpred): an auxiliary model of this share of the layers (KV_DEPTHS)
+    prefills the prompt; only devices whose model has trained predictors serve it. 0: off."""
+    kv_repair: bool = False
+    """With kv_prediction: the whole model recomputes the true cache between decode steps."""
+
+    @field_validator("kv_prediction")
+    @classmethod
+    def _kv_depth(cls, depth: float) -> float:
+        if depth != 0 and depth not in KV_DEPTHS:
+            raise ValueError(f"must be 0 or one of {', '.join(map(str, KV_DEPTHS))}")
+        return depth
 
 
 class Message(_Strict):

@@ -231,4 +231,14 @@ def model_record(m: pb.ModelInfo) -> dict:
         "config_json": m.config_json,
         "version": m.version,
         "skip_ratios": list(m.skip_ratios),
+        "kv_variants": [
+            {
+                "depth": v.depth,
+                "aux_layers": list(v.aux_layers),
+                "agreement": v.agreement,
+                "bpb_ratio": v.bpb_ratio,
+                "prefill_share": v.prefill_share,
+            }
+            for v in m.kv_variants
+        ],
     }

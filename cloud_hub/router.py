@@ -11,10 +11,18 @@ budget. One without is predicted by the profile's roofline and admitted on it. A
 it prefers the edge (the cloud costs the operator money), and there the least edge energy, then
 the lowest latency; the cloud serves when no edge placement fits. When nothing fits, the error
 names the constraint that rules out the placement closest to fitting.
+
+KV prediction (models.kvpred) is a faster, slightly different variant of a model: a candidate with
+`kv` set runs with it, its TTFT predicted from the auxiliary layers' prefill (partitioner.predict's
+`kv_layers`). A request naming a depth reaches the router as such candidates only (cloud_hub.service).
+A budget with a `quality_floor` lets the router weigh, beside each edge candidate, the same one with
+its fastest variant whose measured agreement meets the floor; within a kind it ranks after every
+unmodified placement that fits, so a variant serves only where the unmodified model would miss.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from abc import ABC, abstractmethod
@@ -28,7 +36,24 @@ from partitioner.cost import Estimate, ModelCost, predict
 from partitioner.split import TOKEN_ID_BYTES, Plan, PlanError, Timings, evaluate, single_cut, transfer_ms
 from tandem.types import Budget  # the SDK's own value: what the caller states is what the router reads
 
-__all__ = ["Budget", "BudgetRouter", "Candidate", "Choice", "Router", "Scored", "queued_estimate"]
+__all__ = ["Budget", "BudgetRouter", "Candidate", "Choice", "KVOption", "Router", "Scored", "queued_estimate"]
+
+
+@dataclass(frozen=True)
+class KVOption:
+    """A KV-prediction variant a candidate's model serves (ModelInfo.kv_variants; models.kvpred.KVVariant
+    on the device): the hub's plain copy of what it costs and how close it stays."""
+
+    depth: float
+    """The auxiliary model's share of the layers (Sampling.kv_prediction)."""
+    aux_layers: tuple[int, ...]
+    """The base's layers the auxiliary model keeps: its prefill runs through these alone."""
+    agreement: float
+    """Greedy agreement with the unmodified model on held-out text, 0..1 (Budget.quality_floor)."""
+    bpb_ratio: float = 1.0
+    """Bits per byte relative to the unmodified model."""
+    prefill_share: float = 1.0
+    """The auxiliary prefill's measured cost as a share of the whole model's (where it was trained)."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +99,10 @@ class Candidate:
     skip_ratios: tuple[float, ...] = ()
     """The skip ratios its model's layer-skipping routers were trained for (ModelInfo.skip_ratios);
     empty: it cannot serve a request with a skip_ratio."""
+    kv_variants: tuple[KVOption, ...] = ()
+    """The KV-prediction variants its model serves (ModelInfo.kv_variants); empty: none."""
+    kv: KVOption | None = None
+    """Run with KV prediction at this variant (one of kv_variants); None: the unmodified model."""
 
 
 @dataclass(frozen=True)
@@ -150,12 +179,26 @@ def estimate(c: Candidate, prompt_tokens: int, max_tokens: int) -> Estimate:
         ttft = plan.ttft_ms + transfer_ms(first, prompt_tokens * TOKEN_ID_BYTES, "down")
         total = ttft + (max_tokens - 1) * plan.tpot_ms
         return Estimate(ttft, plan.tpot_ms, total, plan.edge_energy_j, plan.edge_energy_j, ttft, plan.tpot_ms)
-    t = c.tracker
+    t, kv_layers = c.tracker, len(c.kv.aux_layers) if c.kv is not None else None
     if t is None:
-        return predict(c.profile, c.cost, prompt_tokens, max_tokens)
+        return predict(c.profile, c.cost, prompt_tokens, max_tokens, kv_layers=kv_layers)
     return calibrated.predict(
-        c.profile, c.cost, prompt_tokens, max_tokens, t.calibration, t.corrections(), emulated=c.emulated
+        c.profile, c.cost, prompt_tokens, max_tokens, t.calibration, t.corrections(), c.emulated, kv_layers=kv_layers
     )
+
+
+def with_kv_variants(candidates: list[Candidate], quality_floor: float) -> list[Candidate]:
+    """`candidates`, each edge one followed by itself with its fastest KV-prediction variant (fewest
+    auxiliary layers) whose agreement meets `quality_floor`, where it has one; 0: unchanged."""
+    if quality_floor <= 0:
+        return candidates
+    out = []
+    for c in candidates:
+        out.append(c)
+        able = [v for v in c.kv_variants if v.agreement >= quality_floor] if c.kind == "edge" and c.kv is None else []
+        if able:
+            out.append(dataclasses.replace(c, kv=min(able, key=lambda v: (len(v.aux_layers), v.depth))))
+    return out
 
 
 def admitted_estimate(est: Estimate, multipliers: tuple[float, float], steps: int) -> Estimate:
@@ -211,8 +254,18 @@ class BudgetRouter(Router):
         scored: list[Scored] = []
         best = None  # (rank, candidate, estimate, admitted) of the best that fits; the first of equals wins
         steps = max_tokens - 1
-        for c in candidates:
-            key = (id(c.profile), id(c.cost), c.queued, c.kind, id(c.tracker), c.emulated, c.chat_tokens, id(c.split))
+        for c in with_kv_variants(candidates, budget.quality_floor):
+            key = (
+                id(c.profile),
+                id(c.cost),
+                c.queued,
+                c.kind,
+                id(c.tracker),
+                c.emulated,
+                c.chat_tokens,
+                id(c.split),
+                c.kv,
+            )
             hit = memo.get(key)
             if hit is None:
                 tokens = (
@@ -233,7 +286,8 @@ class BudgetRouter(Router):
                         admitted_estimate(alone, c.tracker.multipliers(self.quantile), steps), c.queued
                     )
                 v = _violations(adm, budget)
-                rank = (_KIND_RANK.get(c.kind, 2), est.edge_energy_j, est.total_ms)
+                # a KV-prediction variant only after every unmodified placement of its kind that fits
+                rank = (_KIND_RANK.get(c.kind, 2), c.kv is not None, est.edge_energy_j, est.total_ms)
                 hit = memo[key] = (est, adm, v, all(r <= 1.0 for r in v.values()), rank)
             est, adm, v, fits, rank = hit
             if est is None:  # a split that fits nowhere, met again in this loop
@@ -259,6 +313,7 @@ class BudgetRouter(Router):
         value = {"ttft_ms": adm.ttft_ms, "tpot_ms": adm.tpot_ms, "energy_j": adm.edge_energy_j}[binding]
         limit = {"ttft_ms": budget.ttft_ms, "tpot_ms": budget.tpot_ms, "energy_j": budget.energy_j}[binding]
         where = f"a split over {c.device_id} and the cloud" if c.split is not None else c.device_id or "the cloud"
+        where += f" with KV prediction at depth {c.kv.depth:g}" if c.kv is not None else ""
         how = f"at the {self.quantile:g} quantile of its measured/predicted ratios " if c.tracker is not None else ""
         exc = BudgetUnsatisfiable(
             f"no placement meets the budget: binding constraint {binding} — the closest placement ({c.model} on "

@@ -32,11 +32,12 @@ from cloud_hub.router import Budget, Candidate, Router, split_plan
 from cloud_hub.split import SplitEngine
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
+from models.kvpred import KVReport
 from models.sampling import SamplingParams
 from models.skip import SkipReport
 from partitioner.split import Plan
 from tandem.v1 import tandem_pb2 as pb
-from tandem.wire import Logprob, logprob_of, sampling_message, tools_of
+from tandem.wire import Logprob, kv_report_kwargs, logprob_of, sampling_message, set_kv_report, tools_of
 
 log = logging.getLogger("tandem.hub")
 
@@ -180,6 +181,10 @@ class HubService:
             value = getattr(b, name)
             if not value >= 0:  # NaN too
                 raise InvalidRequest(f"budget.{name}: budget values must be non-negative numbers (0 means no limit)")
+        if not 0 <= b.quality_floor <= 1:  # NaN too
+            raise InvalidRequest(
+                f"budget.quality_floor: the lowest greedy agreement accepted, in [0, 1], got {b.quality_floor}"
+            )
         if spec.prompt.kind == "tokens":  # models() walks the fleet: not for every text request
             spec.prompt.check_vocabulary(spec.model, self.placements.models())
 
@@ -210,6 +215,8 @@ class HubService:
                 )
         if spec.params.skip_ratio > 0:
             candidates = _skipping(candidates, spec, first=not progress.placements)
+        if spec.params.kv_prediction > 0:
+            candidates = _predicting(candidates, spec, first=not progress.placements)
         served = {m.name: m for m in self.placements.models()} if spec.model and not candidates else {}
         if not candidates and spec.model in served and chat and not served[spec.model].chat:
             raise InvalidRequest(f"model {spec.model!r} is a base model without a chat template: send a plain prompt")
@@ -250,6 +257,7 @@ class HubService:
             admitted_tpot_ms=adm.tpot_ms,
             quantile=choice.quantile,
             calibrated=c.tracker is not None and c.tracker.calibration is not None,
+            kv_prediction=c.kv.depth if c.kv is not None and not spec.params.kv_prediction else 0.0,  # the hub's
         )
         return c, [placement]
 
@@ -363,6 +371,7 @@ class HubService:
         self.validate(spec)
         excluded = set[str]()
         learn: tuple[Candidate, pb.Placement] | None = None  # the one placement that served it all, if any
+        repair = spec.params.kv_repair
         while True:
             c, placed = self._route(spec, excluded, progress)
             progress.placements += placed
@@ -372,8 +381,9 @@ class HubService:
                 yield Started(tuple(progress.placements))
                 async for item in self._run(c, spec, progress):
                     yield item
-                if len(progress.placements) == 1 and c.tracker is not None and spec.params.n == 1:
-                    # what it measured refits its device (n choices' timings are not one answer's)
+                if len(progress.placements) == 1 and c.tracker is not None and spec.params.n == 1 and not repair:
+                    # what it measured refits its device (n choices' timings are not one answer's; KV
+                    # repair's decode steps carry recomputation the cost model does not predict)
                     learn = (c, placement)
                 break
             except Unavailable as exc:
@@ -406,7 +416,8 @@ class HubService:
         """Refit the device's corrections and ratios from one finished request (cloud_hub.calibrations),
         and count its prediction error by device in the metrics."""
         assert c.tracker is not None
-        c.tracker.observe(c.profile, c.cost, c.emulated, placement, m, max_tokens)
+        kv_layers = len(c.kv.aux_layers) if c.kv is not None and m.kv_predicted else None
+        c.tracker.observe(c.profile, c.cost, c.emulated, placement, m, max_tokens, kv_layers)
         self.fleet.calibrations.save(c.device_id, c.model)
         self.metrics.observe_prediction(c.device_id or "cloud", placement, m)
 
@@ -418,6 +429,7 @@ class HubService:
             if remaining == spec.params.max_tokens
             else dataclasses.replace(spec.params, max_tokens=remaining)
         )
+        params = kv_params(c, params)
         if c.kind in ("cloud", "split"):
             assert self.cloud is not None
             engine = self._split_engine(c, progress) if c.kind == "split" else None
@@ -434,6 +446,7 @@ class HubService:
                 progress.received = time.perf_counter()
                 first, n = first or progress.received, n + 1
                 progress.skipping = piece.skipping or progress.skipping  # on the last piece
+                progress.kv = piece.kv or progress.kv
                 yield progress.add(
                     piece.text, piece.token_ids, piece.finish_reason, piece.tokens, piece.index, piece.logprobs,
                     piece.prompt_logprobs, piece.prompt_ids,
@@ -472,6 +485,8 @@ class HubService:
                 progress.queue_ms = item.metrics.queue_ms
                 progress.energy_measured = item.metrics.energy_measured
                 progress.skipping = skip_report(item.metrics)
+                kv = kv_report_kwargs(item.metrics)
+                progress.kv = KVReport(**kv) if kv is not None else None
 
 
 @dataclass
@@ -514,6 +529,8 @@ class _Progress:
     skipping: SkipReport | None = None
     """The layer-skipping report of the placement that finished the request (after a failover, the
     last one's): what its decode skipped (models.skip)."""
+    kv: KVReport | None = None
+    """The KV-prediction report of the placement that finished the request (models.kvpred)."""
 
     def routed(self) -> None:
         """Started is ready to hand off: routing since `mark` ends (dispatch comes after it)."""
@@ -581,6 +598,8 @@ class _Progress:
         if s is not None:
             metrics.skipped_layers.extend(s.layers)
             metrics.lossless, metrics.drafted, metrics.accepted = s.lossless, s.drafted, s.accepted
+        if self.kv is not None:
+            set_kv_report(metrics, **vars(self.kv))
         return metrics
 
 
@@ -605,6 +624,37 @@ def _skipping(candidates: list[Candidate], spec: GenerateSpec, first: bool) -> l
             "it: tandem models train-routers); send skip_ratio 0"
         )
     return able
+
+
+def _predicting(candidates: list[Candidate], spec: GenerateSpec, first: bool) -> list[Candidate]:
+    """The candidates that can serve a request with a kv_prediction, each set to run it at that depth
+    (Candidate.kv, which the router estimates): those whose model advertises a trained variant of it
+    (ModelInfo.kv_variants). On the first placement, InvalidRequest naming kv_prediction when some
+    could serve the request but none predicts at that depth (as _skipping)."""
+    depth = spec.params.kv_prediction
+    able = []
+    for c in candidates:
+        v = next((v for v in c.kv_variants if abs(v.depth - depth) < 1e-6), None)
+        if v is not None:
+            able.append(dataclasses.replace(c, kv=v))
+    if first and candidates and not able:
+        which = f"model {spec.model!r}" if spec.model else "any model"
+        where = f" on device {spec.device!r}" if spec.device else ""
+        trained = sorted({v.depth for c in candidates for v in c.kv_variants})
+        have = f"trained depths there: {', '.join(f'{d:g}' for d in trained)}" if trained else "none has predictors"
+        raise InvalidRequest(
+            f"kv_prediction: no device serves KV prediction at depth {depth:g} for {which}{where} ({have}; "
+            "train them: tandem models train-kv); send kv_prediction 0"
+        )
+    return able
+
+
+def kv_params(c: Candidate, params: SamplingParams) -> SamplingParams:
+    """`params` as placement `c` runs them: with kv_prediction at its variant's depth where the router
+    turned KV prediction on (Budget.quality_floor; Candidate.kv), else unchanged."""
+    if c.kv is None or params.kv_prediction:
+        return params
+    return dataclasses.replace(params, kv_prediction=c.kv.depth)
 
 
 def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: _Progress) -> pb.Work:

@@ -123,6 +123,10 @@ class BundleCache:
                     loaded.attach_routers(model)
                 except ModelInvalidRequest as exc:
                     log.warning("the %s bundle of %s goes without routers: %s", quant, model, exc)
+                try:  # and its KV predictors (models.kvpred), likewise
+                    loaded.attach_predictors(model)
+                except ModelInvalidRequest as exc:
+                    log.warning("the %s bundle of %s goes without KV predictors: %s", quant, model, exc)
                 save_bundle(loaded, out, source=model)
                 log.info("built the %s bundle of %s in %s", quant, model, out)
         return out

@@ -153,6 +153,8 @@ def _check_supported(params: SamplingParams, model: str) -> None:
         raise InvalidRequest(f"response_format: {model} is served by an upstream server here, without grammars")
     if params.skip_ratio:  # the router never places one here (no ModelInfo.skip_ratios); never ignored either
         raise InvalidRequest(f"skip_ratio: {model} is served by an upstream server here, without layer skipping")
+    if params.kv_prediction:  # likewise: no ModelInfo.kv_variants here
+        raise InvalidRequest(f"kv_prediction: {model} is served by an upstream server here, without KV prediction")
     if params.logprobs is not None and params.logprobs > 5:
         raise InvalidRequest(f"top_logprobs: {model}'s upstream server gives at most 5, got {params.logprobs}")
 

@@ -44,6 +44,7 @@ from edge_agent.stage import serve_stage
 from edge_agent.telemetry import MqttSettings, TelemetryPublisher
 from models.errors import InvalidRequest
 from models.generate import Continuation, TokenEvent, plain
+from models.kvpred import KVReport
 from models.sampling import SamplingParams
 from models.serving import ServedModel
 from models.skip import SkipReport
@@ -51,7 +52,7 @@ from models.streaming import iterate_in_thread
 from tandem.files import write_private
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tandem.wire import logprob_message, prompt_of, sampling_kwargs, tools_of
+from tandem.wire import kv_variant_message, logprob_message, prompt_of, sampling_kwargs, set_kv_report, tools_of
 
 log = logging.getLogger("tandem.agent")
 VERSION = "0.1.0"
@@ -576,6 +577,7 @@ class Agent:
         first = last = None
         count, finish = 0, "length"
         skipping: SkipReport | None = None  # on the last event, with Sampling.skip_ratio
+        kv: KVReport | None = None  # on the last event, with Sampling.kv_prediction
         sensor = self.config.power_sensor
         meter = _started(EnergyMeter(sensor)) if sensor is not None else None
         try:
@@ -586,6 +588,7 @@ class Agent:
                 count += 1
                 finish = ev.finish_reason or finish
                 skipping = ev.skipping or skipping
+                kv = ev.kv or kv
                 outbox.put_nowait(pb.AgentMessage(tokens=token_chunk(work.work_id, ev, ids)))
         finally:  # a cancelled or failed request stops its meter too
             energy = _stopped(meter)
@@ -603,6 +606,8 @@ class Agent:
         )
         if skipping is not None:
             skip_metrics(metrics, skipping)
+        if kv is not None:
+            set_kv_report(metrics, **vars(kv))
         return pb.AgentMessage(done=pb.WorkDone(work_id=work.work_id, finish_reason=finish, metrics=metrics))
 
     def _prepare(self, work: pb.Work, engine: ServedModel) -> tuple[SamplingParams, list[int]]:
@@ -635,12 +640,16 @@ def followed_broker(current: MqttSettings, info: pb.MqttInfo, hub: str) -> MqttS
 
 
 def model_info(served: ServedModel) -> pb.ModelInfo:
-    """What this agent advertises about `served`: its ModelInfo fields, and the skip ratios its
-    layer-skipping routers were trained for, so that the hub sends requests with a skip_ratio only
-    where they can be served. None with a step engine (edge_agent.engines): skipping runs on the
-    model's own route only (models.generate refuses it elsewhere). Read at each Hello: an update
-    may bring routers or take them away."""
-    return pb.ModelInfo(**served.info, skip_ratios=served.skip_ratios)
+    """What this agent advertises about `served`: its ModelInfo fields, the skip ratios its
+    layer-skipping routers were trained for and its KV-prediction variants, so that the hub sends
+    requests with a skip_ratio or a kv_prediction only where they can be served. None with a step
+    engine (edge_agent.engines): both run on the model's own route only (models.generate refuses
+    them elsewhere). Read at each Hello: an update may bring routers or predictors or take them away."""
+    return pb.ModelInfo(
+        **served.info,
+        skip_ratios=served.skip_ratios,
+        kv_variants=[kv_variant_message(**vars(v)) for v in served.kv_variants],
+    )
 
 
 def skip_metrics(metrics: pb.Metrics, report: SkipReport) -> None:

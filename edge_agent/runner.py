@@ -118,8 +118,9 @@ def serve_model(
     served = ServedModel(model, loaded, backend)  # warmed up, unpaced
     cost = served_model_cost(loaded.config, served.info["weight_bytes"])  # the router's own rule on what it advertises
     notes = [f"at {served.info['quant']}"]
-    if backend is None:  # layer skipping runs on the model's own route (the kernels' skip mask)
+    if backend is None:  # layer skipping and KV prediction run on the model's own route (the kernels')
         notes.append(loaded.attach_routers(model))
+        notes.append(loaded.attach_predictors(model))
     if backend is None:  # the model's own generator: calibrated (engines are not profiled yet)
         held = quant or served.info["quant"]
         cal, how = cached_calibration(cache, served, model, held, "cpu", prof)  # unpaced: the host's speed

@@ -200,6 +200,13 @@ def prefill_ms(profile: DeviceProfile, cost: ModelCost, prompt_tokens: int) -> f
     return max(flops, memory)
 
 
+def kv_prefill_ms(profile: DeviceProfile, cost: ModelCost, prompt_tokens: int, layers: int) -> float:
+    """Prefill with KV prediction (models.kvpred): the prompt through an auxiliary model of `layers`
+    of the layers (their share of the whole prefill), then the whole model takes the prompt's last
+    token as one decode step. The predictors' own cost (one matmul a layer) is left out."""
+    return prefill_ms(profile, cost, prompt_tokens) * layers / cost.n_layers + decode_ms(profile, cost, prompt_tokens)
+
+
 def decode_ms(profile: DeviceProfile, cost: ModelCost, context: float) -> float:
     """Memory-bound time of one decode step at `context` positions, floored by its compute time."""
     bytes_read = cost.weight_bytes_per_token + cost.kv_bytes_per_token * cost.keys_read(context) / cost.n_layers
@@ -240,12 +247,14 @@ def predict(
     prompt_tokens: int,
     max_new_tokens: int,
     context_bytes_in: float | None = None,
+    kv_layers: int | None = None,
 ) -> Estimate:
     """Predict TTFT, TPOT, total time and energy of generating `max_new_tokens` after a prompt.
 
     `context_bytes_in` is the size of what the hub sends the device (prompt text); by default
-    prompt_tokens x BYTES_PER_PROMPT_TOKEN. Raises ValueError for prompt_tokens or max_new_tokens < 1 or
-    negative context_bytes_in.
+    prompt_tokens x BYTES_PER_PROMPT_TOKEN. `kv_layers`: with KV prediction, the auxiliary model's
+    layer count (kv_prefill_ms); None: the whole model prefills. Raises ValueError for prompt_tokens
+    or max_new_tokens < 1 or negative context_bytes_in.
     """
     if prompt_tokens < 1 or max_new_tokens < 1:
         raise ValueError(f"prompt_tokens and max_new_tokens must be >= 1, got {prompt_tokens}, {max_new_tokens}")
@@ -253,7 +262,11 @@ def predict(
         context_bytes_in = prompt_tokens * BYTES_PER_PROMPT_TOKEN
     if context_bytes_in < 0:
         raise ValueError(f"context_bytes_in must be >= 0, got {context_bytes_in}")
-    prefill = prefill_ms(profile, model_cost, prompt_tokens)
+    prefill = (
+        prefill_ms(profile, model_cost, prompt_tokens)
+        if kv_layers is None
+        else kv_prefill_ms(profile, model_cost, prompt_tokens, kv_layers)
+    )
     # Mean context over the decode steps: the prompt plus half the new tokens.
     decode = decode_ms(profile, model_cost, prompt_tokens + max_new_tokens / 2)
     link = link_ms(profile, context_bytes_in)

@@ -24,6 +24,7 @@ from partitioner import calibration as cal
 from partitioner import split
 from partitioner.cost import BYTES_PER_PROMPT_TOKEN, Estimate, ModelCost, assemble, link_ms
 from partitioner.cost import decode_ms as roofline_decode_ms
+from partitioner.cost import kv_prefill_ms as roofline_kv_prefill_ms
 from partitioner.cost import prefill_ms as roofline_prefill_ms
 
 
@@ -47,15 +48,27 @@ def compute_ms(
     prompt_tokens: int,
     context: float,
     emulated: bool = False,
+    kv_layers: int | None = None,
 ) -> tuple[float, float]:
     """(prefill ms, one decode step ms) of the engine alone, before online corrections: calibrated
     when a calibration is given (its fixed request overhead in the prefill), else the roofline. An
-    emulated device runs each at the slower of its profile's roofline and the calibrated host."""
+    emulated device runs each at the slower of its profile's roofline and the calibrated host.
+    `kv_layers`: with KV prediction (models.kvpred), the prompt prefills through that many auxiliary
+    layers and the whole model takes its last token as one decode step; None: the whole model."""
     if calibration is None or emulated:
-        roofline = roofline_prefill_ms(profile, cost, prompt_tokens), roofline_decode_ms(profile, cost, context)
+        roof_prefill = (
+            roofline_prefill_ms(profile, cost, prompt_tokens)
+            if kv_layers is None
+            else roofline_kv_prefill_ms(profile, cost, prompt_tokens, kv_layers)
+        )
+        roofline = roof_prefill, roofline_decode_ms(profile, cost, context)
         if calibration is None:
             return roofline
-    prefill = calibration.request_ms + cal.prefill_ms(calibration, cost, prompt_tokens)
+    if kv_layers is None:
+        prefill = calibration.request_ms + cal.prefill_ms(calibration, cost, prompt_tokens)
+    else:  # the auxiliary layers (no head: the predictors take their output), then the last token through all
+        aux = kv_layers * cal.layer_prefill_ms(calibration, cost, prompt_tokens)
+        prefill = calibration.request_ms + aux + cal.decode_ms(calibration, cost, prompt_tokens)
     step = cal.decode_ms(calibration, cost, context)
     if emulated:
         return max(prefill, roofline[0]), max(step, roofline[1])
@@ -87,16 +100,18 @@ def predict(
     corrections: Corrections = Corrections(),
     emulated: bool = False,
     context_bytes_in: float | None = None,
+    kv_layers: int | None = None,
 ) -> Estimate:
     """TTFT, time per token, total time and energy of one request on one device.
 
     An emulated device runs each phase at max(profile's roofline, host's calibrated time); energy is
-    the calibration's measured power where a sensor measured it, else the profile's. Raises
-    ValueError for prompt_tokens or max_new_tokens < 1."""
+    the calibration's measured power where a sensor measured it, else the profile's. `kv_layers`:
+    with KV prediction, the auxiliary model's layer count (compute_ms). Raises ValueError for
+    prompt_tokens or max_new_tokens < 1."""
     if prompt_tokens < 1 or max_new_tokens < 1:
         raise ValueError(f"prompt_tokens and max_new_tokens must be >= 1, got {prompt_tokens}, {max_new_tokens}")
     context = prompt_tokens + max_new_tokens / 2  # mean context over the decode steps
-    prefill, step = compute_ms(profile, cost, calibration, prompt_tokens, context, emulated)
+    prefill, step = compute_ms(profile, cost, calibration, prompt_tokens, context, emulated, kv_layers)
     prefill = corrections.prefill.apply(prefill)
     step = corrections.decode.apply(step)
     link = corrections.link_ms

@@ -31,6 +31,9 @@ Prompt = str | Sequence[Mapping[str, str]]
 MAX_SKIP_RATIO = 0.75
 """The largest share of layers a request may skip: models.sampling.MAX_SKIP_RATIO, which the SDK
 cannot import (it knows only its protocol); tests/test_skip_wire.py holds the two equal."""
+KV_DEPTHS = (0.25, 0.5, 0.75)
+"""The auxiliary depths KV prediction serves: models.sampling.KV_DEPTHS (tests/test_kvpred_wire.py
+holds the two equal)."""
 
 
 def build_request(
@@ -51,13 +54,18 @@ def build_request(
     prompt_logprobs: int | None = None,
     skip_ratio: float = 0.0,
     lossless: bool = False,
+    kv_prediction: float = 0.0,
+    kv_repair: bool = False,
 ) -> pb.GenerateRequest:
     """The wire request; raises InvalidRequest for what can be caught before sending. n: choices for
     the prompt; logprobs=k: each token's log-probability and the k most likely tokens' (k <= 20);
     prompt_logprobs=k: the same for the prompt's tokens; skip_ratio: the share of layers decode skips
     (early layer skipping, on devices whose model has trained routers; 0 = every layer); lossless:
     with skip_ratio, the skipping model only drafts and the whole model verifies every token, so the
-    answer is the whole model's."""
+    answer is the whole model's; kv_prediction: KV prediction at this auxiliary depth (0.25, 0.5 or
+    0.75 of the layers prefill the prompt, on devices whose model has trained predictors; 0 = off);
+    kv_repair: with kv_prediction, the whole model recomputes the true cache between decode steps.
+    budget.quality_floor lets the hub turn KV prediction on by itself (Budget)."""
     if isinstance(prompt, str):
         inp = pb.Input(prompt=prompt)
     elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
@@ -68,10 +76,13 @@ def build_request(
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be a positive integer, got {max_tokens!r}", "INVALID_ARGUMENT")
     _check_skipping(skip_ratio, lossless)
+    _check_kv(kv_prediction, kv_repair, skip_ratio)
     b = budget or Budget()
+    _check_quality_floor(b.quality_floor)
     sampling = sampling_message(
         max_tokens, temperature, top_k, top_p, seed, tuple(stop), n, logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs, skip_ratio=skip_ratio, lossless=lossless,
+        prompt_logprobs=prompt_logprobs, skip_ratio=skip_ratio, lossless=lossless, kv_prediction=kv_prediction,
+        kv_repair=kv_repair,
     )  # fmt: skip
     return pb.GenerateRequest(
         model=model,
@@ -79,7 +90,13 @@ def build_request(
         sampling=sampling,
         request_id=request_id,
         device=device,
-        budget=pb.Budget(ttft_ms=b.ttft_ms, tpot_ms=b.tpot_ms, energy_j=b.energy_j, best_effort=b.best_effort),
+        budget=pb.Budget(
+            ttft_ms=b.ttft_ms,
+            tpot_ms=b.tpot_ms,
+            energy_j=b.energy_j,
+            best_effort=b.best_effort,
+            quality_floor=b.quality_floor,
+        ),
     )
 
 
@@ -95,6 +112,31 @@ def _check_skipping(skip_ratio: float, lossless: bool) -> None:
     if lossless and not skip_ratio > 0:
         raise InvalidRequest(
             "lossless drafts with the layers skip_ratio skips: set skip_ratio > 0 with it", "INVALID_ARGUMENT"
+        )
+
+
+def _check_kv(kv_prediction: float, kv_repair: bool, skip_ratio: float) -> None:
+    """InvalidRequest for KV-prediction options the hub would refuse (models.sampling's rules)."""
+    number = isinstance(kv_prediction, (int, float)) and not isinstance(kv_prediction, bool)
+    if not (number and (kv_prediction == 0 or kv_prediction in KV_DEPTHS)):
+        raise InvalidRequest(
+            f"kv_prediction must be 0 or one of {', '.join(map(str, KV_DEPTHS))} (the auxiliary model's share "
+            f"of the layers), got {kv_prediction!r}",
+            "INVALID_ARGUMENT",
+        )
+    if kv_repair and not kv_prediction:
+        raise InvalidRequest("kv_repair repairs a predicted cache: set kv_prediction with it", "INVALID_ARGUMENT")
+    if kv_prediction and skip_ratio:
+        raise InvalidRequest("kv_prediction and skip_ratio are one at a time: send one of them", "INVALID_ARGUMENT")
+
+
+def _check_quality_floor(floor: float) -> None:
+    number = isinstance(floor, (int, float)) and not isinstance(floor, bool)
+    if not (number and math.isfinite(floor) and 0.0 <= floor <= 1.0):
+        raise InvalidRequest(
+            f"budget.quality_floor must be a number in [0, 1] (the lowest greedy agreement with the unmodified "
+            f"model accepted), got {floor!r}",
+            "INVALID_ARGUMENT",
         )
 
 
@@ -114,6 +156,7 @@ def _placement(p: pb.Placement) -> Placement:
         p.calibrated,
         p.layer_start,
         p.layer_end,
+        p.kv_prediction,
     )
 
 
@@ -134,6 +177,8 @@ def _fold(result: GenerateResult, msg: pb.GenerateResponse) -> Chunk | None:
         result.energy_measured = m.energy_measured
         result.skipped_layers, result.lossless = list(m.skipped_layers), m.lossless
         result.drafted, result.accepted = m.drafted, m.accepted
+        result.kv_depth, result.kv_predicted = m.kv_depth, m.kv_predicted
+        result.kv_repaired_at = m.kv_repaired_at if m.HasField("kv_repaired_at") else None
     if msg.prompt_logprobs:
         result.prompt_logprobs = [_logprob(m) for m in msg.prompt_logprobs]
     if msg.text or msg.token_ids or msg.choice_finish_reason:

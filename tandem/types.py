@@ -17,6 +17,10 @@ class Budget:
     """Most edge energy the request may spend."""
     best_effort: bool = False
     """Serve on the closest placement when none meets the budget (instead of BudgetUnsatisfiable)."""
+    quality_floor: float = 0.0
+    """The lowest measured greedy agreement with the unmodified model (0..1) accepted for a faster
+    variant: with it, the hub may turn KV prediction on where the unmodified model would miss the
+    budget (Placement.kv_prediction says so); 0 = the unmodified model only."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ class Placement:
     """A split's stage: the first layer it ran (both 0: the whole model)."""
     layer_end: int = 0
     """One past its last layer."""
+    kv_prediction: float = 0.0
+    """The hub turned KV prediction on here at this auxiliary depth (Budget.quality_floor); 0 = it did
+    not (a request's own kv_prediction is not repeated here)."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +143,15 @@ class GenerateResult:
     accepted: int = 0
     """Lossless mode: of those, tokens the whole model accepted (accepted / drafted: how well the
     skipping model predicts the whole one)."""
+    kv_depth: float = 0.0
+    """KV prediction: the auxiliary depth that prefilled the prompt (generate's kv_prediction, or the
+    hub's choice under Budget.quality_floor: see the placement's kv_prediction); 0 = not predicted."""
+    kv_predicted: int = 0
+    """KV prediction: prompt slots whose cache was predicted (0: the prompt was too short, and the whole
+    model prefilled it)."""
+    kv_repaired_at: int | None = None
+    """With kv_repair: generated tokens after which the cache was the whole model's; None: not
+    repaired by the end (or no repair asked for)."""
 
     @property
     def placement(self) -> Placement | None:

@@ -47,6 +47,8 @@ def sampling_kwargs(s: pb.Sampling) -> dict:
         "constraint": s.constraint,
         "skip_ratio": s.skip_ratio,
         "lossless": s.lossless,
+        "kv_prediction": s.kv_prediction,
+        "kv_repair": s.kv_repair,
     }
 
 
@@ -63,6 +65,8 @@ def sampling_message(
     constraint: str = "",
     skip_ratio: float = 0.0,
     lossless: bool = False,
+    kv_prediction: float = 0.0,
+    kv_repair: bool = False,
     **_: object,
 ) -> pb.Sampling:
     """The wire's Sampling from SamplingParams' fields (`Sampling(**vars(params))` in spirit): the
@@ -80,7 +84,34 @@ def sampling_message(
         constraint=constraint,
         skip_ratio=skip_ratio,
         lossless=lossless,
+        kv_prediction=kv_prediction,
+        kv_repair=kv_repair,
     )
+
+
+def kv_variant_message(
+    depth: float, aux_layers: tuple[int, ...], agreement: float, bpb_ratio: float, prefill_share: float, **_: object
+) -> pb.KVVariant:
+    """The wire's KVVariant from models.kvpred.KVVariant's fields (`kv_variant_message(**vars(v))`)."""
+    return pb.KVVariant(
+        depth=depth, aux_layers=aux_layers, agreement=agreement, bpb_ratio=bpb_ratio, prefill_share=prefill_share
+    )
+
+
+def set_kv_report(metrics: pb.Metrics, depth: float, predicted: int, repaired_at: int | None, **_: object) -> None:
+    """Write a request's KV-prediction report (models.kvpred.KVReport's fields:
+    `set_kv_report(metrics, **vars(report))`) into its Metrics; the inverse of kv_report_kwargs."""
+    metrics.kv_depth, metrics.kv_predicted = depth, predicted
+    if repaired_at is not None:
+        metrics.kv_repaired_at = repaired_at
+
+
+def kv_report_kwargs(m: pb.Metrics) -> dict | None:
+    """Keyword arguments for models.kvpred.KVReport out of a request's Metrics (None: not predicted)."""
+    if not m.kv_depth:
+        return None
+    repaired = m.kv_repaired_at if m.HasField("kv_repaired_at") else None
+    return {"depth": m.kv_depth, "predicted": m.kv_predicted, "repaired_at": repaired}
 
 
 Logprob = tuple[int, float, tuple[tuple[int, float], ...]]

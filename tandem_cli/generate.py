@@ -17,7 +17,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def cmd_generate_remote(args: argparse.Namespace) -> int:
-    budget = Budget(args.ttft_ms or 0.0, args.tpot_ms or 0.0, args.energy_j or 0.0, args.best_effort)
+    budget = Budget(
+        args.ttft_ms or 0.0, args.tpot_ms or 0.0, args.energy_j or 0.0, args.best_effort, args.quality_floor or 0.0
+    )
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     try:
         with hub_client(args) as client:
@@ -34,6 +36,8 @@ def cmd_generate_remote(args: argparse.Namespace) -> int:
                 budget=budget,
                 skip_ratio=args.skip_ratio,
                 lossless=args.lossless,
+                kv_prediction=args.kv_prediction,
+                kv_repair=args.kv_repair,
             )
             for chunk in stream:
                 sys.stdout.write(chunk.text)
@@ -46,7 +50,8 @@ def cmd_generate_remote(args: argparse.Namespace) -> int:
     where = f"{p.kind} {p.device_id or ''} {p.profile} {p.model}" if p else "?"
     print(
         f"\n[{r.finish_reason}; {where}; TTFT {r.ttft_ms:.0f} ms, TPOT {r.tpot_ms:.1f} ms, {r.energy_j:.2f} J"
-        f"{skipped(list(r.skipped_layers), r.lossless, r.drafted, r.accepted) if args.skip_ratio else ''}]",
+        f"{skipped(list(r.skipped_layers), r.lossless, r.drafted, r.accepted) if args.skip_ratio else ''}"
+        f"{predicted(r.kv_depth, r.kv_predicted, r.kv_repaired_at, bool(p and p.kv_prediction))}]",
         file=sys.stderr,
     )
     return 0
@@ -57,6 +62,15 @@ def skipped(layers: list[int], lossless: bool, drafted: int, accepted: int) -> s
     if lossless:
         return f"; lossless, drafts skipped layers {layers}, {accepted}/{drafted} accepted"
     return f"; skipped layers {layers}"
+
+
+def predicted(depth: float, slots: int, repaired_at: int | None, by_hub: bool = False) -> str:
+    """The KV-prediction report as the closing line shows it ("" when not predicted)."""
+    if not depth:
+        return ""
+    how = " (turned on by the hub: --quality-floor)" if by_hub else ""
+    repair = f", repaired after {repaired_at} tokens" if repaired_at is not None else ""
+    return f"; KV predicted at depth {depth:g}{how} for {slots} prompt slots{repair}"
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -74,25 +88,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop or ()),
         skip_ratio=args.skip_ratio,
         lossless=args.lossless,
+        kv_prediction=args.kv_prediction,
+        kv_repair=args.kv_repair,
     )
     if not args.prompt:
         raise SystemExit("error: a prompt is required")
     name = args.model or DEFAULT_MODEL
-    # Layer skipping runs on the agents' fast path (the GGUF's own precision on our kernels), with
-    # the routers trained for it (tandem models train-routers); otherwise the fp32 model, as before.
-    loaded = load(name, quant="source" if args.skip_ratio else None)
+    # Layer skipping and KV prediction run on the agents' fast path (the GGUF's own precision on our
+    # kernels), with the routers or predictors trained for it (tandem models train-routers, train-kv);
+    # otherwise the fp32 model, as before.
+    loaded = load(name, quant="source" if args.skip_ratio or args.kv_prediction else None)
     if args.skip_ratio:
         print(loaded.attach_routers(name), file=sys.stderr)
+    if args.kv_prediction:
+        print(loaded.attach_predictors(name), file=sys.stderr)
     chat = loaded.tokenizer.info.chat_template is not None and not args.raw
     prompt = [{"role": "user", "content": args.prompt}] if chat else args.prompt
-    finish, report = None, None
+    finish, report, kv = None, None, None
     for ev in loaded.generator().stream([prompt], params):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
         finish = ev.finish_reason or finish
         report = ev.skipping or report
+        kv = ev.kv or kv
     sys.stdout.write("\n")
     extra = skipped(list(report.layers), report.lossless, report.drafted, report.accepted) if report else ""
+    extra += predicted(kv.depth, kv.predicted, kv.repaired_at) if kv else ""
     print(f"[finish: {finish}{extra}]", file=sys.stderr)
     return 0
 
@@ -109,6 +130,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tpot-ms", type=float, help="budget: time per output token")
     p.add_argument("--energy-j", type=float, help="budget: edge energy")
     p.add_argument("--best-effort", action="store_true", help="serve even when no placement meets the budget")
+    p.add_argument(
+        "--quality-floor",
+        type=float,
+        help="budget: lowest greedy agreement with the unmodified model (0..1) accepted for a faster variant "
+        "(lets the hub turn KV prediction on)",
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -121,5 +148,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--lossless", action="store_true", help="with --skip-ratio: the skipping model only drafts; output unchanged"
+    )
+    p.add_argument(
+        "--kv-prediction",
+        type=float,
+        default=0.0,
+        metavar="DEPTH",
+        help="KV prediction: an auxiliary model of this share of the layers (0.25, 0.5, 0.75) prefills the prompt",
+    )
+    p.add_argument(
+        "--kv-repair", action="store_true", help="with --kv-prediction: recompute the true cache between decode steps"
     )
     p.set_defaults(func=cmd_generate)

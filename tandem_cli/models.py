@@ -1,4 +1,5 @@
-"""`tandem models list|pull|train-routers`: the model zoo, and the routers that let agents skip layers."""
+"""`tandem models list|pull|train-routers|train-kv`: the model zoo, the routers that let agents skip
+layers and the predictors that let them prefill through part of the layers (KV prediction)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,41 @@ def cmd_models_train_routers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_train_kv(args: argparse.Namespace) -> int:
+    """Train a zoo model's KV predictors (models.kvpred), one auxiliary depth each, and save them
+    where agents serving it at that precision find them; print each variant as measured."""
+    # Lazy: torch and the corpus, which `list` and `pull` never need.
+    from models import kvpred
+    from models.runtime import load
+
+    loaded = load(args.name, quant=args.quant)
+    quant = loaded.served_quant
+    config = kvpred.KVTraining(depths=tuple(args.depths), seed=args.seed)
+    print(
+        f"{args.name} as {quant}: KV predictors at depths {', '.join(f'{d:g}' for d in args.depths)}", file=sys.stderr
+    )
+    windows = kvpred.calibration(loaded.tokenizer.encode, config)
+    spec = kvpred.PredictorSpec.of(loaded.model, args.name, quant)
+    predictors = kvpred.train_set(
+        loaded.model, spec, windows, config, progress=lambda what: print(what, file=sys.stderr)
+    )
+    directory = kvpred.kv_dir(args.name, quant)
+    predictors.save(directory)
+    print(f"{'DEPTH':<6} {'AGREEMENT':<10} {'BPB RATIO':<10} {'PREFILL':<8} AUX LAYERS")
+    for v in predictors.variants():
+        print(f"{v.depth:<6g} {v.agreement:<10.3f} {v.bpb_ratio:<10.3f} {v.prefill_share:<8.2f} {list(v.aux_layers)}")
+    print(f"predictors: {directory}")
+    return 0
+
+
+def depths(text: str) -> list[float]:
+    """--depths' value: auxiliary depths, comma-separated (e.g. 0.25,0.5,0.75)."""
+    try:
+        return [float(d) for d in text.split(",") if d.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"depths must be numbers separated by commas, got {text!r}") from exc
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="the model zoo").add_subparsers(dest="models_command", required=True)
     p = models.add_parser("list", help="list zoo models and whether they are pulled")
@@ -105,3 +141,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-windows", type=int, default=16, help="held-out windows to report quality on (0: none)")
     p.set_defaults(func=cmd_models_train_routers)
+    p = models.add_parser(
+        "train-kv", help="train a model's KV predictors on calibration text (requests' kv_prediction)"
+    )
+    p.add_argument("name", help="a zoo model, pulled")
+    p.add_argument("--quant", default="source", help="the precision agents serve it at (default: source)")
+    p.add_argument("--depths", type=depths, default=[0.25, 0.5, 0.75], help="auxiliary depths, e.g. 0.25,0.5,0.75")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_models_train_kv)

@@ -7,19 +7,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Budget(_message.Message):
-    __slots__ = ("ttft_ms", "tpot_ms", "energy_j", "best_effort")
+    __slots__ = ("ttft_ms", "tpot_ms", "energy_j", "best_effort", "quality_floor")
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     BEST_EFFORT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FLOOR_FIELD_NUMBER: _ClassVar[int]
     ttft_ms: float
     tpot_ms: float
     energy_j: float
     best_effort: bool
-    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., best_effort: _Optional[bool] = ...) -> None: ...
+    quality_floor: float
+    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., best_effort: _Optional[bool] = ..., quality_floor: _Optional[float] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "n", "logprobs", "prompt_logprobs", "constraint", "skip_ratio", "lossless")
+    __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "n", "logprobs", "prompt_logprobs", "constraint", "skip_ratio", "lossless", "kv_prediction", "kv_repair")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +34,8 @@ class Sampling(_message.Message):
     CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     SKIP_RATIO_FIELD_NUMBER: _ClassVar[int]
     LOSSLESS_FIELD_NUMBER: _ClassVar[int]
+    KV_PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    KV_REPAIR_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     temperature: float
     top_k: int
@@ -44,7 +48,23 @@ class Sampling(_message.Message):
     constraint: str
     skip_ratio: float
     lossless: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., n: _Optional[int] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., constraint: _Optional[str] = ..., skip_ratio: _Optional[float] = ..., lossless: _Optional[bool] = ...) -> None: ...
+    kv_prediction: float
+    kv_repair: bool
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., n: _Optional[int] = ..., logprobs: _Optional[int] = ..., prompt_logprobs: _Optional[int] = ..., constraint: _Optional[str] = ..., skip_ratio: _Optional[float] = ..., lossless: _Optional[bool] = ..., kv_prediction: _Optional[float] = ..., kv_repair: _Optional[bool] = ...) -> None: ...
+
+class KVVariant(_message.Message):
+    __slots__ = ("depth", "aux_layers", "agreement", "bpb_ratio", "prefill_share")
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    AUX_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    BPB_RATIO_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SHARE_FIELD_NUMBER: _ClassVar[int]
+    depth: float
+    aux_layers: _containers.RepeatedScalarFieldContainer[int]
+    agreement: float
+    bpb_ratio: float
+    prefill_share: float
+    def __init__(self, depth: _Optional[float] = ..., aux_layers: _Optional[_Iterable[int]] = ..., agreement: _Optional[float] = ..., bpb_ratio: _Optional[float] = ..., prefill_share: _Optional[float] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -99,7 +119,7 @@ class Input(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "arch", "n_layers", "quant", "weight_bytes", "layers", "config_json", "chat", "calibration_json", "engine", "chat_template_tokens", "tools", "version", "skip_ratios")
+    __slots__ = ("name", "arch", "n_layers", "quant", "weight_bytes", "layers", "config_json", "chat", "calibration_json", "engine", "chat_template_tokens", "tools", "version", "skip_ratios", "kv_variants")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +134,7 @@ class ModelInfo(_message.Message):
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SKIP_RATIOS_FIELD_NUMBER: _ClassVar[int]
+    KV_VARIANTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     arch: str
     n_layers: int
@@ -128,10 +149,11 @@ class ModelInfo(_message.Message):
     tools: bool
     version: str
     skip_ratios: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., chat: _Optional[bool] = ..., calibration_json: _Optional[str] = ..., engine: _Optional[str] = ..., chat_template_tokens: _Optional[int] = ..., tools: _Optional[bool] = ..., version: _Optional[str] = ..., skip_ratios: _Optional[_Iterable[float]] = ...) -> None: ...
+    kv_variants: _containers.RepeatedCompositeFieldContainer[KVVariant]
+    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., chat: _Optional[bool] = ..., calibration_json: _Optional[str] = ..., engine: _Optional[str] = ..., chat_template_tokens: _Optional[int] = ..., tools: _Optional[bool] = ..., version: _Optional[str] = ..., skip_ratios: _Optional[_Iterable[float]] = ..., kv_variants: _Optional[_Iterable[_Union[KVVariant, _Mapping]]] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("kind", "device_id", "profile", "model", "layer_start", "layer_end", "emulated", "predicted_ttft_ms", "predicted_tpot_ms", "predicted_energy_j", "admitted_ttft_ms", "admitted_tpot_ms", "quantile", "calibrated")
+    __slots__ = ("kind", "device_id", "profile", "model", "layer_start", "layer_end", "emulated", "predicted_ttft_ms", "predicted_tpot_ms", "predicted_energy_j", "admitted_ttft_ms", "admitted_tpot_ms", "quantile", "calibrated", "kv_prediction")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +168,7 @@ class Placement(_message.Message):
     ADMITTED_TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     QUANTILE_FIELD_NUMBER: _ClassVar[int]
     CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    KV_PREDICTION_FIELD_NUMBER: _ClassVar[int]
     kind: str
     device_id: str
     profile: str
@@ -160,10 +183,11 @@ class Placement(_message.Message):
     admitted_tpot_ms: float
     quantile: float
     calibrated: bool
-    def __init__(self, kind: _Optional[str] = ..., device_id: _Optional[str] = ..., profile: _Optional[str] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., emulated: _Optional[bool] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., admitted_ttft_ms: _Optional[float] = ..., admitted_tpot_ms: _Optional[float] = ..., quantile: _Optional[float] = ..., calibrated: _Optional[bool] = ...) -> None: ...
+    kv_prediction: float
+    def __init__(self, kind: _Optional[str] = ..., device_id: _Optional[str] = ..., profile: _Optional[str] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., emulated: _Optional[bool] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., admitted_ttft_ms: _Optional[float] = ..., admitted_tpot_ms: _Optional[float] = ..., quantile: _Optional[float] = ..., calibrated: _Optional[bool] = ..., kv_prediction: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "tpot_ms", "energy_j", "engine_ttft_ms", "engine_tpot_ms", "hub_route_ms", "hub_relay_ms", "prefill_ms", "decode_ms", "queue_ms", "energy_measured", "skipped_layers", "lossless", "drafted", "accepted")
+    __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "tpot_ms", "energy_j", "engine_ttft_ms", "engine_tpot_ms", "hub_route_ms", "hub_relay_ms", "prefill_ms", "decode_ms", "queue_ms", "energy_measured", "skipped_layers", "lossless", "drafted", "accepted", "kv_depth", "kv_predicted", "kv_repaired_at")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +205,9 @@ class Metrics(_message.Message):
     LOSSLESS_FIELD_NUMBER: _ClassVar[int]
     DRAFTED_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    KV_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    KV_PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    KV_REPAIRED_AT_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     ttft_ms: float
@@ -198,7 +225,10 @@ class Metrics(_message.Message):
     lossless: bool
     drafted: int
     accepted: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., engine_ttft_ms: _Optional[float] = ..., engine_tpot_ms: _Optional[float] = ..., hub_route_ms: _Optional[float] = ..., hub_relay_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., energy_measured: _Optional[bool] = ..., skipped_layers: _Optional[_Iterable[int]] = ..., lossless: _Optional[bool] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ...) -> None: ...
+    kv_depth: float
+    kv_predicted: int
+    kv_repaired_at: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., engine_ttft_ms: _Optional[float] = ..., engine_tpot_ms: _Optional[float] = ..., hub_route_ms: _Optional[float] = ..., hub_relay_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., energy_measured: _Optional[bool] = ..., skipped_layers: _Optional[_Iterable[int]] = ..., lossless: _Optional[bool] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., kv_depth: _Optional[float] = ..., kv_predicted: _Optional[int] = ..., kv_repaired_at: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("model", "input", "sampling", "budget", "request_id", "device")
