@@ -210,6 +210,10 @@ def _save_checked(model: str, quant: str, out: Path) -> int:
         loaded.attach_routers(model)
     except InvalidRequest:  # stale routers (another precision or layer count) never block a flash
         loaded.routers = None
+    try:  # and its KV predictors (models.kvpred), likewise
+        loaded.attach_predictors(model)
+    except InvalidRequest:  # stale or damaged predictors never block a flash either
+        loaded.predictors = None
     save_bundle(loaded, out, source=model)
     try:
         same = _same_model(loaded, load_bundle(out, prepare=False))

@@ -7,6 +7,12 @@ A bundle is a directory:
     tokenizer.json       the tokenizer (tokenizers library format)
     tokenizer_info.json  BOS/EOS ids, BOS policy, chat template
     routers/r<ratio>/    optional: the model's layer-skipping routers (models.skip), checksummed
+    kvpred/d<depth>/     optional: the model's KV predictors (models.kvpred), checksummed
+
+The manifest's "kv_predictors" says what the predictors were trained for: {"depths", "base_model",
+"quant", "n_layers", "aux_layers" and "data_sha256" (by depth, "%g"), "sha256" (by file)}. At load
+they must be the bundle's own model's (its "source") at the precision and layer count it serves,
+in the manifest and in the predictors' own files alike: BundleKVMismatch otherwise.
 
 `load_bundle` checks the manifest and the SHA-256 of every file before building anything, so a
 damaged or mismatched bundle is refused at load time with BundleError, never run.
@@ -35,6 +41,7 @@ from tokenizers import Tokenizer
 from models.config import ModelConfig
 from models.cpu import prepare_cpu
 from models.errors import TandemModelError
+from models.kvpred import KVMismatch, PredictorSet, PredictorSpec
 from models.loaded import LoadedModel
 from models.quant import quantize_model
 from models.skip import RouterSet, RouterSpec
@@ -50,6 +57,10 @@ FILES = ("weights.pt", "tokenizer.json", "tokenizer_info.json")
 
 class BundleError(TandemModelError):
     """A bundle whose manifest or files do not match, or that this runtime cannot run."""
+
+
+class BundleKVMismatch(BundleError, KVMismatch):
+    """A bundle's KV predictors trained for another model, precision or layer count than its own."""
 
 
 def _sha256(path: Path) -> str:
@@ -88,6 +99,8 @@ def save_bundle(loaded: LoadedModel, out: Path, source: str) -> Path:
             loaded.routers.save(tmp / "routers")
             files = sorted(p.relative_to(tmp).as_posix() for p in (tmp / "routers").rglob("*") if p.is_file())
             manifest["routers"] = {"ratios": loaded.skip_ratios, "sha256": {f: _sha256(tmp / f) for f in files}}
+        if loaded.predictors is not None:  # likewise its KV predictors
+            manifest["kv_predictors"] = _save_predictors(loaded, tmp, source)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -205,6 +218,8 @@ def load_bundle(path: str | Path, prepare: bool = True) -> LoadedModel:
     loaded = LoadedModel(prepare_cpu(model) if prepare else model, tok, path, quant=_label(manifest))
     if manifest.get("routers"):
         loaded.routers = _routers(path, manifest["routers"], loaded)
+    if manifest.get("kv_predictors"):
+        loaded.predictors = _predictors(path, manifest["kv_predictors"], manifest.get("source"), loaded)
     return loaded
 
 
@@ -220,6 +235,57 @@ def _routers(path: Path, entry: dict, loaded: LoadedModel) -> RouterSet:
         return RouterSet.load(path / "routers", RouterSpec(trained_for, loaded.served_quant, cfg.n_layers, cfg.dim))
     except (StopIteration, OSError, ValueError, KeyError, TandemModelError) as exc:
         raise BundleError(f"{path}: its routers do not fit its model: {exc}") from exc
+
+
+def _save_predictors(loaded: LoadedModel, tmp: Path, source: str) -> dict:
+    """Write `loaded`'s KV predictors under tmp/kvpred; their manifest entry. Raises BundleKVMismatch
+    for predictors trained for another model than `source` as `loaded` serves it."""
+    ps = loaded.predictors
+    assert ps is not None
+    own = PredictorSpec.of(loaded.model, source, loaded.served_quant)
+    if ps.spec != own:
+        raise BundleKVMismatch(f"the KV predictors were trained for {ps.spec}, not for the bundle's model {own}")
+    ps.save(tmp / "kvpred")
+    files = sorted(p.relative_to(tmp).as_posix() for p in (tmp / "kvpred").rglob("*") if p.is_file())
+    spec = {"base_model": ps.spec.model, "quant": ps.spec.quant, "n_layers": ps.spec.n_layers}
+    return {**_by_depth(ps), **spec, "sha256": {f: _sha256(tmp / f) for f in files}}
+
+
+def _by_depth(ps: PredictorSet) -> dict:
+    """The manifest's "depths", "aux_layers" and "data_sha256" (what they were fitted on) of `ps`."""
+    return {
+        "depths": ps.depths,
+        "aux_layers": {f"{d:g}": list(ps.by_depth[d].aux_layers) for d in ps.depths},
+        "data_sha256": {f"{d:g}": ps.by_depth[d].record.get("data_sha256") for d in ps.depths},
+    }
+
+
+def _predictors(path: Path, entry: dict, source: object, loaded: LoadedModel) -> PredictorSet:
+    """The bundle's KV predictors, checked against its manifest's checksums, then held to its own
+    model as it serves it (the manifest's claims and the predictors' files alike): BundleError for a
+    missing or damaged file, BundleKVMismatch naming what differs."""
+    where = f"{path}/manifest.json kv_predictors"
+    sums = entry.get("sha256")
+    if not isinstance(sums, dict) or not sums:
+        raise BundleError(f"{where}: no checksums for the KV predictors")
+    for name, expected in sums.items():
+        if not (path / name).is_file() or _sha256(path / name) != expected:
+            raise BundleError(f"{path}: {name} is missing or does not match the manifest's checksum")
+    cfg = loaded.config
+    claims = {"base_model": source, "quant": loaded.served_quant, "n_layers": cfg.n_layers}
+    wrong = [f"{k} {entry.get(k)!r} (the bundle's model: {v!r})" for k, v in claims.items() if entry.get(k) != v]
+    if wrong:
+        raise BundleKVMismatch(f"{where}: KV predictors trained for another model: {', '.join(wrong)}")
+    try:
+        ps = PredictorSet.load(path / "kvpred", PredictorSpec.of(loaded.model, str(source), loaded.served_quant))
+    except KVMismatch as exc:
+        raise BundleKVMismatch(f"{path}: its KV predictors do not fit its model: {exc}") from exc
+    except TandemModelError as exc:
+        raise BundleError(f"{path}: its KV predictors do not load: {exc}") from exc
+    for key, value in _by_depth(ps).items():  # the manifest's account of them, as their files have it
+        if entry.get(key) != value:
+            raise BundleKVMismatch(f"{where}: {key} {entry.get(key)!r}, the predictors' files say {value!r}")
+    return ps
 
 
 def _label(manifest: dict) -> str | None:

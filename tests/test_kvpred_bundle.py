@@ -1,0 +1,166 @@
+"""Bundles carry a model's KV predictors (models.bundle, models.kvpred): checksummed, and held at load
+to the bundle's own model as it serves it (base model, precision, layer count); a flash payload takes
+the predictors trained for the model it ships."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import kvpred
+from models.bundle import BundleError, BundleKVMismatch, load_bundle, save_bundle
+from models.loaded import LoadedModel
+from models.runtime import load
+from models.sampling import SamplingParams
+from tests.tiny import TinySpec, write_tiny_gguf
+
+AUX = {0.25: (0, 5), 0.5: (0, 2, 5)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: these models are tiny, and two threads on a shared two-core machine
+    wait on each other far longer than they compute."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def six_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("six") / "six.gguf", TinySpec(arch="llama", n_layers=6))
+
+
+def predictors(loaded: LoadedModel, name: str) -> kvpred.PredictorSet:
+    """Least-squares predictors at two depths for `loaded` served as `name`, on random windows."""
+    rng = random.Random(0)
+    windows = [[rng.randrange(loaded.config.vocab_size) for _ in range(48)] for _ in range(4)]
+    spec = kvpred.PredictorSpec.of(loaded.model, name, loaded.served_quant)
+    record = {"data_sha256": kvpred.data_sha256(windows), "quality": {"agreement": 0.9, "bpb_ratio": 1.05}}
+    fitted = kvpred.fit(loaded.model, spec, windows, AUX)
+    return kvpred.PredictorSet({d: dataclasses.replace(p, record=record) for d, p in fitted.items()})
+
+
+@pytest.fixture(scope="module")
+def six(six_path: Path) -> LoadedModel:
+    loaded = load(six_path, use_cache=False)
+    loaded.predictors = predictors(loaded, "six")
+    return loaded
+
+
+@pytest.fixture
+def bundle(six: LoadedModel, tmp_path: Path) -> Path:
+    return save_bundle(six, tmp_path / "b", "six")
+
+
+def edit_manifest(path: Path, **changes: object) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["kv_predictors"].update(changes)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def greedy(loaded: LoadedModel, depth: float) -> list[int]:
+    prompt = list(range(40, 80))
+    params = SamplingParams(max_tokens=8, kv_prediction=depth, ignore_eos=True)
+    return loaded.generator().generate([prompt], params)[0].token_ids
+
+
+def test_a_bundle_round_trip_keeps_the_predictors(six: LoadedModel, bundle: Path) -> None:
+    entry = json.loads((bundle / "manifest.json").read_text())["kv_predictors"]
+    assert entry["depths"] == [0.25, 0.5] and (entry["base_model"], entry["quant"], entry["n_layers"]) == (
+        "six",
+        six.served_quant,
+        6,
+    )
+    assert entry["aux_layers"] == {"0.25": [0, 5], "0.5": [0, 2, 5]}
+    assert set(entry["data_sha256"].values()) == {six.predictors.by_depth[0.25].record["data_sha256"]}
+    assert sorted(entry["sha256"]) == [f"kvpred/d{d}/predictors.{x}" for d in ("0.25", "0.5") for x in ("json", "pt")]
+    back = load_bundle(bundle, prepare=False)
+    assert back.predictors is not None and back.predictors.depths == [0.25, 0.5]
+    for depth, p in six.predictors.by_depth.items():
+        q = back.predictors.for_depth(depth)
+        assert (q.spec, q.aux_layers, q.sources, q.record) == (p.spec, p.aux_layers, p.sources, p.record)
+        assert all(torch.equal(a, b) for a, b in zip(q.weights, p.weights, strict=True))
+    assert back.kv_variants == six.kv_variants
+    assert back.attach_predictors("six") == "KV prediction at depths 0.25, 0.5 (its bundle's)"  # what an agent keeps
+    assert greedy(back, 0.25) == greedy(six, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("field", "claim"), [("quant", "int4"), ("base_model", "smollm2-135m-instruct"), ("n_layers", 30)]
+)
+def test_a_manifest_claiming_another_model_is_refused(bundle: Path, field: str, claim: object) -> None:
+    edit_manifest(bundle, **{field: claim})
+    message = rf"manifest.json kv_predictors: KV predictors trained for another model: {field} {claim!r}"
+    with pytest.raises(BundleKVMismatch, match=message) as info:
+        load_bundle(bundle, prepare=False)
+    assert isinstance(info.value, kvpred.KVMismatch) and isinstance(info.value, BundleError)
+
+
+def test_predictor_files_for_another_precision_are_refused(bundle: Path) -> None:
+    """The manifest left as it was, the predictors' own file trained for int4 (checksum made to match)."""
+    name = "kvpred/d0.5/predictors.json"
+    meta = json.loads((bundle / name).read_text())
+    meta["spec"]["quant"] = "int4"
+    (bundle / name).write_text(json.dumps(meta))
+    edit_manifest(bundle, sha256={**_sums(bundle), name: hashlib.sha256((bundle / name).read_bytes()).hexdigest()})
+    with pytest.raises(BundleKVMismatch, match=r"KV predictors do not fit its model: .*quant 'int4'"):
+        load_bundle(bundle, prepare=False)
+    # and the manifest's account of them must be theirs: a depth it lists with other layers is refused
+    meta["spec"]["quant"] = json.loads((bundle / "manifest.json").read_text())["kv_predictors"]["quant"]
+    (bundle / name).write_text(json.dumps(meta))
+    edit_manifest(bundle, sha256={**_sums(bundle), name: hashlib.sha256((bundle / name).read_bytes()).hexdigest()})
+    edit_manifest(bundle, aux_layers={"0.25": [0, 5], "0.5": [0, 3, 5]})
+    with pytest.raises(BundleKVMismatch, match=r"kv_predictors: aux_layers .*the predictors' files say"):
+        load_bundle(bundle, prepare=False)
+
+
+def _sums(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())["kv_predictors"]["sha256"]
+
+
+def test_a_corrupted_predictors_file_is_refused_by_checksum(bundle: Path) -> None:
+    weights = bundle / "kvpred" / "d0.25" / "predictors.pt"
+    data = bytearray(weights.read_bytes())
+    data[-40] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"kvpred/d0.25/predictors.pt is missing or does not match the manifest's"):
+        load_bundle(bundle, prepare=False)
+    weights.unlink()
+    with pytest.raises(BundleError, match=r"kvpred/d0.25/predictors.pt is missing"):
+        load_bundle(bundle, prepare=False)
+
+
+def test_predictors_for_another_model_are_not_bundled(six: LoadedModel, tmp_path: Path) -> None:
+    with pytest.raises(BundleKVMismatch, match="not for the bundle's model"):
+        save_bundle(six, tmp_path / "b", "another")
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".bundle-*"))
+
+
+def test_a_flash_payload_takes_the_predictors_trained_for_its_model(
+    six_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flashing.payload import _save_checked
+
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    name = str(six_path)
+    served = load(six_path, quant="fp32", use_cache=False)
+    trained = predictors(served, name)
+    trained.save(kvpred.kv_dir(name, served.served_quant))
+    _save_checked(name, "fp32", tmp_path / "with")
+    back = load_bundle(tmp_path / "with", prepare=False)
+    assert back.predictors is not None and back.kv_variants == trained.variants()
+    meta_path = kvpred.kv_dir(name, served.served_quant) / "d0.25" / "predictors.json"
+    meta = json.loads(meta_path.read_text())
+    meta["spec"]["n_layers"] = 2  # predictors of another layer count: the flash goes without them
+    meta_path.write_text(json.dumps(meta))
+    _save_checked(name, "fp32", tmp_path / "without")
+    assert load_bundle(tmp_path / "without", prepare=False).predictors is None
