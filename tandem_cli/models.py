@@ -88,18 +88,20 @@ def cmd_models_train_kv(args: argparse.Namespace) -> int:
     """Train a zoo model's KV predictors (models.kvpred), one auxiliary depth each, and save them
     where agents serving it at that precision find them; print each variant as measured."""
     # Lazy: torch and the corpus, which `list` and `pull` never need.
-    from models import kvpred
+    from models import kvpred, kvpred_train
     from models.runtime import load
 
     loaded = load(args.name, quant=args.quant)
     quant = loaded.served_quant
-    config = kvpred.KVTraining(depths=tuple(args.depths), seed=args.seed)
+    config = kvpred_train.KVTraining(
+        depths=tuple(args.depths), seed=args.seed, windows=args.windows, finetune_epochs=args.finetune_epochs
+    )
     print(
         f"{args.name} as {quant}: KV predictors at depths {', '.join(f'{d:g}' for d in args.depths)}", file=sys.stderr
     )
-    windows = kvpred.calibration(loaded.tokenizer.encode, config)
+    windows = kvpred_train.calibration(loaded.tokenizer.encode, config)
     spec = kvpred.PredictorSpec.of(loaded.model, args.name, quant)
-    predictors = kvpred.train_set(
+    predictors = kvpred_train.train_set(
         loaded.model, spec, windows, config, progress=lambda what: print(what, file=sys.stderr)
     )
     directory = kvpred.kv_dir(args.name, quant)
@@ -148,4 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", default="source", help="the precision agents serve it at (default: source)")
     p.add_argument("--depths", type=depths, default=[0.25, 0.5, 0.75], help="auxiliary depths, e.g. 0.25,0.5,0.75")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--windows", type=int, default=48, help="calibration windows of 512 tokens the least squares fit")
+    p.add_argument(
+        "--finetune-epochs", type=int, default=0, help="passes of end-to-end fine-tuning after least squares"
+    )
     p.set_defaults(func=cmd_models_train_kv)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import kvpred
+from models import kvpred, kvpred_train
 from models.bundle import BundleError, BundleKVMismatch, load_bundle, save_bundle
 from models.loaded import LoadedModel
 from models.runtime import load
@@ -44,8 +44,8 @@ def predictors(loaded: LoadedModel, name: str) -> kvpred.PredictorSet:
     rng = random.Random(0)
     windows = [[rng.randrange(loaded.config.vocab_size) for _ in range(48)] for _ in range(4)]
     spec = kvpred.PredictorSpec.of(loaded.model, name, loaded.served_quant)
-    record = {"data_sha256": kvpred.data_sha256(windows), "quality": {"agreement": 0.9, "bpb_ratio": 1.05}}
-    fitted = kvpred.fit(loaded.model, spec, windows, AUX)
+    record = {"data_sha256": kvpred_train.data_sha256(windows), "quality": {"agreement": 0.9, "bpb_ratio": 1.05}}
+    fitted = kvpred_train.fit(loaded.model, spec, windows, AUX)
     return kvpred.PredictorSet({d: dataclasses.replace(p, record=record) for d, p in fitted.items()})
 
 

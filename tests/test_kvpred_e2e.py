@@ -1,5 +1,5 @@
 """KV prediction end to end: a real hub, real agents and a tiny six-layer llama whose predictors are
-fitted here (models.kvpred.fit on random-token windows, quality measured on held-out ones). The hub
+fitted here (models.kvpred_train.fit on random-token windows, quality measured on held-out ones). The hub
 turns KV prediction on for a tight TTFT budget with a quality_floor, serves an explicit
 kv_prediction only where predictors are, and the answer (SDK and OpenAI API) says what was predicted."""
 
@@ -17,7 +17,7 @@ import torch
 
 from cloud_hub.prompt import prompt_from_value
 from cloud_hub.server import Hub
-from models import kvpred
+from models import kvpred, kvpred_train
 from models.loaded import LoadedModel
 from models.runtime import load
 from models.sampling import SamplingParams
@@ -70,9 +70,9 @@ def trained(wide: Path) -> kvpred.PredictorSet:
     rng = random.Random(0)
     windows = [[rng.randrange(loaded.config.vocab_size) for _ in range(96)] for _ in range(11)]
     spec = kvpred.PredictorSpec.of(loaded.model, "six", loaded.served_quant)
-    p = kvpred.fit(loaded.model, spec, windows[:8], {DEPTH: AUX})[DEPTH]
-    q = kvpred.measure(loaded.model, windows[8:], 64, p)
-    share = kvpred.prefill_share(loaded.model, windows[8:], 64, p)
+    p = kvpred_train.fit(loaded.model, spec, windows[:8], {DEPTH: AUX})[DEPTH]
+    q = kvpred_train.measure(loaded.model, windows[8:], 64, p)
+    share = kvpred_train.prefill_share(loaded.model, windows[8:], 64, p)
     assert 0.05 < q.agreement < 1 and math.isfinite(q.ratio), q
     quality = {"agreement": q.agreement, "bpb_ratio": q.ratio, "prefill_share": share}
     return kvpred.PredictorSet({DEPTH: dataclasses.replace(p, record={"quality": quality})})
