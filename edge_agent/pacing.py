@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from device_profiles import DeviceProfile
 from models.serving import Pace, Pacer
-from partitioner.cost import ModelCost, decode_ms, prefill_ms
+from partitioner.cost import ModelCost, decode_ms, kv_prefill_ms, prefill_ms
 
 
 def profile_pacer(profile: DeviceProfile, cost: ModelCost) -> Pacer:
@@ -19,8 +19,13 @@ def profile_pacer(profile: DeviceProfile, cost: ModelCost) -> Pacer:
 
     `cost` is `served_model_cost(config, weight_bytes)` of the model as the agent serves it."""
 
-    def pace(prompt_tokens: int, max_tokens: int) -> Pace:
-        return Pace(prefill_ms(profile, cost, prompt_tokens), decode_ms(profile, cost, prompt_tokens + max_tokens / 2))
+    def pace(prompt_tokens: int, max_tokens: int, kv_layers: int | None = None) -> Pace:
+        first = (
+            prefill_ms(profile, cost, prompt_tokens)
+            if kv_layers is None
+            else kv_prefill_ms(profile, cost, prompt_tokens, kv_layers)  # KV prediction: what the hub predicts
+        )
+        return Pace(first, decode_ms(profile, cost, prompt_tokens + max_tokens / 2))
 
     return pace
 
@@ -28,8 +33,8 @@ def profile_pacer(profile: DeviceProfile, cost: ModelCost) -> Pacer:
 def floor_pacer(inner: Pacer | None, tpot_ms: float) -> Pacer:
     """At least tpot_ms per token, and at least what `inner` asks for."""
 
-    def pace(prompt_tokens: int, max_tokens: int) -> Pace:
-        base = inner(prompt_tokens, max_tokens) if inner else Pace(0.0, 0.0)
+    def pace(prompt_tokens: int, max_tokens: int, kv_layers: int | None = None) -> Pace:
+        base = inner(prompt_tokens, max_tokens, kv_layers) if inner else Pace(0.0, 0.0)
         return Pace(base.ttft_ms, max(base.tpot_ms, tpot_ms))
 
     return pace

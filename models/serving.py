@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from models.generate import Continuation, Prompt, StepEngine, TokenEvent
+from models.kvpred import KVVariant
 from models.loaded import LoadedModel
 from models.sampling import SamplingParams
 
@@ -36,8 +37,9 @@ class Pace:
     """Least time between tokens after the first."""
 
 
-Pacer = Callable[[int, int], Pace]
-"""(prompt tokens, max new tokens) -> the timings to emulate."""
+Pacer = Callable[[int, int, int | None], Pace]
+"""(prompt tokens, max new tokens, the layers a KV-predicted prompt runs through (models.kvpred;
+None: the whole model prefills it)) -> the timings to emulate."""
 
 
 class ServedModel:
@@ -77,10 +79,18 @@ class ServedModel:
         return [] if self.engine is not None else self.loaded.skip_ratios
 
     @property
-    def kv_variants(self) -> list:
+    def kv_variants(self) -> list[KVVariant]:
         """The KV-prediction variants requests may ask of it (models.kvpred.KVVariant; none
         through a step engine, which models.generate refuses KV prediction on)."""
         return [] if self.engine is not None else self.loaded.kv_variants
+
+    def _kv_layers(self, params: SamplingParams) -> int | None:
+        """The auxiliary layers this request's prompt runs through with KV prediction (None: all)."""
+        p = self.loaded.predictors
+        if not params.kv_prediction or p is None or self.engine is not None:
+            return None
+        trained = p.by_depth.get(params.kv_prediction)
+        return len(trained.aux_layers) if trained is not None else None
 
     @property
     def lock(self) -> threading.Lock:
@@ -114,7 +124,7 @@ class ServedModel:
             if cancel.is_set():  # cancelled while it waited: nothing computed
                 return
             start = time.perf_counter()
-            pace = self.pacer(len(ids), params.max_tokens) if self.pacer else None
+            pace = self.pacer(len(ids), params.max_tokens, self._kv_layers(params)) if self.pacer else None
             gen = self.loaded.generator()
             engine = engine or self.engine  # a split request's engine (cloud_hub.split) stands in for this one's
             if engine is not None:

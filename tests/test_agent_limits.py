@@ -146,7 +146,7 @@ def test_a_cancelled_request_stops_within_one_decode_step_and_frees_its_cache(tm
     # Cancelled while it waited for the model: nothing computed.
     assert list(served.stream(ids, params, cancel)) == [] and engine.prefills == 1
     # Cancelled while the pacer holds a token back (5 s a token): it returns at once, released.
-    served.pacer = lambda prompt, new: Pace(0.0, 5000.0)
+    served.pacer = lambda prompt, new, kv_layers: Pace(0.0, 5000.0)
     cancel = threading.Event()
     events = served.stream(ids, params, cancel)
     next(events)

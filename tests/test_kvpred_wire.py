@@ -232,3 +232,18 @@ def test_an_explicit_depth_goes_only_where_it_is_trained() -> None:
     assert kv_params(quarter, params) is params
     own = SamplingParams(max_tokens=8, kv_prediction=0.5)
     assert kv_params(replace(both, kv=HALF), own) is own
+
+
+def test_an_emulated_device_paces_a_predicted_prompt_to_what_the_hub_predicts() -> None:
+    """An agent emulating a profile holds the first token of a KV-predicted prompt to the cost
+    model's KV prefill (its auxiliary layers, then one step), not to the whole prefill."""
+    from edge_agent.pacing import floor_pacer, profile_pacer
+    from partitioner.cost import decode_ms, kv_prefill_ms, prefill_ms
+
+    profile = load_profile("cpu-2core")
+    pace = floor_pacer(profile_pacer(profile, COST), 1.0)
+    whole, predicted = pace(PROMPT_TOKENS, 8, None), pace(PROMPT_TOKENS, 8, 8)
+    assert whole.ttft_ms == pytest.approx(prefill_ms(profile, COST, PROMPT_TOKENS))
+    assert predicted.ttft_ms == pytest.approx(kv_prefill_ms(profile, COST, PROMPT_TOKENS, 8))
+    assert predicted.ttft_ms < whole.ttft_ms / 2 and predicted.tpot_ms == whole.tpot_ms
+    assert kv_prefill_ms(profile, COST, PROMPT_TOKENS, 8) > decode_ms(profile, COST, PROMPT_TOKENS)
