@@ -72,11 +72,11 @@ def ttft_ms(model: Transformer, ids: torch.Tensor, p: kvpred.KVPredictor | None)
 
 @torch.inference_mode()
 def aux_alone_logits(model: Transformer, window: list[int], prompt: int, p: kvpred.KVPredictor) -> torch.Tensor:
-    """(C-1, V) logits for window[prompt+1:] with the whole window through the auxiliary layers only."""
+    """(C, V) logits for window[prompt:] with the whole window through the auxiliary layers only."""
     ids = torch.tensor([window])
     model.setup_cache(1, len(window))
     h = model.forward_layers(model.embed(ids), Step.at(0, len(window)), skip=p.dropped)
-    return model.head(h[:, prompt:-1])[0]
+    return model.head(h[:, prompt - 1 : -1])[0]
 
 
 def bits(logits: torch.Tensor, target: torch.Tensor) -> float:
@@ -126,9 +126,8 @@ def measure_length(
     got = {d: {"bits": 0.0, "aux": 0.0, "same": 0} for d in ps.depths}
     total = 0
     for w in windows:
-        target = torch.tensor(w[T + 1 :])
-        cont = w[T:]
-        n_bytes += len(to_bytes(cont)) - len(to_bytes(cont[:1]))
+        target = torch.tensor(w[T:])  # from the first token the predicted cache answers
+        n_bytes += len(to_bytes(w[T - 1 :])) - len(to_bytes(w[T - 1 : T]))
         base = kvpred_train.continuation_logits(model, w, T, None)
         base_bits += bits(base, target)
         total += len(target)

@@ -233,6 +233,8 @@ class HubService:
             )
         remaining = spec.params.max_tokens * spec.params.n - progress.tokens  # n choices: n answers' energy
         budget = spec.budget if not progress.placements else Budget(best_effort=True)
+        if budget.quality_floor and not _may_predict(spec.params):  # no variant the agent would refuse
+            budget = dataclasses.replace(budget, quality_floor=0.0)
         # routing_tokens counts the hub's default template size for chat; a model that knows its own
         # (ModelInfo.chat_template_tokens) replaces it.
         template = CHAT_TEMPLATE_TOKENS if chat else 0
@@ -647,6 +649,12 @@ def _predicting(candidates: list[Candidate], spec: GenerateSpec, first: bool) ->
             "train them: tandem models train-kv); send kv_prediction 0"
         )
     return able
+
+
+def _may_predict(params: SamplingParams) -> bool:
+    """Whether the hub may turn KV prediction on for a request with these options (the Generator
+    refuses it beside layer skipping, several choices or prompt logprobs)."""
+    return not (params.skip_ratio or params.n > 1 or params.prompt_logprobs is not None)
 
 
 def kv_params(c: Candidate, params: SamplingParams) -> SamplingParams:

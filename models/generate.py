@@ -216,10 +216,8 @@ class Generator:
                 "this model has no KV predictors (train them: tandem models train-kv); send kv_prediction 0"
             )
         self.predictors.for_depth(params.kv_prediction)  # InvalidRequest naming the trained depths
-        if prompts != 1 or params.n != 1:
+        if prompts != 1:  # n and prompt logprobs: SamplingParams refuses them with kv_prediction
             raise InvalidRequest("KV prediction prefills one prompt for one choice (n = 1)")
-        if params.prompt_logprobs is not None:
-            raise InvalidRequest("prompt logprobs need the whole model's prefill: send kv_prediction 0 with them")
 
     def _run_lossless(
         self, ids: list[int], params: SamplingParams, primed: Continuation | None

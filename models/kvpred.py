@@ -40,6 +40,7 @@ from torch import Tensor
 
 from models import kernels
 from models.errors import InvalidRequest
+from models.sampling import KV_DEPTHS
 from models.transformer import Step, Transformer, apply_rope
 
 FORMAT = 1
@@ -236,7 +237,11 @@ class PredictorSet:
         subdirs = sorted(p for p in directory.glob("d*") if (p / "predictors.json").is_file())
         if not subdirs:
             raise InvalidRequest(f"{directory}: no KV predictors (train them: tandem models train-kv)")
-        return PredictorSet({(p := KVPredictor.load(sub, expect)).depth: p for sub in subdirs})
+        by_depth = {(p := KVPredictor.load(sub, expect)).depth: p for sub in subdirs}
+        odd = sorted(d for d in by_depth if d not in KV_DEPTHS)
+        if odd:
+            raise InvalidRequest(f"{directory}: predictors at depths {odd}; requests take only {list(KV_DEPTHS)}")
+        return PredictorSet(by_depth)
 
 
 def kv_dir(name: str, quant: str) -> Path:
@@ -305,12 +310,13 @@ def capturing(model: Transformer, layers: Sequence[int]) -> Iterator[dict[int, l
             model.layers[i].attention.capture = None
 
 
-def _joined(lists: dict[int, list[tuple[Tensor, Tensor]]]) -> dict[int, tuple[Tensor, Tensor]]:
+def _joined(lists: dict[int, list[tuple[Tensor, Tensor]]], T: int) -> dict[int, tuple[Tensor, Tensor]]:
     out = {}
     for i, pieces in lists.items():
-        if not pieces:
-            raise ValueError(f"layer {i} captured nothing: one-token passes take the decoder's route")
-        out[i] = (torch.cat([k for k, _ in pieces], 1), torch.cat([v for _, v in pieces], 1))
+        k, v = torch.cat([k for k, _ in pieces], 1), torch.cat([v for _, v in pieces], 1)
+        if k.shape[1] != T:  # every token through torch's route, or the prediction would skip slots
+            raise ValueError(f"layer {i} captured {k.shape[1]} of {T} tokens")
+        out[i] = (k, v)
     return out
 
 
@@ -318,12 +324,17 @@ def captured_pass(
     model: Transformer, tokens: Tensor, layers: Sequence[int], slot: int = 0, skip: frozenset[int] = frozenset()
 ) -> tuple[Tensor, dict[int, tuple[Tensor, Tensor]]]:
     """tokens (B, T) at slots [slot, slot+T) through every layer less `skip`, writing the caches:
-    the output (B, T, D) and `layers`' keys before RoPE and values, each (B, T, K, hd). T >= 2
-    (one token alone takes the decoder's route, which captures nothing)."""
+    the output (B, T, D) and `layers`' keys before RoPE and values, each (B, T, K, hd). Every piece
+    runs on torch's route (a one-token piece of a long prompt would take the decoder's, which
+    captures nothing)."""
     B, T = tokens.shape
-    with capturing(model, layers) as lists:
-        h = model.forward_layers(model.embed(tokens), Step.at(slot, T, B), skip=skip)
-    return h, _joined(lists)
+    fast, model.fast_decode = model.fast_decode, False
+    try:
+        with capturing(model, layers) as lists:
+            h = model.forward_layers(model.embed(tokens), Step.at(slot, T, B), skip=skip)
+    finally:
+        model.fast_decode = fast
+    return h, _joined(lists, T)
 
 
 def write_kv(model: Transformer, kv: Sequence[tuple[Tensor, Tensor]], slot: int) -> None:

@@ -219,8 +219,9 @@ class KVQuality:
 def continuation_logits(
     model: Transformer, window: Sequence[int], prompt: int, predictor: KVPredictor | None
 ) -> Tensor:
-    """(C, V) logits for window[prompt+1:] given window[:prompt] prefilled by the whole model
-    (predictor None) or by KV prediction, the continuation teacher-forced in one piece."""
+    """(C, V) logits for the continuation window[prompt:] (its first token is the one the predicted
+    cache answers first) given window[:prompt], all but its last token prefilled by the whole model
+    (predictor None) or predicted, then the rest teacher-forced in one piece."""
     ids = torch.tensor([list(window)])
     model.setup_cache(1, ids.shape[1])
     if predictor is None:
@@ -230,14 +231,14 @@ def continuation_logits(
         write_kv(model, predictor.predict(captured), 0)
     rest = ids[:, prompt - 1 : -1]  # the prompt's last token, then the continuation but its last
     h = model.forward_layers(model.embed(rest), Step.at(prompt - 1, rest.shape[1]))
-    return model.head(h)[0, 1:]  # predicting window[prompt+1:]
+    return model.head(h)[0]  # predicting window[prompt:]
 
 
 def measure(model: Transformer, windows: Sequence[Sequence[int]], prompt: int, predictor: KVPredictor) -> KVQuality:
     """Quality over each window's continuation after its first `prompt` tokens."""
     nats = base_nats = same = total = 0.0
     for w in windows:
-        target = torch.tensor(list(w[prompt + 1 :]))
+        target = torch.tensor(list(w[prompt:]))
         base = continuation_logits(model, w, prompt, None)
         pred = continuation_logits(model, w, prompt, predictor)
         rows = torch.arange(len(target))

@@ -15,9 +15,9 @@ MAX_LOGPROBS = 20
 MAX_SKIP_RATIO = 0.75
 """The largest share of a model's layers a request's decode may skip (models.skip)."""
 MAX_CHOICES = 128
+"""Most choices one request may ask for; a hub sets its own lower limit (cloud_hub.service.Limits.max_n)."""
 KV_DEPTHS = (0.25, 0.5, 0.75)
 """The auxiliary depths KV prediction trains for (models.kvpred): shares of the base's layers."""
-"""Most choices one request may ask for; a hub sets its own lower limit (cloud_hub.service.Limits.max_n)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,11 @@ class SamplingParams:
             (
                 not (self.kv_prediction and self.skip_ratio),
                 "kv_prediction and skip_ratio are one at a time: send one of them",
+            ),
+            (not (self.kv_prediction and self.n != 1), "KV prediction prefills one prompt for one choice (n = 1)"),
+            (
+                not (self.kv_prediction and self.prompt_logprobs is not None),
+                "prompt logprobs need the whole model's prefill: send kv_prediction 0 with them",
             ),
         ]
         for ok, message in checks:

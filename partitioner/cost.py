@@ -200,11 +200,24 @@ def prefill_ms(profile: DeviceProfile, cost: ModelCost, prompt_tokens: int) -> f
     return max(flops, memory)
 
 
+KV_PREDICTOR_SOURCES = 1.5
+"""Source layers a KV predictor reads on average (models.kvpred: one for a kept layer, two for a
+dropped one)."""
+
+
+def kv_predictor_layers(cost: ModelCost) -> float:
+    """The KV predictors' matmuls in layers' worth of prefill: per token, every base layer maps its
+    sources' keys and values (2 x kv_width each) to its own (2 x kv_width)."""
+    macs = cost.n_layers * (2 * cost.kv_width * KV_PREDICTOR_SOURCES) * (2 * cost.kv_width)
+    return macs / cost.layer_matmul_params
+
+
 def kv_prefill_ms(profile: DeviceProfile, cost: ModelCost, prompt_tokens: int, layers: int) -> float:
     """Prefill with KV prediction (models.kvpred): the prompt through an auxiliary model of `layers`
-    of the layers (their share of the whole prefill), then the whole model takes the prompt's last
-    token as one decode step. The predictors' own cost (one matmul a layer) is left out."""
-    return prefill_ms(profile, cost, prompt_tokens) * layers / cost.n_layers + decode_ms(profile, cost, prompt_tokens)
+    of the layers and the predictors (`kv_predictor_layers`), each at a layer's share of the whole
+    prefill, then the whole model takes the prompt's last token as one decode step."""
+    share = (layers + kv_predictor_layers(cost)) / cost.n_layers
+    return prefill_ms(profile, cost, prompt_tokens) * share + decode_ms(profile, cost, prompt_tokens)
 
 
 def decode_ms(profile: DeviceProfile, cost: ModelCost, context: float) -> float:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from device_profiles import Calibration, DeviceProfile
 from partitioner import calibration as cal
 from partitioner import split
-from partitioner.cost import BYTES_PER_PROMPT_TOKEN, Estimate, ModelCost, assemble, link_ms
+from partitioner.cost import BYTES_PER_PROMPT_TOKEN, Estimate, ModelCost, assemble, kv_predictor_layers, link_ms
 from partitioner.cost import decode_ms as roofline_decode_ms
 from partitioner.cost import kv_prefill_ms as roofline_kv_prefill_ms
 from partitioner.cost import prefill_ms as roofline_prefill_ms
@@ -66,8 +66,8 @@ def compute_ms(
             return roofline
     if kv_layers is None:
         prefill = calibration.request_ms + cal.prefill_ms(calibration, cost, prompt_tokens)
-    else:  # the auxiliary layers (no head: the predictors take their output), then the last token through all
-        aux = kv_layers * cal.layer_prefill_ms(calibration, cost, prompt_tokens)
+    else:  # the auxiliary layers and the predictors (no head), then the last token through all
+        aux = (kv_layers + kv_predictor_layers(cost)) * cal.layer_prefill_ms(calibration, cost, prompt_tokens)
         prefill = calibration.request_ms + aux + cal.decode_ms(calibration, cost, prompt_tokens)
     step = cal.decode_ms(calibration, cost, context)
     if emulated:

@@ -115,10 +115,15 @@ def cmd_models_train_kv(args: argparse.Namespace) -> int:
 
 def depths(text: str) -> list[float]:
     """--depths' value: auxiliary depths, comma-separated (e.g. 0.25,0.5,0.75)."""
+    from models.sampling import KV_DEPTHS
+
     try:
-        return [float(d) for d in text.split(",") if d.strip()]
+        out = [float(d) for d in text.split(",") if d.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"depths must be numbers separated by commas, got {text!r}") from exc
+    if not out or any(d not in KV_DEPTHS for d in out):
+        raise argparse.ArgumentTypeError(f"depths must be among {', '.join(map(str, KV_DEPTHS))}, got {text!r}")
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -258,3 +258,26 @@ def test_finetuning_is_deterministic_and_lowers_its_loss(tiny: LoadedModel) -> N
         return total
 
     assert kl(a) < kl(start)
+
+
+def test_a_prompt_whose_last_piece_is_one_token_is_predicted_whole() -> None:
+    """258 tokens: the aux pass over 257 runs in pieces of 256 and 1, and a one-token piece would
+    take the kernels' route, which captures nothing. Every slot still gets its source layer's keys
+    and values (sources rotated by one, so a slot left to the aux pass would hold its own)."""
+    from models.transformer import PREFILL_CHUNK
+
+    loaded = real_model("smollm2-135m-instruct", "source")
+    model, L = loaded.model, loaded.model.cfg.n_layers
+    assert model.decoder is not None
+    ids = ids_of(PREFILL_CHUNK + 2, model.cfg.vocab_size, seed=4)
+    T = len(ids)
+    model.setup_cache(1, T)
+    _, true = kvpred.captured_pass(model, torch.tensor([ids[: T - 1]]), range(L))
+    rotated = tuple(((layer + 1) % L,) for layer in range(L))
+    p = dataclasses.replace(kvpred.identity(spec_of(loaded, "smollm2")), sources=rotated)
+    model.setup_cache(1, T)
+    _, predicted = kvpred.predict_prompt(model, p, torch.tensor([ids]))
+    assert predicted == T - 1 and model.fast_decode
+    for layer in range(L):
+        v = true[(layer + 1) % L][1][0].transpose(0, 1)  # (K, T-1, hd)
+        torch.testing.assert_close(model.caches[layer].v[0, :, : T - 1], v.to(model.caches[layer].v.dtype))

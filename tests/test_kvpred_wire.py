@@ -20,7 +20,7 @@ from cloud_hub.upstream import _check_supported
 from device_profiles import Calibration, load_profile
 from models.sampling import KV_DEPTHS, SamplingParams
 from partitioner import calibration as cal
-from partitioner.cost import ModelCost
+from partitioner.cost import ModelCost, kv_predictor_layers
 from partitioner.predict import compute_ms
 from tandem import Client, InvalidRequest
 from tandem.client import KV_DEPTHS as SDK_KV_DEPTHS
@@ -153,7 +153,7 @@ def test_kv_estimate_prefills_only_the_auxiliary_layers_then_one_step() -> None:
     kv, kv_step = compute_ms(profile, COST, calibration, PROMPT_TOKENS, context, kv_layers=8)
     expected = (
         calibration.request_ms
-        + 8 * cal.layer_prefill_ms(calibration, COST, PROMPT_TOKENS)
+        + (8 + kv_predictor_layers(COST)) * cal.layer_prefill_ms(calibration, COST, PROMPT_TOKENS)
         + cal.decode_ms(calibration, COST, PROMPT_TOKENS)
     )
     assert kv == pytest.approx(expected, rel=1e-12) and kv_step == step and kv < whole / 2
@@ -247,3 +247,15 @@ def test_an_emulated_device_paces_a_predicted_prompt_to_what_the_hub_predicts() 
     assert predicted.ttft_ms == pytest.approx(kv_prefill_ms(profile, COST, PROMPT_TOKENS, 8))
     assert predicted.ttft_ms < whole.ttft_ms / 2 and predicted.tpot_ms == whole.tpot_ms
     assert kv_prefill_ms(profile, COST, PROMPT_TOKENS, 8) > decode_ms(profile, COST, PROMPT_TOKENS)
+    assert 1.0 < kv_predictor_layers(COST) < 3.0  # SmolLM2: 30 maps of 576 x 384 against 3.5M MACs a layer
+
+
+def test_the_hub_turns_kv_prediction_on_only_where_the_request_allows_it() -> None:
+    """A quality floor never makes the hub add KV prediction to a request the agent would refuse
+    with it: layer skipping, several choices, prompt logprobs."""
+    from cloud_hub.service import _may_predict
+
+    assert _may_predict(SamplingParams(max_tokens=4))
+    assert _may_predict(SamplingParams(max_tokens=4, logprobs=2, constraint='{"type": "json_object"}'))
+    for refused in ({"skip_ratio": 0.2}, {"n": 2}, {"prompt_logprobs": 0}):
+        assert not _may_predict(SamplingParams(max_tokens=4, **refused)), refused
