@@ -2,8 +2,9 @@
 model's KV cache, so the first token costs a fraction of a full prefill.
 
 The auxiliary model is the base itself with only `aux_layers` running (a layer-pruned copy that
-shares its weights: no memory beyond the predictors), chosen by block influence (models.prune) at
-a depth of 1/4, 1/2 or 3/4 of the layers. For a prompt of T tokens:
+shares its weights: no memory beyond the predictors) at a depth of 1/4, 1/2 or 3/4 of the layers:
+those of highest block influence (models.prune), or the first ones and the last
+(`prefix_layers`), whichever training finds better on held-out text. For a prompt of T tokens:
 
     aux pass:    tokens [0, T-1) through aux_layers (the others skipped)      capture k, v of each
     predict:     for every base layer l, [k_l | v_l] = [feat(sources[l]) | 1] @ W_l
@@ -271,6 +272,13 @@ def aux_layers_for(influence: Sequence[float], depth: float) -> tuple[int, ...]:
     return tuple(sorted(sorted(range(L), key=lambda i: (-influence[i], i))[:keep]))
 
 
+def prefix_layers(n_layers: int, depth: float) -> tuple[int, ...]:
+    """round(depth * L) layers: the first ones and the last (the first k-1 keep the whole model's
+    stream exactly, so their keys and values are exact; the last sees the rest of the way)."""
+    keep = max(1, min(n_layers, round(depth * n_layers)))
+    return (*range(keep - 1), n_layers - 1)
+
+
 def sources_for(n_layers: int, aux_layers: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     """Each base layer's sources: itself when kept, else the kept layers nearest below and above."""
     aux = sorted(aux_layers)
@@ -417,6 +425,7 @@ __all__ = [
     "identity",
     "kv_dir",
     "predict_prompt",
+    "prefix_layers",
     "sources_for",
     "write_kv",
 ]

@@ -33,6 +33,7 @@ from models.kvpred import (
     captured_pass,
     features,
     predict_prompt,
+    prefix_layers,
     sources_for,
     write_kv,
 )
@@ -59,6 +60,8 @@ class KVTraining:
     """Ridge weight, relative to the mean diagonal of a layer's Gram matrix."""
     influence_windows: int = 4
     """Windows block influence ranks the layers on (the first of the fit's)."""
+    layouts: tuple[str, ...] = ("prefix", "influence")
+    """Choices of auxiliary layers each depth tries (`layouts_for`); the best on held-out windows is kept."""
     finetune_epochs: int = 0
     """Passes of end-to-end fine-tuning over the fit's windows after least squares (0: none)."""
     lr: float = 3e-4
@@ -101,39 +104,53 @@ def fit(
     config: KVTraining = KVTraining(),
     progress: Callable[[str], None] | None = None,
 ) -> dict[float, KVPredictor]:
-    """Least-squares predictors for each depth's auxiliary layers over `windows` (equal lengths):
+    """Least-squares predictors for each depth's auxiliary layers (`fit_sets`)."""
+    fitted = fit_sets(model, spec, windows, list(aux_by_depth.items()), config, progress)
+    return {p.depth: p for p in fitted}
+
+
+def fit_sets(
+    model: Transformer,
+    spec: PredictorSpec,
+    windows: Sequence[Sequence[int]],
+    sets: Sequence[tuple[float, tuple[int, ...]]],
+    config: KVTraining = KVTraining(),
+    progress: Callable[[str], None] | None = None,
+) -> list[KVPredictor]:
+    """Least-squares predictors for each (depth, auxiliary layers) over `windows` (equal lengths):
     per base layer, W = (X'X + lambda I)^-1 X'Y with X the sources' features and Y the true keys
-    (before RoPE) and values, accumulated in float64 over every token of every window."""
+    (before RoPE) and values, accumulated in float64 over every token of every window. The whole
+    model's pass is shared by every set; each set adds its auxiliary pass."""
     L = spec.n_layers
-    sources = {d: sources_for(L, aux) for d, aux in aux_by_depth.items()}
-    gram: dict[float, list[Tensor | None]] = {d: [None] * L for d in aux_by_depth}
-    cross: dict[float, list[Tensor | None]] = {d: [None] * L for d in aux_by_depth}
+    sources = [sources_for(L, aux) for _, aux in sets]
+    gram: list[list[Tensor | None]] = [[None] * L for _ in sets]
+    cross: list[list[Tensor | None]] = [[None] * L for _ in sets]
     for n, tokens in enumerate(_batches(windows, config.batch)):
         B, T = tokens.shape
         model.setup_cache(B, T)
         _, true = captured_pass(model, tokens, range(L))
-        for depth, aux in aux_by_depth.items():
+        for s, (_, aux) in enumerate(sets):
             dropped = frozenset(range(L)) - set(aux)
             _, got = captured_pass(model, tokens, aux, skip=dropped)
             for layer in range(L):
-                x = features(got, sources[depth][layer]).reshape(B * T, -1).double()
+                x = features(got, sources[s][layer]).reshape(B * T, -1).double()
                 k, v = true[layer]
                 y = torch.cat([k.flatten(-2), v.flatten(-2)], -1).reshape(B * T, -1).double()
                 g, c = x.T @ x, x.T @ y
-                gram[depth][layer] = g if gram[depth][layer] is None else gram[depth][layer] + g
-                cross[depth][layer] = c if cross[depth][layer] is None else cross[depth][layer] + c
+                gram[s][layer] = g if gram[s][layer] is None else gram[s][layer] + g
+                cross[s][layer] = c if cross[s][layer] is None else cross[s][layer] + c
         if progress is not None:
             progress(f"fit: {min((n + 1) * config.batch, len(windows))}/{len(windows)} windows")
-    out = {}
-    for depth, aux in aux_by_depth.items():
+    out = []
+    for s, (depth, aux) in enumerate(sets):
         weights = []
         for layer in range(L):
-            g, c = gram[depth][layer], cross[depth][layer]
+            g, c = gram[s][layer], cross[s][layer]
             assert g is not None and c is not None
             reg = torch.eye(g.shape[0], dtype=g.dtype) * (config.ridge * float(g.diagonal()[:-1].mean()))
             reg[-1, -1] = 0.0  # the bias is not shrunk
             weights.append(torch.linalg.solve(g + reg, c).float())
-        out[depth] = KVPredictor(spec, depth, aux, sources[depth], tuple(weights))
+        out.append(KVPredictor(spec, float(depth), aux, sources[s], tuple(weights)))
     return out
 
 
@@ -269,6 +286,20 @@ def prefill_share(model: Transformer, windows: Sequence[Sequence[int]], prompt: 
     return sorted(ratios)[len(ratios) // 2]
 
 
+def layouts_for(influence: Sequence[float], depth: float, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Each named choice of auxiliary layers at `depth`, without repeats: "influence" (the layers
+    of highest block influence) and "prefix" (the first ones and the last)."""
+    L = len(influence)
+    made = {"influence": aux_layers_for(influence, depth), "prefix": prefix_layers(L, depth)}
+    out: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        if name not in made:
+            raise InvalidRequest(f"auxiliary layout {name!r}: choose among {sorted(made)}")
+        if made[name] not in out.values():
+            out[name] = made[name]
+    return out
+
+
 def train_set(
     model: Transformer,
     spec: PredictorSpec,
@@ -276,10 +307,12 @@ def train_set(
     config: KVTraining = KVTraining(),
     progress: Callable[[str], None] | None = None,
 ) -> PredictorSet:
-    """Predictors at each of config.depths (what `tandem models train-kv` saves): the auxiliary
-    layers by block influence over the first windows, least squares over `config.windows` of them
-    (then `finetune` when config.finetune_epochs), quality and cost measured on the
-    `config.held_out` after those."""
+    """Predictors at each of config.depths (what `tandem models train-kv` saves). For each depth,
+    every layout of auxiliary layers in config.layouts (`layouts_for`; block influence ranked on
+    the first windows) is fitted by least squares over `config.windows` windows, and the one whose
+    continuations have the fewest bits on the `config.held_out` windows after those is kept (then
+    fine-tuned when config.finetune_epochs); its quality and cost are measured there and recorded,
+    with every layout's."""
     from models.prune import block_influence
 
     fit_windows = list(windows[: config.windows])
@@ -287,8 +320,9 @@ def train_set(
     if len(fit_windows) < config.windows or not held:
         raise InvalidRequest(f"{len(windows)} windows; training takes {config.windows} and at least 1 held out")
     influence = block_influence(model, fit_windows[: config.influence_windows])
-    aux = {float(d): aux_layers_for(influence, d) for d in config.depths}
-    fitted = fit(model, spec, fit_windows, aux, config, progress)
+    names = {float(d): layouts_for(influence, d, config.layouts) for d in config.depths}
+    sets = [(d, aux) for d, by_name in names.items() for aux in by_name.values()]
+    fitted = dict(zip(sets, fit_sets(model, spec, fit_windows, sets, config, progress), strict=True))
     prompt = config.window_tokens - config.continuation_tokens
     record = {
         "training": asdict(config),
@@ -296,17 +330,25 @@ def train_set(
         "influence": [round(x, 6) for x in influence],
     }
     out = {}
-    for depth, p in fitted.items():
+    for depth, by_name in names.items():
+        tried = {
+            name: (fitted[(depth, aux)], measure(model, held, prompt, fitted[(depth, aux)]))
+            for name, aux in by_name.items()
+        }
+        layout = min(tried, key=lambda name: tried[name][1].nats)
+        p, q = tried[layout]
         if config.finetune_epochs:
             p = finetune(model, p, fit_windows, prompt, config, progress)
-        q = measure(model, held, prompt, p)
+            q = measure(model, held, prompt, p)
         share = prefill_share(model, held, prompt, p)
         quality = {"agreement": q.agreement, "bpb_ratio": q.ratio, "prefill_share": share, "held_out": len(held)}
-        out[depth] = dataclasses.replace(p, record={**record, "quality": quality})
+        layouts = {name: {"agreement": t.agreement, "bpb_ratio": t.ratio} for name, (_, t) in tried.items()}
+        out[depth] = dataclasses.replace(p, record={**record, "layout": layout, "layouts": layouts, "quality": quality})
         if progress is not None:
             progress(
-                f"depth {depth:g}: {len(p.aux_layers)} layers, agreement {q.agreement:.3f}, "
+                f"depth {depth:g}: {layout} layout, {len(p.aux_layers)} layers, agreement {q.agreement:.3f}, "
                 f"bits/byte x{q.ratio:.3f}, prefill x{share:.2f}"
+                + "".join(f"; {n}: x{t.ratio:.3f}" for n, (_, t) in tried.items() if n != layout)
             )
     return PredictorSet(out)
 
@@ -319,6 +361,8 @@ __all__ = [
     "data_sha256",
     "finetune",
     "fit",
+    "fit_sets",
+    "layouts_for",
     "measure",
     "prefill_share",
     "train_set",

@@ -281,3 +281,25 @@ def test_a_prompt_whose_last_piece_is_one_token_is_predicted_whole() -> None:
     for layer in range(L):
         v = true[(layer + 1) % L][1][0].transpose(0, 1)  # (K, T-1, hd)
         torch.testing.assert_close(model.caches[layer].v[0, :, : T - 1], v.to(model.caches[layer].v.dtype))
+
+
+def test_training_keeps_the_layout_that_predicts_best_on_held_out_windows(tiny: LoadedModel) -> None:
+    """train_set fits every layout of auxiliary layers at each depth, keeps the one with the lowest
+    held-out bits (recording every layout's), and saves what the hub weighs."""
+    model, L = tiny.model, tiny.model.cfg.n_layers
+    config = kvpred_train.KVTraining(
+        depths=(0.5,), windows=4, held_out=2, window_tokens=40, continuation_tokens=16, influence_windows=2, batch=2
+    )
+    windows = windows_of(model, 6, 40)
+    ps = kvpred_train.train_set(model, spec_of(tiny), windows, config)
+    p = ps.for_depth(0.5)
+    layouts = p.record["layouts"]
+    assert p.record["layout"] in layouts and set(layouts) <= {"prefix", "influence"}
+    assert layouts[p.record["layout"]]["bpb_ratio"] == min(v["bpb_ratio"] for v in layouts.values())
+    if p.record["layout"] == "prefix":
+        assert p.aux_layers == kvpred.prefix_layers(L, 0.5)
+    variant = ps.variants()[0]
+    assert variant.depth == 0.5 and variant.aux_layers == p.aux_layers and 0 <= variant.agreement <= 1
+    assert variant.bpb_ratio == p.record["quality"]["bpb_ratio"] and variant.prefill_share > 0
+    assert p.record["data_sha256"] == kvpred_train.data_sha256(windows[:4])
+    assert kvpred.prefix_layers(30, 0.5) == (*range(14), 29) and kvpred.prefix_layers(4, 0.1) == (3,)
