@@ -22,7 +22,7 @@ from models.serving import ServedModel
 from models.skip import SkipReport
 from models.streaming import iterate_in_thread
 from tandem.v1 import tandem_pb2 as pb
-from tandem.wire import Logprob, kv_variant_message
+from tandem.wire import Logprob, kv_variant_message, skip_variant_message
 
 log = logging.getLogger("tandem.hub")
 
@@ -94,6 +94,7 @@ class LocalModelBackend(ServingBackend):
             **self.served.info,
             skip_ratios=self.served.skip_ratios,
             kv_variants=[kv_variant_message(**vars(v)) for v in self.served.kv_variants],
+            skip_variants=[skip_variant_message(**vars(v)) for v in self.served.skip_variants],
         )
 
     def model_info(self) -> pb.ModelInfo:

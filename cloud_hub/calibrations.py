@@ -95,27 +95,39 @@ class Tracker:
         metrics: pb.Metrics,
         new_tokens: int,
         kv_layers: int | None = None,
+        skip_layers: int | None = None,
     ) -> None:
         """Learn from one finished request: `metrics` as the hub measured it (ttft_ms, tpot_ms) with
         the engine's own prefill_ms, decode_ms and queue_ms, `placement` as predicted. `kv_layers`:
-        it ran with KV prediction through an auxiliary model of that many layers (compute_ms)."""
+        it ran with KV prediction through an auxiliary model of that many layers (compute_ms).
+        `skip_layers`: its decode skipped that many layers (models.skip): its steps are shorter than
+        the whole model's, so they refit no decode correction, and its time per token counts towards
+        admission only where the placement predicted the skipping (Placement.skip_ratio); its
+        prefill ran every layer and counts as any other."""
         prompt = max(1, metrics.prompt_tokens)
         context = prompt + max(1, new_tokens) / 2
         prefill, step = compute_ms(profile, cost, self.calibration, prompt, context, emulated, kv_layers)
+        skipped = skip_layers is not None
         # Ratios first, against the queue-free TTFT predicted with the corrections of the time.
         queue = metrics.queue_ms
         link = self.link()
         link = profile.link.rtt_ms if link is None else link
         if metrics.ttft_ms > 0:
             self.ttft.add(link + self.prefill.correct(prefill), max(1e-3, metrics.ttft_ms - queue))
-        if metrics.tpot_ms > 0 and placement.predicted_tpot_ms > 0 and metrics.completion_tokens > 2:
+        predicted_skipping = not skipped or placement.skip_ratio > 0
+        if (
+            metrics.tpot_ms > 0
+            and placement.predicted_tpot_ms > 0
+            and metrics.completion_tokens > 2
+            and predicted_skipping
+        ):
             self.tpot.add(placement.predicted_tpot_ms, metrics.tpot_ms)
         if metrics.prefill_ms > 0:
             self.prefill.update(prefill, metrics.prefill_ms)
             outside = metrics.ttft_ms - queue - metrics.prefill_ms
             if outside >= 0:
                 self.link_ms = _smooth(self.link_ms, outside)
-        if metrics.decode_ms > 0 and metrics.completion_tokens > 2:
+        if metrics.decode_ms > 0 and metrics.completion_tokens > 2 and not skipped:
             self.decode.update(step, metrics.decode_ms)
         self.requests += 1
 

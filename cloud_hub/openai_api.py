@@ -16,8 +16,9 @@ Budgets travel as an extension field, `"tandem": {"budget": {"ttft_ms": …, "tp
 `extra_body`), with the device pin (`"device"`), layer skipping (`"skip_ratio"`, `"lossless"`) and
 KV prediction (`"kv_prediction"`, `"kv_repair"`) beside the budget; answers carry `"tandem":
 {"placements": […], "ttft_ms", "tpot_ms", "energy_j", "skipped_layers", "lossless", "drafted",
-"accepted", "kv_depth", "kv_predicted", "kv_repaired_at"}` (a placement's `kv_prediction`: the
-hub turned KV prediction on there, under the budget's quality_floor). Errors use OpenAI's format,
+"accepted", "kv_depth", "kv_predicted", "kv_repaired_at"}` (a placement's `kv_prediction` or
+`skip_ratio`: the hub turned KV prediction or layer skipping on there, under the budget's
+quality_floor; `skipped_layers` says which layers). Errors use OpenAI's format,
 `{"error": {"message", "type", "param", "code"}}`, with the matching HTTP status. Unknown request
 fields are refused (400), as are bodies over the configured limit (413).
 """

@@ -31,7 +31,7 @@ from cloud_hub.calibrations import Calibrations
 from cloud_hub.errors import InvalidRequest, NotFound
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.registry import model_config
-from cloud_hub.router import Candidate, KVOption, SplitSpec, split_plan
+from cloud_hub.router import Candidate, KVOption, SkipOption, SplitSpec, split_plan
 from device_profiles import DeviceProfile, load_profile
 from partitioner.cost import ModelCost, served_model_cost
 from partitioner.predict import stage_parts
@@ -143,7 +143,8 @@ class CloudModel(PlacementSource):
             tracker = self.calibrations.routing("cloud", self.cloud.model)
             tokens, ratios = info.chat_template_tokens, tuple(info.skip_ratios)
             c = Candidate("cloud", "", self.profile, self.cloud.model, cost, self.inflight, False, tracker, tokens,
-                          skip_ratios=ratios, kv_variants=kv_options(info.kv_variants))  # fmt: skip
+                          skip_ratios=ratios, kv_variants=kv_options(info.kv_variants),
+                          skip_variants=skip_options(info.skip_variants))  # fmt: skip
             self._candidate = c
         if c.queued != self.inflight:
             c = self._candidate = dataclasses.replace(c, queued=self.inflight)
@@ -395,6 +396,13 @@ def kv_options(variants: Iterable[pb.KVVariant]) -> tuple[KVOption, ...]:
     )
 
 
+def skip_options(variants: Iterable[pb.SkipVariant]) -> tuple[SkipOption, ...]:
+    """The hub's copies of the layer-skipping variants a ModelInfo advertises, their float32 figures
+    rounded to 6 places (as kv_options)."""
+    r = functools.partial(round, ndigits=6)
+    return tuple(SkipOption(r(v.ratio), v.layers, r(v.agreement)) for v in variants)
+
+
 def _nothing() -> None:
     pass
 
@@ -408,7 +416,8 @@ def _offers(s: AgentSession, calibrations: Calibrations) -> list[tuple[str, bool
         tracker = calibrations.routing(s.device_id, m.name)
         tokens, ratios = m.chat_template_tokens, tuple(m.skip_ratios)
         c = Candidate("edge", s.device_id, profile, m.name, cost, 0, s.record.emulated, tracker, tokens,
-                      skip_ratios=ratios, kv_variants=kv_options(m.kv_variants))  # fmt: skip
+                      skip_ratios=ratios, kv_variants=kv_options(m.kv_variants),
+                      skip_variants=skip_options(m.skip_variants))  # fmt: skip
         out.append((m.name, m.chat, c))
     return out
 

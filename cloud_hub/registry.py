@@ -241,4 +241,5 @@ def model_record(m: pb.ModelInfo) -> dict:
             }
             for v in m.kv_variants
         ],
+        "skip_variants": [{"ratio": v.ratio, "layers": v.layers, "agreement": v.agreement} for v in m.skip_variants],
     }

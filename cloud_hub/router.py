@@ -18,6 +18,12 @@ KV prediction (models.kvpred) is a faster, slightly different variant of a model
 A budget with a `quality_floor` lets the router weigh, beside each edge candidate, the same one with
 its fastest variant whose measured agreement meets the floor; within a kind it ranks after every
 unmodified placement that fits, so a variant serves only where the unmodified model would miss.
+
+Early layer skipping (models.skip) is weighed the same way: with a `quality_floor`, beside each edge
+candidate (not an emulated one: it paces decode to its profile's whole-model step), the same one with
+each trained skip ratio whose measured agreement meets the floor (`skip` set: its decode step
+predicted for the layers that run, partitioner.predict's `skip_layers`; its prefill runs them all).
+Among variants that fit, KV prediction ranks first, then skipping the fewest layers.
 """
 
 from __future__ import annotations
@@ -36,7 +42,17 @@ from partitioner.cost import Estimate, ModelCost, predict
 from partitioner.split import TOKEN_ID_BYTES, Plan, PlanError, Timings, evaluate, single_cut, transfer_ms
 from tandem.types import Budget  # the SDK's own value: what the caller states is what the router reads
 
-__all__ = ["Budget", "BudgetRouter", "Candidate", "Choice", "KVOption", "Router", "Scored", "queued_estimate"]
+__all__ = [
+    "Budget",
+    "BudgetRouter",
+    "Candidate",
+    "Choice",
+    "KVOption",
+    "Router",
+    "Scored",
+    "SkipOption",
+    "queued_estimate",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +70,19 @@ class KVOption:
     """Bits per byte relative to the unmodified model."""
     prefill_share: float = 1.0
     """The auxiliary prefill's measured cost as a share of the whole model's (where it was trained)."""
+
+
+@dataclass(frozen=True)
+class SkipOption:
+    """A layer-skipping variant a candidate's model serves (ModelInfo.skip_variants; models.skip.SkipVariant
+    on the device): the hub's plain copy of what it saves and how close it stays."""
+
+    ratio: float
+    """The trained skip ratio (Sampling.skip_ratio)."""
+    layers: int
+    """Layers decode skips at that ratio."""
+    agreement: float
+    """Greedy agreement with the unmodified model on held-out text, 0..1 (Budget.quality_floor)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +132,10 @@ class Candidate:
     """The KV-prediction variants its model serves (ModelInfo.kv_variants); empty: none."""
     kv: KVOption | None = None
     """Run with KV prediction at this variant (one of kv_variants); None: the unmodified model."""
+    skip_variants: tuple[SkipOption, ...] = ()
+    """The layer-skipping variants its model serves, measured (ModelInfo.skip_variants); empty: none."""
+    skip: SkipOption | None = None
+    """Run with layer skipping at this variant (one of skip_variants), as the router chose it; None: not."""
 
 
 @dataclass(frozen=True)
@@ -180,10 +213,23 @@ def estimate(c: Candidate, prompt_tokens: int, max_tokens: int) -> Estimate:
         total = ttft + (max_tokens - 1) * plan.tpot_ms
         return Estimate(ttft, plan.tpot_ms, total, plan.edge_energy_j, plan.edge_energy_j, ttft, plan.tpot_ms)
     t, kv_layers = c.tracker, len(c.kv.aux_layers) if c.kv is not None else None
-    if t is None:
+    skip_layers = c.skip.layers if c.skip is not None else None
+    if t is None and skip_layers is None:
         return predict(c.profile, c.cost, prompt_tokens, max_tokens, kv_layers=kv_layers)
+    if t is None:  # the roofline too: partitioner.predict without a calibration or corrections is it
+        return calibrated.predict(
+            c.profile, c.cost, prompt_tokens, max_tokens, kv_layers=kv_layers, skip_layers=skip_layers
+        )
     return calibrated.predict(
-        c.profile, c.cost, prompt_tokens, max_tokens, t.calibration, t.corrections(), c.emulated, kv_layers=kv_layers
+        c.profile,
+        c.cost,
+        prompt_tokens,
+        max_tokens,
+        t.calibration,
+        t.corrections(),
+        c.emulated,
+        kv_layers=kv_layers,
+        skip_layers=skip_layers,
     )
 
 
@@ -198,6 +244,23 @@ def with_kv_variants(candidates: list[Candidate], quality_floor: float) -> list[
         able = [v for v in c.kv_variants if v.agreement >= quality_floor] if c.kind == "edge" and c.kv is None else []
         if able:
             out.append(dataclasses.replace(c, kv=min(able, key=lambda v: (len(v.aux_layers), v.depth))))
+    return out
+
+
+def with_skip_variants(candidates: list[Candidate], quality_floor: float) -> list[Candidate]:
+    """`candidates`, each edge one that is not emulated and runs no other variant followed by itself
+    with each of its layer-skipping variants whose agreement meets `quality_floor` (fewest layers
+    first; empty `skip_variants`: none); 0: unchanged."""
+    if quality_floor <= 0:
+        return candidates
+    out = []
+    for c in candidates:
+        out.append(c)
+        if c.kind != "edge" or c.emulated or c.kv is not None or c.skip is not None:
+            continue
+        able = [v for v in c.skip_variants if v.layers > 0 and v.agreement >= quality_floor]
+        able.sort(key=lambda v: (v.layers, v.ratio))
+        out.extend(dataclasses.replace(c, skip=v) for v in able)
     return out
 
 
@@ -254,7 +317,7 @@ class BudgetRouter(Router):
         scored: list[Scored] = []
         best = None  # (rank, candidate, estimate, admitted) of the best that fits; the first of equals wins
         steps = max_tokens - 1
-        for c in with_kv_variants(candidates, budget.quality_floor):
+        for c in with_skip_variants(with_kv_variants(candidates, budget.quality_floor), budget.quality_floor):
             key = (
                 id(c.profile),
                 id(c.cost),
@@ -265,6 +328,7 @@ class BudgetRouter(Router):
                 c.chat_tokens,
                 id(c.split),
                 c.kv,
+                c.skip,
             )
             hit = memo.get(key)
             if hit is None:
@@ -286,8 +350,11 @@ class BudgetRouter(Router):
                         admitted_estimate(alone, c.tracker.multipliers(self.quantile), steps), c.queued
                     )
                 v = _violations(adm, budget)
-                # a KV-prediction variant only after every unmodified placement of its kind that fits
-                rank = (_KIND_RANK.get(c.kind, 2), c.kv is not None, est.edge_energy_j, est.total_ms)
+                # a variant (KV prediction, then skipping the fewest layers) only after every unmodified
+                # placement of its kind that fits
+                modified = c.kv is not None or c.skip is not None
+                skipped = c.skip.layers if c.skip is not None else 0
+                rank = (_KIND_RANK.get(c.kind, 2), modified, skipped, est.edge_energy_j, est.total_ms)
                 hit = memo[key] = (est, adm, v, all(r <= 1.0 for r in v.values()), rank)
             est, adm, v, fits, rank = hit
             if est is None:  # a split that fits nowhere, met again in this loop
@@ -314,6 +381,7 @@ class BudgetRouter(Router):
         limit = {"ttft_ms": budget.ttft_ms, "tpot_ms": budget.tpot_ms, "energy_j": budget.energy_j}[binding]
         where = f"a split over {c.device_id} and the cloud" if c.split is not None else c.device_id or "the cloud"
         where += f" with KV prediction at depth {c.kv.depth:g}" if c.kv is not None else ""
+        where += f" skipping {c.skip.layers} layers (ratio {c.skip.ratio:g})" if c.skip is not None else ""
         how = f"at the {self.quantile:g} quantile of its measured/predicted ratios " if c.tracker is not None else ""
         exc = BudgetUnsatisfiable(
             f"no placement meets the budget: binding constraint {binding} — the closest placement ({c.model} on "

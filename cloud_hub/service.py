@@ -235,6 +235,8 @@ class HubService:
         budget = spec.budget if not progress.placements else Budget(best_effort=True)
         if budget.quality_floor and not _may_predict(spec.params):  # no variant the agent would refuse
             budget = dataclasses.replace(budget, quality_floor=0.0)
+        if budget.quality_floor and not _may_skip(spec.params):  # KV prediction may stay; skipping may not
+            candidates = [dataclasses.replace(c, skip_variants=()) if c.skip_variants else c for c in candidates]
         # routing_tokens counts the hub's default template size for chat; a model that knows its own
         # (ModelInfo.chat_template_tokens) replaces it.
         template = CHAT_TEMPLATE_TOKENS if chat else 0
@@ -260,6 +262,7 @@ class HubService:
             quantile=choice.quantile,
             calibrated=c.tracker is not None and c.tracker.calibration is not None,
             kv_prediction=c.kv.depth if c.kv is not None and not spec.params.kv_prediction else 0.0,  # the hub's
+            skip_ratio=c.skip.ratio if c.skip is not None and not spec.params.skip_ratio else 0.0,  # the hub's
         )
         return c, [placement]
 
@@ -419,7 +422,8 @@ class HubService:
         and count its prediction error by device in the metrics."""
         assert c.tracker is not None
         kv_layers = len(c.kv.aux_layers) if c.kv is not None and m.kv_predicted else None
-        c.tracker.observe(c.profile, c.cost, c.emulated, placement, m, max_tokens, kv_layers)
+        skip_layers = len(m.skipped_layers) if m.skipped_layers else None  # its decode steps were shorter
+        c.tracker.observe(c.profile, c.cost, c.emulated, placement, m, max_tokens, kv_layers, skip_layers)
         self.fleet.calibrations.save(c.device_id, c.model)
         self.metrics.observe_prediction(c.device_id or "cloud", placement, m)
 
@@ -431,7 +435,7 @@ class HubService:
             if remaining == spec.params.max_tokens
             else dataclasses.replace(spec.params, max_tokens=remaining)
         )
-        params = kv_params(c, params)
+        params = skip_params(c, kv_params(c, params))
         if c.kind in ("cloud", "split"):
             assert self.cloud is not None
             engine = self._split_engine(c, progress) if c.kind == "split" else None
@@ -655,6 +659,21 @@ def _may_predict(params: SamplingParams) -> bool:
     """Whether the hub may turn KV prediction on for a request with these options (the Generator
     refuses it beside layer skipping, several choices or prompt logprobs)."""
     return not (params.skip_ratio or params.n > 1 or params.prompt_logprobs is not None)
+
+
+def _may_skip(params: SamplingParams) -> bool:
+    """Whether the hub may turn layer skipping on for a request with these options (the Generator
+    refuses it beside KV prediction and several choices; prompt logprobs would come from a model
+    the caller did not ask for)."""
+    return not (params.skip_ratio or params.kv_prediction or params.n > 1 or params.prompt_logprobs is not None)
+
+
+def skip_params(c: Candidate, params: SamplingParams) -> SamplingParams:
+    """`params` as placement `c` runs them: with skip_ratio at its variant's ratio where the router
+    turned layer skipping on (Budget.quality_floor; Candidate.skip), else unchanged."""
+    if c.skip is None or not _may_skip(params):
+        return params
+    return dataclasses.replace(params, skip_ratio=c.skip.ratio)
 
 
 def kv_params(c: Candidate, params: SamplingParams) -> SamplingParams:

@@ -52,7 +52,15 @@ from models.streaming import iterate_in_thread
 from tandem.files import write_private
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tandem.wire import kv_variant_message, logprob_message, prompt_of, sampling_kwargs, set_kv_report, tools_of
+from tandem.wire import (
+    kv_variant_message,
+    logprob_message,
+    prompt_of,
+    sampling_kwargs,
+    set_kv_report,
+    skip_variant_message,
+    tools_of,
+)
 
 log = logging.getLogger("tandem.agent")
 VERSION = "0.1.0"
@@ -641,7 +649,8 @@ def followed_broker(current: MqttSettings, info: pb.MqttInfo, hub: str) -> MqttS
 
 def model_info(served: ServedModel) -> pb.ModelInfo:
     """What this agent advertises about `served`: its ModelInfo fields, the skip ratios its
-    layer-skipping routers were trained for and its KV-prediction variants, so that the hub sends
+    layer-skipping routers were trained for (and each one's measured agreement, the hub's to weigh
+    under a quality_floor) and its KV-prediction variants, so that the hub sends
     requests with a skip_ratio or a kv_prediction only where they can be served. None with a step
     engine (edge_agent.engines): both run on the model's own route only (models.generate refuses
     them elsewhere). Read at each Hello: an update may bring routers or predictors or take them away."""
@@ -649,6 +658,7 @@ def model_info(served: ServedModel) -> pb.ModelInfo:
         **served.info,
         skip_ratios=served.skip_ratios,
         kv_variants=[kv_variant_message(**vars(v)) for v in served.kv_variants],
+        skip_variants=[skip_variant_message(**vars(v)) for v in served.skip_variants],
     )
 
 

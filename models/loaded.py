@@ -16,7 +16,7 @@ from models.config import ModelConfig
 from models.generate import Generator
 from models.kvpred import KVVariant, PredictorSet, PredictorSpec, find_predictors
 from models.quant import QuantLinear, weight_bytes
-from models.skip import RouterSet, find_routers
+from models.skip import RouterSet, SkipVariant, find_routers
 from models.tokenizer import GGUFTokenizer
 from models.transformer import Transformer
 
@@ -70,6 +70,11 @@ class LoadedModel:
     def kv_variants(self) -> list[KVVariant]:
         """Its KV-prediction variants as measured at training (empty: no predictors)."""
         return self.predictors.variants() if self.predictors is not None else []
+
+    @property
+    def skip_variants(self) -> list[SkipVariant]:
+        """Its layer-skipping variants, one a trained ratio, with their measured agreement (empty: no routers)."""
+        return self.routers.variants() if self.routers is not None else []
 
     @property
     def skip_ratios(self) -> list[float]:

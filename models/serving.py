@@ -25,6 +25,7 @@ from models.generate import Continuation, Prompt, StepEngine, TokenEvent
 from models.kvpred import KVVariant
 from models.loaded import LoadedModel
 from models.sampling import SamplingParams
+from models.skip import SkipVariant
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,12 @@ class ServedModel:
         """The skip ratios requests may ask of it (the routers' on the model's own route; none
         through a step engine, which models.generate refuses skipping on)."""
         return [] if self.engine is not None else self.loaded.skip_ratios
+
+    @property
+    def skip_variants(self) -> list[SkipVariant]:
+        """The layer-skipping variants requests may ask of it (models.skip.SkipVariant; none through a
+        step engine, as skip_ratios)."""
+        return [] if self.engine is not None else self.loaded.skip_variants
 
     @property
     def kv_variants(self) -> list[KVVariant]:

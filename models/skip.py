@@ -173,6 +173,20 @@ class SkipReport:
 
 
 @dataclass(frozen=True)
+class SkipVariant:
+    """One trained skip ratio as the hub weighs it (ModelInfo.skip_variants): what it saves and how
+    close it stays."""
+
+    ratio: float
+    """The trained skip ratio (SamplingParams.skip_ratio)."""
+    layers: int
+    """Layers decode skips at that ratio (`skip_count`)."""
+    agreement: float
+    """Top-1 agreement with the unskipped model on held-out calibration text, teacher-forced (`train_set`);
+    0.0 where the routers' record lacks it (routers trained before it was measured)."""
+
+
+@dataclass(frozen=True)
 class RouterSet:
     """One model's routers, one set a trained skip ratio: a request uses the set trained nearest
     its ratio, and skips round(ratio * L) layers."""
@@ -195,6 +209,20 @@ class RouterSet:
 
     def choose(self, pooled: Tensor, ratio: float) -> frozenset[int]:
         return self.for_ratio(ratio).choose(pooled, ratio)
+
+    def variants(self) -> list[SkipVariant]:
+        """Each trained ratio, by ratio: the layers it skips and its measured agreement (0.0 unmeasured);
+        a ratio no request could run (beyond the layers that may be skipped) is left out."""
+        out = []
+        for ratio, r in sorted(self.by_ratio.items()):
+            try:
+                layers = skip_count(r.spec.n_layers, ratio, len(r.protected))
+            except InvalidRequest:
+                continue
+            measured = r.training.get("agreement")
+            quality = float(measured) if isinstance(measured, (int, float)) and math.isfinite(measured) else 0.0
+            out.append(SkipVariant(ratio, layers, quality))
+        return out
 
     def save(self, directory: Path) -> None:
         for ratio, routers in self.by_ratio.items():
@@ -438,12 +466,14 @@ def train_set(
         static_kl = mean_kl(model, held, config.prompt_tokens, lambda p, r=routed, q=ratio: r.static(q))
         record = {**r.training, "held_out_kl": routed_kl, "static_kl": static_kl}
         if routed_kl < static_kl:
-            by_ratio[float(ratio)] = dataclasses.replace(routed, training={**record, "selected": "routers"})
+            chosen = dataclasses.replace(routed, training={**record, "selected": "routers"})
         else:  # static skipping as routers: zero weights, biases in the static order
             bias = torch.full((L,), float(L))
             bias[list(order)] = torch.arange(len(order), dtype=torch.float32)
-            static = Routers(spec, torch.zeros(L, spec.dim), bias, protected, order, {**record, "selected": "static"})
-            by_ratio[float(ratio)] = static
+            chosen = Routers(spec, torch.zeros(L, spec.dim), bias, protected, order, {**record, "selected": "static"})
+        # what the hub weighs this ratio's quality by (SkipVariant.agreement; Budget.quality_floor)
+        held_agreement = agreement(model, held, config.prompt_tokens, lambda p, r=chosen, q=ratio: r.choose(p, q))
+        by_ratio[float(ratio)] = dataclasses.replace(chosen, training={**chosen.training, "agreement": held_agreement})
     return RouterSet(by_ratio)
 
 
@@ -462,6 +492,24 @@ def mean_kl(
         logp = F.log_softmax(model.head(model.forward_layers(cont, step, skip=choose(pooled[0]))).float(), -1)
         total += float(F.kl_div(logp, base, log_target=True, reduction="none").sum(-1).mean())
     return total / max(len(windows), 1)
+
+
+@torch.no_grad()
+def agreement(
+    model: Transformer, windows: Sequence[Sequence[int]], prompt: int, choose: Callable[[Tensor], frozenset[int]]
+) -> float:
+    """Share of the continuation positions (teacher-forced, as `mean_kl`) whose top-1 token with
+    choose(pooled)'s skip set equals the unskipped model's, over all `windows` (0 for none)."""
+    same = total = 0
+    for ids in windows:
+        pooled, cont, step = _batch_pass(model, torch.tensor([list(ids)]), prompt)
+        state = model.request_state()
+        base = _gated_continuation(model, cont, step, None)[0].argmax(-1)
+        model.bind(state)
+        top = model.head(model.forward_layers(cont, step, skip=choose(pooled[0])))[0].argmax(-1)
+        same += int((top == base).sum())
+        total += len(base)
+    return same / total if total else 0.0
 
 
 @torch.no_grad()
@@ -556,6 +604,8 @@ __all__ = [
     "SkipQuality",
     "SkipReport",
     "SkipTraining",
+    "SkipVariant",
+    "agreement",
     "calibration_windows",
     "default_protected",
     "dense_copy",

@@ -49,12 +49,46 @@ def compute_ms(
     context: float,
     emulated: bool = False,
     kv_layers: int | None = None,
+    skip_layers: int | None = None,
 ) -> tuple[float, float]:
     """(prefill ms, one decode step ms) of the engine alone, before online corrections: calibrated
     when a calibration is given (its fixed request overhead in the prefill), else the roofline. An
     emulated device runs each at the slower of its profile's roofline and the calibrated host.
     `kv_layers`: with KV prediction (models.kvpred), the prompt prefills through that many auxiliary
-    layers and the whole model takes its last token as one decode step; None: the whole model."""
+    layers and the whole model takes its last token as one decode step; None: the whole model.
+    `skip_layers`: with layer skipping (models.skip), decode skips that many layers (`skipped_step`);
+    the prefill still runs every layer."""
+    prefill, step = _compute_ms(profile, cost, calibration, prompt_tokens, context, emulated, kv_layers)
+    if skip_layers:
+        step = skipped_step(step, profile, cost, context, skip_layers)
+    return prefill, step
+
+
+def head_share(profile: DeviceProfile, cost: ModelCost, context: float) -> float:
+    """The final norm and output head's share of a decode step at `context` positions, as the roofline
+    shares it (a calibration measures whole steps; `stage_parts` shares them alike)."""
+    block, head = split.layer_decode_ms(profile, cost, context), split.head_decode_ms(profile, cost, context)
+    return head / (cost.n_layers * block + head)
+
+
+def skipped_step(step: float, profile: DeviceProfile, cost: ModelCost, context: float, layers: int) -> float:
+    """A decode step of `step` ms when it skips `layers` of the model's n layers: the head's share
+    (`head_share`) unscaled, the blocks' scaled to the n - layers that run."""
+    head = head_share(profile, cost, context)
+    n = cost.n_layers
+    return step * (head + (1 - head) * (n - layers) / n)
+
+
+def _compute_ms(
+    profile: DeviceProfile,
+    cost: ModelCost,
+    calibration: Calibration | None,
+    prompt_tokens: int,
+    context: float,
+    emulated: bool,
+    kv_layers: int | None,
+) -> tuple[float, float]:
+    """compute_ms without layer skipping."""
     if calibration is None or emulated:
         roof_prefill = (
             roofline_prefill_ms(profile, cost, prompt_tokens)
@@ -101,17 +135,18 @@ def predict(
     emulated: bool = False,
     context_bytes_in: float | None = None,
     kv_layers: int | None = None,
+    skip_layers: int | None = None,
 ) -> Estimate:
     """TTFT, time per token, total time and energy of one request on one device.
 
     An emulated device runs each phase at max(profile's roofline, host's calibrated time); energy is
     the calibration's measured power where a sensor measured it, else the profile's. `kv_layers`:
-    with KV prediction, the auxiliary model's layer count (compute_ms). Raises ValueError for
-    prompt_tokens or max_new_tokens < 1."""
+    with KV prediction, the auxiliary model's layer count; `skip_layers`: with layer skipping, the
+    layers decode skips (compute_ms). Raises ValueError for prompt_tokens or max_new_tokens < 1."""
     if prompt_tokens < 1 or max_new_tokens < 1:
         raise ValueError(f"prompt_tokens and max_new_tokens must be >= 1, got {prompt_tokens}, {max_new_tokens}")
     context = prompt_tokens + max_new_tokens / 2  # mean context over the decode steps
-    prefill, step = compute_ms(profile, cost, calibration, prompt_tokens, context, emulated, kv_layers)
+    prefill, step = compute_ms(profile, cost, calibration, prompt_tokens, context, emulated, kv_layers, skip_layers)
     prefill = corrections.prefill.apply(prefill)
     step = corrections.decode.apply(step)
     link = corrections.link_ms

@@ -157,6 +157,7 @@ def _placement(p: pb.Placement) -> Placement:
         p.layer_start,
         p.layer_end,
         p.kv_prediction,
+        p.skip_ratio,
     )
 
 

@@ -19,8 +19,9 @@ class Budget:
     """Serve on the closest placement when none meets the budget (instead of BudgetUnsatisfiable)."""
     quality_floor: float = 0.0
     """The lowest measured greedy agreement with the unmodified model (0..1) accepted for a faster
-    variant: with it, the hub may turn KV prediction on where the unmodified model would miss the
-    budget (Placement.kv_prediction says so); 0 = the unmodified model only."""
+    variant: with it, the hub may turn KV prediction or early layer skipping on where the unmodified
+    model would miss the budget (Placement.kv_prediction, Placement.skip_ratio say so; the answer's
+    skipped_layers which layers); 0 = the unmodified model only."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class Placement:
     kv_prediction: float = 0.0
     """The hub turned KV prediction on here at this auxiliary depth (Budget.quality_floor); 0 = it did
     not (a request's own kv_prediction is not repeated here)."""
+    skip_ratio: float = 0.0
+    """The hub turned early layer skipping on here at this trained ratio (Budget.quality_floor; the
+    answer's skipped_layers say which layers); 0 = it did not (a request's own skip_ratio is not
+    repeated here)."""
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,11 @@ def kv_variant_message(
     )
 
 
+def skip_variant_message(ratio: float, layers: int, agreement: float, **_: object) -> pb.SkipVariant:
+    """The wire's SkipVariant from models.skip.SkipVariant's fields (`skip_variant_message(**vars(v))`)."""
+    return pb.SkipVariant(ratio=ratio, layers=layers, agreement=agreement)
+
+
 def set_kv_report(metrics: pb.Metrics, depth: float, predicted: int, repaired_at: int | None, **_: object) -> None:
     """Write a request's KV-prediction report (models.kvpred.KVReport's fields:
     `set_kv_report(metrics, **vars(report))`) into its Metrics; the inverse of kv_report_kwargs."""

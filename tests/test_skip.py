@@ -242,7 +242,9 @@ def test_the_agent_refuses_routers_trained_for_another_precision(
 
 
 def test_a_router_set_keeps_routers_only_where_they_beat_static_skipping(six: LoadedModel) -> None:
-    from models.skip import mean_kl, train_set
+    """...and records each ratio's measured top-1 agreement on the held-out windows, which its
+    variants() report (what an agent advertises for the hub's quality_floor)."""
+    from models.skip import SkipVariant, agreement, mean_kl, train_set
 
     spec = RouterSpec("six", six.served_quant, 6, six.config.dim)
     config = SkipTraining(prompt_tokens=12, continuation_tokens=6, epochs=1, batch=4)
@@ -258,6 +260,11 @@ def test_a_router_set_keeps_routers_only_where_they_beat_static_skipping(six: Lo
         assert kept == pytest.approx(min(record["held_out_kl"], record["static_kl"]), rel=1e-4)
         if record["selected"] == "static":  # static skipping itself: the same set for every prompt
             assert not r.weight.any()
+        measured = agreement(six.model, held, 12, lambda p, r=r, q=ratio: r.choose(p, q))
+        assert record["agreement"] == pytest.approx(measured) and 0.0 <= measured <= 1.0
+    assert agreement(six.model, held, 12, lambda p: frozenset()) == 1.0  # nothing skipped: the model itself
+    agreements = [routers.by_ratio[r].training["agreement"] for r in (0.34, 0.5)]
+    assert routers.variants() == [SkipVariant(0.34, 2, agreements[0]), SkipVariant(0.5, 3, agreements[1])]
 
 
 @pytest.mark.slow  # trains on the real model: about two minutes on two cores

@@ -66,6 +66,16 @@ class KVVariant(_message.Message):
     prefill_share: float
     def __init__(self, depth: _Optional[float] = ..., aux_layers: _Optional[_Iterable[int]] = ..., agreement: _Optional[float] = ..., bpb_ratio: _Optional[float] = ..., prefill_share: _Optional[float] = ...) -> None: ...
 
+class SkipVariant(_message.Message):
+    __slots__ = ("ratio", "layers", "agreement")
+    RATIO_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    ratio: float
+    layers: int
+    agreement: float
+    def __init__(self, ratio: _Optional[float] = ..., layers: _Optional[int] = ..., agreement: _Optional[float] = ...) -> None: ...
+
 class TopLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -119,7 +129,7 @@ class Input(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., chat: _Optional[_Union[ChatMessages, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "arch", "n_layers", "quant", "weight_bytes", "layers", "config_json", "chat", "calibration_json", "engine", "chat_template_tokens", "tools", "version", "skip_ratios", "kv_variants")
+    __slots__ = ("name", "arch", "n_layers", "quant", "weight_bytes", "layers", "config_json", "chat", "calibration_json", "engine", "chat_template_tokens", "tools", "version", "skip_ratios", "kv_variants", "skip_variants")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ARCH_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +145,7 @@ class ModelInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SKIP_RATIOS_FIELD_NUMBER: _ClassVar[int]
     KV_VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_VARIANTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     arch: str
     n_layers: int
@@ -150,10 +161,11 @@ class ModelInfo(_message.Message):
     version: str
     skip_ratios: _containers.RepeatedScalarFieldContainer[float]
     kv_variants: _containers.RepeatedCompositeFieldContainer[KVVariant]
-    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., chat: _Optional[bool] = ..., calibration_json: _Optional[str] = ..., engine: _Optional[str] = ..., chat_template_tokens: _Optional[int] = ..., tools: _Optional[bool] = ..., version: _Optional[str] = ..., skip_ratios: _Optional[_Iterable[float]] = ..., kv_variants: _Optional[_Iterable[_Union[KVVariant, _Mapping]]] = ...) -> None: ...
+    skip_variants: _containers.RepeatedCompositeFieldContainer[SkipVariant]
+    def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., chat: _Optional[bool] = ..., calibration_json: _Optional[str] = ..., engine: _Optional[str] = ..., chat_template_tokens: _Optional[int] = ..., tools: _Optional[bool] = ..., version: _Optional[str] = ..., skip_ratios: _Optional[_Iterable[float]] = ..., kv_variants: _Optional[_Iterable[_Union[KVVariant, _Mapping]]] = ..., skip_variants: _Optional[_Iterable[_Union[SkipVariant, _Mapping]]] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("kind", "device_id", "profile", "model", "layer_start", "layer_end", "emulated", "predicted_ttft_ms", "predicted_tpot_ms", "predicted_energy_j", "admitted_ttft_ms", "admitted_tpot_ms", "quantile", "calibrated", "kv_prediction")
+    __slots__ = ("kind", "device_id", "profile", "model", "layer_start", "layer_end", "emulated", "predicted_ttft_ms", "predicted_tpot_ms", "predicted_energy_j", "admitted_ttft_ms", "admitted_tpot_ms", "quantile", "calibrated", "kv_prediction", "skip_ratio")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
@@ -169,6 +181,7 @@ class Placement(_message.Message):
     QUANTILE_FIELD_NUMBER: _ClassVar[int]
     CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     KV_PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    SKIP_RATIO_FIELD_NUMBER: _ClassVar[int]
     kind: str
     device_id: str
     profile: str
@@ -184,7 +197,8 @@ class Placement(_message.Message):
     quantile: float
     calibrated: bool
     kv_prediction: float
-    def __init__(self, kind: _Optional[str] = ..., device_id: _Optional[str] = ..., profile: _Optional[str] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., emulated: _Optional[bool] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., admitted_ttft_ms: _Optional[float] = ..., admitted_tpot_ms: _Optional[float] = ..., quantile: _Optional[float] = ..., calibrated: _Optional[bool] = ..., kv_prediction: _Optional[float] = ...) -> None: ...
+    skip_ratio: float
+    def __init__(self, kind: _Optional[str] = ..., device_id: _Optional[str] = ..., profile: _Optional[str] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., emulated: _Optional[bool] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., admitted_ttft_ms: _Optional[float] = ..., admitted_tpot_ms: _Optional[float] = ..., quantile: _Optional[float] = ..., calibrated: _Optional[bool] = ..., kv_prediction: _Optional[float] = ..., skip_ratio: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "tpot_ms", "energy_j", "engine_ttft_ms", "engine_tpot_ms", "hub_route_ms", "hub_relay_ms", "prefill_ms", "decode_ms", "queue_ms", "energy_measured", "skipped_layers", "lossless", "drafted", "accepted", "kv_depth", "kv_predicted", "kv_repaired_at")
