@@ -115,6 +115,7 @@ class KVPredictor:
     weights: tuple[Tensor, ...]
     record: dict = field(default_factory=dict)
     """How they were trained (KVTraining, the data's sha256, the layers' influence) and measured."""
+    _exact: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         L, kw = self.spec.n_layers, self.spec.n_kv_heads * self.spec.head_dim
@@ -126,11 +127,24 @@ class KVPredictor:
                 raise KVMismatch(f"layer {layer}'s sources {src} are not auxiliary layers {sorted(aux)}")
             if tuple(w.shape) != (2 * kw * len(src) + 1, 2 * kw):
                 raise KVMismatch(f"layer {layer}'s predictor is {tuple(w.shape)} for {len(src)} sources of width {kw}")
+        object.__setattr__(self, "_exact", self.exact)  # checked once: predict runs a request
 
     @property
     def dropped(self) -> frozenset[int]:
         """The base layers the auxiliary model skips."""
         return frozenset(range(self.spec.n_layers)) - set(self.aux_layers)
+
+    @property
+    def exact(self) -> frozenset[int]:
+        """Layers whose keys and values the aux pass computes exactly and the predictors keep as
+        they are: kept layers below the first dropped one (the aux stream is the whole model's up
+        to there) with an identity map from themselves. They are neither predicted nor rewritten."""
+        first = min(self.dropped, default=self.spec.n_layers)
+        return frozenset(
+            layer
+            for layer in range(first)
+            if self.sources[layer] == (layer,) and torch.equal(self.weights[layer], identity_weights(self.spec))
+        )
 
     @property
     def variant(self) -> KVVariant:
@@ -143,12 +157,17 @@ class KVPredictor:
             float(q.get("prefill_share", self.depth)),
         )
 
-    def predict(self, captured: dict[int, tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    def predict(self, captured: dict[int, tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor] | None]:
         """Each base layer's (keys before RoPE, values), each (B, T, K, hd), from the auxiliary
-        layers' captured ones (`captured_pass`)."""
+        layers' captured ones (`captured_pass`); None for an `exact` layer (the aux pass wrote its
+        cache as the whole model would)."""
         K, hd = self.spec.n_kv_heads, self.spec.head_dim
-        out = []
-        for src, w in zip(self.sources, self.weights, strict=True):
+        exact = self._exact
+        out: list[tuple[Tensor, Tensor] | None] = []
+        for layer, (src, w) in enumerate(zip(self.sources, self.weights, strict=True)):
+            if layer in exact:
+                out.append(None)
+                continue
             x = features(captured, src)  # (B, T, F)
             y = x @ w  # (B, T, 2 * KW)
             B, T = y.shape[:2]
@@ -345,11 +364,14 @@ def captured_pass(
     return h, _joined(lists, T)
 
 
-def write_kv(model: Transformer, kv: Sequence[tuple[Tensor, Tensor]], slot: int) -> None:
+def write_kv(model: Transformer, kv: Sequence[tuple[Tensor, Tensor] | None], slot: int) -> None:
     """Every layer's (keys before RoPE, values), each (B, T, K, hd), into its cache at slots
     [slot, slot+T): keys rotated as the layer's attention rotates them (its RoPE base; on CPU by
-    the same kernel), so a cache written here equals one a forward pass writes."""
-    for layer, (k, v) in enumerate(kv):
+    the same kernel), so a cache written here equals one a forward pass writes. None: left as is."""
+    for layer, pair in enumerate(kv):
+        if pair is None:
+            continue
+        k, v = pair
         cache = model.caches[layer]
         if cache is None:
             raise ValueError(f"layer {layer} has no KV cache; call setup_cache")
@@ -398,12 +420,17 @@ class Repair:
         return self.upto >= slot
 
 
+def identity_weights(spec: PredictorSpec) -> Tensor:
+    """A layer's map from its own keys and values to themselves: (2 KW + 1, 2 KW)."""
+    kw = spec.n_kv_heads * spec.head_dim
+    return torch.cat([torch.eye(2 * kw), torch.zeros(1, 2 * kw)])
+
+
 def identity(spec: PredictorSpec) -> KVPredictor:
     """Predictors over an auxiliary model that is the whole base, each layer its own keys and
     values unchanged: prediction that must give exactly the base's cache (a test's reference)."""
-    kw = spec.n_kv_heads * spec.head_dim
-    w = torch.cat([torch.eye(2 * kw), torch.zeros(1, 2 * kw)])
     layers = tuple(range(spec.n_layers))
+    w = identity_weights(spec)
     return KVPredictor(spec, 1.0, layers, tuple((i,) for i in layers), tuple(w.clone() for _ in layers))
 
 
@@ -423,6 +450,7 @@ __all__ = [
     "features",
     "find_predictors",
     "identity",
+    "identity_weights",
     "kv_dir",
     "predict_prompt",
     "prefix_layers",

@@ -32,6 +32,7 @@ from models.kvpred import (
     aux_layers_for,
     captured_pass,
     features,
+    identity_weights,
     predict_prompt,
     prefix_layers,
     sources_for,
@@ -144,7 +145,11 @@ def fit_sets(
     out = []
     for s, (depth, aux) in enumerate(sets):
         weights = []
+        first = min(set(range(L)) - set(aux), default=L)
         for layer in range(L):
+            if layer < first:  # the aux stream is the whole model's up to here: its own keys and values
+                weights.append(identity_weights(spec))
+                continue
             g, c = gram[s][layer], cross[s][layer]
             assert g is not None and c is not None
             reg = torch.eye(g.shape[0], dtype=g.dtype) * (config.ridge * float(g.diagonal()[:-1].mean()))

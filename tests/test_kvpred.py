@@ -55,6 +55,18 @@ def test_identity_predictors_over_the_whole_model_give_its_output_exactly(tiny: 
     assert predicted == len(ids) - 1
     assert torch.equal(model.head(h), ref_logits)
     assert all(torch.equal(c.k, k) for c, k in zip(model.caches, ref_keys, strict=True))
+    # Every layer is exact here, so nothing was rewritten; write_kv itself must also reproduce the
+    # forward pass's cache bit for bit (RoPE by the same kernel, at the same slots).
+    assert kvpred.identity(spec_of(tiny)).exact == frozenset(range(model.cfg.n_layers))
+    model.setup_cache(1, len(ids))
+    _, captured = kvpred.captured_pass(model, torch.tensor([ids[:-1]]), range(model.cfg.n_layers))
+    for c in model.caches:
+        c.k.zero_()
+        c.v.zero_()
+    kvpred.write_kv(model, [captured[i] for i in range(model.cfg.n_layers)], 0)
+    assert all(
+        torch.equal(c.k[:, :, :-1], k[:, :, : len(ids) - 1]) for c, k in zip(model.caches, ref_keys, strict=True)
+    )
 
 
 def test_identity_predictors_on_the_served_engine_keep_the_greedy_answer() -> None:
@@ -303,3 +315,8 @@ def test_training_keeps_the_layout_that_predicts_best_on_held_out_windows(tiny: 
     assert variant.bpb_ratio == p.record["quality"]["bpb_ratio"] and variant.prefill_share > 0
     assert p.record["data_sha256"] == kvpred_train.data_sha256(windows[:4])
     assert kvpred.prefix_layers(30, 0.5) == (*range(14), 29) and kvpred.prefix_layers(4, 0.1) == (3,)
+    first = min(p.dropped)
+    assert p.exact == frozenset(range(first))  # below the first dropped layer: its own keys, unpredicted
+    fake = torch.zeros(1, 2, model.cfg.n_kv_heads, model.cfg.head_dim)
+    predicted = p.predict(dict.fromkeys(p.aux_layers, (fake, fake)))
+    assert all(pair is None for pair in predicted[:first]) and all(pair is not None for pair in predicted[first:])
