@@ -173,7 +173,12 @@ async def test_explicit_kv_prediction_through_the_hub_and_the_openai_api(
             body = answer.json()
             info, usage = body["tandem"], body["usage"]
             assert info["kv_depth"] == DEPTH and info["kv_predicted"] == usage["prompt_tokens"] - 1 > 0
-            assert isinstance(info["kv_repaired_at"], int)
+            # Repair takes a chunk of slots a decode step: it is done by then unless the answer ended first.
+            pieces = -(-usage["prompt_tokens"] // (kvpred.REPAIR_CHUNK - 1))  # slots gained a step
+            if usage["completion_tokens"] > pieces:
+                assert isinstance(info["kv_repaired_at"], int) and 0 < info["kv_repaired_at"] <= pieces
+            else:
+                assert info["kv_repaired_at"] is None or isinstance(info["kv_repaired_at"], int)
             assert info["placements"][0]["device_id"] == predicting.device_id
             unmodified = (await post("six", {})).json()["tandem"]
             assert [unmodified[k] for k in ("kv_depth", "kv_predicted", "kv_repaired_at")] == [0, 0, None]
