@@ -201,16 +201,20 @@ def finetune(
             perm = torch.randperm(len(data), generator=order).tolist()
         ids, got, true, scale, teacher = data[perm[n % len(data)]]
         dense.setup_cache(1, ids.shape[1])
-        kv = live.predict(got)
+        predicted = live.predict(got)
+        kv = [pair if pair is not None else true[i] for i, pair in enumerate(predicted)]  # exact: the aux pass's
         write_kv(dense, kv, 0)
         rest = ids[:, prompt - 1 : -1]
         h = dense.forward_layers(dense.embed(rest), Step.at(prompt - 1, rest.shape[1]))
         logp = F.log_softmax(dense.head(h)[0].float(), -1)
         kl = F.kl_div(logp, teacher, log_target=True, reduction="none").sum(-1).mean()
-        l1 = sum(
+        terms = [
             (pk - tk).abs().mean() / sk + (pv - tv).abs().mean() / sv
-            for (pk, pv), (tk, tv), (sk, sv) in zip(kv, true, scale, strict=True)
-        ) / (2 * len(kv))
+            for pair, (tk, tv), (sk, sv) in zip(predicted, true, scale, strict=True)
+            if pair is not None
+            for pk, pv in (pair,)
+        ]
+        l1 = sum(terms) / max(2 * len(terms), 1)
         loss = kl + config.l1 * l1
         opt.zero_grad()
         loss.backward()

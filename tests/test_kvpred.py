@@ -246,20 +246,25 @@ def test_a_loaded_model_finds_the_predictors_trained_for_it(
     assert "no KV prediction" in other.attach_predictors("tiny")
 
 
-def test_finetuning_is_deterministic_and_lowers_its_loss(tiny: LoadedModel) -> None:
+@pytest.mark.parametrize("layout", ["influence", "prefix"])
+def test_finetuning_is_deterministic_and_lowers_its_loss(tiny: LoadedModel, layout: str) -> None:
     """End-to-end fine-tuning from least squares: the same seed gives bit-identical predictors, and
     on the windows it trained on the whole model's continuation moves towards the true cache's (the
-    KL to it falls)."""
+    KL to it falls). With the prefix layout (Gemma's 7 layers: 3 exact) the exact layers stay exact."""
     model, L = tiny.model, tiny.model.cfg.n_layers
     windows = windows_of(model, 3, 40)
-    aux = {0.5: kvpred.aux_layers_for([float(i % 3) for i in range(L)], 0.5)}
+    layers = kvpred_train.layouts_for([float(i % 3) for i in range(L)], 0.5, [layout])[layout]
     config = kvpred_train.KVTraining(finetune_epochs=4, lr=3e-3, seed=5)
-    start = kvpred_train.fit(model, spec_of(tiny), windows, aux, config)[0.5]
-    start = dataclasses.replace(start, weights=tuple(w * 0.5 for w in start.weights))  # room to improve
+    start = kvpred_train.fit(model, spec_of(tiny), windows, {0.5: layers}, config)[0.5]
+    exact = start.exact
+    assert layout == "influence" or L < 4 or exact  # the prefix layout keeps its first layers exact
+    weights = tuple(w if i in exact else w * 0.5 for i, w in enumerate(start.weights))  # room to improve
+    start = dataclasses.replace(start, weights=weights)
     a = kvpred_train.finetune(model, start, windows, 24, config)
     b = kvpred_train.finetune(model, start, windows, 24, config)
     assert all(torch.equal(x, y) for x, y in zip(a.weights, b.weights, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(a.weights, start.weights, strict=True))
+    assert a.exact == exact
 
     def kl(p: kvpred.KVPredictor) -> float:
         total = 0.0
