@@ -102,17 +102,20 @@ class BundleCache:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def path(self, gguf: Path, quant: str) -> Path:
+    def path(self, gguf: Path, quant: str, model: str = "") -> Path:
         """Where the bundle of `gguf` at `quant` lives: keyed by the file's path, size and modification
-        time (as models.runtime keys its prepared weights), so a replaced file gets a new bundle."""
+        time (as models.runtime keys its prepared weights), so a replaced file gets a new bundle, and
+        by what is trained for `model` (routers, predictors: models.zoo.trained_stamp), so retraining
+        does too."""
         st = gguf.stat()
-        key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+        trained = zoo.trained_stamp(model) if model else ""
+        key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:{trained}".encode()).hexdigest()[:12]
         return self.root / f"{gguf.stem}-{quant}-{key}"
 
     def prepare(self, model: str, gguf: Path, quant: str) -> Path:
         """The bundle of `gguf` at `quant`, built on first use (seconds to minutes: call it in a thread).
         Two requests for the same bundle build it once."""
-        out = self.path(gguf, quant)
+        out = self.path(gguf, quant, model)
         with self._guard:
             lock = self._locks.setdefault(out.name, threading.Lock())
         with lock:

@@ -226,11 +226,14 @@ def _save_checked(model: str, quant: str, out: Path) -> int:
 
 def build_bundle(model: str, quant: str, cache: Path | None = None, log: Log | None = None) -> Bundle:
     """The bundle of `model` (zoo name or GGUF path) at `quant`, built once per (model, quant,
-    GGUF digest). Raises ModelNotPulled/UnknownModel (models.errors) or PayloadError."""
+    GGUF digest, what is trained for it). Raises ModelNotPulled/UnknownModel (models.errors) or
+    PayloadError."""
     cache = cache or flash_cache()
     from models.bundle import FORMAT  # lazy: torch
+    from models.zoo import trained_stamp  # what is trained for it (routers, predictors) goes in the bundle
 
-    key = hashlib.sha256(f"{model}\0{quant}\0{_gguf_digest(model)}\0{FORMAT}".encode()).hexdigest()[:24]
+    stamp = f"{model}\0{quant}\0{_gguf_digest(model)}\0{FORMAT}\0{trained_stamp(model)}"
+    key = hashlib.sha256(stamp.encode()).hexdigest()[:24]
     entry = cache / "bundles" / key
     record_path = entry / "record.json"
     if not record_path.is_file():

@@ -268,8 +268,7 @@ def kv_dir(name: str, quant: str) -> Path:
     """Where a zoo model's predictors live: beside the pulled models, one directory a served precision."""
     from models import zoo
 
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{name}-{quant}")
-    return zoo.cache_dir() / "kvpred" / slug
+    return zoo.trained_dir("kvpred", name, quant)
 
 
 def find_predictors(spec: PredictorSpec) -> PredictorSet | None:

@@ -249,8 +249,7 @@ def routers_dir(name: str, quant: str) -> Path:
     """Where a zoo model's routers live: beside the pulled models, one directory a served precision."""
     from models import zoo
 
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{name}-{quant}")
-    return zoo.cache_dir() / "routers" / slug
+    return zoo.trained_dir("routers", name, quant)
 
 
 def find_routers(name: str, quant: str, n_layers: int, dim: int) -> RouterSet | None:

@@ -86,6 +86,37 @@ def cache_dir() -> Path:
     return Path(base) / "tandem"
 
 
+TRAINED = ("routers", "kvpred")
+"""What is trained for a model beside its weights, each kind in its own directory of the cache:
+layer-skipping routers (models.skip), KV predictors (models.kvpred)."""
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def trained_dir(kind: str, name: str, quant: str) -> Path:
+    """Where `kind` (one of TRAINED) trained for model `name` served at `quant` lives."""
+    if kind not in TRAINED:
+        raise ValueError(f"unknown trained kind {kind!r}; known: {', '.join(TRAINED)}")
+    return cache_dir() / kind / _slug(f"{name}-{quant}")
+
+
+def trained_stamp(name: str) -> str:
+    """A digest of everything trained for model `name` at any precision (each file's path, size and
+    modification time): caches of built bundles key on it, so retraining makes a new bundle."""
+    h = hashlib.sha256()
+    prefix = _slug(f"{name}-")
+    for kind in TRAINED:
+        root = cache_dir() / kind
+        dirs = sorted(d for d in root.glob(f"{prefix}*") if d.is_dir()) if root.is_dir() else []
+        for d in dirs:
+            for f in sorted(p for p in d.rglob("*") if p.is_file()):
+                st = f.stat()
+                h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def source(name: str) -> ModelSource:
     if name not in ZOO:
         raise UnknownModel(f"unknown model {name!r}; known: {', '.join(sorted(ZOO))}, or a path to a .gguf file")

@@ -164,3 +164,32 @@ def test_a_flash_payload_takes_the_predictors_trained_for_its_model(
     meta_path.write_text(json.dumps(meta))
     _save_checked(name, "fp32", tmp_path / "without")
     assert load_bundle(tmp_path / "without", prepare=False).predictors is None
+
+
+def test_bundle_caches_key_on_what_is_trained_for_the_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training routers or predictors for a model changes the key flash and over-the-air bundle
+    caches use (a bundle built before them would ship without them); another model's do not."""
+    from cloud_hub.updates import BundleCache
+    from models import zoo
+
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"weights")
+    cache = BundleCache(tmp_path / "bundles")
+    before, untrained = zoo.trained_stamp("m"), cache.path(gguf, "source", "m")
+    other = zoo.trained_dir("kvpred", "mm", "source") / "d0.5"
+    other.mkdir(parents=True)
+    (other / "predictors.json").write_text("{}")
+    assert zoo.trained_stamp("m") == before  # "mm-..." is another model's
+    mine = zoo.trained_dir("kvpred", "m", "int4") / "d0.5"
+    mine.mkdir(parents=True)
+    (mine / "predictors.json").write_text("{}")
+    after = zoo.trained_stamp("m")
+    assert after != before and cache.path(gguf, "source", "m") != untrained
+    routers = zoo.trained_dir("routers", "m", "int4") / "r0.2"
+    routers.mkdir(parents=True)
+    (routers / "routers.json").write_text("{}")
+    assert zoo.trained_stamp("m") != after
+    assert zoo.trained_dir("kvpred", "m", "source(q4_1->int4)").name == "m-source_q4_1-_int4_"
+    with pytest.raises(ValueError, match="unknown trained kind"):
+        zoo.trained_dir("gates", "m", "int4")
