@@ -72,6 +72,17 @@ def real_model(name: str, quant: str = "fp32") -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    its models are tiny, and two threads on a shared two-core machine wait on each other far longer
+    than they compute."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedBroker]:
     """A real Mosquitto managed as the hub runs it, one per test module."""
     if find_mosquitto() is None:

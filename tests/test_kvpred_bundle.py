@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,17 +20,9 @@ from models.runtime import load
 from models.sampling import SamplingParams
 from tests.tiny import TinySpec, write_tiny_gguf
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 AUX = {0.25: (0, 5), 0.5: (0, 2, 5)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: these models are tiny, and two threads on a shared two-core machine
-    wait on each other far longer than they compute."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

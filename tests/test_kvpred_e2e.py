@@ -8,12 +8,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from cloud_hub.prompt import prompt_from_value
 from cloud_hub.server import Hub
@@ -25,6 +23,8 @@ from models.serving import ServedModel
 from tandem import AsyncClient, Budget, BudgetUnsatisfiable, InvalidRequest
 from tests.hubkit import running_hub, start_served_agent
 from tests.tiny import TinySpec, write_tiny_gguf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DEPTH, AUX = 0.25, (0, 5)
 """The auxiliary model: 2 of the 6 layers (round(0.25 x 6) = 2), the first and the last."""
@@ -45,16 +45,6 @@ MEDIUM = _text(60, 8)
 SHORT = "the cat sat in a hat"
 """With the chat template's tokens, about 30: repaired by the second token."""
 MAX_TOKENS = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: the models are tiny, and two threads on a shared two-core machine wait
-    on each other far longer than they compute."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ hub and agent serving a tiny six-layer llama."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -41,6 +40,8 @@ from tandem.wire import skip_variant_message
 from tests.hubkit import running_hub, start_served_agent
 from tests.test_cost import SMOLLM2
 from tests.tiny import TinySpec, write_tiny_gguf
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 COST = ModelCost.from_config(SMOLLM2, bits_per_weight=32.0)  # 30 layers
 PROMPT_TOKENS, NEW_TOKENS = 200, 32
@@ -213,14 +214,6 @@ WIDE = TinySpec(arch="llama", n_layers=6, dim=256, ffn_dim=768, n_heads=4, n_kv_
                 context_length=512)  # fmt: skip
 """Wide enough that the blocks, not the head, are most of a decode step."""
 PROMPT, MAX_TOKENS = "the cat sat in a hat", 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
