@@ -18,7 +18,8 @@ KV prediction (`"kv_prediction"`, `"kv_repair"`) beside the budget; answers carr
 {"placements": […], "ttft_ms", "tpot_ms", "energy_j", "skipped_layers", "lossless", "drafted",
 "accepted", "kv_depth", "kv_predicted", "kv_repaired_at"}` (a placement's `kv_prediction` or
 `skip_ratio`: the hub turned KV prediction or layer skipping on there, under the budget's
-quality_floor; `skipped_layers` says which layers). Errors use OpenAI's format,
+quality_floor; `skipped_layers` says which layers; a placement's `experts`, `[{"expert", "weight"}]`: the
+subset a MoE² hub selected, with the gate's weights). Errors use OpenAI's format,
 `{"error": {"message", "type", "param", "code"}}`, with the matching HTTP status. Unknown request
 fields are refused (400), as are bodies over the configured limit (413).
 """

@@ -144,7 +144,7 @@ class CloudModel(PlacementSource):
             tokens, ratios = info.chat_template_tokens, tuple(info.skip_ratios)
             c = Candidate("cloud", "", self.profile, self.cloud.model, cost, self.inflight, False, tracker, tokens,
                           skip_ratios=ratios, kv_variants=kv_options(info.kv_variants),
-                          skip_variants=skip_options(info.skip_variants))  # fmt: skip
+                          skip_variants=skip_options(info.skip_variants), quant=info.quant)  # fmt: skip
             self._candidate = c
         if c.queued != self.inflight:
             c = self._candidate = dataclasses.replace(c, queued=self.inflight)
@@ -417,7 +417,7 @@ def _offers(s: AgentSession, calibrations: Calibrations) -> list[tuple[str, bool
         tokens, ratios = m.chat_template_tokens, tuple(m.skip_ratios)
         c = Candidate("edge", s.device_id, profile, m.name, cost, 0, s.record.emulated, tracker, tokens,
                       skip_ratios=ratios, kv_variants=kv_options(m.kv_variants),
-                      skip_variants=skip_options(m.skip_variants))  # fmt: skip
+                      skip_variants=skip_options(m.skip_variants), quant=m.quant)  # fmt: skip
         out.append((m.name, m.chat, c))
     return out
 

@@ -52,6 +52,8 @@ __all__ = [
     "Scored",
     "SkipOption",
     "queued_estimate",
+    "violations",
+    "weigh",
 ]
 
 
@@ -136,6 +138,9 @@ class Candidate:
     """The layer-skipping variants its model serves, measured (ModelInfo.skip_variants); empty: none."""
     skip: SkipOption | None = None
     """Run with layer skipping at this variant (one of skip_variants), as the router chose it; None: not."""
+    quant: str = ""
+    """The precision its model is served at (ModelInfo.quant); empty: unknown. The MoE² router maps
+    (model, quant) to the gate's expert variant (partitioner.moe2.table)."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,9 @@ class Choice:
     """The quantile of measured/predicted ratios admission used (0: none, the mean prediction)."""
     considered: tuple[Scored, ...] = ()
     """Every candidate the router weighed, for the fleet page's account of the decision."""
+    experts: tuple[tuple[str, float], ...] = ()
+    """MoE² (cloud_hub.moe2_router): the selected experts' ids with the gate's weights renormalised
+    over them, the answering one (`candidate`) first; empty for other policies."""
 
 
 Scored = tuple[Candidate, Estimate, Estimate, dict[str, float]]
@@ -167,7 +175,7 @@ class Router(ABC):
         candidate knowing its own (Candidate.chat_tokens) replaces with those."""
 
 
-def _violations(est: Estimate, budget: Budget) -> dict[str, float]:
+def violations(est: Estimate, budget: Budget) -> dict[str, float]:
     """Constraint name -> how far over budget, as a ratio (>1 means violated)."""
     pairs = {
         "ttft_ms": (est.ttft_ms, budget.ttft_ms),
@@ -291,6 +299,22 @@ def queued_estimate(est: Estimate, queued: int) -> Estimate:
     return type(est)(**{**est.__dict__, "ttft_ms": est.ttft_ms + wait, "total_ms": est.total_ms + wait})
 
 
+def weigh(
+    c: Candidate, prompt_tokens: int, max_tokens: int, template_tokens: int, quantile: float
+) -> tuple[Estimate, Estimate]:
+    """(mean, admitted) predictions for `c`, its queue included: what every policy holds against a
+    budget. The mean is the cost model's (calibrated where `c` has a tracker); the admitted one scales
+    it by the tracker's `quantile` of measured/predicted ratios (no tracker: the mean itself). The
+    chat template's `template_tokens` in prompt_tokens are replaced by the candidate's own count where
+    it knows it. Raises PlanError for a split that fits nowhere."""
+    tokens = prompt_tokens - template_tokens + c.chat_tokens if template_tokens and c.chat_tokens else prompt_tokens
+    alone = estimate(c, max(1, tokens), max_tokens)
+    est = queued_estimate(alone, c.queued)
+    if c.tracker is None:
+        return est, est
+    return est, queued_estimate(admitted_estimate(alone, c.tracker.multipliers(quantile), max_tokens - 1), c.queued)
+
+
 _KIND_RANK = {"edge": 0, "split": 1, "cloud": 2}
 """The router's first preference: the edge alone, then a split (part of the work in the cloud), then
 the cloud alone (the cloud costs the operator money)."""
@@ -316,7 +340,6 @@ class BudgetRouter(Router):
         memo: dict[tuple, tuple] = {}
         scored: list[Scored] = []
         best = None  # (rank, candidate, estimate, admitted) of the best that fits; the first of equals wins
-        steps = max_tokens - 1
         for c in with_skip_variants(with_kv_variants(candidates, budget.quality_floor), budget.quality_floor):
             key = (
                 id(c.profile),
@@ -332,24 +355,13 @@ class BudgetRouter(Router):
             )
             hit = memo.get(key)
             if hit is None:
-                tokens = (
-                    prompt_tokens - template_tokens + c.chat_tokens
-                    if template_tokens and c.chat_tokens
-                    else prompt_tokens
-                )
                 try:
-                    alone = estimate(c, max(1, tokens), max_tokens)
+                    est, adm = weigh(c, prompt_tokens, max_tokens, template_tokens, self.quantile)
                 except PlanError as exc:  # a split whose stages hold the model nowhere: ruled out by it
                     hit = memo[key] = (None, None, {exc.binding: float("inf")}, False, ())
                     scored.append((c, _NOWHERE, _NOWHERE, hit[2]))
                     continue
-                est = queued_estimate(alone, c.queued)
-                adm = est
-                if c.tracker is not None:
-                    adm = queued_estimate(
-                        admitted_estimate(alone, c.tracker.multipliers(self.quantile), steps), c.queued
-                    )
-                v = _violations(adm, budget)
+                v = violations(adm, budget)
                 # a variant (KV prediction, then skipping the fewest layers) only after every unmodified
                 # placement of its kind that fits
                 modified = c.kv is not None or c.skip is not None

@@ -28,7 +28,7 @@ from cloud_hub.interceptor import AdmissionInterceptor, DeviceCertInterceptor, E
 from cloud_hub.pki import DeviceCA, load_device_ca
 from cloud_hub.placements import Placements, SourceContext, make_sources
 from cloud_hub.registry import MqttAccess, Registry
-from cloud_hub.router import BudgetRouter
+from cloud_hub.router import BudgetRouter, Router
 from cloud_hub.service import HubService, Limits
 from cloud_hub.servicers import InferenceServicer, RegistryServicer, WorkChannelServicer
 from cloud_hub.store import open_store
@@ -101,6 +101,32 @@ class HubConfig:
     admission_quantile: float = 0.95
     """Admission multiplies each device's prediction by this quantile of its measured/predicted ratios
     (cloud_hub.calibrations); answers report it. In [0.5, 1)."""
+    router_policy: str = "budget"
+    """How requests are placed: "budget" (cloud_hub.router.BudgetRouter: edge first, then least energy, then
+    lowest latency) or "moe2" (cloud_hub.moe2_router.Moe2Router: the exact MoE² expert selection; needs
+    moe2_table)."""
+    moe2_table: Path | None = None
+    """The gate's expert table (partitioner.moe2.table; `tandem experts train` writes it beside the gate),
+    for router_policy "moe2"."""
+
+
+ROUTER_POLICIES = ("budget", "moe2")
+"""HubConfig.router_policy's choices."""
+
+
+def make_router(cfg: HubConfig) -> Router:
+    """The router `cfg.router_policy` names. Raises ValueError for an unknown policy or "moe2" without
+    a table, partitioner.moe2.table.TableError for a bad table, FileNotFoundError for a missing one."""
+    if cfg.router_policy == "budget":
+        return BudgetRouter(cfg.admission_quantile)
+    if cfg.router_policy != "moe2":
+        raise ValueError(f"unknown router_policy {cfg.router_policy!r}; available: {', '.join(ROUTER_POLICIES)}")
+    if cfg.moe2_table is None:
+        raise ValueError("router_policy 'moe2' needs moe2_table: the gate's expert table (tandem experts train)")
+    from cloud_hub.moe2_router import Moe2Router  # only a MoE² hub loads it
+    from partitioner.moe2.table import ExpertTable
+
+    return Moe2Router(ExpertTable.load(Path(cfg.moe2_table)), cfg.admission_quantile)
 
 
 class Hub:
@@ -128,6 +154,7 @@ class Hub:
 
     async def start(self) -> None:
         cfg = self.config
+        router = make_router(cfg)  # first: a bad policy or table fails before anything starts
         mqtt = await asyncio.to_thread(self._start_broker)
         if mqtt is not None:
             await self._start_ingest()
@@ -155,7 +182,6 @@ class Hub:
             cal = served_calibration(profile, cloud.model_info())
             self.fleet.calibrations.set_calibration("cloud", cloud.model, cal)
         sources = make_sources(cfg.placement_sources, SourceContext(self.fleet, cloud, profile))
-        router = BudgetRouter(cfg.admission_quantile)
         self.service = HubService(self.fleet, Placements(sources, self.fleet), router, cloud, cfg.limits)
         self.service.split_dtype = cfg.split_dtype
         if self.ingest is not None:

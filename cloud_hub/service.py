@@ -263,6 +263,7 @@ class HubService:
             calibrated=c.tracker is not None and c.tracker.calibration is not None,
             kv_prediction=c.kv.depth if c.kv is not None and not spec.params.kv_prediction else 0.0,  # the hub's
             skip_ratio=c.skip.ratio if c.skip is not None and not spec.params.skip_ratio else 0.0,  # the hub's
+            experts=[pb.ExpertWeight(expert=e, weight=w) for e, w in choice.experts],  # MoE²: the selected subset
         )
         return c, [placement]
 

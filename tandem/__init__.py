@@ -14,7 +14,16 @@ from tandem.errors import (
     Unauthenticated,
     Unavailable,
 )
-from tandem.types import Budget, Choice, Chunk, EnrollmentToken, GenerateResult, Placement, TokenLogprob
+from tandem.types import (
+    Budget,
+    Choice,
+    Chunk,
+    EnrollmentToken,
+    ExpertWeight,
+    GenerateResult,
+    Placement,
+    TokenLogprob,
+)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -26,6 +35,7 @@ __all__ = [
     "Client",
     "DeadlineExceeded",
     "EnrollmentToken",
+    "ExpertWeight",
     "GenerateResult",
     "InvalidRequest",
     "Overloaded",

@@ -22,7 +22,16 @@ from typing import Any
 import grpc
 
 from tandem.errors import InvalidRequest, from_rpc_error
-from tandem.types import Budget, Choice, Chunk, EnrollmentToken, GenerateResult, Placement, TokenLogprob
+from tandem.types import (
+    Budget,
+    Choice,
+    Chunk,
+    EnrollmentToken,
+    ExpertWeight,
+    GenerateResult,
+    Placement,
+    TokenLogprob,
+)
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 from tandem.wire import sampling_message
@@ -158,6 +167,7 @@ def _placement(p: pb.Placement) -> Placement:
         p.layer_end,
         p.kv_prediction,
         p.skip_ratio,
+        tuple(ExpertWeight(e.expert, e.weight) for e in p.experts),
     )
 
 

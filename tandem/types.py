@@ -35,6 +35,16 @@ class EnrollmentToken:
 
 
 @dataclass(frozen=True)
+class ExpertWeight:
+    """One MoE² expert of the subset the hub selected for a request, and the gate's weight for it."""
+
+    expert: str
+    """Its id, "<device id, or cloud>/<model>/<quant>": a (device, model variant) pair."""
+    weight: float
+    """The gate's weight, renormalised over the selected subset (0..1)."""
+
+
+@dataclass(frozen=True)
 class Placement:
     """Where (part of) a request ran, and what the hub predicted for it."""
 
@@ -65,6 +75,9 @@ class Placement:
     """The hub turned early layer skipping on here at this trained ratio (Budget.quality_floor; the
     answer's skipped_layers say which layers); 0 = it did not (a request's own skip_ratio is not
     repeated here)."""
+    experts: tuple[ExpertWeight, ...] = ()
+    """MoE² routing (a hub with router_policy "moe2"): the selected experts with the gate's weights
+    renormalised over them, this placement's own expert first; empty under other policies."""
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         random_subsets,
         train_gate,
     )
+    from partitioner.moe2.table import ExpertTable
 
     splits = {}
     for split, n in (("calibration", args.calibration), ("eval", args.evaluation)):
@@ -74,7 +75,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     took = time.perf_counter() - start
     out = gate.save(Path(args.out) if args.out else cache_dir() / "moe2" / f"gate-{args.features}-{args.seed}.pt")
     m = gate.manifest
+    mat = cal.matrix  # the hub's router (--router-policy moe2) reads the gate's weights and losses from this
+    table = ExpertTable(mat.expert_ids, mat.tokenizers, gate.weights(cal.features), mat.losses, mat.n_bytes)
+    table_path = table.save(out.with_suffix(".table.npz"))
     print(f"gate: {out} ({m.feature_kind} features, {m.dims}-d, {len(m.expert_ids)} experts, seed {m.config.seed})")
+    print(f"expert table for the hub: {table_path} (tandem hub up --router-policy moe2 --moe2-table ...)")
     print(
         f"trained in {took:.1f} s on {len(cal.requests)} calibration requests (weight decay {wd:g}"
         f"{' cross-validated' if args.weight_decay is None else ''}, subset dropout {cfg.subset_dropout:g})"

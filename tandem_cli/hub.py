@@ -46,6 +46,8 @@ def _hub_config(args: argparse.Namespace) -> HubConfig:
         mqtt=args.mqtt,
         calibrate=not args.no_calibration,
         admission_quantile=args.admission_quantile,
+        router_policy=args.router_policy,
+        moe2_table=Path(args.moe2_table) if args.moe2_table else None,
     )
 
 
@@ -211,6 +213,14 @@ def _register_up(hub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="route on the profiles' roofline alone and admit on the mean (what hubs did before; for comparison)",
     )
+    p.add_argument(
+        "--router-policy",
+        choices=["budget", "moe2"],
+        default="budget",
+        help="how requests are placed: budget (edge first, least energy, then latency) or moe2 (the exact MoE² "
+        "expert selection; needs --moe2-table)",
+    )
+    p.add_argument("--moe2-table", metavar="FILE", help="the gate's expert table (tandem experts train writes it)")
     p.set_defaults(func=cmd_hub_up)
 
 

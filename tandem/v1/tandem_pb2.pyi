@@ -165,7 +165,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., config_json: _Optional[str] = ..., chat: _Optional[bool] = ..., calibration_json: _Optional[str] = ..., engine: _Optional[str] = ..., chat_template_tokens: _Optional[int] = ..., tools: _Optional[bool] = ..., version: _Optional[str] = ..., skip_ratios: _Optional[_Iterable[float]] = ..., kv_variants: _Optional[_Iterable[_Union[KVVariant, _Mapping]]] = ..., skip_variants: _Optional[_Iterable[_Union[SkipVariant, _Mapping]]] = ...) -> None: ...
 
 class Placement(_message.Message):
-    __slots__ = ("kind", "device_id", "profile", "model", "layer_start", "layer_end", "emulated", "predicted_ttft_ms", "predicted_tpot_ms", "predicted_energy_j", "admitted_ttft_ms", "admitted_tpot_ms", "quantile", "calibrated", "kv_prediction", "skip_ratio")
+    __slots__ = ("kind", "device_id", "profile", "model", "layer_start", "layer_end", "emulated", "predicted_ttft_ms", "predicted_tpot_ms", "predicted_energy_j", "admitted_ttft_ms", "admitted_tpot_ms", "quantile", "calibrated", "kv_prediction", "skip_ratio", "experts")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class Placement(_message.Message):
     CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     KV_PREDICTION_FIELD_NUMBER: _ClassVar[int]
     SKIP_RATIO_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     device_id: str
     profile: str
@@ -198,7 +199,16 @@ class Placement(_message.Message):
     calibrated: bool
     kv_prediction: float
     skip_ratio: float
-    def __init__(self, kind: _Optional[str] = ..., device_id: _Optional[str] = ..., profile: _Optional[str] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., emulated: _Optional[bool] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., admitted_ttft_ms: _Optional[float] = ..., admitted_tpot_ms: _Optional[float] = ..., quantile: _Optional[float] = ..., calibrated: _Optional[bool] = ..., kv_prediction: _Optional[float] = ..., skip_ratio: _Optional[float] = ...) -> None: ...
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertWeight]
+    def __init__(self, kind: _Optional[str] = ..., device_id: _Optional[str] = ..., profile: _Optional[str] = ..., model: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., emulated: _Optional[bool] = ..., predicted_ttft_ms: _Optional[float] = ..., predicted_tpot_ms: _Optional[float] = ..., predicted_energy_j: _Optional[float] = ..., admitted_ttft_ms: _Optional[float] = ..., admitted_tpot_ms: _Optional[float] = ..., quantile: _Optional[float] = ..., calibrated: _Optional[bool] = ..., kv_prediction: _Optional[float] = ..., skip_ratio: _Optional[float] = ..., experts: _Optional[_Iterable[_Union[ExpertWeight, _Mapping]]] = ...) -> None: ...
+
+class ExpertWeight(_message.Message):
+    __slots__ = ("expert", "weight")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    expert: str
+    weight: float
+    def __init__(self, expert: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "ttft_ms", "tpot_ms", "energy_j", "engine_ttft_ms", "engine_tpot_ms", "hub_route_ms", "hub_relay_ms", "prefill_ms", "decode_ms", "queue_ms", "energy_measured", "skipped_layers", "lossless", "drafted", "accepted", "kv_depth", "kv_predicted", "kv_repaired_at")
