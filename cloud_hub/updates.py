@@ -41,7 +41,7 @@ from cloud_hub.registry import model_record
 from cloud_hub.store import SQLStore, UpdateRecord
 from device_profiles import ProfileError, load_profile
 from models import zoo
-from models.bundle import bundle_version, save_bundle
+from models.bundle import bundle_files, bundle_version, save_bundle
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.errors import ModelNotPulled, UnknownModel
 from models.runtime import load
@@ -179,7 +179,8 @@ class Updates:
     # -- the device's side ---------------------------------------------------------------------------
 
     async def bundle_chunks(self, device_id: str, command_id: str) -> AsyncIterator[pb.BundleChunk]:
-        """The files of command `command_id`'s bundle in CHUNK_BYTES pieces, each file's in order and
+        """The files of command `command_id`'s bundle (models.bundle.bundle_files: routers' and
+        predictors' under their subdirectories too) in CHUNK_BYTES pieces, each file's in order and
         manifest.json last. Raises NotFound for an unknown command, PermissionDenied when it is
         another device's, Unavailable when this hub no longer has its bundle."""
         command = self.store.get_update(command_id)
@@ -189,8 +190,8 @@ class Updates:
             raise PermissionDenied(f"update command {command_id!r} is for another device")
         root = Path(command.bundle)
         try:
-            checksums = json.loads((root / "manifest.json").read_text())["sha256"]
-        except (OSError, ValueError, KeyError) as exc:
+            checksums = bundle_files(json.loads((root / "manifest.json").read_text()))
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise Unavailable(f"the bundle of update {command_id!r} is no longer on this hub ({exc})") from exc
         # Each file's checksum as the manifest states it, and the manifest's as the command named it:
         # the device checks what it received against what the hub built, not against what it read now.

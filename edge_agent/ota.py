@@ -33,7 +33,17 @@ from tandem.v1 import tandem_pb2_grpc as pb_grpc
 log = logging.getLogger("tandem.agent.ota")
 
 _VERSION = re.compile(r"[0-9a-f]{64}")
-_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")  # a bundle is flat: a file name, never a path
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+"""One component of a bundle file's path: no "..", no hidden or absolute names."""
+MAX_DEPTH = 3
+"""A bundle's files sit at most this deep (kvpred/d0.5/predictors.pt)."""
+
+
+def _safe_path(name: str) -> bool:
+    """A relative path of at most MAX_DEPTH plain components, e.g. "weights.pt", "routers/r0.2/routers.pt"."""
+    parts = name.split("/")
+    return len(parts) <= MAX_DEPTH and all(_PART.fullmatch(p) for p in parts)
+
 
 ServedLoader = Callable[[str, Path], ServedModel]
 """(model name, verified bundle directory) -> the model ready to serve (warmed up, paced as the agent
@@ -105,11 +115,12 @@ class _File:
     """One file of the bundle being written, hashed as it is."""
 
     def __init__(self, into: Path, chunk: pb.BundleChunk, done: set[str]) -> None:
-        if not _FILE.fullmatch(chunk.path) or chunk.path in done:
-            raise UpdateFailed(f"the hub sent a file named {chunk.path[:80]!r} (twice, or not a plain file name)")
+        if not _safe_path(chunk.path) or chunk.path in done:
+            raise UpdateFailed(f"the hub sent a file named {chunk.path[:80]!r} (twice, or not a plain relative path)")
         self.name, self.size, self.sha256 = chunk.path, chunk.size, chunk.sha256
         self.written = 0
         self.digest = hashlib.sha256()
+        (into / chunk.path).parent.mkdir(parents=True, exist_ok=True)
         self.out = (into / chunk.path).open("wb")
 
     def write(self, chunk: pb.BundleChunk) -> bool:

@@ -125,11 +125,15 @@ def link_tree(src: Path, dest: Path) -> None:
     if not (src / "manifest.json").is_file():
         raise Fail(f"no bundle at {src}: copy it first")
     dest.mkdir()
-    for path in src.iterdir():
+    for path in sorted(src.rglob("*")):  # the bundle's routers/ and kvpred/ too
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+            continue
         try:
-            os.link(path, dest / path.name)
+            os.link(path, target)
         except OSError:
-            shutil.copy2(path, dest / path.name)
+            shutil.copy2(path, target)
 
 
 def activate(root: Path, slot: str) -> dict:

@@ -247,7 +247,7 @@ def build_bundle(model: str, quant: str, cache: Path | None = None, log: Log | N
         tmp.write_text(json.dumps(record))
         os.replace(tmp, record_path)  # written last: the entry is complete
     record = json.loads(record_path.read_text())
-    files = tuple(wheel_file(p) for p in sorted((entry / "bundle").iterdir()) if p.is_file())
+    files = tuple(wheel_file(p) for p in sorted((entry / "bundle").rglob("*")) if p.is_file())  # routers/, kvpred/
     return Bundle(entry / "bundle", record["quant"], key, files, record["resident_bytes"], tuple(record["notes"]))
 
 
@@ -291,7 +291,7 @@ def build_payload(
         _file(house.lock_file.path, f"wheelhouse/{house.lock_file.path.name}", house.lock_file),
         *(_file(w.path, f"wheelhouse/{w.path.name}", w) for w in house.wheels),
         _file(agent.file.path, wheel_remote, agent.file),
-        *(_file(f.path, f"bundles/{bundle.key}/{f.path.name}", f) for f in bundle.files),
+        *(_file(f.path, f"bundles/{bundle.key}/{f.path.relative_to(bundle.dir).as_posix()}", f) for f in bundle.files),
     ]
     installed = sum(unpacked_bytes(w.path) for w in (*house.wheels, agent.file))
     return Payload(

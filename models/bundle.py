@@ -117,6 +117,21 @@ def bundle_version(path: str | Path) -> str:
     return _sha256(Path(path) / "manifest.json")
 
 
+def bundle_files(manifest: dict) -> dict[str, str]:
+    """Every file a bundle's manifest lists besides itself, relative path -> SHA-256: the weights and
+    tokenizer, and the routers' and predictors' files under their subdirectories. What a copy of the
+    bundle (a flash, an over-the-air update) must carry."""
+
+    def listed(entry: object) -> dict:
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        return {str(k): v for k, v in sha.items()} if isinstance(sha, dict) else {}
+
+    files = listed(manifest)
+    for extra in ("routers", "kv_predictors"):
+        files.update(listed(manifest.get(extra)))
+    return files
+
+
 def read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((path / "manifest.json").read_text())
@@ -189,8 +204,8 @@ def load_bundle(path: str | Path, prepare: bool = True) -> LoadedModel:
     layout and the saved weights names the module."""
     path = Path(path)
     manifest = read_manifest(path)
-    for name in FILES:
-        expected = manifest.get("sha256", {}).get(name)
+    listed = {**dict.fromkeys(FILES), **bundle_files(manifest)}  # every file checked before anything is built
+    for name, expected in listed.items():
         if not (path / name).is_file() or _sha256(path / name) != expected:
             raise BundleError(f"{path}: {name} is missing or does not match the manifest's checksum")
     try:

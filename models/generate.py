@@ -207,7 +207,8 @@ class Generator:
         if params.lossless and (params.logprobs is not None or params.prompt_logprobs is not None or params.constraint):
             raise InvalidRequest("the lossless mode returns tokens only: no logprobs or grammar with it")
         protected = len(self.routers.for_ratio(params.skip_ratio).protected)
-        skip_count(self.model.cfg.n_layers, params.skip_ratio, protected)  # InvalidRequest beyond the free layers
+        ratio = self.routers.snapped(params.skip_ratio)
+        skip_count(self.model.cfg.n_layers, ratio, protected)  # InvalidRequest beyond the free layers
 
     def _check_predicting(self, prompts: int, params: SamplingParams) -> None:
         """InvalidRequest unless this generator can predict this request's prompt cache."""

@@ -207,7 +207,15 @@ class RouterSet:
     def for_ratio(self, ratio: float) -> Routers:
         return self.by_ratio[min(self.by_ratio, key=lambda r: (abs(r - ratio), r))]
 
+    def snapped(self, ratio: float) -> float:
+        """The trained ratio `ratio` stands for when it is one up to float32 rounding (the wire carries
+        float32: 0.1 arrives as 0.10000000149, and round(0.1000000015 x 25) would skip a layer more
+        than the variant the hub advertised); else `ratio` itself."""
+        near = min(self.by_ratio, key=lambda r: abs(r - ratio))
+        return near if abs(near - ratio) <= 1e-6 else ratio
+
     def choose(self, pooled: Tensor, ratio: float) -> frozenset[int]:
+        ratio = self.snapped(ratio)
         return self.for_ratio(ratio).choose(pooled, ratio)
 
     def variants(self) -> list[SkipVariant]:

@@ -60,7 +60,8 @@ def compute_ms(
     the prefill still runs every layer."""
     prefill, step = _compute_ms(profile, cost, calibration, prompt_tokens, context, emulated, kv_layers)
     if skip_layers:
-        step = skipped_step(step, profile, cost, context, skip_layers)
+        fixed = calibration.decode[0] if calibration is not None and not emulated else 0.0
+        step = skipped_step(step, profile, cost, context, skip_layers, fixed)
     return prefill, step
 
 
@@ -71,12 +72,16 @@ def head_share(profile: DeviceProfile, cost: ModelCost, context: float) -> float
     return head / (cost.n_layers * block + head)
 
 
-def skipped_step(step: float, profile: DeviceProfile, cost: ModelCost, context: float, layers: int) -> float:
-    """A decode step of `step` ms when it skips `layers` of the model's n layers: the head's share
+def skipped_step(
+    step: float, profile: DeviceProfile, cost: ModelCost, context: float, layers: int, fixed: float = 0.0
+) -> float:
+    """A decode step of `step` ms when it skips `layers` of the model's n layers: its `fixed` ms (the
+    calibration's per-step overhead: sampling, dispatch) and the head's share of the rest
     (`head_share`) unscaled, the blocks' scaled to the n - layers that run."""
     head = head_share(profile, cost, context)
     n = cost.n_layers
-    return step * (head + (1 - head) * (n - layers) / n)
+    fixed = min(max(fixed, 0.0), step)
+    return fixed + (step - fixed) * (head + (1 - head) * (n - layers) / n)
 
 
 def _compute_ms(

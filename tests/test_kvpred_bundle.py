@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from models import kvpred, kvpred_train
-from models.bundle import BundleError, BundleKVMismatch, load_bundle, save_bundle
+from models.bundle import BundleError, BundleKVMismatch, bundle_version, load_bundle, save_bundle
 from models.loaded import LoadedModel
 from models.runtime import load
 from models.sampling import SamplingParams
@@ -184,3 +184,56 @@ def test_bundle_caches_key_on_what_is_trained_for_the_model(tmp_path: Path, monk
     assert zoo.trained_dir("kvpred", "m", "source(q4_1->int4)").name == "m-source_q4_1-_int4_"
     with pytest.raises(ValueError, match="unknown trained kind"):
         zoo.trained_dir("gates", "m", "int4")
+
+
+def test_flash_and_over_the_air_copies_carry_the_routers_and_predictors(
+    bundle: Path, six_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bundle's predictors sit under kvpred/: the flash payload lists them at their relative
+    paths, the device's slot links them in, and the hub streams them over the air to an agent
+    that writes them where they belong; each copy loads with its predictors."""
+    import asyncio
+
+    import flashing
+    from cloud_hub.updates import _file_chunks
+    from edge_agent.ota import UpdateFailed, _receive
+
+    monkeypatch.syspath_prepend(str(Path(flashing.__file__).parent))  # the device's scripts import each other
+    from device_side import link_tree  # type: ignore[import-not-found]
+
+    from flashing.payload import build_bundle
+    from models.bundle import bundle_files
+
+    listed = bundle_files(json.loads((bundle / "manifest.json").read_text()))
+    assert any(name.startswith("kvpred/d0.25/") for name in listed) and "weights.pt" in listed
+
+    # Flash: the payload's bundle files at their paths under the bundle, linked into a slot.
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    name = str(six_path)
+    served = load(six_path, quant="fp32", use_cache=False)
+    predictors(served, name).save(kvpred.kv_dir(name, served.served_quant))
+    built = build_bundle(name, "fp32", tmp_path / "flash-cache")
+    names = {f.path.relative_to(built.dir).as_posix() for f in built.files}
+    assert {n for n in names if n.startswith("kvpred/")} and "manifest.json" in names
+    link_tree(built.dir, tmp_path / "slot")
+    assert load_bundle(tmp_path / "slot", prepare=False).predictors is not None
+
+    # Over the air: the hub's chunks of every listed file, then the manifest, received by the agent.
+    async def chunks() -> list:
+        out = []
+        for rel, sha in [*listed.items(), ("manifest.json", bundle_version(bundle))]:
+            out += [c async for c in _file_chunks(bundle, rel, sha)]
+        return out
+
+    sent = asyncio.run(chunks())
+
+    async def stream(items: list):
+        for c in items:
+            yield c
+
+    asyncio.run(_receive(stream(sent), tmp_path / "fetched"))
+    assert load_bundle(tmp_path / "fetched", prepare=False).predictors is not None
+    for bad in ("../escape.pt", "/etc/passwd", "a/b/c/d.pt", ".hidden/x"):
+        evil = [type(sent[0])(path=bad, size=1, sha256="0" * 64, offset=0, data=b"x")]
+        with pytest.raises(UpdateFailed, match="not a plain relative path"):
+            asyncio.run(_receive(stream(evil), tmp_path / "evil"))

@@ -318,3 +318,19 @@ def test_a_bundle_carries_its_routers_and_refuses_them_for_another_model(six: Lo
     meta_path.write_text(meta_path.read_text() + " ")  # and now not what the manifest says
     with pytest.raises(BundleError, match=r"routers/r0\.34/routers\.json is missing or does not match"):
         load_bundle(tmp_path / "b", prepare=False)
+
+
+def test_a_ratio_that_crossed_the_wire_as_float32_skips_what_was_trained() -> None:
+    """0.1 sent as float32 (0.10000000149) must not round 25 layers up to 3 skipped: it stands for
+    the trained 0.1 (2 layers); a ratio far from every trained one keeps its own count."""
+    import struct
+
+    from models.skip import Routers, RouterSet, RouterSpec
+
+    spec = RouterSpec("m", "int4", 25, 8)
+    routers = Routers(spec, torch.zeros(25, 8), torch.arange(25, dtype=torch.float32), frozenset({0, 24}))
+    rs = RouterSet({0.1: routers})
+    wire = struct.unpack("f", struct.pack("f", 0.1))[0]
+    assert wire != 0.1 and round(wire * 25) == 3 and rs.snapped(wire) == 0.1
+    assert len(rs.choose(torch.zeros(25, 8), wire)) == 2
+    assert rs.snapped(0.3) == 0.3 and len(rs.choose(torch.zeros(25, 8), 0.3)) == round(0.3 * 25)

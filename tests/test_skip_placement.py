@@ -108,16 +108,16 @@ def test_the_tpot_estimate_scales_the_decode_step_to_the_layers_that_run() -> No
     context = PROMPT_TOKENS + NEW_TOKENS / 2
     block, head = split.layer_decode_ms(profile, COST, context), split.head_decode_ms(profile, COST, context)
     share = head / (30 * block + head)  # the head's share of a step runs whatever is skipped
-    for calibrated in (calibration, None):
+    for calibrated, fixed in ((calibration, 0.3), (None, 0.0)):  # a step's fixed cost runs whatever is skipped
         prefill, step = compute_ms(profile, COST, calibrated, PROMPT_TOKENS, context)
         skip_prefill, skip_step = compute_ms(profile, COST, calibrated, PROMPT_TOKENS, context, skip_layers=12)
         assert skip_prefill == prefill  # prefill runs every layer
-        assert skip_step == pytest.approx(step * (share + (1 - share) * 18 / 30), rel=1e-12)
+        assert skip_step == pytest.approx(fixed + (step - fixed) * (share + (1 - share) * 18 / 30), rel=1e-12)
     # the router's estimate, link alike: only the decode step differs, calibrated or roofline
     _, step = compute_ms(profile, COST, calibration, PROMPT_TOKENS, context)
     c = edge("cpu", (TWO_FIFTHS,), Tracker(calibration))
     skipping = replace(c, skip=TWO_FIFTHS)
-    assert tpot(c) - tpot(skipping) == pytest.approx(step * (1 - share) * 12 / 30, rel=1e-9)
+    assert tpot(c) - tpot(skipping) == pytest.approx((step - 0.3) * (1 - share) * 12 / 30, rel=1e-9)
     assert estimate(skipping, PROMPT_TOKENS, NEW_TOKENS).ttft_ms == estimate(c, PROMPT_TOKENS, NEW_TOKENS).ttft_ms
     roofline = edge("cpu", (FIFTH, TWO_FIFTHS))
     assert tpot(replace(roofline, skip=TWO_FIFTHS)) < tpot(replace(roofline, skip=FIFTH)) < tpot(roofline)
