@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -23,3 +25,11 @@ def write_block(name: str, body: str, doc: Path = DOC) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)
+
+
+def emit(summary: dict, as_json: bool, write_docs: Callable[[dict, str], None] | None) -> None:
+    """A benchmark's ending: its docs section when asked (`write_docs(summary, command)`), then its
+    headline figures, one JSON line with --json, else indented."""
+    if write_docs is not None:
+        write_docs(summary, command_line())
+    print(json.dumps(summary) if as_json else json.dumps(summary, indent=1))

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.docs_block import command_line, write_block  # noqa: E402
+from benchmarks.docs_block import emit, write_block  # noqa: E402
 from benchmarks.edge_decode import cpu_model  # noqa: E402
 from models import kvpred, kvpred_train, runtime  # noqa: E402
 from models.corpus import documents  # noqa: E402
@@ -326,9 +326,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     summary = run(args)
-    if args.write_docs:
-        write_docs(summary, command_line())
-    print(json.dumps(summary) if args.json else json.dumps(summary, indent=1))
+    emit(summary, args.json, write_docs if args.write_docs else None)
 
 
 if __name__ == "__main__":
