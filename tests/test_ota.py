@@ -317,6 +317,8 @@ async def test_agent_serves_a_bundle_from_its_config_and_takes_an_update(tmp_pat
             assert (info.name, info.quant, info.version) == ("old-int8", "int8", bundle_version(bundle))
             assert device.agent_version == "image-7"
             sent = notifications(sock)
+            # The watchdog pings every half of WATCHDOG_USEC: a second one is at most that far off.
+            await wait_for(lambda: sent.extend(notifications(sock)) or sent.count("WATCHDOG=1") >= 2, timeout=5)
             assert sent.count("READY=1") == 1 and sent.count("WATCHDOG=1") >= 2
             # `tandem devices update --wait` through the runner's own loader (calibrated, as at start-up).
             update = await asyncio.create_subprocess_exec(
