@@ -206,7 +206,7 @@ class Registry:
                     profile=r.profile,
                     # The replica holding a device's work channel knows best; others read the registry.
                     status=self.fleet.status_of(r.device_id) if r.device_id in self.fleet.sessions else r.status,
-                    models=[pb.ModelInfo(**{k: v for k, v in m.items() if k != "config_json"}) for m in r.models],
+                    models=[model_info(m) for m in r.models],
                     last_seen_unix=max(r.last_seen, t.at if t else 0.0),
                     load=t.load if t else 0.0,
                     queue_depth=t.queue_depth if t else 0,
@@ -217,6 +217,13 @@ class Registry:
                 )
             )
         return out
+
+
+def model_info(record: dict) -> pb.ModelInfo:
+    """A registry row's model as the wire shows it: without its config, and without the fields this
+    hub does not know (a newer replica wrote the row: a rolling upgrade shares one registry)."""
+    known = pb.ModelInfo.DESCRIPTOR.fields_by_name
+    return pb.ModelInfo(**{k: v for k, v in record.items() if k != "config_json" and k in known})
 
 
 def model_record(m: pb.ModelInfo) -> dict:

@@ -259,3 +259,15 @@ def test_the_hub_turns_kv_prediction_on_only_where_the_request_allows_it() -> No
     assert _may_predict(SamplingParams(max_tokens=4, logprobs=2, constraint='{"type": "json_object"}'))
     for refused in ({"skip_ratio": 0.2}, {"n": 2}, {"prompt_logprobs": 0}):
         assert not _may_predict(SamplingParams(max_tokens=4, **refused)), refused
+
+
+def test_a_registry_row_from_a_newer_replica_still_lists_its_model() -> None:
+    """Replicas share one registry during a rolling upgrade: a row with a field this hub's protocol
+    does not know yet is listed without it, not refused."""
+    from cloud_hub.registry import model_info
+
+    info = pb.ModelInfo(name="m", quant="int4", n_layers=6, kv_variants=[kv_variant_message(**vars(QUARTER))])
+    row = {**model_record(info), "from_a_newer_hub": [1, 2]}
+    back = model_info(row)
+    assert (back.name, back.quant, back.n_layers, len(back.kv_variants)) == ("m", "int4", 6, 1)
+    assert back.config_json == ""  # the row's config stays in the registry
