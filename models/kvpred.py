@@ -127,7 +127,14 @@ class KVPredictor:
                 raise KVMismatch(f"layer {layer}'s sources {src} are not auxiliary layers {sorted(aux)}")
             if tuple(w.shape) != (2 * kw * len(src) + 1, 2 * kw):
                 raise KVMismatch(f"layer {layer}'s predictor is {tuple(w.shape)} for {len(src)} sources of width {kw}")
-        object.__setattr__(self, "_exact", self.exact)  # checked once: predict runs a request
+        first = min(self.dropped, default=L)
+        identity_map = identity_weights(self.spec)
+        exact = frozenset(
+            layer
+            for layer in range(first)
+            if self.sources[layer] == (layer,) and torch.equal(self.weights[layer], identity_map)
+        )
+        object.__setattr__(self, "_exact", exact)  # checked once: predict runs for every request
 
     @property
     def dropped(self) -> frozenset[int]:
@@ -139,12 +146,7 @@ class KVPredictor:
         """Layers whose keys and values the aux pass computes exactly and the predictors keep as
         they are: kept layers below the first dropped one (the aux stream is the whole model's up
         to there) with an identity map from themselves. They are neither predicted nor rewritten."""
-        first = min(self.dropped, default=self.spec.n_layers)
-        return frozenset(
-            layer
-            for layer in range(first)
-            if self.sources[layer] == (layer,) and torch.equal(self.weights[layer], identity_weights(self.spec))
-        )
+        return self._exact
 
     @property
     def variant(self) -> KVVariant:
@@ -162,7 +164,7 @@ class KVPredictor:
         layers' captured ones (`captured_pass`); None for an `exact` layer (the aux pass wrote its
         cache as the whole model would)."""
         K, hd = self.spec.n_kv_heads, self.spec.head_dim
-        exact = self._exact
+        exact = self.exact
         out: list[tuple[Tensor, Tensor] | None] = []
         for layer, (src, w) in enumerate(zip(self.sources, self.weights, strict=True)):
             if layer in exact:

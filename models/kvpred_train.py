@@ -260,17 +260,35 @@ def continuation_logits(
     return model.head(h)[0]  # predicting window[prompt:]
 
 
-def measure(model: Transformer, windows: Sequence[Sequence[int]], prompt: int, predictor: KVPredictor) -> KVQuality:
-    """Quality over each window's continuation after its first `prompt` tokens."""
-    nats = base_nats = same = total = 0.0
+def reference(model: Transformer, windows: Sequence[Sequence[int]], prompt: int) -> list[tuple[float, Tensor]]:
+    """The whole model's side of `measure`, once for every predictor weighed on the same windows:
+    per window, the nats of its continuation after its first `prompt` tokens and the top-1 ids."""
+    out = []
     for w in windows:
         target = torch.tensor(list(w[prompt:]))
         base = continuation_logits(model, w, prompt, None)
+        nats = float(-F.log_softmax(base.float(), -1)[torch.arange(len(target)), target].sum())
+        out.append((nats, base.argmax(-1)))
+    return out
+
+
+def measure(
+    model: Transformer,
+    windows: Sequence[Sequence[int]],
+    prompt: int,
+    predictor: KVPredictor,
+    base: Sequence[tuple[float, Tensor]] | None = None,
+) -> KVQuality:
+    """Quality over each window's continuation after its first `prompt` tokens; `base`: the whole
+    model's (`reference`) when already computed for these windows."""
+    base = reference(model, windows, prompt) if base is None else base
+    nats = base_nats = same = total = 0.0
+    for w, (whole_nats, whole_top) in zip(windows, base, strict=True):
+        target = torch.tensor(list(w[prompt:]))
         pred = continuation_logits(model, w, prompt, predictor)
-        rows = torch.arange(len(target))
-        base_nats += float(-F.log_softmax(base.float(), -1)[rows, target].sum())
-        nats += float(-F.log_softmax(pred.float(), -1)[rows, target].sum())
-        same += int((base.argmax(-1) == pred.argmax(-1)).sum())
+        base_nats += whole_nats
+        nats += float(-F.log_softmax(pred.float(), -1)[torch.arange(len(target)), target].sum())
+        same += int((whole_top == pred.argmax(-1)).sum())
         total += len(target)
     n = max(total, 1)
     return KVQuality(nats / n, base_nats / n, same / n)
@@ -338,17 +356,18 @@ def train_set(
         "data_sha256": data_sha256(fit_windows),
         "influence": [round(x, 6) for x in influence],
     }
+    whole = reference(model, held, prompt)  # the whole model's side, shared by every predictor weighed
     out = {}
     for depth, by_name in names.items():
         tried = {
-            name: (fitted[(depth, aux)], measure(model, held, prompt, fitted[(depth, aux)]))
+            name: (fitted[(depth, aux)], measure(model, held, prompt, fitted[(depth, aux)], whole))
             for name, aux in by_name.items()
         }
         layout = min(tried, key=lambda name: tried[name][1].nats)
         p, q = tried[layout]
         if config.finetune_epochs:
             p = finetune(model, p, fit_windows, prompt, config, progress)
-            q = measure(model, held, prompt, p)
+            q = measure(model, held, prompt, p, whole)
         share = prefill_share(model, held, prompt, p)
         quality = {"agreement": q.agreement, "bpb_ratio": q.ratio, "prefill_share": share, "held_out": len(held)}
         layouts = {name: {"agreement": t.agreement, "bpb_ratio": t.ratio} for name, (_, t) in tried.items()}
@@ -374,5 +393,6 @@ __all__ = [
     "layouts_for",
     "measure",
     "prefill_share",
+    "reference",
     "train_set",
 ]
