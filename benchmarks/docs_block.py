@@ -33,3 +33,9 @@ def emit(summary: dict, as_json: bool, write_docs: Callable[[dict, str], None] |
     if write_docs is not None:
         write_docs(summary, command_line())
     print(json.dumps(summary) if as_json else json.dumps(summary, indent=1))
+
+
+def model_section(name: str, model: str) -> str:
+    """A benchmark's docs section for `model`: SmolLM2's keeps the plain name it was first written
+    under, any other model gets `<name>-<model>`."""
+    return name if model == "smollm2-135m-instruct" else f"{name}-{model}"

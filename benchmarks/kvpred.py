@@ -38,7 +38,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.docs_block import emit, write_block  # noqa: E402
+from benchmarks.docs_block import emit, model_section, write_block  # noqa: E402
 from benchmarks.edge_decode import cpu_model  # noqa: E402
 from models import kvpred, kvpred_train, runtime  # noqa: E402
 from models.corpus import documents  # noqa: E402
@@ -308,7 +308,7 @@ def write_docs(s: dict, command: str) -> None:
         json.dumps(s),
         "```",
     ]
-    write_block("kvpred" if s["model"] == "smollm2-135m-instruct" else f"kvpred-{s['model']}", "\n".join(lines))
+    write_block(model_section("kvpred", s["model"]), "\n".join(lines))
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.docs_block import emit, write_block  # noqa: E402
+from benchmarks.docs_block import emit, model_section, write_block  # noqa: E402
 from benchmarks.edge_decode import cpu_model  # noqa: E402
 from models import runtime, skip  # noqa: E402
 from models.corpus import documents  # noqa: E402
@@ -333,8 +333,7 @@ def write_docs(summary: dict, command: str) -> None:
         json.dumps(summary),
         "```",
     ]
-    # One section a model: SmolLM2's keeps the plain name it was first written under.
-    write_block("skip" if summary["model"] == "smollm2-135m-instruct" else f"skip-{summary['model']}", "\n".join(lines))
+    write_block(model_section("skip", summary["model"]), "\n".join(lines))
 
 
 def main() -> None:
