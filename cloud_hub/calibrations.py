@@ -17,6 +17,12 @@ One `Tracker` per (device, model), the cloud's own model under device "cloud":
 - the distributions of measured over predicted TTFT and time per token (RatioQuantile), whose
   high quantile admission multiplies predictions by.
 
+A split pipeline has a tracker of its own, under `split_key` of its agents: no calibration (its
+stages' are the devices' own), and its corrections fitted to whole answers (`observe_split`): TTFT
+against the plan's TTFT, time per token against its step. What a plan's parts miss (the hops
+between the hub's loop, its worker thread and each stage, the relay of hidden states, serving
+beside the rest) is a fixed cost per request and per step, which the intercepts learn.
+
 `Calibrations` holds the trackers and keeps them in the registry (`CalibrationStore`), so that a hub
 restart does not forget what it learnt; a new calibration from the agent (a re-profiled device)
 starts its tracker afresh.
@@ -27,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cloud_hub.store import CalibrationStore
@@ -42,6 +49,14 @@ LINK_SMOOTHING = 0.3
 """Weight of the newest measurement in the link's moving averages."""
 SAVE_EVERY_S = 5.0
 """A tracker is written to the registry at most this often (and when its device disconnects)."""
+
+
+SPLIT_PREFIX = "split:"
+
+
+def split_key(devices: Sequence[str]) -> str:
+    """The tracker key of a split over these agents, in pipeline order ("split:a" or "split:a,b")."""
+    return SPLIT_PREFIX + ",".join(devices)
 
 
 def calibration_from_json(text: str) -> Calibration | None:
@@ -129,6 +144,21 @@ class Tracker:
                 self.link_ms = _smooth(self.link_ms, outside)
         if metrics.decode_ms > 0 and metrics.completion_tokens > 2 and not skipped:
             self.decode.update(step, metrics.decode_ms)
+        self.requests += 1
+
+    def observe_split(self, ttft_ms: float, tpot_ms: float, placement: pb.Placement, metrics: pb.Metrics) -> None:
+        """Learn from one finished split request: `ttft_ms` and `tpot_ms` its plan's uncorrected
+        prediction (router.split_estimate), `placement` as predicted (corrected), `metrics` as the
+        hub measured it. The prefill correction maps the plan's TTFT to the measured one, less its
+        queue; the decode correction its step to the measured time per token."""
+        ttft = metrics.ttft_ms - metrics.queue_ms
+        if metrics.ttft_ms > 0:
+            self.ttft.add(self.prefill.correct(ttft_ms), max(1e-3, ttft))
+            self.prefill.update(ttft_ms, ttft)
+        if metrics.tpot_ms > 0 and metrics.completion_tokens > 2:
+            if placement.predicted_tpot_ms > 0:
+                self.tpot.add(placement.predicted_tpot_ms, metrics.tpot_ms)
+            self.decode.update(tpot_ms, metrics.tpot_ms)
         self.requests += 1
 
     # -- persistence ------------------------------------------------------------------------------

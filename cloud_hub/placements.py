@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from cloud_hub.backends import ServingBackend
-from cloud_hub.calibrations import Calibrations
+from cloud_hub.calibrations import Calibrations, split_key
 from cloud_hub.errors import InvalidRequest, NotFound
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.registry import model_config
@@ -232,7 +232,7 @@ class SplitPlans(PlacementSource):
                          best, 100 * gain)  # fmt: skip
             else:
                 cuts = old  # within the hysteresis margin: keep the plan
-        c = split_candidate(dataclasses.replace(free, cuts=cuts), info, s.record.emulated)
+        c = split_candidate(self.fleet, dataclasses.replace(free, cuts=cuts), info, s.record.emulated)
         self._offers[s.device_id] = (inputs, c)
         return c
 
@@ -253,11 +253,14 @@ def serves(session: AgentSession, info: pb.ModelInfo) -> bool:
     return any(m.name == info.name and m.quant == info.quant for m in session.models)
 
 
-def split_candidate(spec: SplitSpec, info: pb.ModelInfo, emulated: bool) -> Candidate:
-    """The routing candidate of split `spec` of the hub's model `info` (its first agent names it)."""
+def split_candidate(fleet: Fleet, spec: SplitSpec, info: pb.ModelInfo, emulated: bool) -> Candidate:
+    """The routing candidate of split `spec` of the hub's model `info` (its first agent names it). Its
+    tracker is the pipeline's own (calibrations.split_key over its agents): what splits over these
+    devices measured against their plans' predictions corrects the next plan's."""
     device, profile = spec.agents[0]
     cost = model_cost(info.config_json, info.weight_bytes)
-    return Candidate("split", device, profile, info.name, cost, 0, emulated, None, info.chat_template_tokens, spec)
+    tracker = fleet.calibrations.routing(split_key([d for d, _ in spec.agents]), info.name)
+    return Candidate("split", device, profile, info.name, cost, 0, emulated, tracker, info.chat_template_tokens, spec)
 
 
 SPLIT_PIN = "split:"
@@ -290,7 +293,7 @@ def pinned_split(fleet: Fleet, cloud: ServingBackend | None, profile: DeviceProf
     if not all(a < b for a, b in zip([0, *cuts], [*cuts, n], strict=True)):
         raise InvalidRequest(f"device: layer boundaries {cuts} must rise within (0, {n}) for {info.name}")
     spec, _ = split_spec(fleet, sessions, info, profile, tuple(cuts))
-    return split_candidate(spec, info, sessions[0].record.emulated)
+    return split_candidate(fleet, spec, info, sessions[0].record.emulated)
 
 
 def split_spec(

@@ -211,15 +211,27 @@ def split_plan(spec: SplitSpec, cost: ModelCost, prompt_tokens: int, max_tokens:
     return evaluate(devices, links, cost, prompt_tokens, max_tokens, cuts, timings=timings)  # stages by device id
 
 
+def split_estimate(spec: SplitSpec, cost: ModelCost, prompt_tokens: int, max_tokens: int) -> Estimate:
+    """A split's prediction from its plan alone (no online correction). Raises PlanError for a split
+    that fits nowhere."""
+    plan = split_plan(spec, cost, prompt_tokens, max_tokens)
+    first = spec.links[0] if spec.links else spec.agents[0][1].link
+    # the plan starts at its first device; the prompt's ids go there from the hub first
+    ttft = plan.ttft_ms + transfer_ms(first, prompt_tokens * TOKEN_ID_BYTES, "down")
+    total = ttft + (max_tokens - 1) * plan.tpot_ms
+    return Estimate(ttft, plan.tpot_ms, total, plan.edge_energy_j, plan.edge_energy_j, ttft, plan.tpot_ms)
+
+
 def estimate(c: Candidate, prompt_tokens: int, max_tokens: int) -> Estimate:
     """The mean prediction for `c`, before its queue. Raises PlanError for a split that fits nowhere."""
     if c.split is not None:
-        plan = split_plan(c.split, c.cost, prompt_tokens, max_tokens)
-        first = c.split.links[0] if c.split.links else c.split.agents[0][1].link
-        # the plan starts at its first device; the prompt's ids go there from the hub first
-        ttft = plan.ttft_ms + transfer_ms(first, prompt_tokens * TOKEN_ID_BYTES, "down")
-        total = ttft + (max_tokens - 1) * plan.tpot_ms
-        return Estimate(ttft, plan.tpot_ms, total, plan.edge_energy_j, plan.edge_energy_j, ttft, plan.tpot_ms)
+        est = split_estimate(c.split, c.cost, prompt_tokens, max_tokens)
+        if c.tracker is None:
+            return est
+        # the pipeline's own corrections (calibrations.Tracker.observe_split): TTFT and step as a whole
+        ttft, tpot = c.tracker.prefill.correct(est.ttft_ms), c.tracker.decode.correct(est.tpot_ms)
+        total = ttft + (max_tokens - 1) * tpot
+        return Estimate(ttft, tpot, total, est.energy_j, est.edge_energy_j, ttft, tpot)
     t, kv_layers = c.tracker, len(c.kv.aux_layers) if c.kv is not None else None
     skip_layers = c.skip.layers if c.skip is not None else None
     if t is None and skip_layers is None:

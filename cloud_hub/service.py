@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloud_hub.backends import ServingBackend
+from cloud_hub.calibrations import split_key
 from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, RateLimited, Unavailable
 from cloud_hub.fleet import Fleet
 from cloud_hub.journal import Journal, RequestRecord
@@ -28,7 +29,7 @@ from cloud_hub.metrics import HubMetrics
 from cloud_hub.placements import SPLIT_PIN, Placements, pinned_split
 from cloud_hub.prompt import CHAT_TEMPLATE_TOKENS, RequestPrompt
 from cloud_hub.ratelimit import RateLimiter
-from cloud_hub.router import Budget, Candidate, Router, split_plan
+from cloud_hub.router import Budget, Candidate, Router, split_estimate, split_plan
 from cloud_hub.split import SplitEngine
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
@@ -247,7 +248,7 @@ class HubService:
         c, est = choice.candidate, choice.estimate
         adm = choice.admitted or est
         if c.split is not None:
-            return c, self._split_placements(c, est, tokens, remaining, progress)
+            return c, self._split_placements(c, est, adm, choice.quantile, tokens, remaining, progress)
         placement = pb.Placement(
             kind=c.kind,
             device_id=c.device_id,
@@ -283,10 +284,11 @@ class HubService:
         return SplitEngine(loop, remotes, model, c.model, plan.stages[-1].start, self.split_dtype)
 
     def _split_placements(
-        self, c: Candidate, est: Any, tokens: int, remaining: int, progress: _Progress
+        self, c: Candidate, est: Any, adm: Any, quantile: float, tokens: int, remaining: int, progress: _Progress
     ) -> list[pb.Placement]:
         """One Placement per stage of the split `c` runs for this request, each with its layer range and
-        the plan's predicted figures; the plan is kept for _run."""
+        the plan's predicted and admitted figures (its pipeline's corrections applied); the plan is kept
+        for _run."""
         assert c.split is not None
         plan = split_plan(c.split, c.cost, tokens, remaining)
         progress.plan = plan
@@ -303,8 +305,10 @@ class HubService:
                 predicted_ttft_ms=est.ttft_ms,
                 predicted_tpot_ms=est.tpot_ms,
                 predicted_energy_j=est.edge_energy_j,
-                admitted_ttft_ms=est.ttft_ms,
-                admitted_tpot_ms=est.tpot_ms,
+                admitted_ttft_ms=adm.ttft_ms,
+                admitted_tpot_ms=adm.tpot_ms,
+                quantile=quantile,
+                calibrated=bool(c.split.timings) and all(t is not None for t in c.split.timings),
             )
             for i, stage in enumerate(plan.stages)
         ]
@@ -376,9 +380,10 @@ class HubService:
         """
         self.validate(spec)
         excluded = set[str]()
-        learn: tuple[Candidate, pb.Placement] | None = None  # the one placement that served it all, if any
+        learn: tuple[Candidate, pb.Placement] | None = None  # the one placement (or split) that served it all
         repair = spec.params.kv_repair
         while True:
+            first = not progress.placements
             c, placed = self._route(spec, excluded, progress)
             progress.placements += placed
             placement = placed[0]
@@ -387,7 +392,7 @@ class HubService:
                 yield Started(tuple(progress.placements))
                 async for item in self._run(c, spec, progress):
                     yield item
-                if len(progress.placements) == 1 and c.tracker is not None and spec.params.n == 1 and not repair:
+                if first and c.tracker is not None and spec.params.n == 1 and not repair:
                     # what it measured refits its device (n choices' timings are not one answer's; KV
                     # repair's decode steps carry recomputation the cost model does not predict)
                     learn = (c, placement)
@@ -422,6 +427,13 @@ class HubService:
         """Refit the device's corrections and ratios from one finished request (cloud_hub.calibrations),
         and count its prediction error by device in the metrics."""
         assert c.tracker is not None
+        if c.split is not None:  # the pipeline's own tracker, against its plan as a whole
+            raw = split_estimate(c.split, c.cost, max(1, m.prompt_tokens), max_tokens)
+            c.tracker.observe_split(raw.ttft_ms, raw.tpot_ms, placement, m)
+            key = split_key([d for d, _ in c.split.agents])
+            self.fleet.calibrations.save(key, c.model)
+            self.metrics.observe_prediction(key, placement, m)
+            return
         kv_layers = len(c.kv.aux_layers) if c.kv is not None and m.kv_predicted else None
         skip_layers = len(m.skipped_layers) if m.skipped_layers else None  # its decode steps were shorter
         c.tracker.observe(c.profile, c.cost, c.emulated, placement, m, max_tokens, kv_layers, skip_layers)
