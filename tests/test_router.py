@@ -119,3 +119,33 @@ def test_measure_uplink_subtracts_the_round_trip_and_the_prefill() -> None:
     assert session.uplink_mbps == pytest.approx((20.0 + 6.667) / 2, rel=1e-3)  # a moving average
     assert measure_uplink(session, 100_000, 61.0, 20.0) is None  # too short a transfer to tell: kept
     assert session.uplink_mbps == pytest.approx(13.33, rel=1e-3)
+
+
+def test_a_split_pipeline_learns_its_own_fixed_costs_and_admits_at_its_quantile() -> None:
+    """A plan that misses a fixed 40 ms before the first token and 5 ms a step (the hops between the
+    hub and its stages) is predicted within 5% after a few answers; a slower second prompt size is
+    predicted by the same intercepts, not by a gain fitted to one size."""
+    from cloud_hub.calibrations import Tracker, split_key
+    from cloud_hub.router import SplitSpec, estimate, split_estimate, weigh
+    from tandem.v1 import tandem_pb2 as pb
+
+    spec = SplitSpec((("pi", PI.profile),), CLOUD.profile)
+    tracker = Tracker()
+    c = Candidate("split", "pi", PI.profile, "smollm2", COST, split=spec, tracker=tracker)
+    assert split_key(["pi"]) == "split:pi" and split_key(["a", "b"]) == "split:a,b"
+    assert estimate(c, 300, 32).ttft_ms == split_estimate(spec, COST, 300, 32).ttft_ms  # nothing learnt yet
+    for i in range(8):
+        tokens = (100, 400)[i % 2]
+        raw = split_estimate(spec, COST, tokens, 32)
+        placement = pb.Placement(predicted_ttft_ms=estimate(c, tokens, 32).ttft_ms,
+                                 predicted_tpot_ms=estimate(c, tokens, 32).tpot_ms)  # fmt: skip
+        m = pb.Metrics(ttft_ms=raw.ttft_ms + 40 + 3, queue_ms=3, tpot_ms=raw.tpot_ms + 5, completion_tokens=32,
+                       prompt_tokens=tokens)  # fmt: skip
+        tracker.observe_split(raw.ttft_ms, raw.tpot_ms, placement, m)
+    assert tracker.requests == 8 and len(tracker.ttft.ratios) == 8 and len(tracker.tpot.ratios) == 8
+    for tokens in (100, 250, 400):
+        raw, got = split_estimate(spec, COST, tokens, 32), estimate(c, tokens, 32)
+        assert got.ttft_ms == pytest.approx(raw.ttft_ms + 40, rel=0.05)
+        assert got.tpot_ms == pytest.approx(raw.tpot_ms + 5, rel=0.05)
+    mean, admitted = weigh(c, 250, 32, 0, 0.95)
+    assert admitted.ttft_ms >= mean.ttft_ms * 0.999 and admitted.tpot_ms >= mean.tpot_ms * 0.999

@@ -13,6 +13,7 @@ import pytest
 
 import edge_agent.stage
 from cloud_hub import auth
+from cloud_hub.calibrations import split_key
 from cloud_hub.ui import plots
 from models.runtime import load
 from models.serving import ServedModel
@@ -132,6 +133,10 @@ async def test_the_router_picks_a_split_and_names_every_stage(tmp_path: Path) ->
             record = hub.service.journal.recent(1)[0]  # the decision shows both candidates and why
             assert sorted(s[0].kind for s in record.considered) == ["cloud", "split"]
             assert record.considered[record.chosen][0].kind == "split"
+            # the answer refits the pipeline's own tracker (not the agent's), and the placements say so
+            split_tracker = hub.fleet.calibrations.get(split_key([agent.device_id]), MODEL)
+            assert split_tracker.requests == 1 and hub.fleet.calibrations.get(agent.device_id, MODEL).requests == 0
+            assert all(p.quantile == 0.95 and p.admitted_ttft_ms > 0 for p in routed.placements)
             # the fleet page's front of every cut for this device, the split source's cut ringed
             ui = hub._http.config.app.state.ui if hub._http is not None else None
             if ui is not None:
