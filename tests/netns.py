@@ -3,9 +3,11 @@
     with veth_namespace() as ns:       # pytest.skip (with the reason) when not root or unsupported
         ns.host_ip                     # this side's address, e.g. 10.231.57.1 (listen here)
         await ns.mqtt_probe({...})     # a paho client run inside the namespace; its JSON verdict
+        ns.shape(40, 20)               # tc netem on both ends: 40 ms round trip, 20 Mbit/s each way
 
 Linux only, root only. Names and the /24 are drawn from the pid, so tests running at once on one
-host do not collide; everything is removed on exit, failures included.
+host do not collide; everything is removed on exit, failures included. Benchmarks use `namespace()`,
+which raises NamespaceRefused instead of skipping.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ print(json.dumps(out or {"error": "no CONNACK"}))
 """
 
 
+class NamespaceRefused(RuntimeError):
+    """This host cannot make the namespace, its veth link, or shape it; the message says why."""
+
+
 @dataclass(frozen=True)
 class Namespace:
     name: str
@@ -63,6 +69,23 @@ class Namespace:
     """This side of the veth pair (the default namespace)."""
     ns_ip: str
     """The namespace's side."""
+    host_if: str = ""
+    ns_if: str = ""
+
+    def exec_argv(self, *argv: str) -> list[str]:
+        """argv run inside the namespace (for subprocess.Popen)."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def shape(self, rtt_ms: float, rate_mbps: float) -> None:
+        """tc netem on both ends of the veth pair: half the round trip of delay and `rate_mbps` each
+        way (replacing any earlier shaping). Raises NamespaceRefused with tc's reason where the kernel
+        has no sch_netem."""
+        netem = ["netem", "delay", f"{rtt_ms / 2:g}ms", "rate", f"{rate_mbps:g}mbit", "limit", "100000"]
+        for prefix, dev in ((["tc"], self.host_if), (self.exec_argv("tc"), self.ns_if)):
+            done = subprocess.run([*prefix, "qdisc", "replace", "dev", dev, "root", *netem],
+                                  capture_output=True, text=True, timeout=10)  # fmt: skip
+            if done.returncode != 0:
+                raise NamespaceRefused(f"the kernel refuses netem ({done.stderr.strip() or done.returncode})")
 
     async def run(self, *argv: str, timeout: float = 20.0) -> str:
         """stdout of argv run inside the namespace (asynchronously: a hub in this loop keeps serving)."""
@@ -86,26 +109,28 @@ def _ip(*argv: str) -> None:
 
 
 @contextlib.contextmanager
-def veth_namespace() -> Iterator[Namespace]:
-    """A namespace with one veth link to this one and loopback up; skips the test (saying why) when
-    this is not root or the kernel refuses namespaces or veth links."""
+def namespace() -> Iterator[Namespace]:
+    """A namespace with one veth link to this one and loopback up. Raises NamespaceRefused (saying
+    why) when this is not root or the kernel refuses namespaces or veth links."""
     if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+        raise NamespaceRefused("network namespaces need root")
     if shutil.which("ip") is None:
-        pytest.skip("the ip command (iproute2) is not installed")
+        raise NamespaceRefused("the ip command (iproute2) is not installed")
     tag = os.getpid() % 100_000
     subnet = 20 + os.getpid() % 200
     name, host_if, ns_if = f"tdm{tag}", f"tdm{tag}h", f"tdm{tag}n"
-    ns = Namespace(name, f"10.231.{subnet}.1", f"10.231.{subnet}.2")
+    ns = Namespace(name, f"10.231.{subnet}.1", f"10.231.{subnet}.2", host_if, ns_if)
     try:
         _ip("netns", "add", name)
     except (subprocess.CalledProcessError, OSError) as exc:
-        pytest.skip(f"cannot create a network namespace here: {getattr(exc, 'stderr', b'') or exc}")
+        raise NamespaceRefused(
+            f"cannot create a network namespace here: {getattr(exc, 'stderr', b'') or exc}"
+        ) from None
     try:
         try:
             _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
         except subprocess.CalledProcessError as exc:
-            pytest.skip(f"cannot create a veth pair here: {exc.stderr.decode().strip()}")
+            raise NamespaceRefused(f"cannot create a veth pair here: {exc.stderr.decode().strip()}") from None
         _ip("link", "set", ns_if, "netns", name)
         _ip("addr", "add", f"{ns.host_ip}/24", "dev", host_if)
         _ip("link", "set", host_if, "up")
@@ -118,3 +143,14 @@ def veth_namespace() -> Iterator[Namespace]:
             _ip("link", "del", host_if)  # takes its peer with it
         with contextlib.suppress(subprocess.CalledProcessError, OSError):
             _ip("netns", "del", name)
+
+
+@contextlib.contextmanager
+def veth_namespace() -> Iterator[Namespace]:
+    """`namespace()` for tests: skips the test, saying why, where the host refuses it."""
+    with contextlib.ExitStack() as stack:
+        try:
+            ns = stack.enter_context(namespace())
+        except NamespaceRefused as exc:
+            pytest.skip(str(exc))
+        yield ns

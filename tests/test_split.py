@@ -4,7 +4,12 @@ edge_agent.stage), and the answer is the unsplit model's, token for token."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,7 +26,7 @@ from tandem import AsyncClient, Budget
 from tandem.errors import InvalidRequest
 from tandem.types import GenerateResult
 from tests.conftest import real_model
-from tests.hubkit import kill, running_hub, spawn_agent, start_served_agent, wait_for
+from tests.hubkit import ROOT, kill, running_hub, spawn_agent, start_served_agent, wait_for
 
 MODEL = "smollm2-135m-instruct"
 PROMPT = "The history of the Python programming language begins in"
@@ -251,3 +256,53 @@ async def test_a_stage_lets_go_of_its_model_when_the_channel_ends(tmp_path: Path
             assert got and took < 5, f"the stage held the model {took:.1f} s after its channel ended"
         finally:
             await agent.close()
+
+
+async def test_a_split_across_network_namespaces_over_a_shaped_veth_link(tmp_path: Path) -> None:
+    """The shaped-link set-up of benchmarks/split_link.py: the agent is its own process in another
+    network namespace, the hub in this one, joined by veth. The split answer equals the unsplit one,
+    the work channel's pings measure the link, and netem shapes it where the kernel has netem (here
+    it may not: then the test says so and checks the unshaped link)."""
+    from tests.netns import NamespaceRefused, veth_namespace
+
+    real_model(MODEL, "source")
+    with veth_namespace() as ns:
+        async with running_hub(tmp_path / "hub", cloud_model=MODEL, mqtt="none", listen=f"{ns.host_ip}:0",
+                               ping_every_s=0.3) as hub:  # fmt: skip
+            refused = ""
+            try:
+                ns.shape(40, 20)
+            except NamespaceRefused as exc:
+                refused = str(exc)
+            token = hub.registry.create_token()
+            agent = ("agent", "run", "--hub", hub.address, "--token", token, "--model", MODEL, "--name", "far")
+            agent += ("--profile", "cpu-2core")
+            argv = ns.exec_argv(sys.executable, "-m", "tandem_cli", *agent, "--state-dir", str(tmp_path / "far"))
+            log = tmp_path / "far.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            try:
+                online = asyncio.create_task(
+                    wait_for(lambda: bool(hub.fleet.online()) and hub.fleet.online()[0].rtt_ms is not None, 240)
+                )
+                while not online.done():
+                    await asyncio.sleep(0.2)
+                    assert proc.poll() is None, f"the agent exited {proc.returncode}: {log.read_text()[-2000:]}"
+                await online
+                session = hub.fleet.online()[0]  # the hub listens on the veth alone: it came across it
+                key = hub.registry.create_api_key("t")
+                async with AsyncClient(hub.address, api_key=key) as client:
+                    whole = await client.generate(PROMPT, model=MODEL, max_tokens=16, device="cloud")
+                    split = await client.generate(
+                        PROMPT, model=MODEL, max_tokens=16, device=f"split:{session.device_id}:15"
+                    )
+                assert split.text == whole.text
+                assert [(p.layer_start, p.layer_end) for p in split.placements] == [(0, 15), (15, 30)]
+                if refused:
+                    pytest.skip(f"split across namespaces checked unshaped: {refused}")
+                assert session.rtt_ms >= 40  # the pings cross the shaped link
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
