@@ -258,9 +258,17 @@ def main() -> None:
             "## A split's prediction under a shaped link (issue 16)\n\n"
             f"Command: `{command_line()}`  \nMachine: {cpu_name()}, 2 cores. Link: {link}. SmolLM2 at source "
             "precision split at layer 15 of 30 (pinned), both sides calibrated by their quick pass, the round trip "
-            "from the work channel's pings and the uplink from split prompts' transfers. Medians of "
-            f"{args.requests} requests a setting (~130 prompt tokens of held-out text, 24 new). Target: within "
-            f"{TARGET:.0%} of the prediction.\n\n{table(rows)}\n\n```json\n{json.dumps(head)}\n```\n"
+            "from the work channel's pings and the uplink from split prompts' transfers. Per setting: one request "
+            f"that measures the uplink, {args.warmup} unmeasured ones, then medians of {args.requests} requests "
+            "(~130 prompt tokens of held-out text, 24 new). **Predicted** is what the answer carries: the plan, "
+            "corrected online by what the pipeline's earlier answers measured (cloud_hub.calibrations: measured = "
+            "a + b x plan, for TTFT and for the step). **Plan alone** is the same plan uncorrected. Target: within "
+            f"{TARGET:.0%} of the prediction.\n\n{table(rows)}\n\n"
+            "The plan alone misses a fixed cost of its own: the hops between the hub's event loop, its worker "
+            "thread and the stage, the hidden states' encoding, and computing beside the rest of a serving "
+            "process, which the quick passes (timed alone) do not see. The online correction's intercept learns "
+            "it from a few answers and carries it across link settings.\n\n"
+            f"```json\n{json.dumps(head)}\n```\n"
         )
         write_block("split_link", body)
 
