@@ -47,6 +47,7 @@ def _hub_config(args: argparse.Namespace) -> HubConfig:
         calibrate=not args.no_calibration,
         admission_quantile=args.admission_quantile,
         router_policy=args.router_policy,
+        placement_sources=args.placement_sources,
         moe2_table=Path(args.moe2_table) if args.moe2_table else None,
     )
 
@@ -129,6 +130,19 @@ def _rate(text: str) -> float:
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
     return value
+
+
+def _sources(text: str) -> tuple[str, ...]:
+    """--placement-sources: known source names, comma-separated, none twice."""
+    from cloud_hub.placements import SOURCES  # lazy: imports torch (see the module docstring)
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SOURCES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: name placement sources once each, comma-separated, from {', '.join(sorted(SOURCES))}"
+        )
+    return names
 
 
 def _quantile(text: str) -> float:
@@ -221,6 +235,15 @@ def _register_up(hub: argparse._SubParsersAction) -> None:
         "expert selection; needs --moe2-table)",
     )
     p.add_argument("--moe2-table", metavar="FILE", help="the gate's expert table (tandem experts train writes it)")
+    p.add_argument(
+        "--placement-sources",
+        type=_sources,
+        default=("edge", "cloud"),
+        metavar="LIST",
+        help="where requests may run, comma-separated: edge (each agent alone), cloud (the hub's model), split "
+        "(an agent's first layers, then the hub's model: it needs a local --cloud-model the agent serves at the "
+        "same precision) (default: edge,cloud)",
+    )
     p.set_defaults(func=cmd_hub_up)
 
 

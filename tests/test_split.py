@@ -306,3 +306,20 @@ async def test_a_split_across_network_namespaces_over_a_shaped_veth_link(tmp_pat
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+def test_hub_up_takes_the_split_source_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tandem_cli.hub import _hub_config
+    from tandem_cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["hub", "up", "--data-dir", str(tmp_path), "--placement-sources", "edge,split,cloud"])
+    assert _hub_config(args).placement_sources == ("edge", "split", "cloud")
+    assert _hub_config(parser.parse_args(["hub", "up", "--data-dir", str(tmp_path)])).placement_sources == (
+        "edge",
+        "cloud",
+    )
+    for bad in ("edge,splits", "edge,edge", ","):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["hub", "up", "--placement-sources", bad])
+        assert "name placement sources once each" in capsys.readouterr().err
