@@ -33,15 +33,21 @@ PROMPT = "The history of the Python programming language begins in"
 
 
 @pytest.mark.parametrize(
-    ("model", "n_layers", "cuts"),
-    [(MODEL, 30, (1, 8, 15, 29)), pytest.param("gemma3-270m", 18, (1, 8, 15, 17), marks=pytest.mark.slow)],
+    ("model", "quant", "n_layers", "cuts"),
+    [
+        (MODEL, "source", 30, (1, 8, 15, 29)),
+        pytest.param(MODEL, "int4", 30, (1, 8, 15, 29), marks=pytest.mark.slow),
+        pytest.param("gemma3-270m", "source", 18, (1, 8, 15, 17), marks=pytest.mark.slow),
+    ],
 )
-async def test_split_over_grpc_equals_unsplit(tmp_path: Path, model: str, n_layers: int, cuts: tuple) -> None:
+async def test_split_over_grpc_equals_unsplit(
+    tmp_path: Path, model: str, quant: str, n_layers: int, cuts: tuple
+) -> None:
     real_model(model, "source")  # skips (or fails under make test) without the weights
-    async with running_hub(tmp_path / "hub", cloud_model=model, mqtt="none") as hub:
+    async with running_hub(tmp_path / "hub", cloud_model=model, cloud_quant=quant, mqtt="none") as hub:
         # each agent its own copy: a stage owns its model's KV caches while it runs
         agents = [
-            await start_served_agent(hub, ServedModel(model, load(model, quant="source")), tmp_path / n, n)
+            await start_served_agent(hub, ServedModel(model, load(model, quant=quant)), tmp_path / n, n)
             for n in ("a", "b")
         ]
         a, b = (x.device_id for x in agents)
