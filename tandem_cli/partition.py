@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from device_profiles import DeviceProfile, LinkSpec, ProfileError, load_profile
+from device_profiles import DeviceProfile, LinkSpec, ProfileError, list_profiles, load_profile
 from device_profiles.links import load_link
 from models import zoo
 from models.config import ModelConfig
@@ -265,9 +265,27 @@ def _check_args(args: argparse.Namespace) -> str:
     return ""
 
 
+def resolve_profile(text: str, kind: str) -> DeviceProfile:
+    """The profile `text` names: a file, a shipped name, or a whole dash-separated part of exactly one
+    shipped profile's name of `kind` ("a100" -> cloud-a100-80gb, "orin-nano" -> jetson-orin-nano).
+    Raises ProfileError naming the candidates when the part is ambiguous, and load_profile's error when
+    nothing matches."""
+    try:
+        return load_profile(text)
+    except ProfileError:
+        part = f"-{text.strip().lower()}-"
+        named = [n for n in list_profiles() if part in f"-{n}-"]
+        matches = [n for n in named if load_profile(n).kind == kind]
+        if len(matches) == 1:
+            return load_profile(matches[0])
+        if len(matches) > 1:
+            raise ProfileError(f"{text!r} names several {kind} profiles: {', '.join(matches)}") from None
+        raise
+
+
 def _devices(args: argparse.Namespace) -> tuple[DeviceProfile, DeviceProfile, LinkSpec, str]:
     """The edge and cloud profiles, the link between them and its description. Raises ProfileError."""
-    edge, cloud = load_profile(args.edge), load_profile(args.cloud)
+    edge, cloud = resolve_profile(args.edge, "edge"), resolve_profile(args.cloud, "cloud")
     for flag, p, kind in (("--edge", edge, "edge"), ("--cloud", cloud, "cloud")):
         if p.kind != kind:
             raise ProfileError(f"{flag} {p.name} has kind {p.kind}; {flag} needs a profile of kind {kind}")
@@ -351,8 +369,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="where to cut a model's layers between an edge device and the cloud (the cost model's predictions)",
     )
     p.add_argument("--model", default="smollm2-135m-instruct", help="zoo name or .gguf path (header read only)")
-    p.add_argument("--edge", required=True, help="edge device profile: shipped name or YAML file")
-    p.add_argument("--cloud", required=True, help="cloud device profile: shipped name or YAML file")
+    p.add_argument(
+        "--edge",
+        required=True,
+        help="edge device profile: YAML file, shipped name, or a unique part of one (orin-nano)",
+    )
+    p.add_argument(
+        "--cloud", required=True, help="cloud device profile: YAML file, shipped name, or a unique part of one (a100)"
+    )
     p.add_argument("--link", help="link profile between them: shipped name or YAML file (default: the edge's own)")
     p.add_argument("--ttft-ms", type=float, help="budget: time to first token, ms")
     p.add_argument("--tpot-ms", type=float, help="budget: time per output token, ms")

@@ -180,3 +180,18 @@ def test_bad_input_exits_2_with_one_line(
     rc, out, err = _run(capsys, [*base, *change])
     assert rc == 2
     assert out == "" and err.count("\n") == 1 and err.startswith("error: ") and says in err, err
+
+
+def test_a_unique_part_of_a_shipped_name_picks_the_profile_and_an_ambiguous_one_names_the_candidates() -> None:
+    from device_profiles import ProfileError
+    from tandem_cli.partition import resolve_profile
+
+    assert resolve_profile("a100", "cloud").name == "cloud-a100-80gb"  # the issue's own example
+    assert resolve_profile("orin-nano", "edge").name == "jetson-orin-nano"
+    assert resolve_profile("cpu-2core", "edge").name == "cpu-2core"  # an exact name wins over a part
+    with pytest.raises(ProfileError, match="names several edge profiles: jetson-agx-orin, jetson-orin-nano"):
+        resolve_profile("jetson", "edge")
+    with pytest.raises(ProfileError, match="unknown device profile 'a10'"):
+        resolve_profile("a10", "cloud")  # a part is whole dash-separated words, not a prefix
+    with pytest.raises(ProfileError, match="unknown device profile 'a100'"):
+        resolve_profile("a100", "edge")  # of the kind asked for only
