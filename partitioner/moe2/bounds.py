@@ -1,5 +1,6 @@
 """What branch and bound needs from the gated objective: which experts a request can still use, which
-experts can never be in an optimum, and a lower bound on the loss of any completion.
+experts can never be in an optimum, which are interchangeable (twins), and a lower bound on the loss
+of any completion (`prune_k1`: the k = 1 rules in one pass, the search's hot path).
 
 A search node is (fixed, allowed): every subset T with fixed ⊆ T ⊆ fixed ∪ allowed is a completion.
 A request r's mixture within T (objective.py): T's top expert h by the gate, then up to k - 1 more
@@ -25,6 +26,8 @@ class Ranking:
     """(E,) each expert's tokenizer id."""
     members: tuple[np.ndarray, ...]
     """Per tokenizer id, (R, Eg) its experts in each request's gate order."""
+    ranks_t: np.ndarray
+    """(E, R) `ranks` transposed, contiguous: a set of experts' ranks is a gather of rows (fast)."""
 
     @staticmethod
     def of(weights: np.ndarray, groups: np.ndarray) -> Ranking:
@@ -33,7 +36,23 @@ class Ranking:
         np.put_along_axis(ranks, order, np.arange(weights.shape[1])[None, :], axis=1)
         members = tuple(order[np.isin(order, np.flatnonzero(groups == g))].reshape(len(order), -1) for g in
                         range(groups.max() + 1))  # fmt: skip
-        return Ranking(ranks, groups, members)
+        return Ranking(ranks, groups, members, np.ascontiguousarray(ranks.T))
+
+
+def twins(weights: np.ndarray, losses: np.ndarray, groups: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """Groups (indices ascending) of two or more experts with the same tokenizer and bitwise equal
+    weight and loss columns (R,), where no other expert's weight equals theirs on any request. Ties
+    break by index, so such a group fills a block of consecutive places in every request's gate
+    order: a subset holding m of them uses the same weights and losses, whichever m they are."""
+    by_key: dict[tuple[int, bytes, bytes], list[int]] = {}
+    for e in range(weights.shape[1]):
+        by_key.setdefault((int(groups[e]), weights[:, e].tobytes(), losses[:, e].tobytes()), []).append(e)
+    out = []
+    for members in by_key.values():
+        alone = (weights == weights[:, members[:1]]).sum(axis=1) == len(members)  # (R,) no outsider ties
+        if len(members) > 1 and alone.all():
+            out.append(tuple(members))
+    return tuple(out)
 
 
 def _mask(n: int, indices: Sequence[int]) -> np.ndarray:
@@ -105,6 +124,46 @@ def inert(rk: Ranking, fixed: Sequence[int], allowed: Sequence[int], k: int) -> 
     return out
 
 
+def prune_k1(rk: Ranking, losses_t: np.ndarray, fixed: Sequence[int], allowed: Sequence[int]) -> tuple[
+    np.ndarray, float
+]:  # fmt: skip
+    """At k = 1, `inert`'s mask over `allowed` and the bound GatedObjective.lower_bound gives for the
+    completions from the rest (bitwise), in one pass over the (|A|, R) ranks of `allowed` (the
+    search's hot path). A request's answer is its top in T: fixed's top f, or an allowed x that
+    outranks f there (`beats`). `losses_t` (E, R) is the losses transposed. Expects `fixed` non-empty."""
+    a, f = np.asarray(allowed, dtype=np.intp), np.asarray(fixed, dtype=np.intp)
+    r_f = rk.ranks_t[f]  # (|F|, R)
+    top = r_f.argmin(axis=0)  # (R,) which of fixed tops each request
+    beats = rk.ranks_t[a] < r_f.min(axis=0)  # (|A|, R) x outranks fixed's top
+    # Requests grouped by their top (columns sorted by it): x makes f unused when it beats f's top on
+    # every request of f's group, i.e. the group's "x does not beat it" is all False.
+    perm = np.argsort(top, kind="stable")
+    cut = np.flatnonzero(np.diff(top[perm])) + 1  # group starts after the first; no group is empty
+    spared = np.logical_or.reduceat(~beats[:, perm], np.concatenate([[0], cut]), axis=1)  # (|A|, groups)
+    dead = ~beats.any(axis=1) | ~spared.all(axis=1)  # never tops a request, or leaves some f unused
+    least = losses_t[f[top], np.arange(len(top))]
+    # (R,) the least loss of a request's possible answers: fixed's top, or a live x that beats it
+    least = np.minimum(least, np.where(beats & ~dead[:, None], losses_t[a], np.inf).min(axis=0))
+    return dead, float(least.mean())
+
+
+def tail_bounds_k1(rk: Ranking, losses_t: np.ndarray, fixed: Sequence[int], allowed: Sequence[int]) -> np.ndarray:
+    """(|A|,) at k = 1, for each p a lower bound for the node (fixed, allowed[p:]): the mean over
+    requests of the least loss among fixed's top and the experts of allowed[p:] that outrank it.
+    A row's mean may be summed in another order than a (R,) mean's: 1e-12 (relative) below covers that."""
+    a = np.asarray(allowed, dtype=np.intp)
+    if len(fixed):
+        f = np.asarray(fixed, dtype=np.intp)
+        r_f = rk.ranks_t[f]  # (|F|, R)
+        top = r_f.argmin(axis=0)  # (R,)
+        least_f = losses_t[f[top], np.arange(len(top))]  # (R,) fixed's top's loss
+        possible = np.where(rk.ranks_t[a] < r_f.min(axis=0), losses_t[a], np.inf)  # (|A|, R)
+    else:
+        least_f, possible = np.inf, losses_t[a]
+    suffix = np.minimum.accumulate(possible[::-1], axis=0)[::-1]  # (|A|, R) least over allowed[p:]
+    return np.minimum(suffix, least_f).mean(axis=1) * (1 - 1e-12)
+
+
 def least_loss(ok: np.ndarray, losses: np.ndarray) -> np.ndarray:
     """(R,) the least loss among each request's eligible experts: a mixture's loss is at least its
     best member's (both mixing formulas), so this bounds every completion."""
@@ -130,10 +189,12 @@ def mixture_bound(
     n = len(rk.groups)
     best_f = np.where(_mask(n, fixed), rk.ranks, n).min(axis=1)  # (R,) fixed's top
     out = np.full(len(ok), np.inf)
+    somewhere = ok.any(axis=0)  # (E,) experts eligible on some request: the others change nothing below
     for m in rk.members:  # (R, Eg) one tokenizer's experts in gate order
-        ok_s = ok[rows, m]
-        if not ok_s.any():
+        m = m[somewhere[m]].reshape(len(m), -1)  # (R, Eg') the same experts on every row, in gate order
+        if m.shape[1] == 0:
             continue
+        ok_s = ok[rows, m]
         w = np.where(ok_s, weights[rows, m], 0.0)
         loss = np.where(ok_s, losses[rows, m], np.inf)
         eg = m.shape[1]

@@ -25,7 +25,9 @@ both are exact at k = 1. The objective of S is the mean of the loss over the R c
 For branch and bound (bounds.py, select.py): `lower_bound` bounds every completion of a search node
 (any mixture's loss is at least its best member's, and at k > 1 at least what its top's weight
 allows), valid whether or not the objective is monotone in S; `inert` names the experts that would
-add an expert no request uses (the superset without it is as good and smaller).
+add an expert no request uses (the superset without it is as good and smaller); `prune` does both at
+a node; `twins` names experts with the same tokenizer, weights and losses (one variant on several
+devices), which fill the same places of every request's gate order: interchangeable in any subset.
 """
 
 from __future__ import annotations
@@ -65,6 +67,28 @@ class Objective(ABC):
         """A lower bound on value(T, k) for every non-empty T with fixed ⊆ T ⊆ fixed ∪ allowed.
         The default, -inf, never prunes: always valid."""
         return -math.inf
+
+    def prune(
+        self, fixed: Sequence[int], allowed: Sequence[int], k: int, cutoff: float = math.inf
+    ) -> tuple[list[int], float]:
+        """The search's work at a node with `fixed` non-empty: the experts `inert` names, and
+        `lower_bound` over the completions from the rest of `allowed`, or a weaker valid bound that
+        still exceeds `cutoff` (the incumbent's value: the node is cut either way). The default
+        calls both."""
+        dead = self.inert(fixed, allowed, k)
+        gone = set(dead)
+        return dead, self.lower_bound(fixed, [x for x in allowed if x not in gone], k)
+
+    def tail_bounds(self, fixed: Sequence[int], allowed: Sequence[int], k: int) -> Sequence[float] | None:
+        """For each p, a lower bound for the node (fixed, allowed[p:]): once one exceeds the incumbent,
+        the search skips the node's children from p on. The default, None, has none."""
+        return None
+
+    def twins(self) -> tuple[tuple[int, ...], ...]:
+        """Groups of interchangeable experts: replacing some of a subset's members of a group by as
+        many other members of it leaves value bitwise equal, at every k. The default, none, is
+        always valid."""
+        return ()
 
 
 def _check_matrix(name: str, a: np.ndarray, shape: tuple[int, ...] | None = None) -> None:
@@ -111,6 +135,8 @@ class GatedObjective(Objective):
             object.__setattr__(self, name, a)
         groups = np.array([names.index(t) for t in self.tokenizers])  # (E,) tokenizer id
         object.__setattr__(self, "_rk", bounds.Ranking.of(w, groups))
+        object.__setattr__(self, "_twins", bounds.twins(w, losses, groups))
+        object.__setattr__(self, "_losses_t", np.ascontiguousarray(losses.T))  # (E, R) for bounds.prune_k1
 
     @property
     def n_experts(self) -> int:
@@ -127,9 +153,9 @@ class GatedObjective(Objective):
         give it bitwise the same loss (the solver's `inert` rule relies on it)."""
         s = np.asarray(subset, dtype=np.intp)
         rows = np.arange(self.n_requests)[:, None]
+        if k == 1:  # each request's top of S; ranks are distinct per request
+            return self.losses[rows[:, 0], s[self._rk.ranks_t[s].argmin(axis=0)]]
         members = s[np.argsort(self._rk.ranks[:, s], axis=1)]  # (R, m) S in each request's gate order
-        if k == 1:
-            return self.losses[rows[:, 0], members[:, 0]]
         groups = self._rk.groups[members]
         same = groups == groups[:, :1]  # shares the top expert's tokenizer
         chosen = same & (np.cumsum(same, axis=1) <= k)  # (R, m) the mixture's members
@@ -164,17 +190,45 @@ class GatedObjective(Objective):
         """(R, E) whether each expert can be in each request's mixture in some completion (bounds.eligible)."""
         return bounds.eligible(self._rk, fixed, allowed, k)
 
+    def twins(self) -> tuple[tuple[int, ...], ...]:
+        """Experts with the same tokenizer and bitwise the same weights and losses on every request, where
+        no other expert's weight equals theirs (bounds.twins): within a subset they fill the same
+        places of each request's gate order, whichever of them it holds. Computed once."""
+        return self._twins
+
     def inert(self, fixed: Sequence[int], allowed: Sequence[int], k: int) -> list[int]:
         """The experts of `allowed` that add an expert no request uses (bounds.inert)."""
         return [x for x, dead in zip(allowed, bounds.inert(self._rk, fixed, allowed, k), strict=True) if dead]
 
+    def prune(
+        self, fixed: Sequence[int], allowed: Sequence[int], k: int, cutoff: float = math.inf
+    ) -> tuple[list[int], float]:
+        """At k = 1 both in one pass (bounds.prune_k1: the same experts and bound as inert and lower_bound).
+        At k > 1 inert, then the bound, whose mixture part (the costly one) is skipped when the least
+        loss part alone exceeds `cutoff`."""
+        if k == 1:
+            dead, bound = bounds.prune_k1(self._rk, self._losses_t, fixed, allowed)
+            return [x for x, d in zip(allowed, dead, strict=True) if d], bound
+        dead = self.inert(fixed, allowed, k)
+        gone = set(dead)
+        return dead, self._bound(fixed, [x for x in allowed if x not in gone], k, cutoff)
+
+    def tail_bounds(self, fixed: Sequence[int], allowed: Sequence[int], k: int) -> Sequence[float] | None:
+        """At k = 1, bounds.tail_bounds_k1; at k > 1 none."""
+        return bounds.tail_bounds_k1(self._rk, self._losses_t, fixed, allowed).tolist() if k == 1 else None
+
     def lower_bound(self, fixed: Sequence[int], allowed: Sequence[int], k: int) -> float:
         """The mean over requests of a bound on each request's loss from its eligible experts: the least
         of their losses at k = 1, and at k > 1 the larger of that and bounds.mixture_bound."""
+        return self._bound(fixed, allowed, k, math.inf)
+
+    def _bound(self, fixed: Sequence[int], allowed: Sequence[int], k: int, cutoff: float) -> float:
+        """lower_bound, or its least loss part alone where that exceeds `cutoff` (prune)."""
         ok = self.eligible(fixed, allowed, k)
         least = bounds.least_loss(ok, self.losses)  # (R,) exact against request_losses' clamp
-        if k == 1:
-            return float(least.mean())
+        weak = float(least.mean())
+        if k == 1 or weak > cutoff:
+            return weak
         mean_loss = self.mix == "mean_loss"
         mixture = bounds.mixture_bound(self._rk, ok, fixed, self.weights, self.losses, self.n_bytes, k, mean_loss)
         # mixture_bound rounds differently from request_losses: 1e-12 (relative) below it covers that.

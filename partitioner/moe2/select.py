@@ -3,14 +3,24 @@
 `select` is branch and bound over the experts, best quality first. A node holds the experts chosen
 so far (`fixed`, feasible) and those that may still join (`allowed`: later in the order, each fitting
 with `fixed`). Each child adds one allowed expert j and leaves out those before it, so every subset
-is met at most once. Two prunings:
+is met at most once. Before branching, a greedy pass (add the expert that lowers the objective most,
+while one does) sets the incumbent, so the bound prunes from the first node; every subset's value is
+computed once (`Selection.evaluated` counts distinct subsets). Prunings:
 
 - constraints: latency and energy are monotone nondecreasing in S (experts.py), so an expert that
   does not fit with a node's `fixed` fits with none of its supersets and leaves `allowed` for good;
 - objective: `Objective.lower_bound(fixed, allowed)` bounds every completion from below; a node whose
-  bound exceeds the incumbent is cut, or equals it while `fixed` alone is larger (ties prefer fewer);
-- dominance: `Objective.inert(fixed, allowed)` names the experts that would add one no request uses
-  (the same subset without it is as good and smaller): they leave `allowed`.
+  bound exceeds the incumbent is cut, or equals it while `fixed` alone is larger (ties prefer fewer).
+  `Objective.tail_bounds` bounds a node's children from each position on (all of them at once, at
+  k = 1), so the loop over the children stops at the first position whose bound is beaten;
+- inert: `Objective.inert(fixed, allowed)` names the experts that would add one no request uses
+  (the same subset without it is as good and smaller): they leave `allowed` (`Objective.prune`
+  does both at once);
+- twins: experts the objective cannot tell apart (`Objective.twins`; in the hub, one variant served
+  on several devices: the same gate and loss columns). x is dominated by a twin a with a smaller id
+  (and, where energy binds at k > 1, no more energy): a subset holding x but not a loses the tie to
+  the one with a in x's place (as feasible, the same value and size, smaller ids), so x joins no
+  completion that leaves a out. On the benchmark's fleet this shrinks 64 experts to their variants.
 
 Monotonicity of the objective. With a gate that ranks experts as their losses do, adding an expert
 never raises the k = 1 objective (each request moves to a better expert), and MoE² solves the monotone
@@ -27,6 +37,7 @@ Ties: equal objectives prefer fewer experts, then the lexicographically smaller 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -102,47 +113,125 @@ class _Energy:
         return sum(sorted((*tops.get(e.tokenizer, ()), e.energy_j), reverse=True)[: self.k]) <= self.limit
 
 
+def _dominators(problem: Problem, budget: Budget, order: Sequence[int]) -> dict[int, int]:
+    """Per candidate x, the bitmask of candidates a that dominate it: twins (Objective.twins) with a
+    smaller id, the same tokenizer and (where energy binds, k > 1) no more energy. A feasible subset
+    holding x but not a loses to the one with a in x's place: as feasible (latency is the slowest
+    expert, each candidate fits alone; a's group spends no more energy), the same value (twins), the
+    same size and smaller ids. So no optimum holds x without a."""
+    es, ok = problem.experts, set(order)
+    energy_binds = budget.k > 1 and budget.energy_j is not None
+    out = dict.fromkeys(order, 0)
+    for group in problem.objective.twins():
+        members = [i for i in group if i in ok]
+        for x, a in itertools.permutations(members, 2):
+            cheaper = not energy_binds or es[a].energy_j <= es[x].energy_j
+            if cheaper and es[a].id < es[x].id and es[a].tokenizer == es[x].tokenizer:
+                out[x] |= 1 << a
+    return out
+
+
+def _bits(indices: Sequence[int]) -> int:
+    """The bitmask of `indices`."""
+    out = 0
+    for i in indices:
+        out |= 1 << i
+    return out
+
+
+class _Search:
+    """One `select` call's branch and bound (module docstring). Sets of experts are bitmasks where a
+    set is only tested; lists (in the order they were added) where the objective reads them."""
+
+    def __init__(self, problem: Problem, budget: Budget, order: list[int]) -> None:
+        self.problem, self.obj, self.k = problem, problem.objective, budget.k
+        self.order = order
+        self.energy = _Energy(problem, budget)
+        self.dominators = _dominators(problem, budget, order)
+        self.values: dict[int, float] = {}  # subset bitmask -> objective: each subset is evaluated once
+        self.best: tuple[Key, tuple[int, ...]] | None = None
+
+    def evaluate(self, subset: list[int], bits: int) -> float:
+        """The objective of `subset`, which becomes the incumbent if it is better."""
+        value = self.values.get(bits)
+        if value is None:
+            value = self.values[bits] = self.obj.value(subset, self.k)
+        best = self.best
+        if best is None or value <= best[0][0]:  # ids are only sorted for a possible winner
+            key = _key(self.problem, subset, value)
+            if best is None or key < best[0]:
+                self.best = key, tuple(subset)
+        return value
+
+    def beaten(self, bound: float, size: int) -> bool:
+        """Whether no completion of a node with `size` fixed experts and lower bound `bound` can beat
+        the incumbent: all are worse, or tie at best and are larger (each holds the fixed ones)."""
+        if self.best is None:
+            return False
+        value, best_size, _ = self.best[0]
+        return bound > value or (bound == value and size > best_size)
+
+    def seed(self) -> None:
+        """A first incumbent, so that the bound prunes from the first node: greedy forward from the best
+        single expert, adding the one that lowers the objective most while one does (its subsets are
+        evaluated once: the search reuses their values)."""
+        subset: list[int] = []
+        tops: dict[str, tuple[float, ...]] = {}
+        bits, current = 0, math.inf
+        while True:
+            step: tuple[float, int] | None = None
+            for x in self.order:
+                if bits >> x & 1 or self.dominators[x] & ~bits or not self.energy.fits(tops, x):
+                    continue
+                value = self.evaluate([*subset, x], bits | 1 << x)
+                if step is None or value < step[0]:
+                    step = value, x
+            if step is None or step[0] >= current:
+                return
+            current, x = step
+            subset.append(x)
+            bits, tops = bits | 1 << x, self.energy.add(tops, x)
+
+    def branch(self, fixed: list[int], bits: int, tops: dict[str, tuple[float, ...]], allowed: list[int]) -> None:
+        """Visit every child of the node (fixed, allowed): fixed + [j] for each allowed j, with those
+        before j left out (so every subset is met at most once)."""
+        keep = bits | _bits(allowed)  # what completions may hold; shrinks as children leave experts out
+        tails = self.obj.tail_bounds(fixed, allowed, self.k)
+        for pos, j in enumerate(allowed):
+            if tails is not None and self.beaten(tails[pos], len(fixed) + 1):
+                return  # no child from here on can win: each holds fixed and one of allowed[pos:]
+            dominated = self.dominators[j] & ~keep  # a dominator of j left out of every completion here
+            keep &= ~(1 << j)  # the later children leave j out
+            if dominated:
+                continue
+            child, child_bits = [*fixed, j], bits | 1 << j
+            child_tops = self.energy.add(tops, j)
+            rest = [x for x in allowed[pos + 1 :] if self.energy.fits(child_tops, x)]
+            rest_bits = _bits(rest)
+            rest = [x for x in rest if not self.dominators[x] & ~(child_bits | rest_bits)]
+            if rest:
+                cutoff = math.inf if self.best is None else self.best[0][0]
+                dead, bound = self.obj.prune(child, rest, self.k, cutoff)
+                if self.beaten(bound, len(child)):
+                    continue
+                if dead:
+                    gone = set(dead)
+                    rest = [x for x in rest if x not in gone]
+            self.evaluate(child, child_bits)
+            if rest:
+                self.branch(child, child_bits, child_tops, rest)
+
+
 def select(problem: Problem, budget: Budget) -> Selection:
     """The exact optimum of `problem.objective` over the non-empty subsets of online experts within
     `budget` (module docstring). Raises SelectionError naming the binding constraint when no subset
     fits (ValueError for a bad budget is raised by Budget itself)."""
-    order = candidates(problem, budget)
-    obj, k = problem.objective, budget.k
-    energy = _Energy(problem, budget)
-    best: list = [None, None]  # [key, subset] of the incumbent
-    evaluated = 0
-
-    def consider(subset: list[int]) -> None:
-        nonlocal evaluated
-        evaluated += 1
-        key = _key(problem, subset, obj.value(subset, k))
-        if best[0] is None or key < best[0]:
-            best[0], best[1] = key, tuple(subset)
-
-    def pruned(fixed: list[int], allowed: list[int]) -> bool:
-        """Whether no completion of `fixed` from `allowed` can beat the incumbent: all are worse, or
-        tie at best and are larger (every completion holds `fixed`)."""
-        if best[0] is None:
-            return False
-        bound, (value, size, _) = obj.lower_bound(fixed, allowed, k), best[0]
-        return bound > value or (bound == value and len(fixed) > size)
-
-    def branch(fixed: list[int], tops: dict[str, tuple[float, ...]], allowed: list[int]) -> None:
-        for pos, j in enumerate(allowed):
-            child = [*fixed, j]
-            child_tops = energy.add(tops, j)
-            rest = [x for x in allowed[pos + 1 :] if energy.fits(child_tops, x)]
-            if rest:
-                dead = set(obj.inert(child, rest, k))
-                rest = [x for x in rest if x not in dead]
-            if rest and pruned(child, rest):
-                continue
-            consider(child)
-            if rest:
-                branch(child, child_tops, rest)
-
-    branch([], {}, order)
-    return selection(problem, best[1], k, evaluated, best[0][0])
+    search = _Search(problem, budget, candidates(problem, budget))
+    search.seed()
+    search.branch([], 0, {}, search.order)
+    assert search.best is not None  # every candidate alone is feasible
+    (value, _, _), subset = search.best
+    return selection(problem, subset, budget.k, len(search.values), value)
 
 
 def brute_force(problem: Problem, budget: Budget) -> Selection:
