@@ -45,6 +45,7 @@ from collections import OrderedDict
 import numpy as np
 
 from cloud_hub.errors import BudgetUnsatisfiable
+from cloud_hub.prompt import RequestPrompt
 from cloud_hub.router import Budget, BudgetRouter, Candidate, Choice, Router, Scored, violations, weigh
 from partitioner.cost import Estimate
 from partitioner.moe2.experts import Budget as MoeBudget
@@ -148,7 +149,13 @@ class Moe2Router(Router):
         return hit
 
     def choose(
-        self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget, template_tokens: int = 0
+        self,
+        candidates: list[Candidate],
+        prompt_tokens: int,
+        max_tokens: int,
+        budget: Budget,
+        template_tokens: int = 0,
+        prompt: RequestPrompt | None = None,
     ) -> Choice:
         weighed, scored = self.experts(candidates, prompt_tokens, max_tokens, budget, template_tokens)
         if not weighed:  # no candidate is an expert the gate knows

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from cloud_hub.calibrations import Tracker
 from cloud_hub.errors import BudgetUnsatisfiable
+from cloud_hub.prompt import RequestPrompt
 from device_profiles import DeviceProfile, LinkSpec
 from partitioner import predict as calibrated
 from partitioner.cost import Estimate, ModelCost, predict
@@ -159,6 +160,10 @@ class Choice:
     experts: tuple[tuple[str, float], ...] = ()
     """MoE² (cloud_hub.moe2_router): the selected experts' ids with the gate's weights renormalised
     over them, the answering one (`candidate`) first; empty for other policies."""
+    ensemble: tuple[tuple[Candidate, float], ...] = ()
+    """MoE² with Budget.experts = k > 1: the k (or fewer) candidates whose next-token distributions
+    are mixed step by step, with their mixing weights (summing to 1), `candidate` first; empty: the
+    request runs on `candidate` alone."""
 
 
 Scored = tuple[Candidate, Estimate, Estimate, dict[str, float]]
@@ -168,11 +173,18 @@ Scored = tuple[Candidate, Estimate, Estimate, dict[str, float]]
 class Router(ABC):
     @abstractmethod
     def choose(
-        self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget, template_tokens: int = 0
+        self,
+        candidates: list[Candidate],
+        prompt_tokens: int,
+        max_tokens: int,
+        budget: Budget,
+        template_tokens: int = 0,
+        prompt: RequestPrompt | None = None,
     ) -> Choice:
         """The placement for one request. Raises BudgetUnsatisfiable when none meets the budget.
         `template_tokens`: the chat template's tokens counted in prompt_tokens by default, which a
-        candidate knowing its own (Candidate.chat_tokens) replaces with those."""
+        candidate knowing its own (Candidate.chat_tokens) replaces with those. `prompt`: the request's
+        prompt, for a router that reads it (MoE²'s per-prompt gate); None where unknown."""
 
 
 def violations(est: Estimate, budget: Budget) -> dict[str, float]:
@@ -342,7 +354,13 @@ class BudgetRouter(Router):
         """Which quantile of measured/predicted ratios admission multiplies predictions by (HubConfig)."""
 
     def choose(
-        self, candidates: list[Candidate], prompt_tokens: int, max_tokens: int, budget: Budget, template_tokens: int = 0
+        self,
+        candidates: list[Candidate],
+        prompt_tokens: int,
+        max_tokens: int,
+        budget: Budget,
+        template_tokens: int = 0,
+        prompt: RequestPrompt | None = None,
     ) -> Choice:
         if not candidates:
             raise BudgetUnsatisfiable("no device is online and the hub has no cloud model", binding="availability")

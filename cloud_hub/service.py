@@ -242,7 +242,7 @@ class HubService:
         # (ModelInfo.chat_template_tokens) replaces it.
         template = CHAT_TEMPLATE_TOKENS if chat else 0
         tokens = spec.prompt.routing_tokens + progress.tokens
-        choice = self.router.choose(candidates, tokens, remaining, budget, template)
+        choice = self.router.choose(candidates, tokens, remaining, budget, template, spec.prompt)
         if not progress.placements and progress.record is not None:
             self.journal.routed(progress.record, choice, tokens)
         c, est = choice.candidate, choice.estimate

@@ -44,7 +44,7 @@ def spec_from_request(req: pb.GenerateRequest, arrived: float = 0.0) -> Generate
     """Raises models.errors.InvalidRequest for bad sampling values."""
     params = _sampling(req.sampling.SerializeToString())
     b = req.budget
-    budget = Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort, b.quality_floor)
+    budget = Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort, b.quality_floor, b.experts)
     return GenerateSpec(prompt_from_wire(req.input), params, budget, req.model, arrived, req.device)
 
 

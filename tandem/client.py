@@ -88,6 +88,11 @@ def build_request(
     _check_kv(kv_prediction, kv_repair, skip_ratio)
     b = budget or Budget()
     _check_quality_floor(b.quality_floor)
+    if not isinstance(b.experts, int) or isinstance(b.experts, bool) or not 0 <= b.experts <= 64:
+        raise InvalidRequest(
+            f"budget.experts must be an integer in [0, 64] (how many MoE² experts answer together), got {b.experts!r}",
+            "INVALID_ARGUMENT",
+        )
     sampling = sampling_message(
         max_tokens, temperature, top_k, top_p, seed, tuple(stop), n, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, skip_ratio=skip_ratio, lossless=lossless, kv_prediction=kv_prediction,
@@ -105,6 +110,7 @@ def build_request(
             energy_j=b.energy_j,
             best_effort=b.best_effort,
             quality_floor=b.quality_floor,
+            experts=b.experts,
         ),
     )
 

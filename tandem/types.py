@@ -22,6 +22,10 @@ class Budget:
     variant: with it, the hub may turn KV prediction or early layer skipping on where the unmodified
     model would miss the budget (Placement.kv_prediction, Placement.skip_ratio say so; the answer's
     skipped_layers which layers); 0 = the unmodified model only."""
+    experts: int = 0
+    """MoE² (a hub with router_policy "moe2"): how many experts answer together (k); 0 or 1 = one. With
+    k > 1 the hub mixes the next-token distributions of the selected subset's top k experts sharing a
+    tokenizer, step by step, with the gate's weights (Placement.experts names them)."""
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Budget(_message.Message):
-    __slots__ = ("ttft_ms", "tpot_ms", "energy_j", "best_effort", "quality_floor")
+    __slots__ = ("ttft_ms", "tpot_ms", "energy_j", "best_effort", "quality_floor", "experts")
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TPOT_MS_FIELD_NUMBER: _ClassVar[int]
     ENERGY_J_FIELD_NUMBER: _ClassVar[int]
     BEST_EFFORT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
     ttft_ms: float
     tpot_ms: float
     energy_j: float
     best_effort: bool
     quality_floor: float
-    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., best_effort: _Optional[bool] = ..., quality_floor: _Optional[float] = ...) -> None: ...
+    experts: int
+    def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., energy_j: _Optional[float] = ..., best_effort: _Optional[bool] = ..., quality_floor: _Optional[float] = ..., experts: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "n", "logprobs", "prompt_logprobs", "constraint", "skip_ratio", "lossless", "kv_prediction", "kv_repair")
