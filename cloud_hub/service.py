@@ -20,8 +20,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloud_hub import ensemble
 from cloud_hub.backends import ServingBackend
 from cloud_hub.calibrations import split_key
+from cloud_hub.ensemble import EnsembleEngine
 from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, RateLimited, Unavailable
 from cloud_hub.fleet import Fleet
 from cloud_hub.journal import Journal, RequestRecord
@@ -247,8 +249,11 @@ class HubService:
             self.journal.routed(progress.record, choice, tokens)
         c, est = choice.candidate, choice.estimate
         adm = choice.admitted or est
+        progress.ensemble = ensemble.members(choice, self.cloud, self.fleet)
         if c.split is not None:
             return c, self._split_placements(c, est, adm, choice.quantile, tokens, remaining, progress)
+        if progress.ensemble:
+            return c, ensemble.placements(choice, tokens, remaining, template)
         placement = pb.Placement(
             kind=c.kind,
             device_id=c.device_id,
@@ -388,11 +393,13 @@ class HubService:
             progress.placements += placed
             placement = placed[0]
             release = self.placements.claim(c)  # no await since choose(): the next request's routing sees it
+            for member, _ in progress.ensemble[1:]:  # an ensemble holds every member's slot
+                release = _both(release, self.placements.claim(member))
             try:
                 yield Started(tuple(progress.placements))
                 async for item in self._run(c, spec, progress):
                     yield item
-                if first and c.tracker is not None and spec.params.n == 1 and not repair:
+                if first and c.tracker is not None and spec.params.n == 1 and not repair and not progress.ensemble:
                     # what it measured refits its device (n choices' timings are not one answer's; KV
                     # repair's decode steps carry recomputation the cost model does not predict)
                     learn = (c, placement)
@@ -449,9 +456,13 @@ class HubService:
             else dataclasses.replace(spec.params, max_tokens=remaining)
         )
         params = skip_params(c, kv_params(c, params))
-        if c.kind in ("cloud", "split"):
+        if c.kind in ("cloud", "split") or progress.ensemble:
             assert self.cloud is not None
-            engine = self._split_engine(c, progress) if c.kind == "split" else None
+            engine: SplitEngine | EnsembleEngine | None = None
+            if progress.ensemble:
+                engine = ensemble.engine(progress.ensemble, self.cloud, self.fleet, asyncio.get_running_loop())
+            elif c.kind == "split":
+                engine = self._split_engine(c, progress)
             try:
                 ids = self.cloud.encode(spec.prompt.value, tools_of(spec.prompt.wire))
             except ModelInvalidRequest as exc:
@@ -472,7 +483,7 @@ class HubService:
                 )  # fmt: skip
             progress.received = time.perf_counter()  # the stream's end, relayed as the Final
             if engine is not None:
-                progress.energy_j += engine.energy_j  # the agents' stages (the hub's own share is cloud)
+                progress.energy_j += engine.energy_j  # the agents' stages or members (the hub's own is cloud)
             progress.engine_ttft_ms = (first - start) * 1000 if first else 0.0
             progress.engine_tpot_ms = (progress.received - first) * 1000 / (n - 1) if n > 1 else 0.0
             if c.queued == 0:  # nothing ahead of it in the backend: its first token's time is its prefill
@@ -537,6 +548,8 @@ class _Progress:
     """Its entry in the hub's journal."""
     plan: Plan | None = None
     """The split plan of the placement under way (kind "split")."""
+    ensemble: tuple[tuple[Candidate, float], ...] = ()
+    """The MoE² ensemble of the placement under way (its members and weights); empty: one placement."""
     route_s: float = 0.0
     """Hub time routing and dispatching, over all placements (see HubService.generate)."""
     relay_s: float = 0.0
@@ -707,3 +720,15 @@ def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: _Progress
         continue_ids=progress.ids,
         continue_chars=progress.chars,
     )
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    """One release for two claims (an ensemble's members)."""
+
+    def release() -> None:
+        try:
+            first()
+        finally:
+            second()
+
+    return release

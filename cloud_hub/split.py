@@ -54,8 +54,40 @@ def measure_uplink(session: AgentSession, n_bytes: int, elapsed_ms: float, prefi
     return mbps
 
 
+async def next_hidden(r: Remote, where: str) -> pb.HiddenStates:
+    """A stage's next HiddenStates. Raises Unavailable naming `where` when the stage is lost, slow
+    past STEP_TIMEOUT_S, or answers with something else."""
+    assert r.replies is not None
+    try:
+        _, item = await asyncio.wait_for(anext(r.replies), STEP_TIMEOUT_S)
+    except TimeoutError:
+        raise Unavailable(f"{where}: no answer within {STEP_TIMEOUT_S:g} s") from None
+    except StopAsyncIteration:
+        raise Unavailable(f"{where}: ended early") from None
+    except HubError as exc:
+        raise Unavailable(f"{where}: {exc}") from exc
+    if type(item) is not pb.HiddenStates:
+        raise Unavailable(f"{where}: sent {type(item).__name__}, not hidden states")
+    return item
+
+
+async def close_stage(r: Remote) -> pb.WorkDone | None:
+    """End a stage: its WorkDone on a clean end (None if it cannot say goodbye), and its replies
+    closed either way (which sends Cancel if it had not finished)."""
+    if r.replies is None:
+        return None
+    try:
+        r.session.send_input(pb.StageInput(work_id=r.work_id, end=True))
+        _, item = await asyncio.wait_for(anext(r.replies), STEP_TIMEOUT_S)
+        return item if type(item) is pb.WorkDone else None
+    except (HubError, TimeoutError, StopAsyncIteration):
+        return None  # the answer is complete; a stage that cannot say goodbye is cancelled below
+    finally:
+        await r.replies.aclose()
+
+
 @dataclass
-class _Remote:
+class Remote:
     """One agent's stage of one request: its session, its layers, and its replies as they come."""
 
     session: AgentSession
@@ -89,7 +121,7 @@ class SplitEngine:
             ranges = [(s, e) for _, s, e in remotes]
             raise ValueError(f"stages must be contiguous from layer 0 to {local_start}: {ranges}")
         self.loop, self.model, self.model_name, self.dtype = loop, model, model_name, dtype
-        self.remotes = [_Remote(session, start, end) for session, start, end in remotes]
+        self.remotes = [Remote(session, start, end) for session, start, end in remotes]
         self.local_start = local_start
         self.local: Stage | None = None
         self._last_bytes = 0
@@ -161,26 +193,16 @@ class SplitEngine:
             h = await self._hidden(r)
         return h
 
-    def _message(self, r: _Remote, h: torch.Tensor | None) -> pb.HiddenStates:
+    def _message(self, r: Remote, h: torch.Tensor | None) -> pb.HiddenStates:
         assert h is not None
         shape, data = pack(h, self.dtype)
         return pb.HiddenStates(work_id=r.work_id, layer_end=r.start, shape=shape, dtype=self.dtype, data=data)
 
-    async def _hidden(self, r: _Remote) -> torch.Tensor:
+    async def _hidden(self, r: Remote) -> torch.Tensor:
         """The stage's next answer, as (1, T, D) float32. Raises Unavailable when the stage is lost,
         slow past STEP_TIMEOUT_S, or answers with something other than hidden states of its width."""
-        assert r.replies is not None
         where = f"split stage [{r.start}, {r.end}) on {r.session.device_id}"
-        try:
-            _, item = await asyncio.wait_for(anext(r.replies), STEP_TIMEOUT_S)
-        except TimeoutError:
-            raise Unavailable(f"{where}: no answer within {STEP_TIMEOUT_S:g} s") from None
-        except StopAsyncIteration:
-            raise Unavailable(f"{where}: ended early") from None
-        except HubError as exc:
-            raise Unavailable(f"{where}: {exc}") from exc
-        if type(item) is not pb.HiddenStates:
-            raise Unavailable(f"{where}: sent {type(item).__name__}, not hidden states")
+        item = await next_hidden(r, where)
         self._last_bytes = len(item.data)
         try:
             return unpack(item.shape, item.dtype, item.data, self.model.cfg.dim)
@@ -189,16 +211,7 @@ class SplitEngine:
 
     async def _close(self) -> None:
         for r in self.remotes:
-            if r.replies is None:
-                continue
-            try:
-                r.session.send_input(pb.StageInput(work_id=r.work_id, end=True))
-                _, item = await asyncio.wait_for(anext(r.replies), STEP_TIMEOUT_S)
-                if type(item) is pb.WorkDone:
-                    r.done = item
-                    self.energy_j += item.metrics.energy_j
-                    measure_uplink(r.session, r.prompt_bytes, r.prompt_s * 1000, item.metrics.prefill_ms)
-            except (HubError, TimeoutError, StopAsyncIteration):
-                pass  # the answer is complete; a stage that cannot say goodbye is cancelled below
-            finally:
-                await r.replies.aclose()  # sends Cancel if it had not finished
+            r.done = await close_stage(r)
+            if r.done is not None:
+                self.energy_j += r.done.metrics.energy_j
+                measure_uplink(r.session, r.prompt_bytes, r.prompt_s * 1000, r.done.metrics.prefill_ms)

@@ -6,6 +6,10 @@ input with a HiddenStates of its last layer's output, takes the next input from 
 StageInput messages (one token, or one position's hidden state), and on `end` answers with a
 WorkDone carrying its compute times and energy. Its layers' KV cache lives as long as the stage;
 the model's serving lock is held throughout, as for any request the agent runs.
+
+A MoE² ensemble member is a stage over the whole model with `Work.logits`: it answers each input
+with its last position's next-token logits, (1, 1, V) float32, which the hub mixes with the other
+members' (cloud_hub.ensemble).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+
+import torch
 
 from models.errors import InvalidRequest
 from models.serving import ServedModel
@@ -27,6 +33,12 @@ IDLE_S = 60.0
 def hidden_message(work_id: str, layer_end: int, h: object, dtype: str) -> pb.HiddenStates:
     shape, data = pack(h, dtype)  # type: ignore[arg-type]
     return pb.HiddenStates(work_id=work_id, layer_end=layer_end, shape=shape, dtype=dtype, data=data)
+
+
+def logits_message(work_id: str, layer_end: int, logits: torch.Tensor) -> pb.HiddenStates:
+    """(V,) next-token logits as the (1, 1, V) float32 HiddenStates an ensemble member answers with."""
+    shape, data = pack(logits.reshape(1, 1, -1), "float32")
+    return pb.HiddenStates(work_id=work_id, layer_end=layer_end, shape=shape, dtype="float32", data=data)
 
 
 def serve_stage(
@@ -43,6 +55,10 @@ def serve_stage(
     cfg = served.loaded.config
     start, end = work.layer_start, work.layer_end
     dtype = work.hidden_dtype or "float16"
+    if work.model and work.model != served.name:
+        raise InvalidRequest(f"work.model: this agent serves {served.name!r}, not {work.model!r}")
+    if work.logits and (start != 0 or end != cfg.n_layers):
+        raise InvalidRequest(f"work.logits: a stage answers with logits only over the whole model [0, {cfg.n_layers})")
     if start == 0:
         first_ids = list(work.input.tokens.ids)
         if not first_ids:
@@ -58,8 +74,15 @@ def serve_stage(
             h = stage.run(tokens=first_ids)
         else:
             h = stage.run(hidden=unpack(work.hidden.shape, work.hidden.dtype, work.hidden.data, cfg.dim))
+
+        def answer(h: torch.Tensor) -> pb.HiddenStates:
+            if work.logits:  # an ensemble member: its next-token logits, for the hub to mix
+                return logits_message(work.work_id, end, stage.logits(h))
+            return hidden_message(work.work_id, end, h, dtype)
+
+        first = answer(h)
         prefill_s = time.perf_counter() - began
-        send(pb.AgentMessage(hidden=hidden_message(work.work_id, end, h, dtype)))
+        send(pb.AgentMessage(hidden=first))
         steps, decode_s = 0, 0.0
         while True:
             try:
@@ -75,9 +98,10 @@ def serve_stage(
                 h = stage.run(tokens=list(item.token_ids))
             else:
                 h = stage.run(hidden=unpack(item.hidden.shape, item.hidden.dtype, item.hidden.data, cfg.dim))
+            message = answer(h)
             decode_s += time.perf_counter() - t0
             steps += 1
-            send(pb.AgentMessage(hidden=hidden_message(work.work_id, end, h, dtype)))
+            send(pb.AgentMessage(hidden=message))
     busy = prefill_s + decode_s
     metrics = pb.Metrics(
         prompt_tokens=first_len,

@@ -453,7 +453,7 @@ class ListDevicesResponse(_message.Message):
     def __init__(self, devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
 
 class Work(_message.Message):
-    __slots__ = ("work_id", "model", "input", "continue_ids", "sampling", "layer_start", "layer_end", "hidden", "deadline_unix", "experts", "continue_chars", "hidden_dtype")
+    __slots__ = ("work_id", "model", "input", "continue_ids", "sampling", "layer_start", "layer_end", "hidden", "deadline_unix", "experts", "continue_chars", "hidden_dtype", "logits")
     WORK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
@@ -466,6 +466,7 @@ class Work(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     CONTINUE_CHARS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
     work_id: str
     model: str
     input: Input
@@ -478,7 +479,8 @@ class Work(_message.Message):
     experts: _containers.RepeatedScalarFieldContainer[str]
     continue_chars: int
     hidden_dtype: str
-    def __init__(self, work_id: _Optional[str] = ..., model: _Optional[str] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., continue_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., hidden: _Optional[_Union[HiddenStates, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., continue_chars: _Optional[int] = ..., hidden_dtype: _Optional[str] = ...) -> None: ...
+    logits: bool
+    def __init__(self, work_id: _Optional[str] = ..., model: _Optional[str] = ..., input: _Optional[_Union[Input, _Mapping]] = ..., continue_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., hidden: _Optional[_Union[HiddenStates, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., experts: _Optional[_Iterable[str]] = ..., continue_chars: _Optional[int] = ..., hidden_dtype: _Optional[str] = ..., logits: _Optional[bool] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("work_id",)

@@ -1,0 +1,225 @@
+"""MoE² ensembles: k experts answer one request together, their next-token distributions mixed.
+
+The router (cloud_hub.moe2_router, Budget.experts = k > 1) picks the members: the selected subset's
+top k experts by the gate that share the top one's tokenizer, with the gate's weights renormalised
+over them (Choice.ensemble). Every step, each member computes its next-token logits for the same
+prefix, in parallel on its own device, and the hub mixes their distributions:
+
+    p(t) = sum_i w_i softmax(logits_i)(t)        (V,), in float64; `mix` returns log p
+
+To the hub's generator the ensemble is one `models.generate.StepEngine` whose logits are log p, so
+sampling, stop strings, logprobs and detokenizing are the hub model's own, as for a split: greedy
+decoding takes argmax p, and temperature T samples from p^(1/T) renormalised. The hub's model must
+share the members' tokenizer (the service checks the vocabulary size).
+
+A member on an agent is a stage over its whole model with `Work.logits` (edge_agent.stage); the
+hub's own model as a member runs a local `models.stage.Stage` over all its layers. A member that
+drops, stalls or answers with logits of the wrong size raises `Unavailable`, and the request fails
+over like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cloud_hub.backends import ServingBackend
+from cloud_hub.errors import Unavailable
+from cloud_hub.fleet import AgentSession, Fleet
+from cloud_hub.registry import model_config
+from cloud_hub.router import Candidate, Choice, weigh
+from cloud_hub.split import STEP_TIMEOUT_S, Remote, close_stage, next_hidden
+from models.errors import InvalidRequest
+from models.stage import Stage, unpack
+from models.transformer import Transformer
+from tandem.v1 import tandem_pb2 as pb
+
+log = logging.getLogger("tandem.hub")
+
+
+def mix(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """log(sum_i w_i softmax(logits_i)): (V,) float32 from k (V,) logits and k weights summing to 1.
+    In float64, through log-sum-exp, so a member certain of a token that another gives 0 stays exact."""
+    if len(logits) != len(weights) or not logits:
+        raise ValueError(f"{len(logits)} members' logits for {len(weights)} weights")
+    if not math.isclose(sum(weights), 1.0, rel_tol=1e-6) or min(weights) < 0:
+        raise ValueError(f"mixing weights must be >= 0 and sum to 1, got {list(weights)}")
+    logp = torch.stack([torch.log_softmax(x.to(torch.float64), dim=-1) for x in logits])  # (k, V)
+    w = torch.tensor(weights, dtype=torch.float64).log().unsqueeze(1)  # (k, 1); log 0 = -inf drops a member
+    return torch.logsumexp(logp + w, dim=0).to(torch.float32)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of an ensemble: an agent's session (None: the hub's own model), its model, weight."""
+
+    session: AgentSession | None
+    model: str
+    n_layers: int
+    weight: float
+
+
+class EnsembleEngine:
+    """A StepEngine over the members' next-token logits, mixed (module docstring)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, members: Sequence[Member], local: Transformer) -> None:
+        """`local`: the hub's own model, whose tokenizer decodes the answer (and which runs its member,
+        if the hub is one: a member without a session)."""
+        if len(members) < 2:
+            raise ValueError("an ensemble needs two members at least")
+        self.loop, self.members, self.local = loop, list(members), local
+        self.weights = [m.weight for m in members]
+        self.remotes: dict[int, Remote] = {}
+        self.stage: Stage | None = None
+        self.energy_j = 0.0
+        """Energy the agents' members reported (their WorkDone), once released."""
+
+    # -- StepEngine ------------------------------------------------------------------------------
+
+    def prefill(self, request_id: str, ids: Sequence[int], max_len: int) -> torch.Tensor:
+        if any(m.session is None for m in self.members):
+            self.stage = Stage(self.local, 0, self.local.cfg.n_layers, max_len)
+        return self._step(self._open(list(ids), max_len - len(ids)), lambda: self._local(tokens=list(ids)))
+
+    def decode(self, request_id: str, token: int) -> torch.Tensor:
+        return self._step(self._send(token), lambda: self._local(tokens=[token]))
+
+    def release(self, request_id: str) -> None:
+        """Ends every agent member: a clean end collects their WorkDones (energy); a failed request
+        cancels them (closing their replies sends Cancel)."""
+        future = asyncio.run_coroutine_threadsafe(self._close(), self.loop)
+        future.result(timeout=len(self.remotes) * STEP_TIMEOUT_S + 5)
+
+    # -- one step: the agents' logits on the loop while the hub's own member computes here -----------
+
+    def _step(self, remote: object, local: object) -> torch.Tensor:
+        future = asyncio.run_coroutine_threadsafe(remote, self.loop)  # type: ignore[arg-type]
+        mine = local() if self.stage is not None else None  # type: ignore[operator]
+        try:
+            theirs = future.result(timeout=STEP_TIMEOUT_S + 5)
+        except TimeoutError:
+            future.cancel()
+            raise Unavailable("ensemble members: the hub's event loop did not answer") from None
+        logits = [mine if m.session is None else theirs[i] for i, m in enumerate(self.members)]
+        return mix(logits, self.weights)
+
+    def _local(self, tokens: list[int]) -> torch.Tensor:
+        assert self.stage is not None
+        return self.stage.logits(self.stage.run(tokens=tokens))
+
+    async def _open(self, ids: list[int], max_new: int) -> dict[int, torch.Tensor]:
+        for i, m in enumerate(self.members):
+            if m.session is None:
+                continue
+            work = pb.Work(model=m.model, layer_start=0, layer_end=m.n_layers, logits=True,
+                           sampling=pb.Sampling(max_tokens=max(1, max_new)))  # fmt: skip
+            r = Remote(m.session, 0, m.n_layers)
+            work.work_id = r.work_id
+            work.input.tokens.ids.extend(ids)
+            r.replies = m.session.run(work)
+            self.remotes[i] = r
+        return await self._gather()
+
+    async def _send(self, token: int) -> dict[int, torch.Tensor]:
+        for r in self.remotes.values():
+            try:
+                r.session.send_input(pb.StageInput(work_id=r.work_id, token_ids=[token]))
+            except Exception as exc:  # HubError: the session ended
+                raise Unavailable(f"ensemble member on {r.session.device_id} lost: {exc}") from exc
+        return await self._gather()
+
+    async def _gather(self) -> dict[int, torch.Tensor]:
+        """Every agent member's next logits, waited for together: (V,) float32 each, by member index."""
+        keys = list(self.remotes)
+        items = await asyncio.gather(*(self._logits(self.remotes[i]) for i in keys))
+        return dict(zip(keys, items, strict=True))
+
+    async def _logits(self, r: Remote) -> torch.Tensor:
+        where = f"ensemble member on {r.session.device_id}"
+        item = await next_hidden(r, where)
+        vocab = self.vocab
+        try:
+            return unpack(item.shape, item.dtype, item.data, vocab).reshape(-1)
+        except InvalidRequest as exc:  # refused; the request fails over, the hub keeps serving
+            raise Unavailable(f"{where} sent malformed logits: {exc}") from exc
+
+    @property
+    def vocab(self) -> int:
+        """The vocabulary every member's logits must span: the hub model's (its tokenizer decodes)."""
+        return self.local.cfg.vocab_size
+
+    async def _close(self) -> None:
+        for r in self.remotes.values():
+            done = await close_stage(r)
+            if done is not None:
+                self.energy_j += done.metrics.energy_j
+
+
+# -- what the hub's service asks of an ensemble ---------------------------------------------------------
+
+
+def members(choice: Choice, cloud: ServingBackend | None, fleet: Fleet) -> tuple[tuple[Candidate, float], ...]:
+    """The router's ensemble (Choice.ensemble) where the hub can mix it: two members at least, each
+    the hub's own model or an agent's, sharing the vocabulary of the hub's own model (whose tokenizer
+    decodes the answer). Otherwise none: the request runs on its top expert alone."""
+    chosen = choice.ensemble
+    if len(chosen) < 2 or cloud is None or not hasattr(cloud, "served"):
+        return ()
+    vocab = cloud.served.loaded.config.vocab_size  # type: ignore[attr-defined]
+    for m, _ in chosen:
+        info = model_info(m, cloud, fleet)
+        if m.split is not None or info is None or model_config(info).vocab_size != vocab:
+            log.info("ensemble of %s not mixed: the hub's model does not share its vocabulary; its top expert "
+                     "answers alone", [x.device_id or "cloud" for x, _ in chosen])  # fmt: skip
+            return ()
+    return chosen
+
+
+def model_info(c: Candidate, cloud: ServingBackend | None, fleet: Fleet) -> pb.ModelInfo | None:
+    """What candidate `c` serves, as its device (or the hub) advertises it; None when it is gone."""
+    if c.kind == "cloud":
+        return cloud.model_info() if cloud is not None else None
+    session = fleet.sessions.get(c.device_id)
+    return next((m for m in session.models if m.name == c.model), None) if session is not None else None
+
+
+def placements(choice: Choice, tokens: int, remaining: int, template: int) -> list[pb.Placement]:
+    """One Placement per member of `choice`'s ensemble, each with its own prediction (router.weigh)
+    and the selected experts' weights."""
+    experts = [pb.ExpertWeight(expert=e, weight=w) for e, w in choice.experts]
+    out = []
+    for m, _ in choice.ensemble:
+        est, adm = weigh(m, tokens, remaining, template, choice.quantile or 0.95)
+        out.append(
+            pb.Placement(
+                kind=m.kind, device_id=m.device_id, profile=m.profile.name, model=m.model, emulated=m.emulated,
+                predicted_ttft_ms=est.ttft_ms, predicted_tpot_ms=est.tpot_ms, predicted_energy_j=est.edge_energy_j,
+                admitted_ttft_ms=adm.ttft_ms, admitted_tpot_ms=adm.tpot_ms, quantile=choice.quantile,
+                experts=experts,
+            )
+        )  # fmt: skip
+    return out
+
+
+def engine(
+    chosen: Sequence[tuple[Candidate, float]],
+    cloud: ServingBackend | None,
+    fleet: Fleet,
+    loop: asyncio.AbstractEventLoop,
+) -> EnsembleEngine:
+    """The engine that mixes `chosen` (from `members`): agents over their work channels, the hub's own
+    model here. Raises Unavailable when a member went offline meanwhile."""
+    assert cloud is not None
+    out = []
+    for m, w in chosen:
+        info = model_info(m, cloud, fleet)
+        session = fleet.sessions.get(m.device_id) if m.kind != "cloud" else None
+        if info is None or (m.kind != "cloud" and (session is None or session.closed)):
+            raise Unavailable(f"ensemble member {m.device_id or 'cloud'} went offline")
+        out.append(Member(session, m.model, model_config(info).n_layers, w))
+    return EnsembleEngine(loop, out, cloud.served.loaded.model)  # type: ignore[attr-defined]
