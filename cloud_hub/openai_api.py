@@ -12,7 +12,7 @@ prompts, `response_format` (json_object, json_schema) by grammar, tools where a 
 takes them (a 400 naming the model where it does not).
 
 Budgets travel as an extension field, `"tandem": {"budget": {"ttft_ms": …, "tpot_ms": …,
-"energy_j": …, "best_effort": …, "quality_floor": …}}` (the openai client passes it with
+"energy_j": …, "best_effort": …, "quality_floor": …, "experts": k}}` (the openai client passes it with
 `extra_body`), with the device pin (`"device"`), layer skipping (`"skip_ratio"`, `"lossless"`) and
 KV prediction (`"kv_prediction"`, `"kv_repair"`) beside the budget; answers carry `"tandem":
 {"placements": […], "ttft_ms", "tpot_ms", "energy_j", "skipped_layers", "lossless", "drafted",
@@ -117,7 +117,7 @@ def _spec(body: ChatRequest | CompletionRequest, prompt: Any, served: list[pb.Mo
     return GenerateSpec(
         prompt_from_value(prompt, tools),
         params,
-        Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort, b.quality_floor),
+        Budget(b.ttft_ms, b.tpot_ms, b.energy_j, b.best_effort, b.quality_floor, b.experts),
         model,
         device=body.tandem.device,
     )

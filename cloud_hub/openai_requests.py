@@ -28,6 +28,9 @@ class BudgetBody(_Strict):
     quality_floor: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
     """The lowest measured greedy agreement with the unmodified model accepted for a faster variant:
     the hub may turn KV prediction on where the unmodified model misses the budget. 0: never."""
+    experts: int = Field(0, ge=0, le=64)
+    """MoE² (a hub with router_policy moe2): how many experts answer together, their next-token
+    distributions mixed; 0 or 1: one."""
 
 
 class TandemExtension(_Strict):

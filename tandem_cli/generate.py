@@ -18,7 +18,12 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 def cmd_generate_remote(args: argparse.Namespace) -> int:
     budget = Budget(
-        args.ttft_ms or 0.0, args.tpot_ms or 0.0, args.energy_j or 0.0, args.best_effort, args.quality_floor or 0.0
+        args.ttft_ms or 0.0,
+        args.tpot_ms or 0.0,
+        args.energy_j or 0.0,
+        args.best_effort,
+        args.quality_floor or 0.0,
+        args.experts or 0,
     )
     prompt = args.prompt if args.raw else [{"role": "user", "content": args.prompt}]
     try:
@@ -135,6 +140,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="budget: lowest greedy agreement with the unmodified model (0..1) accepted for a faster variant "
         "(lets the hub turn KV prediction on)",
+    )
+    p.add_argument(
+        "--experts",
+        type=int,
+        help="with --hub on a MoE² hub (--router-policy moe2): how many experts answer together, their next-token "
+        "distributions mixed (default 1)",
     )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -74,7 +75,7 @@ def reference(models: list[torch.nn.Module], weights: list[float], ids: list[int
 async def test_an_ensemble_answers_as_the_local_mixture_of_its_members(tmp_path: Path) -> None:
     real_model(MODEL, "source")  # skips (or fails under make test) without the weights
     weights = [0.25, 0.6, 0.15]  # the pruned member weighs most: the mixture is not the whole model
-    async with running_hub(tmp_path / "hub", cloud_model=MODEL, mqtt="none") as hub:
+    async with running_hub(tmp_path / "hub", cloud_model=MODEL, mqtt="none", http_listen="127.0.0.1:0") as hub:
         a = await start_served_agent(hub, ServedModel(MODEL, load(MODEL, quant="source")), tmp_path / "a", "a")
         pruned = load_variant(Variant(MODEL, "int8", drop_layers=8))  # a member whose distribution differs
         b = await start_served_agent(hub, ServedModel(MODEL, pruned), tmp_path / "b", "b")
@@ -84,6 +85,11 @@ async def test_an_ensemble_answers_as_the_local_mixture_of_its_members(tmp_path:
         try:
             async with AsyncClient(hub.address, api_key=key) as client:
                 got = await client.generate(PROMPT, model=MODEL, max_tokens=12, budget=Budget(experts=3))
+                async with httpx.AsyncClient(timeout=60) as http:  # the OpenAI API's extension says it too
+                    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 12, "temperature": 0,
+                            "tandem": {"budget": {"experts": 3}}}  # fmt: skip
+                    web = await http.post(f"http://{hub.http_address}/v1/completions", json=body,
+                                          headers={"Authorization": f"Bearer {key}"})  # fmt: skip
                 # the members are free again: a plain request to each runs at once
                 hub.service.router = BudgetRouter()
                 alone = await client.generate(PROMPT, model=MODEL, max_tokens=12, device=ida)
@@ -91,6 +97,8 @@ async def test_an_ensemble_answers_as_the_local_mixture_of_its_members(tmp_path:
             await a.close()
             await b.close()
     assert [(p.kind, p.device_id) for p in got.placements] == [("edge", ida), ("edge", idb), ("cloud", "")]
+    assert web.status_code == 200, web.text
+    assert web.json()["choices"][0]["text"] == got.text and len(web.json()["tandem"]["placements"]) == 3
     assert [e.weight for e in got.placements[0].experts] == pytest.approx(weights)
     assert got.energy_j > 0  # the agents' members report theirs
     source = real_model(MODEL, "source")
