@@ -17,18 +17,19 @@ import math
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from cloud_hub import ensemble
+from cloud_hub import ensemble, variants
 from cloud_hub.backends import ServingBackend
 from cloud_hub.calibrations import split_key
 from cloud_hub.ensemble import EnsembleEngine
 from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, RateLimited, Unavailable
 from cloud_hub.fleet import Fleet
-from cloud_hub.journal import Journal, RequestRecord
+from cloud_hub.journal import Journal
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.placements import SPLIT_PIN, Placements, pinned_split
+from cloud_hub.progress import Chunk, Progress
 from cloud_hub.prompt import CHAT_TEMPLATE_TOKENS, RequestPrompt
 from cloud_hub.ratelimit import RateLimiter
 from cloud_hub.router import Budget, Candidate, Router, split_estimate, split_plan
@@ -37,10 +38,8 @@ from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
 from models.kvpred import KVReport
 from models.sampling import SamplingParams
-from models.skip import SkipReport
-from partitioner.split import Plan
 from tandem.v1 import tandem_pb2 as pb
-from tandem.wire import Logprob, kv_report_kwargs, logprob_of, sampling_message, set_kv_report, tools_of
+from tandem.wire import kv_report_kwargs, logprob_of, sampling_message, tools_of
 
 log = logging.getLogger("tandem.hub")
 
@@ -87,22 +86,6 @@ class GenerateSpec:
     device: str = ""
     """Run only on this device id ("cloud": the hub's own model), or on a pinned split plan
     ("split:DEVICE:END[,DEVICE:END…]", placements.pinned_split); empty: the router chooses."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    text: str
-    token_ids: tuple[int, ...]
-    index: int = 0
-    """The choice (SamplingParams.n) these tokens belong to."""
-    logprobs: tuple[Logprob, ...] = ()
-    """One a token, when the request asked for logprobs."""
-    prompt_logprobs: tuple[Logprob | None, ...] = ()
-    """On a choice's first chunk, when the request asked for prompt logprobs (echo)."""
-    prompt_ids: tuple[int, ...] = ()
-    """With prompt_logprobs: the prompt's token ids."""
-    finish_reason: str = ""
-    """Set on a choice's last chunk."""
 
 
 @dataclass(frozen=True)
@@ -192,7 +175,7 @@ class HubService:
             spec.prompt.check_vocabulary(spec.model, self.placements.models())
 
     def _route(
-        self, spec: GenerateSpec, excluded: set[str], progress: _Progress
+        self, spec: GenerateSpec, excluded: set[str], progress: Progress
     ) -> tuple[Candidate, list[pb.Placement]]:
         """The next placement, and its Placement messages (a split's: one per stage). The first honours
         the budget; a failover takes the best that is left, since the caller is already being answered
@@ -217,9 +200,9 @@ class HubService:
                     f"{spec.model or 'at all'}"
                 )
         if spec.params.skip_ratio > 0:
-            candidates = _skipping(candidates, spec, first=not progress.placements)
+            candidates = variants.skipping(candidates, spec, first=not progress.placements)
         if spec.params.kv_prediction > 0:
-            candidates = _predicting(candidates, spec, first=not progress.placements)
+            candidates = variants.predicting(candidates, spec, first=not progress.placements)
         served = {m.name: m for m in self.placements.models()} if spec.model and not candidates else {}
         if not candidates and spec.model in served and chat and not served[spec.model].chat:
             raise InvalidRequest(f"model {spec.model!r} is a base model without a chat template: send a plain prompt")
@@ -236,9 +219,9 @@ class HubService:
             )
         remaining = spec.params.max_tokens * spec.params.n - progress.tokens  # n choices: n answers' energy
         budget = spec.budget if not progress.placements else Budget(best_effort=True)
-        if budget.quality_floor and not _may_predict(spec.params):  # no variant the agent would refuse
+        if budget.quality_floor and not variants.may_predict(spec.params):  # no variant the agent would refuse
             budget = dataclasses.replace(budget, quality_floor=0.0)
-        if budget.quality_floor and not _may_skip(spec.params):  # KV prediction may stay; skipping may not
+        if budget.quality_floor and not variants.may_skip(spec.params):  # KV prediction may stay; skipping may not
             candidates = [dataclasses.replace(c, skip_variants=()) if c.skip_variants else c for c in candidates]
         # routing_tokens counts the hub's default template size for chat; a model that knows its own
         # (ModelInfo.chat_template_tokens) replaces it.
@@ -273,7 +256,7 @@ class HubService:
         )
         return c, [placement]
 
-    def _split_engine(self, c: Candidate, progress: _Progress) -> SplitEngine:
+    def _split_engine(self, c: Candidate, progress: Progress) -> SplitEngine:
         """The engine that runs `c`'s plan (kept by _split_placements): the agents' stages over their
         work channels, the last layers on the hub's own model."""
         plan = progress.plan
@@ -289,7 +272,7 @@ class HubService:
         return SplitEngine(loop, remotes, model, c.model, plan.stages[-1].start, self.split_dtype)
 
     def _split_placements(
-        self, c: Candidate, est: Any, adm: Any, quantile: float, tokens: int, remaining: int, progress: _Progress
+        self, c: Candidate, est: Any, adm: Any, quantile: float, tokens: int, remaining: int, progress: Progress
     ) -> list[pb.Placement]:
         """One Placement per stage of the split `c` runs for this request, each with its layer range and
         the plan's predicted and admitted figures (its pipeline's corrections applied); the plan is kept
@@ -337,7 +320,7 @@ class HubService:
         self.metrics.inflight.inc()
         p = spec.params
         rec = self.journal.open(spec.model, spec.prompt.chat, p.max_tokens, p.n, spec.budget, spec.device)
-        progress = _Progress(arrived=spec.arrived or time.perf_counter(), record=rec)
+        progress = Progress(arrived=spec.arrived or time.perf_counter(), record=rec)
         placement, outcome = "none", "cancelled"
         try:
             async for ev in self._generate(spec, progress):
@@ -375,7 +358,7 @@ class HubService:
                 if outcome == "cancelled":
                     self.journal.close(rec, outcome)
 
-    async def _generate(self, spec: GenerateSpec, progress: _Progress) -> AsyncIterator[Event]:
+    async def _generate(self, spec: GenerateSpec, progress: Progress) -> AsyncIterator[Event]:
         """Route and run one request, yielding Started, Chunks and Final (its metrics' hub times left
         for generate() to fill in).
 
@@ -447,7 +430,7 @@ class HubService:
         self.fleet.calibrations.save(c.device_id, c.model)
         self.metrics.observe_prediction(c.device_id or "cloud", placement, m)
 
-    async def _run(self, c: Candidate, spec: GenerateSpec, progress: _Progress) -> AsyncIterator[Chunk]:
+    async def _run(self, c: Candidate, spec: GenerateSpec, progress: Progress) -> AsyncIterator[Chunk]:
         """Chunks from one placement, going on from `progress`, which it updates."""
         remaining = max(1, spec.params.max_tokens - progress.tokens)
         params = (
@@ -455,7 +438,7 @@ class HubService:
             if remaining == spec.params.max_tokens
             else dataclasses.replace(spec.params, max_tokens=remaining)
         )
-        params = skip_params(c, kv_params(c, params))
+        params = variants.skip_params(c, variants.kv_params(c, params))
         if c.kind in ("cloud", "split") or progress.ensemble:
             assert self.cloud is not None
             engine: SplitEngine | EnsembleEngine | None = None
@@ -514,203 +497,12 @@ class HubService:
                 progress.prefill_ms, progress.decode_ms = item.metrics.prefill_ms, item.metrics.decode_ms
                 progress.queue_ms = item.metrics.queue_ms
                 progress.energy_measured = item.metrics.energy_measured
-                progress.skipping = skip_report(item.metrics)
+                progress.skipping = variants.skip_report(item.metrics)
                 kv = kv_report_kwargs(item.metrics)
                 progress.kv = KVReport(**kv) if kv is not None else None
 
 
-@dataclass
-class _Progress:
-    """What one request has produced so far, across placements."""
-
-    ids: list[int] = field(default_factory=list)
-    """Token ids of the answer so far (text-exact; an upstream's are re-tokenized from its text)."""
-    tokens: int = 0
-    """Tokens generated so far, as the engines counted them."""
-    chars: int = 0
-    finish: str = ""
-    energy_j: float = 0.0
-    prompt_tokens: int = 0
-    placements: list[pb.Placement] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-    finishes: dict[int, str] = field(default_factory=dict)
-    """Each finished choice's finish reason, by index."""
-    first: float = 0.0
-    last: float = 0.0
-    engine_ttft_ms: float = 0.0
-    engine_tpot_ms: float = 0.0
-    prefill_ms: float = 0.0
-    decode_ms: float = 0.0
-    queue_ms: float = 0.0
-    energy_measured: bool = False
-    arrived: float = field(default_factory=time.perf_counter)
-    record: RequestRecord | None = None
-    """Its entry in the hub's journal."""
-    plan: Plan | None = None
-    """The split plan of the placement under way (kind "split")."""
-    ensemble: tuple[tuple[Candidate, float], ...] = ()
-    """The MoE² ensemble of the placement under way (its members and weights); empty: one placement."""
-    route_s: float = 0.0
-    """Hub time routing and dispatching, over all placements (see HubService.generate)."""
-    relay_s: float = 0.0
-    """Hub time relaying: each token's and the end's arrival to hand-off, summed."""
-    mark: float = 0.0
-    """Start of the routing stretch under way (0: the arrival)."""
-    received: float = 0.0
-    """Arrival of the item being relayed now (0: none)."""
-    skipping: SkipReport | None = None
-    """The layer-skipping report of the placement that finished the request (after a failover, the
-    last one's): what its decode skipped (models.skip)."""
-    kv: KVReport | None = None
-    """The KV-prediction report of the placement that finished the request (models.kvpred)."""
-
-    def routed(self) -> None:
-        """Started is ready to hand off: routing since `mark` ends (dispatch comes after it)."""
-        self.route_s += time.perf_counter() - (self.mark or self.arrived)
-
-    def dispatched(self) -> None:
-        """The work has left for its placement: the stretch since Started's hand-off was routing too."""
-        self.route_s += time.perf_counter() - self.mark
-
-    def handed_off(self) -> None:
-        """What arrived at `received` is handed to the caller's stream: relay time."""
-        if self.received:
-            self.relay_s += time.perf_counter() - self.received
-            self.received = 0.0
-
-    def add(
-        self,
-        text: str,
-        ids: tuple[int, ...],
-        finish: str | None,
-        tokens: int,
-        index: int = 0,
-        logprobs: tuple[Logprob, ...] = (),
-        prompt_logprobs: tuple[Logprob | None, ...] = (),
-        prompt_ids: tuple[int, ...] = (),
-    ) -> Chunk:
-        now = time.perf_counter()
-        self.first = self.first or now
-        self.last = now
-        self.ids += ids
-        self.tokens += tokens
-        self.chars += len(text)
-        self.finish = finish or self.finish
-        if finish:
-            self.finishes[index] = finish
-        if index or logprobs or prompt_logprobs or finish:
-            return Chunk(text, ids, index, logprobs, prompt_logprobs, prompt_ids, finish or "")
-        return Chunk(text, ids)
-
-    def done(self, params: SamplingParams) -> bool:
-        """Every choice has finished (a failure after that loses nothing)."""
-        if params.n > 1:
-            return len(self.finishes) >= params.n
-        return bool(self.finish) or self.tokens >= params.max_tokens
-
-    def metrics(self) -> pb.Metrics:
-        """The answer's metrics; the hub's own times are filled in at its hand-off."""
-        count = self.tokens
-        ttft = ((self.first or time.perf_counter()) - self.arrived) * 1000
-        tpot = (self.last - self.first) * 1000 / (count - 1) if count > 1 else 0.0
-        metrics = pb.Metrics(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=count,
-            ttft_ms=ttft,
-            tpot_ms=tpot,
-            energy_j=self.energy_j,
-            engine_ttft_ms=self.engine_ttft_ms,
-            engine_tpot_ms=self.engine_tpot_ms,
-            prefill_ms=self.prefill_ms,
-            decode_ms=self.decode_ms,
-            queue_ms=self.queue_ms,
-            energy_measured=self.energy_measured,
-        )
-        s = self.skipping
-        if s is not None:
-            metrics.skipped_layers.extend(s.layers)
-            metrics.lossless, metrics.drafted, metrics.accepted = s.lossless, s.drafted, s.accepted
-        if self.kv is not None:
-            set_kv_report(metrics, **vars(self.kv))
-        return metrics
-
-
-def skip_report(m: pb.Metrics) -> SkipReport | None:
-    """The layer-skipping report an agent's WorkDone metrics carry (None: it skipped nothing)."""
-    if not (m.skipped_layers or m.lossless):
-        return None
-    return SkipReport(tuple(m.skipped_layers), m.lossless, m.drafted, m.accepted)
-
-
-def _skipping(candidates: list[Candidate], spec: GenerateSpec, first: bool) -> list[Candidate]:
-    """The candidates that can serve a request with a skip_ratio: those whose model advertises
-    layer-skipping routers (ModelInfo.skip_ratios). On the first placement, InvalidRequest naming
-    skip_ratio when some could serve the request but none of them skips layers (none at all is left
-    to the errors that say the model or device serves nothing)."""
-    able = [c for c in candidates if c.skip_ratios]
-    if first and candidates and not able:
-        which = f"model {spec.model!r}" if spec.model else "any model"
-        where = f" on device {spec.device!r}" if spec.device else ""
-        raise InvalidRequest(
-            f"skip_ratio: no device serves layer skipping for {which}{where} (none has routers trained for "
-            "it: tandem models train-routers); send skip_ratio 0"
-        )
-    return able
-
-
-def _predicting(candidates: list[Candidate], spec: GenerateSpec, first: bool) -> list[Candidate]:
-    """The candidates that can serve a request with a kv_prediction, each set to run it at that depth
-    (Candidate.kv, which the router estimates): those whose model advertises a trained variant of it
-    (ModelInfo.kv_variants). On the first placement, InvalidRequest naming kv_prediction when some
-    could serve the request but none predicts at that depth (as _skipping)."""
-    depth = spec.params.kv_prediction
-    able = []
-    for c in candidates:
-        v = next((v for v in c.kv_variants if abs(v.depth - depth) < 1e-6), None)
-        if v is not None:
-            able.append(dataclasses.replace(c, kv=v))
-    if first and candidates and not able:
-        which = f"model {spec.model!r}" if spec.model else "any model"
-        where = f" on device {spec.device!r}" if spec.device else ""
-        trained = sorted({v.depth for c in candidates for v in c.kv_variants})
-        have = f"trained depths there: {', '.join(f'{d:g}' for d in trained)}" if trained else "none has predictors"
-        raise InvalidRequest(
-            f"kv_prediction: no device serves KV prediction at depth {depth:g} for {which}{where} ({have}; "
-            "train them: tandem models train-kv); send kv_prediction 0"
-        )
-    return able
-
-
-def _may_predict(params: SamplingParams) -> bool:
-    """Whether the hub may turn KV prediction on for a request with these options (the Generator
-    refuses it beside layer skipping, several choices or prompt logprobs)."""
-    return not (params.skip_ratio or params.n > 1 or params.prompt_logprobs is not None)
-
-
-def _may_skip(params: SamplingParams) -> bool:
-    """Whether the hub may turn layer skipping on for a request with these options (the Generator
-    refuses it beside KV prediction and several choices; prompt logprobs would come from a model
-    the caller did not ask for)."""
-    return not (params.skip_ratio or params.kv_prediction or params.n > 1 or params.prompt_logprobs is not None)
-
-
-def skip_params(c: Candidate, params: SamplingParams) -> SamplingParams:
-    """`params` as placement `c` runs them: with skip_ratio at its variant's ratio where the router
-    turned layer skipping on (Budget.quality_floor; Candidate.skip), else unchanged."""
-    if c.skip is None or not _may_skip(params):
-        return params
-    return dataclasses.replace(params, skip_ratio=c.skip.ratio)
-
-
-def kv_params(c: Candidate, params: SamplingParams) -> SamplingParams:
-    """`params` as placement `c` runs them: with kv_prediction at its variant's depth where the router
-    turned KV prediction on (Budget.quality_floor; Candidate.kv), else unchanged."""
-    if c.kv is None or params.kv_prediction:
-        return params
-    return dataclasses.replace(params, kv_prediction=c.kv.depth)
-
-
-def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: _Progress) -> pb.Work:
+def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: Progress) -> pb.Work:
     sampling = sampling_message(**vars(p))
     return pb.Work(
         work_id=os.urandom(16).hex(),  # random like a uuid4, a few times cheaper

@@ -213,19 +213,19 @@ def spec(depth: float, model: str = "", device: str = "") -> SimpleNamespace:
 
 
 def test_an_explicit_depth_goes_only_where_it_is_trained() -> None:
-    from cloud_hub.service import _predicting, kv_params
+    from cloud_hub.variants import kv_params, predicting
 
     plain, quarter, both = edge("plain"), edge("quarter", (QUARTER,)), edge("both", (QUARTER, HALF))
-    able = _predicting([plain, quarter, both], spec(0.5), first=True)  # type: ignore[arg-type]
+    able = predicting([plain, quarter, both], spec(0.5), first=True)  # type: ignore[arg-type]
     assert [(c.device_id, c.kv) for c in able] == [("both", HALF)]
     choice = BudgetRouter().choose(able, PROMPT_TOKENS, NEW_TOKENS, Budget())
     assert choice.estimate.ttft_ms == pytest.approx(ttft(replace(both, kv=HALF)))  # estimated at that depth
     message = r"kv_prediction: no device serves KV prediction at depth 0.75 for model 'smollm2' \(trained depths "
     with pytest.raises(HubInvalidRequest, match=message + r"there: 0.25, 0.5; train them: tandem models train-kv\)"):
-        _predicting([plain, quarter, both], spec(0.75, "smollm2"), first=True)  # type: ignore[arg-type]
+        predicting([plain, quarter, both], spec(0.75, "smollm2"), first=True)  # type: ignore[arg-type]
     with pytest.raises(HubInvalidRequest, match=r"on device .plain. \(none has predictors"):
-        _predicting([plain], spec(0.25, device="plain"), first=True)  # type: ignore[arg-type]
-    assert _predicting([plain], spec(0.25), first=False) == []  # a failover: the usual "nothing left" errors
+        predicting([plain], spec(0.25, device="plain"), first=True)  # type: ignore[arg-type]
+    assert predicting([plain], spec(0.25), first=False) == []  # a failover: the usual "nothing left" errors
     # the work sent to the agent: the hub's choice set, the caller's own kept, nothing without a variant
     params = SamplingParams(max_tokens=8)
     assert kv_params(replace(quarter, kv=QUARTER), params).kv_prediction == 0.25
@@ -253,12 +253,12 @@ def test_an_emulated_device_paces_a_predicted_prompt_to_what_the_hub_predicts() 
 def test_the_hub_turns_kv_prediction_on_only_where_the_request_allows_it() -> None:
     """A quality floor never makes the hub add KV prediction to a request the agent would refuse
     with it: layer skipping, several choices, prompt logprobs."""
-    from cloud_hub.service import _may_predict
+    from cloud_hub.variants import may_predict
 
-    assert _may_predict(SamplingParams(max_tokens=4))
-    assert _may_predict(SamplingParams(max_tokens=4, logprobs=2, constraint='{"type": "json_object"}'))
+    assert may_predict(SamplingParams(max_tokens=4))
+    assert may_predict(SamplingParams(max_tokens=4, logprobs=2, constraint='{"type": "json_object"}'))
     for refused in ({"skip_ratio": 0.2}, {"n": 2}, {"prompt_logprobs": 0}):
-        assert not _may_predict(SamplingParams(max_tokens=4, **refused)), refused
+        assert not may_predict(SamplingParams(max_tokens=4, **refused)), refused
 
 
 def test_a_registry_row_from_a_newer_replica_still_lists_its_model() -> None:

@@ -20,7 +20,8 @@ from cloud_hub.prompt import prompt_from_value
 from cloud_hub.registry import model_record
 from cloud_hub.router import Budget, BudgetRouter, Candidate, KVOption, SkipOption, estimate
 from cloud_hub.server import Hub
-from cloud_hub.service import Final, _may_skip, skip_params
+from cloud_hub.service import Final
+from cloud_hub.variants import may_skip, skip_params
 from device_profiles import Calibration, load_profile
 from models.loaded import LoadedModel
 from models.runtime import load
@@ -179,10 +180,10 @@ def test_the_unmodified_model_is_preferred_and_skipping_stays_on_real_edge_devic
 
 
 def test_the_hub_never_adds_skipping_where_the_request_forbids_it() -> None:
-    assert _may_skip(SamplingParams(max_tokens=4, logprobs=2))
+    assert may_skip(SamplingParams(max_tokens=4, logprobs=2))
     for refused in ({"skip_ratio": 0.2}, {"kv_prediction": 0.5}, {"n": 2}, {"prompt_logprobs": 0}):
         params = SamplingParams(max_tokens=4, **refused)
-        assert not _may_skip(params), refused
+        assert not may_skip(params), refused
         assert skip_params(edge("cpu", (FIFTH,), skip=FIFTH), params) is params
     params = SamplingParams(max_tokens=8)
     assert skip_params(edge("cpu", (FIFTH,), skip=FIFTH), params).skip_ratio == 0.2  # the work the agent gets
