@@ -21,6 +21,7 @@ from models.sampling import SamplingParams
 from models.serving import ServedModel
 from models.skip import SkipReport
 from models.streaming import iterate_in_thread
+from models.threads import fitted
 from tandem.v1 import tandem_pb2 as pb
 from tandem.wire import Logprob, kv_variant_message, skip_variant_message
 
@@ -115,7 +116,7 @@ class LocalModelBackend(ServingBackend):
         stop strings and detokenizing are this model's either way."""
         cancel = threading.Event()
         run = lambda: self.served.stream(ids, params, cancel, continuation, engine)  # noqa: E731
-        async for ev in iterate_in_thread(run, cancel):
+        async for ev in iterate_in_thread(fitted(run), cancel):
             if ev.logprob is None and not ev.prompt and not ev.row:
                 yield Piece(ev.text, (ev.token_id,), ev.finish_reason, skipping=ev.skipping, kv=ev.kv)
                 continue

@@ -49,6 +49,7 @@ from models.sampling import SamplingParams
 from models.serving import ServedModel
 from models.skip import SkipReport
 from models.streaming import iterate_in_thread
+from models.threads import fitted
 from tandem.files import write_private
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
@@ -589,7 +590,7 @@ class Agent:
         sensor = self.config.power_sensor
         meter = _started(EnergyMeter(sensor)) if sensor is not None else None
         try:
-            async for ev in iterate_in_thread(lambda: engine.stream(ids, params, cancel, cont), cancel):
+            async for ev in iterate_in_thread(fitted(lambda: engine.stream(ids, params, cancel, cont)), cancel):
                 now = time.perf_counter()
                 first = first or now
                 last = now

@@ -27,6 +27,7 @@ from device_profiles import Calibration, CalibrationError, DeviceProfile
 from edge_agent import profiler
 from models.sampling import SamplingParams
 from models.serving import ServedModel
+from models.threads import GOVERNOR
 from partitioner import calibration as calib
 from partitioner.cost import ModelCost
 from tandem.files import private_dir, write_private
@@ -47,6 +48,7 @@ def agent_calibration(
     if held is not None:
         return held, f"calibrated by its profile ({len(held.samples)} samples measured)"
     start = time.perf_counter()
+    GOVERNOR.apply()  # the threads it will serve with now: fewer where a neighbour keeps a core busy
     samples = profiler.quick_samples(served.loaded, quick_grid(served.loaded.config.context_length))
     cost = profiler.model_cost(served.loaded)
     cal = anchor(calib.fit(samples, profile, cost, model, quant, engine), cost, served)

@@ -51,6 +51,7 @@ from edge_agent.power import EnergyMeter, PowerSensor, SensorError, detect
 from models.loaded import LoadedModel
 from models.quant import weight_bytes
 from models.sampling import SamplingParams, sample
+from models.threads import cpu_seconds
 from models.transformer import Step, Transformer
 from partitioner import calibration as calib
 from partitioner.cost import ModelCost, served_model_cost
@@ -234,19 +235,6 @@ def release(model: Transformer) -> None:
 
 
 # -- other processes --------------------------------------------------------------------------------
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds every process and the hypervisor's steal used so far, this process's own):
-    /proc/stat's busy columns and os.times(); (0, 0) where /proc/stat is missing."""
-    own = os.times()
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0.0, 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    return busy, own.user + own.system
 
 
 def timed(fn: Callable[[], float]) -> tuple[float, float]:

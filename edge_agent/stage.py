@@ -24,6 +24,7 @@ import torch
 from models.errors import InvalidRequest
 from models.serving import ServedModel
 from models.stage import Stage, pack, unpack
+from models.threads import GOVERNOR
 from tandem.v1 import tandem_pb2 as pb
 
 IDLE_S = 60.0
@@ -54,7 +55,6 @@ def serve_stage(
     channel from this thread. Raises InvalidRequest for a malformed input (the agent reports it)."""
     cfg = served.loaded.config
     start, end = work.layer_start, work.layer_end
-    dtype = work.hidden_dtype or "float16"
     if work.model and work.model != served.name:
         raise InvalidRequest(f"work.model: this agent serves {served.name!r}, not {work.model!r}")
     if work.logits and (start != 0 or end != cfg.n_layers):
@@ -67,7 +67,29 @@ def serve_stage(
     else:
         first_len = work.hidden.shape[1] if len(work.hidden.shape) == 3 else 0
     max_len = min(cfg.context_length, first_len + max(1, work.sampling.max_tokens))
+    GOVERNOR.enter()  # computing: its threads fitted to the cores free before each input (models.threads)
+    try:
+        return _serve(served, work, inputs, cancel, send, power_w, first_len, max_len)
+    finally:
+        GOVERNOR.leave()
+
+
+def _serve(
+    served: ServedModel,
+    work: pb.Work,
+    inputs: queue.Queue,
+    cancel: threading.Event,
+    send: Callable[[pb.AgentMessage], None],
+    power_w: float,
+    first_len: int,
+    max_len: int,
+) -> pb.AgentMessage | None:
+    cfg = served.loaded.config
+    start, end = work.layer_start, work.layer_end
+    dtype = work.hidden_dtype or "float16"
+    first_ids = list(work.input.tokens.ids)
     with served.lock:
+        GOVERNOR.apply()
         stage = Stage(served.loaded.model, start, end, max_len)
         began = time.perf_counter()
         if start == 0:
@@ -94,6 +116,7 @@ def serve_stage(
             if item.end:
                 break
             t0 = time.perf_counter()
+            GOVERNOR.apply()
             if start == 0:
                 h = stage.run(tokens=list(item.token_ids))
             else:

@@ -1,0 +1,188 @@
+"""Intra-op threads that give way to other processes on the same cores.
+
+Our kernels share each matrix product out to OpenMP threads that meet at barriers, five a decoder
+layer. When another process keeps a core busy, the scheduler deschedules one of our threads and the
+rest wait at the next barrier for its time slice to come round. On this 2-core host, with a neighbour
+process using ~75% of one core, an agent's start-up calibration (edge_agent.profiler.quick_samples,
+SmolLM2 at source precision) took 114 s at two threads and 9.7 s at one; 3.7 s idle at two.
+
+So a serving thread runs on the cores other processes leave free, shared with the other threads of
+this process computing at the same time (an agent and the hub in one process, an ensemble's local
+member beside its relays): `Governor` samples how much CPU the rest of the machine took (/proc/stat's
+busy and steal time, less this process's own, `cpu_seconds`) every SAMPLE_S in a daemon thread,
+smoothed, and `apply()` sets the calling thread's torch (and so our kernels', which read
+torch.get_num_threads()) intra-op threads to `threads_for` that share and the computing threads.
+Threads are per OS thread in OpenMP, so it runs in the thread about to compute: `fitted` wraps a
+stream's factory for models.streaming.iterate_in_thread, counts the stream as computing while it
+runs, and fits it again at every item (a token), so a neighbour that starts or stops mid-answer is
+followed within a step. With the machine to itself a thread keeps every core; the recommendation
+never feeds back on itself, since only others' CPU counts.
+
+TANDEM_THREADS=N fixes N threads (0 or unset: adaptive, up to torch's default).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+SAMPLE_S = 0.25
+"""How often the daemon thread reads /proc/stat."""
+SMOOTHING = 0.5
+"""Weight of the newest sample in the foreign share's moving average (~1 s of memory at SAMPLE_S)."""
+FIRST_S = 0.2
+"""The first look at the machine, before the first request computes."""
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds every process and the hypervisor's steal used so far, this process's own):
+    /proc/stat's busy columns and os.times(); (0, 0) where /proc/stat is missing."""
+    own = os.times()
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0, 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy, own.user + own.system
+
+
+def threads_for(max_threads: int, cores: int, foreign: float, computing: int = 1) -> int:
+    """Intra-op threads for one of `computing` threads of this process when other processes take
+    `foreign` (0..1) of all `cores`: its share of the cores they leave free, rounded (2 cores, one
+    computing: 2 below a quarter of the machine, half a core; else 1), at least 1 and at most
+    `max_threads`."""
+    free = cores * (1.0 - min(1.0, max(0.0, foreign))) / max(1, computing)
+    return max(1, min(max_threads, int(free + 0.5)))
+
+
+class Governor:
+    """The foreign share of the CPU, sampled in the background; `apply()` fits a thread to it."""
+
+    def __init__(
+        self,
+        max_threads: int | None = None,
+        cores: int | None = None,
+        read: Callable[[], tuple[float, float]] = cpu_seconds,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cores = cores or len(os.sched_getaffinity(0)) or 1
+        self.max_threads = max_threads or self.cores
+        self.read, self.clock = read, clock
+        self.foreign = 0.0
+        """Moving average of the share of all cores other processes (and steal) took."""
+        self.computing = 0
+        """Threads of this process computing a stream now (`fitted`)."""
+        self._last: tuple[float, float, float] | None = None  # (time, busy, own) of the last sample
+        self._started = False
+        self._lock = threading.Lock()
+
+    def sample(self) -> float:
+        """Fold the CPU use since the last sample into `foreign`; returns it."""
+        now, (busy, own) = self.clock(), self.read()
+        with self._lock:
+            if self._last is not None:
+                t0, busy0, own0 = self._last
+                wall = now - t0
+                if wall > 0:
+                    share = max(0.0, (busy - busy0) - (own - own0)) / (wall * self.cores)
+                    self.foreign = (1 - SMOOTHING) * self.foreign + SMOOTHING * min(1.0, share)
+            self._last = (now, busy, own)
+            return self.foreign
+
+    def threads(self) -> int:
+        """The threads a computing thread should use now."""
+        return threads_for(self.max_threads, self.cores, self.foreign, self.computing)
+
+    def enter(self) -> None:
+        with self._lock:
+            self.computing += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.computing -= 1
+
+    def apply(self) -> int:
+        """Set the calling thread's intra-op threads to `threads()` (starting the sampler on first
+        use); returns them."""
+        self.start()
+        n = self.threads()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+        return n
+
+    def start(self) -> None:
+        """The daemon sampler, once; the first call measures FIRST_S before it returns, so the first
+        request (or a start-up calibration) already sees a busy machine."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        self.sample()
+        time.sleep(FIRST_S)
+        self.sample()
+        self.foreign /= SMOOTHING  # the first share whole, not averaged with the 0 it started from
+
+        def run() -> None:
+            while True:
+                time.sleep(SAMPLE_S)
+                self.sample()
+
+        threading.Thread(target=run, daemon=True, name="cpu-governor").start()
+
+
+class _Fixed:
+    """TANDEM_THREADS=N: every thread computes with N threads."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def apply(self) -> int:
+        if torch.get_num_threads() != self.n:
+            torch.set_num_threads(self.n)
+        return self.n
+
+    def enter(self) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+
+def _governor() -> Governor | _Fixed:
+    fixed = os.environ.get("TANDEM_THREADS", "").strip()
+    if fixed and fixed != "0":
+        if not fixed.isdigit():
+            raise ValueError(f"TANDEM_THREADS must be a whole number of threads (0: adaptive), got {fixed!r}")
+        return _Fixed(int(fixed))
+    return Governor()
+
+
+GOVERNOR = _governor()
+"""The process's governor (module docstring)."""
+
+
+def fitted(make: Callable[[], Iterator[T]]) -> Callable[[], Iterator[T]]:
+    """`make`'s items, computed with the calling thread's intra-op threads fitted to the cores free
+    (GOVERNOR) before the first and after each one, the thread counted as computing meanwhile: for a
+    stream's factory that models.streaming.iterate_in_thread calls in its own thread."""
+
+    def run() -> Iterator[T]:
+        GOVERNOR.enter()
+        try:
+            GOVERNOR.apply()
+            for item in make():
+                yield item
+                GOVERNOR.apply()
+        finally:
+            GOVERNOR.leave()
+
+    return run
