@@ -10,7 +10,7 @@ prefix, in parallel on its own device, and the hub mixes their distributions:
 To the hub's generator the ensemble is one `models.generate.StepEngine` whose logits are log p, so
 sampling, stop strings, logprobs and detokenizing are the hub model's own, as for a split: greedy
 decoding takes argmax p, and temperature T samples from p^(1/T) renormalised. The hub's model must
-share the members' tokenizer (the service checks the vocabulary size).
+serve the same model as the members, at any precision (`members` checks it).
 
 A member on an agent is a stage over its whole model with `Work.logits` (edge_agent.stage); the
 hub's own model as a member runs a local `models.stage.Stage` over all its layers. A member that
@@ -21,6 +21,7 @@ over like any other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -40,6 +41,14 @@ from models.transformer import Transformer
 from tandem.v1 import tandem_pb2 as pb
 
 log = logging.getLogger("tandem.hub")
+
+
+def member_lost(device_id: str, message: str) -> Unavailable:
+    """Unavailable naming the member that failed (`failed_device`), so that the failover leaves out
+    that member, not the ensemble's top expert."""
+    exc = Unavailable(message)
+    exc.failed_device = device_id  # type: ignore[attr-defined]
+    return exc
 
 
 def mix(logits: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -75,6 +84,7 @@ class EnsembleEngine:
         self.loop, self.members, self.local = loop, list(members), local
         self.weights = [m.weight for m in members]
         self.remotes: dict[int, Remote] = {}
+        self._task: asyncio.Task | None = None  # the step under way on the loop
         self.stage: Stage | None = None
         self.energy_j = 0.0
         """Energy the agents' members reported (their WorkDone), once released."""
@@ -82,6 +92,8 @@ class EnsembleEngine:
     # -- StepEngine ------------------------------------------------------------------------------
 
     def prefill(self, request_id: str, ids: Sequence[int], max_len: int) -> torch.Tensor:
+        if self.remotes:  # the service forms no ensemble for n > 1: one prefill a request
+            raise RuntimeError("an EnsembleEngine answers one choice; release it before another prefill")
         if any(m.session is None for m in self.members):
             self.stage = Stage(self.local, 0, self.local.cfg.n_layers, max_len)
         return self._step(self._open(list(ids), max_len - len(ids)), lambda: self._local(tokens=list(ids)))
@@ -93,20 +105,48 @@ class EnsembleEngine:
         """Ends every agent member: a clean end collects their WorkDones (energy); a failed request
         cancels them (closing their replies sends Cancel)."""
         future = asyncio.run_coroutine_threadsafe(self._close(), self.loop)
-        future.result(timeout=len(self.remotes) * STEP_TIMEOUT_S + 5)
+        try:
+            future.result(timeout=len(self.remotes) * STEP_TIMEOUT_S + 5)
+        except TimeoutError:
+            future.cancel()
+            raise Unavailable("ensemble members: the hub's event loop did not answer") from None
 
     # -- one step: the agents' logits on the loop while the hub's own member computes here -----------
 
     def _step(self, remote: object, local: object) -> torch.Tensor:
-        future = asyncio.run_coroutine_threadsafe(remote, self.loop)  # type: ignore[arg-type]
-        mine = local() if self.stage is not None else None  # type: ignore[operator]
+        future = asyncio.run_coroutine_threadsafe(self._tracked(remote), self.loop)
+        try:
+            mine = local() if self.stage is not None else None  # type: ignore[operator]
+        except BaseException:
+            self._stop(future)  # the agents' step must not run on into release()
+            raise
         try:
             theirs = future.result(timeout=STEP_TIMEOUT_S + 5)
         except TimeoutError:
-            future.cancel()
+            self._stop(future)
             raise Unavailable("ensemble members: the hub's event loop did not answer") from None
         logits = [mine if m.session is None else theirs[i] for i, m in enumerate(self.members)]
         return mix(logits, self.weights)
+
+    async def _tracked(self, step: object) -> dict[int, torch.Tensor]:
+        """`step` run as the task _stop can cancel and wait for."""
+        self._task = asyncio.current_task()
+        return await step  # type: ignore[misc]
+
+    def _stop(self, future: object) -> None:
+        """Cancel the step under way on the loop and wait, on the loop, until it has ended: its
+        TaskGroup has cancelled and awaited every member's read, so release() reads no stream that
+        is still being read."""
+
+        async def cancelled() -> None:
+            task = self._task
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+        with contextlib.suppress(BaseException):  # its own error is the one being reported
+            asyncio.run_coroutine_threadsafe(cancelled(), self.loop).result(timeout=STEP_TIMEOUT_S)
 
     def _local(self, tokens: list[int]) -> torch.Tensor:
         assert self.stage is not None
@@ -130,23 +170,37 @@ class EnsembleEngine:
             try:
                 r.session.send_input(pb.StageInput(work_id=r.work_id, token_ids=[token]))
             except Exception as exc:  # HubError: the session ended
-                raise Unavailable(f"ensemble member on {r.session.device_id} lost: {exc}") from exc
+                raise member_lost(r.session.device_id, f"ensemble member on {r.session.device_id} lost: {exc}") from exc
         return await self._gather()
 
     async def _gather(self) -> dict[int, torch.Tensor]:
-        """Every agent member's next logits, waited for together: (V,) float32 each, by member index."""
+        """Every agent member's next logits, waited for together: (V,) float32 each, by member index.
+        The first member to fail cancels the others' waits (a TaskGroup) before its error goes up, so
+        that release() finds no reply stream still being read."""
         keys = list(self.remotes)
-        items = await asyncio.gather(*(self._logits(self.remotes[i]) for i in keys))
-        return dict(zip(keys, items, strict=True))
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._logits(self.remotes[i])) for i in keys]
+        except* Unavailable as failed:
+            raise failed.exceptions[0] from None
+        return {i: t.result() for i, t in zip(keys, tasks, strict=True)}
 
     async def _logits(self, r: Remote) -> torch.Tensor:
-        where = f"ensemble member on {r.session.device_id}"
-        item = await next_hidden(r, where)
-        vocab = self.vocab
+        device = r.session.device_id
+        where = f"ensemble member on {device}"
         try:
-            return unpack(item.shape, item.dtype, item.data, vocab).reshape(-1)
+            item = await next_hidden(r, where)
+        except Unavailable as exc:
+            raise member_lost(device, str(exc)) from exc
+        try:
+            if len(item.shape) != 3 or item.shape[1] != 1:
+                raise InvalidRequest(f"logits.shape: expected (1, 1, {self.vocab}), got {tuple(item.shape)}")
+            logits = unpack(item.shape, item.dtype, item.data, self.vocab).reshape(-1)
+            if not bool(torch.isfinite(logits).any()) or bool(torch.isnan(logits).any()):
+                raise InvalidRequest("logits: NaN, or no finite value")
+            return logits
         except InvalidRequest as exc:  # refused; the request fails over, the hub keeps serving
-            raise Unavailable(f"{where} sent malformed logits: {exc}") from exc
+            raise member_lost(device, f"{where} sent malformed logits: {exc}") from exc
 
     @property
     def vocab(self) -> int:
@@ -154,8 +208,12 @@ class EnsembleEngine:
         return self.local.cfg.vocab_size
 
     async def _close(self) -> None:
-        for r in self.remotes.values():
-            done = await close_stage(r)
+        for r in self.remotes.values():  # every member is ended, whatever one of them does
+            try:
+                done = await close_stage(r)
+            except Exception as exc:
+                log.warning("ensemble member on %s did not end cleanly: %s", r.session.device_id, exc)
+                continue
             if done is not None:
                 self.energy_j += done.metrics.energy_j
 
@@ -165,17 +223,24 @@ class EnsembleEngine:
 
 def members(choice: Choice, cloud: ServingBackend | None, fleet: Fleet) -> tuple[tuple[Candidate, float], ...]:
     """The router's ensemble (Choice.ensemble) where the hub can mix it: two members at least, each
-    the hub's own model or an agent's, sharing the vocabulary of the hub's own model (whose tokenizer
-    decodes the answer). Otherwise none: the request runs on its top expert alone."""
+    the hub's own model or an agent's serving the same model as the hub (the same tokenizer: the
+    hub's decodes the answer), at whatever precision. Otherwise none: the request runs on its top
+    expert alone (for n > 1 the service asks for none: one prefill per ensemble)."""
     chosen = choice.ensemble
     if len(chosen) < 2 or cloud is None or not hasattr(cloud, "served"):
         return ()
-    vocab = cloud.served.loaded.config.vocab_size  # type: ignore[attr-defined]
+    own = cloud.model_info().name
     for m, _ in chosen:
         info = model_info(m, cloud, fleet)
-        if m.split is not None or info is None or model_config(info).vocab_size != vocab:
-            log.info("ensemble of %s not mixed: the hub's model does not share its vocabulary; its top expert "
-                     "answers alone", [x.device_id or "cloud" for x, _ in chosen])  # fmt: skip
+        why = (
+            "a split" if m.split is not None
+            else "gone" if info is None
+            else f"serves {info.name}, not the hub's {own}" if info.name != own
+            else ""
+        )  # fmt: skip
+        if why:
+            log.info("ensemble of %s not mixed (%s: %s); its top expert answers alone",
+                     [x.device_id or "cloud" for x, _ in chosen], m.device_id or "cloud", why)  # fmt: skip
             return ()
     return chosen
 

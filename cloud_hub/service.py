@@ -232,7 +232,7 @@ class HubService:
             self.journal.routed(progress.record, choice, tokens)
         c, est = choice.candidate, choice.estimate
         adm = choice.admitted or est
-        progress.ensemble = ensemble.members(choice, self.cloud, self.fleet)
+        progress.ensemble = ensemble.members(choice, self.cloud, self.fleet) if spec.params.n == 1 else ()
         if c.split is not None:
             return c, self._split_placements(c, est, adm, choice.quantile, tokens, remaining, progress)
         if progress.ensemble:
@@ -378,6 +378,9 @@ class HubService:
             release = self.placements.claim(c)  # no await since choose(): the next request's routing sees it
             for member, _ in progress.ensemble[1:]:  # an ensemble holds every member's slot
                 release = _both(release, self.placements.claim(member))
+            hub = self.placements.source("cloud")
+            if progress.ensemble and hub is not None and all(m.kind != "cloud" for m, _ in progress.ensemble):
+                release = _both(release, hub.claim(c))  # and the hub's model, which decodes the mixture
             try:
                 yield Started(tuple(progress.placements))
                 async for item in self._run(c, spec, progress):
@@ -395,7 +398,7 @@ class HubService:
                         f"{c.device_id or 'cloud'} failed after {progress.tokens} tokens of a request with n > 1, "
                         "whose choices cannot go on elsewhere"
                     ) from exc
-                excluded.add(c.device_id or "cloud")
+                excluded.add(getattr(exc, "failed_device", None) or c.device_id or "cloud")  # an ensemble's: its member
                 progress.failures.append(f"{c.device_id or 'cloud'}: {exc}")
                 self.metrics.failovers.inc()
                 log.warning(

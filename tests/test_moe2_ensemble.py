@@ -18,6 +18,7 @@ from models.serving import ServedModel
 from models.stage import Stage
 from partitioner.moe2.dataset import Variant, load_variant
 from tandem import AsyncClient, Budget
+from tandem.types import GenerateResult
 from tests.conftest import real_model
 from tests.hubkit import running_hub, start_served_agent
 
@@ -54,6 +55,8 @@ class _Ensemble(Router):
 
     def choose(self, candidates, prompt_tokens, max_tokens, budget, template_tokens=0, prompt=None) -> Choice:  # type: ignore[no-untyped-def]
         by_device = {c.device_id: c for c in candidates}
+        if any(d not in by_device for d, _ in self.members):  # a member is gone (a failover): one placement
+            return self.inner.choose(candidates, prompt_tokens, max_tokens, budget, template_tokens)
         chosen = tuple((by_device[d], w) for d, w in self.members)
         base = self.inner.choose([chosen[0][0]], prompt_tokens, max_tokens, budget, template_tokens)
         experts = tuple((f"{c.device_id or 'cloud'}/{c.model}/{c.quant}", w) for c, w in chosen)
@@ -110,3 +113,32 @@ async def test_an_ensemble_answers_as_the_local_mixture_of_its_members(tmp_path:
     assert alone.placements[0].device_id == ida and alone.text  # nothing left held by the ensemble
     # the mixture is not any member alone: the pruned member's share moves the greedy text
     assert want != reference([source.model, source.model], [0.5, 0.5], ids, 12)
+
+
+async def test_a_member_that_drops_mid_answer_is_left_out_and_the_answer_completes(tmp_path: Path) -> None:
+    """The pruned member's agent leaves after a few tokens: the request fails over to a placement
+    without it (not without the top expert), goes on from the tokens so far, and the hub keeps serving."""
+    real_model(MODEL, "source")
+    async with running_hub(tmp_path / "hub", cloud_model=MODEL, mqtt="none") as hub:
+        a = await start_served_agent(hub, ServedModel(MODEL, load(MODEL, quant="source")), tmp_path / "a", "a")
+        b = await start_served_agent(hub, ServedModel(MODEL, load(MODEL, quant="int8")), tmp_path / "b", "b")
+        ida, idb = a.device_id, b.device_id
+        hub.service.router = _Ensemble([(ida, 0.5), (idb, 0.5)])
+        key = hub.registry.create_api_key("t")
+        try:
+            async with AsyncClient(hub.address, api_key=key) as client:
+                result, seen = GenerateResult(), 0
+                async for _ in client.stream(
+                    PROMPT, model=MODEL, max_tokens=16, budget=Budget(experts=2), result=result
+                ):
+                    seen += 1
+                    if seen == 3:
+                        await b.close()  # the second member's device leaves mid-answer
+                again = await client.generate(PROMPT, model=MODEL, max_tokens=4, device=ida)
+        finally:
+            await a.close()
+    placed = [(p.kind, p.device_id) for p in result.placements]
+    assert placed[:2] == [("edge", ida), ("edge", idb)] and len(placed) == 3, placed
+    assert placed[2][1] != idb  # the member that failed is left out, not the top expert
+    assert result.completion_tokens == 16 and result.finish_reason == "length"
+    assert again.text and again.placements[0].device_id == ida
