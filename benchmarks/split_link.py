@@ -114,7 +114,11 @@ class _Netns:
 
         async def close() -> None:
             os.killpg(proc.pid, signal.SIGTERM)
-            await asyncio.to_thread(proc.wait, 20)
+            try:
+                await asyncio.to_thread(proc.wait, 20)
+            except subprocess.TimeoutExpired:  # it did not stop: it must not outlive its namespace
+                os.killpg(proc.pid, signal.SIGKILL)
+                await asyncio.to_thread(proc.wait, 10)
             log.close()
 
         return close

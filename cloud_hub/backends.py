@@ -21,7 +21,7 @@ from models.sampling import SamplingParams
 from models.serving import ServedModel
 from models.skip import SkipReport
 from models.streaming import iterate_in_thread
-from models.threads import fitted
+from models.threads import GOVERNOR, fitted
 from tandem.v1 import tandem_pb2 as pb
 from tandem.wire import Logprob, kv_variant_message, skip_variant_message
 
@@ -81,6 +81,7 @@ class LocalModelBackend(ServingBackend):
         from models.runtime import load  # torch and the weights: only a hub serving a model itself pays
 
         self.model = model
+        GOVERNOR.start()  # its first look at the machine now, not inside the first request's lock
         loaded = load(model, quant=quant)
         try:  # routers trained for the model as served, as an agent finds its own
             loaded.attach_routers(model)

@@ -236,7 +236,21 @@ class Calibrations:
         if cal != t.calibration:
             t = self.trackers[(device_id or "cloud", model)] = Tracker(cal)
             self.save(device_id, model, force=True)
+            for key in self._splits_of(device_id or "cloud", model):  # fitted against plans of the old one
+                self.trackers[key] = Tracker()
+                self.save(*key, force=True)
         return t
+
+    def _splits_of(self, device_id: str, model: str) -> list[tuple[str, str]]:
+        """The keys of the split pipelines' trackers of `model` that `device_id` is a stage of (every
+        split holds the hub's own model: "cloud" is a stage of each)."""
+        return [
+            (key, m)
+            for key, m in self.trackers
+            if m == model
+            and key.startswith(SPLIT_PREFIX)
+            and (device_id == "cloud" or device_id in key[len(SPLIT_PREFIX) :].split(","))
+        ]
 
     def save(self, device_id: str, model: str, force: bool = False) -> None:
         key = (device_id or "cloud", model)
@@ -249,8 +263,9 @@ class Calibrations:
             self.store.save_calibration(key[0], model, t.to_json())
 
     def save_device(self, device_id: str) -> None:
+        """Flush the trackers of `device_id` (and of the splits it is a stage of)."""
         for dev, model in list(self.trackers):
-            if dev == device_id:
+            if dev == device_id or (dev.startswith(SPLIT_PREFIX) and device_id in dev[len(SPLIT_PREFIX) :].split(",")):
                 self.save(dev, model, force=True)
 
     def _load(self, device_id: str, model: str) -> Tracker | None:

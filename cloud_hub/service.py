@@ -38,6 +38,7 @@ from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
 from models.kvpred import KVReport
 from models.sampling import SamplingParams
+from partitioner.split import PlanError
 from tandem.v1 import tandem_pb2 as pb
 from tandem.wire import kv_report_kwargs, logprob_of, sampling_message, tools_of
 
@@ -421,7 +422,11 @@ class HubService:
         and count its prediction error by device in the metrics."""
         assert c.tracker is not None
         if c.split is not None:  # the pipeline's own tracker, against its plan as a whole
-            raw = split_estimate(c.split, c.cost, max(1, m.prompt_tokens), max_tokens)
+            try:
+                raw = split_estimate(c.split, c.cost, max(1, m.prompt_tokens), max_tokens)
+            except PlanError as exc:  # the measured prompt no longer fits the plan: nothing to learn from
+                log.info("split answer not learnt from: %s", exc)
+                return
             c.tracker.observe_split(raw.ttft_ms, raw.tpot_ms, placement, m)
             key = split_key([d for d, _ in c.split.agents])
             self.fleet.calibrations.save(key, c.model)

@@ -18,6 +18,7 @@ from models.bundle import bundle_version, load_bundle
 from models.loaded import LoadedModel
 from models.runtime import load
 from models.serving import ServedModel
+from models.threads import GOVERNOR
 from partitioner.cost import served_model_cost
 from partitioner.predict import faster_than_host
 from tandem.files import private_dir
@@ -66,6 +67,7 @@ def build_agent(
         loaded = load(source, quant=quant or prof.quant)
     held = None if bundle is not None else quant or prof.quant  # a bundle holds its own precision
     cache = state_dir / "calibrations"
+    GOVERNOR.start()  # its first look at the machine before the calibration and the first request
     served, notes = serve_model(model, loaded, backend, prof, held, emulate, pace_tpot_ms, cache)
     if bundle is not None:
         served.info["version"] = bundle_version(bundle)

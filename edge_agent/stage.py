@@ -67,42 +67,22 @@ def serve_stage(
     else:
         first_len = work.hidden.shape[1] if len(work.hidden.shape) == 3 else 0
     max_len = min(cfg.context_length, first_len + max(1, work.sampling.max_tokens))
-    GOVERNOR.enter()  # computing: its threads fitted to the cores free before each input (models.threads)
-    try:
-        return _serve(served, work, inputs, cancel, send, power_w, first_len, max_len)
-    finally:
-        GOVERNOR.leave()
-
-
-def _serve(
-    served: ServedModel,
-    work: pb.Work,
-    inputs: queue.Queue,
-    cancel: threading.Event,
-    send: Callable[[pb.AgentMessage], None],
-    power_w: float,
-    first_len: int,
-    max_len: int,
-) -> pb.AgentMessage | None:
-    cfg = served.loaded.config
-    start, end = work.layer_start, work.layer_end
     dtype = work.hidden_dtype or "float16"
-    first_ids = list(work.input.tokens.ids)
     with served.lock:
-        GOVERNOR.apply()
         stage = Stage(served.loaded.model, start, end, max_len)
-        began = time.perf_counter()
-        if start == 0:
-            h = stage.run(tokens=first_ids)
-        else:
-            h = stage.run(hidden=unpack(work.hidden.shape, work.hidden.dtype, work.hidden.data, cfg.dim))
 
         def answer(h: torch.Tensor) -> pb.HiddenStates:
             if work.logits:  # an ensemble member: its next-token logits, for the hub to mix
                 return logits_message(work.work_id, end, stage.logits(h))
             return hidden_message(work.work_id, end, h, dtype)
 
-        first = answer(h)
+        began = time.perf_counter()
+        with GOVERNOR.computing_here():  # counted while computing, not while waiting for inputs
+            if start == 0:
+                h = stage.run(tokens=first_ids)
+            else:
+                h = stage.run(hidden=unpack(work.hidden.shape, work.hidden.dtype, work.hidden.data, cfg.dim))
+            first = answer(h)
         prefill_s = time.perf_counter() - began
         send(pb.AgentMessage(hidden=first))
         steps, decode_s = 0, 0.0
@@ -116,12 +96,12 @@ def _serve(
             if item.end:
                 break
             t0 = time.perf_counter()
-            GOVERNOR.apply()
-            if start == 0:
-                h = stage.run(tokens=list(item.token_ids))
-            else:
-                h = stage.run(hidden=unpack(item.hidden.shape, item.hidden.dtype, item.hidden.data, cfg.dim))
-            message = answer(h)
+            with GOVERNOR.computing_here():
+                if start == 0:
+                    h = stage.run(tokens=list(item.token_ids))
+                else:
+                    h = stage.run(hidden=unpack(item.hidden.shape, item.hidden.dtype, item.hidden.data, cfg.dim))
+                message = answer(h)
             decode_s += time.perf_counter() - t0
             steps += 1
             send(pb.AgentMessage(hidden=message))

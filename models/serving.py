@@ -26,6 +26,7 @@ from models.kvpred import KVVariant
 from models.loaded import LoadedModel
 from models.sampling import SamplingParams
 from models.skip import SkipVariant
+from models.threads import GOVERNOR
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ class ServedModel:
         Stops without a final event when `cancel` is set (see the module docstring); raises
         models.errors.InvalidRequest for a prompt the model cannot take (too long for its context).
         `engine` computes this request instead of the one it was built with (a split request's)."""
-        with self._lock:
+        with self._lock, GOVERNOR.computing_here():  # computing from here: threads fitted (models.threads)
             if cancel.is_set():  # cancelled while it waited: nothing computed
                 return
             start = time.perf_counter()

@@ -23,10 +23,11 @@ TANDEM_THREADS=N fixes N threads (0 or unset: adaptive, up to torch's default).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,17 +43,31 @@ FIRST_S = 0.2
 """The first look at the machine, before the first request computes."""
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """(CPU seconds every process and the hypervisor's steal used so far, this process's own):
-    /proc/stat's busy columns and os.times(); (0, 0) where /proc/stat is missing."""
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity; every CPU where the platform has none)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return sorted(affinity(0)) if affinity is not None else list(range(os.cpu_count() or 1))
+
+
+def cpu_seconds(cpus: Sequence[int] | None = None) -> tuple[float, float]:
+    """(CPU seconds every process and the hypervisor's steal used so far, on `cpus` (None: the whole
+    machine), this process's own): /proc/stat's busy columns and os.times(); (0, own) where /proc/stat
+    is missing or unreadable (macOS: then nothing counts as foreign)."""
     own = os.times()
+    mine = own.user + own.system
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return 0.0, 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-    return busy, own.user + own.system
+        lines = Path("/proc/stat").read_text().splitlines()
+        wanted = {"cpu"} if cpus is None else {f"cpu{c}" for c in cpus}
+        busy = 0.0
+        for line in lines:
+            fields = line.split()
+            if not fields or fields[0] not in wanted:
+                continue
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in (fields[1:] + ["0"] * 8)[:8])
+            busy += user + nice + system + irq + softirq + steal
+    except (OSError, ValueError):
+        return 0.0, mine
+    return busy / os.sysconf("SC_CLK_TCK"), mine
 
 
 def threads_for(max_threads: int, cores: int, foreign: float, computing: int = 1) -> int:
@@ -71,12 +86,15 @@ class Governor:
         self,
         max_threads: int | None = None,
         cores: int | None = None,
-        read: Callable[[], tuple[float, float]] = cpu_seconds,
+        read: Callable[[], tuple[float, float]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.cores = cores or len(os.sched_getaffinity(0)) or 1
-        self.max_threads = max_threads or self.cores
-        self.read, self.clock = read, clock
+        cpus = usable_cpus()
+        self.cores = cores or len(cpus)
+        self.max_threads = max(1, min(max_threads or torch.get_num_threads(), self.cores))
+        """torch's own default (OMP_NUM_THREADS, physical cores), within the CPUs we may use."""
+        self.read = read or (lambda: cpu_seconds(cpus))  # busy time on our own CPUs: a cpuset's neighbours only
+        self.clock = clock
         self.foreign = 0.0
         """Moving average of the share of all cores other processes (and steal) took."""
         self.computing = 0
@@ -102,13 +120,18 @@ class Governor:
         """The threads a computing thread should use now."""
         return threads_for(self.max_threads, self.cores, self.foreign, self.computing)
 
-    def enter(self) -> None:
+    @contextlib.contextmanager
+    def computing_here(self) -> Iterator[int]:
+        """Count the calling thread as computing meanwhile, its threads fitted first (yields them).
+        For the stretch a thread holds a model and computes: one that waits for a model's lock or
+        for its next input must not count."""
         with self._lock:
             self.computing += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self.computing -= 1
+        try:
+            yield self.apply()
+        finally:
+            with self._lock:
+                self.computing -= 1
 
     def apply(self) -> int:
         """Set the calling thread's intra-op threads to `threads()` (starting the sampler on first
@@ -134,7 +157,10 @@ class Governor:
         def run() -> None:
             while True:
                 time.sleep(SAMPLE_S)
-                self.sample()
+                try:
+                    self.sample()
+                except Exception:  # a reading that fails once must not end the sampling
+                    continue
 
         threading.Thread(target=run, daemon=True, name="cpu-governor").start()
 
@@ -150,10 +176,11 @@ class _Fixed:
             torch.set_num_threads(self.n)
         return self.n
 
-    def enter(self) -> None:
-        pass
+    @contextlib.contextmanager
+    def computing_here(self) -> Iterator[int]:
+        yield self.apply()
 
-    def leave(self) -> None:
+    def start(self) -> None:
         pass
 
 
@@ -171,18 +198,15 @@ GOVERNOR = _governor()
 
 
 def fitted(make: Callable[[], Iterator[T]]) -> Callable[[], Iterator[T]]:
-    """`make`'s items, computed with the calling thread's intra-op threads fitted to the cores free
-    (GOVERNOR) before the first and after each one, the thread counted as computing meanwhile: for a
-    stream's factory that models.streaming.iterate_in_thread calls in its own thread."""
+    """`make`'s items, with the calling thread's intra-op threads fitted to the cores free (GOVERNOR)
+    before the first and again after each one: for a stream's factory that
+    models.streaming.iterate_in_thread calls in its own thread. Whoever computes in it counts itself
+    (`computing_here`: ServedModel.stream, once it holds its model)."""
 
     def run() -> Iterator[T]:
-        GOVERNOR.enter()
-        try:
+        GOVERNOR.apply()
+        for item in make():
+            yield item
             GOVERNOR.apply()
-            for item in make():
-                yield item
-                GOVERNOR.apply()
-        finally:
-            GOVERNOR.leave()
 
     return run

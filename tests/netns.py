@@ -82,8 +82,11 @@ class Namespace:
         has no sch_netem."""
         netem = ["netem", "delay", f"{rtt_ms / 2:g}ms", "rate", f"{rate_mbps:g}mbit", "limit", "100000"]
         for prefix, dev in ((["tc"], self.host_if), (self.exec_argv("tc"), self.ns_if)):
-            done = subprocess.run([*prefix, "qdisc", "replace", "dev", dev, "root", *netem],
-                                  capture_output=True, text=True, timeout=10)  # fmt: skip
+            try:
+                done = subprocess.run([*prefix, "qdisc", "replace", "dev", dev, "root", *netem],
+                                      capture_output=True, text=True, timeout=10)  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired) as exc:  # no tc (iproute2) at all, or it hangs
+                raise NamespaceRefused(f"tc cannot shape the link: {exc}") from None
             if done.returncode != 0:
                 raise NamespaceRefused(f"the kernel refuses netem ({done.stderr.strip() or done.returncode})")
 

@@ -149,3 +149,24 @@ def test_a_split_pipeline_learns_its_own_fixed_costs_and_admits_at_its_quantile(
         assert got.tpot_ms == pytest.approx(raw.tpot_ms + 5, rel=0.05)
     mean, admitted = weigh(c, 250, 32, 0, 0.95)
     assert admitted.ttft_ms >= mean.ttft_ms * 0.999 and admitted.tpot_ms >= mean.tpot_ms * 0.999
+
+
+def test_a_new_calibration_of_a_stage_restarts_its_splits_trackers() -> None:
+    """A split's corrections were fitted against plans built from its stages' calibrations: a device
+    (or the hub) re-profiled starts the trackers of the splits it is a stage of afresh, no others."""
+    from cloud_hub.calibrations import Calibrations
+    from device_profiles import Calibration
+    from partitioner.calibration import prior
+
+    p, d = prior(load_profile("cpu-2core"))
+    cal = Calibration("smollm2", "fp32", "cpu", p, d)
+    cals = Calibrations()
+    for key in ("split:a", "split:a,b", "split:b", "split:c"):
+        cals.get(key, "smollm2").requests = 3
+    cals.get("split:a", "other").requests = 3
+    cals.set_calibration("a", "smollm2", cal)
+    requests = {key: cals.get(key, "smollm2").requests for key in ("split:a", "split:a,b", "split:b", "split:c")}
+    assert requests == {"split:a": 0, "split:a,b": 0, "split:b": 3, "split:c": 3}
+    assert cals.get("split:a", "other").requests == 3  # another model's split
+    cals.set_calibration("cloud", "smollm2", cal)  # the hub is a stage of every split of its model
+    assert all(cals.get(key, "smollm2").requests == 0 for key in ("split:b", "split:c"))

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,7 +64,7 @@ def test_the_governor_follows_a_neighbour_that_comes_and_goes() -> None:
     assert gov.foreign < 0.05 and gov.threads() == 2
 
 
-def test_apply_sets_the_calling_threads_torch_threads_and_fitted_counts_streams(
+def test_a_computing_thread_gets_its_share_and_a_stream_is_refitted_at_every_item(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     stat = FakeStat()
@@ -71,24 +73,53 @@ def test_apply_sets_the_calling_threads_torch_threads_and_fitted_counts_streams(
     monkeypatch.setattr(threads, "GOVERNOR", gov)
     seen: list[tuple[int, int]] = []
 
-    def stream() -> list[int]:
-        return [1, 2, 3]
+    def stream() -> Iterator[int]:  # as ServedModel.stream: counted once it holds its model
+        with gov.computing_here():
+            for i in range(3):
+                seen.append((gov.computing, torch.get_num_threads()))
+                yield i
 
-    def consume(make: object, out: list) -> None:
-        for _ in make():  # type: ignore[operator]
-            out.append((gov.computing, torch.get_num_threads()))
+    def consume() -> None:
+        for _ in threads.fitted(stream)():
+            pass
 
-    worker = threading.Thread(target=consume, args=(threads.fitted(stream), seen))
-    worker.start()
-    worker.join()
-    assert seen == [(1, 2)] * 3 and gov.computing == 0  # alone and idle: both cores, and released after
-    gov.enter()  # another stream of this process is computing meanwhile
+    def run_in_a_thread() -> None:
+        worker = threading.Thread(target=consume)
+        worker.start()
+        worker.join()
+
+    run_in_a_thread()
+    assert seen == [(1, 2)] * 3 and gov.computing == 0  # alone and idle: both cores, released after
     seen.clear()
-    worker = threading.Thread(target=consume, args=(threads.fitted(stream), seen))
-    worker.start()
-    worker.join()
-    gov.leave()
+    with gov.computing_here():  # another thread of this process computes meanwhile
+        run_in_a_thread()
     assert seen == [(2, 1)] * 3 and gov.computing == 0
+    seen.clear()
+    for _ in range(4):  # a neighbour keeps a core busy: one thread, though we compute alone
+        stat.tick(0.25, others=1.0)
+        gov.sample()
+    run_in_a_thread()
+    assert seen == [(1, 1)] * 3
+
+
+def test_busy_time_is_read_for_our_own_cpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cpuset's neighbours, not the whole host's: /proc/stat's cpuN lines of the CPUs we may use."""
+    tick = threads.os.sysconf("SC_CLK_TCK")
+    stat = "".join(f"{name} {n} 0 {n} 0 0 0 0 0 0 0\n" for name, n in [("cpu ", 900), ("cpu0", 100), ("cpu1", 300),
+                                                                      ("cpu2", 500)])  # fmt: skip
+    real_path = threads.Path
+
+    def fake_path(name: str) -> Path:
+        if name == "/proc/stat":
+            (tmp_path / "stat").write_text(stat)
+            return tmp_path / "stat"
+        return real_path(name)
+
+    monkeypatch.setattr(threads, "Path", fake_path)
+    assert threads.cpu_seconds()[0] == pytest.approx(1800 / tick)
+    assert threads.cpu_seconds([0, 1])[0] == pytest.approx(800 / tick)
+    stat = "cpu0 garbage\n"
+    assert threads.cpu_seconds([0])[0] == 0.0  # unreadable: nothing counts as foreign
 
 
 def test_a_fixed_thread_count_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
