@@ -7,16 +7,17 @@ process using ~75% of one core, an agent's start-up calibration (edge_agent.prof
 SmolLM2 at source precision) took 114 s at two threads and 9.7 s at one; 3.7 s idle at two.
 
 So a serving thread runs on the cores other processes leave free, shared with the other threads of
-this process computing at the same time (an agent and the hub in one process, an ensemble's local
-member beside its relays): `Governor` samples how much CPU the rest of the machine took (/proc/stat's
-busy and steal time, less this process's own, `cpu_seconds`) every SAMPLE_S in a daemon thread,
-smoothed, and `apply()` sets the calling thread's torch (and so our kernels', which read
-torch.get_num_threads()) intra-op threads to `threads_for` that share and the computing threads.
+this process computing at the same time (an agent and the hub in one process): `Governor` samples how
+much CPU the rest of the machine took on our CPUs (/proc/stat's busy and steal time, less this
+process's own: `cpu_seconds`) every SAMPLE_S in a daemon thread, over the windows in which we computed
+too (processes that take turns with us, as a hub and its agents on one host do, never slow us down),
+smoothed; `apply()` sets the calling thread's torch (and so our kernels', which read
+torch.get_num_threads()) intra-op threads to `threads_for` that share and this process's computing
+threads (`computing_here`: ServedModel.stream once it holds its model, each split stage's step).
 Threads are per OS thread in OpenMP, so it runs in the thread about to compute: `fitted` wraps a
-stream's factory for models.streaming.iterate_in_thread, counts the stream as computing while it
-runs, and fits it again at every item (a token), so a neighbour that starts or stops mid-answer is
-followed within a step. With the machine to itself a thread keeps every core; the recommendation
-never feeds back on itself, since only others' CPU counts.
+stream's factory for models.streaming.iterate_in_thread and fits it again at every item (a token), so
+a neighbour that starts or stops mid-answer is followed within a step. With the machine to itself a
+thread keeps every core; the recommendation never feeds back on itself, since only others' CPU counts.
 
 TANDEM_THREADS=N fixes N threads (0 or unset: adaptive, up to torch's default).
 """
@@ -41,6 +42,8 @@ SMOOTHING = 0.5
 """Weight of the newest sample in the foreign share's moving average (~1 s of memory at SAMPLE_S)."""
 FIRST_S = 0.2
 """The first look at the machine, before the first request computes."""
+MIN_OURS = 0.25
+"""Cores this process must have used over a sample's window for the window to count (`sample`)."""
 
 
 def usable_cpus() -> list[int]:
@@ -103,14 +106,17 @@ class Governor:
         self._started = False
         self._lock = threading.Lock()
 
-    def sample(self) -> float:
-        """Fold the CPU use since the last sample into `foreign`; returns it."""
+    def sample(self, always: bool = False) -> float:
+        """Fold the CPU use since the last sample into `foreign`; returns it. Only a window in which
+        this process computed (at least MIN_OURS of a core) counts, unless `always`: what others do
+        while we are idle says nothing of whether they compute when we do (a hub and its agents on one
+        host take turns), and a neighbour that keeps a core busy shows in our own windows too."""
         now, (busy, own) = self.clock(), self.read()
         with self._lock:
             if self._last is not None:
                 t0, busy0, own0 = self._last
                 wall = now - t0
-                if wall > 0:
+                if wall > 0 and (always or (own - own0) / wall >= MIN_OURS):
                     share = max(0.0, (busy - busy0) - (own - own0)) / (wall * self.cores)
                     self.foreign = (1 - SMOOTHING) * self.foreign + SMOOTHING * min(1.0, share)
             self._last = (now, busy, own)
@@ -151,7 +157,7 @@ class Governor:
             self._started = True
         self.sample()
         time.sleep(FIRST_S)
-        self.sample()
+        self.sample(always=True)
         self.foreign /= SMOOTHING  # the first share whole, not averaged with the 0 it started from
 
         def run() -> None:

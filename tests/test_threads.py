@@ -62,6 +62,10 @@ def test_the_governor_follows_a_neighbour_that_comes_and_goes() -> None:
         stat.tick(0.25, others=0.0, ours=2.0)
         gov.sample()
     assert gov.foreign < 0.05 and gov.threads() == 2
+    for _ in range(8):  # another process computes while we are idle (a hub and its agent take turns):
+        stat.tick(0.25, others=2.0)  # it says nothing of when we compute, and does not count
+        gov.sample()
+    assert gov.foreign < 0.05 and gov.threads() == 2
 
 
 def test_a_computing_thread_gets_its_share_and_a_stream_is_refitted_at_every_item(
@@ -95,8 +99,8 @@ def test_a_computing_thread_gets_its_share_and_a_stream_is_refitted_at_every_ite
         run_in_a_thread()
     assert seen == [(2, 1)] * 3 and gov.computing == 0
     seen.clear()
-    for _ in range(4):  # a neighbour keeps a core busy: one thread, though we compute alone
-        stat.tick(0.25, others=1.0)
+    for _ in range(4):  # a neighbour keeps a core busy while we compute: one thread
+        stat.tick(0.25, others=1.0, ours=1.0)
         gov.sample()
     run_in_a_thread()
     assert seen == [(1, 1)] * 3
