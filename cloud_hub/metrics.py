@@ -9,6 +9,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5)
+"""Seconds; MoE²'s serving overhead target is 5 ms (issue 17)."""
 _RATIO_BUCKETS = (0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 5)
 
 
@@ -57,6 +59,14 @@ class HubMetrics:
             ["placement", "kept"],
             registry=r,
         )
+        self.moe2_overhead = Histogram(
+            "tandem_moe2_overhead_seconds",
+            "MoE² routing overhead per request, from the router's call to its choice (candidates weighed, cached"
+            " selection, the prompt's features and gate), by the gate weights' source (a feature kind, or prior)",
+            ["features"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self._children: dict[tuple[int, tuple[str, ...]], Counter | Histogram] = {}
 
     def observe_request(self, placement: str, outcome: str, ttft_ms: float = 0.0, tpot_ms: float = 0.0) -> None:
@@ -84,6 +94,10 @@ class HubMetrics:
         if any(limit > 0 for limit, _ in limits):
             kept = all(value <= limit for limit, value in limits if limit > 0)
             self._series(self.budgets, placement, "yes" if kept else "no").inc()
+
+    def observe_moe2_overhead(self, seconds: float, features: str) -> None:
+        """One MoE² choice's overhead (cloud_hub.moe2_router.Moe2Router.observe)."""
+        self._series(self.moe2_overhead, features).observe(seconds)
 
     def _series(self, metric: Counter | Histogram, *labels: str) -> Any:
         """metric.labels(*labels), looked up once: labels() validates and takes a lock on every call."""

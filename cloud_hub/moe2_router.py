@@ -1,4 +1,5 @@
-"""MoE² in the hub: a `Router` that places each request on the expert the exact subset selection picks.
+"""MoE² in the hub: a `Router` that places each request on the experts the exact subset selection and
+the gate pick.
 
 `Moe2Router` (HubConfig.router_policy "moe2") turns the hub's live candidates into MoE² experts
 (partitioner.moe2.experts.Expert) for each request:
@@ -16,31 +17,44 @@
   losses over the calibration requests (GatedObjective over the live experts' columns, the weights
   restricted and renormalised: MoE²'s premise, no retraining).
 
-Selection is exact (partitioner.moe2.select.select) within the request's budget: ttft_ms is the
-latency budget, energy_j the energy budget (0: unconstrained), k = 1. The request is placed on the
-selected subset's top expert by the gate's weights. The gate's weights for the prompt: the gate reads
-features the hub does not compute (SmolLM2's pooled hidden state, or a MiniLM sentence embedding:
-a forward pass of a model per request), so the router uses the gate's prior, its mean weights over
-the calibration requests (ExpertTable.prior), restricted to the subset and renormalised. The answer
-names the subset's experts with those weights, the answering one first (Choice.experts).
+Two levels, as MoE² has them. First the subset: exact selection (partitioner.moe2.select.select)
+within the request's budget: ttft_ms is the latency budget, energy_j the energy budget (0:
+unconstrained), k = Budget.experts (0 or 1: one expert). At k > 1 the energy of a subset is what its
+hungriest ensemble spends, the sum of its members' (experts.energy_j). Then, within the subset, the
+gate's weights for this request's prompt (cloud_hub.moe2_gate.PromptGate: its features and the gate,
+HubConfig.moe2_gate) pick its experts as objective.route defines: the top expert by weight answers,
+with up to k - 1 more of the subset sharing its tokenizer, next in the gate's order, their weights
+renormalised (Choice.ensemble, the answering one first; empty at k = 1 or when no other shares the
+tokenizer). Without a gate, or for a prompt without features (token ids), the gate's prior stands in
+for the prompt's weights: its mean weights over the calibration requests (ExpertTable.prior). The
+answer names the subset's experts with the prompt's weights renormalised over the subset, the
+answering one first (Choice.experts).
 
-Cache: selections (and refusals) are kept by (budget, the experts' ids, predicted figures and
+Overhead: each MoE² choice's time, from the router's call to its choice (candidates weighed,
+selection through the cache, features and gate), goes to `observe` (the hub's
+tandem_moe2_overhead_seconds histogram, cloud_hub.metrics) with the weights' source: the gate's
+feature kind, or "prior".
+
+Cache: selections (and refusals) are kept by (budget with k, the experts' ids, predicted figures and
 online state); a change in the set of expert ids (a device online or offline, a model added)
 empties it, and a queue or calibration that moves a prediction is a different key. So a device
-going offline is re-selected without at its next request. A budget no subset meets raises
-BudgetUnsatisfiable naming the binding constraint, as BudgetRouter words it (the constraints are
-per expert at k = 1, so no subset fits exactly when no single candidate does). On a failover
-(best_effort budget) with nothing feasible, the BudgetRouter's closest placement serves.
+going offline is re-selected without at its next request. The prompt's weights are computed per
+request and never cached. A budget no subset meets raises BudgetUnsatisfiable naming the binding
+constraint, as BudgetRouter words it (a subset fits only if each member fits alone, so no subset
+fits exactly when no single candidate does). On a failover (best_effort budget) with nothing
+feasible, the BudgetRouter's closest placement serves.
 
-Not weighed: KV-prediction and layer-skipping variants (Budget.quality_floor), split placements, and
-k > 1 ensembles (each request is answered by one expert).
+Not weighed: KV-prediction and layer-skipping variants (Budget.quality_floor) and split placements.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -50,9 +64,15 @@ from cloud_hub.router import Budget, BudgetRouter, Candidate, Choice, Router, Sc
 from partitioner.cost import Estimate
 from partitioner.moe2.experts import Budget as MoeBudget
 from partitioner.moe2.experts import Expert, Problem, SelectionError
-from partitioner.moe2.objective import GatedObjective
+from partitioner.moe2.objective import GatedObjective, route
 from partitioner.moe2.select import Selection, select
 from partitioner.moe2.table import ExpertTable, variant_id
+
+if TYPE_CHECKING:
+    from cloud_hub.moe2_gate import PromptGate
+
+Observe = Callable[[float, str], None]
+"""(seconds from the router's call to its choice, the weights' source: a feature kind or "prior")."""
 
 __all__ = ["Moe2Router", "expert_id"]
 
@@ -66,9 +86,20 @@ def expert_id(c: Candidate) -> str:
 
 
 class Moe2Router(Router):
-    def __init__(self, table: ExpertTable, quantile: float = 0.95, maxsize: int = 1024) -> None:
+    def __init__(
+        self,
+        table: ExpertTable,
+        quantile: float = 0.95,
+        maxsize: int = 1024,
+        gate: PromptGate | None = None,
+        observe: Observe | None = None,
+    ) -> None:
         self.table = table
         """The gate's weights and the variants' losses on the calibration requests."""
+        self.gate = gate
+        """Each prompt's gate weights over the table's columns; None: the gate's prior for every prompt."""
+        self.observe = observe
+        """Called with each MoE² choice's overhead (module docstring); None: not measured."""
         self.fallback = BudgetRouter(quantile)
         """Serves requests no expert can, and words refusals (module docstring)."""
         self.quantile = quantile
@@ -157,27 +188,44 @@ class Moe2Router(Router):
         template_tokens: int = 0,
         prompt: RequestPrompt | None = None,
     ) -> Choice:
+        start = time.perf_counter()
         weighed, scored = self.experts(candidates, prompt_tokens, max_tokens, budget, template_tokens)
         if not weighed:  # no candidate is an expert the gate knows
             return self.fallback.choose(candidates, prompt_tokens, max_tokens, budget, template_tokens)
         experts = tuple(e for _, e, _, _, _ in weighed)
         columns = tuple(col for *_, col in weighed)
         problem = Problem(experts, self.objective(columns))
-        limits = MoeBudget(budget.energy_j or None, budget.ttft_ms or None, 1)
+        k = max(1, budget.experts)
+        limits = MoeBudget(budget.energy_j or None, budget.ttft_ms or None, k)
         try:
             chosen = self.select(problem, limits)
         except SelectionError as exc:
             return self._refuse(exc, [c for c, *_ in weighed], prompt_tokens, max_tokens, budget, template_tokens)
         index = {e.id: i for i, e in enumerate(experts)}
         members = [index[i] for i in chosen.subset]
-        prior = np.array([self._prior[col] for col in columns])
-        order = sorted(members, key=lambda i: (-prior[i], i))  # objective.route's order at k = 1
-        total = float(prior[order].sum())
-        weights = tuple((experts[i].id, float(prior[i]) / total if total > 0 else 1.0 / len(order)) for i in order)
-        c, _, est, adm, _ = weighed[order[0]]
+        w, source = self.prompt_weights(prompt, columns)
+        picked, mixed = route(w, [e.tokenizer for e in experts], members, k)  # the top first
+        # the whole subset in route's order, renormalised: route with one tokenizer for all and k = |S|
+        order, shares = route(w, [""] * len(experts), members, len(members))
+        c, _, est, adm, _ = weighed[picked[0]]
+        ensemble = tuple((weighed[i][0], m) for i, m in zip(picked, mixed, strict=True)) if len(picked) > 1 else ()
         tracked = c.tracker is not None
-        return Choice(c, est, True, adm if tracked else None, self.quantile if tracked else 0.0, tuple(scored),
-                      weights)  # fmt: skip
+        choice = Choice(c, est, True, adm if tracked else None, self.quantile if tracked else 0.0, tuple(scored),
+                        tuple((experts[i].id, s) for i, s in zip(order, shares, strict=True)), ensemble)  # fmt: skip
+        if self.observe is not None:
+            self.observe(time.perf_counter() - start, source)
+        return choice
+
+    def prompt_weights(self, prompt: RequestPrompt | None, columns: tuple[int, ...]) -> tuple[np.ndarray, str]:
+        """(n,) the gate's weights for the prompt over the experts of `columns` (table columns), not
+        renormalised, and their source: the gate's feature kind, or "prior" without a gate or for a
+        prompt without features (module docstring)."""
+        cols = list(columns)
+        if self.gate is not None and prompt is not None:
+            weights = self.gate.weights(prompt)
+            if weights is not None:
+                return weights[cols], self.gate.kind
+        return self._prior[cols], "prior"
 
     def _refuse(
         self,

@@ -25,6 +25,7 @@ from cloud_hub.broker_process import bindable, read_int
 from cloud_hub.calibrations import Calibrations, served_calibration
 from cloud_hub.fleet import Fleet
 from cloud_hub.interceptor import AdmissionInterceptor, DeviceCertInterceptor, ErrorInterceptor
+from cloud_hub.metrics import HubMetrics
 from cloud_hub.pki import DeviceCA, load_device_ca
 from cloud_hub.placements import Placements, SourceContext, make_sources
 from cloud_hub.registry import MqttAccess, Registry
@@ -108,25 +109,36 @@ class HubConfig:
     moe2_table: Path | None = None
     """The gate's expert table (partitioner.moe2.table; `tandem experts train` writes it beside the gate),
     for router_policy "moe2"."""
+    moe2_gate: Path | None = None
+    """The gate itself (`tandem experts train` saves it; the table beside it is moe2_table), for router_policy
+    "moe2": each request's experts are ranked by the gate's weights for its own prompt (cloud_hub.moe2_gate).
+    None: by the gate's mean weights over the calibration requests, the same for every prompt."""
 
 
 ROUTER_POLICIES = ("budget", "moe2")
 """HubConfig.router_policy's choices."""
 
 
-def make_router(cfg: HubConfig) -> Router:
-    """The router `cfg.router_policy` names. Raises ValueError for an unknown policy or "moe2" without
-    a table, partitioner.moe2.table.TableError for a bad table, FileNotFoundError for a missing one."""
+def make_router(cfg: HubConfig, metrics: HubMetrics | None = None) -> Router:
+    """The router `cfg.router_policy` names; a MoE² router records its overhead in `metrics`. Raises
+    ValueError for an unknown policy or "moe2" without a table, partitioner.moe2.table.TableError for a
+    bad table, partitioner.moe2.gate.GateMismatch for a gate trained for another expert set than the
+    table's (or damaged), FileNotFoundError for a missing file, and what loading the gate's feature
+    embedder raises (EmbeddingsUnavailable, ModelNotPulled)."""
     if cfg.router_policy == "budget":
         return BudgetRouter(cfg.admission_quantile)
     if cfg.router_policy != "moe2":
         raise ValueError(f"unknown router_policy {cfg.router_policy!r}; available: {', '.join(ROUTER_POLICIES)}")
     if cfg.moe2_table is None:
         raise ValueError("router_policy 'moe2' needs moe2_table: the gate's expert table (tandem experts train)")
-    from cloud_hub.moe2_router import Moe2Router  # only a MoE² hub loads it
+    from cloud_hub.moe2_gate import PromptGate  # only a MoE² hub loads them
+    from cloud_hub.moe2_router import Moe2Router
     from partitioner.moe2.table import ExpertTable
 
-    return Moe2Router(ExpertTable.load(Path(cfg.moe2_table)), cfg.admission_quantile)
+    table = ExpertTable.load(Path(cfg.moe2_table))
+    gate = PromptGate.load(Path(cfg.moe2_gate), table) if cfg.moe2_gate is not None else None
+    observe = metrics.observe_moe2_overhead if metrics is not None else None
+    return Moe2Router(table, cfg.admission_quantile, gate=gate, observe=observe)
 
 
 class Hub:
@@ -154,7 +166,8 @@ class Hub:
 
     async def start(self) -> None:
         cfg = self.config
-        router = make_router(cfg)  # first: a bad policy or table fails before anything starts
+        metrics = HubMetrics()
+        router = make_router(cfg, metrics)  # first: a bad policy, table or gate fails before anything starts
         mqtt = await asyncio.to_thread(self._start_broker)
         if mqtt is not None:
             await self._start_ingest()
@@ -182,7 +195,7 @@ class Hub:
             cal = served_calibration(profile, cloud.model_info())
             self.fleet.calibrations.set_calibration("cloud", cloud.model, cal)
         sources = make_sources(cfg.placement_sources, SourceContext(self.fleet, cloud, profile))
-        self.service = HubService(self.fleet, Placements(sources, self.fleet), router, cloud, cfg.limits)
+        self.service = HubService(self.fleet, Placements(sources, self.fleet), router, cloud, cfg.limits, metrics)
         self.service.split_dtype = cfg.split_dtype
         if self.ingest is not None:
             self.ingest.on_message_count = self.service.metrics.telemetry_messages.inc

@@ -49,6 +49,7 @@ def _hub_config(args: argparse.Namespace) -> HubConfig:
         router_policy=args.router_policy,
         placement_sources=args.placement_sources,
         moe2_table=Path(args.moe2_table) if args.moe2_table else None,
+        moe2_gate=Path(args.moe2_gate) if args.moe2_gate else None,
     )
 
 
@@ -235,6 +236,12 @@ def _register_up(hub: argparse._SubParsersAction) -> None:
         "expert selection; needs --moe2-table)",
     )
     p.add_argument("--moe2-table", metavar="FILE", help="the gate's expert table (tandem experts train writes it)")
+    p.add_argument(
+        "--moe2-gate",
+        metavar="FILE",
+        help="the gate tandem experts train saves (its table is --moe2-table): rank each request's experts by the "
+        "gate's weights for its own prompt (default: its mean weights, the same for every prompt)",
+    )
     p.add_argument(
         "--placement-sources",
         type=_sources,

@@ -142,3 +142,40 @@ async def test_a_member_that_drops_mid_answer_is_left_out_and_the_answer_complet
     assert placed[2][1] != idb  # the member that failed is left out, not the top expert
     assert result.completion_tokens == 16 and result.finish_reason == "length"
     assert again.text and again.placements[0].device_id == ida
+
+
+async def test_a_moe2_hub_mixes_the_two_experts_its_selection_picks_at_k_2(tmp_path: Path) -> None:
+    """End to end with the MoE² router itself: a table in which each of two variants is the better one
+    on half the requests, so that at k = 2 the exact selection mixes both (one alone loses a bit per
+    byte on half of them). The answer names both, and equals the local mixture with the gate's weights."""
+    import numpy as np
+
+    from partitioner.moe2.table import ExpertTable, variant_id
+
+    # an agent at source precision advertises its tensors' detail; the variant is "source" all the same
+    assert variant_id(MODEL, "source(q4_1->int4,q8_0->int8)") == f"{MODEL}/source"
+    real_model(MODEL, "source")
+    variants = (f"{MODEL}/source", f"{MODEL}/int8")
+    losses = np.array([[0.8, 1.2] if r % 2 else [1.2, 0.8] for r in range(16)])
+    table = ExpertTable(variants, (MODEL, MODEL), np.full((16, 2), 0.5), losses, np.full(16, 100.0))
+    path = table.save(tmp_path / "table.npz")
+    async with running_hub(tmp_path / "hub", cloud_model=MODEL, cloud_quant="fp32", mqtt="none",
+                           router_policy="moe2", moe2_table=path) as hub:  # fmt: skip
+        a = await start_served_agent(hub, ServedModel(MODEL, load(MODEL, quant="source")), tmp_path / "a", "a")
+        b = await start_served_agent(hub, ServedModel(MODEL, load(MODEL, quant="int8")), tmp_path / "b", "b")
+        key = hub.registry.create_api_key("t")
+        try:
+            async with AsyncClient(hub.address, api_key=key) as client:
+                got = await client.generate(PROMPT, model=MODEL, max_tokens=12, budget=Budget(experts=2))
+                one = await client.generate(PROMPT, model=MODEL, max_tokens=4, budget=Budget(experts=1))
+        finally:
+            await a.close()
+            await b.close()
+    assert sorted(p.device_id for p in got.placements) == sorted([a.device_id, b.device_id])
+    assert [e.weight for e in got.placements[0].experts] == pytest.approx([0.5, 0.5])
+    assert len(one.placements) == 1  # k = 1: one expert answers
+    source = real_model(MODEL, "source")
+    by_device = {a.device_id: source.model, b.device_id: real_model(MODEL, "int8").model}
+    models = [by_device[p.device_id] for p in got.placements]
+    ids = source.tokenizer.encode(PROMPT)
+    assert list(got.token_ids) == reference(models, [0.5, 0.5], ids, 12)

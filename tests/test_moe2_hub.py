@@ -267,6 +267,9 @@ async def test_moe2_hub_places_by_budget_names_experts_and_reselects_when_a_devi
                 body = {"model": "small", "prompt": PROMPT, "max_tokens": 4}
                 answer = await http.post("/v1/completions", json=body, headers={"authorization": f"Bearer {key}"})
             misses = router.misses
+            served = hub.service.metrics.registry.get_sample_value(
+                "tandem_moe2_overhead_seconds_count", {"features": "prior"}
+            )  # the hub's histogram: each MoE² choice's overhead (no gate: the prior's weights)
             await a.close()  # big's device leaves
             await wait_for(lambda: hub.fleet.status_of(a.device_id) == "offline")
             after = await client.generate(PROMPT, max_tokens=E2E_TOKENS)
@@ -283,3 +286,4 @@ async def test_moe2_hub_places_by_budget_names_experts_and_reselects_when_a_devi
     assert after.placement is not None and after.placement.device_id == b.device_id
     assert [(e.expert, e.weight) for e in after.placement.experts] == [(small_id, 1.0)]
     assert after.completion_tokens > 0 and router.misses > misses  # selected again, without big
+    assert served is not None and served >= 3

@@ -137,6 +137,19 @@ class Gate:
         self.columns = tuple(manifest.expert_ids.index(e) for e in ids)
         """(E',) each served expert's column among the trained ones."""
 
+    def serving(self, expert_ids: Sequence[str]) -> Gate:
+        """The same gate serving exactly the experts it was trained on, in the order of `expert_ids`
+        (an expert table's columns). Raises GateMismatch naming the difference when `expert_ids` is
+        another set: a gate trained for other experts than the table's (whose weights came from it)."""
+        trained, wanted = set(self.manifest.expert_ids), set(expert_ids)
+        if trained != wanted or len(wanted) != len(expert_ids):
+            raise GateMismatch(
+                f"the gate was trained for another expert set than the table's: only the gate has "
+                f"{sorted(trained - wanted) or 'none'}, only the table {sorted(wanted - trained) or 'none'}"
+                " (train the gate and its table together: tandem experts train)"
+            )
+        return Gate(self.manifest, self.net, expert_ids)
+
     def restricted(self, expert_ids: Sequence[str]) -> Gate:
         """The same gate serving only `expert_ids` (a subset of the trained ones, in that order), its
         weights renormalised over them. Raises GateMismatch for an unknown expert."""

@@ -33,8 +33,10 @@ class TableError(ValueError):
 
 
 def variant_id(model: str, quant: str) -> str:
-    """The variant a served model is: "<model>/<quant>" (dataset.Variant.id of an unpruned variant)."""
-    return f"{model}/{quant}"
+    """The variant a served model is: "<model>/<quant>" (dataset.Variant.id of an unpruned variant),
+    the precision without the detail an agent adds to it (ModelInfo.quant "source(q4_1->int4,...)"
+    is the variant "source")."""
+    return f"{model}/{quant.split('(', 1)[0]}"
 
 
 @dataclass(frozen=True, eq=False)
