@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -51,6 +52,9 @@ class Piece:
     """On the last piece of a request with SamplingParams.skip_ratio: the layers it skipped (models.skip)."""
     kv: KVReport | None = None
     """On the last piece of a request with SamplingParams.kv_prediction: what was predicted (models.kvpred)."""
+    queued_s: float | None = None
+    """On the first piece: how long the request waited for the model (others ahead of it) before it
+    computed; None where the backend cannot tell (an upstream server)."""
 
 
 class ServingBackend(ABC):
@@ -116,16 +120,22 @@ class LocalModelBackend(ServingBackend):
         cloud_hub.split.SplitEngine, which runs this model's share of the layers): the sampling,
         stop strings and detokenizing are this model's either way."""
         cancel = threading.Event()
-        run = lambda: self.served.stream(ids, params, cancel, continuation, engine)  # noqa: E731
+        called, began = time.perf_counter(), [0.0]  # began: when it got the model (ServedModel.stream's lock)
+        run = lambda: self.served.stream(  # noqa: E731
+            ids, params, cancel, continuation, engine, started=lambda: began.__setitem__(0, time.perf_counter())
+        )
+        first = True
         async for ev in iterate_in_thread(fitted(run), cancel):
+            queued = max(0.0, began[0] - called) if first else None
+            first = False
             if ev.logprob is None and not ev.prompt and not ev.row:
-                yield Piece(ev.text, (ev.token_id,), ev.finish_reason, skipping=ev.skipping, kv=ev.kv)
+                yield Piece(ev.text, (ev.token_id,), ev.finish_reason, skipping=ev.skipping, kv=ev.kv, queued_s=queued)
                 continue
             logprobs = (plain(ev.logprob),) if ev.logprob is not None else ()
             prompt = tuple(plain(p) for p in ev.prompt)
             yield Piece(
                 ev.text, (ev.token_id,), ev.finish_reason, 1, ev.row, logprobs, prompt,  # type: ignore[arg-type]
-                tuple(ids) if prompt else (), ev.skipping, ev.kv,
+                tuple(ids) if prompt else (), ev.skipping, ev.kv, queued,
             )  # fmt: skip
 
 

@@ -461,10 +461,12 @@ class HubService:
             cont = Continuation(tuple(progress.ids), progress.chars) if progress.ids else None
             progress.prompt_tokens = len(ids)
             progress.dispatched()
-            start, first, n = time.perf_counter(), 0.0, 0
+            start, first, n, queued_s = time.perf_counter(), 0.0, 0, None
             stream = self.cloud.stream(ids, params, cont, engine) if engine else self.cloud.stream(ids, params, cont)
             async for piece in stream:
                 progress.received = time.perf_counter()
+                if not n:
+                    queued_s = piece.queued_s
                 first, n = first or progress.received, n + 1
                 progress.skipping = piece.skipping or progress.skipping  # on the last piece
                 progress.kv = piece.kv or progress.kv
@@ -477,7 +479,11 @@ class HubService:
                 progress.energy_j += engine.energy_j  # the agents' stages or members (the hub's own is cloud)
             progress.engine_ttft_ms = (first - start) * 1000 if first else 0.0
             progress.engine_tpot_ms = (progress.received - first) * 1000 / (n - 1) if n > 1 else 0.0
-            if c.queued == 0:  # nothing ahead of it in the backend: its first token's time is its prefill
+            if queued_s is not None:  # the backend says how long it waited for the model: the rest is prefill
+                progress.queue_ms = queued_s * 1000
+                progress.prefill_ms = max(0.0, progress.engine_ttft_ms - progress.queue_ms)
+                progress.decode_ms = progress.engine_tpot_ms
+            elif c.queued == 0:  # nothing ahead of it in the backend: its first token's time is its prefill
                 progress.prefill_ms, progress.decode_ms = progress.engine_ttft_ms, progress.engine_tpot_ms
             return
         session = self.fleet.sessions.get(c.device_id)

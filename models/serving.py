@@ -122,8 +122,10 @@ class ServedModel:
         cancel: threading.Event,
         continuation: Continuation | None = None,
         engine: StepEngine | None = None,
+        started: Callable[[], None] | None = None,
     ) -> Iterator[TokenEvent]:
-        """Tokens for prompt `ids` (going on from `continuation`), one request at a time, paced.
+        """Tokens for prompt `ids` (going on from `continuation`), one request at a time, paced;
+        `started()` is called once it holds the model (the time before that is queueing).
 
         Stops without a final event when `cancel` is set (see the module docstring); raises
         models.errors.InvalidRequest for a prompt the model cannot take (too long for its context).
@@ -131,6 +133,8 @@ class ServedModel:
         with self._lock, GOVERNOR.computing_here():  # computing from here: threads fitted (models.threads)
             if cancel.is_set():  # cancelled while it waited: nothing computed
                 return
+            if started is not None:
+                started()
             start = time.perf_counter()
             pace = self.pacer(len(ids), params.max_tokens, self._kv_layers(params)) if self.pacer else None
             gen = self.loaded.generator()
