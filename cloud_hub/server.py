@@ -126,6 +126,10 @@ def make_router(cfg: HubConfig, metrics: HubMetrics | None = None) -> Router:
     table's (or damaged), FileNotFoundError for a missing file, and what loading the gate's feature
     embedder raises (EmbeddingsUnavailable, ModelNotPulled)."""
     if cfg.router_policy == "budget":
+        if cfg.moe2_gate is not None or cfg.moe2_table is not None:
+            raise ValueError(
+                "moe2_table and moe2_gate are for router_policy 'moe2' (tandem hub up --router-policy moe2)"
+            )
         return BudgetRouter(cfg.admission_quantile)
     if cfg.router_policy != "moe2":
         raise ValueError(f"unknown router_policy {cfg.router_policy!r}; available: {', '.join(ROUTER_POLICIES)}")

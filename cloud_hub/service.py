@@ -44,6 +44,9 @@ from tandem.wire import kv_report_kwargs, logprob_of, sampling_message, tools_of
 
 log = logging.getLogger("tandem.hub")
 
+MAX_EXPERTS = 64
+"""The most MoE² experts one request may mix (Budget.experts; the SDK and the OpenAI API say the same)."""
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -171,6 +174,10 @@ class HubService:
         if not 0 <= b.quality_floor <= 1:  # NaN too
             raise InvalidRequest(
                 f"budget.quality_floor: the lowest greedy agreement accepted, in [0, 1], got {b.quality_floor}"
+            )
+        if not 0 <= b.experts <= MAX_EXPERTS:
+            raise InvalidRequest(
+                f"budget.experts: how many MoE² experts answer together, 0..{MAX_EXPERTS}, got {b.experts}"
             )
         if spec.prompt.kind == "tokens":  # models() walks the fleet: not for every text request
             spec.prompt.check_vocabulary(spec.model, self.placements.models())

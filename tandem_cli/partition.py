@@ -280,6 +280,8 @@ def resolve_profile(text: str, kind: str) -> DeviceProfile:
             return load_profile(matches[0])
         if len(matches) > 1:
             raise ProfileError(f"{text!r} names several {kind} profiles: {', '.join(matches)}") from None
+        if named:
+            raise ProfileError(f"{text!r} names no {kind} profile, only {', '.join(named)} (another kind)") from None
         raise
 
 

@@ -207,6 +207,8 @@ def test_candidates_the_gate_does_not_know_go_to_the_budget_router() -> None:
 
 def test_the_hub_setting_chooses_the_policy(tmp_path: Path) -> None:
     assert isinstance(make_router(HubConfig(data_dir=tmp_path)), BudgetRouter)  # the default
+    with pytest.raises(ValueError, match="moe2_table and moe2_gate are for router_policy 'moe2'"):
+        make_router(HubConfig(data_dir=tmp_path, moe2_gate=tmp_path / "g.pt"))  # not silently ignored
     with pytest.raises(ValueError, match="needs moe2_table"):
         make_router(HubConfig(data_dir=tmp_path, router_policy="moe2"))
     with pytest.raises(ValueError, match="unknown router_policy"):
