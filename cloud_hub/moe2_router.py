@@ -100,6 +100,7 @@ class Moe2Router(Router):
         """Each prompt's gate weights over the table's columns; None: the gate's prior for every prompt."""
         self.observe = observe
         """Called with each MoE² choice's overhead (module docstring); None: not measured."""
+        self._prepared: dict[int, float] = {}  # prepare()'s seconds, by id(prompt), until its choice
         self.fallback = BudgetRouter(quantile)
         """Serves requests no expert can, and words refusals (module docstring)."""
         self.quantile = quantile
@@ -212,9 +213,19 @@ class Moe2Router(Router):
         tracked = c.tracker is not None
         choice = Choice(c, est, True, adm if tracked else None, self.quantile if tracked else 0.0, tuple(scored),
                         tuple((experts[i].id, s) for i, s in zip(order, shares, strict=True)), ensemble)  # fmt: skip
-        if self.observe is not None:
-            self.observe(time.perf_counter() - start, source)
+        if self.observe is not None:  # with the features' time if prepare() computed them
+            self.observe(time.perf_counter() - start + self._prepared.pop(id(prompt), 0.0), source)
         return choice
+
+    def prepare(self, prompt: RequestPrompt) -> None:
+        """The gate's features and weights for `prompt`, off the event loop (Router.prepare); their
+        time is added to the choice's in the overhead `observe` records."""
+        if self.gate is not None:
+            start = time.perf_counter()
+            self.gate.prepare(prompt)
+            self._prepared[id(prompt)] = time.perf_counter() - start
+            if len(self._prepared) > 256:
+                self._prepared.pop(next(iter(self._prepared)))
 
     def prompt_weights(self, prompt: RequestPrompt | None, columns: tuple[int, ...]) -> tuple[np.ndarray, str]:
         """(n,) the gate's weights for the prompt over the experts of `columns` (table columns), not

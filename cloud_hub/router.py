@@ -186,6 +186,10 @@ class Router(ABC):
         candidate knowing its own (Candidate.chat_tokens) replaces with those. `prompt`: the request's
         prompt, for a router that reads it (MoE²'s per-prompt gate); None where unknown."""
 
+    def prepare(self, prompt: RequestPrompt) -> None:  # noqa: B027 (a hook: most routers need none)
+        """Work on `prompt` that `choose` will need, done before it in a worker thread (the hub calls
+        it only where a router overrides it): a forward pass must not hold the hub's event loop."""
+
 
 def violations(est: Estimate, budget: Budget) -> dict[str, float]:
     """Constraint name -> how far over budget, as a ratio (>1 means violated)."""

@@ -375,6 +375,8 @@ class HubService:
         the caller sees one answer, and a Started listing every placement so far, then the rest.
         """
         self.validate(spec)
+        if type(self.router).prepare is not Router.prepare:  # e.g. MoE²'s per-prompt gate: a forward pass
+            await asyncio.to_thread(self.router.prepare, spec.prompt)
         excluded = set[str]()
         learn: tuple[Candidate, pb.Placement] | None = None  # the one placement (or split) that served it all
         repair = spec.params.kv_repair

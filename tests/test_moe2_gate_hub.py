@@ -31,6 +31,7 @@ from partitioner.moe2.gate import Gate, GateConfig, GateManifest, GateMismatch, 
 from partitioner.moe2.objective import GatedObjective, route
 from partitioner.moe2.select import brute_force
 from partitioner.moe2.table import ExpertTable
+from tandem import AsyncClient
 from tandem_cli import hub as hub_cli
 from tandem_cli.main import build_parser
 from tests.test_moe2_hub import FAMILIES, MAX_TOKENS, TOKENS, VARIANTS, fleet, random_table
@@ -242,3 +243,33 @@ def test_hub_up_takes_the_gate_beside_the_table() -> None:
     cfg = hub_cli._hub_config(args)
     assert (cfg.moe2_table, cfg.moe2_gate) == (Path("g.table.npz"), Path("g.pt"))
     assert hub_cli._hub_config(build_parser().parse_args(["hub", "up"])).moe2_gate is None
+
+
+async def test_the_hub_prepares_a_routers_prompt_work_off_its_event_loop(tmp_path: Path) -> None:
+    """A router that reads the prompt (MoE²'s gate: a forward pass) gets `prepare` in a worker thread
+    before `choose`, which runs on the loop; a router without it is not called at all."""
+    import threading
+
+    from cloud_hub.router import BudgetRouter
+    from tests.hubkit import running_hub, start_agent, tiny_llama
+
+    calls: list[tuple[str, str]] = []
+
+    class Reading(BudgetRouter):
+        def prepare(self, prompt) -> None:  # type: ignore[no-untyped-def]
+            calls.append(("prepare", threading.current_thread().name))
+
+        def choose(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(("choose", threading.current_thread().name))
+            return super().choose(*args, **kwargs)
+
+    async with running_hub(tmp_path / "hub", cloud_model=None, mqtt="none") as hub:
+        agent = await start_agent(hub, tiny_llama(tmp_path), tmp_path / "a", "a")
+        hub.service.router = Reading()
+        try:
+            async with AsyncClient(hub.address, api_key=hub.registry.create_api_key("t")) as client:
+                await client.generate("the cat", max_tokens=2)
+        finally:
+            await agent.close()
+    (kind0, thread0), (kind1, thread1) = calls
+    assert (kind0, kind1) == ("prepare", "choose") and thread0 != thread1 == threading.main_thread().name
