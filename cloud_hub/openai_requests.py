@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models.sampling import KV_DEPTHS, MAX_CHOICES, MAX_LOGPROBS, MAX_SKIP_RATIO
+from tandem.types import MAX_EXPERTS
 
 MAX_COMPLETION_LOGPROBS = 5
 """OpenAI's limit on /v1/completions' logprobs."""
@@ -28,7 +29,7 @@ class BudgetBody(_Strict):
     quality_floor: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
     """The lowest measured greedy agreement with the unmodified model accepted for a faster variant:
     the hub may turn KV prediction on where the unmodified model misses the budget. 0: never."""
-    experts: int = Field(0, ge=0, le=64)
+    experts: int = Field(0, ge=0, le=MAX_EXPERTS)
     """MoE² (a hub with router_policy moe2): how many experts answer together, their next-token
     distributions mixed; 0 or 1: one."""
 

@@ -23,6 +23,7 @@ import grpc
 
 from tandem.errors import InvalidRequest, from_rpc_error
 from tandem.types import (
+    MAX_EXPERTS,
     Budget,
     Choice,
     Chunk,
@@ -88,9 +89,10 @@ def build_request(
     _check_kv(kv_prediction, kv_repair, skip_ratio)
     b = budget or Budget()
     _check_quality_floor(b.quality_floor)
-    if not isinstance(b.experts, int) or isinstance(b.experts, bool) or not 0 <= b.experts <= 64:
+    if not isinstance(b.experts, int) or isinstance(b.experts, bool) or not 0 <= b.experts <= MAX_EXPERTS:
         raise InvalidRequest(
-            f"budget.experts must be an integer in [0, 64] (how many MoE² experts answer together), got {b.experts!r}",
+            f"budget.experts must be an integer in [0, {MAX_EXPERTS}] (how many MoE² experts answer together), "
+            f"got {b.experts!r}",
             "INVALID_ARGUMENT",
         )
     sampling = sampling_message(

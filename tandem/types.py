@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+MAX_EXPERTS = 64
+"""The most MoE² experts one request may mix (Budget.experts): the SDK, the hub and the OpenAI API hold it."""
+
 
 @dataclass(frozen=True)
 class Budget:
