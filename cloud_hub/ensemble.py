@@ -24,8 +24,9 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ from cloud_hub.errors import Unavailable
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.registry import model_config
 from cloud_hub.router import Candidate, Choice, weigh
-from cloud_hub.split import STEP_TIMEOUT_S, Remote, close_stage, next_hidden
+from cloud_hub.split import STEP_TIMEOUT_S, Remote, close_stage, next_hidden, on_loop
 from models.errors import InvalidRequest
 from models.stage import Stage, unpack
 from models.transformer import Transformer
@@ -96,27 +97,23 @@ class EnsembleEngine:
             raise RuntimeError("an EnsembleEngine answers one choice; release it before another prefill")
         if any(m.session is None for m in self.members):
             self.stage = Stage(self.local, 0, self.local.cfg.n_layers, max_len)
-        return self._step(self._open(list(ids), max_len - len(ids)), lambda: self._local(tokens=list(ids)))
+        return self._step(self._open(list(ids), max_len - len(ids)), list(ids))
 
     def decode(self, request_id: str, token: int) -> torch.Tensor:
-        return self._step(self._send(token), lambda: self._local(tokens=[token]))
+        return self._step(self._send(token), [token])
 
     def release(self, request_id: str) -> None:
         """Ends every agent member: a clean end collects their WorkDones (energy); a failed request
         cancels them (closing their replies sends Cancel)."""
-        future = asyncio.run_coroutine_threadsafe(self._close(), self.loop)
-        try:
-            future.result(timeout=len(self.remotes) * STEP_TIMEOUT_S + 5)
-        except TimeoutError:
-            future.cancel()
-            raise Unavailable("ensemble members: the hub's event loop did not answer") from None
+        on_loop(self.loop, self._close(), len(self.remotes) * STEP_TIMEOUT_S + 5, "ensemble members")
 
     # -- one step: the agents' logits on the loop while the hub's own member computes here -----------
 
-    def _step(self, remote: object, local: object) -> torch.Tensor:
+    def _step(self, remote: Coroutine[Any, Any, dict[int, torch.Tensor]], tokens: list[int]) -> torch.Tensor:
+        """`remote` (the agents' logits, on the loop) while the hub's own member, if any, runs `tokens`."""
         future = asyncio.run_coroutine_threadsafe(self._tracked(remote), self.loop)
         try:
-            mine = local() if self.stage is not None else None  # type: ignore[operator]
+            mine = self._local(tokens) if self.stage is not None else None
         except BaseException:
             self._stop(future)  # the agents' step must not run on into release()
             raise
@@ -128,10 +125,10 @@ class EnsembleEngine:
         logits = [mine if m.session is None else theirs[i] for i, m in enumerate(self.members)]
         return mix(logits, self.weights)
 
-    async def _tracked(self, step: object) -> dict[int, torch.Tensor]:
+    async def _tracked(self, step: Coroutine[Any, Any, dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
         """`step` run as the task _stop can cancel and wait for."""
         self._task = asyncio.current_task()
-        return await step  # type: ignore[misc]
+        return await step
 
     def _stop(self, future: object) -> None:
         """Cancel the step under way on the loop and wait, on the loop, until it has ended: its
@@ -253,13 +250,13 @@ def model_info(c: Candidate, cloud: ServingBackend | None, fleet: Fleet) -> pb.M
     return next((m for m in session.models if m.name == c.model), None) if session is not None else None
 
 
-def placements(choice: Choice, tokens: int, remaining: int, template: int) -> list[pb.Placement]:
-    """One Placement per member of `choice`'s ensemble, each with its own prediction (router.weigh)
-    and the selected experts' weights."""
+def placements(choice: Choice, tokens: int, remaining: int, template: int, quantile: float) -> list[pb.Placement]:
+    """One Placement per member of `choice`'s ensemble, each with its own prediction (router.weigh,
+    admitted at the hub's `quantile`) and the selected experts' weights."""
     experts = [pb.ExpertWeight(expert=e, weight=w) for e, w in choice.experts]
     out = []
     for m, _ in choice.ensemble:
-        est, adm = weigh(m, tokens, remaining, template, choice.quantile or 0.95)
+        est, adm = weigh(m, tokens, remaining, template, quantile)
         out.append(
             pb.Placement(
                 kind=m.kind, device_id=m.device_id, profile=m.profile.name, model=m.model, emulated=m.emulated,

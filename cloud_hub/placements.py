@@ -359,24 +359,31 @@ class Placements:
                 seen.setdefault(m.name, m)
         return list(seen.values())
 
-    def claim(self, candidate: Candidate) -> Release:
+    def claim(self, candidate: Candidate, *also: Candidate) -> Release:
+        """Count a request routed to `candidate` (and to `also`, an ensemble's other members) in their
+        queues; the function returned uncounts them all. A split holds the hub's own model too, and so
+        does an ensemble the hub is no member of (its model decodes the mixture)."""
+        members = (candidate, *also)
+        releases = [self._claim(c) for c in members]
+        cloud = self._by_kind.get("cloud")
+        if cloud is not None and (candidate.kind == "split" or (also and all(c.kind != "cloud" for c in members))):
+            releases.append(cloud.claim(candidate))
+        if len(releases) == 1:
+            return releases[0]
+
+        def release() -> None:
+            for r in releases:
+                r()
+
+        return release
+
+    def _claim(self, candidate: Candidate) -> Release:
         source = self._by_kind.get(candidate.kind)
         if source is not None:
-            release = source.claim(candidate)
-        elif candidate.kind == "split" and self.fleet is not None:
-            release = claim_split(self.fleet, candidate)
-        else:
-            raise KeyError(f"no placement source of kind {candidate.kind!r}")
-        cloud = self._by_kind.get("cloud")
-        if candidate.kind != "split" or cloud is None:
-            return release
-        also = cloud.claim(candidate)  # a split holds the hub's own model too
-
-        def both() -> None:
-            release()
-            also()
-
-        return both
+            return source.claim(candidate)
+        if candidate.kind == "split" and self.fleet is not None:
+            return claim_split(self.fleet, candidate)
+        raise KeyError(f"no placement source of kind {candidate.kind!r}")
 
 
 def make_sources(names: Sequence[str], ctx: SourceContext) -> list[PlacementSource]:

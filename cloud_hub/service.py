@@ -39,13 +39,11 @@ from models.generate import Continuation
 from models.kvpred import KVReport
 from models.sampling import SamplingParams
 from partitioner.split import PlanError
+from tandem.types import MAX_EXPERTS
 from tandem.v1 import tandem_pb2 as pb
 from tandem.wire import kv_report_kwargs, logprob_of, sampling_message, tools_of
 
 log = logging.getLogger("tandem.hub")
-
-MAX_EXPERTS = 64
-"""The most MoE² experts one request may mix (Budget.experts; the SDK and the OpenAI API say the same)."""
 
 
 @dataclass(frozen=True)
@@ -244,7 +242,7 @@ class HubService:
         if c.split is not None:
             return c, self._split_placements(c, est, adm, choice.quantile, tokens, remaining, progress)
         if progress.ensemble:
-            return c, ensemble.placements(choice, tokens, remaining, template)
+            return c, ensemble.placements(choice, tokens, remaining, template, self.fleet.calibrations.quantile)
         placement = pb.Placement(
             kind=c.kind,
             device_id=c.device_id,
@@ -385,12 +383,8 @@ class HubService:
             c, placed = self._route(spec, excluded, progress)
             progress.placements += placed
             placement = placed[0]
-            release = self.placements.claim(c)  # no await since choose(): the next request's routing sees it
-            for member, _ in progress.ensemble[1:]:  # an ensemble holds every member's slot
-                release = _both(release, self.placements.claim(member))
-            hub = self.placements.source("cloud")
-            if progress.ensemble and hub is not None and all(m.kind != "cloud" for m, _ in progress.ensemble):
-                release = _both(release, hub.claim(c))  # and the hub's model, which decodes the mixture
+            # no await since choose(): the next request's routing sees it; an ensemble holds every member
+            release = self.placements.claim(c, *(m for m, _ in progress.ensemble[1:]))
             try:
                 yield Started(tuple(progress.placements))
                 async for item in self._run(c, spec, progress):
@@ -535,15 +529,3 @@ def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: Progress)
         continue_ids=progress.ids,
         continue_chars=progress.chars,
     )
-
-
-def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
-    """One release for two claims (an ensemble's members)."""
-
-    def release() -> None:
-        try:
-            first()
-        finally:
-            second()
-
-    return release

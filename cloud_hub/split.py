@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,6 +32,8 @@ from models.errors import InvalidRequest
 from models.stage import Stage, pack, unpack
 from models.transformer import Transformer
 from tandem.v1 import tandem_pb2 as pb
+
+T = TypeVar("T")
 
 STEP_TIMEOUT_S = 30.0
 """How long the hub waits for one stage's answer to one input before it counts the stage as lost."""
@@ -52,6 +55,18 @@ def measure_uplink(session: AgentSession, n_bytes: int, elapsed_ms: float, prefi
     mbps = 8 * n_bytes / (transfer_ms * 1000)
     session.uplink_mbps = mbps if session.uplink_mbps is None else 0.5 * session.uplink_mbps + 0.5 * mbps
     return mbps
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], timeout: float, what: str) -> T:
+    """Run `coro` on the hub's loop from a worker thread and wait for it, at most `timeout` seconds (a
+    loop that stops, the hub shutting down, must not strand the thread). Raises Unavailable naming
+    `what` when it does not answer."""
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()
+        raise Unavailable(f"{what}: the hub's event loop did not answer") from None
 
 
 async def next_hidden(r: Remote, where: str) -> pb.HiddenStates:
@@ -145,14 +160,8 @@ class SplitEngine:
 
     # -- the relay, on the event loop ----------------------------------------------------------------
 
-    def _call(self, coro: object) -> torch.Tensor | None:
-        """Run `coro` on the hub's loop from this worker thread and wait for it."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
-        try:  # bounded: a loop that stops (the hub shutting down) must not strand this thread
-            return future.result(timeout=len(self.remotes) * STEP_TIMEOUT_S + 5)
-        except TimeoutError:
-            future.cancel()
-            raise Unavailable("split stages: the hub's event loop did not answer") from None
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return on_loop(self.loop, coro, len(self.remotes) * STEP_TIMEOUT_S + 5, "split stages")
 
     def _finish(self, h: torch.Tensor | None) -> torch.Tensor:
         """The hub's own layers on the last stage's output, then the head: (V,) logits."""

@@ -38,8 +38,7 @@ def hidden_message(work_id: str, layer_end: int, h: object, dtype: str) -> pb.Hi
 
 def logits_message(work_id: str, layer_end: int, logits: torch.Tensor) -> pb.HiddenStates:
     """(V,) next-token logits as the (1, 1, V) float32 HiddenStates an ensemble member answers with."""
-    shape, data = pack(logits.reshape(1, 1, -1), "float32")
-    return pb.HiddenStates(work_id=work_id, layer_end=layer_end, shape=shape, dtype="float32", data=data)
+    return hidden_message(work_id, layer_end, logits.reshape(1, 1, -1), "float32")
 
 
 def serve_stage(
@@ -71,18 +70,19 @@ def serve_stage(
     with served.lock:
         stage = Stage(served.loaded.model, start, end, max_len)
 
-        def answer(h: torch.Tensor) -> pb.HiddenStates:
-            if work.logits:  # an ensemble member: its next-token logits, for the hub to mix
-                return logits_message(work.work_id, end, stage.logits(h))
-            return hidden_message(work.work_id, end, h, dtype)
+        def compute(tokens: list[int], hidden: pb.HiddenStates) -> pb.HiddenStates:
+            """One input (token ids from layer 0, else hidden states) through the stage: its answer."""
+            with GOVERNOR.computing_here():  # counted while computing, not while waiting for inputs
+                if start == 0:
+                    h = stage.run(tokens=tokens)
+                else:
+                    h = stage.run(hidden=unpack(hidden.shape, hidden.dtype, hidden.data, cfg.dim))
+                if work.logits:  # an ensemble member: its next-token logits, for the hub to mix
+                    return logits_message(work.work_id, end, stage.logits(h))
+                return hidden_message(work.work_id, end, h, dtype)
 
         began = time.perf_counter()
-        with GOVERNOR.computing_here():  # counted while computing, not while waiting for inputs
-            if start == 0:
-                h = stage.run(tokens=first_ids)
-            else:
-                h = stage.run(hidden=unpack(work.hidden.shape, work.hidden.dtype, work.hidden.data, cfg.dim))
-            first = answer(h)
+        first = compute(list(work.input.tokens.ids), work.hidden)
         prefill_s = time.perf_counter() - began
         send(pb.AgentMessage(hidden=first))
         steps, decode_s = 0, 0.0
@@ -96,12 +96,7 @@ def serve_stage(
             if item.end:
                 break
             t0 = time.perf_counter()
-            with GOVERNOR.computing_here():
-                if start == 0:
-                    h = stage.run(tokens=list(item.token_ids))
-                else:
-                    h = stage.run(hidden=unpack(item.hidden.shape, item.hidden.dtype, item.hidden.data, cfg.dim))
-                message = answer(h)
+            message = compute(list(item.token_ids), item.hidden)
             decode_s += time.perf_counter() - t0
             steps += 1
             send(pb.AgentMessage(hidden=message))
