@@ -91,17 +91,20 @@ class Governor:
         cores: int | None = None,
         read: Callable[[], tuple[float, float]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        fixed: int | None = None,
     ) -> None:
+        """`fixed`: every thread computes with that many threads, and nothing is sampled."""
         cpus = usable_cpus()
         self.cores = cores or len(cpus)
         self.max_threads = max(1, min(max_threads or torch.get_num_threads(), self.cores))
         """torch's own default (OMP_NUM_THREADS, physical cores), within the CPUs we may use."""
         self.read = read or (lambda: cpu_seconds(cpus))  # busy time on our own CPUs: a cpuset's neighbours only
         self.clock = clock
+        self.fixed = fixed
         self.foreign = 0.0
         """Moving average of the share of all cores other processes (and steal) took."""
         self.computing = 0
-        """Threads of this process computing a stream now (`fitted`)."""
+        """Threads of this process computing now (`computing_here`)."""
         self._last: tuple[float, float, float] | None = None  # (time, busy, own) of the last sample
         self._started = False
         self._lock = threading.Lock()
@@ -124,6 +127,8 @@ class Governor:
 
     def threads(self) -> int:
         """The threads a computing thread should use now."""
+        if self.fixed is not None:
+            return self.fixed
         return threads_for(self.max_threads, self.cores, self.foreign, self.computing)
 
     @contextlib.contextmanager
@@ -152,7 +157,7 @@ class Governor:
         """The daemon sampler, once; the first call measures FIRST_S before it returns, so the first
         request (or a start-up calibration) already sees a busy machine."""
         with self._lock:
-            if self._started:
+            if self._started or self.fixed is not None:
                 return
             self._started = True
         self.sample()
@@ -171,31 +176,13 @@ class Governor:
         threading.Thread(target=run, daemon=True, name="cpu-governor").start()
 
 
-class _Fixed:
-    """TANDEM_THREADS=N: every thread computes with N threads."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def apply(self) -> int:
-        if torch.get_num_threads() != self.n:
-            torch.set_num_threads(self.n)
-        return self.n
-
-    @contextlib.contextmanager
-    def computing_here(self) -> Iterator[int]:
-        yield self.apply()
-
-    def start(self) -> None:
-        pass
-
-
-def _governor() -> Governor | _Fixed:
+def _governor() -> Governor:
+    """TANDEM_THREADS=N (N > 0): N threads, fixed; else adaptive."""
     fixed = os.environ.get("TANDEM_THREADS", "").strip()
     if fixed and fixed != "0":
         if not fixed.isdigit():
             raise ValueError(f"TANDEM_THREADS must be a whole number of threads (0: adaptive), got {fixed!r}")
-        return _Fixed(int(fixed))
+        return Governor(fixed=int(fixed))
     return Governor()
 
 

@@ -128,9 +128,9 @@ def test_busy_time_is_read_for_our_own_cpus(tmp_path: Path, monkeypatch: pytest.
 
 def test_a_fixed_thread_count_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TANDEM_THREADS", "1")
-    assert isinstance(threads._governor(), threads._Fixed) and threads._governor().n == 1
+    assert threads._governor().fixed == 1 and threads._governor().threads() == 1
     monkeypatch.setenv("TANDEM_THREADS", "0")
-    assert isinstance(threads._governor(), Governor)
+    assert threads._governor().fixed is None
     monkeypatch.setenv("TANDEM_THREADS", "two")
     with pytest.raises(ValueError, match="TANDEM_THREADS must be a whole number"):
         threads._governor()
