@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.docs_block import command_line, write_block  # noqa: E402
 from partitioner.moe2.experts import Budget, Problem, SelectionError  # noqa: E402
 from partitioner.moe2.features import KINDS  # noqa: E402
-from partitioner.moe2.fleet import FleetError, Planned, RequestSize, column_objective, load_fleet, plan_problem  # noqa: E402
-from partitioner.moe2.objective import GatedObjective, route  # noqa: E402
+from partitioner.moe2.fleet import FleetError, Planned, RequestSize, load_fleet, plan_problem  # noqa: E402
+from partitioner.moe2.objective import GatedObjective, column_objective, route  # noqa: E402
 from partitioner.moe2.registry import POLICIES, make_policy  # noqa: E402
 from partitioner.moe2.select import Selection  # noqa: E402
 from partitioner.moe2.table import ExpertTable  # noqa: E402

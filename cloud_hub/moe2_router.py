@@ -64,7 +64,7 @@ from cloud_hub.router import Budget, BudgetRouter, Candidate, Choice, Router, Sc
 from partitioner.cost import Estimate
 from partitioner.moe2.experts import Budget as MoeBudget
 from partitioner.moe2.experts import Expert, Problem, SelectionError
-from partitioner.moe2.objective import GatedObjective, route
+from partitioner.moe2.objective import GatedObjective, column_objective, route
 from partitioner.moe2.select import Selection, select
 from partitioner.moe2.table import ExpertTable, variant_id
 
@@ -121,11 +121,8 @@ class Moe2Router(Router):
         the gate's weights restricted to them and renormalised, their losses."""
         obj = self._objectives.get(columns)
         if obj is None:
-            t, cols = self.table, list(columns)
-            w = t.weights[:, cols]
-            obj = GatedObjective(w / w.sum(axis=1, keepdims=True), t.losses[:, cols],
-                                 tuple(t.tokenizers[c] for c in cols), t.n_bytes)  # fmt: skip
-            self._objectives[columns] = obj
+            t = self.table
+            obj = self._objectives[columns] = column_objective(t.weights, t.losses, t.tokenizers, t.n_bytes, columns)
             if len(self._objectives) > 64:
                 self._objectives.popitem(last=False)
         return obj

@@ -10,7 +10,8 @@ import pytest
 
 from benchmarks.moe2 import FLEET, Outcome, compare, grid, held_out, outcome, plot, tables, verdict
 from partitioner.moe2.experts import Budget
-from partitioner.moe2.fleet import column_objective, load_fleet, plan_problem
+from partitioner.moe2.fleet import load_fleet, plan_problem
+from partitioner.moe2.objective import column_objective
 from partitioner.moe2.registry import POLICIES, make_policy
 from tests.test_moe2_fleet import VARIANT_IDS, fake_card, synthetic_table
 

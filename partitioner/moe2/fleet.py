@@ -36,14 +36,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import yaml
 
 from device_profiles import DeviceProfile, ProfileError, load_profile
 from models.config import ModelConfig
 from partitioner.cost import ModelCost, fits, predict, served_model_cost
 from partitioner.moe2.experts import Expert, Problem
-from partitioner.moe2.objective import GatedObjective
+from partitioner.moe2.objective import column_objective
 from partitioner.moe2.table import ExpertTable
 from partitioner.search import PRECISION_BITS
 
@@ -260,18 +259,6 @@ def load_fleet(path: Path, variants: Collection[str]) -> Fleet:
 def expert_id(device: str, variant: str) -> str:
     """ "<device>/<model>/<label>", as the hub names its experts (cloud_hub.moe2_router.expert_id)."""
     return f"{device}/{variant}"
-
-
-def column_objective(
-    weights: np.ndarray, losses: np.ndarray, tokenizers: Sequence[str], n_bytes: np.ndarray, columns: Sequence[int]
-) -> GatedObjective:
-    """The gated objective over experts of the variant `columns` (one per expert, repeats allowed):
-    (R, V) gate weights restricted to them and renormalised (MoE²: no retraining), their (R, V)
-    losses, tokenizers (V,) and the requests' (R,) bytes."""
-    cols = list(columns)
-    w = np.asarray(weights, dtype=np.float64)[:, cols]  # (R, E)
-    return GatedObjective(w / w.sum(axis=1, keepdims=True), np.asarray(losses)[:, cols],
-                          tuple(tokenizers[c] for c in cols), n_bytes)  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)

@@ -249,3 +249,15 @@ def route(weights: Sequence[float] | np.ndarray, tokenizers: Sequence[str], subs
     total = float(sum(w[i] for i in chosen))
     mixed = tuple(float(w[i]) / total if total > 0 else 1.0 / len(chosen) for i in chosen)
     return tuple(chosen), mixed
+
+
+def column_objective(
+    weights: np.ndarray, losses: np.ndarray, tokenizers: Sequence[str], n_bytes: np.ndarray, columns: Sequence[int]
+) -> GatedObjective:
+    """The gated objective over experts of the variant `columns` (one per expert, repeats allowed):
+    (R, V) gate weights restricted to them and renormalised (MoE²: no retraining), their (R, V)
+    losses, tokenizers (V,) and the requests' (R,) bytes."""
+    cols = list(columns)
+    w = np.asarray(weights, dtype=np.float64)[:, cols]  # (R, E)
+    return GatedObjective(w / w.sum(axis=1, keepdims=True), np.asarray(losses)[:, cols],
+                          tuple(tokenizers[c] for c in cols), n_bytes)  # fmt: skip
