@@ -9,9 +9,10 @@ SmolLM2 at source precision) took 114 s at two threads and 9.7 s at one; 3.7 s i
 So a serving thread runs on the cores other processes leave free, shared with the other threads of
 this process computing at the same time (an agent and the hub in one process): `Governor` samples how
 much CPU the rest of the machine took on our CPUs (/proc/stat's busy and steal time, less this
-process's own: `cpu_seconds`) every SAMPLE_S in a daemon thread, over the windows in which we computed
-too (processes that take turns with us, as a hub and its agents on one host do, never slow us down),
-smoothed; `apply()` sets the calling thread's torch (and so our kernels', which read
+process's own: `cpu_seconds`) at most every SAMPLE_S, when a computing thread fits itself (no
+thread of its own: a hub forks its broker, and a thread caught mid-read by a fork is a hazard), over
+the windows in which we computed too (processes that take turns with us, as a hub and its agents on
+one host do, never slow us down), smoothed; `apply()` sets the calling thread's torch (and so our kernels', which read
 torch.get_num_threads()) intra-op threads to `threads_for` that share and this process's computing
 threads (`computing_here`: ServedModel.stream once it holds its model, each split stage's step).
 Threads are per OS thread in OpenMP, so it runs in the thread about to compute: `fitted` wraps a
@@ -37,7 +38,7 @@ import torch
 T = TypeVar("T")
 
 SAMPLE_S = 0.25
-"""How often the daemon thread reads /proc/stat."""
+"""How often `apply` reads /proc/stat at most (a computing thread applies at every token)."""
 SMOOTHING = 0.5
 """Weight of the newest sample in the foreign share's moving average (~1 s of memory at SAMPLE_S)."""
 FIRST_S = 0.2
@@ -145,16 +146,19 @@ class Governor:
                 self.computing -= 1
 
     def apply(self) -> int:
-        """Set the calling thread's intra-op threads to `threads()` (starting the sampler on first
-        use); returns them."""
+        """Set the calling thread's intra-op threads to `threads()` (the first look at the machine on
+        first use; a new sample when SAMPLE_S has passed since the last); returns them."""
         self.start()
+        last = self._last
+        if self.fixed is None and (last is None or self.clock() - last[0] >= SAMPLE_S):
+            self.sample()
         n = self.threads()
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
         return n
 
     def start(self) -> None:
-        """The daemon sampler, once; the first call measures FIRST_S before it returns, so the first
+        """The first look at the machine, once: FIRST_S measured before it returns, so the first
         request (or a start-up calibration) already sees a busy machine."""
         with self._lock:
             if self._started or self.fixed is not None:
@@ -164,16 +168,6 @@ class Governor:
         time.sleep(FIRST_S)
         self.sample(always=True)
         self.foreign /= SMOOTHING  # the first share whole, not averaged with the 0 it started from
-
-        def run() -> None:
-            while True:
-                time.sleep(SAMPLE_S)
-                try:
-                    self.sample()
-                except Exception:  # a reading that fails once must not end the sampling
-                    continue
-
-        threading.Thread(target=run, daemon=True, name="cpu-governor").start()
 
 
 def _governor() -> Governor:

@@ -134,3 +134,20 @@ def test_a_fixed_thread_count_comes_from_the_environment(monkeypatch: pytest.Mon
     monkeypatch.setenv("TANDEM_THREADS", "two")
     with pytest.raises(ValueError, match="TANDEM_THREADS must be a whole number"):
         threads._governor()
+
+
+def test_a_computing_thread_samples_the_machine_itself_at_most_every_sample_s() -> None:
+    """No sampler thread (a forking hub must not be caught mid-read): apply() reads /proc/stat when
+    SAMPLE_S has passed since the last reading, and not before."""
+    stat = FakeStat()
+    gov = Governor(max_threads=2, cores=2, read=lambda: (stat.busy, stat.own), clock=lambda: stat.now)
+    gov._started = True
+    assert gov.apply() == 2 and gov._last == (0.0, 0.0, 0.0)  # the first reading
+    stat.tick(threads.SAMPLE_S / 2, others=1.0, ours=1.0)
+    gov.apply()
+    assert gov._last == (0.0, 0.0, 0.0) and gov.foreign == 0.0  # too soon: not read
+    stat.tick(threads.SAMPLE_S, others=1.0, ours=1.0)
+    gov.apply()
+    assert gov._last[0] == stat.now and gov.foreign > 0.2  # read: a neighbour on the other core
+    stat.tick(threads.SAMPLE_S, others=1.0, ours=1.0)
+    assert gov.apply() == 1  # and as it stays, one thread
