@@ -193,7 +193,7 @@ def setup(kind: str, n_cal: int, n_eval: int, seed: int, request: RequestSize) -
     and facts about the gate."""
     from partitioner.moe2.dataset import PromptSpec
     from partitioner.moe2.features import prepare_split
-    from partitioner.moe2.gate import held_out as gate_held_out
+    from partitioner.moe2.gate_measures import held_out as gate_held_out
     from tandem_cli.experts import card
 
     cal = prepare_split("calibration", PromptSpec(n_cal), kind)

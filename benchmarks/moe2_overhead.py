@@ -4,7 +4,7 @@
 
 Quality: for each kind (partitioner.moe2.features.KINDS) a gate trained as `tandem experts train`
 trains it (seed 0, weight decay cross-validated on the calibration requests, subset dropout 0.5) on
-the 200 calibration requests' features, measured on the 100 held-out requests (gate.held_out): the
+the 200 calibration requests' features, measured on the 100 held-out requests (gate_measures.held_out): the
 mixture's expected loss, k = 1 routing to the gate's top expert, and references (bits per byte).
 "prior top-1" routes every request to the top expert of the gate's mean calibration weights: what
 the hub did before it read prompts. Losses and features come from the MoE² cache (the first run
@@ -54,18 +54,13 @@ from models.gguf_loader import open_gguf, read_config  # noqa: E402
 from partitioner.cost import ModelCost  # noqa: E402
 from partitioner.moe2.dataset import GEMMA, SMOLLM, VARIANTS, PromptSpec  # noqa: E402
 from partitioner.moe2.features import KINDS, TokenEmbedder, feature_embedder, prepare_split, prompt_vector  # noqa: E402
-from partitioner.moe2.gate import (  # noqa: E402
-    Gate,
-    GateConfig,
-    GateManifest,
-    GateNet,
-    checksum,
+from partitioner.moe2.gate import Gate, GateConfig, GateManifest, GateNet, checksum, train_gate  # noqa: E402
+from partitioner.moe2.gate_measures import (  # noqa: E402
     choose_weight_decay,
     held_out,
     optimality_gaps,
     random_subsets,
     routed_loss,
-    train_gate,
 )
 from partitioner.moe2.table import ExpertTable  # noqa: E402
 
@@ -110,7 +105,7 @@ class Quality:
 
 
 SUBSETS = 5
-"""Random subsets of the optimality test (gate.optimality_gaps), as tandem experts train runs it."""
+"""Random subsets of the optimality test (gate_measures.optimality_gaps), as tandem experts train runs it."""
 
 
 def fleet() -> list[Candidate]:
@@ -327,7 +322,7 @@ def write_docs(rows: list[dict], qualities: list[Quality], head: dict, reps: int
         + "**gate top-1** is what the hub serves at k = 1 (each request to the gate's top expert); **prior "
         "top-1** every request to the prior's top expert, what the hub did before it read prompts; the gain's "
         "interval is a paired bootstrap over the held-out requests. **subsets**: the full-set gate restricted "
-        "to 5 random subsets against gates retrained on them (MoE²'s claim; gate.optimality_gaps).\n\n"
+        "to 5 random subsets against gates retrained on them (MoE²'s claim; gate_measures.optimality_gaps).\n\n"
         + verdict(head, qualities)
         + "\n\nTried and rejected for a cheap kind (same splits and training, ad hoc): mean and deviation "
         "pooled together, max pooling, frequency-weighted pooling (SIF, token frequencies of the calibration "

@@ -30,7 +30,8 @@ from tandem_cli.partition import model_card
 if TYPE_CHECKING:
     from partitioner.moe2.features import Split
     from partitioner.moe2.fleet import Planned
-    from partitioner.moe2.gate import Gate, GateConfig, HeldOut, SubsetGap
+    from partitioner.moe2.gate import Gate, GateConfig
+    from partitioner.moe2.gate_measures import HeldOut, SubsetGap
     from partitioner.moe2.select import Selection
 
 
@@ -57,7 +58,8 @@ def fit_gate(cal: Split, kind: str, config: GateConfig, weight_decay: float | No
     """The gate trained on the calibration split (train_gate), and its weight decay: `weight_decay`, or
     cross-validated on the calibration requests when None (choose_weight_decay). Deterministic for
     config.seed."""
-    from partitioner.moe2.gate import choose_weight_decay, train_gate
+    from partitioner.moe2.gate import train_gate
+    from partitioner.moe2.gate_measures import choose_weight_decay
 
     x, losses, ids = cal.features, cal.matrix.losses, cal.matrix.expert_ids
     wd = choose_weight_decay(x, losses, ids, kind, config) if weight_decay is None else weight_decay
@@ -87,7 +89,8 @@ def print_gaps(gaps: list[SubsetGap]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from partitioner.moe2.dataset import VARIANTS, PromptSpec
     from partitioner.moe2.features import prepare_split
-    from partitioner.moe2.gate import GateConfig, held_out, optimality_gaps, random_subsets
+    from partitioner.moe2.gate import GateConfig
+    from partitioner.moe2.gate_measures import held_out, optimality_gaps, random_subsets
     from partitioner.moe2.table import ExpertTable
 
     splits = {}

@@ -29,17 +29,14 @@ from partitioner.moe2.dataset import (
     score,
 )
 from partitioner.moe2.features import prepare_split
-from partitioner.moe2.gate import (
-    Gate,
-    GateConfig,
-    GateMismatch,
+from partitioner.moe2.gate import Gate, GateConfig, GateMismatch, train_gate
+from partitioner.moe2.gate_measures import (
     choose_weight_decay,
     expected_loss,
     held_out,
     optimality_gaps,
     random_subsets,
     routed_loss,
-    train_gate,
 )
 from partitioner.moe2.objective import GatedObjective
 from tests.tiny import TinySpec, write_tiny_gguf
