@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.moe2 import FLEET, Outcome, compare, grid, held_out, outcome, plot, tables, verdict
+from benchmarks.moe2 import FLEET, Outcome, compare, grid, held_out, outcome, verdict
+from benchmarks.moe2_report import plot, tables
 from partitioner.moe2.experts import Budget
 from partitioner.moe2.fleet import load_fleet, plan_problem
 from partitioner.moe2.objective import column_objective
@@ -69,6 +70,27 @@ def test_infeasible_budgets_count_for_the_feasible_side_and_ties_within_toleranc
     worse = [_o("moe2", 1.0), *(_o(b, 0.9 if b == "greedy" else None) for b in POLICIES if b != "moe2")]
     v = verdict(worse)
     assert not v["goal_met"] and v["worse"]["greedy"] == 1 and v["better"]["cloud_only"] == 1
+
+
+def _paired(policy: str, losses: list[float]) -> Outcome:
+    x = np.asarray(losses)
+    return Outcome(policy, 1.0, 100.0, 1, ("x",), float(x.mean()), float(x.mean()), losses=x)
+
+
+def test_beyond_the_noise_counts_only_differences_over_two_paired_standard_errors() -> None:
+    base = np.linspace(0.8, 1.2, 50)
+    noisy = base + np.where(np.arange(50) % 2 == 0, 0.01, -0.0098)  # mean +0.0001, paired SE about 0.0014
+    clear = base + 0.01 + np.where(np.arange(50) % 2 == 0, 0.001, -0.001)  # +0.01, SE about 0.00014
+    others = [_paired(b, list(base)) for b in POLICIES if b not in ("moe2", "greedy")]
+    v = verdict([_paired("moe2", list(base)), _paired("greedy", list(noisy)), *others])
+    assert v["better"]["greedy"] == 1 and v["better_2se"]["greedy"] == 0 and not v["goal_met_2se"]
+    v = verdict([_paired("moe2", list(noisy)), _paired("greedy", list(base)), *others])
+    assert v["worse"]["greedy"] == 1 and v["worse_2se"]["greedy"] == 0 and not v["goal_met"]
+    v = verdict([_paired("moe2", list(clear)), _paired("greedy", list(base)), *others])
+    assert v["worse_2se"]["greedy"] == 1
+    v = verdict([_paired("moe2", list(base)), *(_paired(b, list(clear)) for b in POLICIES if b != "moe2")])
+    assert v["goal_met"] and v["goal_met_2se"] and set(v["better_2se"].values()) == {1}
+    assert v["calibration_margin"]["greedy"] == pytest.approx(0.01)
 
 
 def test_the_whole_grid_runs_and_moe2_wins_on_its_own_objective(fleet_and_eval, tmp_path: Path) -> None:
