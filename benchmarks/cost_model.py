@@ -308,7 +308,7 @@ def main() -> None:
     else:
         import torch
 
-        from edge_agent.profiler import cpu_name
+        from edge_agent.measurements import cpu_name
 
         runs = []
         for item in args.models.split(","):

@@ -42,10 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.docs_block import command_line, write_block  # noqa: E402
+from cloud_hub.candidates import Candidate  # noqa: E402
 from cloud_hub.moe2_gate import PromptGate  # noqa: E402
 from cloud_hub.moe2_router import Moe2Router  # noqa: E402
 from cloud_hub.prompt import prompt_from_value  # noqa: E402
-from cloud_hub.router import Budget, Candidate  # noqa: E402
+from cloud_hub.router import Budget  # noqa: E402
 from device_profiles import load_profile  # noqa: E402
 from models import zoo  # noqa: E402
 from models.corpus import documents  # noqa: E402
@@ -299,7 +300,7 @@ def cuts(rows: list[dict]) -> str:
 
 
 def write_docs(rows: list[dict], qualities: list[Quality], head: dict, reps: int) -> None:
-    from edge_agent.profiler import cpu_name
+    from edge_agent.measurements import cpu_name
 
     quality = (
         "Held-out gate quality (100 evaluation requests, bits per byte, lower is better; 200 calibration "

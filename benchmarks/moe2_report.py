@@ -100,7 +100,7 @@ def verdict_text(kind: str, s: dict) -> str:
 
 
 def write_docs(planned: Planned, rows: Sequence[Outcome], summary: dict, seconds: float) -> None:
-    from edge_agent.profiler import cpu_name  # imports torch (~3 s): only when writing the docs
+    from edge_agent.measurements import cpu_name  # imports torch (~3 s): only when writing the docs
 
     req = planned.request
     body = (

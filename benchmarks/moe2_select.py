@@ -153,7 +153,7 @@ def table(rows: list[dict]) -> str:
 
 
 def write_docs(rows: list[dict], summary: dict) -> None:
-    from edge_agent.profiler import cpu_name  # imports torch (~3 s): only when writing the docs
+    from edge_agent.measurements import cpu_name  # imports torch (~3 s): only when writing the docs
 
     budgets = "; ".join(f"{k}: energy {e} J, latency {lat} ms" for k, (e, lat) in BUDGETS.items())
     body = (

@@ -247,7 +247,7 @@ def headline(summary: dict, n_cases: int, skipped: list[str], seconds: float) ->
 
 
 def write_docs(summary: dict, rows: list[dict], head: dict, plotted: dict) -> None:
-    from edge_agent.profiler import cpu_name  # imports torch (~3 s): only when writing the docs
+    from edge_agent.measurements import cpu_name  # imports torch (~3 s): only when writing the docs
 
     edges = sorted({r["case"].edge.name for r in rows})
     clouds = sorted({r["case"].cloud.name for r in rows})

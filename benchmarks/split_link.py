@@ -162,8 +162,8 @@ async def _settings(
     hub: Hub, requests: int, warmup: int, text: str, shape: Callable[[float, float], None]
 ) -> list[dict]:
     """Each link setting's rows, once the agent is online."""
-    from cloud_hub.placements import pinned_split
-    from cloud_hub.router import split_estimate
+    from cloud_hub.estimates import split_estimate
+    from cloud_hub.split_plans import pinned_split
     from tandem import AsyncClient
 
     rows = []
@@ -256,7 +256,7 @@ def main() -> None:
     head = summary(rows, link)
     print(json.dumps(head) if args.json else table(rows))
     if args.write_docs:
-        from edge_agent.profiler import cpu_name
+        from edge_agent.measurements import cpu_name
 
         body = (
             "## A split's prediction under a shaped link (issue 16)\n\n"

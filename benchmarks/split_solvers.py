@@ -123,7 +123,7 @@ def table(rows: list[dict]) -> str:
 
 
 def write_docs(rows: list[dict], summary: dict) -> None:
-    from edge_agent.profiler import cpu_name  # imports torch (~3 s): only when writing the docs
+    from edge_agent.measurements import cpu_name  # imports torch (~3 s): only when writing the docs
 
     met = "met" if summary["single_cut_target_met"] and summary["dp_target_met"] else "NOT met"
     chain = ", ".join(f"{name} ({profile})" for name, profile, _ in CHAIN)

@@ -148,7 +148,7 @@ class Tracker:
 
     def observe_split(self, ttft_ms: float, tpot_ms: float, placement: pb.Placement, metrics: pb.Metrics) -> None:
         """Learn from one finished split request: `ttft_ms` and `tpot_ms` its plan's uncorrected
-        prediction (router.split_estimate), `placement` as predicted (corrected), `metrics` as the
+        prediction (estimates.split_estimate), `placement` as predicted (corrected), `metrics` as the
         hub measured it. The prefill correction maps the plan's TTFT to the measured one, less its
         queue; the decode correction its step to the measured time per token."""
         ttft = metrics.ttft_ms - metrics.queue_ms

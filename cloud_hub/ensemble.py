@@ -31,10 +31,12 @@ from typing import Any
 import torch
 
 from cloud_hub.backends import ServingBackend
+from cloud_hub.candidates import Candidate
 from cloud_hub.errors import Unavailable
+from cloud_hub.estimates import weigh
 from cloud_hub.fleet import AgentSession, Fleet
 from cloud_hub.registry import model_config
-from cloud_hub.router import Candidate, Choice, weigh
+from cloud_hub.router import Choice
 from cloud_hub.split import STEP_TIMEOUT_S, Remote, close_stage, next_hidden, on_loop
 from models.errors import InvalidRequest
 from models.stage import Stage, unpack
@@ -251,7 +253,7 @@ def model_info(c: Candidate, cloud: ServingBackend | None, fleet: Fleet) -> pb.M
 
 
 def placements(choice: Choice, tokens: int, remaining: int, template: int, quantile: float) -> list[pb.Placement]:
-    """One Placement per member of `choice`'s ensemble, each with its own prediction (router.weigh,
+    """One Placement per member of `choice`'s ensemble, each with its own prediction (estimates.weigh,
     admitted at the hub's `quantile`) and the selected experts' weights."""
     experts = [pb.ExpertWeight(expert=e, weight=w) for e, w in choice.experts]
     out = []

@@ -27,7 +27,7 @@ from cloud_hub.store import DeviceRecord
 from tandem.v1 import tandem_pb2 as pb
 
 if TYPE_CHECKING:
-    from cloud_hub.router import Candidate
+    from cloud_hub.candidates import Candidate
 
 _CLOSED = object()  # sentinel in a work queue: the session ended
 _REPLIES = frozenset(("tokens", "done", "error", "hidden"))

@@ -11,7 +11,7 @@ the gate pick.
   model, a pruned variant, a split) are not experts: the router weighs only the others, and hands a
   request none of whose candidates is an expert to the BudgetRouter unchanged;
 - its latency is the admitted TTFT and its energy the admitted edge energy, predicted exactly as
-  BudgetRouter predicts them (router.weigh: calibrated, queue-aware, scaled by the admission
+  BudgetRouter predicts them (estimates.weigh: calibrated, queue-aware, scaled by the admission
   quantile); a candidate whose admitted time per token misses the budget's tpot_ms is offline;
 - its quality, and the objective, come from the table: the full-set gate's weights and the variant's
   losses over the calibration requests (GatedObjective over the live experts' columns, the weights
@@ -58,9 +58,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cloud_hub.candidates import Candidate
 from cloud_hub.errors import BudgetUnsatisfiable
+from cloud_hub.estimates import violations, weigh
 from cloud_hub.prompt import RequestPrompt
-from cloud_hub.router import Budget, BudgetRouter, Candidate, Choice, Router, Scored, violations, weigh
+from cloud_hub.router import Budget, BudgetRouter, Choice, Router, Scored
 from partitioner.cost import Estimate
 from partitioner.moe2.experts import Budget as MoeBudget
 from partitioner.moe2.experts import Expert, Problem, SelectionError

@@ -13,8 +13,10 @@ from typing import Any
 from google.protobuf.json_format import MessageToDict
 
 from cloud_hub.errors import HubError
+from cloud_hub.hub_requests import Final, GenerateSpec
 from cloud_hub.openai_requests import ChatRequest, CompletionRequest
-from cloud_hub.service import Chunk, Final, GenerateSpec, HubService
+from cloud_hub.progress import Chunk
+from cloud_hub.service import HubService
 from cloud_hub.tokenizers import tokenizer_for
 from tandem.wire import Logprob
 

@@ -38,13 +38,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cloud_hub.errors import HubError, InvalidRequest, Overloaded
+from cloud_hub.hub_requests import GenerateSpec
 from cloud_hub.openai_answer import Answer, prepend, sse
 from cloud_hub.openai_extras import add_routes
 from cloud_hub.openai_requests import MAX_PROMPTS, ChatRequest, CompletionRequest
 from cloud_hub.prompt import prompt_from_value, utf8_size
 from cloud_hub.registry import Registry
 from cloud_hub.router import Budget
-from cloud_hub.service import GenerateSpec, HubService
+from cloud_hub.service import HubService
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.sampling import SamplingParams
 from tandem.v1 import tandem_pb2 as pb

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from cloud_hub.candidates import Candidate
 from cloud_hub.journal import RequestRecord
-from cloud_hub.router import Candidate
 from models.kvpred import KVReport
 from models.sampling import SamplingParams
 from models.skip import SkipReport

@@ -24,124 +24,33 @@ candidate (not an emulated one: it paces decode to its profile's whole-model ste
 each trained skip ratio whose measured agreement meets the floor (`skip` set: its decode step
 predicted for the layers that run, partitioner.predict's `skip_layers`; its prefill runs them all).
 Among variants that fit, KV prediction ranks first, then skipping the fewest layers.
+
+This module holds the policies and their result (`Choice`, `Scored`). The candidates they weigh are
+cloud_hub.candidates'; the predictions and the budget test (`weigh`, `violations`) are
+cloud_hub.estimates', shared with the MoE² router, ensembles and the request path.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from cloud_hub.calibrations import Tracker
+from cloud_hub.candidates import Candidate
 from cloud_hub.errors import BudgetUnsatisfiable
+from cloud_hub.estimates import violations, weigh
 from cloud_hub.prompt import RequestPrompt
-from device_profiles import DeviceProfile, LinkSpec
-from partitioner import predict as calibrated
-from partitioner.cost import Estimate, ModelCost, predict
-from partitioner.split import TOKEN_ID_BYTES, Plan, PlanError, Timings, evaluate, single_cut, transfer_ms
+from partitioner.cost import Estimate
+from partitioner.split import PlanError
 from tandem.types import Budget  # the SDK's own value: what the caller states is what the router reads
 
 __all__ = [
     "Budget",
     "BudgetRouter",
-    "Candidate",
     "Choice",
-    "KVOption",
     "Router",
     "Scored",
-    "SkipOption",
-    "queued_estimate",
-    "violations",
-    "weigh",
 ]
-
-
-@dataclass(frozen=True)
-class KVOption:
-    """A KV-prediction variant a candidate's model serves (ModelInfo.kv_variants; models.kvpred.KVVariant
-    on the device): the hub's plain copy of what it costs and how close it stays."""
-
-    depth: float
-    """The auxiliary model's share of the layers (Sampling.kv_prediction)."""
-    aux_layers: tuple[int, ...]
-    """The base's layers the auxiliary model keeps: its prefill runs through these alone."""
-    agreement: float
-    """Greedy agreement with the unmodified model on held-out text, 0..1 (Budget.quality_floor)."""
-    bpb_ratio: float = 1.0
-    """Bits per byte relative to the unmodified model."""
-    prefill_share: float = 1.0
-    """The auxiliary prefill's measured cost as a share of the whole model's (where it was trained)."""
-
-
-@dataclass(frozen=True)
-class SkipOption:
-    """A layer-skipping variant a candidate's model serves (ModelInfo.skip_variants; models.skip.SkipVariant
-    on the device): the hub's plain copy of what it saves and how close it stays."""
-
-    ratio: float
-    """The trained skip ratio (Sampling.skip_ratio)."""
-    layers: int
-    """Layers decode skips at that ratio."""
-    agreement: float
-    """Greedy agreement with the unmodified model on held-out text, 0..1 (Budget.quality_floor)."""
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    """A split placement: agents' stages in pipeline order, then the hub's own model."""
-
-    agents: tuple[tuple[str, DeviceProfile], ...]
-    """(device id, profile) of each agent stage, the first embedding the prompt."""
-    cloud: DeviceProfile
-    """The hub's hardware, which runs the last layers and the head."""
-    cuts: tuple[int, ...] = ()
-    """Pinned boundaries, one per agent (agent i ends at cuts[i]); empty: the partitioner's single cut."""
-    timings: tuple[Timings | None, ...] = ()
-    """Per agent, then the cloud: measured per-block times (partitioner.predict.stage_parts); None or
-    empty: the profile's roofline."""
-    links: tuple[LinkSpec, ...] = ()
-    """Per agent, its link to the hub as measured (the work channel's round trips); empty: its profile's."""
-
-
-@dataclass(frozen=True)
-class Candidate:
-    kind: str
-    """One of "edge", "cloud" or "split"."""
-    device_id: str
-    """Empty for the cloud."""
-    profile: DeviceProfile
-    """The device class, for the cost model."""
-    model: str
-    """Zoo name of the model it would run."""
-    cost: ModelCost
-    """Per-token cost of that model."""
-    queued: int = 0
-    """Requests already running or waiting there."""
-    emulated: bool = False
-    """The device is paced to its profile."""
-    tracker: Tracker | None = None
-    """The device's calibration and measured corrections (None: the profile's roofline alone)."""
-    chat_tokens: int = 0
-    """Tokens its model's chat template adds (ModelInfo.chat_template_tokens); 0: unknown, the hub's
-    default (cloud_hub.prompt.CHAT_TEMPLATE_TOKENS) stands."""
-    split: SplitSpec | None = None
-    """A split placement's stages (kind "split")."""
-    skip_ratios: tuple[float, ...] = ()
-    """The skip ratios its model's layer-skipping routers were trained for (ModelInfo.skip_ratios);
-    empty: it cannot serve a request with a skip_ratio."""
-    kv_variants: tuple[KVOption, ...] = ()
-    """The KV-prediction variants its model serves (ModelInfo.kv_variants); empty: none."""
-    kv: KVOption | None = None
-    """Run with KV prediction at this variant (one of kv_variants); None: the unmodified model."""
-    skip_variants: tuple[SkipOption, ...] = ()
-    """The layer-skipping variants its model serves, measured (ModelInfo.skip_variants); empty: none."""
-    skip: SkipOption | None = None
-    """Run with layer skipping at this variant (one of skip_variants), as the router chose it; None: not."""
-    quant: str = ""
-    """The precision its model is served at (ModelInfo.quant); empty: unknown. The MoE² router maps
-    (model, quant) to the gate's expert variant (partitioner.moe2.table)."""
 
 
 @dataclass(frozen=True)
@@ -191,84 +100,6 @@ class Router(ABC):
         it only where a router overrides it): a forward pass must not hold the hub's event loop."""
 
 
-def violations(est: Estimate, budget: Budget) -> dict[str, float]:
-    """Constraint name -> how far over budget, as a ratio (>1 means violated)."""
-    pairs = {
-        "ttft_ms": (est.ttft_ms, budget.ttft_ms),
-        "tpot_ms": (est.tpot_ms, budget.tpot_ms),
-        "energy_j": (est.edge_energy_j, budget.energy_j),
-    }
-    return {name: value / limit for name, (value, limit) in pairs.items() if limit > 0}
-
-
-def _relayed(a: LinkSpec, b: LinkSpec) -> LinkSpec:
-    """Agent a to agent b through the hub (which relays between stages): both round trips, the
-    slower of a's uplink and b's downlink each way."""
-    return LinkSpec(a.rtt_ms + b.rtt_ms, min(a.uplink_mbps, b.downlink_mbps), min(b.uplink_mbps, a.downlink_mbps))
-
-
-@functools.lru_cache(maxsize=1024)
-def split_plan(spec: SplitSpec, cost: ModelCost, prompt_tokens: int, max_tokens: int) -> Plan:
-    """The plan a split candidate runs for this request: its pinned cuts, or the partitioner's
-    interior single cut of least TTFT (partitioner.split). Raises PlanError (binding "memory") when
-    no cut fits, ValueError for pinned cuts that are not a plan."""
-    profiles = [p for _, p in spec.agents]
-    own = spec.links or tuple(p.link for p in profiles)
-    links = [_relayed(a, b) for a, b in itertools.pairwise(own)] + [own[-1]]
-    devices = [*spec.agents, ("cloud", spec.cloud)]
-    names = [d for d, _ in devices]
-    timings = {n: t for n, t in zip(names, spec.timings, strict=True) if t is not None} if spec.timings else {}
-    cuts = spec.cuts
-    if not cuts:
-        pair = {k: timings[n] for k, n in (("edge", names[0]), ("cloud", "cloud")) if n in timings}
-        cuts = single_cut(
-            profiles[0], spec.cloud, cost, prompt_tokens, max_tokens, link=links[0], interior=True, timings=pair
-        ).cuts
-    return evaluate(devices, links, cost, prompt_tokens, max_tokens, cuts, timings=timings)  # stages by device id
-
-
-def split_estimate(spec: SplitSpec, cost: ModelCost, prompt_tokens: int, max_tokens: int) -> Estimate:
-    """A split's prediction from its plan alone (no online correction). Raises PlanError for a split
-    that fits nowhere."""
-    plan = split_plan(spec, cost, prompt_tokens, max_tokens)
-    first = spec.links[0] if spec.links else spec.agents[0][1].link
-    # the plan starts at its first device; the prompt's ids go there from the hub first
-    ttft = plan.ttft_ms + transfer_ms(first, prompt_tokens * TOKEN_ID_BYTES, "down")
-    total = ttft + (max_tokens - 1) * plan.tpot_ms
-    return Estimate(ttft, plan.tpot_ms, total, plan.edge_energy_j, plan.edge_energy_j, ttft, plan.tpot_ms)
-
-
-def estimate(c: Candidate, prompt_tokens: int, max_tokens: int) -> Estimate:
-    """The mean prediction for `c`, before its queue. Raises PlanError for a split that fits nowhere."""
-    if c.split is not None:
-        est = split_estimate(c.split, c.cost, prompt_tokens, max_tokens)
-        if c.tracker is None:
-            return est
-        # the pipeline's own corrections (calibrations.Tracker.observe_split): TTFT and step as a whole
-        ttft, tpot = c.tracker.prefill.correct(est.ttft_ms), c.tracker.decode.correct(est.tpot_ms)
-        total = ttft + (max_tokens - 1) * tpot
-        return Estimate(ttft, tpot, total, est.energy_j, est.edge_energy_j, ttft, tpot)
-    t, kv_layers = c.tracker, len(c.kv.aux_layers) if c.kv is not None else None
-    skip_layers = c.skip.layers if c.skip is not None else None
-    if t is None and skip_layers is None:
-        return predict(c.profile, c.cost, prompt_tokens, max_tokens, kv_layers=kv_layers)
-    if t is None:  # the roofline too: partitioner.predict without a calibration or corrections is it
-        return calibrated.predict(
-            c.profile, c.cost, prompt_tokens, max_tokens, kv_layers=kv_layers, skip_layers=skip_layers
-        )
-    return calibrated.predict(
-        c.profile,
-        c.cost,
-        prompt_tokens,
-        max_tokens,
-        t.calibration,
-        t.corrections(),
-        c.emulated,
-        kv_layers=kv_layers,
-        skip_layers=skip_layers,
-    )
-
-
 def with_kv_variants(candidates: list[Candidate], quality_floor: float) -> list[Candidate]:
     """`candidates`, each edge one followed by itself with its fastest KV-prediction variant (fewest
     auxiliary layers) whose agreement meets `quality_floor`, where it has one; 0: unchanged."""
@@ -298,49 +129,6 @@ def with_skip_variants(candidates: list[Candidate], quality_floor: float) -> lis
         able.sort(key=lambda v: (v.layers, v.ratio))
         out.extend(dataclasses.replace(c, skip=v) for v in able)
     return out
-
-
-def admitted_estimate(est: Estimate, multipliers: tuple[float, float], steps: int) -> Estimate:
-    """`est` (queue-free) scaled for admission: TTFT by the first multiplier, each token after it by
-    the second, energy by the time-weighted mix of both."""
-    m_ttft, m_tpot = multipliers
-    busy = est.prefill_ms + steps * est.decode_ms
-    scale = (est.prefill_ms * m_ttft + steps * est.decode_ms * m_tpot) / busy if busy > 0 else m_ttft
-    ttft, tpot = est.ttft_ms * m_ttft, est.tpot_ms * m_tpot
-    return type(est)(
-        **{
-            **est.__dict__,
-            "ttft_ms": ttft,
-            "tpot_ms": tpot,
-            "total_ms": ttft + steps * tpot,
-            "energy_j": est.energy_j * scale,
-            "edge_energy_j": est.edge_energy_j * scale,
-        }
-    )
-
-
-def queued_estimate(est: Estimate, queued: int) -> Estimate:
-    """A device running one request at a time makes the next wait for those ahead of it."""
-    if queued <= 0:
-        return est
-    wait = est.total_ms * queued
-    return type(est)(**{**est.__dict__, "ttft_ms": est.ttft_ms + wait, "total_ms": est.total_ms + wait})
-
-
-def weigh(
-    c: Candidate, prompt_tokens: int, max_tokens: int, template_tokens: int, quantile: float
-) -> tuple[Estimate, Estimate]:
-    """(mean, admitted) predictions for `c`, its queue included: what every policy holds against a
-    budget. The mean is the cost model's (calibrated where `c` has a tracker); the admitted one scales
-    it by the tracker's `quantile` of measured/predicted ratios (no tracker: the mean itself). The
-    chat template's `template_tokens` in prompt_tokens are replaced by the candidate's own count where
-    it knows it. Raises PlanError for a split that fits nowhere."""
-    tokens = prompt_tokens - template_tokens + c.chat_tokens if template_tokens and c.chat_tokens else prompt_tokens
-    alone = estimate(c, max(1, tokens), max_tokens)
-    est = queued_estimate(alone, c.queued)
-    if c.tracker is None:
-        return est, est
-    return est, queued_estimate(admitted_estimate(alone, c.tracker.multipliers(quantile), max_tokens - 1), c.queued)
 
 
 _KIND_RANK = {"edge": 0, "split": 1, "cloud": 2}

@@ -24,13 +24,14 @@ from cloud_hub.broker import BrokerConfig, BrokerTls, ManagedBroker
 from cloud_hub.broker_process import bindable, read_int
 from cloud_hub.calibrations import Calibrations, served_calibration
 from cloud_hub.fleet import Fleet
+from cloud_hub.hub_requests import Limits
 from cloud_hub.interceptor import AdmissionInterceptor, DeviceCertInterceptor, ErrorInterceptor
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.pki import DeviceCA, load_device_ca
 from cloud_hub.placements import Placements, SourceContext, make_sources
 from cloud_hub.registry import MqttAccess, Registry
 from cloud_hub.router import BudgetRouter, Router
-from cloud_hub.service import HubService, Limits
+from cloud_hub.service import HubService
 from cloud_hub.servicers import InferenceServicer, RegistryServicer, WorkChannelServicer
 from cloud_hub.store import open_store
 from cloud_hub.telemetry import TelemetryIngest

@@ -6,6 +6,8 @@ for the placement within budget, dispatches the work down an agent's channel (th
 unchanged) or to the hub's own backend, fails over mid-stream when a device drops, and counts the
 outcome in the metrics. Nothing here knows about gRPC contexts; errors are `HubError`s, mapped to
 status codes at the server's edge. Enrollment and credentials are `cloud_hub.registry`'s.
+A request's values, the rules it must meet and its translations to the wire (Work, Placement
+messages) are cloud_hub.hub_requests'.
 """
 
 from __future__ import annotations
@@ -13,99 +15,45 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
-import os
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from cloud_hub import ensemble, variants
 from cloud_hub.backends import ServingBackend
 from cloud_hub.calibrations import split_key
+from cloud_hub.candidates import Candidate
 from cloud_hub.ensemble import EnsembleEngine
 from cloud_hub.errors import HubError, InvalidRequest, NotFound, Overloaded, RateLimited, Unavailable
+from cloud_hub.estimates import split_estimate, split_plan
 from cloud_hub.fleet import Fleet
+from cloud_hub.hub_requests import (
+    Event,
+    Final,
+    GenerateSpec,
+    Limits,
+    Started,
+    agent_work,
+    placement_of,
+    split_placements,
+    validate_request,
+)
 from cloud_hub.journal import Journal
 from cloud_hub.metrics import HubMetrics
-from cloud_hub.placements import SPLIT_PIN, Placements, pinned_split
+from cloud_hub.placements import Placements
 from cloud_hub.progress import Chunk, Progress
-from cloud_hub.prompt import CHAT_TEMPLATE_TOKENS, RequestPrompt
-from cloud_hub.ratelimit import RateLimiter
-from cloud_hub.router import Budget, Candidate, Router, split_estimate, split_plan
+from cloud_hub.prompt import CHAT_TEMPLATE_TOKENS
+from cloud_hub.router import Budget, Router
 from cloud_hub.split import SplitEngine
+from cloud_hub.split_plans import SPLIT_PIN, pinned_split
 from models.errors import InvalidRequest as ModelInvalidRequest
 from models.generate import Continuation
 from models.kvpred import KVReport
-from models.sampling import SamplingParams
 from partitioner.split import PlanError
-from tandem.types import MAX_EXPERTS
 from tandem.v1 import tandem_pb2 as pb
-from tandem.wire import kv_report_kwargs, logprob_of, sampling_message, tools_of
+from tandem.wire import kv_report_kwargs, logprob_of, tools_of
 
 log = logging.getLogger("tandem.hub")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_prompt_bytes: int = 64 * 1024
-    """Largest prompt (text, or all chat contents together) the hub accepts."""
-    max_tokens: int = 4096
-    """Largest max_tokens a request may ask for."""
-    max_n: int = 8
-    """Most choices (n) one request may ask for."""
-    token_ttl_s: float = 3600.0
-    """Default lifetime of an enrollment token."""
-    max_inflight: int = 512
-    """Requests served at once (held at the hub for a device's slot included); beyond it the hub answers
-    RESOURCE_EXHAUSTED (HTTP 429) at once, with a retry-after of 1 s."""
-    rate_per_s: float = 0.0
-    """Requests each API key may start per second (a token bucket per key); 0: no rate limit."""
-    rate_burst: int = 0
-    """Requests a key may start at once from a full bucket; 0: one second's worth (at least 1)."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_prompt_bytes", "max_tokens", "max_n", "max_inflight", "rate_per_s", "rate_burst"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"Limits.{name} must be a non-negative number, got {getattr(self, name)}")
-
-    def rate_limiter(self) -> RateLimiter | None:
-        """The per-key limiter these limits ask for (None: no rate limit)."""
-        if self.rate_per_s == 0:
-            return None
-        return RateLimiter(self.rate_per_s, self.rate_burst or max(1.0, math.ceil(self.rate_per_s)))
-
-
-@dataclass(frozen=True)
-class GenerateSpec:
-    prompt: RequestPrompt
-    params: SamplingParams
-    budget: Budget
-    model: str = ""
-    arrived: float = 0.0
-    """time.perf_counter() when the request reached the hub (0: when generate() starts); the hub's own
-    time counts from here, so that authenticating and parsing the request are in it."""
-    device: str = ""
-    """Run only on this device id ("cloud": the hub's own model), or on a pinned split plan
-    ("split:DEVICE:END[,DEVICE:END…]", placements.pinned_split); empty: the router chooses."""
-
-
-@dataclass(frozen=True)
-class Final:
-    finish_reason: str
-    placements: tuple[pb.Placement, ...]
-    metrics: pb.Metrics
-    finish_reasons: tuple[str, ...] = ()
-    """Each choice's, by index (one for n = 1: finish_reason)."""
-
-
-@dataclass(frozen=True)
-class Started:
-    placements: tuple[pb.Placement, ...]
-    """Every placement so far; the last is the one starting now."""
-
-
-Event = Started | Chunk | Final
 
 
 class HubService:
@@ -115,7 +63,7 @@ class HubService:
         placements: Placements,
         router: Router,
         cloud: ServingBackend | None,
-        limits: Limits = Limits(),
+        limits: Limits = Limits(),  # noqa: B008 (a frozen dataclass: one shared default is safe)
         metrics: HubMetrics | None = None,
         journal: Journal | None = None,
     ) -> None:
@@ -148,37 +96,10 @@ class HubService:
     # -- requests --------------------------------------------------------------------------------
 
     def validate(self, spec: GenerateSpec) -> None:
-        """The hub's rules for every request, gRPC and HTTP alike (each edge has made its prompt
-        UTF-8-clean and its ids uint32 already). Raises InvalidRequest with a message that starts with
-        the field it refuses."""
-        size = spec.prompt.size_bytes
-        if size == 0:
-            raise InvalidRequest("prompt: must not be empty")
-        if size > self.limits.max_prompt_bytes:
-            raise InvalidRequest(f"prompt: {size} bytes exceeds the hub's limit of {self.limits.max_prompt_bytes}")
-        if spec.params.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens: must be at least 1, got {spec.params.max_tokens}")
-        if spec.params.max_tokens > self.limits.max_tokens:
-            raise InvalidRequest(
-                f"max_tokens: {spec.params.max_tokens} exceeds the hub's limit of {self.limits.max_tokens}"
-            )
-        if spec.params.n > self.limits.max_n:
-            raise InvalidRequest(f"n: {spec.params.n} exceeds the hub's limit of {self.limits.max_n} choices")
-        b = spec.budget
-        for name in ("ttft_ms", "tpot_ms", "energy_j"):
-            value = getattr(b, name)
-            if not value >= 0:  # NaN too
-                raise InvalidRequest(f"budget.{name}: budget values must be non-negative numbers (0 means no limit)")
-        if not 0 <= b.quality_floor <= 1:  # NaN too
-            raise InvalidRequest(
-                f"budget.quality_floor: the lowest greedy agreement accepted, in [0, 1], got {b.quality_floor}"
-            )
-        if not 0 <= b.experts <= MAX_EXPERTS:
-            raise InvalidRequest(
-                f"budget.experts: how many MoE² experts answer together, 0..{MAX_EXPERTS}, got {b.experts}"
-            )
-        if spec.prompt.kind == "tokens":  # models() walks the fleet: not for every text request
-            spec.prompt.check_vocabulary(spec.model, self.placements.models())
+        """The hub's rules for every request, gRPC and HTTP alike, against these limits
+        (hub_requests.validate_request). Raises InvalidRequest with a message that starts with the
+        field it refuses."""
+        validate_request(spec, self.limits, self.placements)
 
     def _route(
         self, spec: GenerateSpec, excluded: set[str], progress: Progress
@@ -240,30 +161,14 @@ class HubService:
         adm = choice.admitted or est
         progress.ensemble = ensemble.members(choice, self.cloud, self.fleet) if spec.params.n == 1 else ()
         if c.split is not None:
-            return c, self._split_placements(c, est, adm, choice.quantile, tokens, remaining, progress)
+            plan = progress.plan = split_plan(c.split, c.cost, tokens, remaining)  # kept for _run
+            return c, split_placements(c, plan, est, adm, choice.quantile)
         if progress.ensemble:
             return c, ensemble.placements(choice, tokens, remaining, template, self.fleet.calibrations.quantile)
-        placement = pb.Placement(
-            kind=c.kind,
-            device_id=c.device_id,
-            profile=c.profile.name,
-            model=c.model,
-            emulated=c.emulated,
-            predicted_ttft_ms=est.ttft_ms,
-            predicted_tpot_ms=est.tpot_ms,
-            predicted_energy_j=est.edge_energy_j,
-            admitted_ttft_ms=adm.ttft_ms,
-            admitted_tpot_ms=adm.tpot_ms,
-            quantile=choice.quantile,
-            calibrated=c.tracker is not None and c.tracker.calibration is not None,
-            kv_prediction=c.kv.depth if c.kv is not None and not spec.params.kv_prediction else 0.0,  # the hub's
-            skip_ratio=c.skip.ratio if c.skip is not None and not spec.params.skip_ratio else 0.0,  # the hub's
-            experts=[pb.ExpertWeight(expert=e, weight=w) for e, w in choice.experts],  # MoE²: the selected subset
-        )
-        return c, [placement]
+        return c, [placement_of(choice, spec.params)]
 
     def _split_engine(self, c: Candidate, progress: Progress) -> SplitEngine:
-        """The engine that runs `c`'s plan (kept by _split_placements): the agents' stages over their
+        """The engine that runs `c`'s plan (kept by _route): the agents' stages over their
         work channels, the last layers on the hub's own model."""
         plan = progress.plan
         assert plan is not None and self.cloud is not None
@@ -276,36 +181,6 @@ class HubService:
         model = self.cloud.served.loaded.model  # type: ignore[attr-defined]
         loop = asyncio.get_running_loop()
         return SplitEngine(loop, remotes, model, c.model, plan.stages[-1].start, self.split_dtype)
-
-    def _split_placements(
-        self, c: Candidate, est: Any, adm: Any, quantile: float, tokens: int, remaining: int, progress: Progress
-    ) -> list[pb.Placement]:
-        """One Placement per stage of the split `c` runs for this request, each with its layer range and
-        the plan's predicted and admitted figures (its pipeline's corrections applied); the plan is kept
-        for _run."""
-        assert c.split is not None
-        plan = split_plan(c.split, c.cost, tokens, remaining)
-        progress.plan = plan
-        names = [d for d, _ in c.split.agents] + [""]
-        return [
-            pb.Placement(
-                kind="split",
-                device_id=names[i] if i < len(names) - 1 else "",
-                profile=stage.profile.name,
-                model=c.model,
-                layer_start=stage.start,
-                layer_end=stage.end,
-                emulated=c.emulated and i == 0,
-                predicted_ttft_ms=est.ttft_ms,
-                predicted_tpot_ms=est.tpot_ms,
-                predicted_energy_j=est.edge_energy_j,
-                admitted_ttft_ms=adm.ttft_ms,
-                admitted_tpot_ms=adm.tpot_ms,
-                quantile=quantile,
-                calibrated=bool(c.split.timings) and all(t is not None for t in c.split.timings),
-            )
-            for i, stage in enumerate(plan.stages)
-        ]
 
     async def generate(self, spec: GenerateSpec, encode: Callable[[Event], Any] = lambda ev: ev) -> AsyncIterator[Any]:
         """Admit, route and run one request (see _generate), counting it in the metrics.
@@ -492,7 +367,7 @@ class HubService:
         session = self.fleet.sessions.get(c.device_id)
         if session is None:
             raise Unavailable(f"device {c.device_id} went offline")
-        replies = session.run(_work(spec, c.model, params, progress))  # the work is on its way now
+        replies = session.run(agent_work(spec, c.model, params, progress))  # the work is on its way now
         progress.dispatched()
         async for received, item in replies:
             progress.received = received
@@ -517,15 +392,3 @@ class HubService:
                 progress.skipping = variants.skip_report(item.metrics)
                 kv = kv_report_kwargs(item.metrics)
                 progress.kv = KVReport(**kv) if kv is not None else None
-
-
-def _work(spec: GenerateSpec, model: str, p: SamplingParams, progress: Progress) -> pb.Work:
-    sampling = sampling_message(**vars(p))
-    return pb.Work(
-        work_id=os.urandom(16).hex(),  # random like a uuid4, a few times cheaper
-        model=model,
-        input=spec.prompt.wire,  # as the caller sent it (the OpenAI API made it once from JSON)
-        sampling=sampling,
-        continue_ids=progress.ids,
-        continue_chars=progress.chars,
-    )

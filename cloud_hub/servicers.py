@@ -17,11 +17,13 @@ import grpc
 
 from cloud_hub.errors import InvalidRequest
 from cloud_hub.fleet import AgentSession
+from cloud_hub.hub_requests import Final, GenerateSpec, Started
 from cloud_hub.interceptor import certified_device, device_refusal
+from cloud_hub.progress import Chunk
 from cloud_hub.prompt import prompt_from_wire
 from cloud_hub.registry import Registry
 from cloud_hub.router import Budget
-from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started
+from cloud_hub.service import HubService
 from cloud_hub.updates import UpdateRefused, Updates
 from models.sampling import SamplingParams
 from tandem.v1 import tandem_pb2 as pb

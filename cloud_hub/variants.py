@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol
 
+from cloud_hub.candidates import Candidate
 from cloud_hub.errors import InvalidRequest
-from cloud_hub.router import Candidate
 from models.sampling import SamplingParams
 from models.skip import SkipReport
 from tandem.v1 import tandem_pb2 as pb
 
 
 class Request(Protocol):
-    """What these functions read of a request (service.GenerateSpec has it)."""
+    """What these functions read of a request (hub_requests.GenerateSpec has it)."""
 
     model: str
     device: str

@@ -4,97 +4,43 @@ Devices sit behind NAT, so the agent opens the connection: a bidirectional WorkC
 which the hub sends work and the agent streams tokens back. Any disconnect (hub restart, network
 loss) is followed by a reconnect with jittered exponential backoff; only a rejected credential
 stops the agent, since retrying cannot fix it.
+
+Here: the connection (enrollment, the reconnect loop, the work channel's writer and reader,
+following the hub's device port and broker) and telemetry. The Agent's other parts are mixed in
+from their own modules: running works (edge_agent.works.WorkRunner) and over-the-air updates
+(edge_agent.updates.Updater). Its saved enrollment is edge_agent.credentials; the protobufs it
+builds, edge_agent.messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import queue
 import random
 import threading
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 
-from edge_agent.identity import (
-    DeviceIdentity,
-    device_address,
-    hub_host,
-    load_identity,
-    new_key_request,
-    save_identity,
-)
-from edge_agent.ota import (
-    ServedLoader,
-    UpdateCommand,
-    UpdateFailed,
-    bundle_served,
-    fetch_bundle,
-    load_update,
-    save_served,
-)
-from edge_agent.power import EnergyMeter, PowerGauge, PowerSensor, SensorError
+from edge_agent.credentials import Credentials, EnrollmentRejected, load_credentials, save_credentials
+from edge_agent.identity import device_address, load_identity, new_key_request, save_identity
+from edge_agent.messages import coalesce, followed_broker, model_info, mqtt_settings
+from edge_agent.ota import ServedLoader, bundle_served
+from edge_agent.power import PowerGauge, PowerSensor
 from edge_agent.spool import Spool
-from edge_agent.stage import serve_stage
-from edge_agent.telemetry import MqttSettings, TelemetryPublisher
-from models.errors import InvalidRequest
-from models.generate import Continuation, TokenEvent, plain
-from models.kvpred import KVReport
-from models.sampling import SamplingParams
+from edge_agent.telemetry import TelemetryPublisher
+from edge_agent.updates import Updater
+from edge_agent.works import WorkRunner
 from models.serving import ServedModel
-from models.skip import SkipReport
-from models.streaming import iterate_in_thread
-from models.threads import fitted
-from tandem.files import write_private
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tandem.wire import (
-    kv_variant_message,
-    logprob_message,
-    prompt_of,
-    sampling_kwargs,
-    set_kv_report,
-    skip_variant_message,
-    tools_of,
-)
 
 log = logging.getLogger("tandem.agent")
 VERSION = "0.1.0"
 COALESCE_MAX = 64  # queued messages the writer merges at once
-
-
-def coalesce(messages: list[pb.AgentMessage]) -> list[pb.AgentMessage]:
-    """The same replies in fewer messages: each work's queued TokenChunks of one choice become one
-    (ids, text and logprobs concatenated, at the place of the first; a choice's last chunk, which
-    carries its finish reason, closes it), so a busy agent sends what it has ready
-    together and the hub relays one message where it would relay several. Nothing waits for
-    this: it merges only what is already queued. Order within a work is kept (its WorkDone or
-    WorkError follows all of its tokens); across works it does not matter.
-    """
-    out: list[pb.AgentMessage] = []
-    open_chunks: dict[str, pb.TokenChunk] = {}
-    for msg in messages:
-        kind = msg.WhichOneof("kind")
-        if kind != "tokens":
-            if kind in ("done", "error"):
-                open_chunks.pop(getattr(msg, kind).work_id, None)
-            out.append(msg)
-            continue
-        chunk = open_chunks.get(msg.tokens.work_id)
-        if chunk is None or chunk.index != msg.tokens.index or chunk.finish_reason:  # another choice, or its end
-            open_chunks[msg.tokens.work_id] = msg.tokens
-            out.append(msg)
-        else:
-            chunk.token_ids.extend(msg.tokens.token_ids)
-            chunk.text += msg.tokens.text
-            chunk.logprobs.extend(msg.tokens.logprobs)
-            chunk.finish_reason = msg.tokens.finish_reason
-    return out
 
 
 @dataclass(frozen=True)
@@ -127,46 +73,7 @@ class AgentConfig:
     """What the agent reports in its Hello ("": the package's VERSION); a flashed image may name its build."""
 
 
-@dataclass(frozen=True)
-class Credentials:
-    device_id: str
-    credential: str
-    hub: str
-    mqtt: MqttSettings | None
-    device_hub: str = ""
-    """host:port of the hub's device port, dialled with this device's certificate (mutual TLS); empty:
-    the hub address serves this device (plaintext, or TLS without device certificates)."""
-
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("x-tandem-device-id", self.device_id), ("x-tandem-credential", self.credential))
-
-
-class EnrollmentRejected(RuntimeError):
-    """The hub refused the token or the saved credential: retrying will not help."""
-
-
-def credentials_path(state_dir: Path) -> Path:
-    return state_dir / "credentials.json"
-
-
-def save_credentials(state_dir: Path, creds: Credentials) -> None:
-    """Write the credential file readable by the owner only (0600), atomically."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_private(
-        credentials_path(state_dir), json.dumps({**asdict(creds), "mqtt": asdict(creds.mqtt) if creds.mqtt else None})
-    )
-
-
-def load_credentials(state_dir: Path) -> Credentials | None:
-    path = credentials_path(state_dir)
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    mqtt = MqttSettings(**data["mqtt"]) if data.get("mqtt") else None
-    return Credentials(data["device_id"], data["credential"], data["hub"], mqtt, data.get("device_hub", ""))
-
-
-class Agent:
+class Agent(WorkRunner, Updater):
     def __init__(self, config: AgentConfig, engine: ServedModel, loader: ServedLoader | None = None) -> None:
         self.config, self.engine = config, engine
         self.loader = loader or bundle_served(engine)
@@ -463,243 +370,3 @@ class Agent:
             agent_version=self.config.agent_version or VERSION,
         )
         return pb.AgentMessage(hello=hello)
-
-    def _command_arrived(self, payload: bytes) -> None:
-        """A message on the device's commands topic, in paho's thread: handled on the agent's loop."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._on_command, payload)
-
-    def _on_command(self, payload: bytes) -> None:
-        try:
-            command = UpdateCommand.from_payload(payload)
-        except ValueError as exc:
-            log.warning("ignoring a malformed command: %s", exc)
-            return
-        if command.command_id in self._commands:
-            return
-        self._commands.add(command.command_id)
-        task = asyncio.create_task(self.update(command))
-        self._updates.add(task)
-        task.add_done_callback(self._updates.discard)
-
-    async def update(self, command: UpdateCommand) -> pb.UpdateResult:
-        """Fetch, verify and load `command`'s bundle and serve it from the next request on: requests
-        running now finish on the model they started with (each takes `self.engine` once, at its
-        start). Reports an UpdateResult to the hub, then, on success, a fresh Hello. A failure leaves
-        the model served as it was. One update at a time."""
-        async with self._update_lock:
-            try:
-                if self.channel is None or self.creds is None:
-                    raise UpdateFailed("not connected to the hub")
-                bundles = self.config.state_dir / "bundles"
-                bundle = await fetch_bundle(self.channel, self.creds.metadata(), command, bundles)
-                served = await asyncio.to_thread(load_update, self.loader, command, bundle)
-            except UpdateFailed as exc:
-                log.warning("update %s failed: %s", command.command_id, exc)
-                result = pb.UpdateResult(command_id=command.command_id, ok=False, message=str(exc), model=command.model)
-            else:
-                self.engine = served
-                save_served(self.config.state_dir, command.model, bundle)  # a restart serves it too
-                message = f"serving {command.model} ({served.info['quant']}, version {command.version[:12]})"
-                result = pb.UpdateResult(command_id=command.command_id, ok=True, message=message,
-                                         model=command.model, version=command.version)  # fmt: skip
-                log.info("update %s: %s", command.command_id, message)
-            self._report(pb.AgentMessage(update=result))
-            if result.ok:
-                self._report(self.hello())
-            return result
-
-    def _report(self, msg: pb.AgentMessage) -> None:
-        """Send `msg` on the open work channel; an UpdateResult waits for the next one if none is open
-        (a Hello needs no keeping: each channel opens with a fresh one)."""
-        if self._outbox is not None:
-            self._outbox.put_nowait(msg)
-        elif msg.WhichOneof("kind") == "update":
-            self._unsent.append(msg)
-
-    def _cancel(self, work_id: str) -> None:
-        """Stop a work at once: one waiting for a slot is dropped before it computes anything; a running
-        one stops within one decode step and frees its state (models.serving.ServedModel.stream)."""
-        waiting = self._waiting.pop(work_id, None)
-        if waiting is not None:
-            waiting.cancel()
-        cancel = self._cancels.get(work_id)
-        if cancel is not None:
-            cancel.set()
-        inputs = self._stage_inputs.get(work_id)
-        if inputs is not None:
-            inputs.put(None)  # wakes a stage waiting for its next input
-
-    async def _work(self, work: pb.Work, outbox: asyncio.Queue) -> None:
-        """Run one work when a slot is free, and report it. At most max_concurrency works run at once;
-        the others wait here for a slot, holding no thread (a Cancel drops a waiting one: _cancel)."""
-        received = time.perf_counter()  # its TTFT counts from here: waiting for a slot is queueing
-        cancel = threading.Event()
-        self._cancels[work.work_id] = cancel
-        self.pending += 1
-        try:
-            async with self._slots:
-                self._waiting.pop(work.work_id, None)  # running now: a Cancel stops it between steps
-                if not cancel.is_set():  # set while it waited: the session ended
-                    if work.layer_end:  # one stage of a split request
-                        done = await self._stage(work, cancel, outbox)
-                        if done is not None:
-                            outbox.put_nowait(done)
-                    else:
-                        outbox.put_nowait(await self._compute(work, cancel, outbox, received))
-        except InvalidRequest as exc:
-            err = pb.WorkError(work_id=work.work_id, code="INVALID_ARGUMENT", message=str(exc))
-            outbox.put_nowait(pb.AgentMessage(error=err))
-        except Exception as exc:  # an engine failure ends this work, never the agent
-            log.exception("work %s failed", work.work_id)
-            err = pb.WorkError(work_id=work.work_id, code="INTERNAL", message=f"{type(exc).__name__}: {exc}")
-            outbox.put_nowait(pb.AgentMessage(error=err))
-        finally:
-            self.pending -= 1
-            self._cancels.pop(work.work_id, None)
-
-    async def _stage(self, work: pb.Work, cancel: threading.Event, outbox: asyncio.Queue) -> pb.AgentMessage | None:
-        """Serve one split stage (edge_agent.stage) in a thread; its StageInputs arrive by _dispatch."""
-        inputs: queue.Queue = queue.Queue()
-        self._stage_inputs[work.work_id] = inputs
-        loop = asyncio.get_running_loop()
-
-        def send(msg: pb.AgentMessage) -> None:
-            loop.call_soon_threadsafe(outbox.put_nowait, msg)
-
-        engine = self.engine  # the model this stage started on, whatever an update swaps in meanwhile
-        try:
-            return await asyncio.to_thread(serve_stage, engine, work, inputs, cancel, send, self.config.power_active_w)
-        finally:
-            self._stage_inputs.pop(work.work_id, None)
-
-    async def _compute(
-        self, work: pb.Work, cancel: threading.Event, outbox: asyncio.Queue, received: float
-    ) -> pb.AgentMessage:
-        """Stream `work`'s tokens into `outbox`; returns its WorkDone (TTFT from `received`, the energy
-        of the time computing)."""
-        start = time.perf_counter()  # tokenizing the prompt is engine work: counted from here
-        engine = self.engine  # the model this request runs on to its end, whatever an update swaps in meanwhile
-        params, ids = self._prepare(work, engine)
-        cont = Continuation(tuple(work.continue_ids), work.continue_chars) if work.continue_ids else None
-        first = last = None
-        count, finish = 0, "length"
-        skipping: SkipReport | None = None  # on the last event, with Sampling.skip_ratio
-        kv: KVReport | None = None  # on the last event, with Sampling.kv_prediction
-        sensor = self.config.power_sensor
-        meter = _started(EnergyMeter(sensor)) if sensor is not None else None
-        try:
-            async for ev in iterate_in_thread(fitted(lambda: engine.stream(ids, params, cancel, cont)), cancel):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                count += 1
-                finish = ev.finish_reason or finish
-                skipping = ev.skipping or skipping
-                kv = ev.kv or kv
-                outbox.put_nowait(pb.AgentMessage(tokens=token_chunk(work.work_id, ev, ids)))
-        finally:  # a cancelled or failed request stops its meter too
-            energy = _stopped(meter)
-        tpot = ((last - first) * 1000 / (count - 1)) if first and last and count > 1 else 0.0
-        metrics = pb.Metrics(
-            prompt_tokens=len(ids),
-            completion_tokens=count,
-            ttft_ms=((first or received) - received) * 1000,
-            tpot_ms=tpot,
-            energy_j=energy if energy is not None else self.config.power_active_w * ((last or start) - start),
-            energy_measured=energy is not None,
-            prefill_ms=((first or start) - start) * 1000,  # tokenizing through the first token: the engine alone
-            decode_ms=tpot,
-            queue_ms=(start - received) * 1000,  # waiting here for a slot
-        )
-        if skipping is not None:
-            skip_metrics(metrics, skipping)
-        if kv is not None:
-            set_kv_report(metrics, **vars(kv))
-        return pb.AgentMessage(done=pb.WorkDone(work_id=work.work_id, finish_reason=finish, metrics=metrics))
-
-    def _prepare(self, work: pb.Work, engine: ServedModel) -> tuple[SamplingParams, list[int]]:
-        params = SamplingParams(**sampling_kwargs(work.sampling))
-        prompt = prompt_of(work.input)
-        if prompt is None:
-            raise InvalidRequest("work has no input")
-        return params, engine.encode(prompt, tools_of(work.input))
-
-
-def mqtt_settings(info: pb.MqttInfo, hub: str, identity: DeviceIdentity | None) -> MqttSettings | None:
-    """How telemetry reaches the broker the hub named (None: it has none). With a TLS listener and
-    our certificate: over TLS, at the host we dial the hub at (edge_agent.identity.hub_host); its
-    plaintext listener is then for the hub's own machine only."""
-    if not info.host:
-        return None
-    plain = MqttSettings(info.host, info.port, info.username, info.password, info.topic_prefix)
-    if not info.tls_port or identity is None:
-        return plain
-    files = {"ca_file": str(identity.ca_file), "cert_file": str(identity.cert_file), "key_file": str(identity.key_file)}
-    return replace(plain, host=hub_host(hub), port=info.tls_port, **files)
-
-
-def followed_broker(current: MqttSettings, info: pb.MqttInfo, hub: str) -> MqttSettings:
-    """`current` moved to the broker address a Welcome gives: its TLS port when we speak TLS to it,
-    else its host and port. The login and the TLS files stay our own."""
-    if current.ca_file and info.tls_port:
-        return replace(current, host=hub_host(hub), port=info.tls_port)
-    return replace(current, host=info.host, port=info.port)
-
-
-def model_info(served: ServedModel) -> pb.ModelInfo:
-    """What this agent advertises about `served`: its ModelInfo fields, the skip ratios its
-    layer-skipping routers were trained for (and each one's measured agreement, the hub's to weigh
-    under a quality_floor) and its KV-prediction variants, so that the hub sends
-    requests with a skip_ratio or a kv_prediction only where they can be served. None with a step
-    engine (edge_agent.engines): both run on the model's own route only (models.generate refuses
-    them elsewhere). Read at each Hello: an update may bring routers or predictors or take them away."""
-    return pb.ModelInfo(
-        **served.info,
-        skip_ratios=served.skip_ratios,
-        kv_variants=[kv_variant_message(**vars(v)) for v in served.kv_variants],
-        skip_variants=[skip_variant_message(**vars(v)) for v in served.skip_variants],
-    )
-
-
-def skip_metrics(metrics: pb.Metrics, report: SkipReport) -> None:
-    """Write a request's layer-skipping report (models.skip.SkipReport) into its Metrics."""
-    metrics.skipped_layers.extend(report.layers)
-    metrics.lossless = report.lossless
-    metrics.drafted, metrics.accepted = report.drafted, report.accepted
-
-
-def token_chunk(work_id: str, ev: TokenEvent, prompt_ids: list[int]) -> pb.TokenChunk:
-    """One generated token as its TokenChunk: its choice, text, finish and any logprobs (the
-    prompt's, with its ids, on the first)."""
-    chunk = pb.TokenChunk(
-        work_id=work_id, token_ids=[ev.token_id], text=ev.text, index=ev.row, finish_reason=ev.finish_reason or ""
-    )
-    if ev.logprob is not None:
-        chunk.logprobs.append(logprob_message(plain(ev.logprob)))
-    if ev.prompt:
-        chunk.prompt_logprobs.extend(logprob_message(plain(p)) for p in ev.prompt)
-        chunk.prompt_token_ids.extend(prompt_ids)
-    return chunk
-
-
-def _started(meter: EnergyMeter) -> EnergyMeter | None:
-    """The meter, started; None (the estimate stands in) if its sensor cannot be read now."""
-    try:
-        meter.start()
-    except SensorError as exc:
-        log.warning("power sensor unreadable, energy estimated: %s", exc)
-        return None
-    return meter
-
-
-def _stopped(meter: EnergyMeter | None) -> float | None:
-    """Joules the meter measured, or None when there was none or its sensor failed meanwhile."""
-    if meter is None:
-        return None
-    try:
-        return meter.stop().joules
-    except SensorError as exc:
-        log.warning("power sensor failed during a request, energy estimated: %s", exc)
-        return None

@@ -15,7 +15,7 @@ MAX_LOGPROBS = 20
 MAX_SKIP_RATIO = 0.75
 """The largest share of a model's layers a request's decode may skip (models.skip)."""
 MAX_CHOICES = 128
-"""Most choices one request may ask for; a hub sets its own lower limit (cloud_hub.service.Limits.max_n)."""
+"""Most choices one request may ask for; a hub sets its own lower limit (cloud_hub.hub_requests.Limits.max_n)."""
 KV_DEPTHS = (0.25, 0.5, 0.75)
 """The auxiliary depths KV prediction trains for (models.kvpred): shares of the base's layers."""
 

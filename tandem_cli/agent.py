@@ -52,7 +52,7 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from edge_agent.agent import EnrollmentRejected  # lazy: imports torch (see the module docstring)
+    from edge_agent.credentials import EnrollmentRejected  # lazy: edge_agent imports torch (see the module docstring)
     from edge_agent.engines.base import EngineUnavailable
     from edge_agent.runner import build_agent, run_until_signalled
 

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 
 def _hub_config(args: argparse.Namespace) -> HubConfig:
+    from cloud_hub.hub_requests import Limits
     from cloud_hub.server import HubConfig  # lazy: imports torch (see the module docstring)
-    from cloud_hub.service import Limits
 
     limits = Limits(max_inflight=args.max_inflight, rate_per_s=args.rate_limit, rate_burst=args.rate_burst)
     return HubConfig(

@@ -1,8 +1,8 @@
-"""The agent's writer merges each work's queued tokens into one message (edge_agent.agent.coalesce)."""
+"""The agent's writer merges each work's queued tokens into one message (edge_agent.messages.coalesce)."""
 
 from __future__ import annotations
 
-from edge_agent.agent import coalesce
+from edge_agent.messages import coalesce
 from tandem.v1 import tandem_pb2 as pb
 
 

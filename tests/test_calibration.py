@@ -10,8 +10,9 @@ import random
 import pytest
 
 from cloud_hub.calibrations import Calibrations, Tracker, calibration_from_json
+from cloud_hub.candidates import Candidate
 from cloud_hub.errors import BudgetUnsatisfiable
-from cloud_hub.router import Budget, BudgetRouter, Candidate
+from cloud_hub.router import Budget, BudgetRouter
 from cloud_hub.store import SQLiteStore
 from device_profiles import Calibration, CalibrationError, ProfileError, Sample, load_profile
 from partitioner import calibration as cal

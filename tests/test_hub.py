@@ -335,14 +335,14 @@ async def test_deregister_removes_the_device_and_its_channel(tmp_path: Path, tin
         assert hub.store.get_device(device) is None
         await wait_for(lambda: hub.fleet.status_of(device) == "offline", timeout=5)
         # The agent's saved credential no longer works: it stops instead of retrying forever.
-        from edge_agent.agent import EnrollmentRejected
+        from edge_agent.credentials import EnrollmentRejected
 
         with pytest.raises(EnrollmentRejected, match="rejected this device's credential"):
             await asyncio.wait_for(ra.task, 15)
 
 
 async def test_overload_is_refused_at_once_over_grpc(tmp_path: Path, tiny_model: Path) -> None:
-    from cloud_hub.service import Limits
+    from cloud_hub.hub_requests import Limits
     from tandem import Overloaded
 
     async with running_hub(

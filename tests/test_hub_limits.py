@@ -14,9 +14,9 @@ import pytest
 
 from cloud_hub.errors import Overloaded, RateLimited, Unavailable
 from cloud_hub.fleet import AgentSession, Fleet, _agent_error
+from cloud_hub.hub_requests import Limits
 from cloud_hub.placements import EdgeModels, SourceContext
 from cloud_hub.ratelimit import RateLimiter
-from cloud_hub.service import Limits
 from cloud_hub.store import DeviceRecord
 from edge_agent.pacing import floor_pacer
 from models.runtime import load

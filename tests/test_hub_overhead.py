@@ -12,14 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from cloud_hub.candidates import Candidate
 from cloud_hub.errors import Unauthenticated
+from cloud_hub.estimates import queued_estimate
 from cloud_hub.fleet import AgentSession, Fleet, WorkQueue
+from cloud_hub.hub_requests import Final, GenerateSpec, Started
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.placements import Placements, SourceContext, make_sources
+from cloud_hub.progress import Chunk
 from cloud_hub.prompt import prompt_from_value
 from cloud_hub.registry import Registry
-from cloud_hub.router import Budget, BudgetRouter, Candidate, queued_estimate
-from cloud_hub.service import Chunk, Final, GenerateSpec, HubService, Started
+from cloud_hub.router import Budget, BudgetRouter
+from cloud_hub.service import HubService
 from cloud_hub.servicers import spec_from_request
 from cloud_hub.store import DeviceRecord, SQLiteStore
 from device_profiles import load_profile

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from cloud_hub.registry import create_token
 from cloud_hub.store import open_store
-from edge_agent.agent import Agent, AgentConfig, load_credentials
+from edge_agent.agent import Agent, AgentConfig
+from edge_agent.credentials import load_credentials
 from models.runtime import load
 from models.serving import ServedModel
 from tests.hubkit import ROOT, needs_mosquitto, tiny_llama

@@ -10,12 +10,14 @@ import pytest
 from pydantic import ValidationError
 
 from cloud_hub.calibrations import Tracker
+from cloud_hub.candidates import Candidate, KVOption
 from cloud_hub.errors import BudgetUnsatisfiable
 from cloud_hub.errors import InvalidRequest as HubInvalidRequest
+from cloud_hub.estimates import estimate
 from cloud_hub.openai_requests import BudgetBody, TandemExtension
 from cloud_hub.placements import kv_options
 from cloud_hub.registry import model_record
-from cloud_hub.router import Budget, BudgetRouter, Candidate, KVOption, estimate
+from cloud_hub.router import Budget, BudgetRouter
 from cloud_hub.upstream import _check_supported
 from device_profiles import Calibration, load_profile
 from models.sampling import KV_DEPTHS, SamplingParams

@@ -17,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from prometheus_client import generate_latest
 
+from cloud_hub.candidates import Candidate
+from cloud_hub.estimates import weigh
 from cloud_hub.metrics import HubMetrics
 from cloud_hub.moe2_gate import PromptGate, prompt_text
 from cloud_hub.moe2_router import Moe2Router, expert_id
 from cloud_hub.prompt import RequestPrompt, prompt_from_value
-from cloud_hub.router import Budget, Candidate, weigh
+from cloud_hub.router import Budget
 from cloud_hub.server import HubConfig, make_router
 from models.runtime import load
 from partitioner.moe2.experts import Budget as MoeBudget

@@ -11,10 +11,12 @@ import httpx
 import numpy as np
 import pytest
 
+from cloud_hub.candidates import Candidate
 from cloud_hub.errors import BudgetUnsatisfiable
+from cloud_hub.estimates import weigh
 from cloud_hub.moe2_router import Moe2Router, expert_id
 from cloud_hub.prompt import prompt_from_value
-from cloud_hub.router import Budget, BudgetRouter, Candidate, weigh
+from cloud_hub.router import Budget, BudgetRouter
 from cloud_hub.server import HubConfig, make_router
 from device_profiles import load_profile
 from models.runtime import load

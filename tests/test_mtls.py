@@ -20,7 +20,8 @@ from cloud_hub.broker_process import free_port
 from cloud_hub.errors import InvalidRequest
 from cloud_hub.pki import init_pki, load_device_ca, sign_device_csr
 from cloud_hub.server import Hub
-from edge_agent.agent import Agent, AgentConfig, Credentials, EnrollmentRejected, load_credentials, save_credentials
+from edge_agent.agent import Agent, AgentConfig
+from edge_agent.credentials import Credentials, EnrollmentRejected, load_credentials, save_credentials
 from edge_agent.identity import DeviceIdentity, new_key_request, save_identity
 from models.runtime import load
 from models.sampling import SamplingParams

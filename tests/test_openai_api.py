@@ -101,7 +101,7 @@ async def test_malformed_and_oversized_bodies(tmp_path: Path, model: str) -> Non
 
 
 async def test_overload_answers_429_at_once(tmp_path: Path, model: str) -> None:
-    from cloud_hub.service import Limits
+    from cloud_hub.hub_requests import Limits
 
     async with running_hub(
         tmp_path / "hub", cloud_model=model, mqtt="none", http_listen="127.0.0.1:0", limits=Limits(max_inflight=0)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from cloud_hub.candidates import Candidate
 from cloud_hub.errors import BudgetUnsatisfiable
-from cloud_hub.router import Budget, BudgetRouter, Candidate
+from cloud_hub.router import Budget, BudgetRouter
 from device_profiles import load_profile
 from partitioner.cost import ModelCost, predict
 from tests.test_cost import SMOLLM2
@@ -66,7 +67,8 @@ def test_no_candidates_is_unsatisfiable() -> None:
 def test_a_split_that_fits_no_memory_is_ruled_out_by_memory() -> None:
     from dataclasses import replace
 
-    from cloud_hub.router import SplitSpec, split_plan
+    from cloud_hub.candidates import SplitSpec
+    from cloud_hub.estimates import split_plan
 
     tiny = replace(load_profile("raspberry-pi-5"), name="tiny-board", memory_gb=0.001)
     split = Candidate("split", "pi", tiny, "smollm2", COST, split=SplitSpec((("pi", tiny),), CLOUD.profile))
@@ -126,7 +128,8 @@ def test_a_split_pipeline_learns_its_own_fixed_costs_and_admits_at_its_quantile(
     hub and its stages) is predicted within 5% after a few answers; a slower second prompt size is
     predicted by the same intercepts, not by a gain fitted to one size."""
     from cloud_hub.calibrations import Tracker, split_key
-    from cloud_hub.router import SplitSpec, estimate, split_estimate, weigh
+    from cloud_hub.candidates import SplitSpec
+    from cloud_hub.estimates import estimate, split_estimate, weigh
     from tandem.v1 import tandem_pb2 as pb
 
     spec = SplitSpec((("pi", PI.profile),), CLOUD.profile)

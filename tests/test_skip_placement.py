@@ -13,14 +13,16 @@ import pytest
 import torch
 
 from cloud_hub.calibrations import Tracker
+from cloud_hub.candidates import Candidate, KVOption, SkipOption
 from cloud_hub.errors import BudgetUnsatisfiable
+from cloud_hub.estimates import estimate
+from cloud_hub.hub_requests import Final
 from cloud_hub.openai_answer import tandem_info
 from cloud_hub.placements import skip_options
 from cloud_hub.prompt import prompt_from_value
 from cloud_hub.registry import model_record
-from cloud_hub.router import Budget, BudgetRouter, Candidate, KVOption, SkipOption, estimate
+from cloud_hub.router import Budget, BudgetRouter
 from cloud_hub.server import Hub
-from cloud_hub.service import Final
 from cloud_hub.variants import may_skip, skip_params
 from device_profiles import Calibration, load_profile
 from models.loaded import LoadedModel

@@ -40,10 +40,11 @@ from markupsafe import Markup
 
 from cloud_hub import auth
 from cloud_hub.errors import HubError, NotFound
-from cloud_hub.placements import SplitPlans, model_cost, serves, split_spec
+from cloud_hub.estimates import split_plan
+from cloud_hub.placements import model_cost
 from cloud_hub.registry import Registry
-from cloud_hub.router import split_plan
 from cloud_hub.service import HubService
+from cloud_hub.split_plans import SplitPlans, serves, split_spec
 from cloud_hub.ui import plots, views
 from cloud_hub.ui.sessions import LOGIN_COOKIE, SESSION_COOKIE, Sessions, UiSession, same_secret
 from partitioner.split import Plan
