@@ -42,7 +42,7 @@ from benchmarks.docs_block import emit, model_section, write_block  # noqa: E402
 from benchmarks.edge_decode import cpu_model  # noqa: E402
 from models import kvpred, kvpred_train, runtime  # noqa: E402
 from models.corpus import documents  # noqa: E402
-from models.skip import calibration_windows  # noqa: E402
+from models.skip_train import calibration_windows  # noqa: E402
 from models.transformer import Step, Transformer  # noqa: E402
 
 GOALS = {"ttft_ratio": 0.5, "bpb_increase": 0.05, "agreement": 0.99}

@@ -9,7 +9,7 @@ kernels: `models.runtime.load(..., quant="source")`), unskipped, measured in the
   continuation tokens teacher-forced as decode would see them): bits per byte of the
   continuation tokens decode predicts, and top-1 agreement with the unskipped model;
 - three ways to drop the same number of layers from decode: FiRST-style routers (trained here on
-  calibration text for each ratio, `models.skip.train_set`: kept only where they beat static
+  calibration text for each ratio, `models.skip_train.train_set`: kept only where they beat static
   skipping on calibration windows held out of training), static skipping (the same least
   important layers for every input, by each layer's own KL when skipped alone), and a layer-pruned
   model (`models.prune`, block influence; its prompt runs the fewer layers too).
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.docs_block import emit, model_section, write_block  # noqa: E402
 from benchmarks.edge_decode import cpu_model  # noqa: E402
-from models import runtime, skip  # noqa: E402
+from models import runtime, skip, skip_train  # noqa: E402
 from models.corpus import documents  # noqa: E402
 from models.prune import block_influence, prune_layers  # noqa: E402
 from models.transformer import Step, Transformer  # noqa: E402
@@ -72,18 +72,18 @@ def run(args: argparse.Namespace) -> dict:
         return tok.decode(ids, skip_special_tokens=False).encode()
 
     cal_texts = [d.text for d in documents("calibration")]
-    train_windows = skip.calibration_windows(encode, cal_texts, PROMPT + TRAIN_CONTINUATION, args.train_windows)
-    eval_windows = skip.calibration_windows(
+    train_windows = skip_train.calibration_windows(encode, cal_texts, PROMPT + TRAIN_CONTINUATION, args.train_windows)
+    eval_windows = skip_train.calibration_windows(
         encode, [d.text for d in documents("eval")], PROMPT + CONTINUATION, args.eval_windows
     )
     influence = block_influence(model, [w[:PROMPT] for w in train_windows[: args.order_windows]])
     t0 = time.time()
-    router_set = skip.train_set(
+    router_set = skip_train.train_set(
         model,
         spec,
         train_windows,
         sorted(set(args.ratios) | set(args.draft_ratios)),
-        skip.SkipTraining(epochs=args.epochs),
+        skip_train.SkipTraining(epochs=args.epochs),
         order_windows=args.order_windows,
         select_windows=args.select_windows,
     )
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
     order = next(iter(router_set.by_ratio.values())).static_order
     log(f"static order {order[:10]}...; {len(train_windows)} training, {len(eval_windows)} held-out windows")
 
-    base_q = skip.quality(model, to_bytes, eval_windows, PROMPT, lambda p: frozenset())
+    base_q = skip_train.quality(model, to_bytes, eval_windows, PROMPT, lambda p: frozenset())
     rows: list[dict] = []
     speeds: dict[str, list[float]] = {"base": []}
     variants: dict[str, tuple[Transformer, frozenset[int]]] = {"base": (model, frozenset())}
@@ -108,12 +108,12 @@ def run(args: argparse.Namespace) -> dict:
             sets.append(s)
             return s
 
-        routed = skip.quality(model, to_bytes, eval_windows, PROMPT, choose)
+        routed = skip_train.quality(model, to_bytes, eval_windows, PROMPT, choose)
         static_set = routers.static(ratio)
-        static = skip.quality(model, to_bytes, eval_windows, PROMPT, lambda p, s=static_set: s)
+        static = skip_train.quality(model, to_bytes, eval_windows, PROMPT, lambda p, s=static_set: s)
         pruned_model = copy.deepcopy(model)
         prune_layers(pruned_model, count, influence)
-        pruned = skip.quality(pruned_model, to_bytes, eval_windows, PROMPT, lambda p: frozenset(), base=model)
+        pruned = skip_train.quality(pruned_model, to_bytes, eval_windows, PROMPT, lambda p: frozenset(), base=model)
         variants[f"skip {count}"] = (model, static_set)
         variants[f"pruned {count}"] = (pruned_model, frozenset())
         speeds[f"skip {count}"], speeds[f"pruned {count}"] = [], []
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
         )
         log(f"ratio {ratio}: routers {routed.bpb:.4f}, static {static.bpb:.4f}, pruned {pruned.bpb:.4f} bpb")
     trained_routers = router_set.by_ratio
-    lossless_prompts = [w[:PROMPT] for w in skip.calibration_windows(
+    lossless_prompts = [w[:PROMPT] for w in skip_train.calibration_windows(
         encode, [d.text for d in documents("eval")], PROMPT, args.lossless_prompts
     )]  # fmt: skip
     log(f"lossless mode: {len(lossless_prompts)} held-out prompts")

@@ -29,7 +29,8 @@ from edge_agent.credentials import Credentials, EnrollmentRejected, load_credent
 from edge_agent.identity import device_address, load_identity, new_key_request, save_identity
 from edge_agent.messages import coalesce, followed_broker, model_info, mqtt_settings
 from edge_agent.ota import ServedLoader, bundle_served
-from edge_agent.power import PowerGauge, PowerSensor
+from edge_agent.power import PowerSensor
+from edge_agent.power_meter import PowerGauge
 from edge_agent.spool import Spool
 from edge_agent.telemetry import TelemetryPublisher
 from edge_agent.updates import Updater

@@ -44,7 +44,8 @@ from typing import Any
 import torch
 
 from device_profiles import Sample
-from edge_agent.power import EnergyMeter, PowerSensor, SensorError, detect
+from edge_agent.power import PowerSensor, SensorError, detect
+from edge_agent.power_meter import EnergyMeter
 from models.loaded import LoadedModel
 from models.sampling import SamplingParams, sample
 from models.transformer import Step, Transformer

@@ -17,7 +17,8 @@ import time
 from typing import TYPE_CHECKING
 
 from edge_agent.messages import skip_metrics, token_chunk
-from edge_agent.power import EnergyMeter, SensorError
+from edge_agent.power import SensorError
+from edge_agent.power_meter import EnergyMeter
 from edge_agent.stage import serve_stage
 from models.errors import InvalidRequest
 from models.generate import Continuation

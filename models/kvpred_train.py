@@ -78,7 +78,7 @@ def calibration(tokenize: Callable[[str], list[int]], config: KVTraining = KVTra
     import random
 
     from models.corpus import documents
-    from models.skip import calibration_windows
+    from models.skip_train import calibration_windows
 
     docs = documents("calibration")
     random.Random(config.seed).shuffle(docs)
@@ -173,7 +173,7 @@ def finetune(
     continuation token + config.l1 x the mean L1 distance to the true keys and values over their
     mean magnitude. Gradients flow through a dense copy of the served weights (the kernels'
     matmuls have none). Adam, one window a step, in an order the seed sets."""
-    from models.skip import dense_copy
+    from models.skip_train import dense_copy
 
     dense = dense_copy(model)
     # Per window, computed once on the served model: the aux layers' captures, the true keys and

@@ -36,21 +36,21 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_models_train_routers(args: argparse.Namespace) -> int:
-    """Train a zoo model's layer-skipping routers (models.skip) on calibration text, one set a
+    """Train a zoo model's layer-skipping routers (models.skip_train) on calibration text, one set a
     ratio, and save them where agents serving it at that precision find them."""
     # Lazy: torch and the corpus, which `list` and `pull` never need.
     from tqdm import tqdm
 
-    from models import skip
+    from models import skip, skip_train
     from models.corpus import documents
     from models.runtime import load
 
     loaded = load(args.name, quant=args.quant)
     cfg = loaded.config
     spec = skip.RouterSpec(args.name, loaded.served_quant, cfg.n_layers, cfg.dim)
-    config = skip.SkipTraining(seed=args.seed, epochs=args.epochs)
+    config = skip_train.SkipTraining(seed=args.seed, epochs=args.epochs)
     texts = [d.text for d in documents("calibration")]
-    windows = skip.calibration_windows(
+    windows = skip_train.calibration_windows(
         loaded.tokenizer.encode, texts, config.prompt_tokens + config.continuation_tokens, args.windows
     )
     print(f"{args.name} as {spec.quant}: {len(windows)} calibration windows, ratios {args.ratios}", file=sys.stderr)
@@ -60,12 +60,12 @@ def cmd_models_train_routers(args: argparse.Namespace) -> int:
         bar = bars.get(what) or bars.setdefault(what, tqdm(total=steps, desc=what, file=sys.stderr))
         bar.update(n - bar.n)
 
-    routers = skip.train_set(loaded.model, spec, windows, args.ratios, config, progress=progress)
+    routers = skip_train.train_set(loaded.model, spec, windows, args.ratios, config, progress=progress)
     for bar in bars.values():
         bar.close()
     directory = skip.routers_dir(args.name, spec.quant)
     routers.save(directory)
-    held_out = skip.calibration_windows(
+    held_out = skip_train.calibration_windows(
         loaded.tokenizer.encode, [d.text for d in documents("eval")], config.prompt_tokens + 64, args.eval_windows
     )
     if held_out:
@@ -73,10 +73,10 @@ def cmd_models_train_routers(args: argparse.Namespace) -> int:
         def to_bytes(ids: list[int]) -> bytes:
             return loaded.tokenizer.decode(ids, skip_special_tokens=False).encode()
 
-        base = skip.quality(loaded.model, to_bytes, held_out, config.prompt_tokens, lambda p: frozenset())
+        base = skip_train.quality(loaded.model, to_bytes, held_out, config.prompt_tokens, lambda p: frozenset())
         print(f"held-out ({len(held_out)} windows): every layer {base.bpb:.4f} bits/byte")
         for ratio in args.ratios:
-            q = skip.quality(
+            q = skip_train.quality(
                 loaded.model, to_bytes, held_out, config.prompt_tokens, lambda p, r=ratio: routers.choose(p, r)
             )
             print(f"  skip {ratio:g} ({q.skipped:.0f} layers): {q.bpb:.4f} bits/byte, agreement {q.agreement:.3f}")

@@ -14,7 +14,8 @@ from cloud_hub.journal import Journal
 from cloud_hub.router import Budget, BudgetRouter
 from cloud_hub.ui import plots, views
 from cloud_hub.ui.sessions import Sessions, same_secret
-from edge_agent.power import PowerGauge, PowerSensor, SensorError
+from edge_agent.power import PowerSensor, SensorError
+from edge_agent.power_meter import PowerGauge
 from partitioner.cost import predict
 from tandem.v1 import tandem_pb2 as pb
 from tests.test_router import CLOUD, COST, CPU, PI

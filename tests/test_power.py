@@ -18,21 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import power
-from edge_agent.power import (
-    SENSORS,
-    EnergyMeter,
-    Ina3221Sensor,
-    NvmlSensor,
-    PowerSensor,
-    RaplSensor,
-    Reading,
-    SensorError,
-    detect,
-    estimated,
-    sensor_class,
-    trapezoid,
-)
+from edge_agent import power_sensors
+from edge_agent.power import SENSORS, PowerSensor, SensorError, detect, sensor_class
+from edge_agent.power_meter import EnergyMeter, Reading, estimated, trapezoid
+from edge_agent.power_sensors import Ina3221Sensor, NvmlSensor, RaplSensor
 
 RAPL_RANGE_UJ = 262143328850  # max_energy_range_uj of many Intel packages
 
@@ -259,7 +248,8 @@ def test_garbage_directory_and_negative_values_are_clear_errors(tmp_path: Path) 
 _UNPRIVILEGED_READ = """
 import os, sys
 from pathlib import Path
-from edge_agent.power import RaplSensor, SensorError, detect
+from edge_agent.power import SensorError, detect
+from edge_agent.power_sensors import RaplSensor
 try:  # started as root (the interpreter may live where nobody can read), then become nobody
     os.setgroups([])
     os.setgid(65534)
@@ -386,10 +376,10 @@ def test_nvml_falls_back_to_power_before_volta() -> None:
 def test_nvml_discovery_and_absent_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lib = FakeNvml(gpus=2)
     assert [s.name for s in NvmlSensor.discover(Path("/"), lib=lib)] == ["nvml:0", "nvml:1"]
-    monkeypatch.setattr(power, "load_nvml", lambda: lib)
+    monkeypatch.setattr(power_sensors, "load_nvml", lambda: lib)
     assert [s.name for s in detect(Path("/")) if s.kind == "nvml"] == ["nvml:0", "nvml:1"]
     assert NvmlSensor.discover(tmp_path) == []  # a fake tree has no GPU
-    monkeypatch.setattr(power, "load_nvml", lambda: None)
+    monkeypatch.setattr(power_sensors, "load_nvml", lambda: None)
     assert NvmlSensor.discover(Path("/")) == []
     with pytest.raises(SensorError, match=r"libnvidia-ml\.so\.1: not found"):
         NvmlSensor(0)

@@ -22,12 +22,11 @@ from models.skip import (
     Routers,
     RouterSet,
     RouterSpec,
-    SkipTraining,
     prefill,
     routers_dir,
     skip_count,
-    train,
 )
+from models.skip_train import SkipTraining, train
 from models.transformer import Step, Transformer
 from tests.tiny import TinySpec, write_tiny_gguf
 
@@ -244,7 +243,8 @@ def test_the_agent_refuses_routers_trained_for_another_precision(
 def test_a_router_set_keeps_routers_only_where_they_beat_static_skipping(six: LoadedModel) -> None:
     """...and records each ratio's measured top-1 agreement on the held-out windows, which its
     variants() report (what an agent advertises for the hub's quality_floor)."""
-    from models.skip import SkipVariant, agreement, mean_kl, train_set
+    from models.skip import SkipVariant
+    from models.skip_train import agreement, mean_kl, train_set
 
     spec = RouterSpec("six", six.served_quant, 6, six.config.dim)
     config = SkipTraining(prompt_tokens=12, continuation_tokens=6, epochs=1, batch=4)
