@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -139,35 +140,57 @@ def compare(ours: Outcome, theirs: Outcome, field: str = "bpb") -> int:
     return 0 if abs(a - b) <= TIE else (-1 if a < b else 1)
 
 
-def significant(ours: Outcome, theirs: Outcome) -> bool:
+def paired_se(diff: np.ndarray, clusters: np.ndarray | None = None) -> float:
+    """The standard error of diff.mean() for (R,) per-request differences: over requests, or, given
+    (R,) `clusters` (each request's document), cluster-robust: requests cut from one document are
+    correlated, so they count as one draw (sqrt(G / (G - 1) * sum_g (sum_{r in g} (d_r - mean))^2) / R).
+    NaN with fewer than two requests or documents."""
+    n = len(diff)
+    if clusters is None:
+        return float(diff.std(ddof=1) / np.sqrt(n)) if n > 1 else math.nan
+    _, ids = np.unique(clusters, return_inverse=True)
+    g = int(ids.max()) + 1 if n else 0
+    if g < 2:
+        return math.nan
+    sums = np.bincount(ids, weights=diff - diff.mean())  # (G,) each document's centred sum
+    return float(np.sqrt(g / (g - 1) * (sums**2).sum()) / n)
+
+
+def significant(ours: Outcome, theirs: Outcome, clusters: np.ndarray | None = None) -> bool:
     """Whether `ours`'s held-out loss exceeds `theirs` by more than two standard errors of the paired
-    per-request difference (always, where only `theirs` is feasible; never, where neither is)."""
-    if ours.losses is None or theirs.losses is None:
-        return ours.losses is None and theirs.losses is not None
+    per-request difference (paired_se, by document when `clusters` are given); always, where only
+    `theirs` is feasible; never, where neither is."""
+    if not ours.feasible or not theirs.feasible or ours.losses is None or theirs.losses is None:
+        return not ours.feasible and theirs.feasible
     diff = ours.losses - theirs.losses  # (R,) same requests, paired
-    return bool(diff.mean() > max(2 * diff.std(ddof=1) / np.sqrt(len(diff)), TIE))
+    se = paired_se(diff, clusters)
+    return bool(se == se and diff.mean() > max(2 * se, TIE))  # se == se: not NaN
 
 
-def verdict(rows: Sequence[Outcome], field: str = "bpb") -> dict:
-    """Per baseline, at how many budgets MoE² is strictly better and strictly worse, and (held-out BPB)
-    better and worse by more than two paired standard errors; how far at most each baseline's own
-    objective (calibration BPB) trails MoE²'s exact optimum. The goal is met when MoE² is worse at none
-    and better than each at some: `goal_met` counts every difference over 1e-9 BPB, `goal_met_2se`
-    only those beyond the noise of the held-out requests."""
+def verdict(rows: Sequence[Outcome], field: str = "bpb", clusters: np.ndarray | None = None) -> dict:
+    """Per baseline, at how many budgets MoE² is strictly better and strictly worse, how far at most each
+    baseline's own objective (calibration BPB) trails MoE²'s exact optimum, and, on held-out BPB
+    (field "bpb"), at how many MoE² is better and worse by more than two paired standard errors (by
+    document with `clusters`). The goal is met when MoE² is worse at none and better than each at some:
+    `goal_met` counts every difference over 1e-9 BPB, `goal_met_2se` only those beyond the noise."""
     ours = {(r.energy_budget, r.latency_budget, r.k): r for r in rows if r.policy == "moe2"}
     better, worse, better_2se, worse_2se, margin = {}, {}, {}, {}, {}
     for name in BASELINES:
         pairs = [(ours[(r.energy_budget, r.latency_budget, r.k)], r) for r in rows if r.policy == name]
         signs = [compare(o, r, field) for o, r in pairs]
         better[name], worse[name] = signs.count(-1), signs.count(1)
-        worse_2se[name] = sum(s == 1 and significant(o, r) for s, (o, r) in zip(signs, pairs, strict=True))
-        better_2se[name] = sum(s == -1 and significant(r, o) for s, (o, r) in zip(signs, pairs, strict=True))
         gaps = [r.calibration_bpb - o.calibration_bpb for o, r in pairs if o.feasible and r.feasible]
         margin[name] = max(gaps, default=0.0)
+        if field == "bpb":
+            both = list(zip(signs, pairs, strict=True))
+            worse_2se[name] = sum(s == 1 and significant(o, r, clusters) for s, (o, r) in both)
+            better_2se[name] = sum(s == -1 and significant(r, o, clusters) for s, (o, r) in both)
     met = all(v == 0 for v in worse.values()) and all(v > 0 for v in better.values())
-    met_2se = all(v == 0 for v in worse_2se.values()) and all(v > 0 for v in better_2se.values())
-    return {"goal_met": met, "better": better, "worse": worse, "goal_met_2se": met_2se, "better_2se": better_2se,
-            "worse_2se": worse_2se, "calibration_margin": margin, "budgets": len(ours)}  # fmt: skip
+    out = {"goal_met": met, "better": better, "worse": worse, "calibration_margin": margin, "budgets": len(ours)}
+    if field == "bpb":
+        met_2se = all(v == 0 for v in worse_2se.values()) and all(v > 0 for v in better_2se.values())
+        out |= {"goal_met_2se": met_2se, "better_2se": better_2se, "worse_2se": worse_2se}
+    return out
 
 
 def grid(ks: Sequence[int]) -> list[Budget]:
@@ -194,9 +217,11 @@ def gate_for(kind: str, cal, seed: int):
     return gate, f"trained here (seed {seed}, weight decay {wd:g} cross-validated)"
 
 
-def setup(kind: str, n_cal: int, n_eval: int, seed: int, request: RequestSize) -> tuple[Planned, GatedObjective, dict]:
+def setup(
+    kind: str, n_cal: int, n_eval: int, seed: int, request: RequestSize
+) -> tuple[Planned, GatedObjective, np.ndarray, dict]:
     """The fleet's problem on the calibration requests, the evaluation objective over the same experts,
-    and facts about the gate."""
+    the (R,) evaluation requests' documents (paired_se's clusters), and facts about the gate."""
     from partitioner.moe2.dataset import PromptSpec
     from partitioner.moe2.features import prepare_split
     from partitioner.moe2.gate_measures import held_out as gate_held_out
@@ -213,14 +238,16 @@ def setup(kind: str, n_cal: int, n_eval: int, seed: int, request: RequestSize) -
     fig = gate_held_out(gate, ev.features, ev.matrix.losses)
     facts = {"origin": origin, "gate_top1_bpb": fig.gate_routed, "best_single_bpb": fig.best_single,
              "best_single": fig.best_single_id, "oracle_bpb": fig.oracle}  # fmt: skip
-    return planned, evaluation, facts
+    documents = np.unique([r.document for r in ev.requests], return_inverse=True)[1]  # (R,)
+    return planned, evaluation, documents, {**facts, "evaluation_documents": int(documents.max()) + 1}
 
 
-def run(kind: str, args: argparse.Namespace) -> tuple[Planned, list[Outcome], dict]:
+def run(kind: str, args: argparse.Namespace) -> tuple[Planned, list[Outcome], np.ndarray, dict]:
+    """Every policy at every budget: (the problem, the outcomes, the evaluation requests' documents, facts)."""
     request = RequestSize(args.prompt_tokens, args.max_tokens)
-    planned, evaluation, facts = setup(kind, args.calibration, args.evaluation, args.seed, request)
+    planned, evaluation, documents, facts = setup(kind, args.calibration, args.evaluation, args.seed, request)
     rows = [outcome(p, planned, evaluation, b) for b in grid(args.k) for p in POLICIES]
-    return planned, rows, facts
+    return planned, rows, documents, facts
 
 
 # -- figures ------------------------------------------------------------------------------------------
@@ -233,9 +260,10 @@ def worst_margin(rows: Sequence[Outcome]) -> float:
     return max([0.0, *(g for g in gaps if g == g)])  # g == g: both feasible (nan otherwise)
 
 
-def summary_of(kind: str, rows: Sequence[Outcome], facts: dict) -> dict:
+def summary_of(rows: Sequence[Outcome], facts: dict, documents: np.ndarray | None = None) -> dict:
+    """The headline figures of one feature kind's run; standard errors by document when `documents`."""
     ours = [r.bpb for r in rows if r.policy == "moe2" and r.feasible]
-    held, cal = verdict(rows), verdict(rows, "calibration_bpb")
+    held, cal = verdict(rows, clusters=documents), verdict(rows, "calibration_bpb")
     return {
         "goal_met": held["goal_met"],
         "better": held["better"],
@@ -291,10 +319,10 @@ def main() -> None:
     per_kind, first = {}, None
     for kind in args.features:
         try:
-            planned, rows, facts = run(kind, args)
+            planned, rows, documents, facts = run(kind, args)
         except FleetError as exc:
             sys.exit(f"error: {exc}")
-        per_kind[kind] = summary_of(kind, rows, facts)
+        per_kind[kind] = summary_of(rows, facts, documents)
         print(f"# {verdict_text(kind, per_kind[kind])}", file=sys.stderr, flush=True)
         first = first or (planned, rows)
     planned, rows = first
@@ -306,4 +334,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # benchmarks.moe2_report imports this module by name: let it find this run's, not a second copy
+    sys.modules.setdefault("benchmarks.moe2", sys.modules[__name__])
     main()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.moe2 import FLEET, Outcome, compare, grid, held_out, outcome, verdict
+from benchmarks.moe2 import FLEET, Outcome, compare, grid, held_out, outcome, paired_se, significant, verdict
 from benchmarks.moe2_report import plot, tables
 from partitioner.moe2.experts import Budget
 from partitioner.moe2.fleet import load_fleet, plan_problem
@@ -91,6 +91,25 @@ def test_beyond_the_noise_counts_only_differences_over_two_paired_standard_error
     v = verdict([_paired("moe2", list(base)), *(_paired(b, list(clear)) for b in POLICIES if b != "moe2")])
     assert v["goal_met"] and v["goal_met_2se"] and set(v["better_2se"].values()) == {1}
     assert v["calibration_margin"]["greedy"] == pytest.approx(0.01)
+
+
+def test_paired_se_counts_a_document_once_however_many_requests_it_gave() -> None:
+    rng = np.random.default_rng(0)
+    diff = rng.standard_normal(40)
+    np.testing.assert_allclose(paired_se(diff), diff.std(ddof=1) / np.sqrt(40))
+    one_each = np.arange(40)  # every request its own document: the same as by request
+    np.testing.assert_allclose(paired_se(diff, one_each), diff.std(ddof=1) / np.sqrt(40))
+    copies = np.repeat(diff[:10], 4)  # ten documents, each cut four times into the same difference
+    docs = np.repeat(np.arange(10), 4)
+    assert paired_se(copies, docs) == pytest.approx(diff[:10].std(ddof=1) / np.sqrt(10))
+    assert paired_se(copies) < paired_se(copies, docs) / 1.9  # by request it would claim twice the precision
+    assert np.isnan(paired_se(diff[:1])) and np.isnan(paired_se(diff[:4], np.zeros(4, dtype=int)))
+    base = np.linspace(0.8, 1.2, 40)
+    ours, theirs = _paired("moe2", list(base + copies * 0.0 + 0.002)), _paired("greedy", list(base))
+    assert significant(ours, theirs)  # a constant difference: no noise at all
+    infeasible = Outcome("greedy", 1.0, 100.0, 1)
+    assert significant(infeasible, theirs) and not significant(theirs, infeasible)
+    assert not significant(infeasible, Outcome("random", 1.0, 100.0, 1))
 
 
 def test_the_whole_grid_runs_and_moe2_wins_on_its_own_objective(fleet_and_eval, tmp_path: Path) -> None:
