@@ -157,8 +157,9 @@ async def test_the_router_picks_a_split_and_names_every_stage(tmp_path: Path) ->
                                         f"k={chosen}"))  # fmt: skip
                 assert svg.count('class="marked"') == 1 and 'class="front"' in svg
                 login = ui.sessions.create(auth.lookup_key(key))
-                async with httpx.AsyncClient(base_url=f"http://{hub.http_address}") as web:
-                    page = await web.get(f"/ui/devices/{agent.device_id}/plans", cookies={"tandem_session": login.sid})
+                session = {"tandem_session": login.sid}
+                async with httpx.AsyncClient(base_url=f"http://{hub.http_address}", cookies=session) as web:
+                    page = await web.get(f"/ui/devices/{agent.device_id}/plans")
                 assert page.status_code == 200 and page.text.count('<tr class="plan') == 31
                 assert f"k = {chosen}" in page.text and page.text.count('class="plan chosen"') == 1
         finally:
