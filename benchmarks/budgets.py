@@ -170,7 +170,7 @@ def run_pass(fleet: Fleet, requests: list[Request], placements: list[str], log) 
                     f"{o.placement:<11} ttft {o.ttft_ms:>7.1f} (pred {o.predicted_ttft_ms:>7.1f}) "
                     f"tpot {o.tpot_ms:>6.2f} (pred {o.predicted_tpot_ms:>6.2f}) {'kept' if o.kept else 'MISSED'}"
                     if o.admitted
-                    else f"rejected; {'would have met it somewhere' if o.kept else 'met nowhere'}"
+                    else f"rejected; {'would have met it somewhere' if o.kept else 'met nowhere'} ({o.error[:160]})"
                 )
             )
     return out
