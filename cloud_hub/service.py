@@ -95,12 +95,6 @@ class HubService:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def validate(self, spec: GenerateSpec) -> None:
-        """The hub's rules for every request, gRPC and HTTP alike, against these limits
-        (hub_requests.validate_request). Raises InvalidRequest with a message that starts with the
-        field it refuses."""
-        validate_request(spec, self.limits, self.placements)
-
     def _route(
         self, spec: GenerateSpec, excluded: set[str], progress: Progress
     ) -> tuple[Candidate, list[pb.Placement]]:
@@ -247,7 +241,7 @@ class HubService:
         sent, on the next placement the router picks (re-prefilling prompt plus those tokens there):
         the caller sees one answer, and a Started listing every placement so far, then the rest.
         """
-        self.validate(spec)
+        validate_request(spec, self.limits, self.placements)  # InvalidRequest, naming the field it refuses
         if type(self.router).prepare is not Router.prepare:  # e.g. MoE²'s per-prompt gate: a forward pass
             await asyncio.to_thread(self.router.prepare, spec.prompt)
         excluded = set[str]()
