@@ -15,7 +15,12 @@ One `Tracker` per (device, model), the cloud's own model under device "cloud":
 - the link as measured: the work channel's ping round trips, and each request's time outside the
   engine before its first token (hub to device and back, the hub's own handling);
 - the distributions of measured over predicted TTFT and time per token (RatioQuantile), whose
-  high quantile admission multiplies predictions by.
+  high quantile admission multiplies predictions by. A tracker's first WARMUP_REQUESTS requests
+  refit the corrections but add no ratio: they are predicted by the calibration alone, before the
+  corrections have learnt what serving adds to it (an agent timed alone at start-up served its first
+  answers 2-3x slower than calibrated on this 2-core host, beside the hub and the caller), and the
+  window keeps a ratio for its last 64 requests, where a placement used now and then would have
+  been admitted at that start-up gap all day.
 
 A split pipeline has a tracker of its own, under `split_key` of its agents: no calibration (its
 stages' are the devices' own), and its corrections fitted to whole answers (`observe_split`): TTFT
@@ -49,6 +54,10 @@ LINK_SMOOTHING = 0.3
 """Weight of the newest measurement in the link's moving averages."""
 SAVE_EVERY_S = 5.0
 """A tracker is written to the registry at most this often (and when its device disconnects)."""
+WARMUP_REQUESTS = 3
+"""Requests a tracker learns from before its ratios count towards admission. After three, a
+prediction 2.8x off at the first is within 15% (OnlineAffine's prior weighs half a request);
+until RatioQuantile.min_samples ratios are known its prior stands in."""
 
 
 SPLIT_PREFIX = "split:"
@@ -127,11 +136,13 @@ class Tracker:
         queue = metrics.queue_ms
         link = self.link()
         link = profile.link.rtt_ms if link is None else link
-        if metrics.ttft_ms > 0:
+        warm = self.requests >= WARMUP_REQUESTS
+        if metrics.ttft_ms > 0 and warm:
             self.ttft.add(link + self.prefill.correct(prefill), max(1e-3, metrics.ttft_ms - queue))
         predicted_skipping = not skipped or placement.skip_ratio > 0
         if (
-            metrics.tpot_ms > 0
+            warm
+            and metrics.tpot_ms > 0
             and placement.predicted_tpot_ms > 0
             and metrics.completion_tokens > 2
             and predicted_skipping
@@ -152,11 +163,13 @@ class Tracker:
         hub measured it. The prefill correction maps the plan's TTFT to the measured one, less its
         queue; the decode correction its step to the measured time per token."""
         ttft = metrics.ttft_ms - metrics.queue_ms
+        warm = self.requests >= WARMUP_REQUESTS
         if metrics.ttft_ms > 0:
-            self.ttft.add(self.prefill.correct(ttft_ms), max(1e-3, ttft))
+            if warm:
+                self.ttft.add(self.prefill.correct(ttft_ms), max(1e-3, ttft))
             self.prefill.update(ttft_ms, ttft)
         if metrics.tpot_ms > 0 and metrics.completion_tokens > 2:
-            if placement.predicted_tpot_ms > 0:
+            if placement.predicted_tpot_ms > 0 and warm:
                 self.tpot.add(placement.predicted_tpot_ms, metrics.tpot_ms)
             self.decode.update(tpot_ms, metrics.tpot_ms)
         self.requests += 1

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from cloud_hub.calibrations import Calibrations, Tracker, calibration_from_json
+from cloud_hub.calibrations import WARMUP_REQUESTS, Calibrations, Tracker, calibration_from_json
 from cloud_hub.candidates import Candidate
 from cloud_hub.errors import BudgetUnsatisfiable
 from cloud_hub.router import Budget, BudgetRouter
@@ -157,6 +157,35 @@ def _metrics(ttft: float, tpot: float, prefill: float, decode: float, prompt: in
         prefill_ms=prefill,
         decode_ms=decode,
     )
+
+
+def _serve_slower(t: Tracker, factor: float, n: int, seed: int = 3) -> None:
+    """n requests on a device `factor` times slower than its calibration (+-5% noise), each predicted
+    with the corrections of its time, as the hub predicts them."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        tokens = rng.choice((40, 200, 700))
+        est = predict(PROFILE, COST, tokens, 16, t.calibration, t.corrections())
+        raw = predict(PROFILE, COST, tokens, 16, t.calibration)
+        prefill, tpot = (factor * v * rng.uniform(0.95, 1.05) for v in (raw.prefill_ms, raw.tpot_ms))
+        placement = pb.Placement(predicted_ttft_ms=est.ttft_ms, predicted_tpot_ms=est.tpot_ms)
+        t.observe(PROFILE, COST, False, placement, _metrics(prefill, tpot, prefill, tpot, tokens), 16)
+
+
+def test_the_start_up_gap_is_learnt_but_never_admitted_on() -> None:
+    """A device that serves 2.5x slower than its start-up calibration (timed alone, it misses the
+    hub and the caller beside it) is learnt from its first requests, but their ratios are not kept:
+    its admission quantile reflects the steady noise (+-5%), where a window of 64 ratios would keep
+    the gap for its next 60 requests."""
+    t = Tracker(_cal())
+    _serve_slower(t, 2.5, 12)
+    assert t.requests == 12 and len(t.ttft.ratios or ()) == len(t.tpot.ratios or ()) == 12 - WARMUP_REQUESTS
+    m_ttft, m_tpot = t.multipliers(0.95)
+    assert m_ttft < 1.2 and m_tpot < 1.2, (m_ttft, m_tpot)
+    # The same stream with every ratio kept (a tracker already past its warm-up): the gap is the quantile.
+    counted = Tracker(_cal(), requests=WARMUP_REQUESTS)
+    _serve_slower(counted, 2.5, 12)
+    assert len(counted.ttft.ratios or ()) == 12 and min(counted.multipliers(0.95)) > 1.5
 
 
 def test_tracker_learns_from_requests_and_the_registry_keeps_it(tmp_path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloud_hub.calibrations import Tracker
+from cloud_hub.calibrations import WARMUP_REQUESTS, Tracker
 from cloud_hub.candidates import Candidate, KVOption, SkipOption
 from cloud_hub.errors import BudgetUnsatisfiable
 from cloud_hub.estimates import estimate
@@ -196,13 +196,14 @@ def test_skipped_requests_refit_no_decode_correction() -> None:
     profile = load_profile("cpu-2core")
     placement = pb.Placement(kind="edge", predicted_tpot_ms=5.0, skip_ratio=0.4)  # the hub chose skipping
     metrics = pb.Metrics(prompt_tokens=50, completion_tokens=10, ttft_ms=40, tpot_ms=3.0, prefill_ms=30, decode_ms=2.5)
-    skipped, whole = Tracker(), Tracker()
+    skipped, whole = Tracker(requests=WARMUP_REQUESTS), Tracker(requests=WARMUP_REQUESTS)  # past warm-up
     skipped.observe(profile, COST, False, placement, metrics, 10, skip_layers=12)
     whole.observe(profile, COST, False, placement, metrics, 10)
     assert skipped.decode.state() == Tracker().decode.state() != whole.decode.state()
     assert skipped.prefill.state() == whole.prefill.state()  # full-depth prefill: learnt as any
     assert list(skipped.tpot.ratios or ()) == [pytest.approx(0.6)]  # predicted with skipping: it counts
-    own = Tracker()  # the caller's own skip_ratio: predicted unskipped, so its time per token does not count
+    # The caller's own skip_ratio: predicted unskipped, so its time per token does not count.
+    own = Tracker(requests=WARMUP_REQUESTS)
     own.observe(profile, COST, False, pb.Placement(kind="edge", predicted_tpot_ms=5.0), metrics, 10, skip_layers=12)
     assert not own.tpot.ratios
 
