@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.docs_block import command_line, write_block  # noqa: E402
 from benchmarks.edge_decode import cpu_model  # noqa: E402
+from partitioner.calibration import quantile  # noqa: E402
 from scripts.fleet import Fleet  # noqa: E402
 
 CLOUD_MODEL, EDGE_MODEL = "gemma3-270m", "smollm2-135m-instruct"
@@ -143,6 +144,61 @@ def draw(rng: random.Random, refs: dict, tokens: list[int], tokenizer, count: in
     return reqs
 
 
+def p_meet(req: Request, ref: dict, noise: tuple[list[float], list[float]]) -> float:
+    """Probability that one run of `req` on a placement of mean costs `ref` (reference_costs) meets
+    every limit it set, when its TTFT and time per token are those means times ratios drawn from
+    `noise` (measured over predicted TTFT and TPOT), independently; energy follows time per token."""
+    ttft_ratios, tpot_ratios = noise
+    if not ttft_ratios or not tpot_ratios:
+        return 0.0
+    ttft = interpolate(ref["ttft"], req.prompt_tokens)
+    ok_ttft = sum(not req.ttft_ms or ttft * r <= req.ttft_ms for r in ttft_ratios) / len(ttft_ratios)
+    ok_rest = sum(
+        (not req.tpot_ms or ref["tpot"] * r <= req.tpot_ms)
+        and (not req.energy_j or ref["energy"] * req.max_tokens * r <= req.energy_j)
+        for r in tpot_ratios
+    ) / len(tpot_ratios)
+    return ok_ttft * ok_rest
+
+
+def oracle(requests: list[Request], refs: dict, noise: dict, q: float) -> dict:
+    """What an admission that knew each placement's mean cost (the warm-up's, around which the
+    budgets were drawn) and its noise exactly (`noise`: per placement, this run's ratios) would do
+    with these requests at quantile `q`: admit where some placement meets every limit with
+    probability >= q, there. Expected figures, as the benchmark counts them: the share of admitted
+    requests that keep their budgets, and the share of rejected ones that one run on each placement
+    would find feasible somewhere (1 - prod(1 - P(meet)))."""
+    kept, feasible, admitted = 0.0, 0.0, 0
+    for req in requests:
+        p = [p_meet(req, refs[name], noise[name]) for name in sorted(refs)]
+        if max(p) >= q:
+            admitted += 1
+            kept += max(p)
+        else:
+            feasible += 1 - math.prod(1 - x for x in p)
+    rejected = len(requests) - admitted
+    return {
+        "quantile": q,
+        "admitted": admitted,
+        "kept_rate": round(kept / admitted, 4) if admitted else 0.0,
+        "rejected_feasible_rate": round(feasible / rejected, 4) if rejected else 0.0,
+    }
+
+
+def measured_noise(fleet: Fleet) -> dict[str, tuple[list[float], list[float]]]:
+    """Per placement name: the hub's ratios of measured over predicted TTFT and time per token, as its
+    registry holds them now (at most SAVE_EVERY_S behind)."""
+    from cloud_hub.calibrations import Calibrations
+    from cloud_hub.store import SQLiteStore
+
+    cals = Calibrations(SQLiteStore(fleet.work / "hub" / "registry.db"))
+    out = {}
+    for device in ["cloud", *fleet.ids()]:
+        t = cals.get(device, CLOUD_MODEL if device == "cloud" else EDGE_MODEL)
+        out[fleet.names.get(device, device)] = (list(t.ttft.ratios or ()), list(t.tpot.ratios or ()))
+    return out
+
+
 def run_pass(fleet: Fleet, requests: list[Request], placements: list[str], log) -> list[Outcome]:
     from tandem import BudgetUnsatisfiable, Client
 
@@ -219,6 +275,7 @@ def main() -> None:
     )  # fmt: skip
     requests: list[Request] = []
     results: dict[str, dict] = {}
+    noise: dict[str, tuple[list[float], list[float]]] = {}
     started = time.time()
     for name in args.passes.split(","):
         calibrated = name == "calibrated"
@@ -238,9 +295,14 @@ def main() -> None:
                 refs = {fleet.names.get(k, k): v for k, v in by_id.items()}
                 requests = draw(rng, refs, tokens, tok, args.requests)
                 (work / "requests.json").write_text(json.dumps([asdict(r) for r in requests]))
+                (work / "costs.json").write_text(json.dumps(refs))
             outcomes = run_pass(fleet, requests, placements, log)
+            if calibrated:
+                noise = measured_noise(fleet)
         results[name] = summary(outcomes)
         log(f"   {name}: {json.dumps(results[name])}")
+    # The best any admission could do with these budgets on this host's noise (the calibrated hub's).
+    oracles = [oracle(requests, refs, noise, q) for q in sorted({0.5, 0.8, args.quantile})] if noise else []
     headline = {
         "requests": args.requests,
         "quantile": args.quantile,
@@ -248,6 +310,8 @@ def main() -> None:
         "minutes": round((time.time() - started) / 60, 1),
         **{f"{k}_{name}": v for name, r in results.items() for k, v in r.items() if k != "by_placement"},
         "placements": {name: r["by_placement"] for name, r in results.items()},
+        "oracle": oracles,
+        "noise_p95": {name: [round(quantile(r, 0.95), 3) for r in pair if r] for name, pair in noise.items()},
     }
     table = [
         "| hub | admitted | kept (of admitted) | rejected | rejected but feasible somewhere |",
@@ -258,6 +322,21 @@ def main() -> None:
             f"| {name} | {r['admitted']} | {r['kept']} ({100 * r['kept_rate']:.1f}%) | {r['rejected']} | "
             f"{r['rejected_but_feasible']} ({100 * r['rejected_feasible_rate']:.1f}%) |"
         )
+    if oracles:
+        table += [
+            "",
+            "An admission that knew each placement's mean cost (the warm-up's, around which the budgets were drawn) "
+            "and its noise exactly (the calibrated hub's ratios of measured to predicted TTFT and time per token, per "
+            "placement), on the same requests; expected figures:",
+            "",
+            "| oracle quantile | admitted | kept (of admitted) | rejected but feasible somewhere |",
+            "|---|---|---|---|",
+            *(
+                f"| {o['quantile']} | {o['admitted']} | {100 * o['kept_rate']:.1f}% | "
+                f"{100 * o['rejected_feasible_rate']:.1f}% |"
+                for o in oracles
+            ),
+        ]
     print("\n".join(table))
     if args.json:
         print(json.dumps(headline))
