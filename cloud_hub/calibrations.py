@@ -18,9 +18,8 @@ One `Tracker` per (device, model), the cloud's own model under device "cloud":
   high quantile admission multiplies predictions by. A tracker's first WARMUP_REQUESTS requests
   refit the corrections but add no ratio: they are predicted by the calibration alone, before the
   corrections have learnt what serving adds to it (an agent timed alone at start-up served its first
-  answers 2-3x slower than calibrated on this 2-core host, beside the hub and the caller), and the
-  window keeps a ratio for its last 64 requests, where a placement used now and then would have
-  been admitted at that start-up gap all day.
+  answers 2-3x slower than calibrated on this 2-core host, beside the hub and the caller). In the
+  64-ratio window each such ratio would set the 0.95 quantile until about 20 more had come.
 
 A split pipeline has a tracker of its own, under `split_key` of its agents: no calibration (its
 stages' are the devices' own), and its corrections fitted to whole answers (`observe_split`): TTFT
@@ -56,8 +55,9 @@ SAVE_EVERY_S = 5.0
 """A tracker is written to the registry at most this often (and when its device disconnects)."""
 WARMUP_REQUESTS = 3
 """Requests a tracker learns from before its ratios count towards admission. After three, a
-prediction 2.8x off at the first is within 15% (OnlineAffine's prior weighs half a request);
-until RatioQuantile.min_samples ratios are known its prior stands in."""
+prediction 2.8x off at the first is within about 15% at the sizes seen (OnlineAffine's prior weighs
+half a request); until RatioQuantile.min_samples ratios are known its prior stands in. The count is
+kept in the registry: a restarted hub does not warm up again."""
 
 
 SPLIT_PREFIX = "split:"

@@ -212,6 +212,7 @@ def test_tracker_learns_from_requests_and_the_registry_keeps_it(tmp_path) -> Non
     cals.save("d1", "m", force=True)
     again = Calibrations(SQLiteStore(tmp_path / "registry.db")).get("d1", "m")  # a restarted hub
     assert again.corrections() == t.corrections() and list(again.ttft.ratios) == list(t.ttft.ratios)
+    assert again.requests == t.requests == 12  # past its warm-up: not repeated after a restart
     # The device re-profiled: a new calibration starts its tracker afresh.
     cals.attach("d1", [pb.ModelInfo(name="m", calibration_json=_cal(1.5).to_json())])
     assert cals.get("d1", "m").corrections().prefill == cal.Affine()
