@@ -12,6 +12,11 @@ would it have met its budget anywhere? Each is run again, pinned to every placem
 effort. Twice, with the same requests: with the hub's calibration (the devices' measured costs,
 online refits, quantile admission) and without it (the profiles' roofline, mean admission).
 
+Beside them, an oracle (`oracle`): what an admission that knew each placement's costs and the spread
+of one run (the warm-up's repeats, timed here) would admit, keep and refuse wrongly at quantiles 0.5,
+0.8 and the hub's, and how many of the hub's own rejections its model expects to be feasible
+against how many were: how far the two targets can be met at once with these budgets on this host.
+
     python benchmarks/budgets.py [--requests 200] [--quantile 0.95] [--json] [--write-docs]
 
 The cloud is profiled first (`tandem profile --quick`); agents calibrate themselves as they start.
