@@ -165,3 +165,66 @@ def test_tracker_round_trip_and_a_tracker_stored_before_loads() -> None:
     assert loaded.prefill.correct(x) == pytest.approx(1.2 * x)
     with pytest.raises(ValueError):
         cal.OnlineAffine.from_state([1.0, 0.0])
+
+
+def _slowed_errors(detect: bool, seed: int, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Median error over GRID after each of ten requests on a device 2x slower than the thirty before
+    (10% noise), with or without change detection."""
+    monkeypatch.setattr(cal, "CHANGE_STREAK", 2 if detect else 10**9)
+    rng = random.Random(seed)
+    affine = cal.OnlineAffine()
+    for _ in range(30):
+        x = prefill(tokens(rng))
+        affine.update(x, noisy(rng, served(x), 0.1))
+    out = []
+    for _ in range(10):
+        x = prefill(tokens(rng))
+        affine.update(x, noisy(rng, 2 * served(x), 0.1))
+        out.append(statistics.median(abs(affine.correct(prefill(n)) / (2 * served(prefill(n))) - 1) for n in GRID))
+    return out
+
+
+def test_a_change_of_speed_is_detected_not_only_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    detected = [_slowed_errors(True, seed, monkeypatch) for seed in range(10)]
+    forgotten = [_slowed_errors(False, seed, monkeypatch) for seed in range(10)]
+    after = [statistics.median(run[k] for run in detected) for k in range(10)]
+    alone = [statistics.median(run[k] for run in forgotten) for k in range(10)]
+    # Two surprises in a row discount the past: within 10% from the fourth request, where forgetting
+    # alone is still 20% off; by the tenth both have followed.
+    assert after[3] < 0.10 < 0.20 < alone[3], (after, alone)
+    assert after[9] < 0.05 and alone[9] < 0.10
+
+
+def test_noise_alone_seldom_looks_like_a_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 15% noise, steady state: detection changes neither the error nor the 0.95 quantile of
+    measured over predicted that admission multiplies by."""
+    figures = {}
+    for detect in (True, False):
+        monkeypatch.setattr(cal, "CHANGE_STREAK", 2 if detect else 10**9)
+        errors, ratios = [], []
+        for seed in range(10):
+            rng = random.Random(seed)
+            affine = cal.OnlineAffine()
+            for i in range(120):
+                x = prefill(tokens(rng))
+                m = noisy(rng, served(x), 0.15)
+                if i >= 20:
+                    errors.append(abs(affine.correct(x) / m - 1))
+                    ratios.append(m / affine.correct(x))
+                affine.update(x, m)
+        figures[detect] = (statistics.median(errors), cal.quantile(ratios, 0.95))
+    assert figures[True] == pytest.approx(figures[False], rel=0.02), figures
+
+
+def test_the_streak_is_kept_and_an_older_state_without_it_loads() -> None:
+    affine = cal.OnlineAffine()
+    x = prefill(256)
+    affine.update(x, x)
+    affine.update(x, 2.0 * x)  # one surprise, upwards
+    assert affine.streak == 1.0
+    again = cal.OnlineAffine.from_state(json.loads(json.dumps(affine.state())))
+    assert again.state() == affine.state()
+    older = {k: v for k, v in affine.state().items() if k != "streak"}  # a registry from before
+    assert cal.OnlineAffine.from_state(older).streak == 0.0
+    affine.update(x, 2.0 * x)  # a second one, the same way: the past discounted, the streak spent
+    assert affine.streak == 0.0 and affine.s1 < again.s1
