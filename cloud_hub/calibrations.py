@@ -9,8 +9,7 @@ One `Tracker` per (device, model), the cloud's own model under device "cloud":
   request reports. `a` is the fixed cost per request that serving beside the hub and the other
   agents adds and a calibration timed alone misses (with one gain instead, short prompts' prefill
   was under-predicted by up to ~30% and 1,000-token prompts' over-predicted by ~20%), `b` the gain;
-  a device that slows down is predicted slower within a few requests (two measurements in a row
-  far off the same way discount the past: OnlineAffine). Decode too: for one model a
+  a device that slows down is predicted slower within a few requests. Decode too: for one model a
   step's prediction is affine in the KV read at its context, so a + b x absorbs an error in any of
   its calibrated coefficients, and where contexts hardly vary the fit is a gain;
 - the link as measured: the work channel's ping round trips, and each request's time outside the

@@ -266,17 +266,6 @@ class Affine:
         return max(MIN_RATIO * predicted, self.a + self.b * predicted)
 
 
-SURPRISE = 1.25
-"""A measurement this far from what the correction predicted just before it, either way (x1.25 or
-/1.25), is a surprise."""
-CHANGE_STREAK = 2
-"""Surprises in a row, the same way, that mean a change of speed rather than noise. With one run in
-twenty beyond 1.25x its median on a noisy host, two in a row the same way come about once in 800."""
-CHANGE_KEEP = 0.2
-"""The weight the past keeps when a change is detected, so that the fit turns to the new speed at
-once instead of over the ~ten requests forgetting alone takes."""
-
-
 @dataclass
 class OnlineAffine:
     """measured ~ a + b x predicted, refitted with every measurement.
@@ -304,11 +293,7 @@ class OnlineAffine:
     one size +-6% it keeps `a` within ~4% of their prediction; on prefill of mixed sizes it costs
     nothing measurable, and on decode steps (predictions spread only 1.6x over contexts 16..1,024)
     it still lets the intercept through, where 0.3 makes the fit a gain.
-    A change of speed (a device throttled, a neighbour process started) is detected, not only
-    forgotten: CHANGE_STREAK measurements in a row off by more than SURPRISE the same way discount
-    everything before them to CHANGE_KEEP of its weight. After a 2x slowdown the fit is within ~10%
-    from the third request on, where forgetting alone needs about ten; noise seldom makes such a streak.
-    The state is seven plain floats (`state`, `from_state`)."""
+    The state is six plain floats (`state`, `from_state`)."""
 
     forget: float = 0.8
     prior_weight: float = 0.5
@@ -322,8 +307,6 @@ class OnlineAffine:
     s1: float = 0.0
     """Weight of the data and of b's prior."""
     sr: float = 0.0
-    streak: float = 0.0
-    """Surprises in a row: +n above, -n below what was predicted."""
 
     def __post_init__(self) -> None:
         if not 0 < self.forget <= 1:
@@ -350,13 +333,6 @@ class OnlineAffine:
         """Take one measurement of what `predicted` (uncorrected) forecast; returns the new (a, b).
         Non-positive or non-finite values are ignored (a request that produced nothing)."""
         if predicted > 0 and measured > 0 and math.isfinite(predicted) and math.isfinite(measured):
-            surprise = measured / self.correct(predicted)
-            way = 1.0 if surprise > SURPRISE else -1.0 if surprise < 1 / SURPRISE else 0.0
-            self.streak = self.streak + way if way and self.streak * way >= 0 else way
-            if abs(self.streak) >= CHANGE_STREAK:  # a change of speed: the past speaks for the old one
-                for k in _AFFINE_STATE:
-                    setattr(self, k, CHANGE_KEEP * getattr(self, k))
-                self.streak = 0.0
             u, r, f = 1.0 / predicted, measured / predicted, self.forget
             self.w = f * self.w + 1.0
             self.suu = f * self.suu + u * u
@@ -367,8 +343,8 @@ class OnlineAffine:
         return self.affine
 
     def state(self) -> dict[str, float]:
-        """The sums and the streak, for a registry (the settings are the defaults')."""
-        return {k: getattr(self, k) for k in (*_AFFINE_STATE, "streak")}
+        """The sums, for a registry (the settings are the defaults')."""
+        return {k: getattr(self, k) for k in _AFFINE_STATE}
 
     @classmethod
     def from_state(cls, state: dict[str, float] | list[float]) -> OnlineAffine:
@@ -380,7 +356,7 @@ class OnlineAffine:
             if not den > 0:
                 raise ValueError(f"a stored gain needs a positive weight, got {den}")
             return cls(s1=den, sr=num)
-        return cls(**{k: float(state[k]) for k in _AFFINE_STATE}, streak=float(state.get("streak", 0.0)))
+        return cls(**{k: float(state[k]) for k in _AFFINE_STATE})
 
 
 _AFFINE_STATE = ("w", "suu", "su", "sur", "s1", "sr")
