@@ -195,10 +195,12 @@ def p_meet(req: Request, ref: dict) -> float:
     return ok / len(ref["noise"])
 
 
-def feasible_somewhere(req: Request, refs: dict) -> float:
+def feasible_somewhere(req: Request, refs: dict, meets: list[float] | None = None) -> float:
     """Probability that one run on each placement meets `req`'s budget on at least one, the runs
-    taken as independent (back to back on one host they are not quite: a slow minute slows all)."""
-    return 1 - math.prod(1 - p_meet(req, ref) for ref in refs.values())
+    taken as independent (back to back on one host they are not quite: a slow minute slows all).
+    `meets`: each placement's p_meet, where the caller has them already."""
+    meets = [p_meet(req, ref) for ref in refs.values()] if meets is None else meets
+    return 1 - math.prod(1 - p for p in meets)
 
 
 def oracle(requests: list[Request], refs: dict, q: float) -> dict:
@@ -209,12 +211,12 @@ def oracle(requests: list[Request], refs: dict, q: float) -> dict:
     their budgets, and the share of rejected ones found feasible by one run on each placement."""
     kept, feasible, admitted = 0.0, 0.0, 0
     for req in requests:
-        best = max(p_meet(req, ref) for ref in refs.values())
-        if best >= q:
+        meets = [p_meet(req, ref) for ref in refs.values()]
+        if max(meets) >= q:
             admitted += 1
-            kept += best
+            kept += max(meets)
         else:
-            feasible += feasible_somewhere(req, refs)
+            feasible += feasible_somewhere(req, refs, meets)
     rejected = len(requests) - admitted
     return {
         "quantile": q,

@@ -106,6 +106,11 @@ class Tracker:
         else the pings' round trip, else None (the profile's figures)."""
         return self.link_ms if self.link_ms is not None else self.rtt_ms
 
+    @property
+    def warm(self) -> bool:
+        """Past its first WARMUP_REQUESTS: its measured-over-predicted ratios count towards admission."""
+        return self.requests >= WARMUP_REQUESTS
+
     def multipliers(self, q: float) -> tuple[float, float]:
         """(TTFT, TPOT) factors admission applies: the q-quantiles of measured over predicted."""
         return self.ttft.quantile(q), self.tpot.quantile(q)
@@ -136,7 +141,7 @@ class Tracker:
         queue = metrics.queue_ms
         link = self.link()
         link = profile.link.rtt_ms if link is None else link
-        warm = self.requests >= WARMUP_REQUESTS
+        warm = self.warm
         if metrics.ttft_ms > 0 and warm:
             self.ttft.add(link + self.prefill.correct(prefill), max(1e-3, metrics.ttft_ms - queue))
         predicted_skipping = not skipped or placement.skip_ratio > 0
@@ -163,7 +168,7 @@ class Tracker:
         hub measured it. The prefill correction maps the plan's TTFT to the measured one, less its
         queue; the decode correction its step to the measured time per token."""
         ttft = metrics.ttft_ms - metrics.queue_ms
-        warm = self.requests >= WARMUP_REQUESTS
+        warm = self.warm
         if metrics.ttft_ms > 0:
             if warm:
                 self.ttft.add(self.prefill.correct(ttft_ms), max(1e-3, ttft))
